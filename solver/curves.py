@@ -1,0 +1,169 @@
+"""Per-family cost curves: best known cost and a proven lower bound for each class count.
+
+A curve is indexed by k, the family's number of classes (pinned singletons included), and means
+"at most k classes": the upper curve is made non-increasing and the lower curve
+non-increasing from the right, so both stay valid for the knapsack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bounds import all_k
+from .cpsat import build_model, solve_model
+from .exact import EXACT_MAX_UNITS, exact_curve
+from .errors import ConstraintInfeasible
+from .family import FamilyInstance
+from .heuristics import agglomerative, tabu_search
+from .interval import interval_curve
+from .mip import cheapest_edges_bound, labels_from_bins, min_classes, p_median
+from .schema import CostKind
+
+
+@dataclass
+class FamilyCurve:
+    fam: FamilyInstance
+    k_min: int
+    ub: dict[int, float] = field(default_factory=dict)
+    lb: dict[int, float] = field(default_factory=dict)
+    labels: dict[int, np.ndarray] = field(default_factory=dict)  # layer labels per k
+    exact: bool = False
+    tried: dict[int, int] = field(default_factory=dict)  # improvement rounds spent per k
+    methods: set[str] = field(default_factory=set)
+
+    @property
+    def ks(self) -> range:
+        return range(self.k_min, self.fam.k_max + 1)
+
+    def offer(self, layer_labels: np.ndarray, method: str) -> None:
+        """Record a layer labelling if it beats the incumbent at its class count."""
+        cost = self.fam.layer_partition_cost(layer_labels)
+        if not math.isfinite(cost):
+            return
+        k = int(layer_labels.max()) + 1
+        for kk in range(max(k, self.k_min), self.fam.k_max + 1):
+            if cost < self.ub.get(kk, math.inf) - 1e-15:
+                self.ub[kk] = cost
+                self.labels[kk] = layer_labels.copy()
+                self.methods.add(method)
+
+    def raise_lb(self, k: int, bound: float) -> None:
+        """Record a lower bound for at most k classes (also valid for fewer)."""
+        for kk in range(self.k_min, k + 1):
+            self.lb[kk] = max(self.lb.get(kk, 0.0), bound)
+
+    def options(self, upper: bool) -> list[tuple[int, float, int]]:
+        """Knapsack options (params, cost, k) from the upper or the lower curve."""
+        curve = self.ub if upper else self.lb
+        return [(self.fam.params_for(k), min(curve.get(k, math.inf if upper else 0.0), self.ub.get(k, math.inf)), k) for k in self.ks]
+
+    def gap_at(self, k: int) -> float:
+        return self.ub.get(k, math.inf) - self.lb.get(k, 0.0)
+
+
+def _offset(fam: FamilyInstance) -> float:
+    """What every partition pays: unary terms plus pair costs inside required units."""
+    return fam.reduced.constant
+
+
+def initial_curve(fam: FamilyInstance, seed: int) -> FamilyCurve:
+    """Exact curves where they are cheap, fast incumbents and k_min elsewhere."""
+    up = fam.reduced
+    p = len(fam.pinned)
+    if fam.contiguous:
+        costs, labels = interval_curve(fam)
+        base = float(fam.unary.sum())
+        finite = [k for k, c in enumerate(costs, start=1) if math.isfinite(c)]
+        if not finite:
+            raise ConstraintInfeasible(
+                f"family {fam.name!r}: in contiguous mode a required pair needs one run of "
+                "consecutive layers, and every such run breaks a constraint (a forbidden or "
+                "null pair, a pinned layer, or max_group_size); drop contiguous or the pair"
+            )
+        curve = FamilyCurve(fam, k_min=finite[0], exact=True, methods={"interval-dp"})
+        for k in curve.ks:
+            curve.ub[k] = costs[k - 1] + base
+            curve.labels[k] = labels[k - 1]
+            curve.lb[k] = curve.ub[k]
+        return curve
+    if up.m <= EXACT_MAX_UNITS:
+        ex = exact_curve(up)
+        finite = [k for k, c in enumerate(ex.costs, start=1) if math.isfinite(c)]
+        k_min = (finite[0] if finite else 0) + p
+        curve = FamilyCurve(fam, k_min=k_min, exact=True, methods={"subset-dp"})
+        for k in curve.ks:
+            kk = k - p
+            if kk == 0:
+                labels = fam.layer_labels(np.zeros(0, dtype=int))
+                cost = 0.0
+            else:
+                labels = fam.layer_labels(ex.labels[kk - 1])
+                cost = ex.costs[kk - 1]
+            curve.ub[k] = cost + _offset(fam)
+            curve.labels[k] = labels
+            curve.lb[k] = curve.ub[k]
+        return curve
+    # large family: feasibility floor, then greedy incumbents for every k
+    bins = labels_from_bins(up)
+    k_units = int(bins.max()) + 1
+    proven = True
+    if up.forbidden.any() or up.max_size is not None:
+        k_units, proven = min_classes(up, k_units, time_limit_s=10.0)
+    curve = FamilyCurve(fam, k_min=k_units + p)
+    if not proven:
+        curve.methods.add("k_min-unproven")
+    curve.offer(fam.layer_labels(bins), "first-fit")
+    for lab in agglomerative(up).values():
+        curve.offer(fam.layer_labels(lab), "agglomerative")
+    _, ilabels = interval_curve(fam)
+    for lab in ilabels:
+        if lab is not None:
+            curve.offer(lab, "interval-dp")
+    cheap = all_k(up)
+    for k in curve.ks:
+        curve.lb[k] = _offset(fam) + (float(cheap[k - p - 1]) if k - p >= 1 else 0.0)
+    curve.lb[fam.k_max] = curve.ub.get(fam.k_max, curve.lb[fam.k_max])
+    return curve
+
+
+def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int) -> None:
+    """Spend one round of work on class count k: better incumbent and better bound.
+
+    `effort` is in seconds of intended work; tabu iterations and CP-SAT deterministic time are
+    derived from it, so equal inputs give equal results.
+    """
+    if curve.exact or k not in curve.ks:
+        return
+    fam, up = curve.fam, curve.fam.reduced
+    p = len(fam.pinned)
+    kk = k - p
+    rounds = curve.tried.get(k, 0)
+    curve.tried[k] = rounds + 1
+    start = _unit_labels(fam, curve.labels.get(k))
+    if up.kind is CostKind.assignment:
+        res = p_median(up, kk, time_limit_s=max(1.0, effort), hint=start)
+        if res.labels is not None:
+            curve.offer(fam.layer_labels(res.labels), "p-median-mip")
+        curve.raise_lb(k, res.bound + _offset(fam))
+        return
+    if start is not None:
+        iters = int(min(200_000, max(500, effort * 4000)))
+        lab, _ = tabu_search(up, start, kk, iters, seed=seed + 7919 * rounds + k)
+        curve.offer(fam.layer_labels(lab), "tabu")
+    if rounds == 0:
+        curve.raise_lb(k, cheapest_edges_bound(up, kk, time_limit_s=max(1.0, effort / 2)) + _offset(fam))
+    hint = _unit_labels(fam, curve.labels.get(k))
+    built = build_model(up, kk, hint=hint)
+    res = solve_model(built, up, time_limit_s=effort, workers=workers, seed=seed)
+    if res.labels is not None:
+        curve.offer(fam.layer_labels(res.labels), "cp-sat")
+    curve.raise_lb(k, res.bound + _offset(fam))
+
+
+def _unit_labels(fam: FamilyInstance, layer_labels: np.ndarray | None) -> np.ndarray | None:
+    if layer_labels is None:
+        return None
+    return np.array([layer_labels[u[0]] for u in fam.units], dtype=int)

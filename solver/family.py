@@ -1,0 +1,288 @@
+"""Split a SharingProblem into independent per-family subproblems.
+
+Only the budget couples families, so each family is solved alone for every class count k.
+Inside a family, `require` pairs are contracted into units (they always share) and pinned layers
+are set aside as fixed singletons; the search algorithms see only the free units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from .errors import ConstraintInfeasible
+from .schema import CostKind, SharingProblem
+
+
+@dataclass
+class UnitProblem:
+    """Free units of one family: what every per-family algorithm searches over.
+
+    A class is a set of units; its cost is, for ``pairwise``, the sum of ``pair`` over its unit
+    pairs and, for ``assignment``, the least over representatives r (a layer inside the class) of
+    the sum of ``take[u, r]`` over its units. ``constant`` is what every partition pays anyway.
+    """
+
+    kind: CostKind
+    sizes: np.ndarray  # (m,) layers per unit
+    forbidden: np.ndarray  # (m, m) bool, symmetric
+    max_size: int | None  # layers per class
+    pair: np.ndarray | None = None  # (m, m) pairwise unit costs; 0 where forbidden
+    take: np.ndarray | None = None  # (m, L) unit u joining the class represented by layer r
+    home: np.ndarray | None = None  # (L,) unit that holds layer r
+    constant: float = 0.0
+
+    @property
+    def m(self) -> int:
+        return len(self.sizes)
+
+    def class_cost(self, units: list[int] | np.ndarray) -> float:
+        """Cost of one class (inf when the class breaks a constraint)."""
+        units = np.asarray(units, dtype=int)
+        if len(units) == 0:
+            return 0.0
+        if self.max_size is not None and int(self.sizes[units].sum()) > self.max_size:
+            return math.inf
+        if self.forbidden[np.ix_(units, units)].any():
+            return math.inf
+        if self.kind is CostKind.pairwise:
+            assert self.pair is not None
+            return float(self.pair[np.ix_(units, units)].sum() / 2.0)
+        assert self.take is not None and self.home is not None
+        reps = np.flatnonzero(np.isin(self.home, units))
+        return float(self.take[np.ix_(units, reps)].sum(axis=0).min())
+
+    def partition_cost(self, labels: np.ndarray) -> float:
+        """Cost of a labelling of the units (without ``constant``)."""
+        return sum(self.class_cost(np.flatnonzero(labels == c)) for c in np.unique(labels))
+
+
+@dataclass
+class FamilyInstance:
+    """One family: its layers in depth order and the reduced problem over free units."""
+
+    name: str
+    layer_ids: list[int]  # global layer positions, sorted by depth index
+    class_params: int
+    member_params: int
+    units: list[list[int]]  # free units as lists of local layer positions
+    pinned: list[int]  # local positions of pinned layers (fixed singletons)
+    reduced: UnitProblem
+    cost: np.ndarray  # (n, n) local layer costs, inf = forbidden pair
+    unary: np.ndarray  # (n,)
+    kind: CostKind
+    max_size: int | None
+    contiguous: bool
+    required: list[tuple[int, int]] = field(default_factory=list)  # local pairs
+
+    @property
+    def n(self) -> int:
+        return len(self.layer_ids)
+
+    def params_for(self, k: int) -> int:
+        """Unique parameters of this family when it uses k classes."""
+        return self.class_params * k + self.member_params * self.n
+
+    @property
+    def k_max(self) -> int:
+        return len(self.units) + len(self.pinned)
+
+    def layer_labels(self, unit_labels: np.ndarray) -> np.ndarray:
+        """Expand a labelling of free units to all local layers (pinned get fresh classes)."""
+        labels = np.empty(self.n, dtype=int)
+        for u, members in enumerate(self.units):
+            labels[members] = unit_labels[u]
+        nxt = int(unit_labels.max()) + 1 if len(unit_labels) else 0
+        for i, p in enumerate(self.pinned):
+            labels[p] = nxt + i
+        return canonical(labels)
+
+    def layer_partition_cost(self, labels: np.ndarray) -> float:
+        """Exact objective of a labelling of this family's layers (inf if it breaks a constraint)."""
+        if not self.is_feasible(labels):
+            return math.inf
+        total = float(self.unary.sum())
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            if len(idx) < 2:
+                continue
+            sub = self.cost[np.ix_(idx, idx)]
+            if self.kind is CostKind.pairwise:
+                total += float(np.triu(sub, 1).sum())
+            else:
+                np.fill_diagonal(sub, 0.0)
+                total += float(sub.sum(axis=0).min())
+        return total
+
+    def is_feasible(self, labels: np.ndarray) -> bool:
+        """Whether a labelling of the layers meets every constraint of this family."""
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            if len(idx) < 2:
+                continue
+            if self.max_size is not None and len(idx) > self.max_size:
+                return False
+            if np.isinf(self.cost[np.ix_(idx, idx)][~np.eye(len(idx), dtype=bool)]).any():
+                return False
+            if any(p in idx for p in self.pinned):
+                return False
+            if self.contiguous and idx[-1] - idx[0] + 1 != len(idx):
+                return False
+        return all(labels[a] == labels[b] for a, b in self.required)
+
+
+def canonical(labels: np.ndarray) -> np.ndarray:
+    """Relabel classes 0, 1, ... in order of first appearance (one name per partition)."""
+    mapping: dict[int, int] = {}
+    out = np.empty_like(labels)
+    for i, c in enumerate(labels.tolist()):
+        out[i] = mapping.setdefault(c, len(mapping))
+    return out
+
+
+def build_families(problem: SharingProblem) -> list[FamilyInstance]:
+    """Per-family instances, in order of first appearance of each family.
+
+    Raises:
+        ConstraintInfeasible: a required pair spans families, is forbidden, is pinned, or makes a
+            unit larger than max_group_size.
+    """
+    layers = problem.layers
+    pos = {layer.name: i for i, layer in enumerate(layers)}
+    matrix = problem.costs.matrix
+    kind = problem.costs.kind
+    cons = problem.constraints
+    unary_all = problem.costs.unary or [0.0] * len(layers)
+
+    for a, b in cons.require:
+        if layers[pos[a]].family != layers[pos[b]].family:
+            raise ConstraintInfeasible(
+                f"require pairs {a!r} and {b!r} from different families "
+                f"({layers[pos[a]].family!r}, {layers[pos[b]].family!r}); only one family can share"
+            )
+
+    order: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        order.setdefault(layer.family, []).append(i)
+
+    forbid_global = {frozenset((pos[a], pos[b])) for a, b in cons.forbid}
+    pinned_global = {pos[x] for x in cons.pinned}
+    out = []
+    for fam, ids in order.items():
+        ids = sorted(ids, key=lambda i: (layers[i].index, i))
+        local = {g: j for j, g in enumerate(ids)}
+        n = len(ids)
+        cost = np.zeros((n, n))
+        for a in range(n):
+            for b in range(n):
+                if a == b:
+                    continue
+                v = matrix[ids[a]][ids[b]]
+                cost[a, b] = math.inf if v is None else v
+        for pair in forbid_global:
+            ga, gb = tuple(pair)
+            if ga in local and gb in local:
+                cost[local[ga], local[gb]] = cost[local[gb], local[ga]] = math.inf
+        if kind is CostKind.assignment:
+            # a pair that may not share in one direction may not share at all
+            inf = np.isinf(cost) | np.isinf(cost.T)
+            cost[inf] = math.inf
+        required = [(local[pos[a]], local[pos[b]]) for a, b in cons.require if pos[a] in local]
+        pinned = sorted(local[g] for g in pinned_global if g in local)
+        class_params, member_params = problem.family_accounting(fam)
+        units, reduced = _reduce(
+            fam, [layers[g].name for g in ids], cost, required, pinned, kind, cons.max_group_size
+        )
+        reduced.constant += float(np.asarray([unary_all[g] for g in ids]).sum())
+        out.append(
+            FamilyInstance(
+                name=fam,
+                layer_ids=ids,
+                class_params=class_params,
+                member_params=member_params,
+                units=units,
+                pinned=pinned,
+                reduced=reduced,
+                cost=cost,
+                unary=np.asarray([unary_all[g] for g in ids], dtype=float),
+                kind=kind,
+                max_size=cons.max_group_size,
+                contiguous=cons.contiguous,
+                required=required,
+            )
+        )
+    return out
+
+
+def _reduce(
+    fam: str,
+    names: list[str],
+    cost: np.ndarray,
+    required: list[tuple[int, int]],
+    pinned: list[int],
+    kind: CostKind,
+    max_size: int | None,
+) -> tuple[list[list[int]], UnitProblem]:
+    """Contract required pairs into units and drop pinned layers."""
+    n = len(names)
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    graph.add_edges_from(required)
+    comps = sorted((sorted(c) for c in nx.connected_components(graph)), key=lambda c: c[0])
+    pinned_set = set(pinned)
+    units = []
+    for comp in comps:
+        if len(comp) > 1 and pinned_set & set(comp):
+            p = next(i for i in comp if i in pinned_set)
+            raise ConstraintInfeasible(
+                f"layer {names[p]!r} is pinned (never shared) but a require pair makes it share; "
+                "drop the pin or the require pair"
+            )
+        if len(comp) > 1:
+            sub = cost[np.ix_(comp, comp)]
+            if np.isinf(sub[~np.eye(len(comp), dtype=bool)]).any():
+                bad = [(names[a], names[b]) for a in comp for b in comp if a < b and np.isinf(cost[a, b])]
+                raise ConstraintInfeasible(
+                    f"family {fam!r}: required pairs chain together layers that may not share "
+                    f"(forbidden or null cost): {bad[:3]}; drop one of the require or forbid pairs"
+                )
+            if max_size is not None and len(comp) > max_size:
+                raise ConstraintInfeasible(
+                    f"family {fam!r}: require pairs join {len(comp)} layers "
+                    f"({', '.join(names[i] for i in comp[:4])}...) but max_group_size is {max_size}"
+                )
+        if comp[0] not in pinned_set:
+            units.append(comp)
+    m = len(units)
+    sizes = np.array([len(u) for u in units], dtype=int)
+    forbidden = np.zeros((m, m), dtype=bool)
+    for a in range(m):
+        for b in range(a + 1, m):
+            if np.isinf(cost[np.ix_(units[a], units[b])]).any():
+                forbidden[a, b] = forbidden[b, a] = True
+    finite = np.where(np.isinf(cost), 0.0, cost)
+    if kind is CostKind.pairwise:
+        pair = np.zeros((m, m))
+        constant = 0.0
+        for a in range(m):
+            constant += float(np.triu(finite[np.ix_(units[a], units[a])], 1).sum())
+            for b in range(a + 1, m):
+                pair[a, b] = pair[b, a] = finite[np.ix_(units[a], units[b])].sum()
+        pair[forbidden] = 0.0
+        return units, UnitProblem(kind, sizes, forbidden, max_size, pair=pair, constant=constant)
+    # assignment: representatives are the layers of the free units
+    rep_layers = [layer for u in units for layer in u]
+    home = np.array([a for a, u in enumerate(units) for _ in u], dtype=int)
+    take = np.zeros((m, len(rep_layers)))
+    for a in range(m):
+        for r, layer in enumerate(rep_layers):
+            col = cost[units[a], layer].copy()
+            col[np.asarray(units[a]) == layer] = 0.0
+            take[a, r] = math.inf if np.isinf(col).any() else col.sum()
+    # a unit that cannot take a representative of another unit is forbidden with it already;
+    # keep take finite so sums stay finite, forbidden masks the rest
+    take = np.where(np.isinf(take), 0.0, take)
+    return units, UnitProblem(kind, sizes, forbidden, max_size, take=take, home=home)

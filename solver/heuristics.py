@@ -1,0 +1,175 @@
+"""Fast incumbents over the free units of a family: agglomerative merging and tabu search.
+
+Both are deterministic for a given seed. Agglomerative gives a labelling for every class count in
+one pass; tabu search (single-unit moves and pair swaps, tabu tenure, aspiration, perturbation on
+stagnation) improves one class count. DESIGN.md: tabu seeded from the better of agglomerative and
+interval DP improved it by 2.4-8.8% on 24-48 layer families.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .family import UnitProblem, canonical
+from .schema import CostKind
+
+
+def agglomerative(up: UnitProblem) -> dict[int, np.ndarray]:
+    """Greedy merging from singletons; returns {classes: unit labelling} for each count reached."""
+    m = up.m
+    if m == 0:
+        return {}
+    members = [[u] for u in range(m)]
+    alive = list(range(m))
+    size = up.sizes.astype(float).copy()
+    forb = up.forbidden.copy()
+    if up.kind is CostKind.pairwise:
+        cw = up.pair.copy()  # cost between classes
+    else:
+        tsum = up.take.copy()  # (classes, L) summed take
+        reps = [set(np.flatnonzero(up.home == u).tolist()) for u in range(m)]
+        ccost = np.zeros(m)
+    out = {m: np.arange(m)}
+    while len(alive) > 1:
+        a_idx = np.array(alive)
+        if up.kind is CostKind.pairwise:
+            inc = cw[np.ix_(a_idx, a_idx)].copy()
+        else:
+            inc = np.full((len(alive), len(alive)), np.inf)
+            for x, a in enumerate(alive):
+                for y in range(x + 1, len(alive)):
+                    b = alive[y]
+                    r = sorted(reps[a] | reps[b])
+                    merged = (tsum[a, r] + tsum[b, r]).min()
+                    inc[x, y] = inc[y, x] = merged - ccost[a] - ccost[b]
+        bad = forb[np.ix_(a_idx, a_idx)] | np.eye(len(alive), dtype=bool)
+        if up.max_size is not None:
+            bad |= size[a_idx][:, None] + size[a_idx][None, :] > up.max_size
+        inc[bad] = np.inf
+        flat = int(np.argmin(inc))
+        x, y = divmod(flat, len(alive))
+        if not np.isfinite(inc[x, y]):
+            break
+        a, b = alive[min(x, y)], alive[max(x, y)]
+        members[a] += members[b]
+        size[a] += size[b]
+        forb[a] |= forb[b]
+        forb[:, a] |= forb[:, b]
+        if up.kind is CostKind.pairwise:
+            cw[a] += cw[b]
+            cw[:, a] += cw[:, b]
+        else:
+            tsum[a] += tsum[b]
+            reps[a] |= reps[b]
+            ccost[a] = tsum[a, sorted(reps[a])].min()
+        alive.remove(b)
+        labels = np.empty(m, dtype=int)
+        for c, cls in enumerate(alive):
+            labels[members[cls]] = c
+        out[len(alive)] = canonical(labels)
+    return out
+
+
+def tabu_search(
+    up: UnitProblem,
+    start: np.ndarray,
+    k: int,
+    iterations: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, float]:
+    """Improve a feasible pairwise labelling with at most k classes; returns the best found.
+
+    Moves keep exactly the class count of the start (splitting never raises a non-negative
+    pairwise cost, so k classes are as good as fewer). Forbidden pairs and the size cap are hard.
+    """
+    if up.kind is not CostKind.pairwise:
+        raise ValueError("tabu_search handles pairwise costs; assignment costs use the MIP")
+    m = up.m
+    labels = canonical(np.asarray(start).copy())
+    kc = int(labels.max()) + 1
+    if kc > k or m < 2 or kc < 2 and m == kc:
+        return labels, up.partition_cost(labels)
+    rng = np.random.default_rng(seed)
+    w = up.pair
+    fb = up.forbidden.astype(np.int64)
+    sizes = up.sizes.astype(np.int64)
+    cap = up.max_size if up.max_size is not None else np.iinfo(np.int64).max
+    onehot = np.zeros((m, kc))
+    onehot[np.arange(m), labels] = 1.0
+    dmat = w @ onehot  # cost from unit to each class
+    fcnt = fb @ onehot.astype(np.int64)  # forbidden partners in each class
+    csize = sizes @ onehot.astype(np.int64)
+    count = onehot.sum(axis=0).astype(np.int64)
+    cur = float((dmat[np.arange(m), labels]).sum() / 2.0)
+    best, best_labels = cur, labels.copy()
+    tabu = np.zeros((m, kc), dtype=np.int64)
+    tenure_base = max(3, min(m // 4, 12))
+    stall, stall_limit = 0, max(50, 10 * m)
+    idx = np.arange(m)
+    for it in range(1, iterations + 1):
+        own = dmat[idx, labels]
+        # single-unit moves u -> c (source keeps at least one unit)
+        mv = dmat - own[:, None]
+        ok = (fcnt == 0) & (csize[None, :] + sizes[:, None] <= cap) & (count[labels] > 1)[:, None]
+        ok[idx, labels] = False
+        mv_t = np.where(ok & ((tabu <= it) | (cur + mv < best - 1e-12)), mv, np.inf)
+        # swaps u in A, v in B (A != B)
+        la, lb = labels[:, None], labels[None, :]
+        sw = dmat[idx[:, None], lb] - w - own[:, None] + dmat[idx[None, :], la] - w - own[None, :]
+        sok = (la != lb) & (fcnt[idx[:, None], lb] - fb == 0) & (fcnt[idx[None, :], la] - fb == 0)
+        sok &= (csize[lb] - sizes[None, :] + sizes[:, None] <= cap) & (csize[la] - sizes[:, None] + sizes[None, :] <= cap)
+        sok = np.triu(sok, 1)
+        not_tabu = (tabu[idx[:, None], lb] <= it) & (tabu[idx[None, :], la] <= it)
+        sw_t = np.where(sok & (not_tabu | (cur + sw < best - 1e-12)), sw, np.inf)
+        best_mv, best_sw = mv_t.min(initial=np.inf), sw_t.min(initial=np.inf)
+        if not np.isfinite(min(best_mv, best_sw)):
+            break
+        # random tie-breaking among equally good moves keeps the search from cycling
+        if best_mv <= best_sw:
+            cand = np.argwhere(mv_t <= best_mv + 1e-15)
+            u, c = cand[rng.integers(len(cand))]
+            moves = [(int(u), int(c))]
+            delta = best_mv
+        else:
+            cand = np.argwhere(sw_t <= best_sw + 1e-15)
+            u, v = cand[rng.integers(len(cand))]
+            moves = [(int(u), int(labels[v])), (int(v), int(labels[u]))]
+            delta = best_sw
+        for u, c in moves:
+            a = labels[u]
+            dmat[:, a] -= w[:, u]
+            dmat[:, c] += w[:, u]
+            fcnt[:, a] -= fb[:, u]
+            fcnt[:, c] += fb[:, u]
+            csize[a] -= sizes[u]
+            csize[c] += sizes[u]
+            count[a] -= 1
+            count[c] += 1
+            labels[u] = c
+            tabu[u, a] = it + tenure_base + int(rng.integers(0, tenure_base + 1))
+        cur += float(delta)
+        if cur < best - 1e-12:
+            best, best_labels, stall = cur, labels.copy(), 0
+        else:
+            stall += 1
+        if stall >= stall_limit:
+            # perturb: restart from the best with a few random feasible moves
+            labels = best_labels.copy()
+            for _ in range(max(2, m // 8)):
+                u = int(rng.integers(m))
+                c = int(rng.integers(kc))
+                trial = labels.copy()
+                trial[u] = c
+                if np.isfinite(up.partition_cost(trial)) and len(np.unique(trial)) == kc:
+                    labels = trial
+            onehot[:] = 0.0
+            onehot[np.arange(m), labels] = 1.0
+            dmat = w @ onehot
+            fcnt = fb @ onehot.astype(np.int64)
+            csize = sizes @ onehot.astype(np.int64)
+            count = onehot.sum(axis=0).astype(np.int64)
+            cur = float((dmat[np.arange(m), labels]).sum() / 2.0)
+            tabu[:] = 0
+            stall = 0
+    # recompute exactly: the incremental sum drifts by rounding
+    return canonical(best_labels), up.partition_cost(best_labels)

@@ -1,0 +1,291 @@
+"""The public verbs: solve a SharingProblem to a SharingPlan, or map its whole frontier.
+
+Flow: split by family -> per-family curves (exact where cheap) -> exact knapsack over the curves
+-> spend the time on the (family, k) cells the knapsack picks, for better incumbents (tabu,
+CP-SAT, MIP) and better bounds -> knapsack again. The bound is the knapsack over lower curves, so
+it holds for the whole problem, not just the chosen class counts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ortools
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import evaluate
+from .curves import FamilyCurve, improve, initial_curve
+from .errors import BudgetInfeasible
+from .family import FamilyInstance, build_families
+from .knapsack import Point, best_within, pareto
+from .schema import (
+    FamilyResult,
+    PlanParams,
+    PlanStatus,
+    SharingPlan,
+    SharingProblem,
+    SolverInfo,
+)
+
+_GAP_TOL = 1e-7  # floors in the integer scaling leave ~1e-8 relative slack in CP-SAT bounds
+
+
+class SolveConfig(BaseModel):
+    """Overrides of the problem's own constraints and options (None keeps the problem's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_params_ratio: float | None = Field(default=None, gt=0, le=1)
+    max_params: int | None = Field(default=None, gt=0)
+    time_limit_s: float | None = Field(default=None, gt=0, le=3600)
+    relative_gap: float | None = Field(default=None, ge=0, le=1)
+    workers: int | None = Field(default=None, ge=1, le=64)
+    seed: int | None = Field(default=None, ge=0)
+
+
+def with_config(problem: SharingProblem, config: SolveConfig | None) -> SharingProblem:
+    """A copy of the problem with the config's overrides applied (validated again)."""
+    if config is None:
+        return problem
+    data = problem.model_dump()
+    for key in ("max_params_ratio", "max_params"):
+        if getattr(config, key) is not None:
+            data["constraints"][key] = getattr(config, key)
+    for key in ("time_limit_s", "relative_gap", "workers", "seed"):
+        if getattr(config, key) is not None:
+            data["options"][key] = getattr(config, key)
+    return SharingProblem.model_validate(data)
+
+
+def default_workers(problem: SharingProblem) -> int:
+    return problem.options.workers or max(1, min(8, os.cpu_count() or 1))
+
+
+class _Search:
+    """State of one solve: curves, clock, and the bookkeeping shared by solve and frontier."""
+
+    def __init__(self, problem: SharingProblem) -> None:
+        self.problem = problem
+        self.t0 = time.perf_counter()
+        self.limit = problem.options.time_limit_s
+        self.workers = default_workers(problem)
+        self.seed = problem.options.seed
+        self.fams: list[FamilyInstance] = build_families(problem)
+        self.curves: list[FamilyCurve] = [initial_curve(f, self.seed) for f in self.fams]
+        self.hit_limit = False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.limit - self.elapsed()
+
+    def least_params(self) -> int:
+        return sum(c.fam.params_for(c.k_min) for c in self.curves)
+
+    def check_budget(self, budget: int | None) -> None:
+        least = self.least_params()
+        if budget is not None and budget < least:
+            ratio = least / self.problem.original_params
+            want = self.problem.constraints.max_params_ratio
+            got = f"max_params_ratio={want}" if want is not None else f"max_params={budget}"
+            raise BudgetInfeasible(
+                f"{got} is infeasible: the least reachable is {least} params "
+                f"(ratio {ratio:.4f}) with these families, pins and constraints; "
+                "raise the budget or drop pins/forbid pairs",
+                least_params=least,
+                least_ratio=ratio,
+            )
+
+    def fronts(self) -> tuple[list[Point], list[Point]]:
+        return (
+            pareto([c.options(upper=True) for c in self.curves]),
+            pareto([c.options(upper=False) for c in self.curves]),
+        )
+
+    def open_cells(self, choice: tuple[int, ...], round_: int) -> list[tuple[int, int]]:
+        """Cells of a knapsack choice that are unproven and have had fewer than round_ rounds."""
+        return [
+            (fi, k)
+            for fi, k in enumerate(choice)
+            if not self.curves[fi].exact
+            and self.curves[fi].gap_at(k) > _GAP_TOL * max(1.0, abs(self.curves[fi].ub.get(k, 0.0)))
+            and self.curves[fi].tried.get(k, 0) < round_
+        ]
+
+    def work(self, cells: list[tuple[int, int]], effort: float) -> bool:
+        """Improve the given (family, k) cells; False when the clock ran out."""
+        for fi, k in cells:
+            if self.left() <= 0:
+                self.hit_limit = True
+                return False
+            improve(self.curves[fi], k, min(effort, max(0.05, self.left())), self.workers, self.seed)
+        return True
+
+
+def _effort(search: _Search, cells: int) -> float:
+    return max(0.2, search.limit / max(4, 3 * cells))
+
+
+_MAX_ROUNDS = 4
+
+
+def solve(problem: SharingProblem, config: SolveConfig | None = None) -> SharingPlan:
+    """The least-cost coloring within the budget, with a proven lower bound.
+
+    Raises:
+        BudgetInfeasible: the budget is below the least reachable unique-parameter count.
+        ConstraintInfeasible: the sharing constraints contradict each other.
+    """
+    problem = with_config(problem, config)
+    search = _Search(problem)
+    budget = problem.budget_params()
+    search.check_budget(budget)
+    tol = problem.options.relative_gap
+    effort = search.limit / (6 * max(1, sum(not c.exact for c in search.curves)))
+    for round_ in range(1, _MAX_ROUNDS + 1):
+        while True:
+            up_front, lo_front = search.fronts()
+            best, low = best_within(up_front, budget), best_within(lo_front, budget)
+            assert best is not None and low is not None  # budget >= least reachable
+            if _gap(best.cost, low.cost) <= tol + _GAP_TOL:
+                break
+            # the chosen plan's cells first (better incumbents, tight local bounds), then the
+            # cells the bound knapsack leans on
+            cells = search.open_cells(best.choice, round_) or search.open_cells(low.choice, round_)
+            if not cells or not search.work(cells, effort):
+                break
+        if search.hit_limit or _gap(best.cost, low.cost) <= tol + _GAP_TOL:
+            break
+    up_front, lo_front = search.fronts()
+    return _plan(search, best_within(up_front, budget), best_within(lo_front, budget))
+
+
+def _gap(objective: float, bound: float) -> float:
+    return max(0.0, objective - bound) / max(abs(objective), 1e-12)
+
+
+def _plan(search: _Search, best: Point, low: Point) -> SharingPlan:
+    problem = search.problem
+    coloring: dict[str, int] = {}
+    next_class = 0
+    families = {}
+    for curve, k in zip(search.curves, best.choice, strict=True):
+        labels = curve.labels[k]
+        for local, g in enumerate(curve.fam.layer_ids):
+            coloring[problem.layers[g].name] = next_class + int(labels[local])
+        next_class += int(labels.max()) + 1
+        families[curve.fam.name] = FamilyResult(
+            classes=int(labels.max()) + 1, objective=curve.ub[k], bound=min(curve.lb.get(k, 0.0), curve.ub[k])
+        )
+    coloring = _renumber(problem, coloring)
+    objective = evaluate.objective(problem, coloring)
+    bound = min(low.cost, objective)
+    gap = _gap(objective, bound)
+    status = PlanStatus.optimal if gap <= problem.options.relative_gap + _GAP_TOL else PlanStatus.feasible
+    shared = evaluate.unique_params(problem, coloring)
+    methods = sorted(set().union(*(c.methods for c in search.curves)))
+    return SharingPlan(
+        status=status,
+        coloring=coloring,
+        groups=_groups(problem, coloring),
+        objective=objective,
+        bound=bound,
+        gap=gap,
+        params=PlanParams(original=problem.original_params, shared=shared, ratio=shared / problem.original_params),
+        solver=SolverInfo(
+            method="+".join(["knapsack", *methods]),
+            time_s=round(search.elapsed(), 4),
+            ortools=ortools.__version__,
+            seed=problem.options.seed,
+            workers=search.workers,
+            time_limit_hit=search.hit_limit,
+        ),
+        families=families,
+    )
+
+
+def _renumber(problem: SharingProblem, coloring: dict[str, int]) -> dict[str, int]:
+    """Class ids 0, 1, ... in order of first appearance in the layer list."""
+    mapping: dict[int, int] = {}
+    return {layer.name: mapping.setdefault(coloring[layer.name], len(mapping)) for layer in problem.layers}
+
+
+def _groups(problem: SharingProblem, coloring: dict[str, int]) -> list[list[str]]:
+    """Every class as its layer names (singletons included), in class-id order."""
+    groups: dict[int, list[str]] = {}
+    for layer in problem.layers:
+        groups.setdefault(coloring[layer.name], []).append(layer.name)
+    return [groups[c] for c in sorted(groups)]
+
+
+def plan_from_coloring(problem: SharingProblem, coloring: dict[str, int], method: str, strategy: str | None = None) -> SharingPlan:
+    """Wrap a given coloring (a baseline's) as a plan with its objective and params; no bound."""
+    coloring = _renumber(problem, coloring)
+    shared = evaluate.unique_params(problem, coloring)
+    broken = evaluate.violations(problem, coloring)
+    return SharingPlan(
+        status=PlanStatus.feasible if not broken else PlanStatus.infeasible,
+        coloring=coloring,
+        groups=_groups(problem, coloring),
+        objective=evaluate.objective(problem, coloring),
+        params=PlanParams(original=problem.original_params, shared=shared, ratio=shared / problem.original_params),
+        solver=SolverInfo(method=method, time_s=0.0, ortools=ortools.__version__, seed=problem.options.seed),
+        strategy=strategy,
+        message="; ".join(broken) if broken else None,
+    )
+
+
+class FrontierPoint(BaseModel):
+    params: int
+    ratio: float
+    objective: float
+    bound: float
+    gap: float
+    classes: dict[str, int]
+
+
+class Frontier(BaseModel):
+    """Every reachable budget level: the best coloring found and a bound on the best possible."""
+
+    original: int
+    points: list[FrontierPoint]
+    solver: SolverInfo
+
+
+def frontier(problem: SharingProblem, config: SolveConfig | None = None) -> Frontier:
+    """The compression-vs-cost frontier in one call, from the same per-family curves."""
+    problem = with_config(problem, config)
+    search = _Search(problem)
+    cells = [(fi, k) for fi, c in enumerate(search.curves) if not c.exact for k in c.ks]
+    if cells:
+        search.work(cells, _effort(search, len(cells)))
+    up_front, lo_front = search.fronts()
+    names = [c.fam.name for c in search.curves]
+    points = []
+    for p in up_front:
+        low = best_within(lo_front, p.params)
+        bound = min(low.cost if low else 0.0, p.cost)
+        points.append(
+            FrontierPoint(
+                params=p.params,
+                ratio=p.params / problem.original_params,
+                objective=p.cost,
+                bound=bound,
+                gap=_gap(p.cost, bound),
+                classes=dict(zip(names, p.choice, strict=True)),
+            )
+        )
+    info = SolverInfo(
+        method="frontier",
+        time_s=round(search.elapsed(), 4),
+        ortools=ortools.__version__,
+        seed=problem.options.seed,
+        workers=search.workers,
+        time_limit_hit=search.hit_limit,
+    )
+    return Frontier(original=problem.original_params, points=points, solver=info)
+
+
+__all__ = ["SolveConfig", "solve", "frontier", "Frontier", "FrontierPoint", "plan_from_coloring"]

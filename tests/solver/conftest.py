@@ -1,0 +1,9 @@
+import pytest
+
+from .cases import random_problem
+
+
+@pytest.fixture
+def make_problem():
+    """Factory of small random problems (see cases.random_problem)."""
+    return random_problem

@@ -1,0 +1,91 @@
+"""The geoshare CLI end to end, as a user runs it (subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from solver.evaluate import violations
+
+from .cases import random_problem
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "solver.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def problem_file(tmp_path: Path):
+    problem = random_problem([6, 5, 4], seed=4, ratio=0.5)
+    path = tmp_path / "problem.json"
+    path.write_text(problem.model_dump_json())
+    return problem, path
+
+
+def test_solve_prints_plan(problem_file):
+    problem, path = problem_file
+    out = _run("solve", str(path), "--time-limit", "5")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["status"] == "optimal"
+    assert violations(problem, plan["coloring"]) == []
+
+
+def test_solve_ratio_override_and_output_file(problem_file, tmp_path):
+    problem, path = problem_file
+    target = tmp_path / "out" / "plan.json"
+    out = _run("solve", str(path), "--ratio", "0.8", "-o", str(target))
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(target.read_text())
+    assert plan["params"]["ratio"] <= 0.8 and plan["params"]["ratio"] > 0.5
+
+
+def test_frontier_json_and_plot(problem_file, tmp_path):
+    _, path = problem_file
+    png = tmp_path / "frontier.png"
+    out = _run("frontier", str(path), "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    front = json.loads(out.stdout)
+    pts = front["points"]
+    assert pts[0]["params"] < pts[-1]["params"] and pts[-1]["ratio"] == 1.0
+    assert all(a["objective"] > b["objective"] for a, b in zip(pts, pts[1:], strict=False))
+    assert all(p["bound"] <= p["objective"] + 1e-12 for p in pts)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_infeasible_budget_exit_code_and_message(problem_file):
+    _, path = problem_file
+    out = _run("solve", str(path), "--ratio", "0.01")
+    assert out.returncode == 2
+    assert "least reachable" in out.stderr and "ratio" in out.stderr
+
+
+def test_bad_json_is_explained(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"layers": [], "costs": {"matrix": []}}')
+    out = _run("solve", str(path))
+    assert out.returncode == 2
+    assert "layers" in out.stderr and "not a valid SharingProblem" in out.stderr
+    out = _run("solve", str(tmp_path / "missing.json"))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_strategy_baseline(problem_file):
+    problem, path = problem_file
+    out = _run("solve", str(path), "--strategy", "cycle")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["strategy"] == "cycle" and plan["params"]["shared"] <= problem.budget_params()
+
+
+def test_solve_reads_stdin(problem_file):
+    _, path = problem_file
+    out = subprocess.run(
+        [sys.executable, "-m", "solver.cli", "solve", "-"], input=path.read_text(), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == "optimal"
