@@ -85,13 +85,14 @@ def solve_model(
     time_limit_s: float,
     workers: int,
     seed: int,
+    wall_limit_s: float | None = None,
 ) -> CpsatResult:
     """Solve with fixed seed and workers; LP-based subsolvers are what give real bounds."""
     solver = cp_model.CpSolver()
     p = solver.parameters
     # deterministic time makes equal inputs give equal results; the wall clock is only a backstop
     p.max_deterministic_time = time_limit_s
-    p.max_time_in_seconds = 3 * time_limit_s + 1
+    p.max_time_in_seconds = 3 * time_limit_s + 1 if wall_limit_s is None else wall_limit_s
     p.num_workers = workers
     p.interleave_search = True
     p.random_seed = seed

@@ -14,8 +14,8 @@ import numpy as np
 
 from .bounds import all_k
 from .cpsat import build_model, solve_model
-from .exact import EXACT_MAX_UNITS, exact_curve
 from .errors import ConstraintInfeasible
+from .exact import EXACT_MAX_UNITS, exact_curve
 from .family import FamilyInstance
 from .heuristics import agglomerative, tabu_search
 from .interval import interval_curve
@@ -129,12 +129,14 @@ def initial_curve(fam: FamilyInstance, seed: int) -> FamilyCurve:
     return curve
 
 
-def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int) -> None:
+def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, wall_left: float | None = None) -> None:
     """Spend one round of work on class count k: better incumbent and better bound.
 
     `effort` is in seconds of intended work; tabu iterations and CP-SAT deterministic time are
-    derived from it, so equal inputs give equal results.
+    derived from it, so equal inputs give equal results. `wall_left` caps the wall clock of the
+    OR-Tools calls (a backstop: when it bites, results depend on machine speed).
     """
+    wall = 3 * effort + 1 if wall_left is None else max(0.05, min(3 * effort + 1, wall_left))
     if curve.exact or k not in curve.ks:
         return
     fam, up = curve.fam, curve.fam.reduced
@@ -144,7 +146,7 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int) 
     curve.tried[k] = rounds + 1
     start = _unit_labels(fam, curve.labels.get(k))
     if up.kind is CostKind.assignment:
-        res = p_median(up, kk, time_limit_s=max(1.0, effort), hint=start)
+        res = p_median(up, kk, time_limit_s=min(wall, max(1.0, effort)), hint=start)
         if res.labels is not None:
             curve.offer(fam.layer_labels(res.labels), "p-median-mip")
         curve.raise_lb(k, res.bound + _offset(fam))
@@ -154,10 +156,10 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int) 
         lab, _ = tabu_search(up, start, kk, iters, seed=seed + 7919 * rounds + k)
         curve.offer(fam.layer_labels(lab), "tabu")
     if rounds == 0:
-        curve.raise_lb(k, cheapest_edges_bound(up, kk, time_limit_s=max(1.0, effort / 2)) + _offset(fam))
+        curve.raise_lb(k, cheapest_edges_bound(up, kk, time_limit_s=min(wall, max(1.0, effort / 2))) + _offset(fam))
     hint = _unit_labels(fam, curve.labels.get(k))
     built = build_model(up, kk, hint=hint)
-    res = solve_model(built, up, time_limit_s=effort, workers=workers, seed=seed)
+    res = solve_model(built, up, time_limit_s=effort, workers=workers, seed=seed, wall_limit_s=wall)
     if res.labels is not None:
         curve.offer(fam.layer_labels(res.labels), "cp-sat")
     curve.raise_lb(k, res.bound + _offset(fam))

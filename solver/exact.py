@@ -53,11 +53,25 @@ def _class_pairs(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         subs.append((h_sub.astype(np.int64) << (t + 1)).astype(np.int32) | low)
         offs.append(total + h_off[1:])
         total += int(h_off[-1])
-    return (
-        np.concatenate(masks).astype(np.int32),
-        np.concatenate(offs),
-        np.concatenate(subs),
-    )
+    gmask = np.concatenate(masks).astype(np.int32)
+    offsets = np.concatenate(offs)
+    sub = np.concatenate(subs)
+    # groups with more units first: level k only needs masks of more than k units (see below)
+    pop = _popcount(gmask)
+    order = np.argsort(-pop, kind="stable")
+    counts = np.diff(offsets)[order]
+    new_off = np.concatenate([[0], np.cumsum(counts)])
+    idx = np.repeat(offsets[:-1][order] - new_off[:-1], counts) + np.arange(int(new_off[-1]))
+    return gmask[order], new_off, sub[idx]
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.int64)
+    count = np.zeros_like(x)
+    while x.any():
+        count += x & 1
+        x >>= 1
+    return count
 
 
 def class_costs(up: UnitProblem) -> np.ndarray:
@@ -101,15 +115,26 @@ def exact_curve(up: UnitProblem) -> ExactCurve:
     counts = np.add.reduceat(keep.astype(np.int64), goff[:-1])
     sub_k, csub_k = sub[keep], csub[keep]
     comp = np.repeat(gmask, counts) ^ sub_k
-    new_off = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    new_off = np.concatenate([[0], np.cumsum(counts)])
     full = (1 << m) - 1
+    # When every unit alone costs nothing (always for pairwise, and for assignment when units
+    # are single layers), a mask of at most k units costs 0 with k classes: skip those groups.
+    singles_free = all(ccost[1 << u] == 0.0 for u in range(m))
+    pop_desc = _popcount(gmask)
     levels = [ccost.copy()]
     levels[0][0] = 0.0
-    for _ in range(2, m + 1):
+    for k in range(2, m + 1):
         prev = levels[-1]
-        cur = np.full(1 << m, np.inf)
-        cur[0] = 0.0
-        cur[gmask] = np.minimum.reduceat(csub_k + prev[comp], new_off)
+        if singles_free:
+            cur = np.zeros(1 << m)
+            g_end = int(np.searchsorted(-pop_desc, -k, side="left"))  # groups with > k units
+        else:
+            cur = np.full(1 << m, np.inf)
+            cur[0] = 0.0
+            g_end = len(gmask)
+        e_end = int(new_off[g_end])
+        if g_end:
+            cur[gmask[:g_end]] = np.minimum.reduceat(csub_k[:e_end] + prev[comp[:e_end]], new_off[:g_end])
         levels.append(cur)
     costs = [float(level[full]) for level in levels]
     labels = [_backtrack(k, levels, ccost, m) if math.isfinite(costs[k - 1]) else None for k in range(1, m + 1)]

@@ -18,6 +18,7 @@ from . import evaluate
 from .curves import FamilyCurve, improve, initial_curve
 from .errors import BudgetInfeasible
 from .family import FamilyInstance, build_families
+from .graph import why_classes
 from .knapsack import Point, best_within, pareto
 from .schema import (
     FamilyResult,
@@ -75,6 +76,10 @@ class _Search:
         self.curves: list[FamilyCurve] = [initial_curve(f, self.seed) for f in self.fams]
         self.hit_limit = False
 
+    @property
+    def limit_hit(self) -> bool:
+        return self.hit_limit or self.elapsed() >= self.limit
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
@@ -90,10 +95,13 @@ class _Search:
             ratio = least / self.problem.original_params
             want = self.problem.constraints.max_params_ratio
             got = f"max_params_ratio={want}" if want is not None else f"max_params={budget}"
+            names = [layer.name for layer in self.problem.layers]
+            why = [f"family {c.fam.name!r} needs {c.k_min} classes: {r}" for c in self.curves if c.k_min > 1 and (r := why_classes(c.fam, names))]
             raise BudgetInfeasible(
                 f"{got} is infeasible: the least reachable is {least} params "
-                f"(ratio {ratio:.4f}) with these families, pins and constraints; "
-                "raise the budget or drop pins/forbid pairs",
+                f"(ratio {ratio:.4f}) with these families, pins and constraints"
+                + (f" ({'; '.join(why)})" if why else "")
+                + "; raise the budget or drop pins/forbid pairs",
                 least_params=least,
                 least_ratio=ratio,
             )
@@ -120,7 +128,7 @@ class _Search:
             if self.left() <= 0:
                 self.hit_limit = True
                 return False
-            improve(self.curves[fi], k, min(effort, max(0.05, self.left())), self.workers, self.seed)
+            improve(self.curves[fi], k, min(effort, max(0.05, self.left())), self.workers, self.seed, wall_left=self.left())
         return True
 
 
@@ -200,7 +208,7 @@ def _plan(search: _Search, best: Point, low: Point) -> SharingPlan:
             ortools=ortools.__version__,
             seed=problem.options.seed,
             workers=search.workers,
-            time_limit_hit=search.hit_limit,
+            time_limit_hit=search.limit_hit,
         ),
         families=families,
     )
@@ -283,7 +291,7 @@ def frontier(problem: SharingProblem, config: SolveConfig | None = None) -> Fron
         ortools=ortools.__version__,
         seed=problem.options.seed,
         workers=search.workers,
-        time_limit_hit=search.hit_limit,
+        time_limit_hit=search.limit_hit,
     )
     return Frontier(original=problem.original_params, points=points, solver=info)
 

@@ -92,7 +92,7 @@ def test_min_classes_sees_cliques_and_sizes():
 
 def test_knapsack_matches_enumeration():
     rng = np.random.default_rng(0)
-    fams = [[(int(p), float(c), k) for k, (p, c) in enumerate(zip(rng.integers(1, 20, 5), rng.random(5)))] for _ in range(3)]
+    fams = [[(int(p), float(c), k) for k, (p, c) in enumerate(zip(rng.integers(1, 20, 5), rng.random(5), strict=True))] for _ in range(3)]
     front = pareto(fams)
     import itertools
 

@@ -126,3 +126,13 @@ def test_deterministic_for_fixed_seed_and_workers(make_problem):
     if not (a.solver.time_limit_hit or b.solver.time_limit_hit):
         assert a.coloring == b.coloring
         assert a.objective == b.objective and a.bound == b.bound
+
+
+def test_infeasible_message_explains_the_conflict_clique(make_problem):
+    names = [f"block{i}.f0.weight" for i in range(3)]
+    forbid = [[a, b] for i, a in enumerate(names) for b in names[i + 1 :]]
+    problem = make_problem([5], ratio=0.3, forbid=forbid)
+    with pytest.raises(BudgetInfeasible) as err:
+        solve(problem)
+    msg = str(err.value)
+    assert "needs 3 classes" in msg and "3 layers may not share pairwise" in msg
