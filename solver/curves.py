@@ -17,7 +17,7 @@ from .cpsat import build_model, solve_model
 from .errors import ConstraintInfeasible
 from .exact import EXACT_MAX_UNITS, exact_curve
 from .family import FamilyInstance
-from .heuristics import agglomerative, tabu_search
+from .heuristics import agglomerative, matching_start, tabu_search
 from .interval import interval_curve
 from .mip import cheapest_edges_bound, labels_from_bins, min_classes, p_median
 from .schema import CostKind
@@ -151,6 +151,9 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
             curve.offer(fam.layer_labels(res.labels), "p-median-mip")
         curve.raise_lb(k, res.bound + _offset(fam))
         return
+    if rounds == 0 and (matched := matching_start(up, kk)) is not None:
+        curve.offer(fam.layer_labels(matched), "matching")
+        start = _unit_labels(fam, curve.labels.get(k))
     if start is not None:
         iters = int(min(200_000, max(500, effort * 4000)))
         lab, _ = tabu_search(up, start, kk, iters, seed=seed + 7919 * rounds + k)

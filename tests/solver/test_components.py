@@ -103,3 +103,15 @@ def test_knapsack_matches_enumeration():
             assert point is None
             continue
         assert point.cost == pytest.approx(min(sum(o[1] for o in c) for c in combos))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_matching_start_is_the_best_pairs_only_partition(seed):
+    from solver.heuristics import matching_start
+
+    up = _pairwise(12, seed, forbid=3, max_size=2)  # with classes of <= 2, partitions are matchings
+    ex = exact_curve(up)
+    for k in range(6, 12):
+        lab = matching_start(up, k)
+        assert lab is not None and lab.max() + 1 == k
+        assert up.partition_cost(lab) == pytest.approx(ex.costs[k - 1], rel=1e-9, abs=1e-12)
