@@ -1,0 +1,119 @@
+"""What the plan, frontier and analysis routes share: caps, submission, waiting, answering."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from typing import Any
+
+from fastapi import Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from service.db import SOLVE_KINDS, IdempotencyMismatch, Job, Store
+from service.errors import problem_response
+from service.notify import Notifier
+from service.problems import ApiProblem
+from service.runner import Runner
+from service.settings import Settings
+from solver import SharingProblem
+
+JSON = "application/json"
+
+
+def check_caps(problem: SharingProblem, settings: Settings) -> None:
+    """Refuse problems beyond this server's caps, naming the field, the cap and the fix.
+
+    Raises:
+        ApiProblem: 413 for too many layers, 422 for a time limit over the cap.
+    """
+    n = len(problem.layers)
+    if n > settings.max_layers:
+        raise ApiProblem(413, "too-many-layers", "Content too large",
+                         f"layers has {n} entries; this server solves at most {settings.max_layers} "
+                         "(GEOSHARE_MAX_LAYERS); split the problem by family or raise the cap",
+                         field="layers", limit=settings.max_layers)
+    limit = problem.options.time_limit_s
+    if limit > settings.max_time_limit_s:
+        raise ApiProblem(422, "time-limit-too-long", "Time limit over the cap",
+                         f"options.time_limit_s={limit:g} exceeds this server's cap of "
+                         f"{settings.max_time_limit_s:g} s (GEOSHARE_MAX_TIME_LIMIT_S); lower it",
+                         field="options.time_limit_s", limit=settings.max_time_limit_s)
+
+
+def request_hash(request: str) -> str:
+    return hashlib.sha256(request.encode()).hexdigest()
+
+
+def _submit_blocking(store: Store, settings: Settings, kind: str, request: str,
+                     idempotency_key: str | None, queue_kinds: tuple[str, ...]) -> tuple[Job, bool]:
+    digest = request_hash(request)
+    if idempotency_key is not None:
+        old = store.by_idempotency(kind, idempotency_key)
+        if old is not None:
+            return Store.same_request(old, digest), False
+    queued = store.count(queue_kinds, "queued")
+    if queued >= settings.max_queue:
+        raise ApiProblem(429, "queue-full", "Too many requests",
+                         f"{queued} jobs are queued, the most this server holds (GEOSHARE_MAX_QUEUE); "
+                         f"retry after {settings.retry_after_s} s",
+                         headers={"Retry-After": str(settings.retry_after_s)})
+    return store.create(kind, request, digest, idempotency_key)
+
+
+async def submit(store: Store, runner: Runner | None, settings: Settings, kind: str, request: str,
+                 idempotency_key: str | None) -> Job:
+    """Queue a job (or find the one this Idempotency-Key made) and wake the runner.
+
+    Raises:
+        ApiProblem: 429 when the queue is full, 422 when the key was used for another request.
+    """
+    queue_kinds = SOLVE_KINDS if kind in SOLVE_KINDS else (kind,)
+    try:
+        job, created = await run_in_threadpool(_submit_blocking, store, settings, kind, request,
+                                               idempotency_key, queue_kinds)
+    except IdempotencyMismatch as e:
+        raise ApiProblem(422, "idempotency-key-reused", "Idempotency-Key reused",
+                         f"Idempotency-Key {idempotency_key!r} was used for a different request (job "
+                         f"{e.job.id}); use a new key for a new request", job=e.job.id) from e
+    if created and runner is not None:
+        runner.wake()
+    return job
+
+
+async def wait_for(store: Store, notifier: Notifier, job_id: str, wait_s: float,
+                   poll_s: float = 1.0) -> Job | None:
+    """The job once it is terminal or ``wait_s`` has passed, whichever is first."""
+    deadline = time.monotonic() + wait_s
+    with notifier.subscribe(job_id) as ev:
+        while True:
+            job = await run_in_threadpool(store.get, job_id)
+            left = deadline - time.monotonic()
+            if job is None or job.terminal or left <= 0:
+                return job
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ev.wait(), timeout=min(left, poll_s))
+            ev.clear()
+
+
+def json_response(view: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(view.model_dump_json(exclude_none=True), status_code=status, headers=headers, media_type=JSON)
+
+
+def answer(job: Job, view: BaseModel, location: str, *, failed_as_problem: bool) -> Response:
+    """200 when done, 202 + Location while pending; a failure as its problem document on submit."""
+    if job.state == "failed" and failed_as_problem:
+        doc: dict[str, Any] = job.error_doc() or {"type": "about:blank", "title": "Failed", "status": 500}
+        return problem_response({**doc, "job": job.id, "instance": location},
+                                {"Location": location})
+    if job.terminal:
+        return json_response(view, 200, {"Content-Location": location})
+    return json_response(view, 202, {"Location": location, "Retry-After": "1"})
+
+
+def not_found(kind: str, job_id: str) -> ApiProblem:
+    return ApiProblem(404, "not-found", "Not found",
+                      f"no {kind} job with id {job_id!r}; ids come from the Location of the POST that made it",
+                      id=job_id)

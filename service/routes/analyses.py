@@ -1,0 +1,163 @@
+"""/v1/analyses: curvature jobs for GPU workers, handed out under expiring leases.
+
+A worker claims a job, heartbeats within its lease, and completes it with the SharingProblem it
+measured; the plan is then solved here and attached. A lease that runs out puts the job back in
+the queue (a dead worker loses nothing but time).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import jobs
+from service.db import Job
+from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
+from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
+from service.models import AnalysisJob, AnalysisSpec, Claim, ClaimRequest, FailRequest, Lease, dumps
+from service.problems import ApiProblem, problem
+from service.routes.plans import IdemKey, JobId, Wait
+from solver import SharingProblem
+
+router = APIRouter(prefix="/v1/analyses", tags=["analyses"], dependencies=Auth)
+
+LeaseToken = Annotated[str, Query(min_length=1, max_length=64, description="The token from the claim.")]
+LeaseSeconds = Annotated[float | None, Query(gt=0, description="Lease length (default: the server's).")]
+_CONFLICT = {409: {"description": "The lease was lost (expired, cancelled, or another worker holds it)",
+                   "content": {PROBLEM_JSON: {}}}}
+
+
+def _location(job_id: str) -> str:
+    return f"/v1/analyses/{job_id}"
+
+
+def _lease_s(asked: float | None, settings: SettingsDep) -> float:
+    return min(asked or settings.lease_s, settings.max_lease_s)
+
+
+def _lost(job_id: str) -> ApiProblem:
+    return ApiProblem(409, "lease-lost", "Conflict",
+                      f"analysis {job_id} is not held under this lease (it expired and was re-queued, was "
+                      "cancelled, or finished); drop the work and claim again", id=job_id)
+
+
+async def _view(store: StoreDep, job_id: str) -> tuple[Job, AnalysisJob]:
+    job = await run_in_threadpool(store.get, job_id, ("analysis",))
+    if job is None:
+        raise jobs.not_found("analysis", job_id)
+    child = await run_in_threadpool(store.get, job.child_id) if job.child_id else None
+    return job, AnalysisJob.of(job, child)
+
+
+@router.post("", response_model=AnalysisJob, status_code=202, responses=PROBLEM_RESPONSES)
+async def create_analysis(spec: AnalysisSpec, store: StoreDep, settings: SettingsDep,
+                          idempotency_key: IdemKey = None) -> Response:
+    """Queue an analysis for the GPU workers (202 + Location; the plan follows the costs)."""
+    if spec.time_limit_s is not None and spec.time_limit_s > settings.max_time_limit_s:
+        raise ApiProblem(422, "time-limit-too-long", "Time limit over the cap",
+                         f"time_limit_s={spec.time_limit_s:g} exceeds this server's cap of "
+                         f"{settings.max_time_limit_s:g} s (GEOSHARE_MAX_TIME_LIMIT_S); lower it",
+                         field="time_limit_s", limit=settings.max_time_limit_s)
+    job = await jobs.submit(store, None, settings, "analysis", dumps(spec), idempotency_key)
+    view = AnalysisJob.of(job, None)
+    status = 200 if job.terminal else 202
+    return jobs.json_response(view, status, {"Location": _location(job.id)})
+
+
+@router.post("/claim", response_model=Claim, responses={
+    204: {"description": "Nothing to do; poll again later."}, **PROBLEM_RESPONSES})
+async def claim_analysis(body: ClaimRequest, store: StoreDep, notifier: NotifierDep,
+                         settings: SettingsDep) -> Response:
+    """Take the oldest queued analysis under a lease; 204 when the queue is empty."""
+    lease_s = _lease_s(body.lease_s, settings)
+    job = await run_in_threadpool(store.claim, ("analysis",), body.worker, lease_s)
+    if job is None:
+        return Response(status_code=204)
+    notifier.notify(job.id)
+    assert job.lease_token is not None and job.lease_expires is not None
+    return jobs.json_response(Claim(id=job.id, lease=job.lease_token, lease_s=lease_s, attempt=job.attempts,
+                                    lease_expires=datetime.fromtimestamp(job.lease_expires, tz=timezone.utc),
+                                    spec=AnalysisSpec.model_validate_json(job.request)))
+
+
+@router.post("/{job_id}/heartbeat", response_model=Lease, responses={**_CONFLICT, **PROBLEM_RESPONSES})
+async def heartbeat_analysis(job_id: JobId, lease: LeaseToken, store: StoreDep, settings: SettingsDep,
+                             lease_s: LeaseSeconds = None) -> Response:
+    """Extend the lease; 409 tells the worker to stop (cancelled or expired)."""
+    seconds = _lease_s(lease_s, settings)
+    if not await run_in_threadpool(store.renew, job_id, lease, seconds):
+        await _view(store, job_id)  # 404 when the id is unknown
+        raise _lost(job_id)
+    expires = datetime.fromtimestamp(time.time() + seconds, tz=timezone.utc)
+    return jobs.json_response(Lease(id=job_id, lease_expires=expires))
+
+
+@router.post("/{job_id}/complete", response_model=AnalysisJob, responses={**_CONFLICT, **PROBLEM_RESPONSES})
+async def complete_analysis(job_id: JobId, lease: LeaseToken, costs: SharingProblem, store: StoreDep,
+                            runner: RunnerDep, notifier: NotifierDep, settings: SettingsDep) -> Response:
+    """Hand in the measured costs; the plan is solved here with the analysis's ratio."""
+    job, view = await _view(store, job_id)
+    spec = view.spec
+    data = costs.model_dump(mode="json")
+    data["constraints"]["max_params_ratio"] = spec.ratio
+    limit = min(spec.time_limit_s or settings.analysis_time_limit_s, settings.max_time_limit_s)
+    data["options"]["time_limit_s"] = limit
+    plan_problem = SharingProblem.model_validate(data)
+    jobs.check_caps(plan_problem, settings)
+    request = dumps(plan_problem)
+    done = await run_in_threadpool(store.complete_analysis, job_id, lease, dumps(costs), request,
+                                   jobs.request_hash(request))
+    if done is None:
+        raise _lost(job_id)
+    runner.wake()
+    notifier.notify(job_id)
+    _, view = await _view(store, job_id)
+    return jobs.json_response(view)
+
+
+@router.post("/{job_id}/fail", response_model=AnalysisJob, responses={**_CONFLICT, **PROBLEM_RESPONSES})
+async def fail_analysis(job_id: JobId, lease: LeaseToken, body: FailRequest, store: StoreDep,
+                        notifier: NotifierDep, settings: SettingsDep) -> Response:
+    """Report that the analysis failed; with `retry` it goes back to the queue (up to the attempt cap)."""
+    await _view(store, job_id)
+    err = problem(422, "analysis-failed", "The analysis failed on the worker", body.error)
+    done = await run_in_threadpool(store.fail_analysis, job_id, lease, err, body.retry, settings.max_attempts)
+    if done is None:
+        raise _lost(job_id)
+    notifier.notify(job_id)
+    _, view = await _view(store, job_id)
+    return jobs.json_response(view)
+
+
+@router.get("/{job_id}", response_model=AnalysisJob, responses=PROBLEM_RESPONSES)
+async def get_analysis(job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep,
+                       wait: Wait = 0.0) -> Response:
+    """State, the costs once a worker sent them, and the plan once solved (long-polls with `wait`)."""
+    job, view = await _view(store, job_id)
+    wait = min(wait, settings.max_wait_s)
+    if wait > 0 and not job.terminal:
+        await jobs.wait_for(store, notifier, job_id, wait, settings.poll_s)
+        job, view = await _view(store, job_id)
+    return jobs.json_response(view)
+
+
+@router.delete("/{job_id}", response_model=AnalysisJob, responses={
+    409: {"description": "Already finished", "content": {PROBLEM_JSON: {}}}, **PROBLEM_RESPONSES})
+async def cancel_analysis(job_id: JobId, store: StoreDep, runner: RunnerDep, notifier: NotifierDep) -> Response:
+    """Cancel an analysis (and the solve of its plan, if running); its worker's next heartbeat gets 409."""
+    job, _ = await _view(store, job_id)
+    if job.state in ("succeeded", "failed"):
+        raise ApiProblem(409, "already-finished", "Conflict",
+                         f"analysis {job_id} already {job.state}; there is nothing to cancel", id=job_id)
+    job = await run_in_threadpool(store.cancel, job_id)
+    assert job is not None
+    if job.child_id:
+        runner.cancel(job.child_id)
+        notifier.notify(job.child_id)
+    notifier.notify(job_id)
+    _, view = await _view(store, job_id)
+    return jobs.json_response(view)

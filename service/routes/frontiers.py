@@ -1,0 +1,67 @@
+"""/v1/frontiers: the whole compression-vs-cost frontier of a problem, as a job like a plan."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import jobs
+from service.db import Job
+from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
+from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
+from service.models import FrontierJob, dumps
+from service.problems import ApiProblem
+from service.routes.plans import IdemKey, JobId, Wait
+from solver import SharingProblem
+
+router = APIRouter(prefix="/v1/frontiers", tags=["frontiers"], dependencies=Auth)
+
+
+def _location(job_id: str) -> str:
+    return f"/v1/frontiers/{job_id}"
+
+
+async def _get(store: StoreDep, job_id: str) -> Job:
+    job = await run_in_threadpool(store.get, job_id, ("frontier",))
+    if job is None:
+        raise jobs.not_found("frontier", job_id)
+    return job
+
+
+@router.post("", response_model=FrontierJob, responses={
+    202: {"model": FrontierJob, "description": "Queued or running; poll the Location."}, **PROBLEM_RESPONSES})
+async def create_frontier(problem: SharingProblem, store: StoreDep, runner: RunnerDep, notifier: NotifierDep,
+                          settings: SettingsDep, wait: Wait = 0.0, idempotency_key: IdemKey = None) -> Response:
+    """Queue a frontier; answer 200 with it if it finishes within `wait` seconds, else 202."""
+    jobs.check_caps(problem, settings)
+    job = await jobs.submit(store, runner, settings, "frontier", dumps(problem), idempotency_key)
+    wait = min(wait, settings.max_wait_s)
+    if wait > 0 and not job.terminal:
+        job = await jobs.wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    return jobs.answer(job, FrontierJob.of(job), _location(job.id), failed_as_problem=True)
+
+
+@router.get("/{job_id}", response_model=FrontierJob, responses=PROBLEM_RESPONSES)
+async def get_frontier(job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep,
+                       wait: Wait = 0.0) -> Response:
+    """The job's state, and its frontier or problem document when finished."""
+    job = await _get(store, job_id)
+    wait = min(wait, settings.max_wait_s)
+    if wait > 0 and not job.terminal:
+        job = await jobs.wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    return jobs.json_response(FrontierJob.of(job))
+
+
+@router.delete("/{job_id}", response_model=FrontierJob, responses={
+    409: {"description": "Already finished", "content": {PROBLEM_JSON: {}}}, **PROBLEM_RESPONSES})
+async def cancel_frontier(job_id: JobId, store: StoreDep, runner: RunnerDep, notifier: NotifierDep) -> Response:
+    """Cancel a queued or running frontier job."""
+    job = await _get(store, job_id)
+    if job.state in ("succeeded", "failed"):
+        raise ApiProblem(409, "already-finished", "Conflict",
+                         f"frontier job {job_id} already {job.state}; there is nothing to cancel", id=job_id)
+    job = await run_in_threadpool(store.cancel, job_id)
+    assert job is not None
+    runner.cancel(job_id)
+    notifier.notify(job_id)
+    return jobs.json_response(FrontierJob.of(job))

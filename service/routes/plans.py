@@ -1,0 +1,125 @@
+"""/v1/plans: solve a SharingProblem; answer in the request when quick, else a job to poll."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service import jobs
+from service.db import TERMINAL, Job
+from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
+from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
+from service.models import PlanJob, dumps
+from service.problems import ApiProblem
+from solver import SharingPlan, SharingProblem
+
+router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=Auth)
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="Job id from the POST's Location.")]
+Wait = Annotated[float, Query(ge=0, le=3600, description="Seconds to wait for the result in this request "
+                                                          "(capped by the server's GEOSHARE_MAX_WAIT_S).")]
+IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
+                                       description="Retries with the same key return the same job.")]
+
+
+def _location(job_id: str) -> str:
+    return f"/v1/plans/{job_id}"
+
+
+async def _get(store: StoreDep, job_id: str) -> Job:
+    job = await run_in_threadpool(store.get, job_id, ("plan",))
+    if job is None:
+        raise jobs.not_found("plan", job_id)
+    return job
+
+
+@router.post("", response_model=PlanJob, responses={
+    202: {"model": PlanJob, "description": "Queued or running; poll the Location."}, **PROBLEM_RESPONSES})
+async def create_plan(problem: SharingProblem, store: StoreDep, runner: RunnerDep, notifier: NotifierDep,
+                      settings: SettingsDep, wait: Wait = 0.0, idempotency_key: IdemKey = None) -> Response:
+    """Queue a solve; answer 200 with the plan if it finishes within `wait` seconds, else 202."""
+    jobs.check_caps(problem, settings)
+    job = await jobs.submit(store, runner, settings, "plan", dumps(problem), idempotency_key)
+    wait = min(wait, settings.max_wait_s)
+    if wait > 0 and not job.terminal:
+        job = await jobs.wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    return jobs.answer(job, PlanJob.of(job), _location(job.id), failed_as_problem=True)
+
+
+@router.get("/{job_id}", response_model=PlanJob, responses=PROBLEM_RESPONSES)
+async def get_plan(job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep,
+                   wait: Wait = 0.0) -> Response:
+    """The job's state, and its plan or problem document when finished (long-polls with `wait`)."""
+    job = await _get(store, job_id)
+    wait = min(wait, settings.max_wait_s)
+    if wait > 0 and not job.terminal:
+        job = await jobs.wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    return jobs.json_response(PlanJob.of(job))
+
+
+@router.delete("/{job_id}", response_model=PlanJob, responses={
+    409: {"description": "Already finished", "content": {PROBLEM_JSON: {}}}, **PROBLEM_RESPONSES})
+async def cancel_plan(job_id: JobId, store: StoreDep, runner: RunnerDep, notifier: NotifierDep) -> Response:
+    """Cancel a queued or running solve (its process is killed at once)."""
+    job = await _get(store, job_id)
+    if job.state in ("succeeded", "failed"):
+        raise ApiProblem(409, "already-finished", "Conflict",
+                         f"plan job {job_id} already {job.state}; there is nothing to cancel", id=job_id)
+    job = await run_in_threadpool(store.cancel, job_id)
+    assert job is not None
+    runner.cancel(job_id)
+    notifier.notify(job_id)
+    return jobs.json_response(PlanJob.of(job))
+
+
+def _sse(event: str, data: dict, seq: int) -> str:
+    return f"id: {seq}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _summary(plan: SharingPlan) -> dict:
+    return {"status": plan.status.value, "objective": plan.objective, "bound": plan.bound, "gap": plan.gap,
+            "params": plan.params.model_dump() if plan.params else None}
+
+
+async def _events(store: StoreDep, notifier: NotifierDep, job_id: str, keepalive_s: float) -> AsyncIterator[str]:
+    seq = 0
+    last = None
+    with notifier.subscribe(job_id) as ev:
+        while True:
+            job = await run_in_threadpool(store.get, job_id)
+            if job is None:
+                return
+            if job.state != last:
+                last = job.state
+                seq += 1
+                yield _sse("state", {"id": job_id, "state": job.state}, seq)
+            if job.state in TERMINAL:
+                seq += 1
+                if job.result:
+                    yield _sse("result", _summary(SharingPlan.model_validate_json(job.result)), seq)
+                elif job.error:
+                    yield _sse("error", job.error_doc() or {}, seq)
+                return
+            try:
+                await asyncio.wait_for(ev.wait(), timeout=keepalive_s)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+            ev.clear()
+
+
+@router.get("/{job_id}/events", responses={
+    200: {"description": "Server-sent events: `state` on every change, then `result` (status, objective, "
+                         "bound, gap) or `error`; the stream ends when the job does.",
+          "content": {"text/event-stream": {}}}, **PROBLEM_RESPONSES})
+async def plan_events(job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep) -> StreamingResponse:
+    """Follow a job live instead of polling."""
+    await _get(store, job_id)
+    return StreamingResponse(_events(store, notifier, job_id, max(settings.poll_s, 1.0) * 5),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,68 @@
+"""The service's settings: environment variables with the GEOSHARE_ prefix, read only here."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_concurrency() -> int:
+    # half the cores: each solve may use CP-SAT threads of its own
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class Settings(BaseSettings):
+    """Everything the API server can be told; one object, handed to ``create_app``."""
+
+    model_config = SettingsConfigDict(env_prefix="GEOSHARE_", extra="ignore")
+
+    db_url: str = Field("sqlite:///geoshare.db", description="SQLAlchemy URL (SQLite file or Postgres).")
+    api_key: SecretStr | None = Field(None, description="When set, /v1 needs 'Authorization: Bearer <key>'.")
+    max_time_limit_s: float = Field(60.0, gt=0, description="Largest options.time_limit_s accepted.")
+    max_layers: int = Field(512, gt=0, description="Largest number of layers in a problem.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest request body.")
+    max_queue: int = Field(256, gt=0, description="Queued solves beyond which new ones get 429.")
+    concurrency: int = Field(default_factory=_default_concurrency, gt=0, le=256,
+                             description="Solver processes running at once.")
+    solver_workers: int | None = Field(None, gt=0, le=64,
+                                       description="CP-SAT threads per solve (default: cores / concurrency).")
+    max_wait_s: float = Field(60.0, ge=0, description="Cap on how long a request may wait for its result.")
+    lease_s: float = Field(60.0, gt=0, description="Default analysis lease; workers heartbeat within it.")
+    max_lease_s: float = Field(600.0, gt=0)
+    solve_lease_s: float = Field(30.0, gt=0, description="Lease a replica holds on a running solve.")
+    max_attempts: int = Field(3, gt=0, description="Claims of one analysis before it fails for good.")
+    analysis_time_limit_s: float = Field(30.0, gt=0, description="Time limit of the solve after an analysis.")
+    requeue_on_start: bool = Field(True, description="Re-queue running solves at start (one replica).")
+    retry_after_s: int = Field(5, gt=0, description="Retry-After sent with 429.")
+    poll_s: float = Field(1.0, gt=0, description="How often idle runners and the lease reaper look.")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # compose passes GEOSHARE_API_KEY="" when the operator set none: that means no key
+        return None if value == "" else value
+
+    def cpu_workers(self) -> int:
+        """CP-SAT threads for one solve, so that all running solves share the cores."""
+        if self.solver_workers is not None:
+            return self.solver_workers
+        return max(1, (os.cpu_count() or 1) // self.concurrency)
+
+
+class WorkerSettings(BaseSettings):
+    """Settings of ``geoshare worker`` (the GPU analysis worker); flags override them."""
+
+    model_config = SettingsConfigDict(env_prefix="GEOSHARE_", extra="ignore")
+
+    api: AnyHttpUrl | None = Field(None, description="Base URL of the API, e.g. http://api:8000.")
+    api_key: SecretStr | None = None
+    worker_id: str | None = None
+    poll_s: float = Field(2.0, gt=0)
+    lease_s: float = Field(120.0, gt=0)
+
+    @field_validator("api_key", "api", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value

@@ -1,0 +1,116 @@
+"""The GPU worker loop: claim an analysis, heartbeat while it runs, hand in the costs.
+
+The analysis function is injected (tests use a tiny one); the default runs
+``hessian_worker.analyze``, imported only when the first job arrives, so the loop needs no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import httpx
+
+from service.client import ApiError, GeoShareClient
+from service.models import AnalysisSpec
+from solver import SharingProblem
+
+log = logging.getLogger("geoshare.worker")
+
+AnalyzeFn = Callable[[AnalysisSpec], SharingProblem]
+
+
+def default_analyze(spec: AnalysisSpec, device: str = "auto") -> SharingProblem:
+    """Runs the analysis on this machine with hessian_worker (torch is imported here)."""
+    from hessian_worker import AnalyzeConfig, analyze
+    from hessian_worker.data import DEFAULT_SENTENCES
+
+    config = AnalyzeConfig(backend=spec.backend.value, kind=spec.kind, samples=spec.samples, seed=spec.seed,
+                           max_params_ratio=spec.ratio, device=device, progress=False)
+    data: Any = spec.data if spec.data is not None else DEFAULT_SENTENCES
+    return analyze(spec.model, data, config)
+
+
+def process(client: GeoShareClient, claim: dict[str, Any], analyze_fn: AnalyzeFn, lease_s: float) -> bool:
+    """Run one claimed job to the end; True when its costs were accepted."""
+    job_id, lease = claim["id"], claim["lease"]
+    lease_s = float(claim.get("lease_s") or lease_s)
+    stop, lost = threading.Event(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                if not client.heartbeat(job_id, lease, lease_s):
+                    log.warning("lease of %s lost (cancelled or expired)", job_id)
+                    lost.set()
+                    return
+            except (httpx.HTTPError, ApiError):
+                log.exception("heartbeat of %s failed; trying again", job_id)
+
+    beater = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
+    beater.start()
+    try:
+        problem = analyze_fn(AnalysisSpec.model_validate(claim["spec"]))
+    except Exception as exc:  # report every failure to the API; the worker keeps serving
+        log.exception("analysis %s failed", job_id)
+        if not lost.is_set():
+            _report_failure(client, job_id, lease, exc)
+        return False
+    finally:
+        stop.set()
+        beater.join()
+    if lost.is_set():
+        return False
+    try:
+        client.complete(job_id, lease, problem)
+    except ApiError as exc:
+        log.error("the API refused the costs of %s: %s", job_id, exc)
+        if exc.status != 409:
+            _report_failure(client, job_id, lease, exc)
+        return False
+    return True
+
+
+def _report_failure(client: GeoShareClient, job_id: str, lease: str, exc: BaseException) -> None:
+    retry = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+    try:
+        client.fail(job_id, lease, f"{type(exc).__name__}: {exc}", retry=retry)
+    except (httpx.HTTPError, ApiError):
+        log.exception("could not report the failure of %s", job_id)
+
+
+def run_worker(api: str, *, api_key: str | None = None, worker_id: str | None = None, poll_s: float = 2.0,
+               lease_s: float = 120.0, max_jobs: int | None = None, device: str = "auto",
+               analyze_fn: AnalyzeFn | None = None, stop: threading.Event | None = None,
+               client: GeoShareClient | None = None) -> int:
+    """Serve analysis jobs until ``stop`` is set or ``max_jobs`` were taken; the number taken."""
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    analyze_fn = analyze_fn or partial(default_analyze, device=device)
+    stop = stop or threading.Event()
+    own = client is None
+    client = client or GeoShareClient(api, api_key=api_key)
+    taken = 0
+    try:
+        while not stop.is_set() and (max_jobs is None or taken < max_jobs):
+            try:
+                claim = client.claim(worker_id, lease_s)
+            except (httpx.HTTPError, ApiError) as exc:
+                log.warning("claim failed (%s); retrying in %.1f s", exc, poll_s)
+                stop.wait(poll_s)
+                continue
+            if claim is None:
+                stop.wait(poll_s)
+                continue
+            taken += 1
+            log.info("claimed analysis %s (%s)", claim["id"], claim["spec"].get("model"))
+            ok = process(client, claim, analyze_fn, lease_s)
+            log.info("analysis %s %s", claim["id"], "handed in" if ok else "not completed")
+    finally:
+        if own:
+            client.close()
+    return taken

@@ -1,0 +1,49 @@
+"""Fixtures: a real server on loopback (one per session), a client for it, problem builders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from svc_cases import Server, small_problem
+
+
+@pytest.fixture
+def make_problem() -> Callable:
+    """Factory of small random problems (see svc_cases.small_problem)."""
+    return small_problem
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Starts servers on a temp SQLite file; every one is stopped at the end of the test."""
+    started: list[Server] = []
+
+    def start(db: Path | None = None, **env: str) -> Server:
+        server = Server(db=db or tmp_path / "jobs.db", env={k: str(v) for k, v in env.items()})
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the session (starting one costs seconds), with small caps to hit cheaply."""
+    db = tmp_path_factory.mktemp("svc") / "jobs.db"
+    srv = Server(db=db, env={"GEOSHARE_CONCURRENCY": "2", "GEOSHARE_MAX_LAYERS": "64",
+                             "GEOSHARE_MAX_BODY_BYTES": "200000", "GEOSHARE_MAX_TIME_LIMIT_S": "30",
+                             "GEOSHARE_MAX_WAIT_S": "30", "GEOSHARE_SOLVER_WORKERS": "1"})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60.0) as c:
+        yield c
