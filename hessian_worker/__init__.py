@@ -1,0 +1,79 @@
+"""Curvature worker: discover shareable layers, predict sharing costs, apply plans.
+
+    from hessian_worker import analyze, AnalyzeConfig, apply_plan, save_shared
+    problem = analyze(model, "calib.txt", AnalyzeConfig(backend="projected", rank=16))
+
+Names are imported lazily (PEP 562) so that ``hessian_worker.cli``, which the solver's CLI
+imports, does not pull in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AnalyzeConfig": "hessian_worker.config",
+    "Backend": "hessian_worker.config",
+    "analyze": "hessian_worker.analysis",
+    "predict_plan_loss": "hessian_worker.analysis",
+    "apply_plan": "hessian_worker.apply",
+    "ApplyReport": "hessian_worker.apply",
+    "unique_params": "hessian_worker.apply",
+    "save_shared": "hessian_worker.io",
+    "load_shared": "hessian_worker.io",
+    "measure_loss": "hessian_worker.measure",
+    "measure_plans": "hessian_worker.measure",
+    "Merge": "hessian_worker.merge",
+    "LayerInfo": "hessian_worker.discovery",
+    "Matcher": "hessian_worker.discovery",
+    "discover_layers": "hessian_worker.discovery",
+    "load_calibration": "hessian_worker.data",
+    "Calibration": "hessian_worker.data",
+    "load_model": "hessian_worker.models",
+}
+
+__all__ = [
+    "AnalyzeConfig",
+    "ApplyReport",
+    "Backend",
+    "Calibration",
+    "LayerInfo",
+    "Matcher",
+    "Merge",
+    "analyze",
+    "apply_plan",
+    "discover_layers",
+    "load_calibration",
+    "load_model",
+    "load_shared",
+    "measure_loss",
+    "measure_plans",
+    "predict_plan_loss",
+    "save_shared",
+    "unique_params",
+]
+
+if TYPE_CHECKING:
+    from hessian_worker.analysis import analyze, predict_plan_loss
+    from hessian_worker.apply import ApplyReport, apply_plan, unique_params
+    from hessian_worker.config import AnalyzeConfig, Backend
+    from hessian_worker.data import Calibration, load_calibration
+    from hessian_worker.discovery import LayerInfo, Matcher, discover_layers
+    from hessian_worker.io import load_shared, save_shared
+    from hessian_worker.measure import measure_loss, measure_plans
+    from hessian_worker.merge import Merge
+    from hessian_worker.models import load_model
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hessian_worker' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,185 @@
+"""analyze(model, data, config) -> SharingProblem, and exact re-scoring of a finished plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hessian_worker.config import AnalyzeConfig, Backend
+from hessian_worker.costs import Predict, cost_matrix
+from hessian_worker.curvature.base import Curvature
+from hessian_worker.curvature.diagonal import DiagonalCurvature, estimate_diagonal
+from hessian_worker.curvature.exact import ExactCurvature
+from hessian_worker.curvature.functional import gradient
+from hessian_worker.curvature.layerwise import LayerwiseCurvature
+from hessian_worker.curvature.projected import ProjectedCurvature
+from hessian_worker.data import Calibration, DataSource, load_calibration
+from hessian_worker.discovery import LayerInfo, discover_layers
+from hessian_worker.losses import TaskLoss
+from hessian_worker.merge import Merge, merge_weights, plan_groups
+from hessian_worker.models import load_model
+from hessian_worker.objective import Objective
+from solver.schema import Constraints, Costs, Layer, Options, SharingPlan, SharingProblem
+
+
+@dataclass
+class Prepared:
+    """A model on the config's device and dtype, with its calibration batches there too."""
+
+    model: nn.Module
+    data: Calibration
+    tokenizer: Any | None
+
+
+def prepare(model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *,
+            tokenizer: Any | None = None) -> Prepared:
+    """Loads a spec if given, moves the model (in place) to the device and dtype, reads the data."""
+    if isinstance(model, str):
+        loaded = load_model(model)
+        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    device, dtype = config.torch_device(), config.dtype.torch
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size,
+                             seed=config.seed, max_length=config.max_length)
+    return Prepared(model, calib.to(device, dtype), tokenizer)
+
+
+def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
+    """The configured backend over the objective's names."""
+    gen = config.generator()
+    if config.backend is Backend.exact:
+        return ExactCurvature(obj, config.curvature, chunk=config.chunk)
+    if config.backend is Backend.projected:
+        return ProjectedCurvature(obj, rank=config.rank, generator=gen, kind=config.curvature,
+                                  iters=config.lanczos_iters, probes=config.probes,
+                                  memory_limit_gb=config.memory_limit_gb, chunk=config.chunk,
+                                  progress=config.progress)
+    if config.backend is Backend.diagonal:
+        return DiagonalCurvature(estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
+                                                   generator=gen, kind=config.curvature,
+                                                   progress=config.progress))
+    return LayerwiseCurvature.collect(obj.model, obj.data, obj.names, progress=config.progress)
+
+
+def make_predict(obj: Objective, curvature: Curvature) -> Predict:
+    """δ -> gᵀδ + ½δᵀHδ (g = 0 under self-distillation, so it is skipped there)."""
+    grads = None if obj.is_distill else gradient(obj, obj.names)
+
+    def predict(deltas: Mapping[str, Tensor]) -> Tensor:
+        value = 0.5 * curvature.quad(deltas)
+        if grads is not None:
+            for name, d in deltas.items():
+                value = value + (d * grads[name]).reshape(d.shape[0], -1).sum(dim=1)
+        return value
+
+    return predict
+
+
+def to_problem(layers: Sequence[LayerInfo], matrix: list[list[float | None]], config: AnalyzeConfig) -> SharingProblem:
+    return SharingProblem(
+        layers=[Layer(name=x.name, family=x.family, params=x.params, index=x.index) for x in layers],
+        costs=Costs(kind=config.kind, matrix=matrix),
+        constraints=Constraints(max_params_ratio=config.max_params_ratio),
+        options=Options(seed=config.seed),
+    )
+
+
+def analyze(
+    model: nn.Module | str,
+    data: DataSource,
+    config: AnalyzeConfig | None = None,
+    *,
+    tokenizer: Any | None = None,
+    loss_fn: TaskLoss | None = None,
+) -> SharingProblem:
+    """Discovers shareable families and predicts the loss change of sharing each same-family pair.
+
+    Args:
+        model: an nn.Module (moved in place to the config's device and dtype; weights untouched) or
+            a model spec (``minilm``, a Hugging Face directory, ``module:factory``).
+        data: calibration data (see ``load_calibration``).
+        config: backend, cost kind, selection, sampling; defaults to ``AnalyzeConfig()``.
+        tokenizer: for text data when ``model`` is a module.
+        loss_fn: a task loss (output, batch) -> scalar instead of self-distillation.
+
+    Raises:
+        DiscoveryError, DataError, MemoryBudgetError, BackendError: with the fix in the message.
+    """
+    config = config or AnalyzeConfig()
+    prep = prepare(model, data, config, tokenizer=tokenizer)
+    with torch.no_grad():  # torch.func transforms differentiate anyway; no stray autograd graphs
+        return _analyze(prep, config, loss_fn)
+
+
+def _analyze(prep: Prepared, config: AnalyzeConfig, loss_fn: TaskLoss | None) -> SharingProblem:
+    layers = discover_layers(prep.model, config.targets, config.ignore, config.families)
+    names = [x.name for x in layers]
+    obj = Objective(prep.model, prep.data, names, config.distill, loss_fn)
+    predict = make_predict(obj, build_curvature(obj, config))
+    matrix = cost_matrix(layers, obj.params0, predict, config.kind, chunk=config.chunk,
+                         progress=config.progress)
+    return to_problem(layers, matrix, config)
+
+
+def plan_perturbation(params: Mapping[str, Tensor], groups: Sequence[Sequence[str]], merge: Merge,
+                      diag: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """δ_k = W*_S − W_k for every member of every sharing group (one joint perturbation)."""
+    delta = {}
+    for group in plan_groups(groups, params):
+        ws = [params[n] for n in group]
+        fs = [diag[n] for n in group] if diag is not None else None
+        merged = merge_weights(ws, merge, diag=fs)
+        for n, w in zip(group, ws, strict=True):
+            delta[n] = merged - w
+    return delta
+
+
+def predict_plan_loss(
+    model: nn.Module | str,
+    data: DataSource,
+    plan: SharingPlan | Sequence[Sequence[str]],
+    config: AnalyzeConfig | None = None,
+    *,
+    merge: Merge | str = Merge.mean,
+    tokenizer: Any | None = None,
+    loss_fn: TaskLoss | None = None,
+) -> float:
+    """Predicted ΔL of a whole plan: one quadratic form over all classes' real merged perturbations.
+
+    Unlike summing pair costs, this has no over-counting of large classes and includes the
+    curvature between classes. The backend comes from ``config`` (``exact`` by default).
+    """
+    config = config or AnalyzeConfig()
+    merge = Merge(merge)
+    groups = plan.groups if isinstance(plan, SharingPlan) else plan
+    prep = prepare(model, data, config, tokenizer=tokenizer)
+    with torch.no_grad():
+        return _predict_plan(prep, groups, config, merge, loss_fn)
+
+
+def _predict_plan(prep: Prepared, groups: Sequence[Sequence[str]], config: AnalyzeConfig, merge: Merge,
+                  loss_fn: TaskLoss | None) -> float:
+    params = {n: p.detach() for n, p in prep.model.named_parameters()}
+    shared = [n for g in plan_groups(groups, params) for n in g]
+    if not shared:
+        return 0.0
+    obj = Objective(prep.model, prep.data, shared, config.distill, loss_fn)
+    diag = None
+    if merge is Merge.curvature:
+        diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
+                                 generator=config.generator(), kind=config.curvature)
+    if merge is Merge.layerwise:
+        lw = LayerwiseCurvature.collect(prep.model, prep.data, shared)
+        delta = {}
+        for group in plan_groups(groups, params):
+            merged = lw.merge(group, params, config.layerwise_damping)
+            delta.update({n: merged - params[n] for n in group})
+    else:
+        delta = plan_perturbation(params, groups, merge, diag)
+    predict = make_predict(obj, build_curvature(obj, config))
+    return float(predict({n: d.unsqueeze(0) for n, d in delta.items()})[0])

@@ -1,0 +1,149 @@
+"""``geoshare analyze`` and ``geoshare apply``.
+
+This module is imported by the solver's CLI, so it must not import torch at import time: every
+heavy import happens inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("exact", "projected", "diagonal", "layerwise")
+MERGES = ("mean", "representative", "curvature", "layerwise")
+
+
+def add_commands(subparsers: Any) -> None:
+    """Adds the ``analyze`` and ``apply`` subcommands to an argparse subparsers object."""
+    a = subparsers.add_parser("analyze", help="model + calibration data -> SharingProblem JSON")
+    _common(a)
+    a.add_argument("--backend", choices=BACKENDS, default="exact")
+    a.add_argument("--kind", choices=("pairwise", "assignment"), default="pairwise")
+    a.add_argument("--curvature", choices=("ggn", "hessian"), default="ggn")
+    a.add_argument("--ratio", type=float, default=None, help="constraints.max_params_ratio")
+    a.add_argument("--rank", type=int, default=16, help="projected: eigenpairs kept")
+    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes")
+    a.add_argument("--memory-limit-gb", type=float, default=4.0)
+    a.add_argument("--targets", action="append", default=None, help="name or re:regex (repeatable)")
+    a.add_argument("--ignore", action="append", default=[], help="name or re:regex (repeatable)")
+    a.add_argument("-o", "--output", required=True, help="where to write the problem JSON")
+    a.set_defaults(func=_run_analyze)
+
+    p = subparsers.add_parser("apply", help="tie a plan into the model, save it, report the loss change")
+    _common(p)
+    p.add_argument("--plan", required=True, help="SharingPlan JSON")
+    p.add_argument("--out", required=True, help="directory for model.safetensors + plan.json")
+    p.add_argument("--merge", choices=MERGES, default="mean")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="samples kept for the measured loss (default: half of them)")
+    p.set_defaults(func=_run_apply)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="minilm | HF directory | module:factory")
+    parser.add_argument("--data", default=None, help="text file (one sample a line) or torch.save'd tensor(s)")
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _data_source(args: argparse.Namespace, tokenizer: Any) -> Any:
+    from hessian_worker.data import DEFAULT_SENTENCES
+
+    if args.data is not None:
+        return args.data
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer; pass --data with a torch.save'd tensor file")
+    return DEFAULT_SENTENCES
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from solver.errors import GeoShareError
+
+    try:
+        from hessian_worker import AnalyzeConfig, analyze
+        from hessian_worker.models import load_model
+
+        config = AnalyzeConfig(
+            backend=args.backend, kind=args.kind, curvature=args.curvature, samples=args.samples,
+            batch_size=args.batch_size, seed=args.seed, max_params_ratio=args.ratio, rank=args.rank,
+            probes=args.probes, memory_limit_gb=args.memory_limit_gb, targets=args.targets,
+            ignore=args.ignore, device=args.device, dtype=args.dtype, progress=not args.quiet,
+        )
+        loaded = load_model(args.model)
+        problem = analyze(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
+    except (GeoShareError, ValueError) as exc:
+        return _fail(str(exc))
+    Path(args.output).write_text(problem.model_dump_json(indent=2), encoding="utf-8")
+    print(json.dumps({"output": args.output, "layers": len(problem.layers),
+                      "families": len({x.family for x in problem.layers})}))
+    return 0
+
+
+def _run_apply(args: argparse.Namespace) -> int:
+    import copy
+
+    from solver.errors import GeoShareError
+    from solver.schema import SharingPlan
+
+    try:
+        from hessian_worker import AnalyzeConfig, predict_plan_loss
+        from hessian_worker.apply import apply_plan
+        from hessian_worker.data import load_calibration
+        from hessian_worker.io import save_shared
+        from hessian_worker.measure import measure_loss
+        from hessian_worker.models import load_model
+
+        plan = SharingPlan.model_validate_json(Path(args.plan).read_text(encoding="utf-8"))
+        config = AnalyzeConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+                               device=args.device, dtype=args.dtype, progress=not args.quiet)
+        loaded = load_model(args.model)
+        model = loaded.model
+        predicted = measured = None
+        fit = held = None
+        if args.data is not None or loaded.tokenizer is not None:
+            calib = load_calibration(_data_source(args, loaded.tokenizer), tokenizer=loaded.tokenizer,
+                                     samples=args.samples, batch_size=args.batch_size, seed=args.seed)
+            n = calib.num_samples
+            if n >= 2:
+                fit, held = calib.split(args.holdout or n // 2, seed=args.seed, batch_size=args.batch_size)
+            else:
+                fit = held = calib
+        if fit is not None:
+            predicted = predict_plan_loss(model, fit, plan, config, merge=args.merge)
+        elif args.merge in ("curvature", "layerwise"):
+            raise ValueError(f"--merge {args.merge} needs --data")
+        reference = copy.deepcopy(model)
+        report = apply_plan(model, plan, args.merge, data=fit, config=config)
+        if held is not None:
+            measured = measure_loss(model, reference, held, config)
+        save_shared(model, plan, args.out)
+    except (GeoShareError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    out = report.model_dump(mode="json")
+    out.update({"predicted_loss_change": predicted, "measured_loss_change": measured, "out": args.out})
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (the product wires these commands into ``geoshare``)."""
+    parser = argparse.ArgumentParser(prog="geoshare-worker")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

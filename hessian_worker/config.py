@@ -1,0 +1,78 @@
+"""AnalyzeConfig: one pydantic config for analysis, plan re-scoring and measurement."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hessian_worker.curvature.base import CurvatureKind
+from hessian_worker.curvature.diagonal import DiagonalMethod
+from hessian_worker.losses import DistillLoss
+from solver.schema import CostKind
+
+
+class Backend(str, Enum):
+    exact = "exact"
+    projected = "projected"
+    diagonal = "diagonal"
+    layerwise = "layerwise"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return torch.float64 if self is DType.float64 else torch.float32
+
+
+class AnalyzeConfig(BaseModel):
+    """How to turn a model and calibration data into a SharingProblem.
+
+    Layer selection: ``targets`` (default: every 2-D weight of repeated blocks), ``ignore``, and
+    ``families`` ({pattern: family}); patterns are full names, module prefixes, or ``re:`` regexes.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Backend = Backend.exact
+    kind: CostKind = CostKind.pairwise
+    curvature: CurvatureKind = Field(CurvatureKind.ggn, description="ggn (PSD, forward mode) or hessian")
+    distill: DistillLoss = DistillLoss.auto
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+    families: dict[str, str] | None = None
+    samples: int | None = Field(None, gt=0, description="Calibration samples drawn (seeded); None = all.")
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(128, gt=0, description="Token limit per text sample.")
+    seed: int = Field(0, ge=0)
+    rank: int = Field(16, gt=0, description="projected: eigenpairs kept.")
+    lanczos_iters: int | None = Field(None, gt=0, description="projected: Krylov size (default 2·rank+10).")
+    probes: int = Field(32, gt=0, description="Hutchinson probes (trace, diagonal).")
+    diagonal_method: DiagonalMethod = DiagonalMethod.auto
+    memory_limit_gb: float = Field(4.0, gt=0, description="projected refuses above this estimate.")
+    chunk: int = Field(8, gt=0, description="Directions per vmap call (1 = plain loop).")
+    max_params_ratio: float | None = Field(None, gt=0, le=1)
+    layerwise_damping: float = Field(
+        0.01, ge=0, description="layerwise merge: ridge as a share of mean diag(G) (GPTQ's 1%)")
+    dtype: DType = DType.float32
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> AnalyzeConfig:
+        if self.lanczos_iters is not None and self.lanczos_iters < self.rank:
+            raise ValueError(f"lanczos_iters={self.lanczos_iters} must be >= rank={self.rank}")
+        return self
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def generator(self) -> torch.Generator:
+        """The one seeded source of randomness (CPU, so a seed means the same on every device)."""
+        return torch.Generator().manual_seed(self.seed)

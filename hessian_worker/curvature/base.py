@@ -1,0 +1,65 @@
+"""What every curvature backend provides, and the helpers they share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+Params = dict[str, Tensor]
+
+
+class CurvatureKind(str, Enum):
+    """Which second-order matrix: the Gauss-Newton matrix (PSD) or the full Hessian."""
+
+    ggn = "ggn"
+    hessian = "hessian"
+
+
+class Curvature(Protocol):
+    """A quadratic form over perturbations of the shareable parameters."""
+
+    def quad(self, deltas: Mapping[str, Tensor]) -> Tensor:
+        """δᵀHδ for n directions; ``deltas[name]`` has shape [n, *param.shape]; absent names are 0."""
+        ...
+
+
+def num_directions(deltas: Mapping[str, Tensor]) -> int:
+    return int(next(iter(deltas.values())).shape[0])
+
+
+def map_directions(fn: Callable[[Params], Tensor], deltas: Mapping[str, Tensor], chunk: int) -> Tensor:
+    """Applies a one-direction function to every direction, ``chunk`` at a time under vmap.
+
+    ``chunk=1`` runs a plain loop, for models with operators that have no vmap batching rule.
+    """
+    n = num_directions(deltas)
+    out = []
+    for i in range(0, n, chunk):
+        part = {k: v[i : i + chunk] for k, v in deltas.items()}
+        if chunk == 1:
+            out.append(fn({k: v[0] for k, v in part.items()}).reshape(1))
+        else:
+            out.append(vmap(fn)(part))
+    return torch.cat(out)
+
+
+def flat_dim(shapes: Mapping[str, torch.Size]) -> int:
+    return sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+
+def flatten(params: Mapping[str, Tensor], names: list[str]) -> Tensor:
+    return torch.cat([params[n].reshape(-1) for n in names])
+
+
+def unflatten(vec: Tensor, shapes: Mapping[str, torch.Size]) -> Params:
+    out, i = {}, 0
+    for name, shape in shapes.items():
+        size = int(torch.Size(shape).numel())
+        out[name] = vec[i : i + size].reshape(shape)
+        i += size
+    return out

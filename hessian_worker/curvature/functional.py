@@ -1,0 +1,94 @@
+"""Pure-function factories: quadratic forms and Hessian-vector products of an Objective.
+
+GGN forms use forward mode only: v = Jδ by one JVP, then vᵀ H_out v with H_out the Hessian of the
+output loss (a second JVP of its gradient at the output, exact for any output loss). Full-Hessian
+forms use forward-over-reverse (jvp of grad), which needs double-backward support in the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+
+from hessian_worker.objective import Objective, Params
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((a[n] * b[n]).sum() for n in a)
+
+
+def _output_hvp(obj: Objective, b: int, y: Tensor, v: Tensor) -> Tensor:
+    """H_out v: the output loss's Hessian at y applied to v."""
+    return jvp(grad(lambda z: obj.loss_on_output(z, b)), (y,), (v,))[1]
+
+
+def ggn_quad_form(obj: Objective) -> Callable[[Params], Tensor]:
+    """δ -> δᵀGδ, G = Σ_b w_b J_bᵀ H_out,b J_b. Only the names in δ are differentiated."""
+
+    def quad(delta: Params) -> Tensor:
+        p0 = {n: obj.params0[n] for n in delta}
+        total = torch.zeros((), dtype=next(iter(p0.values())).dtype, device=next(iter(p0.values())).device)
+        for b, w in enumerate(obj.weights):
+            y, jv = jvp(lambda p, b=b: obj.output(p, b), (p0,), (delta,))
+            total = total + w * (jv * _output_hvp(obj, b, y, jv)).sum()
+        return total
+
+    return quad
+
+
+def hessian_quad_form(obj: Objective) -> Callable[[Params], Tensor]:
+    """δ -> δᵀHδ with the full Hessian of the calibration loss (forward-over-reverse)."""
+
+    def quad(delta: Params) -> Tensor:
+        p0 = {n: obj.params0[n] for n in delta}
+        total = torch.zeros((), dtype=next(iter(p0.values())).dtype, device=next(iter(p0.values())).device)
+        for b, w in enumerate(obj.weights):
+            hd = jvp(grad(lambda p, b=b: obj.batch_loss(p, b)), (p0,), (delta,))[1]
+            total = total + w * _dot(hd, delta)
+        return total
+
+    return quad
+
+
+def ggn_hvp(obj: Objective) -> Callable[[Params], Params]:
+    """v -> Gv over the names in v (one JVP, one output HVP, one VJP per batch)."""
+
+    def hvp(v: Params) -> Params:
+        p0 = {n: obj.params0[n] for n in v}
+        out = {n: torch.zeros_like(t) for n, t in v.items()}
+        for b, w in enumerate(obj.weights):
+            def f(p: Params, b: int = b) -> Tensor:
+                return obj.output(p, b)
+
+            y, pull = vjp(f, p0)
+            jv = jvp(f, (p0,), (v,))[1]
+            (g,) = pull(_output_hvp(obj, b, y, jv))
+            for n in out:
+                out[n] = out[n] + w * g[n]
+        return out
+
+    return hvp
+
+
+def hessian_hvp(obj: Objective) -> Callable[[Params], Params]:
+    """v -> Hv with the full Hessian (forward-over-reverse)."""
+
+    def hvp(v: Params) -> Params:
+        p0 = {n: obj.params0[n] for n in v}
+        out = {n: torch.zeros_like(t) for n, t in v.items()}
+        for b, w in enumerate(obj.weights):
+            hv = jvp(grad(lambda p, b=b: obj.batch_loss(p, b)), (p0,), (v,))[1]
+            for n in out:
+                out[n] = out[n] + w * hv[n]
+        return out
+
+    return hvp
+
+
+def gradient(obj: Objective, names: list[str]) -> Params:
+    """∇L at the reference over ``names`` (zero for self-distillation; kept for task losses)."""
+    p0 = {n: obj.params0[n] for n in names}
+    return {n: g.detach() for n, g in grad(obj.loss)(p0).items()}

@@ -1,0 +1,91 @@
+"""save_shared / load_shared: each shared tensor stored once, plus the sharing map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from hessian_worker.apply import tie, unique_params
+from hessian_worker.errors import PlanError
+from hessian_worker.merge import plan_groups
+from solver.schema import SCHEMA_VERSION, SharingPlan
+
+WEIGHTS = "model.safetensors"
+PLAN = "plan.json"
+
+
+def _storage_key(t: Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def save_shared(model: nn.Module, plan: SharingPlan, directory: str | Path) -> Path:
+    """Writes ``directory/model.safetensors`` (every tensor that is the same memory stored ONCE,
+    under its first name) and ``directory/plan.json`` (the plan plus the alias map).
+
+    Returns:
+        the directory.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    canonical: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in state.items():
+        key = _storage_key(t)
+        if key in canonical:
+            aliases[name] = canonical[key]
+            continue
+        canonical[key] = name
+        ptr = t.untyped_storage().data_ptr()
+        # a view that overlaps another stored tensor gets its own copy (safetensors needs that)
+        tensors[name] = t.detach().clone().contiguous() if ptr in storages else t.detach().contiguous()
+        storages.add(ptr)
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "geoshare_version": SCHEMA_VERSION})
+    meta = {
+        "version": SCHEMA_VERSION,
+        "plan": plan.model_dump(mode="json"),
+        "aliases": aliases,
+        "unique_params": unique_params(model),
+    }
+    (out / PLAN).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return out
+
+
+def load_shared(model: nn.Module, directory: str | Path) -> SharingPlan:
+    """Re-ties ``model`` by the saved plan and loads the saved tensors into it (in place).
+
+    ``model`` is a freshly built model of the same architecture.
+
+    Raises:
+        PlanError: the files are missing, or the model's names do not fit the saved ones.
+    """
+    src = Path(directory)
+    if not (src / WEIGHTS).is_file() or not (src / PLAN).is_file():
+        raise PlanError(f"{str(src)!r} needs {WEIGHTS} and {PLAN} (written by save_shared)")
+    meta = json.loads((src / PLAN).read_text(encoding="utf-8"))
+    plan = SharingPlan.model_validate(meta["plan"])
+    aliases: dict[str, str] = meta.get("aliases", {})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    groups = plan_groups(plan.groups, params)
+    tie(model, groups)
+    device = next(model.parameters()).device
+    tensors = load_file(str(src / WEIGHTS), device=str(device))
+    result = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in result.missing_keys if k not in aliases]
+    if missing or result.unexpected_keys:
+        raise PlanError(
+            f"saved tensors do not fit this model: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}; build the same architecture before load_shared"
+        )
+    # aliases outside the plan (the model's own tied weights) must be tied in the fresh model too
+    state = model.state_dict()
+    untied = [a for a, c in aliases.items() if not torch.equal(state[a], state[c])]
+    if untied:
+        raise PlanError(f"these saved aliases are separate tensors in this model: {untied[:5]}")
+    return plan

@@ -1,0 +1,98 @@
+"""measure_loss: the real calibration-loss change of a (shared) model against its reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hessian_worker.analysis import prepare
+from hessian_worker.config import AnalyzeConfig
+from hessian_worker.curvature.diagonal import estimate_diagonal
+from hessian_worker.curvature.layerwise import LayerwiseCurvature
+from hessian_worker.data import DataSource, call_model
+from hessian_worker.losses import TaskLoss, extract_output
+from hessian_worker.merge import Merge, merge_weights, plan_groups
+from hessian_worker.objective import Objective
+from solver.schema import SharingPlan
+
+
+def measure_loss(
+    model: nn.Module,
+    reference: nn.Module,
+    data: DataSource,
+    config: AnalyzeConfig | None = None,
+    *,
+    tokenizer: Any | None = None,
+    loss_fn: TaskLoss | None = None,
+) -> float:
+    """L(model) − L(reference) on ``data`` (use held-out samples): the measured figure beside the
+    predicted one.
+
+    Under self-distillation the reference's loss against itself is 0, so this is the distillation
+    loss of ``model`` against the reference's outputs.
+    """
+    config = config or AnalyzeConfig(progress=False)
+    prep = prepare(reference, data, config, tokenizer=tokenizer)
+    model.to(device=config.torch_device(), dtype=config.dtype.torch)
+    model.eval()
+    ref = Objective(prep.model, prep.data, [], config.distill, loss_fn)
+    total = 0.0
+    with torch.no_grad():
+        for b, (batch, w) in enumerate(zip(prep.data.batches, ref.weights, strict=True)):
+            y = extract_output(call_model(model, batch), batch)[0]
+            change = ref.loss_on_output(y, b)
+            if loss_fn is not None:
+                change = change - ref.loss_on_output(ref.targets[b], b)
+            total += w * float(change)
+    return total
+
+
+def measure_plans(
+    model: nn.Module | str,
+    data: DataSource,
+    plans: Sequence[SharingPlan | Sequence[Sequence[str]]],
+    config: AnalyzeConfig | None = None,
+    *,
+    merge: Merge | str = Merge.mean,
+    tokenizer: Any | None = None,
+    loss_fn: TaskLoss | None = None,
+) -> list[float]:
+    """Real calibration-loss change of each candidate plan, without touching the model.
+
+    Each plan's merged weights are substituted with ``functional_call``, so one model and one set
+    of reference outputs serve every candidate: this is how the pipeline picks among the solver's
+    diverse good plans by a real forward pass (DESIGN.md). Curvature weights for ``merge=curvature``
+    are measured once over the union of the plans' layers.
+    """
+    config = config or AnalyzeConfig(progress=False)
+    merge = Merge(merge)
+    prep = prepare(model, data, config, tokenizer=tokenizer)
+    params = {n: p.detach() for n, p in prep.model.named_parameters()}
+    all_groups = [plan.groups if isinstance(plan, SharingPlan) else plan for plan in plans]
+    union = sorted({n for groups in all_groups for g in plan_groups(groups, params) for n in g})
+    obj = Objective(prep.model, prep.data, union, config.distill, loss_fn)
+    out = []
+    with torch.no_grad():
+        diag = None
+        if merge is Merge.curvature and union:
+            diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
+                                     generator=config.generator(), kind=config.curvature)
+        layerwise = None
+        if merge is Merge.layerwise and union:
+            layerwise = LayerwiseCurvature.collect(prep.model, prep.data, union)
+        base = float(obj.loss({})) if loss_fn is not None else 0.0
+        for groups in tqdm(all_groups, desc="plans", disable=not config.progress, leave=False):
+            merged: dict[str, Tensor] = {}
+            for group in plan_groups(groups, params):
+                if layerwise is not None:
+                    value = layerwise.merge(group, params, config.layerwise_damping)
+                else:
+                    value = merge_weights([params[n] for n in group], merge,
+                                          diag=[diag[n] for n in group] if diag is not None else None)
+                merged.update(dict.fromkeys(group, value))
+            out.append(float(obj.loss(merged)) - base)
+    return out

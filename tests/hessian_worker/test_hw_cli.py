@@ -1,0 +1,50 @@
+"""The analyze/apply subcommands, end to end on the tiny MLP, and the no-torch import rule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from hessian_worker.cli import main
+from solver.schema import SharingPlan, SharingProblem
+
+
+def test_cli_module_does_not_import_torch() -> None:
+    code = "import sys, argparse, hessian_worker.cli as c; p = argparse.ArgumentParser(); " \
+           "c.add_commands(p.add_subparsers()); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_analyze_then_apply(tmp_path, capsys) -> None:
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(12, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), data)
+    problem_path = tmp_path / "problem.json"
+    common = ["--model", "hw_cases:factory", "--data", str(data), "--dtype", "float64", "--device", "cpu", "--quiet"]
+    rc = main(["analyze", *common, "--ratio", "0.7", "--samples", "8", "-o", str(problem_path)])
+    assert rc == 0
+    problem = SharingProblem.model_validate_json(problem_path.read_text())
+    assert len(problem.layers) == 3 and problem.constraints.max_params_ratio == 0.7
+    capsys.readouterr()
+
+    names = [x.name for x in problem.layers]
+    plan = SharingPlan(status="feasible", coloring={names[0]: 0, names[1]: 0, names[2]: 1},
+                       groups=[[names[0], names[1]], [names[2]]],
+                       solver={"method": "test", "time_s": 0.0, "ortools": "none", "seed": 0})
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(plan.model_dump_json())
+    rc = main(["apply", *common, "--plan", str(plan_path), "--out", str(tmp_path / "out"), "--merge", "curvature"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan_params_shared"] == 32 and report["plan_params_original"] == 48
+    assert report["predicted_loss_change"] > 0 and report["measured_loss_change"] > 0
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "plan.json").is_file()
+
+
+def test_bad_spec_is_a_clear_error(tmp_path, capsys) -> None:
+    rc = main(["analyze", "--model", "no_such_model_xyz", "-o", str(tmp_path / "p.json"), "--quiet"])
+    assert rc == 2
+    assert "module:factory" in capsys.readouterr().err
