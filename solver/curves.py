@@ -16,11 +16,15 @@ from .bounds import all_k
 from .cpsat import build_model, solve_model
 from .errors import ConstraintInfeasible
 from .exact import EXACT_MAX_UNITS, exact_curve
-from .family import FamilyInstance
+from .family import FamilyInstance, canonical
 from .heuristics import agglomerative, matching_start, tabu_search
 from .interval import interval_curve
 from .mip import cheapest_edges_bound, labels_from_bins, min_classes, p_median
 from .schema import CostKind
+
+# CP-SAT's representatives model helps up to about this many units; past it, its bound stays
+# far below the cheapest-partners bound and it rarely beats tabu, so the time goes to tabu
+CPSAT_MAX_UNITS = 32
 
 
 @dataclass
@@ -32,6 +36,7 @@ class FamilyCurve:
     labels: dict[int, np.ndarray] = field(default_factory=dict)  # layer labels per k
     exact: bool = False
     tried: dict[int, int] = field(default_factory=dict)  # improvement rounds spent per k
+    starts: dict[int, list[np.ndarray]] = field(default_factory=dict)  # diverse unit labellings per k
     methods: set[str] = field(default_factory=set)
 
     @property
@@ -116,12 +121,14 @@ def initial_curve(fam: FamilyInstance, seed: int) -> FamilyCurve:
     if not proven:
         curve.methods.add("k_min-unproven")
     curve.offer(fam.layer_labels(bins), "first-fit")
-    for lab in agglomerative(up).values():
+    for kk, lab in agglomerative(up).items():
         curve.offer(fam.layer_labels(lab), "agglomerative")
+        curve.starts.setdefault(kk + p, []).append(lab)
     _, ilabels = interval_curve(fam)
     for lab in ilabels:
         if lab is not None:
             curve.offer(lab, "interval-dp")
+            curve.starts.setdefault(int(lab.max()) + 1, []).append(_unit_labels(fam, lab))
     cheap = all_k(up)
     for k in curve.ks:
         curve.lb[k] = _offset(fam) + (float(cheap[k - p - 1]) if k - p >= 1 else 0.0)
@@ -153,13 +160,21 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
         return
     if rounds == 0 and (matched := matching_start(up, kk)) is not None:
         curve.offer(fam.layer_labels(matched), "matching")
-        start = _unit_labels(fam, curve.labels.get(k))
-    if start is not None:
-        iters = int(min(200_000, max(500, effort * 4000)))
-        lab, _ = tabu_search(up, start, kk, iters, seed=seed + 7919 * rounds + k)
-        curve.offer(fam.layer_labels(lab), "tabu")
+        curve.starts.setdefault(k, []).append(matched)
+    use_cpsat = up.m <= CPSAT_MAX_UNITS
+    # tabu from every distinct start: local search is sensitive to where it begins
+    pool = [s for s in [_unit_labels(fam, curve.labels.get(k)), *curve.starts.get(k, [])] if s is not None]
+    pool = list({tuple(canonical(s).tolist()): canonical(s) for s in pool}.values())
+    if pool:
+        total = effort * (4000 if use_cpsat else 8000)
+        iters = int(min(200_000, max(500, total / len(pool))))
+        for i, s in enumerate(pool):
+            lab, _ = tabu_search(up, s, kk, iters, seed=seed + 7919 * rounds + 131 * i + k)
+            curve.offer(fam.layer_labels(lab), "tabu")
     if rounds == 0:
         curve.raise_lb(k, cheapest_edges_bound(up, kk, time_limit_s=min(wall, max(1.0, effort / 2))) + _offset(fam))
+    if not use_cpsat:
+        return
     hint = _unit_labels(fam, curve.labels.get(k))
     built = build_model(up, kk, hint=hint)
     res = solve_model(built, up, time_limit_s=effort, workers=workers, seed=seed, wall_limit_s=wall)
