@@ -4,8 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
-# A bounded selection of slow tests that CI runs on top of the quick suite.
-SLOW_SELECTION ?= tests/solver
+# The slow tests CI runs on top of the quick suite (each is bounded: restart, schemathesis, MiniLM smoke).
+SLOW_SELECTION ?= tests
 
 .PHONY: install run test test-quick test-all lint bench clean
 
