@@ -78,6 +78,7 @@ class Runner:
         self._lock = threading.Lock()
         self._procs: dict[int, _Process | None] = {}
         self._current: dict[int, str] = {}  # slot -> job id it is running
+        self._progress: dict[str, dict[str, Any]] = {}  # job id -> latest improvement reported
         self._threads: list[threading.Thread] = []
 
     # --- control -----------------------------------------------------------------------------
@@ -174,6 +175,7 @@ class Runner:
         finally:
             with self._lock:
                 self._current.pop(slot, None)
+                self._progress.pop(job.id, None)
             self.metrics.running.labels(job.kind).dec()
         elapsed = time.perf_counter() - t0
         if outcome is None and self._stop.is_set():  # shutting down: the next start runs it
@@ -212,7 +214,14 @@ class Runner:
         while True:
             try:
                 if proc.conn.poll(0.1):
-                    return proc.conn.recv()
+                    message = proc.conn.recv()
+                    if message[0] != "progress":
+                        return message
+                    # live improvements are kept in memory only: the final plan is what persists
+                    with self._lock:
+                        self._progress[job.id] = message[1]
+                    self.notify(job.id)
+                    continue
             except (EOFError, OSError):
                 return None
             if not proc.alive():
@@ -229,9 +238,15 @@ class Runner:
                     return None
                 next_renew = time.monotonic() + min(renew_every, 1.0)
 
+    def progress_of(self, job_id: str) -> dict[str, Any] | None:
+        """The latest improvement a running solve reported on this replica (None if none)."""
+        with self._lock:
+            return self._progress.get(job_id)
+
     def _finish(self, job: Job, state: str, result: str | None, error: dict[str, Any] | None,
                 elapsed: float) -> None:
         assert job.lease_token is not None
+
         done = self.store.finish(job.id, job.lease_token, state, result, error)
         outcome = state if done is not None else "cancelled"
         self.metrics.solve_seconds.labels(job.kind, outcome).observe(elapsed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,10 +21,16 @@ def _watch_parent(parent: int) -> None:
             os._exit(0)
 
 
-def run_one(kind: str, request: str, workers: int | None) -> tuple[str, str | dict[str, Any]]:
+def run_one(
+    kind: str,
+    request: str,
+    workers: int | None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[str, str | dict[str, Any]]:
     """Solve one job: ("ok", result JSON) or ("error", problem document).
 
     ``workers`` is this process's share of the cores (CP-SAT threads); a problem may ask for fewer.
+    ``on_progress`` receives each improvement of a plan solve (objective, bound, gap, elapsed_s).
     """
     from service.problems import from_solver_error
     from solver import SharingProblem, SolveConfig, frontier, solve
@@ -33,7 +40,11 @@ def run_one(kind: str, request: str, workers: int | None) -> tuple[str, str | di
         if workers is not None and problem.options.workers is not None:
             workers = min(workers, problem.options.workers)  # the server's share of the cores is a cap
         config = SolveConfig(workers=workers)
-        result = solve(problem, config) if kind == "plan" else frontier(problem, config)
+        if kind == "plan":
+            report = None if on_progress is None else (lambda p: on_progress(p.model_dump()))
+            result = solve(problem, config, progress=report)
+        else:
+            result = frontier(problem, config)
         return "ok", result.model_dump_json(exclude_none=True)
     except Exception as exc:  # every failure goes back as a problem document
         return "error", from_solver_error(exc)
@@ -51,6 +62,6 @@ def main(conn: Connection, parent: int) -> None:
         except (EOFError, OSError):
             return
         try:
-            conn.send(run_one(kind, request, workers))
+            conn.send(run_one(kind, request, workers, on_progress=lambda p: conn.send(("progress", p))))
         except (BrokenPipeError, OSError):
             return

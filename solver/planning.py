@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import ortools
 from pydantic import BaseModel, ConfigDict, Field
@@ -139,8 +140,25 @@ def _effort(search: _Search, cells: int) -> float:
 _MAX_ROUNDS = 4
 
 
-def solve(problem: SharingProblem, config: SolveConfig | None = None) -> SharingPlan:
+class Progress(BaseModel):
+    """An improvement during a solve: the best objective found so far and the proven bound."""
+
+    objective: float
+    bound: float
+    gap: float
+    elapsed_s: float
+
+
+def solve(
+    problem: SharingProblem,
+    config: SolveConfig | None = None,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+) -> SharingPlan:
     """The least-cost coloring within the budget, with a proven lower bound.
+
+    Args:
+        progress: called whenever the incumbent or the bound improves (for live streams).
 
     Raises:
         BudgetInfeasible: the budget is below the least reachable unique-parameter count.
@@ -152,11 +170,16 @@ def solve(problem: SharingProblem, config: SolveConfig | None = None) -> Sharing
     search.check_budget(budget)
     tol = problem.options.relative_gap
     effort = search.limit / (6 * max(1, sum(not c.exact for c in search.curves)))
+    last: tuple[float, float] | None = None
     for round_ in range(1, _MAX_ROUNDS + 1):
         while True:
             up_front, lo_front = search.fronts()
             best, low = best_within(up_front, budget), best_within(lo_front, budget)
             assert best is not None and low is not None  # budget >= least reachable
+            if progress is not None and (best.cost, low.cost) != last:
+                last = (best.cost, low.cost)
+                bound = min(low.cost, best.cost)
+                progress(Progress(objective=best.cost, bound=bound, gap=_gap(best.cost, bound), elapsed_s=round(search.elapsed(), 4)))
             if _gap(best.cost, low.cost) <= tol + _GAP_TOL:
                 break
             # the chosen plan's cells first (better incumbents, tight local bounds), then the
@@ -296,4 +319,4 @@ def frontier(problem: SharingProblem, config: SolveConfig | None = None) -> Fron
     return Frontier(original=problem.original_params, points=points, solver=info)
 
 
-__all__ = ["SolveConfig", "solve", "frontier", "Frontier", "FrontierPoint", "plan_from_coloring"]
+__all__ = ["Progress", "SolveConfig", "solve", "frontier", "Frontier", "FrontierPoint", "plan_from_coloring"]

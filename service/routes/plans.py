@@ -87,9 +87,11 @@ def _summary(plan: SharingPlan) -> dict:
             "params": plan.params.model_dump() if plan.params else None}
 
 
-async def _events(store: StoreDep, notifier: NotifierDep, job_id: str, keepalive_s: float) -> AsyncIterator[str]:
+async def _events(store: StoreDep, notifier: NotifierDep, runner: RunnerDep, job_id: str,
+                  keepalive_s: float) -> AsyncIterator[str]:
     seq = 0
     last = None
+    last_progress = None
     with notifier.subscribe(job_id) as ev:
         while True:
             job = await run_in_threadpool(store.get, job_id)
@@ -99,6 +101,11 @@ async def _events(store: StoreDep, notifier: NotifierDep, job_id: str, keepalive
                 last = job.state
                 seq += 1
                 yield _sse("state", {"id": job_id, "state": job.state}, seq)
+            improvement = runner.progress_of(job_id) if job.state == "running" else None
+            if improvement is not None and improvement != last_progress:
+                last_progress = improvement
+                seq += 1
+                yield _sse("progress", improvement, seq)
             if job.state in TERMINAL:
                 seq += 1
                 if job.result:
@@ -114,12 +121,14 @@ async def _events(store: StoreDep, notifier: NotifierDep, job_id: str, keepalive
 
 
 @router.get("/{job_id}/events", responses={
-    200: {"description": "Server-sent events: `state` on every change, then `result` (status, objective, "
+    200: {"description": "Server-sent events: `state` on every change, `progress` (objective, bound, gap, "
+                         "elapsed_s) whenever a running solve improves, then `result` (status, objective, "
                          "bound, gap) or `error`; the stream ends when the job does.",
           "content": {"text/event-stream": {}}}, **PROBLEM_RESPONSES})
-async def plan_events(job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep) -> StreamingResponse:
+async def plan_events(job_id: JobId, store: StoreDep, notifier: NotifierDep, runner: RunnerDep,
+                      settings: SettingsDep) -> StreamingResponse:
     """Follow a job live instead of polling."""
     await _get(store, job_id)
-    return StreamingResponse(_events(store, notifier, job_id, max(settings.poll_s, 1.0) * 5),
+    return StreamingResponse(_events(store, notifier, runner, job_id, max(settings.poll_s, 1.0) * 5),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

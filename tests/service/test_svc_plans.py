@@ -180,3 +180,25 @@ def test_concurrent_waiters_all_get_answers(client, make_problem):
     for t in threads:
         t.join()
     assert out == [200] * 8
+
+
+def test_events_stream_progress_of_a_long_solve(client):
+    from svc_cases import long_problem
+
+    r = post_problem(client, "/v1/plans", long_problem(time_limit_s=4.0))
+    events = []
+    with client.stream("GET", r.headers["location"] + "/events", timeout=60) as s:
+        kind = None
+        for line in s.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((kind, json.loads(line[5:])))
+    progress = [data for kind, data in events if kind == "progress"]
+    assert progress, events
+    # incumbents only go down, bounds only go up, and the last one is the plan's
+    assert all(a["objective"] >= b["objective"] - 1e-12 for a, b in zip(progress, progress[1:], strict=False))
+    assert all(a["bound"] <= b["bound"] + 1e-12 for a, b in zip(progress, progress[1:], strict=False))
+    kind, result = events[-1]
+    assert kind == "result"
+    assert result["objective"] <= progress[-1]["objective"] + 1e-9

@@ -136,3 +136,15 @@ def test_infeasible_message_explains_the_conflict_clique(make_problem):
         solve(problem)
     msg = str(err.value)
     assert "needs 3 classes" in msg and "3 layers may not share pairwise" in msg
+
+
+def test_progress_reports_improvements_in_order(make_problem):
+    from solver.planning import Progress
+
+    seen: list[Progress] = []
+    plan = solve(make_problem([30], seed=2, ratio=0.4, time_limit_s=3), progress=seen.append)
+    assert seen
+    assert all(a.objective >= b.objective for a, b in zip(seen, seen[1:], strict=False))
+    assert all(a.bound <= b.bound for a, b in zip(seen, seen[1:], strict=False))
+    assert seen[-1].objective == pytest.approx(plan.objective)
+    assert all(p.bound <= p.objective for p in seen)
