@@ -23,6 +23,9 @@ _EXPORTS = {
     "save_shared": "hessian_worker.io",
     "load_shared": "hessian_worker.io",
     "measure_loss": "hessian_worker.measure",
+    "heal": "hessian_worker.heal",
+    "HealConfig": "hessian_worker.heal",
+    "HealReport": "hessian_worker.heal",
     "measure_plans": "hessian_worker.measure",
     "Merge": "hessian_worker.merge",
     "LayerInfo": "hessian_worker.discovery",
@@ -39,11 +42,14 @@ __all__ = [
     "Backend",
     "Calibration",
     "LayerInfo",
+    "HealConfig",
+    "HealReport",
     "Matcher",
     "Merge",
     "analyze",
     "apply_plan",
     "discover_layers",
+    "heal",
     "load_calibration",
     "load_model",
     "load_shared",
@@ -60,6 +66,7 @@ if TYPE_CHECKING:
     from hessian_worker.config import AnalyzeConfig, Backend
     from hessian_worker.data import Calibration, load_calibration
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers
+    from hessian_worker.heal import HealConfig, HealReport, heal
     from hessian_worker.io import load_shared, save_shared
     from hessian_worker.measure import measure_loss, measure_plans
     from hessian_worker.merge import Merge

@@ -39,6 +39,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--merge", choices=MERGES, default="mean")
     p.add_argument("--holdout", type=int, default=None,
                    help="samples kept for the measured loss (default: half of them)")
+    p.add_argument("--heal", type=int, default=0, metavar="STEPS",
+                   help="self-distillation fine-tune steps after tying (ties kept; 0 = none)")
+    p.add_argument("--heal-lr", type=float, default=5e-5, help="AdamW learning rate for --heal")
     p.set_defaults(func=_run_apply)
 
 
@@ -126,13 +129,23 @@ def _run_apply(args: argparse.Namespace) -> int:
             raise ValueError(f"--merge {args.merge} needs --data")
         reference = copy.deepcopy(model)
         report = apply_plan(model, plan, args.merge, data=fit, config=config)
+        healed = None
+        if args.heal > 0:
+            from hessian_worker.heal import HealConfig, heal
+
+            if fit is None:
+                raise ValueError("--heal needs calibration data: pass --data")
+            healed = heal(model, reference, fit, HealConfig(steps=args.heal, lr=args.heal_lr, seed=args.seed,
+                                                            batch_size=args.batch_size, device=args.device,
+                                                            progress=not args.quiet)).model_dump()
         if held is not None:
             measured = measure_loss(model, reference, held, config)
         save_shared(model, plan, args.out)
     except (GeoShareError, ValueError, OSError) as exc:
         return _fail(str(exc))
     out = report.model_dump(mode="json")
-    out.update({"predicted_loss_change": predicted, "measured_loss_change": measured, "out": args.out})
+    out.update({"predicted_loss_change": predicted, "measured_loss_change": measured, "heal": healed,
+                "out": args.out})
     print(json.dumps(out, indent=2))
     return 0
 

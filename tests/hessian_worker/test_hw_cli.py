@@ -48,3 +48,25 @@ def test_bad_spec_is_a_clear_error(tmp_path, capsys) -> None:
     rc = main(["analyze", "--model", "no_such_model_xyz", "-o", str(tmp_path / "p.json"), "--quiet"])
     assert rc == 2
     assert "module:factory" in capsys.readouterr().err
+
+
+def test_apply_heal_lowers_the_measured_loss(tmp_path, capsys) -> None:
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), data)
+    common = ["--model", "hw_cases:factory", "--data", str(data), "--dtype", "float64", "--device", "cpu", "--quiet"]
+    problem_path = tmp_path / "problem.json"
+    assert main(["analyze", *common, "-o", str(problem_path)]) == 0
+    names = [x.name for x in SharingProblem.model_validate_json(problem_path.read_text()).layers]
+    plan = SharingPlan(status="feasible", coloring={n: 0 for n in names}, groups=[names],
+                       solver={"method": "test", "time_s": 0.0, "ortools": "none", "seed": 0})
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(plan.model_dump_json())
+    capsys.readouterr()
+    measured = []
+    for steps in (0, 80):
+        out = tmp_path / f"out{steps}"
+        assert main(["apply", *common, "--plan", str(plan_path), "--out", str(out), "--heal", str(steps), "--heal-lr", "1e-2"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        measured.append(report["measured_loss_change"])
+        assert (report["heal"] is None) == (steps == 0)
+    assert measured[1] < measured[0]
