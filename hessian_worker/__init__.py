@@ -24,6 +24,8 @@ _EXPORTS = {
     "load_shared": "hessian_worker.io",
     "measure_loss": "hessian_worker.measure",
     "heal": "hessian_worker.heal",
+    "choose_plan": "hessian_worker.choose",
+    "Choice": "hessian_worker.choose",
     "HealConfig": "hessian_worker.heal",
     "HealReport": "hessian_worker.heal",
     "measure_plans": "hessian_worker.measure",
@@ -41,12 +43,14 @@ __all__ = [
     "ApplyReport",
     "Backend",
     "Calibration",
+    "Choice",
     "LayerInfo",
     "HealConfig",
     "HealReport",
     "Matcher",
     "Merge",
     "analyze",
+    "choose_plan",
     "apply_plan",
     "discover_layers",
     "heal",
@@ -63,6 +67,7 @@ __all__ = [
 if TYPE_CHECKING:
     from hessian_worker.analysis import analyze, predict_plan_loss
     from hessian_worker.apply import ApplyReport, apply_plan, unique_params
+    from hessian_worker.choose import Choice, choose_plan
     from hessian_worker.config import AnalyzeConfig, Backend
     from hessian_worker.data import Calibration, load_calibration
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers

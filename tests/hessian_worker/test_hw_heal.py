@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hw_cases import bert_data, mlp_data, tiny_mlp
 
@@ -71,3 +72,20 @@ def test_heal_on_a_tied_bert() -> None:
     heal(model, reference, data, HealConfig(steps=40, lr=3e-3, device="cpu", progress=False))
     assert measure_loss(model, reference, data, CPU) < 0.5 * before
     assert model.encoder.layer[0].attention.self.query.weight is model.encoder.layer[1].attention.self.query.weight
+
+
+def test_choose_plan_picks_the_least_measured_loss() -> None:
+    from hessian_worker.choose import choose_plan
+
+    reference = tiny_mlp().float()
+    names = ["blocks.0.fc.weight", "blocks.1.fc.weight", "blocks.2.fc.weight"]
+    plans = [_plan([names]), _plan([names[:2], names[2:]]), _plan([[names[0]], names[1:]])]
+    data = mlp_data(n=16)
+    choice = choose_plan(reference, data, plans, CPU)
+    real = []
+    for plan in plans:
+        model = copy.deepcopy(reference)
+        apply_plan(model, plan, "mean")
+        real.append(measure_loss(model, reference, data, CPU))
+    assert choice.index == min(range(3), key=real.__getitem__)
+    assert choice.measured == [pytest.approx(x, rel=1e-4, abs=1e-9) for x in real]

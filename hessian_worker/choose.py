@@ -1,0 +1,42 @@
+"""Pick the plan that really loses least: measure every candidate on calibration data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from hessian_worker.config import AnalyzeConfig
+from hessian_worker.data import DataSource
+from hessian_worker.measure import measure_plans
+from hessian_worker.merge import Merge
+from solver.schema import SharingPlan
+
+
+class Choice(BaseModel):
+    """The chosen plan and every candidate's measured calibration-loss change (same order)."""
+
+    plan: SharingPlan
+    index: int
+    measured: list[float]
+
+
+def choose_plan(
+    model: Any,
+    data: DataSource,
+    plans: Sequence[SharingPlan],
+    config: AnalyzeConfig | None = None,
+    *,
+    merge: Merge | str = Merge.mean,
+    tokenizer: Any | None = None,
+) -> Choice:
+    """The candidate with the least measured loss change after merging (ties: the earlier one).
+
+    The model is not changed: merged weights are substituted per candidate (see measure_plans).
+    """
+    if not plans:
+        raise ValueError("choose_plan needs at least one candidate plan")
+    measured = measure_plans(model, data, list(plans), config, merge=merge, tokenizer=tokenizer)
+    index = min(range(len(plans)), key=lambda i: (measured[i], i))
+    return Choice(plan=plans[index], index=index, measured=measured)
