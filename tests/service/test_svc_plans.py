@@ -123,10 +123,10 @@ def test_cancel_kills_a_running_solve(client, make_problem):
     assert post_problem(client, "/v1/plans", make_problem(seed=8), wait=20).json()["state"] == "succeeded"
 
 
-def test_events_stream_state_and_result(client, make_problem):
-    r = post_problem(client, "/v1/plans", make_problem((6, 6), seed=9))
-    events = []
-    with client.stream("GET", r.headers["location"] + "/events", timeout=30) as s:
+def _read_events(client, url: str, timeout: float = 30) -> list[tuple[str | None, dict]]:
+    """(event, data) pairs of a server-sent event stream, read to its end."""
+    events: list[tuple[str | None, dict]] = []
+    with client.stream("GET", url, timeout=timeout) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
         kind = None
         for line in s.iter_lines():
@@ -134,6 +134,12 @@ def test_events_stream_state_and_result(client, make_problem):
                 kind = line.split(":", 1)[1].strip()
             elif line.startswith("data:"):
                 events.append((kind, json.loads(line[5:])))
+    return events
+
+
+def test_events_stream_state_and_result(client, make_problem):
+    r = post_problem(client, "/v1/plans", make_problem((6, 6), seed=9))
+    events = _read_events(client, r.headers["location"] + "/events")
     assert events[-2] == ("state", {"id": r.json()["id"], "state": "succeeded"})
     kind, result = events[-1]
     assert kind == "result" and result["status"] == "optimal" and result["gap"] == 0.0
@@ -186,14 +192,7 @@ def test_events_stream_progress_of_a_long_solve(client):
     from svc_cases import long_problem
 
     r = post_problem(client, "/v1/plans", long_problem(time_limit_s=4.0))
-    events = []
-    with client.stream("GET", r.headers["location"] + "/events", timeout=60) as s:
-        kind = None
-        for line in s.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                events.append((kind, json.loads(line[5:])))
+    events = _read_events(client, r.headers["location"] + "/events", timeout=60)
     progress = [data for kind, data in events if kind == "progress"]
     assert progress, events
     # incumbents only go down, bounds only go up, and the last one is the plan's
