@@ -25,6 +25,9 @@ _EXPORTS = {
     "measure_loss": "hessian_worker.measure",
     "heal": "hessian_worker.heal",
     "choose_plan": "hessian_worker.choose",
+    "compress": "hessian_worker.compress",
+    "CompressConfig": "hessian_worker.compress",
+    "CompressReport": "hessian_worker.compress",
     "Choice": "hessian_worker.choose",
     "HealConfig": "hessian_worker.heal",
     "HealReport": "hessian_worker.heal",
@@ -44,6 +47,8 @@ __all__ = [
     "Backend",
     "Calibration",
     "Choice",
+    "CompressConfig",
+    "CompressReport",
     "LayerInfo",
     "HealConfig",
     "HealReport",
@@ -51,6 +56,7 @@ __all__ = [
     "Merge",
     "analyze",
     "choose_plan",
+    "compress",
     "apply_plan",
     "discover_layers",
     "heal",
@@ -68,6 +74,7 @@ if TYPE_CHECKING:
     from hessian_worker.analysis import analyze, predict_plan_loss
     from hessian_worker.apply import ApplyReport, apply_plan, unique_params
     from hessian_worker.choose import Choice, choose_plan
+    from hessian_worker.compress import CompressConfig, CompressReport, compress
     from hessian_worker.config import AnalyzeConfig, Backend
     from hessian_worker.data import Calibration, load_calibration
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers

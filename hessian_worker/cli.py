@@ -44,6 +44,18 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--heal-lr", type=float, default=5e-5, help="AdamW learning rate for --heal")
     p.set_defaults(func=_run_apply)
 
+    c = subparsers.add_parser("compress", help="model -> costs -> candidate plans -> measured choice -> tied model")
+    _common(c)
+    c.add_argument("--ratio", type=float, required=True, help="share of the shareable parameters to keep")
+    c.add_argument("--out", required=True, help="directory for model.safetensors + plan.json + report.json")
+    c.add_argument("--backend", choices=BACKENDS, default="exact")
+    c.add_argument("--merge", choices=MERGES, default="mean")
+    c.add_argument("--heal", type=int, default=0, metavar="STEPS", help="self-distillation steps after tying")
+    c.add_argument("--heal-lr", type=float, default=5e-5)
+    c.add_argument("--holdout", type=int, default=None, help="samples held out for the measured figure")
+    c.add_argument("--time-limit", type=float, default=10.0, help="solver seconds")
+    c.set_defaults(func=_run_compress)
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="minilm | HF directory | module:factory")
@@ -147,6 +159,31 @@ def _run_apply(args: argparse.Namespace) -> int:
     out.update({"predicted_loss_change": predicted, "measured_loss_change": measured, "heal": healed,
                 "out": args.out})
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from solver.errors import GeoShareError
+
+    try:
+        from hessian_worker.compress import CompressConfig, compress
+        from hessian_worker.io import save_shared
+        from hessian_worker.models import load_model
+
+        config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, heal_steps=args.heal,
+                                heal_lr=args.heal_lr, holdout=args.holdout, samples=args.samples,
+                                batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,
+                                device=args.device, progress=not args.quiet)
+        loaded = load_model(args.model)
+        if args.dtype == "float64":
+            loaded.model.double()
+        report = compress(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
+        save_shared(loaded.model, report.plan, args.out)
+    except (GeoShareError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    text = report.model_dump_json(indent=2, exclude={"plan"})
+    (Path(args.out) / "report.json").write_text(text, encoding="utf-8")
+    print(text)
     return 0
 
 

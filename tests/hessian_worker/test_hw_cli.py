@@ -70,3 +70,25 @@ def test_apply_heal_lowers_the_measured_loss(tmp_path, capsys) -> None:
         measured.append(report["measured_loss_change"])
         assert (report["heal"] is None) == (steps == 0)
     assert measured[1] < measured[0]
+
+
+def test_compress_end_to_end(tmp_path, capsys) -> None:
+    from hessian_worker.io import load_shared
+
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), data)
+    out = tmp_path / "out"
+    common = ["--model", "hw_cases:factory", "--data", str(data), "--dtype", "float64", "--device", "cpu", "--quiet"]
+    assert main(["compress", *common, "--ratio", "0.7", "--out", str(out), "--heal", "20", "--heal-lr", "1e-2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params_ratio"] <= 0.7 and report["measured_loss_change"] is not None
+    measured = [c["measured"] for c in report["candidates"]]
+    chosen = next(c for c in report["candidates"] if c["strategy"] == report["chosen"])
+    assert chosen["measured"] == min(measured)  # the measured choice
+    assert (out / "report.json").is_file()
+    from hw_cases import factory
+
+    model = factory().double()
+    plan = load_shared(model, out)
+    tied = [g for g in plan.groups if len(g) > 1]
+    assert tied and all(model.get_parameter(g[0]) is model.get_parameter(n) for g in tied for n in g)

@@ -63,3 +63,16 @@ def test_analyze_accepts_a_spec_string() -> None:
                         backend="diagonal", probes=4)
     problem = analyze("minilm", DEFAULT_SENTENCES[:2], cfg)
     assert [x.index for x in problem.layers] == list(range(6))
+
+
+def test_minilm_compress_picks_the_best_measured_candidate() -> None:
+    from hessian_worker.compress import CompressConfig, compress
+
+    loaded = load_model("minilm")
+    report = compress(loaded.model, DEFAULT_SENTENCES, CompressConfig(ratio=0.84, device="cpu", progress=False, holdout=4),
+                      tokenizer=loaded.tokenizer)
+    assert report.params_ratio <= 0.84
+    assert len(report.candidates) >= 3
+    chosen = next(c for c in report.candidates if c.strategy == report.chosen)
+    assert chosen.measured == min(c.measured for c in report.candidates)
+    assert report.measured_loss_change is not None and report.measured_loss_change > 0
