@@ -23,14 +23,14 @@ _EXPORTS = {
     "save_shared": "hessian_worker.io",
     "load_shared": "hessian_worker.io",
     "measure_loss": "hessian_worker.measure",
-    "heal": "hessian_worker.heal",
+    "heal": "hessian_worker.healing",
     "choose_plan": "hessian_worker.choose",
-    "compress": "hessian_worker.compress",
-    "CompressConfig": "hessian_worker.compress",
-    "CompressReport": "hessian_worker.compress",
+    "compress": "hessian_worker.pipeline",
+    "CompressConfig": "hessian_worker.pipeline",
+    "CompressReport": "hessian_worker.pipeline",
     "Choice": "hessian_worker.choose",
-    "HealConfig": "hessian_worker.heal",
-    "HealReport": "hessian_worker.heal",
+    "HealConfig": "hessian_worker.healing",
+    "HealReport": "hessian_worker.healing",
     "measure_plans": "hessian_worker.measure",
     "Merge": "hessian_worker.merge",
     "LayerInfo": "hessian_worker.discovery",
@@ -74,15 +74,15 @@ if TYPE_CHECKING:
     from hessian_worker.analysis import analyze, predict_plan_loss
     from hessian_worker.apply import ApplyReport, apply_plan, unique_params
     from hessian_worker.choose import Choice, choose_plan
-    from hessian_worker.compress import CompressConfig, CompressReport, compress
     from hessian_worker.config import AnalyzeConfig, Backend
     from hessian_worker.data import Calibration, load_calibration
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers
-    from hessian_worker.heal import HealConfig, HealReport, heal
+    from hessian_worker.healing import HealConfig, HealReport, heal
     from hessian_worker.io import load_shared, save_shared
     from hessian_worker.measure import measure_loss, measure_plans
     from hessian_worker.merge import Merge
     from hessian_worker.models import load_model
+    from hessian_worker.pipeline import CompressConfig, CompressReport, compress
 
 
 def __getattr__(name: str) -> Any:

@@ -143,7 +143,7 @@ def _run_apply(args: argparse.Namespace) -> int:
         report = apply_plan(model, plan, args.merge, data=fit, config=config)
         healed = None
         if args.heal > 0:
-            from hessian_worker.heal import HealConfig, heal
+            from hessian_worker.healing import HealConfig, heal
 
             if fit is None:
                 raise ValueError("--heal needs calibration data: pass --data")
@@ -166,9 +166,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     from solver.errors import GeoShareError
 
     try:
-        from hessian_worker.compress import CompressConfig, compress
         from hessian_worker.io import save_shared
         from hessian_worker.models import load_model
+        from hessian_worker.pipeline import CompressConfig, compress
 
         config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, heal_steps=args.heal,
                                 heal_lr=args.heal_lr, holdout=args.holdout, samples=args.samples,

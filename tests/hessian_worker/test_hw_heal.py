@@ -10,7 +10,7 @@ from hw_cases import bert_data, mlp_data, tiny_mlp
 
 from hessian_worker.apply import apply_plan, unique_params
 from hessian_worker.config import AnalyzeConfig
-from hessian_worker.heal import HealConfig, heal
+from hessian_worker.healing import HealConfig, heal
 from hessian_worker.measure import measure_loss
 from solver.schema import SharingPlan
 

@@ -66,7 +66,7 @@ def test_analyze_accepts_a_spec_string() -> None:
 
 
 def test_minilm_compress_picks_the_best_measured_candidate() -> None:
-    from hessian_worker.compress import CompressConfig, compress
+    from hessian_worker.pipeline import CompressConfig, compress
 
     loaded = load_model("minilm")
     report = compress(loaded.model, DEFAULT_SENTENCES, CompressConfig(ratio=0.84, device="cpu", progress=False, holdout=4),

@@ -19,7 +19,7 @@ from hessian_worker.apply import apply_plan
 from hessian_worker.choose import choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.data import Calibration, load_calibration
-from hessian_worker.heal import HealConfig, HealReport, heal
+from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.measure import measure_loss
 from hessian_worker.merge import Merge
 from solver.candidates import candidate_plans
