@@ -161,12 +161,14 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
     if rounds == 0 and (matched := matching_start(up, kk)) is not None:
         curve.offer(fam.layer_labels(matched), "matching")
         curve.starts.setdefault(k, []).append(matched)
-    use_cpsat = up.m <= CPSAT_MAX_UNITS
+    # past CPSAT_MAX_UNITS, CP-SAT only joins from the second round on: its LP bound can still
+    # close near-matching instances once tabu has had its share of the time
+    use_cpsat = up.m <= CPSAT_MAX_UNITS or rounds >= 1
     # tabu from every distinct start: local search is sensitive to where it begins
     pool = [s for s in [_unit_labels(fam, curve.labels.get(k)), *curve.starts.get(k, [])] if s is not None]
     pool = list({tuple(canonical(s).tolist()): canonical(s) for s in pool}.values())
     if pool:
-        total = effort * (4000 if use_cpsat else 8000)
+        total = effort * (4000 if up.m <= CPSAT_MAX_UNITS else 8000)
         iters = int(min(200_000, max(500, total / len(pool))))
         for i, s in enumerate(pool):
             lab, _ = tabu_search(up, s, kk, iters, seed=seed + 7919 * rounds + 131 * i + k)
