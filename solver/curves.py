@@ -74,7 +74,7 @@ def _offset(fam: FamilyInstance) -> float:
     return fam.reduced.constant
 
 
-def initial_curve(fam: FamilyInstance, seed: int) -> FamilyCurve:
+def initial_curve(fam: FamilyInstance) -> FamilyCurve:
     """Exact curves where they are cheap, fast incumbents and k_min elsewhere."""
     up = fam.reduced
     p = len(fam.pinned)

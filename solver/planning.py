@@ -74,7 +74,7 @@ class _Search:
         self.workers = default_workers(problem)
         self.seed = problem.options.seed
         self.fams: list[FamilyInstance] = build_families(problem)
-        self.curves: list[FamilyCurve] = [initial_curve(f, self.seed) for f in self.fams]
+        self.curves: list[FamilyCurve] = [initial_curve(f) for f in self.fams]
         self.hit_limit = False
 
     @property
