@@ -36,7 +36,7 @@ def main() -> None:
     random.Random(0).shuffle(pool)
     validation = pool[80:208]  # disjoint from both: split() takes the first 80 of the same order
     ref = embed(model, tok, held)
-    problem = costs_for("exact", model, calib, 16, 0)
+    problem = costs_for("exact", model, calib, 16, 0, "mse")
     cfg = AnalyzeConfig(progress=False)
     lines = ["# Measured choice: calibration loss vs validation loss vs held-out cosine (MiniLM)", "",
              f"Command: `python {' '.join(sys.argv)}`; costs cached in {CACHE.name}/", "",

@@ -72,13 +72,13 @@ def weight_distances(model: torch.nn.Module, problem: SharingProblem) -> list[li
     return out
 
 
-def costs_for(backend: str, model, calib: list[str], samples: int, seed: int) -> SharingProblem:
+def costs_for(backend: str, model, calib: list[str], samples: int, seed: int, distill: str = "mse") -> SharingProblem:
     """The backend's SharingProblem on the calibration sentences, cached on disk by its settings."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"minilm-{backend}-n{samples}-s{seed}.json"
+    path = CACHE / f"minilm-{backend}-{distill}-n{samples}-s{seed}.json"
     if path.is_file():
         return SharingProblem.model_validate_json(path.read_text())
-    config = AnalyzeConfig(backend=backend, kind="pairwise", seed=seed, batch_size=8, progress=True)
+    config = AnalyzeConfig(backend=backend, kind="pairwise", seed=seed, batch_size=8, distill=distill, progress=True)
     t = time.perf_counter()
     problem = analyze(copy.deepcopy(model), calib, config, tokenizer=TOKENIZER)
     print(f"  {backend}: costs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -87,24 +87,25 @@ def costs_for(backend: str, model, calib: list[str], samples: int, seed: int) ->
 
 
 def measure(
-    plan: SharingPlan, model, eval_sents: list[str], ref_emb: torch.Tensor, heal_data: list[str] | None, heal_steps: int
+    plan: SharingPlan, model, eval_sents: list[str], ref_emb: torch.Tensor, heal_data: list[str] | None, heal_steps: int,
+    distill: str = "mse",
 ) -> dict[str, tuple[float, float]]:
     """{regime: (embedding cosine to the original, measured distillation-loss change)} of the tied
     model, zero-shot and, with heal_steps, after healing on the calibration sentences."""
     tied = copy.deepcopy(model)
     apply_plan(tied, plan, "mean")
-    out = {"zero-shot": _scores(tied, model, eval_sents, ref_emb)}
+    out = {"zero-shot": _scores(tied, model, eval_sents, ref_emb, distill)}
     if heal_steps and heal_data:
-        heal(tied, model, heal_data, HealConfig(steps=heal_steps, lr=5e-5, progress=False), tokenizer=TOKENIZER)
-        out["healed"] = _scores(tied, model, eval_sents, ref_emb)
+        heal(tied, model, heal_data, HealConfig(steps=heal_steps, lr=5e-5, distill=distill, progress=False), tokenizer=TOKENIZER)
+        out["healed"] = _scores(tied, model, eval_sents, ref_emb, distill)
     return out
 
 
-def _scores(tied, model, eval_sents: list[str], ref_emb: torch.Tensor) -> tuple[float, float]:
+def _scores(tied, model, eval_sents: list[str], ref_emb: torch.Tensor, distill: str) -> tuple[float, float]:
     tied.eval()
     emb = embed(tied, TOKENIZER, eval_sents)
     cosine = float((emb * ref_emb).sum(-1).mean())
-    loss = measure_loss(tied, model, eval_sents, AnalyzeConfig(progress=False), tokenizer=TOKENIZER)
+    loss = measure_loss(tied, model, eval_sents, AnalyzeConfig(distill=distill, progress=False), tokenizer=TOKENIZER)
     return cosine, loss
 
 
@@ -125,7 +126,8 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def rank_agreement(problems: dict[str, SharingProblem], model, eval_sents: list[str], n: int, seed: int) -> dict:
+def rank_agreement(problems: dict[str, SharingProblem], model, eval_sents: list[str], n: int, seed: int,
+                   distill: str = "mse") -> dict:
     """Predicted vs measured over n random plans at budgets 0.8 to 0.95: Spearman per backend."""
     rng = np.random.default_rng(seed)
     any_problem = next(iter(problems.values()))
@@ -138,7 +140,7 @@ def rank_agreement(problems: dict[str, SharingProblem], model, eval_sents: list[
         tied = copy.deepcopy(model)
         apply_plan(tied, plan, "mean")
         plans.append(plan)
-        measured.append(measure_loss(tied, model, eval_sents, AnalyzeConfig(progress=False), tokenizer=TOKENIZER))
+        measured.append(measure_loss(tied, model, eval_sents, AnalyzeConfig(distill=distill, progress=False), tokenizer=TOKENIZER))
     return {
         "plans": len(plans),
         "spearman": {b: spearman([objective(p, plan.coloring) for plan in plans], measured) for b, p in problems.items()},
@@ -151,6 +153,8 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=16)
     ap.add_argument("--evaluation", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distill", choices=["mse", "cosine"], default="cosine",
+                    help="calibration loss for costs, choice, healing and the measured loss (cosine: the metric's own)")
     ap.add_argument("--random-seeds", type=int, default=10)
     ap.add_argument("--rank-plans", type=int, default=50, help="random plans for predicted-vs-measured")
     ap.add_argument("--heal-steps", type=int, default=100, help="healing steps for every strategy (0: zero-shot only)")
@@ -169,7 +173,7 @@ def main() -> None:
     calib, eval_sents = split(args.calibration, args.evaluation, args.seed)
     ref_emb = embed(model, TOKENIZER, eval_sents)
     t0 = time.perf_counter()
-    problems = {b: costs_for(b, model, calib, args.calibration, args.seed) for b in backends}
+    problems = {b: costs_for(b, model, calib, args.calibration, args.seed, args.distill) for b in backends}
     yardstick = problems["exact"]  # predicted figures and the baselines' class allocation
     distances = weight_distances(model, yardstick)
     rows = []
@@ -181,7 +185,7 @@ def main() -> None:
             # the product's pipeline: candidates (optimum + patterns under the exact costs), the
             # one with the least measured loss on the calibration sentences wins
             pool = candidate_plans(problems["exact"], config)
-            plans = [choose_plan(model, calib, pool, AnalyzeConfig(progress=False), tokenizer=TOKENIZER).plan]
+            plans = [choose_plan(model, calib, pool, AnalyzeConfig(distill=args.distill, progress=False), tokenizer=TOKENIZER).plan]
         elif strategy.startswith("geo"):
             backend = "exact" if strategy == "geo-solver" else strategy.removeprefix("geo-")
             plans = [solve(problems[backend], config)]
@@ -195,7 +199,7 @@ def main() -> None:
         if not plans:
             continue  # e.g. all-share cannot meet a loose budget exactly and is not reported there
         heal_steps = 0 if args.quick else args.heal_steps
-        measured = [measure(p, model, eval_sents, ref_emb, calib, heal_steps) for p in plans]
+        measured = [measure(p, model, eval_sents, ref_emb, calib, heal_steps, args.distill) for p in plans]
         for regime in measured[0]:
             rows.append(
                 {
@@ -209,7 +213,7 @@ def main() -> None:
                     "params_ratio": float(np.mean([p.params.ratio for p in plans])),
                 }
             )
-    agreement = rank_agreement(problems, model, eval_sents, 10 if args.quick else args.rank_plans, args.seed)
+    agreement = rank_agreement(problems, model, eval_sents, 10 if args.quick else args.rank_plans, args.seed, args.distill)
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",
@@ -217,6 +221,7 @@ def main() -> None:
         "evaluation": args.evaluation,
         "seconds": round(time.perf_counter() - t0, 1),
         "heal_steps": 0 if args.quick else args.heal_steps,
+        "distill": args.distill,
     }
     result = {
         "minilm": {"metric": "embedding cosine to the original", "higher_is_better": True, "results": rows,
@@ -233,7 +238,7 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     meta = result["meta"]
-    lines = ["# Evaluation", "", f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['calibration']} calibration / {meta['evaluation']} evaluation sentences; {meta['seconds']} s", ""]
+    lines = ["# Evaluation", "", f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['calibration']} calibration / {meta['evaluation']} evaluation sentences; calibration loss {meta.get('distill', 'mse')}; {meta['seconds']} s", ""]
     for model, data in result.items():
         if model == "meta":
             continue

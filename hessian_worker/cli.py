@@ -50,6 +50,8 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--out", required=True, help="directory for model.safetensors + plan.json + report.json")
     c.add_argument("--backend", choices=BACKENDS, default="exact")
     c.add_argument("--merge", choices=MERGES, default="mean")
+    c.add_argument("--distill", choices=("auto", "mse", "kl", "cosine"), default="auto",
+                   help="calibration loss (auto: kl for logits, mse otherwise; cosine for sentence embeddings)")
     c.add_argument("--heal", type=int, default=0, metavar="STEPS", help="self-distillation steps after tying")
     c.add_argument("--heal-lr", type=float, default=5e-5)
     c.add_argument("--holdout", type=int, default=None, help="samples held out for the measured figure")
@@ -170,7 +172,8 @@ def _run_compress(args: argparse.Namespace) -> int:
         from hessian_worker.models import load_model
         from hessian_worker.pipeline import CompressConfig, compress
 
-        config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, heal_steps=args.heal,
+        config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, distill=args.distill,
+                                heal_steps=args.heal,
                                 heal_lr=args.heal_lr, holdout=args.holdout, samples=args.samples,
                                 batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,
                                 device=args.device, progress=not args.quiet)

@@ -19,7 +19,7 @@ from hessian_worker.analysis import prepare
 from hessian_worker.apply import unique_params
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import DataSource, call_model
-from hessian_worker.losses import extract_output
+from hessian_worker.losses import DistillLoss, extract_output
 from hessian_worker.objective import Objective
 
 
@@ -35,6 +35,7 @@ class HealConfig(BaseModel):
     samples: int | None = Field(None, gt=0)
     max_length: int = Field(128, gt=0)
     seed: int = Field(0, ge=0)
+    distill: DistillLoss = Field(DistillLoss.auto, description="The distillation loss healing minimizes.")
     device: str = "auto"
     progress: bool = True
 
@@ -63,9 +64,9 @@ def heal(
     """
     config = config or HealConfig()
     acfg = AnalyzeConfig(samples=config.samples, batch_size=config.batch_size, max_length=config.max_length,
-                         seed=config.seed, device=config.device, progress=False)
+                         seed=config.seed, distill=config.distill, device=config.device, progress=False)
     prep = prepare(reference, data, acfg, tokenizer=tokenizer)
-    target = Objective(prep.model, prep.data, [])  # reference outputs per batch, the distillation loss
+    target = Objective(prep.model, prep.data, [], config.distill)  # reference outputs, the distillation loss
     model.to(device=acfg.torch_device(), dtype=acfg.dtype.torch)
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]  # deduplicated: one per tied class

@@ -24,6 +24,7 @@ class DistillLoss(str, Enum):
     auto = "auto"  # kl for logits, mse otherwise
     mse = "mse"
     kl = "kl"
+    cosine = "cosine"  # 1 - cos per row: for embedding models whose users compare directions
 
 
 def _get(out: Any, key: str) -> Tensor | None:
@@ -80,8 +81,21 @@ def kl(y: Tensor, target: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
     return (per_row * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def cosine(y: Tensor, target: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """1 - cosine similarity per row (sample, or token for 3-D outputs), averaged over real rows.
+
+    Sentence-embedding models are used through cosine similarity, so a change of norm that MSE
+    charges is free here; at the reference the loss is 0 with zero gradient (GGN curvature).
+    """
+    per_row = 1.0 - F.cosine_similarity(y.reshape(-1, y.shape[-1]), target.reshape(-1, y.shape[-1]), dim=-1, eps=1e-8)
+    mask = row_mask(y, batch)
+    if mask is None:
+        return per_row.mean()
+    return (per_row * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def resolve_distill(kind: DistillLoss, is_logits: bool) -> Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]:
     if kind is DistillLoss.auto:
         kind = DistillLoss.kl if is_logits else DistillLoss.mse
-    return kl if kind is DistillLoss.kl else mse
+    return {DistillLoss.kl: kl, DistillLoss.mse: mse, DistillLoss.cosine: cosine}[kind]
 

@@ -20,6 +20,7 @@ from hessian_worker.choose import choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.data import Calibration, load_calibration
 from hessian_worker.healing import HealConfig, HealReport, heal
+from hessian_worker.losses import DistillLoss
 from hessian_worker.measure import measure_loss
 from hessian_worker.merge import Merge
 from solver.candidates import candidate_plans
@@ -33,6 +34,7 @@ class CompressConfig(BaseModel):
     ratio: float = Field(gt=0, le=1, description="Share of the shareable parameters to keep.")
     backend: Backend = Backend.exact
     merge: Merge = Merge.mean
+    distill: DistillLoss = Field(DistillLoss.auto, description="cosine suits sentence-embedding models.")
     heal_steps: int = Field(0, ge=0)
     heal_lr: float = Field(5e-5, gt=0)
     holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
@@ -68,7 +70,7 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
         BudgetInfeasible, DataError, DiscoveryError: with the fix in the message.
     """
     acfg = AnalyzeConfig(backend=config.backend, samples=config.samples, batch_size=config.batch_size,
-                         seed=config.seed, device=config.device, progress=config.progress)
+                         seed=config.seed, distill=config.distill, device=config.device, progress=config.progress)
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size, seed=config.seed)
     fit, held = _split(calib, config)
     problem = analyze(model, fit, acfg, tokenizer=tokenizer)
@@ -80,6 +82,7 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     if config.heal_steps:
         healed = heal(model, reference, fit, HealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=config.seed,
                                                        batch_size=config.batch_size, device=config.device,
+                                                       distill=config.distill,
                                                        progress=config.progress), tokenizer=tokenizer)
     measured = measure_loss(model, reference, held, acfg.model_copy(update={"progress": False})) if held is not None else None
     return CompressReport(

@@ -169,3 +169,22 @@ def test_exact_loop_and_vmap_agree(bert_obj: Objective) -> None:
     a = ExactCurvature(bert_obj, chunk=1).quad(deltas)
     b = ExactCurvature(bert_obj, chunk=3).quad(deltas)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+def test_cosine_distillation_costs_match_the_dense_hessian() -> None:
+    from hessian_worker.losses import DistillLoss
+
+    model = tiny_mlp()
+    names = [x.name for x in discover_layers(model)]
+    obj = Objective(model, mlp_data(), names, DistillLoss.cosine)
+    h = dense_hessian(obj)  # at the reference the gradient is 0, so the Hessian is the GGN
+    torch.testing.assert_close(h, dense_ggn(obj), rtol=1e-7, atol=1e-10)
+    problem = analyze(tiny_mlp(), mlp_data(), AnalyzeConfig(distill="cosine", chunk=2, **CPU64))
+    got = torch.tensor(problem.costs.matrix)
+    for a in range(len(names)):
+        for b in range(len(names)):
+            if a != b:
+                diff = obj.params0[names[b]] - obj.params0[names[a]]
+                delta = {names[a]: (diff / 2)[None], names[b]: (-diff / 2)[None]}
+                assert float(got[a, b]) == pytest.approx(0.5 * float(quad_dense(h, obj, delta)[0]), rel=1e-7, abs=1e-14)
+    assert float(got.max()) > 0
