@@ -20,7 +20,7 @@ from hessian_worker.curvature.functional import ggn_hvp, hessian_hvp
 from hessian_worker.curvature.hutchinson import diagonal as hutchinson_diagonal
 from hessian_worker.data import INPUT_KEY
 from hessian_worker.errors import BackendError
-from hessian_worker.losses import extract_output, kl, mse, row_mask
+from hessian_worker.losses import cosine, extract_output, kl, mse, row_mask
 from hessian_worker.objective import Objective
 
 
@@ -83,7 +83,19 @@ def output_hessian_samples(obj: Objective, b: int, y: Tensor, n: int, generator:
         if mask is not None:
             s = s * mask.cpu().double()[None, :, None]
         return (s / count**0.5).to(dtype=y.dtype, device=y.device).reshape(n, *y.shape)
-    raise BackendError("diagonal_method='mc' needs self-distillation (mse or kl); use 'hutchinson' for a task loss")
+    if obj.out_loss is cosine and obj.is_distill:
+        # 1 - cos(y_r, t_r) at y = t: H_r = (I - t̂ t̂ᵀ)/(|t_r|² R); project a normal onto t̂'s complement
+        rows = y.reshape(-1, y.shape[-1])
+        norm = rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = rows / norm
+        eps = torch.randn(n, *rows.shape, generator=generator, dtype=y.dtype).to(y.device)
+        s = (eps - (eps * unit).sum(-1, keepdim=True) * unit) / norm
+        mask = row_mask(y, obj.data.batches[b])
+        count = rows.shape[0] if mask is None else float(mask.sum().clamp_min(1.0))
+        if mask is not None:
+            s = s * mask[None, :, None]
+        return (s / count**0.5).reshape(n, *y.shape)
+    raise BackendError("diagonal_method='mc' needs self-distillation (mse, kl or cosine); use 'hutchinson' for a task loss")
 
 
 def mc_ggn_diagonal(obj: Objective, samples: int, generator: torch.Generator, *, chunk: int = 8) -> Params:
