@@ -77,7 +77,7 @@ def main() -> None:
     lines = ["# Curvature backends on MiniLM", "", f"Command: `{meta['command']}`  ", f"{meta['machine']}; {len(calib)} sentences; one forward+backward {t_fb * 1000:.1f} ms; {n_pairs} pairs", "",
              "| backend | all pairs s | per pair ms | per pair / fwd+bwd | time / exact | Spearman vs exact (per family) |", "|---|---|---|---|---|---|"]
     for b, r in rows.items():
-        sp = ", ".join(f"{f.split('.')[-2] if f.count('.') else f}: {v:.2f}" for f, v in r["spearman_vs_exact"].items())
+        sp = ", ".join(f"{f.removesuffix('.weight')}: {v:.2f}" for f, v in r["spearman_vs_exact"].items())
         lines.append(f"| {b} | {r['seconds']:.2f} | {1000 * r['per_pair_s']:.1f} | {r['per_pair_vs_forward_backward']:.2f} | {r['vs_exact_time']:.2f} | {sp} |")
     (RESULTS / "curvature_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
