@@ -98,6 +98,28 @@ async def wait_for(store: Store, notifier: Notifier, job_id: str, wait_s: float,
             ev.clear()
 
 
+async def settle(store: Store, notifier: Notifier, settings: Settings, job: Job, wait: float) -> Job:
+    """The job after long-polling up to ``wait`` seconds (capped by the settings) for it to finish."""
+    wait = min(wait, settings.max_wait_s)
+    if wait > 0 and not job.terminal:
+        return await wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    return job
+
+
+async def cancel(store: Store, job: Job, what: str) -> Job:
+    """Marks a queued or running job cancelled; 409 when it already finished.
+
+    ``what`` names the job in the message ("plan job <id>"); killing its process and waking its
+    waiters stay with the caller, which knows whether a child solve exists.
+    """
+    if job.state in ("succeeded", "failed"):
+        raise ApiProblem(409, "already-finished", "Conflict",
+                         f"{what} already {job.state}; there is nothing to cancel", id=job.id)
+    cancelled = await run_in_threadpool(store.cancel, job.id)
+    assert cancelled is not None
+    return cancelled
+
+
 def json_response(view: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(view.model_dump_json(exclude_none=True), status_code=status, headers=headers, media_type=JSON)
 

@@ -138,9 +138,7 @@ async def get_analysis(job_id: JobId, store: StoreDep, notifier: NotifierDep, se
                        wait: Wait = 0.0) -> Response:
     """State, the costs once a worker sent them, and the plan once solved (long-polls with `wait`)."""
     job, view = await _view(store, job_id)
-    wait = min(wait, settings.max_wait_s)
-    if wait > 0 and not job.terminal:
-        await jobs.wait_for(store, notifier, job_id, wait, settings.poll_s)
+    if not job.terminal and await jobs.settle(store, notifier, settings, job, wait) is not job:
         job, view = await _view(store, job_id)
     return jobs.json_response(view)
 
@@ -150,11 +148,7 @@ async def get_analysis(job_id: JobId, store: StoreDep, notifier: NotifierDep, se
 async def cancel_analysis(job_id: JobId, store: StoreDep, runner: RunnerDep, notifier: NotifierDep) -> Response:
     """Cancel an analysis (and the solve of its plan, if running); its worker's next heartbeat gets 409."""
     job, _ = await _view(store, job_id)
-    if job.state in ("succeeded", "failed"):
-        raise ApiProblem(409, "already-finished", "Conflict",
-                         f"analysis {job_id} already {job.state}; there is nothing to cancel", id=job_id)
-    job = await run_in_threadpool(store.cancel, job_id)
-    assert job is not None
+    job = await jobs.cancel(store, job, f"analysis {job_id}")
     if job.child_id:
         runner.cancel(job.child_id)
         notifier.notify(job.child_id)

@@ -10,7 +10,6 @@ from service.db import Job
 from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
 from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
 from service.models import FrontierJob, dumps
-from service.problems import ApiProblem
 from service.routes.plans import IdemKey, JobId, Wait
 from solver import SharingProblem
 
@@ -35,9 +34,7 @@ async def create_frontier(problem: SharingProblem, store: StoreDep, runner: Runn
     """Queue a frontier; answer 200 with it if it finishes within `wait` seconds, else 202."""
     jobs.check_caps(problem, settings)
     job = await jobs.submit(store, runner, settings, "frontier", dumps(problem), idempotency_key)
-    wait = min(wait, settings.max_wait_s)
-    if wait > 0 and not job.terminal:
-        job = await jobs.wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    job = await jobs.settle(store, notifier, settings, job, wait)
     return jobs.answer(job, FrontierJob.of(job), _location(job.id), failed_as_problem=True)
 
 
@@ -46,9 +43,7 @@ async def get_frontier(job_id: JobId, store: StoreDep, notifier: NotifierDep, se
                        wait: Wait = 0.0) -> Response:
     """The job's state, and its frontier or problem document when finished."""
     job = await _get(store, job_id)
-    wait = min(wait, settings.max_wait_s)
-    if wait > 0 and not job.terminal:
-        job = await jobs.wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    job = await jobs.settle(store, notifier, settings, job, wait)
     return jobs.json_response(FrontierJob.of(job))
 
 
@@ -57,11 +52,7 @@ async def get_frontier(job_id: JobId, store: StoreDep, notifier: NotifierDep, se
 async def cancel_frontier(job_id: JobId, store: StoreDep, runner: RunnerDep, notifier: NotifierDep) -> Response:
     """Cancel a queued or running frontier job."""
     job = await _get(store, job_id)
-    if job.state in ("succeeded", "failed"):
-        raise ApiProblem(409, "already-finished", "Conflict",
-                         f"frontier job {job_id} already {job.state}; there is nothing to cancel", id=job_id)
-    job = await run_in_threadpool(store.cancel, job_id)
-    assert job is not None
+    job = await jobs.cancel(store, job, f"frontier job {job_id}")
     runner.cancel(job_id)
     notifier.notify(job_id)
     return jobs.json_response(FrontierJob.of(job))

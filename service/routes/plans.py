@@ -16,7 +16,6 @@ from service.db import TERMINAL, Job
 from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
 from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
 from service.models import PlanJob, dumps
-from service.problems import ApiProblem
 from solver import SharingPlan, SharingProblem
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=Auth)
@@ -46,9 +45,7 @@ async def create_plan(problem: SharingProblem, store: StoreDep, runner: RunnerDe
     """Queue a solve; answer 200 with the plan if it finishes within `wait` seconds, else 202."""
     jobs.check_caps(problem, settings)
     job = await jobs.submit(store, runner, settings, "plan", dumps(problem), idempotency_key)
-    wait = min(wait, settings.max_wait_s)
-    if wait > 0 and not job.terminal:
-        job = await jobs.wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    job = await jobs.settle(store, notifier, settings, job, wait)
     return jobs.answer(job, PlanJob.of(job), _location(job.id), failed_as_problem=True)
 
 
@@ -57,9 +54,7 @@ async def get_plan(job_id: JobId, store: StoreDep, notifier: NotifierDep, settin
                    wait: Wait = 0.0) -> Response:
     """The job's state, and its plan or problem document when finished (long-polls with `wait`)."""
     job = await _get(store, job_id)
-    wait = min(wait, settings.max_wait_s)
-    if wait > 0 and not job.terminal:
-        job = await jobs.wait_for(store, notifier, job.id, wait, settings.poll_s) or job
+    job = await jobs.settle(store, notifier, settings, job, wait)
     return jobs.json_response(PlanJob.of(job))
 
 
@@ -68,11 +63,7 @@ async def get_plan(job_id: JobId, store: StoreDep, notifier: NotifierDep, settin
 async def cancel_plan(job_id: JobId, store: StoreDep, runner: RunnerDep, notifier: NotifierDep) -> Response:
     """Cancel a queued or running solve (its process is killed at once)."""
     job = await _get(store, job_id)
-    if job.state in ("succeeded", "failed"):
-        raise ApiProblem(409, "already-finished", "Conflict",
-                         f"plan job {job_id} already {job.state}; there is nothing to cancel", id=job_id)
-    job = await run_in_threadpool(store.cancel, job_id)
-    assert job is not None
+    job = await jobs.cancel(store, job, f"plan job {job_id}")
     runner.cancel(job_id)
     notifier.notify(job_id)
     return jobs.json_response(PlanJob.of(job))
