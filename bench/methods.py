@@ -12,7 +12,7 @@ from ortools.sat.python import cp_model
 from solver import SharingProblem, SolveConfig, solve
 from solver.curves import FamilyCurve
 from solver.evaluate import objective as score
-from solver.family import build_families
+from solver.family import build_families, coloring_of
 from solver.heuristics import agglomerative
 from solver.interval import interval_curve
 from solver.knapsack import best_within, pareto
@@ -46,12 +46,7 @@ def _knapsack_of(problem: SharingProblem, offer) -> Result:
     point = best_within(pareto([c.options(upper=True) for c in curves]), problem.budget_params())
     if point is None:
         return Result("", None, None, time.perf_counter() - t, "infeasible")
-    coloring, nxt = {}, 0
-    for curve, k in zip(curves, point.choice, strict=True):
-        lab = curve.labels[k]
-        for local, g in enumerate(curve.fam.layer_ids):
-            coloring[problem.layers[g].name] = nxt + int(lab[local])
-        nxt += int(lab.max()) + 1
+    coloring = coloring_of(problem, fams, [curve.labels[k] for curve, k in zip(curves, point.choice, strict=True)])
     return Result("", score(problem, coloring), None, time.perf_counter() - t, "feasible")
 
 

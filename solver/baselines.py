@@ -13,7 +13,7 @@ from enum import Enum
 
 import numpy as np
 
-from .family import FamilyInstance, build_families, canonical
+from .family import FamilyInstance, build_families, canonical, coloring_of
 from .knapsack import best_within, pareto
 from .planning import SolveConfig, plan_from_coloring, solve, with_config
 from .schema import CostKind, PlanStatus, SharingPlan, SharingProblem
@@ -111,12 +111,7 @@ def baseline(
     point = best_within(pareto([opts for opts, _ in per]), problem.budget_params())
     if point is None:
         return _infeasible(problem, strategy, "the strategy cannot meet this budget under these constraints")
-    coloring, nxt = {}, 0
-    for fam, (_, labels), k in zip(fams, per, point.choice, strict=True):
-        lab = labels[k]
-        for local, g in enumerate(fam.layer_ids):
-            coloring[problem.layers[g].name] = nxt + int(lab[local])
-        nxt += int(lab.max()) + 1
+    coloring = coloring_of(problem, fams, [labels[k] for (_, labels), k in zip(per, point.choice, strict=True)])
     return plan_from_coloring(problem, coloring, method=f"baseline:{strategy.value}", strategy=strategy.value)
 
 

@@ -143,6 +143,17 @@ def canonical(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def coloring_of(problem: SharingProblem, fams: list[FamilyInstance], labels: list[np.ndarray]) -> dict[str, int]:
+    """The problem-wide coloring from each family's layer labels (class ids never shared across families)."""
+    coloring: dict[str, int] = {}
+    offset = 0
+    for fam, lab in zip(fams, labels, strict=True):
+        for local, g in enumerate(fam.layer_ids):
+            coloring[problem.layers[g].name] = offset + int(lab[local])
+        offset += int(lab.max()) + 1
+    return coloring
+
+
 def build_families(problem: SharingProblem) -> list[FamilyInstance]:
     """Per-family instances, in order of first appearance of each family.
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from . import evaluate
 from .curves import FamilyCurve, improve, initial_curve
 from .errors import BudgetInfeasible
-from .family import FamilyInstance, build_families
+from .family import FamilyInstance, build_families, coloring_of
 from .graph import why_classes
 from .knapsack import Point, best_within, pareto
 from .schema import (
@@ -199,18 +199,14 @@ def _gap(objective: float, bound: float) -> float:
 
 def _plan(search: _Search, best: Point, low: Point) -> SharingPlan:
     problem = search.problem
-    coloring: dict[str, int] = {}
-    next_class = 0
-    families = {}
-    for curve, k in zip(search.curves, best.choice, strict=True):
-        labels = curve.labels[k]
-        for local, g in enumerate(curve.fam.layer_ids):
-            coloring[problem.layers[g].name] = next_class + int(labels[local])
-        next_class += int(labels.max()) + 1
-        families[curve.fam.name] = FamilyResult(
+    chosen = [curve.labels[k] for curve, k in zip(search.curves, best.choice, strict=True)]
+    families = {
+        curve.fam.name: FamilyResult(
             classes=int(labels.max()) + 1, objective=curve.ub[k], bound=min(curve.lb.get(k, 0.0), curve.ub[k])
         )
-    coloring = _renumber(problem, coloring)
+        for curve, k, labels in zip(search.curves, best.choice, chosen, strict=True)
+    }
+    coloring = _renumber(problem, coloring_of(problem, search.fams, chosen))
     objective = evaluate.objective(problem, coloring)
     bound = min(low.cost, objective)
     gap = _gap(objective, bound)
