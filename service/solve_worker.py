@@ -33,7 +33,8 @@ def run_one(
     ``on_progress`` receives each improvement of a plan solve (objective, bound, gap, elapsed_s).
     """
     from service.problems import from_solver_error
-    from solver import SharingProblem, SolveConfig, frontier, solve
+    from solver import SharingProblem, SolveConfig, frontier
+    from solver.candidates import solve_with_alternatives
 
     try:
         problem = SharingProblem.model_validate_json(request)
@@ -42,7 +43,7 @@ def run_one(
         config = SolveConfig(workers=workers)
         if kind == "plan":
             report = None if on_progress is None else (lambda p: on_progress(p.model_dump()))
-            result = solve(problem, config, progress=report)
+            result = solve_with_alternatives(problem, config, progress=report)
         else:
             result = frontier(problem, config)
         return "ok", result.model_dump_json(exclude_none=True)

@@ -66,7 +66,8 @@ def pattern_labels(strategy: Strategy, n: int, k: int, rng: np.random.Generator 
     raise ValueError(f"{strategy.value} is not a pattern strategy")
 
 
-def _family_options(fam: FamilyInstance, strategy: Strategy, rng: np.random.Generator) -> tuple[list, dict]:
+def pattern_options(fam: FamilyInstance, strategy: Strategy, rng: np.random.Generator) -> tuple[list, dict]:
+    """Knapsack options (params, cost, k) of the strategy on one family, and its labels per k."""
     free = [j for j in range(fam.n) if j not in fam.pinned]
     options, labels = [], {}
     for k in range(len(fam.pinned) + 1 if free else len(fam.pinned), fam.n + 1):
@@ -107,7 +108,7 @@ def baseline(
         return _weight_distance(problem, distances)
     rng = np.random.default_rng(problem.options.seed if seed is None else seed)
     fams = build_families(problem)
-    per = [_family_options(f, strategy, rng) for f in fams]
+    per = [pattern_options(f, strategy, rng) for f in fams]
     point = best_within(pareto([opts for opts, _ in per]), problem.budget_params())
     if point is None:
         return _infeasible(problem, strategy, "the strategy cannot meet this budget under these constraints")

@@ -12,9 +12,10 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .candidates import solve_with_alternatives
 from .errors import GeoShareError
 from .io import load_problem, write_or_print
-from .planning import SolveConfig, frontier, solve
+from .planning import SolveConfig, frontier
 
 # parts of the product that add subcommands when they are installed
 _PLUGINS = ("hessian_worker.cli", "service.cli")
@@ -42,7 +43,12 @@ def _cmd_solve(args: argparse.Namespace) -> int:
                 distances = json.load(f)
         plan = baseline(problem, args.strategy, _config(args), distances=distances)
     else:
-        plan = solve(problem, _config(args))
+        wanted = {k: v for k, v in (("top", args.top), ("min_distance", args.min_distance)) if v is not None}
+        if wanted:
+            data = problem.model_dump()
+            data["options"].update(wanted)
+            problem = type(problem).model_validate(data)
+        plan = solve_with_alternatives(problem, _config(args))
     write_or_print(plan, args.output)
     return 0
 
@@ -81,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan by a named heuristic instead (for comparisons)",
     )
     ps.add_argument("--distances", help="JSON n x n matrix for --strategy weight-distance")
+    ps.add_argument("--top", type=int, help="also list the next best diverse plans and the pattern plans as alternatives (K plans in all)")
+    ps.add_argument("--min-distance", type=int, help="with --top: layer pairs each alternative must share differently (default 1)")
     ps.set_defaults(func=_cmd_solve)
     pf = sub.add_parser("frontier", help="every reachable budget level: params, objective, bound")
     _solver_options(pf)

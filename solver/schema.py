@@ -67,6 +67,13 @@ class Options(_Model):
     relative_gap: float = Field(default=0.0, ge=0, le=1)
     workers: int | None = Field(default=None, ge=1, le=64)
     seed: int = Field(default=0, ge=0)
+    top: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="Plans wanted: above 1, the plan lists the next best diverse colorings and the pattern plans as alternatives.",
+    )
+    min_distance: int = Field(
+        default=1, ge=1, description="Layer pairs in which each alternative's sharing differs from every better plan's."
+    )
 
 
 class FamilySpec(_Model):
@@ -254,3 +261,6 @@ class SharingPlan(_Model):
     strategy: str | None = Field(default=None, description="Baseline name when a strategy made it.")
     families: dict[str, FamilyResult] | None = None
     message: str | None = None
+    alternatives: list[SharingPlan] | None = Field(
+        default=None, description="With options.top > 1: further plans within the budget, cheapest first."
+    )

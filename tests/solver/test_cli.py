@@ -89,3 +89,24 @@ def test_solve_reads_stdin(problem_file):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "optimal"
+
+
+def test_solve_top_lists_diverse_alternatives(problem_file):
+    problem, path = problem_file
+    out = _run("solve", str(path), "--top", "5", "--min-distance", "2")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    alts = plan["alternatives"]
+    top = [a for a in alts if a["strategy"].startswith("top-")]
+    assert [a["strategy"] for a in top] == ["top-2", "top-3", "top-4", "top-5"]
+    assert [a["objective"] for a in top] == sorted(a["objective"] for a in top)
+    assert all(a["objective"] >= plan["objective"] for a in alts)
+    assert {"sequence", "cycle"} <= {a["strategy"] for a in alts}
+    assert all(violations(problem, a["coloring"]) == [] for a in alts)
+
+
+def test_solve_top_zero_is_explained(problem_file):
+    _, path = problem_file
+    out = _run("solve", str(path), "--top", "0")
+    assert out.returncode == 2
+    assert "top" in out.stderr
