@@ -49,7 +49,15 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--ratio", type=float, required=True, help="share of the shareable parameters to keep")
     c.add_argument("--out", required=True, help="directory for model.safetensors + plan.json + report.json")
     c.add_argument("--backend", choices=BACKENDS, default="exact")
-    c.add_argument("--merge", choices=MERGES, default="mean")
+    c.add_argument("--merge", choices=MERGES, default=None,
+                   help="shared value of a class (default: curvature; layerwise with --backend layerwise)")
+    c.add_argument("--top", type=int, default=16, help="best plans by the cost model to measure (plus pattern plans)")
+    c.add_argument("--min-distance", type=int, default=1,
+                   help="sharing pairs in which each top plan differs from every better one")
+    c.add_argument("--per-pattern", type=int, default=2,
+                   help="budget-filling allocations measured per pattern strategy (sequence, cycle, ...)")
+    c.add_argument("--curvature-samples", type=int, default=None,
+                   help="calibration samples for the curvature costs (default: all; the choice uses all)")
     c.add_argument("--distill", choices=("auto", "mse", "kl", "cosine"), default="auto",
                    help="calibration loss (auto: kl for logits, mse otherwise; cosine for sentence embeddings)")
     c.add_argument("--heal", type=int, default=0, metavar="STEPS", help="self-distillation steps after tying")
@@ -173,7 +181,8 @@ def _run_compress(args: argparse.Namespace) -> int:
         from hessian_worker.pipeline import CompressConfig, compress
 
         config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, distill=args.distill,
-                                heal_steps=args.heal,
+                                top=args.top, min_distance=args.min_distance, per_pattern=args.per_pattern,
+                                curvature_samples=args.curvature_samples, heal_steps=args.heal,
                                 heal_lr=args.heal_lr, holdout=args.holdout, samples=args.samples,
                                 batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,
                                 device=args.device, progress=not args.quiet)
@@ -184,8 +193,9 @@ def _run_compress(args: argparse.Namespace) -> int:
         save_shared(loaded.model, report.plan, args.out)
     except (GeoShareError, ValueError, OSError) as exc:
         return _fail(str(exc))
-    text = report.model_dump_json(indent=2, exclude={"plan"})
+    text = report.model_dump_json(indent=2, exclude={"plan", "problem"})
     (Path(args.out) / "report.json").write_text(text, encoding="utf-8")
+    (Path(args.out) / "problem.json").write_text(report.problem.model_dump_json(indent=2), encoding="utf-8")
     print(text)
     return 0
 

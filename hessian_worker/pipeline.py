@@ -1,9 +1,11 @@
 """One call from model to compressed model: costs, candidates, measured choice, merge, heal.
 
 The product's main path (DESIGN.md): the quadratic cost model ranks plans only roughly, so the
-solver's optimum and the pattern strategies at the same budget become candidates, each is
-measured on the calibration data, the best is tied into the model (optionally with a curvature
-merge and healing), and the held-out loss change is reported beside the predicted one.
+solver's K best diverse plans and the pattern strategies at the same budget become candidates,
+each is measured by a real forward pass on the calibration data, the best is tied into the model
+with a curvature-weighted merge (optionally healed), and the held-out loss change is reported
+beside the predicted one. Curvature costs are the expensive part, so they may use a subset of the
+calibration samples (``curvature_samples``); the measured choice uses all of them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hessian_worker.measure import measure_loss
 from hessian_worker.merge import Merge
 from solver.candidates import candidate_plans
 from solver.planning import SolveConfig
-from solver.schema import SharingPlan
+from solver.schema import SharingPlan, SharingProblem
 
 
 class CompressConfig(BaseModel):
@@ -33,12 +35,16 @@ class CompressConfig(BaseModel):
 
     ratio: float = Field(gt=0, le=1, description="Share of the shareable parameters to keep.")
     backend: Backend = Backend.exact
-    merge: Merge = Merge.mean
+    merge: Merge | None = Field(None, description="Shared value of a class (default: curvature; layerwise with that backend).")
+    top: int = Field(16, ge=1, le=1000, description="Best plans by the cost model to measure (plus the pattern plans).")
+    min_distance: int = Field(1, ge=1, description="Sharing pairs in which each of the top plans differs from every better one.")
+    per_pattern: int = Field(2, ge=0, le=100, description="Budget-filling allocations measured per pattern strategy.")
     distill: DistillLoss = Field(DistillLoss.auto, description="cosine suits sentence-embedding models.")
     heal_steps: int = Field(0, ge=0)
     heal_lr: float = Field(5e-5, gt=0)
     holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
-    samples: int | None = Field(None, gt=0)
+    samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
+    curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all).")
     batch_size: int = Field(8, gt=0)
     time_limit_s: float = Field(10.0, gt=0)
     seed: int = Field(0, ge=0)
@@ -46,16 +52,25 @@ class CompressConfig(BaseModel):
     progress: bool = True
 
 
+    def resolved_merge(self) -> Merge:
+        if self.merge is not None:
+            return self.merge
+        return Merge.layerwise if self.backend is Backend.layerwise else Merge.curvature
+
+
 class Candidate(BaseModel):
     strategy: str
     predicted: float
     measured: float
+    params_ratio: float
 
 
 class CompressReport(BaseModel):
     plan: SharingPlan
     chosen: str
+    merge: Merge
     candidates: list[Candidate]
+    problem: SharingProblem = Field(description="The curvature costs the candidates came from.")
     unique_params: int
     params_ratio: float
     predicted_loss_change: float
@@ -71,13 +86,17 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     """
     acfg = AnalyzeConfig(backend=config.backend, samples=config.samples, batch_size=config.batch_size,
                          seed=config.seed, distill=config.distill, device=config.device, progress=config.progress)
+    merge = config.resolved_merge()
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size, seed=config.seed)
     fit, held = _split(calib, config)
-    problem = analyze(model, fit, acfg, tokenizer=tokenizer)
-    pool = candidate_plans(problem, SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed))
-    choice = choose_plan(model, fit, pool, acfg.model_copy(update={"progress": False}), merge=config.merge, tokenizer=tokenizer)
+    costs_data = _subset(fit, config.curvature_samples, config)
+    problem = analyze(model, costs_data, acfg, tokenizer=tokenizer)
+    solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
+    pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
+                           per_pattern=config.per_pattern)
+    choice = choose_plan(model, fit, pool, acfg, merge=merge, tokenizer=tokenizer)
     reference = copy.deepcopy(model)
-    report = apply_plan(model, choice.plan, config.merge, data=fit, config=acfg)
+    report = apply_plan(model, choice.plan, merge, data=costs_data, config=acfg.model_copy(update={"progress": False}))
     healed = None
     if config.heal_steps:
         healed = heal(model, reference, fit, HealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=config.seed,
@@ -87,14 +106,30 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     measured = measure_loss(model, reference, held, acfg.model_copy(update={"progress": False})) if held is not None else None
     return CompressReport(
         plan=choice.plan,
-        chosen=choice.plan.strategy or "optimum",
-        candidates=[Candidate(strategy=p.strategy or "optimum", predicted=p.objective, measured=m) for p, m in zip(pool, choice.measured, strict=True)],
+        chosen=_label(choice.plan),
+        merge=merge,
+        candidates=[Candidate(strategy=_label(p), predicted=p.objective, measured=m,
+                              params_ratio=p.params.ratio if p.params else 1.0)
+                    for p, m in zip(pool, choice.measured, strict=True)],
+        problem=problem,
         unique_params=report.unique_params_after,
         params_ratio=choice.plan.params.ratio if choice.plan.params else 1.0,
         predicted_loss_change=choice.plan.objective,
         measured_loss_change=measured,
         heal=healed,
     )
+
+
+def _label(plan: SharingPlan) -> str:
+    return plan.strategy or "optimum"
+
+
+def _subset(calib: Calibration, samples: int | None, config: CompressConfig) -> Calibration:
+    """A seeded subset of ``samples`` rows (all of them when None or not fewer)."""
+    if samples is None or samples >= calib.num_samples:
+        return calib
+    _, subset = calib.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
+    return subset
 
 
 def _split(calib: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration | None]:
