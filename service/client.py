@@ -2,6 +2,7 @@
 
     with GeoShareClient("http://127.0.0.1:8000") as api:
         plan = api.solve(problem, timeout=60)
+        report = api.compress({"model": "minilm", "ratio": 0.8, "compress": {"out": "/models/out/m"}})
 
 Retries cover connection errors and 429/502/503/504 (honouring Retry-After). Submissions carry
 an Idempotency-Key, so a retried POST never makes a second job.
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from service.compress import CompressReport
 from solver import SharingPlan, SharingProblem
 from solver.errors import GeoShareError
 
@@ -179,6 +181,28 @@ class GeoShareClient:
     def cancel_analysis(self, job_id: str) -> dict[str, Any]:
         return self._json(self._request("DELETE", f"/v1/analyses/{job_id}"))
 
+    def compress(self, spec: Any, *, timeout: float | None = None,
+                 idempotency_key: str | None = None) -> CompressReport:
+        """Submit a compress job (an AnalysisSpec or dict with ``compress``) and wait for its
+        report: what ``hessian_worker.compress`` returns in one Python call, plus ``out`` (where
+        the worker saved the model); ``report.plan`` is the plan tied into it.
+
+        Raises:
+            ValueError: the spec has no ``compress`` object (use submit_analysis for costs only).
+            ApiError: the spec was refused (422) or the job failed or was cancelled (its problem
+                document says why, e.g. a non-empty ``out`` without ``overwrite``).
+            TimeoutError: no result within ``timeout`` seconds (the job keeps running).
+        """
+        data = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else dict(spec)
+        if not data.get("compress"):
+            raise ValueError("spec has no `compress` object; add one (at least its `out`) or use "
+                             "submit_analysis for a costs-only analysis")
+        job = self.submit_analysis(data, idempotency_key=idempotency_key)
+        job = self.wait_analysis(job["id"], timeout=timeout)
+        if job["state"] != "succeeded":
+            _plan_or_raise(job)
+        return CompressReport.model_validate(job["report"])
+
     # --- analyses (worker side) --------------------------------------------------------------
 
     def claim(self, worker: str, lease_s: float | None = None) -> dict[str, Any] | None:
@@ -202,10 +226,15 @@ class GeoShareClient:
         self._json(r)
         return True
 
-    def complete(self, job_id: str, lease: str, problem: SharingProblem) -> dict[str, Any]:
-        """Hand in the costs; the server solves and attaches the plan."""
+    def complete(self, job_id: str, lease: str, problem: SharingProblem, *,
+                 report: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Hand in the costs (and a compress job's report); the server solves and attaches the plan."""
+        if report is None:
+            body = problem.model_dump_json()
+        else:
+            body = json.dumps({"problem": problem.model_dump(mode="json"), "report": report})
         r = self._request("POST", f"/v1/analyses/{job_id}/complete", params={"lease": lease},
-                          content=problem.model_dump_json(), headers={"Content-Type": "application/json"})
+                          content=body, headers={"Content-Type": "application/json"})
         return self._json(r)
 
     def fail(self, job_id: str, lease: str, error: str, *, retry: bool = False) -> dict[str, Any]:

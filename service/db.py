@@ -53,6 +53,7 @@ class JobRow(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     problem: Mapped[str | None] = mapped_column(Text, nullable=True)  # analysis: the costs
+    # plan: the plan; frontier: the frontier; analysis: the compress report (its plan is a child job)
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
@@ -309,8 +310,13 @@ class Store:
     # --- analyses (GPU worker side) ----------------------------------------------------------
 
     def complete_analysis(self, job_id: str, token: str, problem: str, plan_request: str,
-                          plan_hash: str) -> Job | None:
-        """Store the worker's costs and queue their plan as a child job, in one transaction."""
+                          plan_hash: str, report: str | None = None) -> Job | None:
+        """Store the worker's costs (and a compress job's report) and queue their plan as a child
+        job, in one transaction.
+
+        The report goes in the analysis row's ``result``, unused by analyses before, so a store
+        file from an earlier version needs no new column.
+        """
         with Session(self.engine) as s, s.begin():
             row = s.get(JobRow, job_id)
             if row is None or row.kind != "analysis" or row.state != "running" or row.lease_token != token:
@@ -318,7 +324,7 @@ class Store:
             child = JobRow(id=uuid.uuid4().hex, kind="plan", state="queued", request=plan_request,
                            request_hash=plan_hash, parent_id=job_id, attempts=0, created_at=time.time())
             s.add(child)
-            row.state, row.problem, row.child_id = "solving", problem, child.id
+            row.state, row.problem, row.child_id, row.result = "solving", problem, child.id, report
             row.lease_token = row.lease_expires = None
             s.flush()
             return _snapshot(row)

@@ -7,8 +7,9 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.compress import CompressReport, CompressSpec
 from service.problems import ProblemDetail
 from solver import SharingPlan, SharingProblem
 from solver.planning import Frontier
@@ -90,7 +91,11 @@ class Backend(str, Enum):
 
 
 class AnalysisSpec(_Request):
-    """What a GPU worker should analyze; the costs it returns are solved into a plan here."""
+    """What a GPU worker should analyze; the costs it returns are solved into a plan here.
+
+    With ``compress`` the worker also compresses the model (candidate plans measured, the best
+    tied in, healed, saved to ``compress.out``) and hands back its report beside the costs.
+    """
 
     model: str = Field(min_length=1, max_length=1024,
                        description="minilm | a Hugging Face directory on the worker | module:factory")
@@ -102,16 +107,34 @@ class AnalysisSpec(_Request):
     samples: int | None = Field(None, gt=0, le=1_000_000, description="Calibration samples (None = all).")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     time_limit_s: float | None = Field(None, gt=0, le=3600, description="Solve time limit (default: server's).")
+    compress: CompressSpec | None = Field(None, description="Also compress and save the model (omit: costs only).")
+
+    @model_validator(mode="after")
+    def _compress_measures_pairwise(self) -> AnalysisSpec:
+        if self.compress is not None and self.kind != CostKind.pairwise:
+            raise ValueError(f"kind={self.kind.value!r} applies to costs-only analyses; a compress job measures "
+                             "pairwise costs and chooses among candidate plans: drop kind or compress")
+        return self
+
+    def stored(self) -> str:
+        """Canonical JSON for the store; without ``compress`` when unset, so the stored request (and
+        its Idempotency-Key hash) of a costs-only analysis is what it was before compress existed."""
+        return dumps(self, exclude=None if self.compress is not None else {"compress"})
 
 
 class AnalysisJob(_JobView):
-    """An analysis: its spec, the costs the worker sent, and the plan solved from them."""
+    """An analysis: its spec, the costs the worker sent, and the plan solved from them.
+
+    A compress job also has ``report``; ``report.plan`` is the plan tied into the saved model (the
+    candidate with the least measured loss), while ``plan`` is what the service solved from the costs.
+    """
 
     spec: AnalysisSpec
     attempts: int
     problem: SharingProblem | None = None
     plan_id: str | None = None
-    plan: SharingPlan | None = None
+    plan: SharingPlan | None = Field(None, description="The plan the service solved from the costs.")
+    report: CompressReport | None = Field(None, description="Compress jobs: the worker's report.")
 
     @classmethod
     def of(cls, job: Job, plan_job: Job | None) -> AnalysisJob:
@@ -121,6 +144,7 @@ class AnalysisJob(_JobView):
             problem=SharingProblem.model_validate_json(job.problem) if job.problem else None,
             plan_id=job.child_id,
             plan=SharingPlan.model_validate_json(plan_job.result) if plan_job and plan_job.result else None,
+            report=CompressReport.model_validate_json(job.result) if job.result else None,
             **_common(job, "/v1/analyses", events=False),
         )
 
@@ -156,6 +180,6 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(default_factory=dict)
 
 
-def dumps(model: BaseModel) -> str:
+def dumps(model: BaseModel, exclude: set[str] | None = None) -> str:
     """Canonical JSON of a request, stored and hashed for Idempotency-Key checks."""
-    return json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return json.dumps(model.model_dump(mode="json", exclude=exclude), sort_keys=True, separators=(",", ":"))

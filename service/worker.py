@@ -1,7 +1,9 @@
 """The GPU worker loop: claim an analysis, heartbeat while it runs, hand in the costs.
 
-The analysis function is injected (tests use a tiny one); the default runs
-``hessian_worker.analyze``, imported only when the first job arrives, so the loop needs no torch.
+A compress job (a spec with ``compress``) runs the whole chain instead and hands in the costs
+with its report. Both functions are injected (tests use tiny ones); the defaults run
+``hessian_worker.analyze`` and ``hessian_worker.compress``, imported only when the first job
+arrives, so the loop needs no torch.
 """
 
 from __future__ import annotations
@@ -11,18 +13,31 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import httpx
 
 from service.client import ApiError, GeoShareClient
+from service.compress import compress_config
 from service.models import AnalysisSpec
+from service.outdir import prepare_out
 from solver import SharingProblem
 
 log = logging.getLogger("geoshare.worker")
 
+
+@dataclass(frozen=True)
+class Compressed:
+    """What a compress job hands in: the costs it measured and its report (CompressReport JSON)."""
+
+    problem: SharingProblem
+    report: dict[str, Any]
+
+
 AnalyzeFn = Callable[[AnalysisSpec], SharingProblem]
+CompressFn = Callable[[AnalysisSpec, str], Compressed]  # (spec, job id): the id marks compress.out
 
 
 def default_analyze(spec: AnalysisSpec, device: str = "auto") -> SharingProblem:
@@ -36,8 +51,40 @@ def default_analyze(spec: AnalysisSpec, device: str = "auto") -> SharingProblem:
     return analyze(spec.model, data, config)
 
 
-def process(client: GeoShareClient, claim: dict[str, Any], analyze_fn: AnalyzeFn, lease_s: float) -> bool:
-    """Run one claimed job to the end; True when its costs were accepted."""
+def default_compress(spec: AnalysisSpec, job_id: str, device: str = "auto") -> Compressed:
+    """Compresses the model on this machine and saves it to ``compress.out`` (torch imported here).
+
+    ``out`` is checked first, so a refused directory costs no GPU time and keeps its files.
+
+    Raises:
+        OutDirError: ``out`` is taken by other files (and ``overwrite`` is false) or not writable.
+        GeoShareError, ValueError: from loading the model or data, or from ``compress`` itself.
+    """
+    if spec.compress is None:
+        raise ValueError("default_compress needs a spec with `compress`; costs-only specs go to analyze")
+    out = prepare_out(spec.compress.out, overwrite=spec.compress.overwrite, job_id=job_id)
+    from hessian_worker import CompressConfig, compress, load_model, save_shared
+    from hessian_worker.data import DEFAULT_SENTENCES
+
+    config = CompressConfig.model_validate(compress_config(spec) | {"device": device, "progress": False})
+    loaded = load_model(spec.model)
+    if spec.data is None and loaded.tokenizer is None:
+        raise ValueError(f"model {spec.model!r} has no tokenizer, so the built-in sentences cannot feed it; "
+                         "set data to a torch.save'd tensor file on the worker")
+    data: Any = spec.data if spec.data is not None else DEFAULT_SENTENCES
+    report = compress(loaded.model, data, config, tokenizer=loaded.tokenizer)
+    save_shared(loaded.model, report.plan, out)
+    # report.json as `geoshare compress` writes it: the plan is in plan.json, the costs are not kept
+    (out / "report.json").write_text(report.model_dump_json(indent=2, exclude={"plan", "problem"}),
+                                     encoding="utf-8")
+    doc = report.model_dump(mode="json", exclude={"problem"})
+    doc["out"] = str(out.resolve())
+    return Compressed(problem=report.problem, report=doc)
+
+
+def process(client: GeoShareClient, claim: dict[str, Any], analyze_fn: AnalyzeFn, lease_s: float,
+            compress_fn: CompressFn | None = None) -> bool:
+    """Run one claimed job to the end; True when its costs (and report) were accepted."""
     job_id, lease = claim["id"], claim["lease"]
     lease_s = float(claim.get("lease_s") or lease_s)
     stop, lost = threading.Event(), threading.Event()
@@ -54,8 +101,14 @@ def process(client: GeoShareClient, claim: dict[str, Any], analyze_fn: AnalyzeFn
 
     beater = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
     beater.start()
+    report: dict[str, Any] | None = None
     try:
-        problem = analyze_fn(AnalysisSpec.model_validate(claim["spec"]))
+        spec = AnalysisSpec.model_validate(claim["spec"])
+        if spec.compress is None:
+            problem = analyze_fn(spec)
+        else:
+            done = (compress_fn or default_compress)(spec, job_id)
+            problem, report = done.problem, done.report
     except Exception as exc:  # report every failure to the API; the worker keeps serving
         log.exception("analysis %s failed", job_id)
         if not lost.is_set():
@@ -67,7 +120,7 @@ def process(client: GeoShareClient, claim: dict[str, Any], analyze_fn: AnalyzeFn
     if lost.is_set():
         return False
     try:
-        client.complete(job_id, lease, problem)
+        client.complete(job_id, lease, problem, report=report)
     except ApiError as exc:
         log.error("the API refused the costs of %s: %s", job_id, exc)
         if exc.status != 409:
@@ -86,11 +139,12 @@ def _report_failure(client: GeoShareClient, job_id: str, lease: str, exc: BaseEx
 
 def run_worker(api: str, *, api_key: str | None = None, worker_id: str | None = None, poll_s: float = 2.0,
                lease_s: float = 120.0, max_jobs: int | None = None, device: str = "auto",
-               analyze_fn: AnalyzeFn | None = None, stop: threading.Event | None = None,
-               client: GeoShareClient | None = None) -> int:
+               analyze_fn: AnalyzeFn | None = None, compress_fn: CompressFn | None = None,
+               stop: threading.Event | None = None, client: GeoShareClient | None = None) -> int:
     """Serve analysis jobs until ``stop`` is set or ``max_jobs`` were taken; the number taken."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     analyze_fn = analyze_fn or partial(default_analyze, device=device)
+    compress_fn = compress_fn or partial(default_compress, device=device)
     stop = stop or threading.Event()
     own = client is None
     client = client or GeoShareClient(api, api_key=api_key)
@@ -108,7 +162,7 @@ def run_worker(api: str, *, api_key: str | None = None, worker_id: str | None = 
                 continue
             taken += 1
             log.info("claimed analysis %s (%s)", claim["id"], claim["spec"].get("model"))
-            ok = process(client, claim, analyze_fn, lease_s)
+            ok = process(client, claim, analyze_fn, lease_s, compress_fn)
             log.info("analysis %s %s", claim["id"], "handed in" if ok else "not completed")
     finally:
         if own:

@@ -1,8 +1,9 @@
 """/v1/analyses: curvature jobs for GPU workers, handed out under expiring leases.
 
 A worker claims a job, heartbeats within its lease, and completes it with the SharingProblem it
-measured; the plan is then solved here and attached. A lease that runs out puts the job back in
-the queue (a dead worker loses nothing but time).
+measured (a compress job: with the costs and its compression report); the plan is then solved here
+and attached. A lease that runs out puts the job back in the queue (a dead worker loses nothing
+but time).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
+from service.compress import Completion, CompressResult
 from service.db import Job
 from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
 from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
@@ -56,13 +58,15 @@ async def _view(store: StoreDep, job_id: str) -> tuple[Job, AnalysisJob]:
 @router.post("", response_model=AnalysisJob, status_code=202, responses=PROBLEM_RESPONSES)
 async def create_analysis(spec: AnalysisSpec, store: StoreDep, settings: SettingsDep,
                           idempotency_key: IdemKey = None) -> Response:
-    """Queue an analysis for the GPU workers (202 + Location; the plan follows the costs)."""
+    """Queue an analysis for the GPU workers (202 + Location; the plan follows the costs).
+
+    With `compress` the worker also compresses the model and saves it to `compress.out`."""
     if spec.time_limit_s is not None and spec.time_limit_s > settings.max_time_limit_s:
         raise ApiProblem(422, "time-limit-too-long", "Time limit over the cap",
                          f"time_limit_s={spec.time_limit_s:g} exceeds this server's cap of "
                          f"{settings.max_time_limit_s:g} s (GEOSHARE_MAX_TIME_LIMIT_S); lower it",
                          field="time_limit_s", limit=settings.max_time_limit_s)
-    job = await jobs.submit(store, None, settings, "analysis", dumps(spec), idempotency_key)
+    job = await jobs.submit(store, None, settings, "analysis", spec.stored(), idempotency_key)
     view = AnalysisJob.of(job, None)
     status = 200 if job.terminal else 202
     return jobs.json_response(view, status, {"Location": _location(job.id)})
@@ -97,11 +101,13 @@ async def heartbeat_analysis(job_id: JobId, lease: LeaseToken, store: StoreDep, 
 
 
 @router.post("/{job_id}/complete", response_model=AnalysisJob, responses={**_CONFLICT, **PROBLEM_RESPONSES})
-async def complete_analysis(job_id: JobId, lease: LeaseToken, costs: SharingProblem, store: StoreDep,
+async def complete_analysis(job_id: JobId, lease: LeaseToken, body: Completion, store: StoreDep,
                             runner: RunnerDep, notifier: NotifierDep, settings: SettingsDep) -> Response:
-    """Hand in the measured costs; the plan is solved here with the analysis's ratio."""
+    """Hand in the measured costs (a compress job: `{problem, report}`); the plan is solved here
+    with the analysis's ratio."""
     job, view = await _view(store, job_id)
     spec = view.spec
+    costs, report = _split_completion(job_id, spec, body)
     data = costs.model_dump(mode="json")
     data["constraints"]["max_params_ratio"] = spec.ratio
     limit = min(spec.time_limit_s or settings.analysis_time_limit_s, settings.max_time_limit_s)
@@ -110,13 +116,29 @@ async def complete_analysis(job_id: JobId, lease: LeaseToken, costs: SharingProb
     jobs.check_caps(plan_problem, settings)
     request = dumps(plan_problem)
     done = await run_in_threadpool(store.complete_analysis, job_id, lease, dumps(costs), request,
-                                   jobs.request_hash(request))
+                                   jobs.request_hash(request), report)
     if done is None:
         raise _lost(job_id)
     runner.wake()
     notifier.notify(job_id)
     _, view = await _view(store, job_id)
     return jobs.json_response(view)
+
+
+def _split_completion(job_id: str, spec: AnalysisSpec,
+                      body: SharingProblem | CompressResult) -> tuple[SharingProblem, str | None]:
+    """The costs and the report's JSON; 422 when the body does not fit the kind of job."""
+    if isinstance(body, CompressResult):
+        if spec.compress is None:
+            raise ApiProblem(422, "not-a-compress-job", "Completion does not fit the job",
+                             f"analysis {job_id} only measures costs; send the SharingProblem alone, "
+                             "not {problem, report}", id=job_id)
+        return body.problem, body.report.model_dump_json()
+    if spec.compress is not None:
+        raise ApiProblem(422, "report-missing", "Completion does not fit the job",
+                         f"analysis {job_id} is a compress job; complete it with {{\"problem\": <the "
+                         "SharingProblem>, \"report\": <the CompressReport>}", id=job_id)
+    return body, None
 
 
 @router.post("/{job_id}/fail", response_model=AnalysisJob, responses={**_CONFLICT, **PROBLEM_RESPONSES})
@@ -136,7 +158,8 @@ async def fail_analysis(job_id: JobId, lease: LeaseToken, body: FailRequest, sto
 @router.get("/{job_id}", response_model=AnalysisJob, responses=PROBLEM_RESPONSES)
 async def get_analysis(job_id: JobId, store: StoreDep, notifier: NotifierDep, settings: SettingsDep,
                        wait: Wait = 0.0) -> Response:
-    """State, the costs once a worker sent them, and the plan once solved (long-polls with `wait`)."""
+    """State, the costs (and a compress job's report) once a worker sent them, and the plan once
+    solved (long-polls with `wait`)."""
     job, view = await _view(store, job_id)
     if not job.terminal and await jobs.settle(store, notifier, settings, job, wait) is not job:
         job, view = await _view(store, job_id)

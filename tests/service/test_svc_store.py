@@ -84,3 +84,14 @@ def test_analysis_completion_queues_its_plan_and_mirrors_the_outcome(store):
     assert child.id == done.child_id and child.parent_id == job.id
     store.finish(child.id, child.lease_token, "succeeded", result="{plan}")
     assert store.get(job.id).state == "succeeded"
+
+
+def test_a_compress_report_is_kept_beside_the_costs(store):
+    job, _ = store.create("analysis", "{}", "h")
+    claim = store.claim(("analysis",), "w", 30)
+    done = store.complete_analysis(job.id, claim.lease_token, "{costs}", "p", "hp", report="{report}")
+    assert done.result == "{report}" and done.problem == "{costs}"
+    child = store.claim(("plan",), "r", 30)
+    store.finish(child.id, child.lease_token, "succeeded", result="{plan}")
+    after = store.get(job.id)
+    assert after.state == "succeeded" and after.result == "{report}"  # the plan lives on the child

@@ -1,0 +1,169 @@
+"""Compress settings of an analysis job, and the report a worker hands back (no torch here).
+
+An analysis with a ``compress`` object runs the whole chain on the worker (costs, candidate plans,
+measured choice, merge, healing, save), the same as ``hessian_worker.compress`` in one Python call.
+The fields mirror ``hessian_worker.pipeline.CompressConfig`` because the API must not import torch;
+tests check that every mirrored field is accepted there.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from solver import SharingPlan, SharingProblem
+
+if TYPE_CHECKING:
+    from service.models import AnalysisSpec
+
+# the compress fields that go to CompressConfig; `out` and `overwrite` stay with the worker
+CONFIG_FIELDS = frozenset(
+    {"top", "min_distance", "per_pattern", "merge", "distill", "heal_steps", "heal_lr", "holdout",
+     "curvature_samples", "batch_size"}
+)  # fmt: skip
+
+
+class Merge(str, Enum):
+    """How a class's shared tensor is made (hessian_worker.Merge, repeated for a torch-free API)."""
+
+    mean = "mean"
+    representative = "representative"
+    curvature = "curvature"
+    layerwise = "layerwise"
+
+
+class Distill(str, Enum):
+    """The calibration loss (hessian_worker.losses.DistillLoss, repeated for a torch-free API)."""
+
+    auto = "auto"
+    mse = "mse"
+    kl = "kl"
+    cosine = "cosine"
+
+
+class CompressSpec(BaseModel):
+    """Turns an analysis into a compression: the worker also ties, heals and saves the model.
+
+    Settings left out (null) take hessian_worker.CompressConfig's defaults on the worker, so the
+    API never drifts from the pipeline it drives.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Directory on the worker (or a shared volume) for model.safetensors, plan.json "
+        "and report.json; created if missing. A relative path is relative to the worker's cwd.",
+    )
+    overwrite: bool = Field(
+        False,
+        description="Allow a non-empty `out`: its model.safetensors, plan.json and report.json are "
+        "replaced, other files stay. Without it the job fails before any work is done.",
+    )
+    top: int | None = Field(
+        None, ge=1, le=1000, description="Best plans by the cost model measured as candidates."
+    )
+    min_distance: int | None = Field(
+        None, ge=1, le=100_000, description="Sharing pairs each top plan differs from better ones."
+    )
+    per_pattern: int | None = Field(
+        None, ge=0, le=100, description="Budget-filling allocations measured per pattern strategy."
+    )
+    merge: Merge | None = Field(
+        None,
+        description="Shared value of a class (default: curvature; layerwise with that backend).",
+    )
+    distill: Distill | None = Field(None, description="cosine suits sentence-embedding models.")
+    heal_steps: int | None = Field(
+        None, ge=0, le=1_000_000, description="Self-distillation steps after tying (0: none)."
+    )
+    heal_lr: float | None = Field(None, gt=0, le=1)
+    holdout: int | None = Field(
+        None, ge=1, description="Samples held out for the measured figure (default: a quarter)."
+    )
+    curvature_samples: int | None = Field(
+        None, gt=0, description="Of the calibration samples, the ones the curvature costs use."
+    )
+    batch_size: int | None = Field(None, gt=0, le=65536)
+
+    @field_validator("out")
+    @classmethod
+    def _a_directory_name(cls, value: str) -> str:
+        value = value.strip()
+        if not value or "\x00" in value:
+            raise ValueError(
+                "out must name a directory on the worker, e.g. /models/out/minilm-0.8 "
+                "(got an empty name or one with a NUL byte)"
+            )
+        return value
+
+
+def compress_config(spec: AnalysisSpec) -> dict[str, Any]:
+    """The CompressConfig fields of an analysis with ``compress`` (the worker adds device, progress).
+
+    The spec's own ratio, backend, samples, seed and time limit apply to the compression too, so
+    one request says everything once; settings left out are not sent (the pipeline's defaults).
+
+    Raises:
+        ValueError: the spec has no ``compress`` object.
+    """
+    if spec.compress is None:
+        raise ValueError("this analysis has no compress settings; it only measures costs")
+    fields: dict[str, Any] = {
+        "ratio": spec.ratio,
+        "backend": spec.backend.value,
+        "samples": spec.samples,
+        "seed": spec.seed,
+        **spec.compress.model_dump(mode="json", include=set(CONFIG_FIELDS), exclude_none=True),
+    }
+    if spec.time_limit_s is not None:
+        fields["time_limit_s"] = spec.time_limit_s
+    return fields
+
+
+class CompressReport(BaseModel):
+    """What the worker's ``compress`` reported, as JSON (hessian_worker.CompressReport).
+
+    ``plan`` is the plan tied into the saved model: the candidate with the least measured loss,
+    which may differ from the plan the service solves from the costs. Fields the worker's report
+    gains later pass through unchanged.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    plan: SharingPlan = Field(description="The plan applied to the saved model.")
+    out: str = Field(description="Where the worker saved the compressed model.")
+    chosen: str | None = Field(None, description="The strategy of the chosen candidate.")
+    merge: Merge | None = Field(None, description="How the shared tensors were made.")
+    unique_params: int | None = None
+    params_ratio: float | None = None
+    predicted_loss_change: float | None = None
+    measured_loss_change: float | None = None
+
+
+class CompressResult(BaseModel):
+    """What a worker hands in for a compress job: the costs it measured and its report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    problem: SharingProblem
+    report: CompressReport
+
+
+def _completion_kind(value: Any) -> str:
+    if isinstance(value, CompressResult):
+        return "CompressResult"
+    if isinstance(value, dict) and ("report" in value or "problem" in value):
+        return "CompressResult"
+    return "SharingProblem"
+
+
+# the body of /complete: a bare SharingProblem (every analysis so far) or {problem, report}
+Completion = Annotated[
+    Annotated[SharingProblem, Tag("SharingProblem")]
+    | Annotated[CompressResult, Tag("CompressResult")],
+    Discriminator(_completion_kind),
+]
