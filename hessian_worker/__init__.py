@@ -39,6 +39,13 @@ _EXPORTS = {
     "load_calibration": "hessian_worker.data",
     "Calibration": "hessian_worker.data",
     "load_model": "hessian_worker.models",
+    # the basis scheme (shared low-rank bases)
+    "BasisOptions": "hessian_worker.basis.config",
+    "analyze_basis": "hessian_worker.basis.analysis",
+    "rescore_basis_plan": "hessian_worker.basis.analysis",
+    "apply_basis_plan": "hessian_worker.basis.apply",
+    "save_basis": "hessian_worker.basis.io",
+    "load_basis": "hessian_worker.basis.io",
 }
 
 __all__ = [
@@ -68,11 +75,21 @@ __all__ = [
     "predict_plan_loss",
     "save_shared",
     "unique_params",
+    "BasisOptions",
+    "analyze_basis",
+    "rescore_basis_plan",
+    "apply_basis_plan",
+    "save_basis",
+    "load_basis",
 ]
 
 if TYPE_CHECKING:
     from hessian_worker.analysis import analyze, predict_plan_loss
     from hessian_worker.apply import ApplyReport, apply_plan, unique_params
+    from hessian_worker.basis.analysis import analyze_basis, rescore_basis_plan
+    from hessian_worker.basis.apply import apply_basis_plan
+    from hessian_worker.basis.config import BasisOptions
+    from hessian_worker.basis.io import load_basis, save_basis
     from hessian_worker.choose import Choice, choose_plan
     from hessian_worker.config import AnalyzeConfig, Backend
     from hessian_worker.data import Calibration, load_calibration

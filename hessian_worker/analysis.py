@@ -23,7 +23,7 @@ from hessian_worker.losses import TaskLoss
 from hessian_worker.merge import Merge, merge_weights, plan_groups
 from hessian_worker.models import load_model
 from hessian_worker.objective import Objective
-from solver.schema import Constraints, Costs, Layer, Options, SharingPlan, SharingProblem
+from solver.schema import Constraints, Costs, Layer, Options, Scheme, SharingPlan, SharingProblem
 
 
 @dataclass
@@ -104,6 +104,7 @@ def analyze(
             a model spec (``minilm``, a Hugging Face directory, ``module:factory``).
         data: calibration data (see ``load_calibration``).
         config: backend, cost kind, selection, sampling; defaults to ``AnalyzeConfig()``.
+            ``scheme='basis'`` builds the shared-low-rank-basis problem instead (hessian_worker.basis).
         tokenizer: for text data when ``model`` is a module.
         loss_fn: a task loss (output, batch) -> scalar instead of self-distillation.
 
@@ -111,6 +112,10 @@ def analyze(
         DiscoveryError, DataError, MemoryBudgetError, BackendError: with the fix in the message.
     """
     config = config or AnalyzeConfig()
+    if config.scheme is Scheme.basis:  # hook: shared low-rank bases (hessian_worker/basis)
+        from hessian_worker.basis.analysis import analyze_basis
+
+        return analyze_basis(model, data, config, tokenizer=tokenizer, loss_fn=loss_fn)
     prep = prepare(model, data, config, tokenizer=tokenizer)
     with torch.no_grad():  # torch.func transforms differentiate anyway; no stray autograd graphs
         return _analyze(prep, config, loss_fn)

@@ -17,7 +17,7 @@ from hessian_worker.data import DataSource
 from hessian_worker.errors import PlanError
 from hessian_worker.merge import Merge, merge_weights, plan_groups
 from hessian_worker.objective import Objective
-from solver.schema import SharingPlan
+from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
 class ApplyReport(BaseModel):
@@ -58,6 +58,32 @@ def tie(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
             setattr(module, a, rep)
 
 
+def _here(model: nn.Module, name: str, config: AnalyzeConfig) -> AnalyzeConfig:
+    """The config with the device and dtype the model already has (measure where it lives)."""
+    here = model.get_parameter(name)
+    return AnalyzeConfig.model_validate({  # model_copy would skip validation of the enums
+        **config.model_dump(), "device": str(here.device),
+        "dtype": "float64" if here.dtype == torch.float64 else "float32"})
+
+
+def curvature_weights(
+    model: nn.Module,
+    data: DataSource,
+    names: Sequence[str],
+    config: AnalyzeConfig | None = None,
+    *,
+    tokenizer: Any | None = None,
+) -> dict[str, Tensor]:
+    """Per-element diagonal curvature (diagonal GGN by default) of ``names`` on ``data``: the
+    weights of the curvature merge. Measured once, it serves every candidate plan and the apply."""
+    config = _here(model, names[0], config or AnalyzeConfig(progress=False))
+    prep = prepare(model, data, config, tokenizer=tokenizer)
+    obj = Objective(prep.model, prep.data, list(names), config.distill)
+    with torch.no_grad():
+        return estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
+                                 generator=config.generator(), kind=config.curvature)
+
+
 def _plan_names(plan: SharingPlan) -> list[str]:
     names = list(plan.coloring)
     for group in plan.groups:
@@ -73,16 +99,26 @@ def apply_plan(
     data: DataSource | None = None,
     config: AnalyzeConfig | None = None,
     tokenizer: Any | None = None,
+    problem: SharingProblem | None = None,
+    diag: dict[str, Tensor] | None = None,
 ) -> ApplyReport:
     """Ties each class of ``plan`` to one Parameter, in place (like ``quantize_(model, config)``).
 
     The shared value is the mean, the representative (first layer of the group), ``curvature``
     (per-element Σ F_k⊙W_k / Σ F_k with F the diagonal GGN from ``data``), or ``layerwise``
-    (the closed form (Σ W_k G_k)(Σ G_k)⁻¹ from layer input covariances on ``data``).
+    (the closed form (Σ W_k G_k)(Σ G_k)⁻¹ from layer input covariances on ``data``). ``diag``
+    passes curvature weights measured already (see ``curvature_weights``), so no data is needed.
+
+    ``problem`` (the plan's SharingProblem) is needed for plans whose families use the ``basis``
+    scheme: those go to ``hessian_worker.basis.apply_basis_plan`` (ranks from the problem).
 
     Raises:
         PlanError: the plan names unknown parameters or mixes shapes, or a curvature merge lacks data.
     """
+    if problem is not None and any(s.scheme is Scheme.basis for s in (problem.families or {}).values()):
+        from hessian_worker.basis.apply import apply_basis_plan  # hook: shared low-rank bases
+
+        return apply_basis_plan(model, plan, problem, merge, data=data, config=config, tokenizer=tokenizer)
     merge = Merge(merge)
     config = config or AnalyzeConfig(progress=False)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -91,23 +127,15 @@ def apply_plan(
     original = sum(params[n].numel() for n in names if n in params)
     before = unique_params(model)
     shared_names = [n for g in groups for n in g]
-    diag: dict[str, Tensor] | None = None
     layerwise: LayerwiseCurvature | None = None
-    if merge in (Merge.curvature, Merge.layerwise) and groups:
+    needs_data = (merge is Merge.curvature and diag is None) or merge is Merge.layerwise
+    if needs_data and groups:
         if data is None:
             raise PlanError(f"merge={merge.value!r} needs calibration data (data=...) to measure curvature")
-        # measure where the model already is (model_copy would skip validation of the enums)
-        here = params[shared_names[0]]
-        cfg = AnalyzeConfig.model_validate({
-            **config.model_dump(), "device": str(here.device),
-            "dtype": "float64" if here.dtype == torch.float64 else "float32"})
-        prep = prepare(model, data, cfg, tokenizer=tokenizer)
         if merge is Merge.curvature:
-            obj = Objective(model, prep.data, shared_names, cfg.distill)
-            with torch.no_grad():
-                diag = estimate_diagonal(obj, cfg.diagonal_method, probes=cfg.probes,
-                                         generator=cfg.generator(), kind=cfg.curvature)
+            diag = curvature_weights(model, data, shared_names, config, tokenizer=tokenizer)
         else:
+            prep = prepare(model, data, _here(model, shared_names[0], config), tokenizer=tokenizer)
             layerwise = LayerwiseCurvature.collect(model, prep.data, shared_names)
     merged: list[Tensor] = []
     with torch.no_grad():

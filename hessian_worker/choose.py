@@ -30,13 +30,15 @@ def choose_plan(
     *,
     merge: Merge | str = Merge.mean,
     tokenizer: Any | None = None,
+    diag: dict[str, Any] | None = None,
 ) -> Choice:
     """The candidate with the least measured loss change after merging (ties: the earlier one).
 
-    The model is not changed: merged weights are substituted per candidate (see measure_plans).
+    The model is not changed: merged weights are substituted per candidate (see measure_plans);
+    ``diag`` passes curvature-merge weights measured already.
     """
     if not plans:
         raise ValueError("choose_plan needs at least one candidate plan")
-    measured = measure_plans(model, data, list(plans), config, merge=merge, tokenizer=tokenizer)
+    measured = measure_plans(model, data, list(plans), config, merge=merge, tokenizer=tokenizer, diag=diag)
     index = min(range(len(plans)), key=lambda i: (measured[i], i))
     return Choice(plan=plans[index], index=index, measured=measured)

@@ -7,10 +7,11 @@ from enum import Enum
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hessian_worker.basis.config import BasisOptions
 from hessian_worker.curvature.base import CurvatureKind
 from hessian_worker.curvature.diagonal import DiagonalMethod
 from hessian_worker.losses import DistillLoss
-from solver.schema import CostKind
+from solver.schema import CostKind, Scheme
 
 
 class Backend(str, Enum):
@@ -61,6 +62,9 @@ class AnalyzeConfig(BaseModel):
     dtype: DType = DType.float32
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     progress: bool = True
+    # basis sharing (hessian_worker/basis): W_l ~ B_c C_l; analyze/apply_plan dispatch on scheme
+    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (shared low-rank basis)")
+    basis: BasisOptions = Field(default_factory=BasisOptions, description="basis scheme: rank, whitening, correction")
 
     @model_validator(mode="after")
     def _check(self) -> AnalyzeConfig:

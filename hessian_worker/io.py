@@ -29,6 +29,12 @@ def save_shared(model: nn.Module, plan: SharingPlan, directory: str | Path) -> P
     Returns:
         the directory.
     """
+    from hessian_worker.basis.modules import has_basis_layers
+
+    if has_basis_layers(model):  # hook: shared low-rank bases keep a layout (hessian_worker/basis)
+        from hessian_worker.basis.io import save_basis
+
+        return save_basis(model, plan, directory)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -69,6 +75,10 @@ def load_shared(model: nn.Module, directory: str | Path) -> SharingPlan:
     if not (src / WEIGHTS).is_file() or not (src / PLAN).is_file():
         raise PlanError(f"{str(src)!r} needs {WEIGHTS} and {PLAN} (written by save_shared)")
     meta = json.loads((src / PLAN).read_text(encoding="utf-8"))
+    if meta.get("scheme") == "basis":  # hook: rebuild shared low-rank bases (hessian_worker/basis)
+        from hessian_worker.basis.io import load_basis
+
+        return load_basis(model, src)
     plan = SharingPlan.model_validate(meta["plan"])
     aliases: dict[str, str] = meta.get("aliases", {})
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -60,13 +60,14 @@ def measure_plans(
     merge: Merge | str = Merge.mean,
     tokenizer: Any | None = None,
     loss_fn: TaskLoss | None = None,
+    diag: dict[str, Tensor] | None = None,
 ) -> list[float]:
     """Real calibration-loss change of each candidate plan, without touching the model.
 
     Each plan's merged weights are substituted with ``functional_call``, so one model and one set
     of reference outputs serve every candidate: this is how the pipeline picks among the solver's
     diverse good plans by a real forward pass (DESIGN.md). Curvature weights for ``merge=curvature``
-    are measured once over the union of the plans' layers.
+    are measured once over the union of the plans' layers (or passed in as ``diag``).
     """
     config = config or AnalyzeConfig(progress=False)
     merge = Merge(merge)
@@ -77,8 +78,7 @@ def measure_plans(
     obj = Objective(prep.model, prep.data, union, config.distill, loss_fn)
     out = []
     with torch.no_grad():
-        diag = None
-        if merge is Merge.curvature and union:
+        if merge is Merge.curvature and union and diag is None:
             diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
                                      generator=config.generator(), kind=config.curvature)
         layerwise = None

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from hessian_worker.analysis import analyze
-from hessian_worker.apply import apply_plan
+from hessian_worker.apply import apply_plan, curvature_weights
 from hessian_worker.choose import choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.data import Calibration, load_calibration
@@ -94,9 +94,13 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
     pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
                            per_pattern=config.per_pattern)
-    choice = choose_plan(model, fit, pool, acfg, merge=merge, tokenizer=tokenizer)
+    quiet = acfg.model_copy(update={"progress": False})
+    # the curvature-merge weights, measured once for every candidate and the final tie
+    diag = (curvature_weights(model, costs_data, [layer.name for layer in problem.layers], quiet, tokenizer=tokenizer)
+            if merge is Merge.curvature else None)
+    choice = choose_plan(model, fit, pool, acfg, merge=merge, tokenizer=tokenizer, diag=diag)
     reference = copy.deepcopy(model)
-    report = apply_plan(model, choice.plan, merge, data=costs_data, config=acfg.model_copy(update={"progress": False}))
+    report = apply_plan(model, choice.plan, merge, data=costs_data, config=quiet, tokenizer=tokenizer, diag=diag)
     healed = None
     if config.heal_steps:
         healed = heal(model, reference, fit, HealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=config.seed,

@@ -1,0 +1,186 @@
+"""apply_basis_plan: replace each basis class's linear layers by BasisLinear modules that share ONE
+basis Parameter and keep their own coefficients and bias, in place.
+
+A layer in a class of one gets its own rank-r basis (plain low rank), so the unique parameters of
+the plan's layers are exactly the solver's count: class_params per class + member_params per layer.
+Classes of ``tie`` families in the same plan go through the ordinary ``apply_plan``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hessian_worker.analysis import prepare
+from hessian_worker.apply import ApplyReport, apply_plan, unique_params
+from hessian_worker.basis.analysis import basis_classes, rank_of
+from hessian_worker.basis.decompose import (
+    BasisFactors,
+    output_weights,
+    refine,
+    shared_basis,
+    whitened_error,
+)
+from hessian_worker.basis.modules import BasisLinear, dense_weights, install_class, module_path
+from hessian_worker.config import AnalyzeConfig
+from hessian_worker.curvature.diagonal import estimate_diagonal
+from hessian_worker.curvature.layerwise import input_covariances, linear_modules
+from hessian_worker.data import DataSource
+from hessian_worker.errors import PlanError
+from hessian_worker.merge import Merge
+from hessian_worker.objective import Objective
+from solver.schema import Scheme, SharingPlan, SharingProblem
+
+
+class BasisApplyReport(ApplyReport):
+    """ApplyReport plus what the basis scheme did (``merge`` applies to tie families only)."""
+
+    scheme: Scheme = Scheme.basis
+    basis_classes: int
+    ranks: dict[str, int]
+    whitened: bool
+    refined: bool
+    whitened_error: float | None = None
+
+
+def apply_basis_plan(
+    model: nn.Module,
+    plan: SharingPlan,
+    problem: SharingProblem,
+    merge: Merge | str = Merge.mean,
+    *,
+    data: DataSource | None = None,
+    config: AnalyzeConfig | None = None,
+    tokenizer: Any | None = None,
+) -> BasisApplyReport:
+    """Applies ``plan`` in place; ranks come from ``problem.families`` (scheme ``basis``).
+
+    With ``data`` the bases are whitened by the layer input covariances (as in ``analyze_basis``)
+    and ``whitened_error`` reports Σ_class E; without it they are the plain SVD. With
+    ``config.basis.refine_rounds`` > 0 the correction of decompose.py runs, its output weights
+    from the diagonal GGN on ``data``.
+
+    Raises:
+        PlanError: the plan names unknown or non-linear layers, a rank does not fit, or the
+            correction lacks data.
+    """
+    merge = Merge(merge)
+    config = config or AnalyzeConfig(progress=False, scheme=Scheme.basis)
+    options = config.basis
+    classes = basis_classes(plan, problem)
+    ranks = rank_of(problem)
+    in_basis = {n for c in classes for n in c}
+    all_names = _plan_names(plan)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    original = sum(params[n].numel() for n in all_names if n in params)
+    before = unique_params(model)
+
+    tie_groups = [list(g) for g in plan.groups if g and g[0] not in in_basis]
+    if any(len(g) > 1 for g in tie_groups):
+        coloring = {n: c for c, g in enumerate(tie_groups) for n in g}
+        sub = plan.model_copy(update={"groups": tie_groups, "coloring": coloring})
+        apply_plan(model, sub, merge, data=data, config=config, tokenizer=tokenizer)
+
+    names = [n for c in classes for n in c]
+    weights = dense_weights(model, names)
+    if options.refine_rounds and data is None:
+        raise PlanError(
+            "basis refine_rounds > 0 needs calibration data (data=...) for the output-side curvature"
+        )
+    covs: dict[str, Tensor] | None = None
+    out_w: dict[str, Tensor] | None = None
+    if data is not None and names:
+        here = weights[names[0]]
+        cfg = AnalyzeConfig.model_validate(
+            {
+                **config.model_dump(),
+                "device": str(here.device),
+                "dtype": "float64" if here.dtype == torch.float64 else "float32",
+            }
+        )
+        prep = prepare(model, data, cfg, tokenizer=tokenizer)
+        with torch.no_grad():
+            if options.whiten or options.refine_rounds:
+                covs = input_covariances(model, prep.data, names, progress=config.progress)
+            if options.refine_rounds:
+                out_w = _output_weights(model, prep, names, covs, cfg)
+    covs_used = covs if options.whiten else None
+
+    error = 0.0 if covs_used is not None else None
+    for group in tqdm(classes, desc="basis classes", disable=not config.progress, leave=False):
+        ws = [weights[n] for n in group]
+        cs = [covs_used[n] for n in group] if covs_used is not None else None
+        factors = shared_basis(ws, ranks[group[0]], cs, damping=options.damping)
+        if out_w is not None:
+            factors = refine(
+                ws,
+                factors,
+                cs,
+                out_weights=[out_w[n] for n in group],
+                damping=options.damping,
+                rounds=options.refine_rounds,
+                trust=options.trust,
+            ).factors
+        if error is not None:
+            error += whitened_error(ws, factors, cs, damping=options.damping)
+        _install(model, group, factors)
+
+    shared = _plan_unique(model, all_names)
+    fams = {x.name: x.family for x in problem.layers}
+    return BasisApplyReport(
+        merge=merge,
+        groups=sum(len(g) > 1 for g in [*classes, *tie_groups]),
+        unique_params_before=before,
+        unique_params_after=unique_params(model),
+        plan_params_original=original,
+        plan_params_shared=shared,
+        ratio=shared / original if original else 1.0,
+        basis_classes=len(classes),
+        ranks={fams[n]: ranks[n] for n in names},
+        whitened=covs_used is not None,
+        refined=out_w is not None,
+        whitened_error=error,
+    )
+
+
+def _install(model: nn.Module, group: list[str], factors: BasisFactors) -> None:
+    with torch.no_grad():
+        install_class(model, group, factors.basis, factors.coefs)
+
+
+def _output_weights(
+    model: nn.Module, prep: Any, names: list[str], covs: dict[str, Tensor], cfg: AnalyzeConfig
+) -> dict[str, Tensor]:
+    """a_ℓ from the diagonal GGN of each weight (decompose.output_weights), in [out, in] orientation."""
+    obj = Objective(model, prep.data, names, cfg.distill)
+    diag = estimate_diagonal(
+        obj, cfg.diagonal_method, probes=cfg.probes, generator=cfg.generator(), kind=cfg.curvature
+    )
+    layers = linear_modules(model, names)
+    return {n: output_weights(diag[n].T if layers[n][1] else diag[n], covs[n]) for n in names}
+
+
+def _plan_names(plan: SharingPlan) -> list[str]:
+    names = list(plan.coloring)
+    for group in plan.groups:
+        names.extend(n for n in group if n not in plan.coloring)
+    return names
+
+
+def _plan_unique(model: nn.Module, names: list[str]) -> int:
+    """Unique elements behind the plan's layers: bases and coefficients of basis layers (each
+    Parameter once), the (possibly tied) weight of the others."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: dict[int, int] = {}
+    for name in names:
+        module = modules.get(module_path(name)) if name.endswith(".weight") else None
+        if isinstance(module, BasisLinear):
+            for p in (module.basis, module.coef):
+                seen[id(p)] = p.numel()
+        elif name in params:
+            seen[id(params[name])] = params[name].numel()
+    return sum(seen.values())

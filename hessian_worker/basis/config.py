@@ -1,0 +1,48 @@
+"""BasisOptions: how the ``basis`` scheme picks ranks, whitens, and corrects (no torch here)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class BasisOptions(BaseModel):
+    """Options of the ``basis`` sharing scheme (W_ℓ ≈ B_c·C_ℓ), nested in ``AnalyzeConfig.basis``.
+
+    The rank of a family is ``rank`` (an int for every family, or ``{family: rank}``), else
+    ``rank_ratio · min(d_out, d_in)`` rounded (at least 1). The default ratio 0.25 keeps a layer
+    alone at 1/4 of min(d_out, d_in) singular directions: for a square layer that is half its
+    parameters, and every extra member of a class then adds only its r·d_in coefficients.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | dict[str, int] | None = Field(
+        None,
+        description="Rank for every family, or {family: rank}; None: rank_ratio·min(d_out, d_in).",
+    )
+    rank_ratio: float = Field(
+        0.25, gt=0, le=1, description="Default rank as a share of min(d_out, d_in)."
+    )
+    whiten: bool = Field(
+        True, description="Whiten by the layer input covariances (False: plain SVD)."
+    )
+    damping: float = Field(
+        0.01,
+        gt=0,
+        description="Ridge on the input covariance, as a share of its mean diagonal (GPTQ's 1%).",
+    )
+    refine_rounds: int = Field(
+        0, ge=0, description="apply: correction rounds under the output-side curvature (0 = none)."
+    )
+    trust: float = Field(
+        0.1, gt=0, description="apply: trust region of a correction step, ‖ΔB‖ ≤ trust·‖B‖."
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        ranks = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        bad = [r for r in ranks if r < 1]
+        if bad:
+            raise ValueError(f"basis ranks must be >= 1, got {bad}")
+        return value

@@ -1,0 +1,199 @@
+"""Costs of the ``basis`` scheme: a layer alone at rank r (unary) and the extra cost of one shared
+basis for a pair (pairwise), both as the step-1 minimum of decompose.py.
+
+Units: E = Σ_ℓ tr(δ_ℓ G̃_ℓ δ_ℓᵀ), the mean squared change of the layers' outputs on the calibration
+inputs, which is exactly the predicted loss change ½δᵀHδ of the layerwise backend (H = 2G⊗I), so a
+basis problem and a tie problem from the layerwise backend are on one scale.
+
+- unary u_ℓ = E*({ℓ}) = Σ_{i>r} σ_i(W_ℓ L_ℓ)², the layer's own whitened truncated-SVD error;
+- pair w_ℓm = E*({ℓ, m}) − u_ℓ − u_m ≥ 0: the shared basis is a feasible pair of separate bases,
+  so the joint optimum is never below the two separate optima; round-off can leave a tiny negative,
+  which is clipped to 0 (larger ones, impossible in exact arithmetic, are reported in a warning).
+
+The solver then scores a class S as Σ u + Σ_{pairs} w, exact for classes of one and two; the exact
+value of any class is ``FamilyGrams.error`` (used by plan re-scoring).
+
+E*(S) = Σ_{i>r} λ_i of a Gram matrix of M = [Y_ℓ]_{ℓ∈S}, Y_ℓ = W_ℓ L_ℓ: of MMᵀ = Σ Y_ℓY_ℓᵀ
+(d_out × d_out) or of MᵀM (blocks Y_ℓᵀY_m, |S|·d_in square), whichever is smaller; both have the
+same non-zero eigenvalues, and the per-layer blocks are cached, so a family's n(n−1)/2 pairs cost
+n(n−1)/2 eigenvalue problems of size min(d_out, 2·d_in) and no SVDs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hessian_worker.basis.config import BasisOptions
+from hessian_worker.basis.decompose import DTYPE, check_class, lapack_threads, whitened
+from hessian_worker.discovery import LayerInfo
+from hessian_worker.errors import DiscoveryError
+
+# a negative pair cost within this share of the pair's energy ‖M‖² is round-off
+NOISE_TOL = 1e-9
+
+
+class FamilyGrams:
+    """Whitened factors Y_ℓ of one family's layers, with cached Gram blocks for class errors."""
+
+    def __init__(
+        self, weights: Sequence[Tensor], covs: Sequence[Tensor] | None, *, damping: float = 0.01
+    ) -> None:
+        self.ys = whitened(weights, covs, damping)
+        self.d_out, self.d_in = self.ys[0].shape
+        self._outer: dict[int, Tensor] = {}
+        self._cross: dict[tuple[int, int], Tensor] = {}
+
+    def energy(self, members: Sequence[int]) -> float:
+        """‖M‖² = Σ_ℓ ‖W_ℓ L_ℓ‖²: the error of sharing a rank-0 basis."""
+        return float(sum(self.ys[i].pow(2).sum() for i in members))
+
+    def error(self, members: Sequence[int], rank: int) -> float:
+        """E*(S): the least whitened error of one rank-r basis for the members (Σ_{i>r} σ_i(M)²)."""
+        members = list(members)
+        gram = self._gram(members)
+        with lapack_threads(gram.shape[0]):
+            values = torch.linalg.eigvalsh(gram)
+        keep = max(values.numel() - rank, 0)
+        return float(values[:keep].clamp_min(0.0).sum())
+
+    def _gram(self, members: list[int]) -> Tensor:
+        if self.d_out <= len(members) * self.d_in:
+            return sum(self._outer_of(i) for i in members)
+        rows = [torch.cat([self._cross_of(a, b) for b in members], dim=1) for a in members]
+        return torch.cat(rows, dim=0)
+
+    def _outer_of(self, i: int) -> Tensor:
+        if i not in self._outer:
+            self._outer[i] = self.ys[i] @ self.ys[i].T
+        return self._outer[i]
+
+    def _cross_of(self, a: int, b: int) -> Tensor:
+        if a > b:
+            return self._cross_of(b, a).T
+        if (a, b) not in self._cross:
+            self._cross[(a, b)] = self.ys[a].T @ self.ys[b]
+        return self._cross[(a, b)]
+
+
+def family_rank(family: str, shape: tuple[int, ...], options: BasisOptions) -> int:
+    """The family's rank: ``options.rank`` (int or per family), else rank_ratio·min(d_out, d_in).
+
+    Raises:
+        DiscoveryError: the rank is above min(d_out, d_in), or the weight is not 2-D.
+    """
+    if len(shape) != 2:
+        raise DiscoveryError(
+            f"family {family!r} has {len(shape)}-D weights; the basis scheme needs linear (2-D) weights"
+        )
+    d_out, d_in = shape
+    if isinstance(options.rank, int):
+        rank = options.rank
+    elif isinstance(options.rank, dict) and family in options.rank:
+        rank = options.rank[family]
+    else:
+        rank = max(1, round(options.rank_ratio * min(d_out, d_in)))
+    if rank > min(d_out, d_in):
+        raise DiscoveryError(
+            f"basis rank {rank} for family {family!r} exceeds min(d_out, d_in) = {min(d_out, d_in)}; "
+            f"pass a smaller rank, or rank={{{family!r}: r}} per family"
+        )
+    return rank
+
+
+def family_ranks(
+    layers: Sequence[LayerInfo], shapes: Mapping[str, tuple[int, int]], options: BasisOptions
+) -> dict[str, int]:
+    """Family -> rank, from each family's (d_out, d_in) in linear orientation.
+
+    Raises:
+        DiscoveryError: a per-family rank names an unknown family, or a rank is too high.
+    """
+    fams = {x.family: shapes[x.name] for x in layers}
+    if isinstance(options.rank, dict):
+        unknown = sorted(set(options.rank) - set(fams))
+        if unknown:
+            raise DiscoveryError(
+                f"basis rank names unknown families {unknown}; known: {sorted(fams)}"
+            )
+    return {fam: family_rank(fam, shape, options) for fam, shape in fams.items()}
+
+
+def basis_costs(
+    layers: Sequence[LayerInfo],
+    weights: Mapping[str, Tensor],
+    covs: Mapping[str, Tensor] | None,
+    ranks: Mapping[str, int],
+    *,
+    damping: float = 0.01,
+    progress: bool = False,
+) -> tuple[list[list[float | None]], list[float]]:
+    """(pairwise matrix, unary) over ``layers``; None across families, 0 on the diagonal.
+
+    Args:
+        weights: name -> weight as [d_out, d_in] (GPT-2 Conv1D weights transposed already).
+        covs: name -> input covariance G (d_in × d_in); None for the unwhitened scheme.
+        ranks: family -> rank.
+    """
+    n = len(layers)
+    matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
+    unary = [0.0] * n
+    fams: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        matrix[i][i] = 0.0
+        fams.setdefault(layer.family, []).append(i)
+    total = sum(len(m) + len(m) * (len(m) - 1) // 2 for m in fams.values())
+    bar = tqdm(total=total, desc="basis costs", disable=not progress, leave=False)
+    clipped: list[float] = []
+    for fam, members in fams.items():
+        names = [layers[i].name for i in members]
+        ws = [weights[x] for x in names]
+        cs = [covs[x] for x in names] if covs is not None else None
+        check_class(ws, ranks[fam], cs)
+        grams = FamilyGrams(ws, cs, damping=damping)
+        rank = ranks[fam]
+        alone = []
+        for local, i in enumerate(members):
+            alone.append(grams.error([local], rank))
+            unary[i] = alone[-1]
+            bar.update(1)
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                value = grams.error([a, b], rank) - alone[a] - alone[b]
+                if value < 0:
+                    if value < -NOISE_TOL * max(grams.energy([a, b]), 1e-300):
+                        clipped.append(value)
+                    value = 0.0
+                matrix[members[a]][members[b]] = matrix[members[b]][members[a]] = value
+                bar.update(1)
+    bar.close()
+    if clipped:
+        warnings.warn(
+            f"{len(clipped)} basis pair costs were negative beyond round-off (least {min(clipped):.3g}) "
+            "and were clipped to 0; the eigenvalue solver lost accuracy (try float64 covariances)",
+            stacklevel=2,
+        )
+    return matrix, unary
+
+
+def class_errors(
+    classes: Sequence[Sequence[str]],
+    weights: Mapping[str, Tensor],
+    covs: Mapping[str, Tensor] | None,
+    rank_of: Mapping[str, int],
+    *,
+    damping: float = 0.01,
+) -> list[float]:
+    """E*(S) of each class at its rank: the exact step-1 error of its real shared basis."""
+    out = []
+    for names in classes:
+        ws = [weights[x].to(DTYPE) for x in names]
+        cs = [covs[x] for x in names] if covs is not None else None
+        rank = rank_of[names[0]]
+        check_class(ws, rank, cs)
+        out.append(FamilyGrams(ws, cs, damping=damping).error(range(len(names)), rank))
+    return out

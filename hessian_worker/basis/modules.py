@@ -1,0 +1,185 @@
+"""BasisLinear: a linear layer whose weight is a class-shared basis times its own coefficients.
+
+Members of one class hold the SAME ``basis`` Parameter object (like tied weights), so
+``model.parameters()`` lists it once: the unique-parameter count, the optimizer in healing and the
+de-duplicating save all see one basis per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hessian_worker.curvature.layerwise import linear_modules
+from hessian_worker.errors import PlanError
+
+WEIGHT_SUFFIX = ".weight"
+
+
+class BasisLinear(nn.Module):
+    """y = B (C x) + b, B [out, r] shared by the class, C [r, in] and b this layer's own.
+
+    Replaces an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose [in, out] weight is transposed first)
+    with the same input and output shapes; computing through the rank-r bottleneck is also cheaper.
+    """
+
+    def __init__(
+        self, basis: nn.Parameter, coef: nn.Parameter, bias: nn.Parameter | None = None
+    ) -> None:
+        super().__init__()
+        if basis.dim() != 2 or coef.dim() != 2 or basis.shape[1] != coef.shape[0]:
+            raise PlanError(
+                f"basis {tuple(basis.shape)} and coefficients {tuple(coef.shape)} do not chain"
+            )
+        if bias is not None and tuple(bias.shape) != (basis.shape[0],):
+            raise PlanError(f"bias {tuple(bias.shape)} does not fit {basis.shape[0]} outputs")
+        self.basis = basis
+        self.coef = coef
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = bias
+
+    @property
+    def in_features(self) -> int:
+        return int(self.coef.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[1])
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense [out, in] weight B·C, for code that reads ``.weight`` (not a Parameter)."""
+        return self.basis @ self.coef
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.coef), self.basis, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+def module_path(weight_name: str) -> str:
+    """``blocks.0.fc.weight`` -> ``blocks.0.fc``.
+
+    Raises:
+        PlanError: the name is not a ``.weight``.
+    """
+    if not weight_name.endswith(WEIGHT_SUFFIX):
+        raise PlanError(
+            f"the basis scheme replaces linear layers; {weight_name!r} is not a '.weight'"
+        )
+    return weight_name[: -len(WEIGHT_SUFFIX)]
+
+
+def dense_weights(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    """Name -> detached weight as [out, in] (Conv1D transposed), for Linear/Conv1D layers only.
+
+    Raises:
+        PlanError: a name is already a basis layer, or not a linear layer's weight.
+    """
+    modules = dict(model.named_modules())
+    done = [n for n in names if isinstance(modules.get(module_path(n)), BasisLinear)]
+    if done:
+        raise PlanError(f"these layers are already basis layers (apply a plan once): {done[:5]}")
+    try:
+        layers = linear_modules(model, names)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from exc
+    return {n: (m.weight.detach().T if t else m.weight.detach()) for n, (m, t) in layers.items()}
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Puts ``new`` at ``path`` (a ModuleList index works too) and returns the module it replaced."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def install_class(
+    model: nn.Module, names: Sequence[str], basis: Tensor, coefs: Sequence[Tensor]
+) -> list[BasisLinear]:
+    """Replaces each named layer with a BasisLinear sharing ONE basis Parameter; biases are kept.
+
+    The new Parameters take each replaced weight's dtype, device and ``requires_grad``.
+    """
+    layers = linear_modules(model, names)
+    first = layers[names[0]][0].weight
+    shared = nn.Parameter(
+        basis.to(dtype=first.dtype, device=first.device).contiguous(),
+        requires_grad=first.requires_grad,
+    )
+    out = []
+    for name, coef in zip(names, coefs, strict=True):
+        module = layers[name][0]
+        own = nn.Parameter(
+            coef.to(dtype=first.dtype, device=first.device).contiguous(),
+            requires_grad=module.weight.requires_grad,
+        )
+        new = BasisLinear(shared, own, module.bias)
+        replace_module(model, module_path(name), new)
+        out.append(new)
+    return out
+
+
+def basis_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every BasisLinear as {path: {rank, out, in, bias, basis}} with ``basis`` the path of the first
+    module holding the same basis Parameter (what a fresh model needs to rebuild the sharing)."""
+    owner: dict[int, str] = {}
+    layout = {}
+    for path, module in model.named_modules():
+        if isinstance(module, BasisLinear):
+            owner.setdefault(id(module.basis), path)
+            layout[path] = {
+                "rank": module.rank,
+                "out": module.out_features,
+                "in": module.in_features,
+                "bias": module.bias is not None,
+                "basis": owner[id(module.basis)],
+            }
+    return layout
+
+
+def has_basis_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, BasisLinear) for m in model.modules())
+
+
+def rebuild(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
+    """Replaces the layout's linear layers of a fresh model with BasisLinear modules of the saved
+    ranks and sharing (values are placeholders until the saved tensors are loaded).
+
+    Raises:
+        PlanError: a path is missing, not a linear layer, or of another shape than saved.
+    """
+    names = [f"{path}{WEIGHT_SUFFIX}" for path in layout]
+    try:
+        layers = linear_modules(model, names)
+    except ValueError as exc:
+        raise PlanError(f"saved basis layers do not fit this model: {exc}") from exc
+    bases: dict[str, nn.Parameter] = {}
+    for path, spec in layout.items():
+        module, transposed = layers[f"{path}{WEIGHT_SUFFIX}"]
+        w = module.weight.T if transposed else module.weight
+        if tuple(w.shape) != (spec["out"], spec["in"]):
+            raise PlanError(
+                f"{path} is {tuple(w.shape)} here but {(spec['out'], spec['in'])} when saved"
+            )
+        key = spec["basis"]
+        if key not in bases:
+            bases[key] = nn.Parameter(
+                w.new_zeros(spec["out"], spec["rank"]), requires_grad=w.requires_grad
+            )
+        coef = nn.Parameter(w.new_zeros(spec["rank"], spec["in"]), requires_grad=w.requires_grad)
+        replace_module(
+            model, path, BasisLinear(bases[key], coef, module.bias if spec["bias"] else None)
+        )
