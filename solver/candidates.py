@@ -31,8 +31,14 @@ def top_plans(
     *,
     min_distance: int = 1,
     optimum: SharingPlan | None = None,
+    normalized: bool = False,
 ) -> list[SharingPlan]:
     """Up to ``top`` plans within the budget, cheapest first, the solver's optimum first.
+
+    ``normalized`` ranks by size-normalized pairwise costs instead (a class S costs
+    (2/|S|)·Σ its pair costs, closer to a real mean merge; see ``kbest._partition_costs``): the
+    plans are then named ``norm-1``, ``norm-2``, ..., carry the contract's objective, and the
+    optimum is not forced first.
 
     Greedy in objective order: a plan is kept when it differs from every plan kept before it in
     at least ``min_distance`` sharing pairs (see ``kbest.plan_distance``). Exact (the true K best)
@@ -50,11 +56,11 @@ def top_plans(
     seeds = _family_labels(problem, fams, optimum.coloring)
     pool = top if min_distance == 1 else max(4 * top, 50)
     while True:  # far-apart plans may lie deep in the ranking: widen the pool until enough are kept
-        built = [family_table(fam, pool, [seed]) for fam, seed in zip(fams, seeds, strict=True)]
+        built = [family_table(fam, pool, [seed], normalized=normalized) for fam, seed in zip(fams, seeds, strict=True)]
         tables = [table for table, _ in built]
         method = "k-best:" + ("enumerated" if all(exact for _, exact in built) else "enumerated+neighbourhood")
         combos = k_best_combinations(tables, _params(fams, tables), problem.budget_params(), pool)
-        kept = [optimum]
+        kept = [] if normalized else [optimum]
         for combo in combos:
             if len(kept) == top:
                 break
@@ -65,6 +71,8 @@ def top_plans(
         if len(kept) == top or len(combos) < pool or pool >= _MAX_POOL:
             break
         pool = min(4 * pool, _MAX_POOL)
+    if normalized:
+        return [p.model_copy(update={"strategy": f"norm-{i}"}) for i, p in enumerate(kept, start=1)]
     kept.sort(key=lambda p: p.objective)  # a neighbourhood may beat a time-limited optimum
     return [p if p is optimum else p.model_copy(update={"strategy": f"top-{i}"}) for i, p in enumerate(kept, start=1)]
 
@@ -113,14 +121,17 @@ def candidate_plans(
     min_distance: int = 1,
     patterns: Sequence[Strategy | str] = DEFAULT_PATTERNS,
     per_pattern: int = 1,
+    normalized_top: int = 0,
 ) -> list[SharingPlan]:
-    """The pool the worker measures: ``top_plans`` (optimum first), then the pattern plans, with
-    duplicates dropped.
+    """The pool the worker measures: ``top_plans`` (optimum first), the ``normalized_top`` best
+    by size-normalized pair costs, then the pattern plans, with duplicates dropped.
 
     Raises:
         BudgetInfeasible, ConstraintInfeasible: as `solve`.
     """
     plans = top_plans(problem, top, config, min_distance=min_distance)
+    if normalized_top:
+        plans += top_plans(problem, normalized_top, config, min_distance=min_distance, optimum=plans[0], normalized=True)
     plans += pattern_plans(problem, config, patterns=patterns, per_pattern=per_pattern)
     seen, out = set(), []
     for plan in plans:

@@ -55,8 +55,13 @@ def set_partitions(m: int) -> np.ndarray:
     return rows
 
 
-def _partition_costs(up: UnitProblem, rows: np.ndarray) -> np.ndarray:
-    """Cost of every labelling in ``rows`` (inf where a constraint breaks), vectorized."""
+def _partition_costs(up: UnitProblem, rows: np.ndarray, normalized: bool = False) -> np.ndarray:
+    """Cost of every labelling in ``rows`` (inf where a constraint breaks), vectorized.
+
+    ``normalized`` (pairwise only) scores a class S by (2/|S|)·Σ its pair costs instead of the
+    sum: what a mean merge really costs under isotropic curvature (DESIGN.md), since the plain
+    pairwise sum over-counts large classes. Used to rank extra candidates, never as the objective.
+    """
     m = up.m
     cost = np.zeros(len(rows))
     if m < 2:
@@ -71,7 +76,14 @@ def _partition_costs(up: UnitProblem, rows: np.ndarray) -> np.ndarray:
         cost[(same & up.forbidden[iu, iv]).any(axis=1)] = math.inf
     if up.kind is CostKind.pairwise:
         assert up.pair is not None
-        return cost + same.astype(float) @ up.pair[iu, iv]
+        if not normalized:
+            return cost + same.astype(float) @ up.pair[iu, iv]
+        for mask in onehots:
+            m = mask.astype(float)
+            within = 0.5 * ((m @ up.pair) * m).sum(axis=1)
+            size = m @ up.sizes
+            cost += np.where(size >= 2, 2.0 * within / np.maximum(size, 1.0), 0.0)
+        return cost
     assert up.take is not None and up.home is not None
     for mask in onehots:
         sums = mask.astype(float) @ up.take  # (P, L): the class's cost with representative r
@@ -80,14 +92,15 @@ def _partition_costs(up: UnitProblem, rows: np.ndarray) -> np.ndarray:
     return cost
 
 
-def _enumerated(fam: FamilyInstance, pool: int) -> FamilyTable:
-    """Exact: the ``pool`` cheapest feasible partitions at every class count."""
+def _enumerated(fam: FamilyInstance, pool: int, normalized: bool = False) -> FamilyTable:
+    """Exact: the ``pool`` cheapest feasible partitions at every class count (by the normalized
+    class costs when asked; see ``_partition_costs``)."""
     up = fam.reduced
     if up.m == 0:
         labels = fam.layer_labels(np.zeros(0, dtype=int))
         return {len(fam.pinned): [FamilyOption(fam.layer_partition_cost(labels), tuple(labels.tolist()))]}
     rows = set_partitions(up.m)
-    costs = _partition_costs(up, rows)
+    costs = _partition_costs(up, rows, normalized)
     counts = rows.max(axis=1).astype(int) + 1
     table: FamilyTable = {}
     for c in np.unique(counts):
@@ -97,7 +110,8 @@ def _enumerated(fam: FamilyInstance, pool: int) -> FamilyTable:
             labels = fam.layer_labels(rows[i].astype(int))
             cost = fam.layer_partition_cost(labels)  # also checks contiguity
             if math.isfinite(cost):
-                options.append(FamilyOption(cost, tuple(labels.tolist())))
+                rank_by = costs[i] + up.constant if normalized else cost
+                options.append(FamilyOption(float(rank_by), tuple(labels.tolist())))
                 if len(options) == pool:
                     break
         if options:
@@ -195,10 +209,16 @@ def _neighbourhood(fam: FamilyInstance, pool: int, seeds: Sequence[np.ndarray]) 
     }
 
 
-def family_table(fam: FamilyInstance, pool: int, seeds: Sequence[np.ndarray] = ()) -> tuple[FamilyTable, bool]:
-    """The ``pool`` best options per class count, and whether the lists are exact."""
+def family_table(
+    fam: FamilyInstance, pool: int, seeds: Sequence[np.ndarray] = (), *, normalized: bool = False
+) -> tuple[FamilyTable, bool]:
+    """The ``pool`` best options per class count, and whether the lists are exact.
+
+    ``normalized`` ranks by size-normalized class costs where every partition is enumerated
+    (pairwise costs); larger families keep the plain objective's neighbourhood.
+    """
     if fam.reduced.m <= ENUM_MAX_UNITS:
-        return _enumerated(fam, pool), True
+        return _enumerated(fam, pool, normalized and fam.kind is CostKind.pairwise), True
     return _neighbourhood(fam, pool, seeds), False
 
 

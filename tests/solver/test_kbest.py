@@ -166,3 +166,24 @@ def test_options_top_adds_alternatives_to_the_plan():
     assert all(a.objective >= plan.objective for a in plan.alternatives)
     assert solve_with_alternatives(problem).alternatives is None
     assert SharingProblem.model_validate(data).model_dump()["options"]["top"] == 4
+
+
+def _normalized(problem: SharingProblem, groups: list[list[str]]) -> float:
+    pos = {layer.name: i for i, layer in enumerate(problem.layers)}
+    m = problem.costs.matrix
+    total = sum(problem.costs.unary or [0.0])
+    for g in groups:
+        if len(g) > 1:
+            total += 2.0 / len(g) * sum(m[pos[a]][pos[b]] for a, b in itertools.combinations(g, 2))
+    return total
+
+
+def test_normalized_top_plans_rank_by_size_normalized_costs():
+    problem = random_problem([5, 4, 4], seed=21, ratio=0.5, unary=True)
+    truth = sorted(_normalized(problem, g) for _, g in all_plans(problem))
+    plans = top_plans(problem, 10, normalized=True)
+    assert [p.strategy for p in plans] == [f"norm-{i}" for i in range(1, 11)]
+    assert [_normalized(problem, p.groups) for p in plans] == pytest.approx(truth[:10])
+    assert all(p.objective == pytest.approx(objective(problem, p.coloring)) for p in plans)
+    pool = candidate_plans(problem, top=3, normalized_top=3)
+    assert any(p.strategy.startswith("norm-") for p in pool if p.strategy)
