@@ -54,6 +54,8 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--top", type=int, default=16, help="best plans by the cost model to measure (plus pattern plans)")
     c.add_argument("--min-distance", type=int, default=1,
                    help="sharing pairs in which each top plan differs from every better one")
+    c.add_argument("--normalized-top", type=int, default=16,
+                   help="also measure the best plans by size-normalized pair costs (0: none)")
     c.add_argument("--per-pattern", type=int, default=2,
                    help="budget-filling allocations measured per pattern strategy (sequence, cycle, ...)")
     c.add_argument("--curvature-samples", type=int, default=None,
@@ -181,7 +183,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         from hessian_worker.pipeline import CompressConfig, compress
 
         config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, distill=args.distill,
-                                top=args.top, min_distance=args.min_distance, per_pattern=args.per_pattern,
+                                top=args.top, min_distance=args.min_distance, per_pattern=args.per_pattern, normalized_top=args.normalized_top,
                                 curvature_samples=args.curvature_samples, heal_steps=args.heal,
                                 heal_lr=args.heal_lr, holdout=args.holdout, samples=args.samples,
                                 batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,

@@ -39,6 +39,7 @@ class CompressConfig(BaseModel):
     top: int = Field(16, ge=1, le=1000, description="Best plans by the cost model to measure (plus the pattern plans).")
     min_distance: int = Field(1, ge=1, description="Sharing pairs in which each of the top plans differs from every better one.")
     per_pattern: int = Field(2, ge=0, le=100, description="Budget-filling allocations measured per pattern strategy.")
+    normalized_top: int = Field(16, ge=0, le=1000, description="Best plans by size-normalized pair costs, also measured.")
     distill: DistillLoss = Field(DistillLoss.auto, description="cosine suits sentence-embedding models.")
     heal_steps: int = Field(0, ge=0)
     heal_lr: float = Field(5e-5, gt=0)
@@ -93,7 +94,7 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     problem = analyze(model, costs_data, acfg, tokenizer=tokenizer)
     solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
     pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
-                           per_pattern=config.per_pattern)
+                           per_pattern=config.per_pattern, normalized_top=config.normalized_top)
     quiet = acfg.model_copy(update={"progress": False})
     # the curvature-merge weights, measured once for every candidate and the final tie
     diag = (curvature_weights(model, costs_data, [layer.name for layer in problem.layers], quiet, tokenizer=tokenizer)

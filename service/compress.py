@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # the compress fields that go to CompressConfig; `out` and `overwrite` stay with the worker
 CONFIG_FIELDS = frozenset(
-    {"top", "min_distance", "per_pattern", "merge", "distill", "heal_steps", "heal_lr", "holdout",
+    {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "holdout",
      "curvature_samples", "batch_size"}
 )  # fmt: skip
 
@@ -71,6 +71,9 @@ class CompressSpec(BaseModel):
     )
     per_pattern: int | None = Field(
         None, ge=0, le=100, description="Budget-filling allocations measured per pattern strategy."
+    )
+    normalized_top: int | None = Field(
+        None, ge=0, le=1000, description="Best plans by size-normalized pair costs, also measured."
     )
     merge: Merge | None = Field(
         None,
@@ -137,6 +140,9 @@ class CompressReport(BaseModel):
     plan: SharingPlan = Field(description="The plan applied to the saved model.")
     out: str = Field(description="Where the worker saved the compressed model.")
     chosen: str | None = Field(None, description="The strategy of the chosen candidate.")
+    normalized_top: int | None = Field(
+        None, ge=0, le=1000, description="Best plans by size-normalized pair costs, also measured."
+    )
     merge: Merge | None = Field(None, description="How the shared tensors were made.")
     unique_params: int | None = None
     params_ratio: float | None = None
