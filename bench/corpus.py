@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import pkgutil
 import random
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 
 _MODULES = [
@@ -75,13 +77,25 @@ def sentences() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+def splits(sizes: Sequence[int], seed: int = 0) -> list[list[str]]:
+    """Disjoint seeded samples of the given sizes: consecutive slices of one seeded shuffle, so
+    the first k splits do not depend on how many more are asked for.
+
+    Raises:
+        ValueError: the sizes add up to more sentences than the corpus has.
+    """
+    pool = list(sentences())
+    if sum(sizes) > len(pool):
+        raise ValueError(f"asked for {sum(sizes)} sentences, the corpus has {len(pool)}")
+    random.Random(seed).shuffle(pool)
+    ends = list(itertools.accumulate(sizes))
+    return [pool[end - size : end] for size, end in zip(sizes, ends, strict=True)]
+
+
 def split(calibration: int, evaluation: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint seeded samples: (calibration sentences, evaluation sentences)."""
-    pool = list(sentences())
-    if calibration + evaluation > len(pool):
-        raise ValueError(f"asked for {calibration + evaluation} sentences, the corpus has {len(pool)}")
-    random.Random(seed).shuffle(pool)
-    return pool[:calibration], pool[calibration : calibration + evaluation]
+    calib, evaluation_ = splits((calibration, evaluation), seed)
+    return calib, evaluation_
 
 
 if __name__ == "__main__":
