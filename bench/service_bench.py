@@ -5,6 +5,11 @@ Starts ``geoshare serve`` on 127.0.0.1 with a temporary SQLite file, then measur
   * one client, requests one after another (p50/p99 latency and its overhead over the solve time
     the plan reports),
   * N concurrent clients (plans/s, p50/p99 latency).
+Each level also reports the CPU milliseconds spent per plan by the server process, its solve
+processes and this client (from /proc): on 2 shared cores, plans/s is about 2000 / that total
+times the share of the cores the run gets, so the CPU figures are the ones to compare between
+runs. The client is kept cheap (stdlib http.client, one keep-alive connection per client thread,
+the body serialized once), since it competes for the same cores.
 Writes bench/results/service_bench.json with the command that made it.
 
     python bench/service_bench.py --clients 1,2,4,8,16 --requests 120 --server-concurrency 2
@@ -13,6 +18,7 @@ Writes bench/results/service_bench.json with the command that made it.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -56,6 +62,13 @@ def problem_36(seed: int = 0) -> SharingProblem:
     })
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,43 +98,94 @@ def _start(db: Path, concurrency: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server did not become ready")
 
 
-def _one(client: httpx.Client, body: str) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    r = client.post("/v1/plans", params={"wait": 60}, content=body, headers={"Content-Type": "application/json"})
-    latency = time.perf_counter() - t0
-    if r.status_code != 200:
-        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-    return latency, float(r.json()["plan"]["solver"]["time_s"])
+class _Client:
+    """One keep-alive HTTP/1.1 connection (stdlib: a fraction of httpx's CPU per request)."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def plan(self, body: bytes) -> tuple[float, float]:
+        """POST one problem and wait for its plan: (latency, the solve time the plan reports)."""
+        t0 = time.perf_counter()
+        self.conn.request("POST", "/v1/plans?wait=60", body=body, headers=_HEADERS)
+        r = self.conn.getresponse()
+        data = r.read()
+        latency = time.perf_counter() - t0
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {data[:300]!r}")
+        return latency, float(json.loads(data)["plan"]["solver"]["time_s"])
+
+    def close(self) -> None:
+        self.conn.close()
 
 
-def _run_clients(url: str, body: str, clients: int, requests: int) -> dict:
+_HEADERS = {"Content-Type": "application/json"}
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid``, whichever of its threads started them (the runner's slots)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _cpu_snapshot(server: int) -> tuple[float, dict[int, float], float]:
+    """(server CPU, CPU of each child process, this process's CPU) in seconds."""
+    return _cpu_s(server), {c: _cpu_s(c) for c in _children(server)}, time.process_time()
+
+
+def _run_clients(url: str, body: bytes, clients: int, requests: int, server_pid: int) -> dict:
     latencies: list[float] = []
     solve_times: list[float] = []
     lock = threading.Lock()
     per = [requests // clients + (1 if k < requests % clients else 0) for k in range(clients)]
+    conns = [_Client(url) for _ in range(clients)]
 
     def worker(k: int) -> None:
-        with httpx.Client(base_url=url, timeout=120) as c:
-            for _ in range(per[k]):
-                lat, st = _one(c, body)
-                with lock:
-                    latencies.append(lat)
-                    solve_times.append(st)
+        mine = [conns[k].plan(body) for _ in range(per[k])]
+        with lock:
+            latencies.extend(lat for lat, _ in mine)
+            solve_times.extend(st for _, st in mine)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    server0, kids0, client0 = _cpu_snapshot(server_pid)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    server1, kids1, client1 = _cpu_snapshot(server_pid)
+    for c in conns:
+        c.close()
+    n = len(latencies)
+    cpu = {"server": (server1 - server0) / n * 1e3,
+           "solve_processes": sum(v - kids0.get(c, 0.0) for c, v in kids1.items()) / n * 1e3,
+           "client": (client1 - client0) / n * 1e3}
+    cpu["total"] = sum(cpu.values())
     return {
-        "clients": clients, "requests": len(latencies), "wall_s": round(wall, 3),
-        "plans_per_s": round(len(latencies) / wall, 2),
+        "clients": clients, "requests": n, "wall_s": round(wall, 3),
+        "plans_per_s": round(n / wall, 2),
         "latency_ms": {"p50": round(_pct(latencies, 50) * 1e3, 2), "p99": round(_pct(latencies, 99) * 1e3, 2),
                        "mean": round(statistics.fmean(latencies) * 1e3, 2)},
         "solve_ms_p50": round(_pct(solve_times, 50) * 1e3, 2),
         "overhead_ms_p50": round((_pct(latencies, 50) - _pct(solve_times, 50)) * 1e3, 2),
+        "cpu_ms_per_plan": {k: round(v, 2) for k, v in cpu.items()},
     }
 
 
@@ -135,25 +199,29 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     problem = problem_36()
-    body = problem.model_dump_json()
-    direct = []
-    for _ in range(20):
-        t0 = time.perf_counter()
+    body = problem.model_dump_json().encode()
+    load_before = _loadavg()
+    direct, direct_cpu = [], []
+    for _ in range(50):
+        t0, c0 = time.perf_counter(), time.process_time()
         plan = solve(problem)
         direct.append(time.perf_counter() - t0)
-    print(f"direct solve: p50 {_pct(direct, 50) * 1e3:.1f} ms ({plan.status.value}, gap {plan.gap})", flush=True)
+        direct_cpu.append(time.process_time() - c0)
+    print(f"direct solve: p50 {_pct(direct, 50) * 1e3:.1f} ms, CPU {statistics.fmean(direct_cpu) * 1e3:.2f} ms "
+          f"({plan.status.value}, gap {plan.gap}); load average {load_before}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = _start(Path(tmp) / "bench.db", args.server_concurrency)
         try:
-            with httpx.Client(base_url=url, timeout=120) as c:
-                for _ in range(5):  # warm-up: processes, connections, SQLite pages
-                    _one(c, body)
-            sequential = _run_clients(url, body, 1, args.sequential)
+            warm = _Client(url)
+            for _ in range(20):  # warm-up: processes, connections, SQLite pages, caches
+                warm.plan(body)
+            warm.close()
+            sequential = _run_clients(url, body, 1, args.sequential, proc.pid)
             print(f"sequential: {sequential}", flush=True)
             levels = []
             for n in (int(x) for x in args.clients.split(",")):
-                res = _run_clients(url, body, n, args.requests)
+                res = _run_clients(url, body, n, args.requests, proc.pid)
                 print(f"{n:>3} clients: {res}", flush=True)
                 levels.append(res)
         finally:
@@ -164,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/service_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "note": "2 cores shared with other work; numbers are indicative"},
+                    "load_average_before": load_before, "load_average_after": _loadavg(),
+                    "note": "2 cores shared with other work (see the load averages): plans/s and latencies are "
+                            "indicative, cpu_ms_per_plan is what changes compare"},
         "problem": {"layers": len(problem.layers), "families": 6, "ratio": 0.5, "status": plan.status.value},
         "server": {"concurrency": args.server_concurrency, "solver_workers": 1, "db": "sqlite (temp file)"},
-        "direct_solve_ms": {"p50": round(_pct(direct, 50) * 1e3, 2), "p99": round(_pct(direct, 99) * 1e3, 2)},
+        "direct_solve_ms": {"p50": round(_pct(direct, 50) * 1e3, 2), "p99": round(_pct(direct, 99) * 1e3, 2),
+                            "cpu_mean": round(statistics.fmean(direct_cpu) * 1e3, 2)},
         "sequential": sequential,
         "concurrent": levels,
     }

@@ -43,7 +43,7 @@ async def _reaper(app: FastAPI, settings: Settings) -> None:
         for job_id in changed:
             app.state.notifier.notify(job_id)
         if changed:
-            app.state.runner.wake()
+            app.state.runner.wake(len(changed))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

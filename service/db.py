@@ -6,6 +6,7 @@ replicas never both take a job and a late result never overwrites a cancellation
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -21,14 +22,16 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
+    insert,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -102,6 +105,32 @@ def _snapshot(row: JobRow) -> Job:
     return Job(**{f: getattr(row, f) for f in Job.__dataclass_fields__})
 
 
+# The statements of every plan request (create, claim, finish, get), built once as Core
+# statements with bound parameters: SQLAlchemy then reuses their compiled form, and the ORM's
+# unit of work (a third of a millisecond per statement here) stays out of the request path.
+_JOBS = JobRow.__table__
+_FIELDS = [_JOBS.c[f] for f in Job.__dataclass_fields__]  # Job(*row) takes them in this order
+_GET = select(*_FIELDS).where(_JOBS.c.id == bindparam("b_id"))
+_BY_KEY = select(*_FIELDS).where(_JOBS.c.kind == bindparam("b_kind"), _JOBS.c.idempotency_key == bindparam("b_key"))
+_COUNT = select(func.count()).select_from(_JOBS).where(
+    _JOBS.c.kind.in_(bindparam("b_kinds", expanding=True)), _JOBS.c.state == bindparam("b_state"))
+_INSERT = insert(_JOBS)
+_OLDEST_QUEUED = select(_JOBS.c.id).where(
+    _JOBS.c.kind.in_(bindparam("b_kinds", expanding=True)), _JOBS.c.state == "queued"
+).order_by(_JOBS.c.created_at).limit(1)
+_CLAIM = update(_JOBS).where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state == "queued").values(
+    state="running", owner=bindparam("b_owner"), lease_token=bindparam("b_token"),
+    lease_expires=bindparam("b_expires"), started_at=bindparam("b_now"), attempts=_JOBS.c.attempts + 1)
+_HELD = (_JOBS.c.id == bindparam("b_id"), _JOBS.c.lease_token == bindparam("b_token"), _JOBS.c.state == "running")
+_RENEW = update(_JOBS).where(*_HELD).values(lease_expires=bindparam("b_expires"))
+_FINISH = update(_JOBS).where(*_HELD).values(
+    state=bindparam("b_state"), result=bindparam("b_result"), error=bindparam("b_error"),
+    finished_at=bindparam("b_now"), lease_token=None, lease_expires=None)
+_RETURNING = {stmt: stmt.returning(*_FIELDS) for stmt in (_CLAIM, _FINISH)}
+_FINISH_PARENT = update(_JOBS).where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state == "solving").values(
+    state=bindparam("b_state"), error=bindparam("b_error"), finished_at=bindparam("b_now"))
+
+
 def engine_for(url: str) -> Engine:
     """An engine; SQLite gets WAL and a busy timeout so threads and restarts share the file."""
     if url.startswith("sqlite"):
@@ -114,6 +143,10 @@ def engine_for(url: str) -> Engine:
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: commits append to the WAL without an fsync (synced at checkpoints).
+            # A committed job survives the server process dying (kill -9, OOM: what the restart
+            # test does), but the last commits before an OS crash or power loss may roll back.
+            # FULL would fsync on every commit, several per request, on the synchronous path.
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
@@ -136,6 +169,16 @@ class Store:
     def __init__(self, url: str) -> None:
         self.engine = engine_for(url)
         Base.metadata.create_all(self.engine)
+        self._returning = self.engine.dialect.update_returning  # SQLite >= 3.35, Postgres
+
+    def _update_one(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Job | None:
+        """Run an UPDATE of the row ``params["b_id"]``; its new state if it matched, else None."""
+        if self._returning:
+            row = conn.execute(_RETURNING[stmt], params).first()
+            return Job(*row) if row is not None else None
+        if conn.execute(stmt, params).rowcount != 1:
+            return None
+        return Job(*conn.execute(_GET, {"b_id": params["b_id"]}).one())
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -147,21 +190,20 @@ class Store:
     # --- reading -----------------------------------------------------------------------------
 
     def get(self, job_id: str, kinds: Sequence[str] | None = None) -> Job | None:
-        with Session(self.engine) as s:
-            row = s.get(JobRow, job_id)
-            if row is None or (kinds is not None and row.kind not in kinds):
-                return None
-            return _snapshot(row)
+        with self.engine.connect() as conn:
+            row = conn.execute(_GET, {"b_id": job_id}).first()
+        if row is None or (kinds is not None and row.kind not in kinds):
+            return None
+        return Job(*row)
 
     def by_idempotency(self, kind: str, key: str) -> Job | None:
-        with Session(self.engine) as s:
-            row = s.scalars(select(JobRow).where(JobRow.kind == kind, JobRow.idempotency_key == key)).first()
-            return _snapshot(row) if row else None
+        with self.engine.connect() as conn:
+            row = conn.execute(_BY_KEY, {"b_kind": kind, "b_key": key}).first()
+        return Job(*row) if row is not None else None
 
     def count(self, kinds: Iterable[str], state: str) -> int:
-        with Session(self.engine) as s:
-            q = select(func.count()).select_from(JobRow).where(JobRow.kind.in_(list(kinds)), JobRow.state == state)
-            return int(s.scalar(q) or 0)
+        with self.engine.connect() as conn:
+            return int(conn.execute(_COUNT, {"b_kinds": list(kinds), "b_state": state}).scalar() or 0)
 
     # --- creating ----------------------------------------------------------------------------
 
@@ -176,13 +218,13 @@ class Store:
             old = self.by_idempotency(kind, idempotency_key)
             if old is not None:
                 return self.same_request(old, request_hash), False
-        row = JobRow(id=uuid.uuid4().hex, kind=kind, state="queued", request=request, request_hash=request_hash,
-                     idempotency_key=idempotency_key, parent_id=parent_id, attempts=0, created_at=time.time())
+        job = Job(id=uuid.uuid4().hex, kind=kind, state="queued", request=request, request_hash=request_hash,
+                  idempotency_key=idempotency_key, problem=None, result=None, error=None, parent_id=parent_id,
+                  child_id=None, owner=None, lease_token=None, lease_expires=None, attempts=0,
+                  created_at=time.time(), started_at=None, finished_at=None)
         try:
-            with Session(self.engine) as s, s.begin():
-                s.add(row)
-                s.flush()
-                job = _snapshot(row)
+            with self.engine.begin() as conn:
+                conn.execute(_INSERT, dataclasses.asdict(job))
         except IntegrityError:
             # a concurrent retry with the same key won the insert
             assert idempotency_key is not None
@@ -208,49 +250,35 @@ class Store:
     def claim(self, kinds: Sequence[str], owner: str, lease_s: float) -> Job | None:
         """Take the oldest queued job of these kinds; None when there is none."""
         for _ in range(5):  # lost races: another runner took the candidate first
-            with Session(self.engine) as s, s.begin():
-                cand = s.scalars(
-                    select(JobRow.id).where(JobRow.kind.in_(list(kinds)), JobRow.state == "queued")
-                    .order_by(JobRow.created_at).limit(1)
-                ).first()
+            with self.engine.begin() as conn:
+                cand = conn.execute(_OLDEST_QUEUED, {"b_kinds": list(kinds)}).scalar()
                 if cand is None:
                     return None
                 now = time.time()
-                res = s.execute(
-                    update(JobRow).where(JobRow.id == cand, JobRow.state == "queued").values(
-                        state="running", owner=owner, lease_token=secrets.token_hex(16),
-                        lease_expires=now + lease_s, started_at=now, attempts=JobRow.attempts + 1)
-                )
-                if res.rowcount == 1:
-                    row = s.get(JobRow, cand, populate_existing=True)
-                    assert row is not None
-                    return _snapshot(row)
+                job = self._update_one(conn, _CLAIM, {
+                    "b_id": cand, "b_owner": owner, "b_token": secrets.token_hex(16),
+                    "b_expires": now + lease_s, "b_now": now})
+                if job is not None:
+                    return job
         return None
 
     def renew(self, job_id: str, token: str, lease_s: float) -> bool:
         """Extend a lease; False when the job was cancelled, finished or re-queued meanwhile."""
-        with Session(self.engine) as s, s.begin():
-            res = s.execute(update(JobRow).where(
-                JobRow.id == job_id, JobRow.lease_token == token, JobRow.state == "running"
-            ).values(lease_expires=time.time() + lease_s))
+        with self.engine.begin() as conn:
+            res = conn.execute(_RENEW, {"b_id": job_id, "b_token": token, "b_expires": time.time() + lease_s})
             return res.rowcount == 1
 
     def finish(self, job_id: str, token: str, state: str, result: str | None = None,
                error: dict[str, Any] | None = None) -> Job | None:
         """Record the outcome of a job still held under this lease; mirror it onto the parent."""
-        with Session(self.engine) as s, s.begin():
-            res = s.execute(update(JobRow).where(
-                JobRow.id == job_id, JobRow.lease_token == token, JobRow.state == "running"
-            ).values(state=state, result=result, error=json.dumps(error) if error else None,
-                     finished_at=time.time(), lease_token=None, lease_expires=None))
-            if res.rowcount != 1:
-                return None
-            row = s.get(JobRow, job_id, populate_existing=True)
-            assert row is not None
-            if row.parent_id:
-                s.execute(update(JobRow).where(JobRow.id == row.parent_id, JobRow.state == "solving").values(
-                    state=state, error=row.error, finished_at=row.finished_at))
-            return _snapshot(row)
+        with self.engine.begin() as conn:
+            job = self._update_one(conn, _FINISH, {
+                "b_id": job_id, "b_token": token, "b_state": state, "b_result": result,
+                "b_error": json.dumps(error) if error else None, "b_now": time.time()})
+            if job is not None and job.parent_id:
+                conn.execute(_FINISH_PARENT, {"b_id": job.parent_id, "b_state": state, "b_error": job.error,
+                                              "b_now": job.finished_at})
+            return job
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a job that has not finished (and its plan, for an analysis); None if unknown."""

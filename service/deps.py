@@ -1,4 +1,8 @@
-"""FastAPI dependencies as ``Annotated`` aliases: settings, store, runner, notifier, auth."""
+"""FastAPI dependencies as ``Annotated`` aliases: settings, store, runner, notifier, auth.
+
+All are ``async def``: they only read app state, and FastAPI runs a plain ``def`` dependency in
+the thread pool, a thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -16,23 +20,23 @@ from service.runner import Runner
 from service.settings import Settings
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _store(request: Request) -> Store:
+async def _store(request: Request) -> Store:
     return request.app.state.store
 
 
-def _runner(request: Request) -> Runner:
+async def _runner(request: Request) -> Runner:
     return request.app.state.runner
 
 
-def _notifier(request: Request) -> Notifier:
+async def _notifier(request: Request) -> Notifier:
     return request.app.state.notifier
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -45,7 +49,7 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 _bearer = HTTPBearer(auto_error=False, description="Needed when the server has GEOSHARE_API_KEY set.")
 
 
-def require_api_key(settings: SettingsDep,
+async def require_api_key(settings: SettingsDep,
                     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """Checks the bearer token when the server has an API key; open otherwise."""
     if settings.api_key is None:

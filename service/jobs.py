@@ -85,9 +85,13 @@ async def submit(store: Store, runner: Runner | None, settings: Settings, kind: 
 
 async def wait_for(store: Store, notifier: Notifier, job_id: str, wait_s: float,
                    poll_s: float = 1.0) -> Job | None:
-    """The job once it is terminal or ``wait_s`` has passed, whichever is first."""
+    """The job once it is terminal or ``wait_s`` has passed, whichever is first.
+
+    Woken only by changes that may settle the job (not by its start or a solve's progress), so
+    a quick solve costs one store read here after the first.
+    """
     deadline = time.monotonic() + wait_s
-    with notifier.subscribe(job_id) as ev:
+    with notifier.subscribe(job_id, every_change=False) as ev:
         while True:
             job = await run_in_threadpool(store.get, job_id)
             left = deadline - time.monotonic()

@@ -66,7 +66,7 @@ class Runner:
     """The solve slots of one server process."""
 
     def __init__(self, settings: Settings, store: Store, metrics: Metrics,
-                 notify: Callable[[str], None]) -> None:
+                 notify: Callable[..., None]) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
@@ -91,7 +91,7 @@ class Runner:
 
     def stop(self) -> None:
         self._stop.set()
-        self.wake()
+        self.wake(None)
         with self._lock:
             procs = [p for p in self._procs.values() if p is not None]
         for p in procs:
@@ -99,11 +99,16 @@ class Runner:
         for t in self._threads:
             t.join(timeout=10)
 
-    def wake(self) -> None:
-        """New work: idle slots look at the queue now instead of at their next poll."""
+    def wake(self, jobs: int | None = 1) -> None:
+        """New work: as many idle slots as there are new jobs (all when None) look at the queue
+        now instead of at their next poll. One per job, so a second idle slot does not pay a
+        claim that finds the queue empty."""
         with self._cond:
             self._generation += 1
-            self._cond.notify_all()
+            if jobs is None:
+                self._cond.notify_all()
+            else:
+                self._cond.notify(jobs)
 
     def cancel(self, job_id: str) -> bool:
         """Kill the process running this job here, if any (the store already says cancelled)."""
@@ -168,7 +173,7 @@ class Runner:
         with self._lock:
             self._current[slot] = job.id
         self.metrics.running.labels(job.kind).inc()
-        self.notify(job.id)
+        self.notify(job.id, settled=False)
         t0 = time.perf_counter()
         try:
             outcome = self._exchange(proc, job)
@@ -220,7 +225,7 @@ class Runner:
                     # live improvements are kept in memory only: the final plan is what persists
                     with self._lock:
                         self._progress[job.id] = message[1]
-                    self.notify(job.id)
+                    self.notify(job.id, settled=False)
                     continue
             except (EOFError, OSError):
                 return None

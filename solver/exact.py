@@ -163,9 +163,26 @@ def _backtrack(k: int, levels: list[np.ndarray], ccost: np.ndarray, m: int) -> n
     return labels
 
 
+_CACHED_SUBMASK_BITS = 10  # cached submask lists hold at most 1024 entries (8 KiB; 1024 kept: 8 MiB)
+
+
 def _submasks(mask: int) -> np.ndarray:
+    """Every submask of ``mask``, read-only. Small ones come from a cache: backtracking asks for
+    the same masks for every k and every family of the same size."""
+    if mask.bit_count() <= _CACHED_SUBMASK_BITS:
+        return _small_submasks(mask)
+    return _make_submasks(mask)
+
+
+@lru_cache(maxsize=1 << 10)
+def _small_submasks(mask: int) -> np.ndarray:
+    return _make_submasks(mask)
+
+
+def _make_submasks(mask: int) -> np.ndarray:
     bits = [1 << i for i in range(mask.bit_length()) if mask >> i & 1]
     subs = np.zeros(1, dtype=np.int64)
     for b in bits:
         subs = np.concatenate([subs, subs | b])
+    subs.setflags(write=False)
     return subs

@@ -239,10 +239,13 @@ def _reduce(
 ) -> tuple[list[list[int]], UnitProblem]:
     """Contract required pairs into units and drop pinned layers."""
     n = len(names)
-    graph = nx.Graph()
-    graph.add_nodes_from(range(n))
-    graph.add_edges_from(required)
-    comps = sorted((sorted(c) for c in nx.connected_components(graph)), key=lambda c: c[0])
+    if required:
+        graph = nx.Graph()
+        graph.add_nodes_from(range(n))
+        graph.add_edges_from(required)
+        comps = sorted((sorted(c) for c in nx.connected_components(graph)), key=lambda c: c[0])
+    else:
+        comps = [[i] for i in range(n)]
     pinned_set = set(pinned)
     units = []
     for comp in comps:
@@ -269,6 +272,8 @@ def _reduce(
             units.append(comp)
     m = len(units)
     sizes = np.array([len(u) for u in units], dtype=int)
+    if units and all(len(u) == 1 for u in units):
+        return units, _singleton_units(units, cost, kind, max_size, sizes)
     forbidden = np.zeros((m, m), dtype=bool)
     for a in range(m):
         for b in range(a + 1, m):
@@ -297,3 +302,29 @@ def _reduce(
     # keep take finite so sums stay finite, forbidden masks the rest
     take = np.where(np.isinf(take), 0.0, take)
     return units, UnitProblem(kind, sizes, forbidden, max_size, take=take, home=home)
+
+
+def _singleton_units(
+    units: list[list[int]], cost: np.ndarray, kind: CostKind, max_size: int | None, sizes: np.ndarray
+) -> UnitProblem:
+    """`_reduce`'s unit problem when no require pair joins layers (the usual case), vectorized.
+
+    The same numbers as the general loop, which sums 1x1 blocks per unit pair: a copy of the
+    block values (``+ 0.0`` turns -0.0 into 0.0 as those sums do), upper triangle mirrored
+    (adding the zero other triangle is exact).
+    """
+    m = len(units)
+    idx = [u[0] for u in units]
+    sub = cost[np.ix_(idx, idx)]
+    upper = np.triu(np.isinf(sub), 1)
+    forbidden = upper | upper.T
+    finite = np.where(np.isinf(sub), 0.0, sub) + 0.0
+    if kind is CostKind.pairwise:
+        pair = np.triu(finite, 1)
+        pair = pair + pair.T
+        pair[forbidden] = 0.0
+        return UnitProblem(kind, sizes, forbidden, max_size, pair=pair, constant=0.0)
+    # assignment: unit a taking the representative of unit r costs its one entry (0 for itself)
+    take = finite.copy()
+    np.fill_diagonal(take, 0.0)
+    return UnitProblem(kind, sizes, forbidden, max_size, take=take, home=np.arange(m, dtype=int))

@@ -8,6 +8,7 @@ the whole compression-vs-cost frontier at once.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 Option = tuple[int, float, int]  # (params, cost, classes)
@@ -21,24 +22,25 @@ class Point:
 
 
 def pareto(options: list[list[Option]]) -> list[Point]:
-    """All Pareto-optimal combinations: params ascending, cost strictly descending."""
-    front = [Point(0, 0.0, ())]
+    """All Pareto-optimal combinations: params ascending, cost strictly descending.
+
+    Works on plain (params, cost, choice) tuples, whose natural order is the (params, cost,
+    choice) order ties are broken by, and makes Points only for the final front: most merged
+    combinations are dominated, and this runs on every request the service answers.
+    """
+    front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
     for family_opts in options:
-        merged = [
-            Point(p.params + o[0], p.cost + o[1], (*p.choice, o[2]))
-            for p in front
-            for o in family_opts
-            if o[1] != float("inf")
-        ]
-        merged.sort(key=lambda q: (q.params, q.cost, q.choice))
+        finite = [o for o in family_opts if o[1] != math.inf]
+        merged = [(params + o[0], cost + o[1], (*choice, o[2])) for params, cost, choice in front for o in finite]
+        merged.sort()
         front = []
         for q in merged:
-            if not front or q.cost < front[-1].cost:
-                if front and front[-1].params == q.params:
+            if not front or q[1] < front[-1][1]:
+                if front and front[-1][0] == q[0]:
                     front[-1] = q
                 else:
                     front.append(q)
-    return front
+    return [Point(params, cost, choice) for params, cost, choice in front]
 
 
 def best_within(front: list[Point], budget: int | None) -> Point | None:

@@ -48,8 +48,8 @@ class SolveConfig(BaseModel):
 
 def with_config(problem: SharingProblem, config: SolveConfig | None) -> SharingProblem:
     """A copy of the problem with the config's overrides applied (validated again)."""
-    if config is None:
-        return problem
+    if config is None or not _overrides(problem, config):
+        return problem  # nothing to change: skip the copy and its validation (the service's path)
     data = problem.model_dump()
     for key in ("max_params_ratio", "max_params"):
         if getattr(config, key) is not None:
@@ -58,6 +58,14 @@ def with_config(problem: SharingProblem, config: SolveConfig | None) -> SharingP
         if getattr(config, key) is not None:
             data["options"][key] = getattr(config, key)
     return SharingProblem.model_validate(data)
+
+
+def _overrides(problem: SharingProblem, config: SolveConfig) -> bool:
+    """Whether the config sets anything to a value the problem does not already have."""
+    held = {"max_params_ratio": problem.constraints.max_params_ratio, "max_params": problem.constraints.max_params,
+            "time_limit_s": problem.options.time_limit_s, "relative_gap": problem.options.relative_gap,
+            "workers": problem.options.workers, "seed": problem.options.seed}
+    return any(value is not None and value != held[key] for key, value in config.model_dump().items())
 
 
 def default_workers(problem: SharingProblem) -> int:
@@ -76,6 +84,7 @@ class _Search:
         self.fams: list[FamilyInstance] = build_families(problem)
         self.curves: list[FamilyCurve] = [initial_curve(f) for f in self.fams]
         self.hit_limit = False
+        self._fronts: tuple[list, list, list[Point], list[Point]] | None = None
 
     @property
     def limit_hit(self) -> bool:
@@ -108,10 +117,16 @@ class _Search:
             )
 
     def fronts(self) -> tuple[list[Point], list[Point]]:
-        return (
-            pareto([c.options(upper=True) for c in self.curves]),
-            pareto([c.options(upper=False) for c in self.curves]),
-        )
+        """Upper and lower Pareto fronts, memoized on the curves' options: a solve asks again
+        after its last round, and on exact curves the lower front is the upper one."""
+        up_opts = [c.options(upper=True) for c in self.curves]
+        lo_opts = [c.options(upper=False) for c in self.curves]
+        if self._fronts is not None and self._fronts[0] == up_opts and self._fronts[1] == lo_opts:
+            return self._fronts[2], self._fronts[3]
+        up = pareto(up_opts)
+        lo = up if lo_opts == up_opts else pareto(lo_opts)
+        self._fronts = (up_opts, lo_opts, up, lo)
+        return up, lo
 
     def open_cells(self, choice: tuple[int, ...], round_: int) -> list[tuple[int, int]]:
         """Cells of a knapsack choice that are unproven and have had fewer than round_ rounds."""
