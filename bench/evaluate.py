@@ -1,23 +1,37 @@
-"""Evaluation on a real model: Geo-Sharing's plans against heuristic sharing at equal budgets.
+"""Evaluation on real models: Geo-Sharing's plans against heuristic sharing at equal budgets.
 
-MiniLM (the packaged all-MiniLM-L6-v2): calibration and evaluation sentences are disjoint seeded
-samples of the standard library's docstrings (bench/corpus.py); the metric is the mean cosine of
-the compressed model's sentence embeddings (mean pooling, as sentence-transformers) to the
-original's on the evaluation sentences. Budgets are shares of the shareable parameters.
+Tasks (bench/tasks): MiniLM (pretrained all-MiniLM-L6-v2; embedding cosine to the original), a
+small GPT-style LM trained here on the standard library's source (held-out perplexity) and a
+residual MLP on scikit-learn's digits (test accuracy). Each task has disjoint seeded splits:
+calibration (curvature costs and healing), validation (the measured choice among candidates) and
+evaluation (every reported figure). Budgets are shares of the shareable parameters.
+
+Strategies: ``geo`` is the product's pipeline (``hessian_worker.compress`` step by step: exact
+GGN pair costs, the K best plans plus pattern plans, the least measured validation loss, a
+curvature-weighted merge); ``geo-solver`` and ``geo-<backend>`` are a cost model's optimum alone
+with a mean merge; the heuristics (weight-distance, sequence, cycle, cycle-rev, adjacent pairs,
+all-share, random) use the mean merge, as published, and ``<pattern>+geo-merge`` rows give the
+best patterns Geo-Sharing's merge too, so the merge's share of the gain shows. Geo-Sharing's merge
+is the product's default (hessian_worker.merge_rule): the layerwise closed form when the
+calibration + validation data give every tied layer a full-rank input covariance, else the
+per-element curvature merge.
 
     python bench/evaluate.py                  # full run -> bench/results/eval.{json,md}, plots
-    python bench/evaluate.py --quick          # CI-sized run (two budgets, fewer strategies)
+    python bench/evaluate.py --quick          # CI-sized: MiniLM and digits, two budgets
+    python bench/evaluate.py --tasks minilm --budgets 0.84 0.67 --heal-steps 0
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -25,17 +39,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.corpus import split
-from hessian_worker import (
-    AnalyzeConfig,
-    HealConfig,
-    analyze,
-    apply_plan,
-    choose_plan,
-    heal,
-    load_model,
-    measure_loss,
-)
+from bench.tasks import TASKS, Task, load_task
+from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
+from hessian_worker.apply import curvature_weights
+from hessian_worker.data import load_calibration
+from hessian_worker.measure import measure_plans
+from hessian_worker.merge_rule import default_merge
 from solver import SharingPlan, SharingProblem, SolveConfig, solve
 from solver.baselines import baseline
 from solver.candidates import candidate_plans
@@ -44,69 +53,89 @@ from solver.evaluate import objective
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / "cache"
 HEURISTICS = ["sequence", "cycle", "cycle-rev", "adjacent-pairs", "all-share"]
+GEO_MERGED = ["sequence", "adjacent-pairs"]  # heuristics also shown with Geo-Sharing's merge
 
 
-@torch.no_grad()
-def embed(model: torch.nn.Module, tokenizer, sentences: list[str]) -> torch.Tensor:
-    """Sentence embeddings as sentence-transformers makes them: masked mean pooling, L2-normalized."""
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    out = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
-    pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights, so cached costs never outlive the model they came from."""
+    h = hashlib.sha1()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:10]
 
 
 def weight_distances(model: torch.nn.Module, problem: SharingProblem) -> list[list[float | None]]:
     """||W_l - W_m||^2 within families (null across), the weight-distance clustering costs."""
-    params = dict(model.named_parameters())
-    names = [layer.name for layer in problem.layers]
+    params = {n: p.detach() for n, p in model.named_parameters()}
     out: list[list[float | None]] = []
-    for a, la in enumerate(problem.layers):
-        row = []
-        for b, lb in enumerate(problem.layers):
+    for la in problem.layers:
+        row: list[float | None] = []
+        for lb in problem.layers:
             if la.family != lb.family:
                 row.append(None)
             else:
-                row.append(0.0 if a == b else float(((params[names[a]] - params[names[b]]) ** 2).sum()))
+                row.append(0.0 if la.name == lb.name else float(((params[la.name] - params[lb.name]) ** 2).sum()))
         out.append(row)
     return out
 
 
-def costs_for(backend: str, model, calib: list[str], samples: int, seed: int, distill: str = "mse") -> SharingProblem:
-    """The backend's SharingProblem on the calibration sentences, cached on disk by its settings."""
+def costs_for(task: Task, backend: str, seed: int) -> SharingProblem:
+    """The backend's SharingProblem on the task's calibration data, cached on disk by its settings."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"minilm-{backend}-{distill}-n{samples}-s{seed}.json"
+    n = len(task.calibration)
+    path = CACHE / f"{task.name}-{backend}-{task.distill}-n{n}-s{seed}-{fingerprint(task.model)}.json"
     if path.is_file():
         return SharingProblem.model_validate_json(path.read_text())
-    config = AnalyzeConfig(backend=backend, kind="pairwise", seed=seed, batch_size=8, distill=distill, progress=True)
+    config = AnalyzeConfig(backend=backend, kind="pairwise", seed=seed, batch_size=8, distill=task.distill, progress=True)
     t = time.perf_counter()
-    problem = analyze(copy.deepcopy(model), calib, config, tokenizer=TOKENIZER)
-    print(f"  {backend}: costs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    problem = analyze(copy.deepcopy(task.model), task.calibration, config, tokenizer=task.tokenizer)
+    print(f"  {task.name} {backend}: costs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     path.write_text(problem.model_dump_json())
     return problem
 
 
-def measure(
-    plan: SharingPlan, model, eval_sents: list[str], ref_emb: torch.Tensor, heal_data: list[str] | None, heal_steps: int,
-    distill: str = "mse",
-) -> dict[str, tuple[float, float]]:
-    """{regime: (embedding cosine to the original, measured distillation-loss change)} of the tied
-    model, zero-shot and, with heal_steps, after healing on the calibration sentences."""
-    tied = copy.deepcopy(model)
-    apply_plan(tied, plan, "mean")
-    out = {"zero-shot": _scores(tied, model, eval_sents, ref_emb, distill)}
-    if heal_steps and heal_data:
-        heal(tied, model, heal_data, HealConfig(steps=heal_steps, lr=5e-5, distill=distill, progress=False), tokenizer=TOKENIZER)
-        out["healed"] = _scores(tied, model, eval_sents, ref_emb, distill)
-    return out
+def union(a: Any, b: Any) -> Any:
+    """Two data splits as one (sentence lists or sample tensors)."""
+    return a + b if isinstance(a, list) else torch.cat([a, b])
 
 
-def _scores(tied, model, eval_sents: list[str], ref_emb: torch.Tensor, distill: str) -> tuple[float, float]:
-    tied.eval()
-    emb = embed(tied, TOKENIZER, eval_sents)
-    cosine = float((emb * ref_emb).sum(-1).mean())
-    loss = measure_loss(tied, model, eval_sents, AnalyzeConfig(distill=distill, progress=False), tokenizer=TOKENIZER)
-    return cosine, loss
+class Runner:
+    """Ties plans into copies of a task's model and scores them, zero-shot and healed."""
+
+    def __init__(self, task: Task, heal_steps: int, diag: dict[str, torch.Tensor] | None) -> None:
+        self.task, self.heal_steps, self.diag = task, heal_steps, diag
+        self.quiet = AnalyzeConfig(distill=task.distill, progress=False)
+        self.data = union(task.calibration, task.validation)  # healing and the layerwise merge
+
+    def tied(self, plan: SharingPlan, merge: str) -> torch.nn.Module:
+        model = copy.deepcopy(self.task.model)
+        apply_plan(model, plan, merge, diag=self.diag, data=self.data, config=self.quiet, tokenizer=self.task.tokenizer)
+        return model.eval()
+
+    def loss(self, model: torch.nn.Module) -> float:
+        return measure_loss(model, self.task.model, self.task.evaluation, self.quiet, tokenizer=self.task.tokenizer)
+
+    def measure(self, plan: SharingPlan, merge: str) -> dict[str, tuple[float, float]]:
+        """{regime: (metric, loss change on the evaluation split)}; healed only with heal_steps."""
+        model = self.tied(plan, merge)
+        out = {"zero-shot": (self.task.score(model), self.loss(model))}
+        if self.heal_steps:
+            config = HealConfig(steps=self.heal_steps, lr=self.task.heal_lr, distill=self.task.distill, progress=False)
+            heal(model, self.task.model, self.data, config, tokenizer=self.task.tokenizer)
+            model.eval()
+            out["healed"] = (self.task.score(model), self.loss(model))
+        return out
+
+
+def geo_plan(task: Task, problem: SharingProblem, config: SolveConfig, diag: dict | None, merge: str,
+             args: argparse.Namespace) -> SharingPlan:
+    """The product's choice: the K best plans (plain and size-normalized) and the pattern plans,
+    the one with the least loss on the validation split after Geo-Sharing's merge."""
+    pool = candidate_plans(problem, config, top=args.top, per_pattern=args.per_pattern, normalized_top=args.normalized_top)
+    measured = measure_plans(task.model, task.validation, pool, AnalyzeConfig(distill=task.distill, progress=False),
+                             merge=merge, tokenizer=task.tokenizer, diag=diag)
+    return pool[int(np.argmin(measured))]
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -122,173 +151,214 @@ def spearman(x: list[float], y: list[float]) -> float:
             r[tie] = r[tie].mean()
         return r
 
-    rx, ry = ranks(x), ranks(y)
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
 
 
-def rank_agreement(problems: dict[str, SharingProblem], model, eval_sents: list[str], n: int, seed: int,
-                   distill: str = "mse") -> dict:
+def rank_agreement(problems: dict[str, SharingProblem], runner: Runner, n: int, seed: int) -> dict:
     """Predicted vs measured over n random plans at budgets 0.8 to 0.95: Spearman per backend."""
     rng = np.random.default_rng(seed)
     any_problem = next(iter(problems.values()))
     plans, measured = [], []
-    for i in tqdm(range(n), desc="random plans"):
+    for i in tqdm(range(n), desc=f"{runner.task.name}: random plans", leave=False):
         ratio = float(rng.uniform(0.8, 0.95))
         plan = baseline(any_problem, "random", SolveConfig(max_params_ratio=ratio), seed=seed + i)
         if plan.status.value == "infeasible":
             continue
-        tied = copy.deepcopy(model)
-        apply_plan(tied, plan, "mean")
         plans.append(plan)
-        measured.append(measure_loss(tied, model, eval_sents, AnalyzeConfig(distill=distill, progress=False), tokenizer=TOKENIZER))
+        measured.append(runner.loss(runner.tied(plan, "mean")))
     return {
         "plans": len(plans),
         "spearman": {b: spearman([objective(p, plan.coloring) for plan in plans], measured) for b, p in problems.items()},
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CI-sized: budgets 0.8 and 0.67, exact + diagonal only")
-    ap.add_argument("--calibration", type=int, default=16)
-    ap.add_argument("--evaluation", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--distill", choices=["mse", "cosine"], default="cosine",
-                    help="calibration loss for costs, choice, healing and the measured loss (cosine: the metric's own)")
-    ap.add_argument("--random-seeds", type=int, default=10)
-    ap.add_argument("--rank-plans", type=int, default=50, help="random plans for predicted-vs-measured")
-    ap.add_argument("--heal-steps", type=int, default=100, help="healing steps for every strategy (0: zero-shot only)")
-    ap.add_argument("--out", default=str(RESULTS / "eval"))
-    args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    budgets = [0.8, 0.67] if args.quick else [0.9, 0.8, 0.67, 0.5]
-    # "geo" is the product's pipeline (exact GGN pair costs -> candidates -> measured choice);
-    # "geo-solver" is the cost model's optimum alone, other backends' optima are geo-<backend>
-    backends = ["exact", "diagonal"] if args.quick else ["exact", "projected", "diagonal", "layerwise"]
-    random_seeds = 3 if args.quick else args.random_seeds
-
-    global TOKENIZER
-    loaded = load_model("minilm")
-    model, TOKENIZER = loaded.model.float().eval(), loaded.tokenizer
-    calib, eval_sents = split(args.calibration, args.evaluation, args.seed)
-    ref_emb = embed(model, TOKENIZER, eval_sents)
-    t0 = time.perf_counter()
-    problems = {b: costs_for(b, model, calib, args.calibration, args.seed, args.distill) for b in backends}
+def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], backends: list[str]) -> dict:
+    """Every strategy at every budget on one task: the rows of eval.json and the rank agreement."""
+    problems = {b: costs_for(task, b, args.seed) for b in backends}
     yardstick = problems["exact"]  # predicted figures and the baselines' class allocation
-    distances = weight_distances(model, yardstick)
-    rows = []
+    names_all = [layer.name for layer in yardstick.layers]
+    data = union(task.calibration, task.validation)
+    geo_merge = default_merge(task.model, load_calibration(data, tokenizer=task.tokenizer), names_all).value
+    diag = None  # the curvature merge's weights, measured once (only when that merge is used)
+    if geo_merge == "curvature":
+        diag = curvature_weights(task.model, task.calibration, names_all,
+                                 AnalyzeConfig(distill=task.distill, progress=False), tokenizer=task.tokenizer)
+    runner = Runner(task, args.heal_steps, diag)
+    distances = weight_distances(task.model, yardstick)
     names = ["geo", "geo-solver", *(f"geo-{b}" for b in backends if b != "exact")]
-    cells = [(r, s) for r in budgets for s in [*names, "weight-distance", *HEURISTICS, "random"]]
-    for ratio, strategy in tqdm(cells, desc="plans"):
+    strategies = [*names, "weight-distance", *HEURISTICS, *(f"{h}+geo-merge" for h in GEO_MERGED), "random"]
+    rows = []
+    for ratio, strategy in tqdm([(r, s) for r in budgets for s in strategies], desc=f"{task.name}: plans"):
         config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
+        merge = geo_merge if strategy == "geo" or strategy.endswith("+geo-merge") else "mean"
+        base = strategy.removesuffix("+geo-merge")
         if strategy == "geo":
-            # the product's pipeline: candidates (optimum + patterns under the exact costs), the
-            # one with the least measured loss on the calibration sentences wins
-            pool = candidate_plans(problems["exact"], config)
-            plans = [choose_plan(model, calib, pool, AnalyzeConfig(distill=args.distill, progress=False), tokenizer=TOKENIZER).plan]
+            plans = [geo_plan(task, yardstick, config, diag, geo_merge, args)]
         elif strategy.startswith("geo"):
             backend = "exact" if strategy == "geo-solver" else strategy.removeprefix("geo-")
             plans = [solve(problems[backend], config)]
         elif strategy == "weight-distance":
             plans = [baseline(yardstick, strategy, config, distances=distances)]
         elif strategy == "random":
-            plans = [baseline(yardstick, "random", config, seed=s) for s in range(random_seeds)]
+            plans = [baseline(yardstick, "random", config, seed=s) for s in range(args.random_seeds)]
         else:
-            plans = [baseline(yardstick, strategy, config)]
+            plans = [baseline(yardstick, base, config)]
         plans = [p for p in plans if p.status.value != "infeasible"]
         if not plans:
             continue  # e.g. all-share cannot meet a loose budget exactly and is not reported there
-        heal_steps = 0 if args.quick else args.heal_steps
-        measured = [measure(p, model, eval_sents, ref_emb, calib, heal_steps, args.distill) for p in plans]
+        measured = [runner.measure(p, merge) for p in plans]
         for regime in measured[0]:
-            rows.append(
-                {
-                    "ratio": ratio,
-                    "regime": regime,
-                    "strategy": strategy,
-                    "measured": float(np.mean([m[regime][0] for m in measured])),
-                    "loss": float(np.mean([m[regime][1] for m in measured])),
-                    "predicted": float(np.mean([objective(yardstick, p.coloring) for p in plans])),
-                    "unique_params": int(np.mean([p.params.shared for p in plans])),
-                    "params_ratio": float(np.mean([p.params.ratio for p in plans])),
-                }
-            )
-    agreement = rank_agreement(problems, model, eval_sents, 10 if args.quick else args.rank_plans, args.seed, args.distill)
-    meta = {
+            rows.append({
+                "ratio": ratio,
+                "regime": regime,
+                "strategy": strategy,
+                "merge": merge,
+                "measured": float(np.mean([m[regime][0] for m in measured])),
+                "loss": float(np.mean([m[regime][1] for m in measured])),
+                "predicted": float(np.mean([objective(yardstick, p.coloring) for p in plans])),
+                "unique_params": int(np.mean([p.params.shared for p in plans])),
+                "params_ratio": float(np.mean([p.params.ratio for p in plans])),
+                "chosen": (plans[0].strategy or "optimum") if strategy == "geo" else None,
+            })
+    agreement = rank_agreement(problems, runner, args.rank_plans, args.seed)
+    return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
+            "rank_agreement": agreement, "merge": geo_merge, "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
+            "original": task.score(task.model)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI-sized: minilm + digits, budgets 0.8 and 0.67, no healing")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all (quick: minilm digits)")
+    ap.add_argument("--budgets", nargs="+", type=float, help="default: 0.9 0.8 0.67 0.5 (quick: 0.8 0.67)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top", type=int, default=16, help="K best plans measured by geo (plus the ones below)")
+    ap.add_argument("--normalized-top", type=int, default=16, help="K best by size-normalized pair costs, measured by geo")
+    ap.add_argument("--per-pattern", type=int, default=4, help="budget-filling allocations per pattern, measured by geo")
+    ap.add_argument("--random-seeds", type=int, default=10)
+    ap.add_argument("--rank-plans", type=int, default=50, help="random plans for predicted-vs-measured")
+    ap.add_argument("--heal-steps", type=int, default=100, help="healing steps for every strategy (0: zero-shot only)")
+    ap.add_argument("--threads", type=int, help="torch threads (runs side by side on 2 cores: 1 each)")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge finished runs' eval.json files into --out")
+    ap.add_argument("--out", default=str(RESULTS / "eval"))
+    args = ap.parse_args()
+    if args.combine:
+        combine([Path(p) for p in args.combine], Path(args.out))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.heal_steps, args.random_seeds, args.rank_plans = 0, 3, 10
+        args.top, args.normalized_top, args.per_pattern = 8, 4, 1
+    tasks = args.tasks or (["minilm", "digits"] if args.quick else list(TASKS))
+    backends = ["exact", "diagonal"] if args.quick else ["exact", "projected", "diagonal", "layerwise"]
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {}
+    for name in tasks:
+        task = load_task(name, quick=args.quick, seed=args.seed)
+        if args.quick:  # CI-sized choice: fewer validation samples to measure every candidate on
+            task.validation = task.validation[:32]
+        budgets = args.budgets or ([0.8, 0.67] if args.quick else [0.9, *([0.84] if name == "minilm" else []), 0.8, 0.67, 0.5])
+        result[name] = evaluate_task(task, args, budgets, backends)
+    result["meta"] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",
-        "calibration": args.calibration,
-        "evaluation": args.evaluation,
         "seconds": round(time.perf_counter() - t0, 1),
-        "heal_steps": 0 if args.quick else args.heal_steps,
-        "distill": args.distill,
+        "heal_steps": args.heal_steps,
+        "top": args.top,
+        "normalized_top": args.normalized_top,
+        "per_pattern": args.per_pattern,
     }
-    result = {
-        "minilm": {"metric": "embedding cosine to the original", "higher_is_better": True, "results": rows,
-                   "rank_agreement": agreement},
-        "meta": meta,
-    }
-    out = Path(args.out)
+    write(result, Path(args.out))
+
+
+def write(result: dict, out: Path) -> None:
+    """eval.json, eval.md and one plot per model."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))
-    plot(result, out.parent / f"{out.name}-minilm.png")
+    for name in result:
+        if name != "meta":
+            plot(result, name, out.parent / f"{out.name}-{name}.png")
     print(markdown(result))
+
+
+def combine(paths: list[Path], out: Path) -> None:
+    """One result from runs made side by side (each its own tasks); their commands are kept."""
+    result: dict[str, Any] = {}
+    metas = []
+    for path in paths:
+        part = json.loads(path.read_text())
+        metas.append(part.pop("meta"))
+        result.update(part)
+    result["meta"] = {**metas[0], "command": " ; ".join(m["command"] for m in metas),
+                      "seconds": max(m["seconds"] for m in metas), "runs": metas}
+    write(result, out)
 
 
 def markdown(result: dict) -> str:
     meta = result["meta"]
-    lines = ["# Evaluation", "", f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['calibration']} calibration / {meta['evaluation']} evaluation sentences; calibration loss {meta.get('distill', 'mse')}; {meta['seconds']} s", ""]
+    lines = ["# Evaluation", "", f"Command: `{meta['command']}`  ",
+             f"{meta['machine']}; {meta['seconds']} s; healing {meta['heal_steps']} steps; geo measures the "
+             f"{meta['top']} best plans, the {meta['normalized_top']} best by size-normalized costs and "
+             f"{meta['per_pattern']} allocations per pattern", ""]
     for model, data in result.items():
         if model == "meta":
             continue
         rows = data["results"]
         ratios = sorted({r["ratio"] for r in rows}, reverse=True)
         strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-        for regime in sorted({r["regime"] for r in rows}):
-            lines += [f"## {model}: {data['metric']} ({regime}; higher is better)", "", "| strategy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+        better = "higher" if data["higher_is_better"] else "lower"
+        splits = data["splits"]
+        lines += [f"## {model}: {data['metric']} ({better} is better; original {data['original']:.4g}; "
+                  f"{splits['calibration']} calibration / {splits['validation']} validation / "
+                  f"{splits['evaluation']} evaluation samples; Geo-Sharing's merge: {data.get('merge')})", ""]
+        for regime in sorted({r["regime"] for r in rows}, reverse=True):
+            lines += [f"### {regime}", "", "| strategy | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+                      "|---" * (len(ratios) + 1) + "|"]
             for s in strategies:
                 cells = []
                 for r in ratios:
                     hit = [x for x in rows if x["strategy"] == s and x["ratio"] == r and x["regime"] == regime]
-                    cells.append(f"{hit[0]['measured']:.3f}" if hit else "")
+                    cells.append(f"{hit[0]['measured']:.4g}" if hit else "")
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
             lines.append("")
         agreement = data.get("rank_agreement")
         if agreement:
-            lines += [f"### {model}: predicted vs measured loss change, {agreement['plans']} random plans (budgets 0.8-0.95)", "",
+            lines += [f"### predicted vs measured loss change, {agreement['plans']} random plans (budgets 0.8-0.95)", "",
                       "| backend | Spearman |", "|---|---|"]
             lines += [f"| {b} | {v:.3f} |" for b, v in agreement["spearman"].items()]
             lines.append("")
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, name: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = result["minilm"]
+    data = result[name]
     regimes = sorted({r["regime"] for r in data["results"]}, reverse=True)
     fig, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.5), dpi=120, squeeze=False)
     for ax, regime in zip(axes[0], regimes, strict=True):
         for s in dict.fromkeys(r["strategy"] for r in data["results"]):
             pts = sorted((r["ratio"], r["measured"]) for r in data["results"] if r["strategy"] == s and r["regime"] == regime)
-            style = "-o" if s.startswith("geo") else "--."
+            style = "-o" if s.startswith("geo") else ("-." if s.endswith("+geo-merge") else "--.")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=s, lw=2 if s == "geo" else 1)
         ax.set_xlabel("share of shareable parameters kept")
         ax.set_ylabel(data["metric"])
         ax.invert_xaxis()
+        if not data["higher_is_better"]:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        ax.set_title(f"MiniLM, {regime} (mean merge)")
+        ax.set_title(f"{name}, {regime}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
-
-TOKENIZER = None
 
 if __name__ == "__main__":
     main()
