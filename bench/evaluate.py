@@ -222,6 +222,7 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
             })
     agreement = rank_agreement(problems, runner, args.rank_plans, args.seed)
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
+            "heal_steps": args.heal_steps, "random_seeds": args.random_seeds,
             "rank_agreement": agreement, "merge": geo_merge, "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
             "original": task.score(task.model)}
 
@@ -266,6 +267,7 @@ def main() -> None:
         "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",
         "seconds": round(time.perf_counter() - t0, 1),
         "heal_steps": args.heal_steps,
+        "random_seeds": args.random_seeds,
         "top": args.top,
         "normalized_top": args.normalized_top,
         "per_pattern": args.per_pattern,
@@ -290,7 +292,11 @@ def combine(paths: list[Path], out: Path) -> None:
     metas = []
     for path in paths:
         part = json.loads(path.read_text())
-        metas.append(part.pop("meta"))
+        meta = part.pop("meta")
+        metas.append(meta)
+        for task in part.values():  # each run's settings stay with its tasks
+            task.setdefault("heal_steps", meta["heal_steps"])
+            task.setdefault("random_seeds", meta.get("random_seeds"))
         result.update(part)
     result["meta"] = {**metas[0], "command": " ; ".join(m["command"] for m in metas),
                       "seconds": max(m["seconds"] for m in metas), "runs": metas}
@@ -300,7 +306,7 @@ def combine(paths: list[Path], out: Path) -> None:
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = ["# Evaluation", "", f"Command: `{meta['command']}`  ",
-             f"{meta['machine']}; {meta['seconds']} s; healing {meta['heal_steps']} steps; geo measures the "
+             f"{meta['machine']}; {meta['seconds']} s; geo measures the "
              f"{meta['top']} best plans, the {meta['normalized_top']} best by size-normalized costs and "
              f"{meta['per_pattern']} allocations per pattern", ""]
     for model, data in result.items():
@@ -313,7 +319,9 @@ def markdown(result: dict) -> str:
         splits = data["splits"]
         lines += [f"## {model}: {data['metric']} ({better} is better; original {data['original']:.4g}; "
                   f"{splits['calibration']} calibration / {splits['validation']} validation / "
-                  f"{splits['evaluation']} evaluation samples; Geo-Sharing's merge: {data.get('merge')})", ""]
+                  f"{splits['evaluation']} evaluation samples; Geo-Sharing's merge: {data.get('merge')}; "
+                  f"healing {data.get('heal_steps', meta['heal_steps'])} steps; random: mean of "
+                  f"{data.get('random_seeds', meta.get('random_seeds'))} seeds)", ""]
         for regime in sorted({r["regime"] for r in rows}, reverse=True):
             lines += [f"### {regime}", "", "| strategy | " + " | ".join(f"{r:g}" for r in ratios) + " |",
                       "|---" * (len(ratios) + 1) + "|"]
