@@ -118,7 +118,8 @@ def apply_plan(
     if problem is not None and any(s.scheme is Scheme.basis for s in (problem.families or {}).values()):
         from hessian_worker.basis.apply import apply_basis_plan  # hook: shared low-rank bases
 
-        return apply_basis_plan(model, plan, problem, merge, data=data, config=config, tokenizer=tokenizer)
+        return apply_basis_plan(model, plan, problem, merge, data=data, config=config, tokenizer=tokenizer,
+                                diag=diag)
     merge = Merge(merge)
     config = config or AnalyzeConfig(progress=False)
     params = dict(model.named_parameters(remove_duplicate=False))

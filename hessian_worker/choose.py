@@ -11,7 +11,7 @@ from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import DataSource
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge import Merge
-from solver.schema import SharingPlan
+from solver.schema import SharingPlan, SharingProblem
 
 
 class Choice(BaseModel):
@@ -31,14 +31,18 @@ def choose_plan(
     merge: Merge | str = Merge.mean,
     tokenizer: Any | None = None,
     diag: dict[str, Any] | None = None,
+    problem: SharingProblem | None = None,
+    covs: dict[str, Any] | None = None,
 ) -> Choice:
     """The candidate with the least measured loss change after merging (ties: the earlier one).
 
     The model is not changed: merged weights are substituted per candidate (see measure_plans);
-    ``diag`` passes curvature-merge weights measured already.
+    ``diag`` passes curvature-merge weights measured already; ``problem`` (and ``covs``) make the
+    classes of ``basis`` families their low-rank weights.
     """
     if not plans:
         raise ValueError("choose_plan needs at least one candidate plan")
-    measured = measure_plans(model, data, list(plans), config, merge=merge, tokenizer=tokenizer, diag=diag)
+    measured = measure_plans(model, data, list(plans), config, merge=merge, tokenizer=tokenizer, diag=diag,
+                             problem=problem, covs=covs)
     index = min(range(len(plans)), key=lambda i: (measured[i], i))
     return Choice(plan=plans[index], index=index, measured=measured)

@@ -14,6 +14,7 @@ from typing import Any
 
 BACKENDS = ("exact", "projected", "diagonal", "layerwise")
 MERGES = ("mean", "representative", "curvature", "layerwise")
+SIDES = ("auto", "out", "in")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -24,17 +25,21 @@ def add_commands(subparsers: Any) -> None:
     a.add_argument("--kind", choices=("pairwise", "assignment"), default="pairwise")
     a.add_argument("--curvature", choices=("ggn", "hessian"), default="ggn")
     a.add_argument("--ratio", type=float, default=None, help="constraints.max_params_ratio")
-    a.add_argument("--rank", type=int, default=16, help="projected: eigenpairs kept")
+    a.add_argument("--rank", type=int, default=None,
+                   help="projected: eigenpairs kept (16); --scheme basis: the basis rank of every family")
     a.add_argument("--probes", type=int, default=32, help="Hutchinson probes")
     a.add_argument("--memory-limit-gb", type=float, default=4.0)
     a.add_argument("--targets", action="append", default=None, help="name or re:regex (repeatable)")
     a.add_argument("--ignore", action="append", default=[], help="name or re:regex (repeatable)")
     a.add_argument("-o", "--output", required=True, help="where to write the problem JSON")
+    _scheme_options(a)
     a.set_defaults(func=_run_analyze)
 
     p = subparsers.add_parser("apply", help="tie a plan into the model, save it, report the loss change")
     _common(p)
     p.add_argument("--plan", required=True, help="SharingPlan JSON")
+    p.add_argument("--problem", default=None,
+                   help="the SharingProblem the plan was solved from; needed for basis plans (ranks, sides)")
     p.add_argument("--out", required=True, help="directory for model.safetensors + plan.json")
     p.add_argument("--merge", choices=MERGES, default="mean")
     p.add_argument("--holdout", type=int, default=None,
@@ -66,7 +71,33 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--heal-lr", type=float, default=5e-5)
     c.add_argument("--holdout", type=int, default=None, help="samples held out for the measured figure")
     c.add_argument("--time-limit", type=float, default=10.0, help="solver seconds")
+    c.add_argument("--rank", type=int, default=None, help="--scheme basis: the basis rank of every family")
+    _scheme_options(c)
     c.set_defaults(func=_run_compress)
+
+
+def _scheme_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheme", choices=("tie", "basis"), default="tie",
+                        help="tie: a class shares one tensor; basis: a class shares a low-rank basis")
+    parser.add_argument("--rank-ratio", type=float, default=None,
+                        help="--scheme basis: rank as a share of min(d_out, d_in) (default 0.25; or --rank)")
+    parser.add_argument("--side", choices=SIDES, default=None,
+                        help="--scheme basis: shared factor (auto: the larger dimension; out: d_out x r; in: r x d_in)")
+
+
+def _basis_options(args: argparse.Namespace) -> dict[str, Any]:
+    """BasisOptions fields from --rank/--rank-ratio/--side (refused without --scheme basis)."""
+    if args.scheme != "basis":
+        given = [flag for flag, v in (("--rank-ratio", args.rank_ratio), ("--side", args.side)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --scheme basis only; add --scheme basis or drop them")
+        return {}
+    if args.rank is not None and args.rank_ratio is not None:
+        raise ValueError("pass --rank (one rank for every family) or --rank-ratio, not both")
+    fields: dict[str, Any] = {"rank": args.rank, "side": args.side or "auto"}
+    if args.rank_ratio is not None:
+        fields["rank_ratio"] = args.rank_ratio
+    return fields
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -102,11 +133,14 @@ def _run_analyze(args: argparse.Namespace) -> int:
         from hessian_worker import AnalyzeConfig, analyze
         from hessian_worker.models import load_model
 
+        basis = _basis_options(args)
         config = AnalyzeConfig(
             backend=args.backend, kind=args.kind, curvature=args.curvature, samples=args.samples,
-            batch_size=args.batch_size, seed=args.seed, max_params_ratio=args.ratio, rank=args.rank,
+            batch_size=args.batch_size, seed=args.seed, max_params_ratio=args.ratio,
+            rank=16 if basis or args.rank is None else args.rank,
             probes=args.probes, memory_limit_gb=args.memory_limit_gb, targets=args.targets,
             ignore=args.ignore, device=args.device, dtype=args.dtype, progress=not args.quiet,
+            scheme=args.scheme, **({"basis": basis} if basis else {}),
         )
         loaded = load_model(args.model)
         problem = analyze(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
@@ -122,21 +156,29 @@ def _run_apply(args: argparse.Namespace) -> int:
     import copy
 
     from solver.errors import GeoShareError
-    from solver.schema import SharingPlan
+    from solver.schema import SharingPlan, SharingProblem
 
     try:
         from hessian_worker import AnalyzeConfig, predict_plan_loss
         from hessian_worker.apply import apply_plan
+        from hessian_worker.basis.analysis import has_basis
         from hessian_worker.data import load_calibration
         from hessian_worker.io import save_shared
         from hessian_worker.measure import measure_loss
         from hessian_worker.models import load_model
 
         plan = SharingPlan.model_validate_json(Path(args.plan).read_text(encoding="utf-8"))
+        problem = None
+        if args.problem is not None:
+            problem = SharingProblem.model_validate_json(Path(args.problem).read_text(encoding="utf-8"))
+        basis = has_basis(problem)
         config = AnalyzeConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed,
-                               device=args.device, dtype=args.dtype, progress=not args.quiet)
+                               device=args.device, dtype=args.dtype, progress=not args.quiet,
+                               scheme="basis" if basis else "tie")
         loaded = load_model(args.model)
         model = loaded.model
+        if problem is None:
+            _check_tie_accounting(model, plan)
         predicted = measured = None
         fit = held = None
         if args.data is not None or loaded.tokenizer is not None:
@@ -147,12 +189,14 @@ def _run_apply(args: argparse.Namespace) -> int:
                 fit, held = calib.split(args.holdout or n // 2, seed=args.seed, batch_size=args.batch_size)
             else:
                 fit = held = calib
-        if fit is not None:
+        if fit is not None and not basis:
             predicted = predict_plan_loss(model, fit, plan, config, merge=args.merge)
-        elif args.merge in ("curvature", "layerwise"):
+        elif args.merge in ("curvature", "layerwise") and fit is None:
             raise ValueError(f"--merge {args.merge} needs --data")
         reference = copy.deepcopy(model)
-        report = apply_plan(model, plan, args.merge, data=fit, config=config)
+        report = apply_plan(model, plan, args.merge, data=fit, config=config, problem=problem)
+        if basis:  # the exact whitened error of the installed bases (layerwise units)
+            predicted = getattr(report, "whitened_error", None)
         healed = None
         if args.heal > 0:
             from hessian_worker.healing import HealConfig, heal
@@ -187,7 +231,8 @@ def _run_compress(args: argparse.Namespace) -> int:
                                 curvature_samples=args.curvature_samples, heal_steps=args.heal,
                                 heal_lr=args.heal_lr, holdout=args.holdout, samples=args.samples,
                                 batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,
-                                device=args.device, progress=not args.quiet)
+                                device=args.device, progress=not args.quiet,
+                                **_compress_basis(args))
         loaded = load_model(args.model)
         if args.dtype == "float64":
             loaded.model.double()
@@ -200,6 +245,44 @@ def _run_compress(args: argparse.Namespace) -> int:
     (Path(args.out) / "problem.json").write_text(report.problem.model_dump_json(indent=2), encoding="utf-8")
     print(text)
     return 0
+
+
+def _compress_basis(args: argparse.Namespace) -> dict[str, Any]:
+    """CompressConfig's scheme fields from the command line."""
+    basis = _basis_options(args)
+    if not basis:
+        if args.rank is not None:
+            raise ValueError("--rank applies to --scheme basis only; add --scheme basis or drop it")
+        return {}
+    return {"scheme": "basis", **basis}
+
+
+def _check_tie_accounting(model: Any, plan: Any) -> None:
+    """Refuses a plan whose ``params.shared`` is not what tying its classes keeps: such a plan was
+    solved under another scheme (a basis problem) and would be applied wrongly without it.
+
+    Raises:
+        ValueError: the counts differ; the message names the fix (--problem).
+    """
+    if plan.params is None:
+        return
+    params = dict(model.named_parameters(remove_duplicate=False))
+    classes = [list(g) for g in plan.groups if g]
+    listed = {n for g in classes for n in g}
+    extra: dict[int, list[str]] = {}
+    for name, color in plan.coloring.items():
+        if name not in listed:
+            extra.setdefault(color, []).append(name)
+    classes += list(extra.values())
+    if any(n not in params for g in classes for n in g):
+        return  # apply_plan names the unknown parameters
+    tied = sum(params[g[0]].numel() for g in classes)
+    if tied != plan.params.shared:
+        raise ValueError(
+            f"the plan keeps params.shared={plan.params.shared}, but tying its classes keeps {tied}: "
+            "it was solved from a problem with another sharing scheme (basis?); pass that problem "
+            "with --problem problem.json"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,12 @@ from tqdm.auto import tqdm
 from hessian_worker.analysis import prepare
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.diagonal import estimate_diagonal
-from hessian_worker.curvature.layerwise import LayerwiseCurvature
+from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_covariances
 from hessian_worker.data import DataSource, call_model
 from hessian_worker.losses import TaskLoss, extract_output
 from hessian_worker.merge import Merge, merge_weights, plan_groups
 from hessian_worker.objective import Objective
-from solver.schema import SharingPlan
+from solver.schema import SharingPlan, SharingProblem
 
 
 def measure_loss(
@@ -61,6 +61,8 @@ def measure_plans(
     tokenizer: Any | None = None,
     loss_fn: TaskLoss | None = None,
     diag: dict[str, Tensor] | None = None,
+    problem: SharingProblem | None = None,
+    covs: dict[str, Tensor] | None = None,
 ) -> list[float]:
     """Real calibration-loss change of each candidate plan, without touching the model.
 
@@ -68,12 +70,20 @@ def measure_plans(
     of reference outputs serve every candidate: this is how the pipeline picks among the solver's
     diverse good plans by a real forward pass (DESIGN.md). Curvature weights for ``merge=curvature``
     are measured once over the union of the plans' layers (or passed in as ``diag``).
+
+    With a ``problem`` whose families use the ``basis`` scheme, the classes of those families are
+    substituted by their low-rank weights B_c·C_ℓ (singletons too), which is what
+    ``apply_plan(..., problem=problem)`` installs; ``merge`` then applies to the other families.
+    The bases are whitened (``config.basis.whiten``) by input covariances measured on ``data``, or
+    by ``covs`` (pass the ones apply will use, so the measured plan is the applied one).
     """
     config = config or AnalyzeConfig(progress=False)
     merge = Merge(merge)
     prep = prepare(model, data, config, tokenizer=tokenizer)
     params = {n: p.detach() for n, p in prep.model.named_parameters()}
-    all_groups = [plan.groups if isinstance(plan, SharingPlan) else plan for plan in plans]
+    basis = _substitutes(prep, problem, config, covs)
+    split = [basis.split(plan) if basis is not None else ([], _groups(plan)) for plan in plans]
+    all_groups = [other for _, other in split]
     union = sorted({n for groups in all_groups for g in plan_groups(groups, params) for n in g})
     obj = Objective(prep.model, prep.data, union, config.distill, loss_fn)
     out = []
@@ -85,8 +95,8 @@ def measure_plans(
         if merge is Merge.layerwise and union:
             layerwise = LayerwiseCurvature.collect(prep.model, prep.data, union)
         base = float(obj.loss({})) if loss_fn is not None else 0.0
-        for groups in tqdm(all_groups, desc="plans", disable=not config.progress, leave=False):
-            merged: dict[str, Tensor] = {}
+        for classes, groups in tqdm(split, desc="plans", disable=not config.progress, leave=False):
+            merged: dict[str, Tensor] = basis.weights_of(classes) if basis is not None else {}
             for group in plan_groups(groups, params):
                 if layerwise is not None:
                     value = layerwise.merge(group, params, config.layerwise_damping)
@@ -96,3 +106,22 @@ def measure_plans(
                 merged.update(dict.fromkeys(group, value))
             out.append(float(obj.loss(merged)) - base)
     return out
+
+
+def _groups(plan: SharingPlan | Sequence[Sequence[str]]) -> Sequence[Sequence[str]]:
+    return plan.groups if isinstance(plan, SharingPlan) else plan
+
+
+def _substitutes(prep: Any, problem: SharingProblem | None, config: AnalyzeConfig,
+                 covs: dict[str, Tensor] | None) -> Any:
+    """The basis substitutes of a basis problem (None for a tie-only problem)."""
+    from hessian_worker.basis.analysis import has_basis, rank_of
+
+    if not has_basis(problem):
+        return None
+    from hessian_worker.basis.measure import BasisSubstitutes
+
+    if config.basis.whiten and covs is None:
+        with torch.no_grad():
+            covs = input_covariances(prep.model, prep.data, list(rank_of(problem)))
+    return BasisSubstitutes(prep.model, problem, covs if config.basis.whiten else None, config.basis)

@@ -6,6 +6,12 @@ each is measured by a real forward pass on the calibration data, the best is tie
 with a curvature-weighted merge (optionally healed), and the held-out loss change is reported
 beside the predicted one. Curvature costs are the expensive part, so they may use a subset of the
 calibration samples (``curvature_samples``); the measured choice uses all of them.
+
+With ``scheme='basis'`` the same chain shares low-rank bases instead of whole tensors: basis
+costs (layerwise, whitened), the same candidate pool, each candidate measured with its low-rank
+weights B_c·C_ℓ substituted (hessian_worker.basis.measure), and the chosen plan installed as
+BasisLinear modules; bases are whitened by the input covariances of the curvature samples, the
+same for the measured choice and the final apply, and the choice is measured on the other samples.
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+from torch import Tensor, nn
 
-from hessian_worker.analysis import analyze
+from hessian_worker.analysis import analyze, prepare
 from hessian_worker.apply import apply_plan, curvature_weights
+from hessian_worker.basis.analysis import has_basis, rank_of
+from hessian_worker.basis.config import BasisOptions, SideChoice
 from hessian_worker.choose import choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
+from hessian_worker.curvature.layerwise import input_covariances
 from hessian_worker.data import Calibration, load_calibration
 from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.losses import DistillLoss
@@ -27,7 +37,7 @@ from hessian_worker.measure import measure_loss
 from hessian_worker.merge import Merge
 from solver.candidates import candidate_plans
 from solver.planning import SolveConfig
-from solver.schema import SharingPlan, SharingProblem
+from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
 class CompressConfig(BaseModel):
@@ -45,18 +55,24 @@ class CompressConfig(BaseModel):
     heal_lr: float = Field(5e-5, gt=0)
     holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
     samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
-    curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all).")
+    curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")
     batch_size: int = Field(8, gt=0)
     time_limit_s: float = Field(10.0, gt=0)
     seed: int = Field(0, ge=0)
     device: str = "auto"
     progress: bool = True
-
+    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (a shared low-rank basis).")
+    rank: int | None = Field(None, ge=1, description="basis: rank of every family (default: rank_ratio·min(d_out, d_in)).")
+    rank_ratio: float = Field(0.25, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in).")
+    side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
 
     def resolved_merge(self) -> Merge:
         if self.merge is not None:
             return self.merge
         return Merge.layerwise if self.backend is Backend.layerwise else Merge.curvature
+
+    def basis_options(self) -> BasisOptions:
+        return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side)
 
 
 class Candidate(BaseModel):
@@ -86,22 +102,35 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
         BudgetInfeasible, DataError, DiscoveryError: with the fix in the message.
     """
     acfg = AnalyzeConfig(backend=config.backend, samples=config.samples, batch_size=config.batch_size,
-                         seed=config.seed, distill=config.distill, device=config.device, progress=config.progress)
+                         seed=config.seed, distill=config.distill, device=config.device, progress=config.progress,
+                         scheme=config.scheme, basis=config.basis_options())
     merge = config.resolved_merge()
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size, seed=config.seed)
     fit, held = _split(calib, config)
-    costs_data = _subset(fit, config.curvature_samples, config)
+    costs_data, choice_data = _costs_and_choice(fit, config)
     problem = analyze(model, costs_data, acfg, tokenizer=tokenizer)
     solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
     pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
                            per_pattern=config.per_pattern, normalized_top=config.normalized_top)
     quiet = acfg.model_copy(update={"progress": False})
+    basis = has_basis(problem)
+    in_basis = set(rank_of(problem)) if basis else set()
+    tied = [layer.name for layer in problem.layers if layer.name not in in_basis]
     # the curvature-merge weights, measured once for every candidate and the final tie
-    diag = (curvature_weights(model, costs_data, [layer.name for layer in problem.layers], quiet, tokenizer=tokenizer)
-            if merge is Merge.curvature else None)
-    choice = choose_plan(model, fit, pool, acfg, merge=merge, tokenizer=tokenizer, diag=diag)
+    diag = (curvature_weights(model, costs_data, tied, quiet, tokenizer=tokenizer)
+            if merge is Merge.curvature and tied else None)
+    # the whitening of the bases, measured once for every candidate and the final apply
+    covs = _basis_covs(model, costs_data, problem, quiet, tokenizer) if basis else None
+    choice = choose_plan(model, choice_data, pool, acfg, merge=merge, tokenizer=tokenizer, diag=diag,
+                         problem=problem if basis else None, covs=covs)
     reference = copy.deepcopy(model)
-    report = apply_plan(model, choice.plan, merge, data=costs_data, config=quiet, tokenizer=tokenizer, diag=diag)
+    if basis:
+        from hessian_worker.basis.apply import apply_basis_plan
+
+        report = apply_basis_plan(model, choice.plan, problem, merge, data=costs_data, config=quiet,
+                                  tokenizer=tokenizer, covs=covs, diag=diag)
+    else:
+        report = apply_plan(model, choice.plan, merge, data=costs_data, config=quiet, tokenizer=tokenizer, diag=diag)
     healed = None
     if config.heal_steps:
         healed = heal(model, reference, fit, HealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=config.seed,
@@ -125,6 +154,16 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     )
 
 
+def _basis_covs(model: nn.Module, data: Calibration, problem: SharingProblem, config: AnalyzeConfig,
+               tokenizer: Any | None) -> dict[str, Tensor] | None:
+    """Input covariances of the basis layers on ``data`` (None when the bases are not whitened)."""
+    if not config.basis.whiten:
+        return None
+    prep = prepare(model, data, config, tokenizer=tokenizer)
+    with torch.no_grad():
+        return input_covariances(prep.model, prep.data, list(rank_of(problem)))
+
+
 def _label(plan: SharingPlan) -> str:
     return plan.strategy or "optimum"
 
@@ -135,6 +174,22 @@ def _subset(calib: Calibration, samples: int | None, config: CompressConfig) -> 
         return calib
     _, subset = calib.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
     return subset
+
+
+def _costs_and_choice(fit: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration]:
+    """(costs data, choice data). Tie: the curvature subset, and all of ``fit`` for the choice.
+    Basis: disjoint parts (the curvature subset, default half, and the rest), because the bases are
+    fitted to the activations of the data they are whitened with (on few samples the inputs span
+    fewer directions than d_in, so the low-rank layers reproduce those samples almost exactly), and
+    measuring candidates there ranks them by that overfit, not by what they keep."""
+    if config.scheme is not Scheme.basis:
+        return _subset(fit, config.curvature_samples, config), fit
+    n = fit.num_samples
+    samples = config.curvature_samples or max(1, n // 2)
+    if n < 2 or samples >= n:
+        return fit, fit  # nothing left over: the choice sees the whitening samples
+    rest, subset = fit.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
+    return subset, rest
 
 
 def _split(calib: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration | None]:

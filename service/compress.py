@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from solver import SharingPlan, SharingProblem
+from solver.schema import Scheme
 
 if TYPE_CHECKING:
     from service.models import AnalysisSpec
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 # the compress fields that go to CompressConfig; `out` and `overwrite` stay with the worker
 CONFIG_FIELDS = frozenset(
     {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "holdout",
-     "curvature_samples", "batch_size"}
+     "curvature_samples", "batch_size", "scheme", "rank", "rank_ratio", "side"}
 )  # fmt: skip
 
 
@@ -41,6 +42,15 @@ class Distill(str, Enum):
     mse = "mse"
     kl = "kl"
     cosine = "cosine"
+
+
+class BasisSide(str, Enum):
+    """Which factor a basis class shares (hessian_worker.basis.SideChoice, repeated for a torch-free
+    API): auto shares the larger dimension."""
+
+    auto = "auto"
+    out = "out"
+    in_ = "in"
 
 
 class CompressSpec(BaseModel):
@@ -91,6 +101,18 @@ class CompressSpec(BaseModel):
         None, gt=0, description="Of the calibration samples, the ones the curvature costs use."
     )
     batch_size: int | None = Field(None, gt=0, le=65536)
+    scheme: Scheme | None = Field(
+        None, description="tie (one tensor per class; default) or basis (a shared low-rank basis)."
+    )
+    rank: int | None = Field(
+        None, ge=1, le=1_000_000, description="basis: rank of every family (default: rank_ratio)."
+    )
+    rank_ratio: float | None = Field(
+        None, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in) (0.25)."
+    )
+    side: BasisSide | None = Field(
+        None, description="basis: shared factor, auto (the larger dimension; default), out or in."
+    )
 
     @field_validator("out")
     @classmethod

@@ -35,6 +35,13 @@ class Scheme(str, Enum):
     basis = "basis"  # one low-rank basis per class, coefficients per member
 
 
+class Side(str, Enum):
+    """Which factor of a ``basis`` class is shared (the solver never reads it; apply does)."""
+
+    out = "out"  # W_l ~ B_c C_l: B_c (d_out x r) shared, C_l (r x d_in) per member
+    in_ = "in"  # W_l ~ C_l B_c: B_c (r x d_in) shared, C_l (d_out x r) per member
+
+
 class Layer(_Model):
     name: str = Field(min_length=1, description="Full parameter name.")
     family: str = Field(min_length=1, description="Only layers of one family may share.")
@@ -83,15 +90,28 @@ class FamilySpec(_Model):
     rank: int | None = Field(default=None, ge=1)
     class_params: int | None = Field(default=None, ge=0)
     member_params: int | None = Field(default=None, ge=0)
+    side: Side | None = Field(
+        default=None,
+        description="basis only: 'out' (default; B_c d_out x r shared) or 'in' (B_c r x d_in shared).",
+    )
 
     @model_validator(mode="after")
     def _basis_needs_accounting(self) -> FamilySpec:
         if self.scheme is Scheme.basis and (self.class_params is None or self.member_params is None):
             raise ValueError(
-                "scheme 'basis' needs class_params (the shared basis, d_out*rank) and "
-                "member_params (each member's coefficients, rank*d_in)"
+                "scheme 'basis' needs class_params (the shared basis: d_out*rank, or rank*d_in with "
+                "side 'in') and member_params (each member's coefficients: rank*d_in, or d_out*rank)"
+            )
+        if self.side is not None and self.scheme is not Scheme.basis:
+            raise ValueError(
+                f"side={self.side.value!r} applies to scheme 'basis' only; drop it or set scheme 'basis'"
             )
         return self
+
+    @property
+    def basis_side(self) -> Side:
+        """The shared side of a basis family ('out' when not given)."""
+        return self.side or Side.out
 
 
 def _listed(items: list) -> str:

@@ -6,8 +6,9 @@
     plan = solve(problem, SolveConfig(max_params_ratio=0.4))
     apply_basis_plan(model, plan, problem, data=data)
 
-Modules, one job each: ``config`` (options), ``decompose`` (the math), ``costs`` (unary and pair
-costs), ``modules`` (BasisLinear), ``analysis`` (problem and re-scoring), ``apply``, ``io``.
+Modules, one job each: ``config`` (options), ``decompose`` (the math, both sides), ``costs`` (unary
+and pair costs), ``modules`` (BasisLinear), ``analysis`` (problem and re-scoring), ``apply``,
+``measure`` (low-rank substitutes for measuring candidate plans), ``io``.
 Names are imported lazily, so ``hessian_worker.config`` can import the options without a cycle.
 """
 
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "BasisOptions": "hessian_worker.basis.config",
+    "SideChoice": "hessian_worker.basis.config",
+    "BasisSubstitutes": "hessian_worker.basis.measure",
     "BasisFactors": "hessian_worker.basis.decompose",
     "shared_basis": "hessian_worker.basis.decompose",
     "refine": "hessian_worker.basis.decompose",
@@ -39,6 +42,8 @@ __all__ = [
     "BasisLinear",
     "BasisOptions",
     "BasisScore",
+    "BasisSubstitutes",
+    "SideChoice",
     "analyze_basis",
     "apply_basis_plan",
     "basis_costs",
@@ -53,10 +58,11 @@ __all__ = [
 if TYPE_CHECKING:
     from hessian_worker.basis.analysis import BasisScore, analyze_basis, rescore_basis_plan
     from hessian_worker.basis.apply import BasisApplyReport, apply_basis_plan
-    from hessian_worker.basis.config import BasisOptions
+    from hessian_worker.basis.config import BasisOptions, SideChoice
     from hessian_worker.basis.costs import basis_costs
     from hessian_worker.basis.decompose import BasisFactors, refine, shared_basis, whitened_error
     from hessian_worker.basis.io import load_basis, save_basis
+    from hessian_worker.basis.measure import BasisSubstitutes
     from hessian_worker.basis.modules import BasisLinear
 
 

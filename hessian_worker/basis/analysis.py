@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from hessian_worker.analysis import prepare
-from hessian_worker.basis.costs import basis_costs, class_errors, family_ranks
+from hessian_worker.basis.costs import basis_costs, class_errors, family_ranks, family_sides
 from hessian_worker.basis.modules import dense_weights
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import input_covariances
@@ -34,6 +34,7 @@ from solver.schema import (
     Scheme,
     SharingPlan,
     SharingProblem,
+    Side,
 )
 
 
@@ -46,7 +47,11 @@ def analyze_basis(
     loss_fn: TaskLoss | None = None,
 ) -> SharingProblem:
     """The SharingProblem of sharing one low-rank basis per class (``families`` with scheme
-    ``basis``, ``rank``, ``class_params`` = d_out·r, ``member_params`` = r·d_in, plus ``costs.unary``).
+    ``basis``, ``rank``, ``side``, ``class_params`` and ``member_params``, plus ``costs.unary``).
+
+    Side ``out`` shares B (d_out × r): class_params = d_out·r, member_params = r·d_in; side ``in``
+    shares B (r × d_in): class_params = r·d_in, member_params = d_out·r. ``config.basis.side``
+    (default ``auto``) picks per family the side that saves more.
 
     Layers are discovered as for ``analyze`` (``targets``/``ignore``/``families``) and must be
     linear; ``config.basis`` sets ranks, whitening and damping. ``params`` of a layer stays its dense
@@ -82,15 +87,23 @@ def analyze_basis(
         )
         shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
         ranks = family_ranks(layers, shapes, options)
+        sides = family_sides(layers, shapes, options)
         matrix, unary = basis_costs(
-            layers, weights, covs, ranks, damping=options.damping, progress=config.progress
+            layers,
+            weights,
+            covs,
+            ranks,
+            damping=options.damping,
+            progress=config.progress,
+            sides=sides,
         )
     families = {}
     for x in layers:
         d_out, d_in = shapes[x.name]
-        r = ranks[x.family]
+        r, side = ranks[x.family], sides[x.family]
+        shared, own = (d_out * r, r * d_in) if side is Side.out else (r * d_in, d_out * r)
         families[x.family] = FamilySpec(
-            scheme=Scheme.basis, rank=r, class_params=d_out * r, member_params=r * d_in
+            scheme=Scheme.basis, rank=r, side=side, class_params=shared, member_params=own
         )
     return SharingProblem(
         layers=[
@@ -110,6 +123,7 @@ class ClassScore(BaseModel):
 
     members: list[str]
     rank: int
+    side: Side = Side.out
     error: float
     pairwise: float | None = None
 
@@ -131,26 +145,44 @@ def basis_classes(plan: SharingPlan, problem: SharingProblem) -> list[list[str]]
     Raises:
         PlanError: the plan names layers the problem does not list.
     """
+    return split_classes(plan.groups, plan.coloring, problem)[0]
+
+
+def split_classes(
+    groups: Sequence[Sequence[str]], coloring: Mapping[str, int], problem: SharingProblem
+) -> tuple[list[list[str]], list[list[str]]]:
+    """(classes of basis families, classes of the other families) of a plan's ``groups`` plus the
+    layers ``coloring`` names outside them (a plan may list only the groups that share).
+
+    Raises:
+        PlanError: the plan names layers the problem does not list.
+    """
     family = {x.name: x.family for x in problem.layers}
     specs = problem.families or {}
-    unknown = [n for n in plan.coloring if n not in family] + [
-        n for g in plan.groups for n in g if n not in family
+    unknown = [n for n in coloring if n not in family] + [
+        n for g in groups for n in g if n not in family
     ]
     if unknown:
         raise PlanError(f"plan names layers the problem does not list: {unknown[:5]}")
-    classes = [list(g) for g in plan.groups]
+    classes = [list(g) for g in groups if g]
     listed = {n for g in classes for n in g}
     extra: dict[int, list[str]] = {}
-    for name, color in plan.coloring.items():
+    for name, color in coloring.items():
         if name not in listed:
             extra.setdefault(color, []).append(name)
     classes += list(extra.values())
-    out = []
+    basis, other = [], []
     for group in classes:
         spec = specs.get(family[group[0]])
-        if group and spec is not None and spec.scheme is Scheme.basis:
-            out.append(group)
-    return out
+        (basis if spec is not None and spec.scheme is Scheme.basis else other).append(group)
+    return basis, other
+
+
+def has_basis(problem: SharingProblem | None) -> bool:
+    """True when some family of ``problem`` uses the ``basis`` scheme."""
+    return problem is not None and any(
+        s.scheme is Scheme.basis for s in (problem.families or {}).values()
+    )
 
 
 def rank_of(problem: SharingProblem) -> dict[str, int]:
@@ -169,6 +201,17 @@ def rank_of(problem: SharingProblem) -> dict[str, int]:
                     f"family {x.family!r} has scheme 'basis' but no rank; set families[...].rank"
                 )
             out[x.name] = spec.rank
+    return out
+
+
+def side_of(problem: SharingProblem) -> dict[str, Side]:
+    """Layer name -> shared side for every layer of a basis family (out when not given)."""
+    specs = problem.families or {}
+    out = {}
+    for x in problem.layers:
+        spec = specs.get(x.family)
+        if spec is not None and spec.scheme is Scheme.basis:
+            out[x.name] = spec.basis_side
     return out
 
 
@@ -194,7 +237,15 @@ def rescore_basis_plan(
     with torch.no_grad():
         weights = dense_weights(prep.model, names)
         covs = input_covariances(prep.model, prep.data, names) if config.basis.whiten else None
-    return score_classes(classes, weights, covs, ranks, problem, damping=config.basis.damping)
+    return score_classes(
+        classes,
+        weights,
+        covs,
+        ranks,
+        problem,
+        damping=config.basis.damping,
+        sides=side_of(problem),
+    )
 
 
 def score_classes(
@@ -205,9 +256,14 @@ def score_classes(
     problem: SharingProblem | None = None,
     *,
     damping: float = 0.01,
+    sides: Mapping[str, Side] | None = None,
 ) -> BasisScore:
-    """BasisScore from weights and covariances already at hand (pure; what the tests check)."""
-    errors = class_errors(classes, weights, covs, ranks, damping=damping)
+    """BasisScore from weights and covariances already at hand (pure; what the tests check).
+
+    ``sides`` maps layer names to their side (default: out).
+    """
+    sides = sides or {}
+    errors = class_errors(classes, weights, covs, ranks, damping=damping, side_of=sides)
     pos = {x.name: i for i, x in enumerate(problem.layers)} if problem is not None else {}
     scores = []
     for names, err in zip(classes, errors, strict=True):
@@ -219,7 +275,13 @@ def score_classes(
                 m[a][b] or 0.0 for k, a in enumerate(idx) for b in idx[k + 1 :]
             )
         scores.append(
-            ClassScore(members=list(names), rank=ranks[names[0]], error=err, pairwise=pairwise)
+            ClassScore(
+                members=list(names),
+                rank=ranks[names[0]],
+                side=sides.get(names[0], Side.out),
+                error=err,
+                pairwise=pairwise,
+            )
         )
     objective = (
         sum(s.pairwise for s in scores if s.pairwise is not None) if problem is not None else None

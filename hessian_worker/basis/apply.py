@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hessian_worker.analysis import prepare
 from hessian_worker.apply import ApplyReport, apply_plan, unique_params
-from hessian_worker.basis.analysis import basis_classes, rank_of
+from hessian_worker.basis.analysis import basis_classes, rank_of, side_of
 from hessian_worker.basis.decompose import (
     BasisFactors,
     output_weights,
@@ -32,7 +33,7 @@ from hessian_worker.data import DataSource
 from hessian_worker.errors import PlanError
 from hessian_worker.merge import Merge
 from hessian_worker.objective import Objective
-from solver.schema import Scheme, SharingPlan, SharingProblem
+from solver.schema import Scheme, SharingPlan, SharingProblem, Side
 
 
 class BasisApplyReport(ApplyReport):
@@ -41,6 +42,7 @@ class BasisApplyReport(ApplyReport):
     scheme: Scheme = Scheme.basis
     basis_classes: int
     ranks: dict[str, int]
+    sides: dict[str, Side] = Field(default_factory=dict)
     whitened: bool
     refined: bool
     whitened_error: float | None = None
@@ -55,44 +57,60 @@ def apply_basis_plan(
     data: DataSource | None = None,
     config: AnalyzeConfig | None = None,
     tokenizer: Any | None = None,
+    covs: dict[str, Tensor] | None = None,
+    diag: dict[str, Tensor] | None = None,
 ) -> BasisApplyReport:
-    """Applies ``plan`` in place; ranks come from ``problem.families`` (scheme ``basis``).
+    """Applies ``plan`` in place; ranks and sides come from ``problem.families`` (scheme ``basis``).
 
     With ``data`` the bases are whitened by the layer input covariances (as in ``analyze_basis``)
     and ``whitened_error`` reports Σ_class E; without it they are the plain SVD. With
     ``config.basis.refine_rounds`` > 0 the correction of decompose.py runs, its output weights
-    from the diagonal GGN on ``data``.
+    from the diagonal GGN on ``data``. ``covs`` passes input covariances measured already (name ->
+    G, e.g. the ones the candidate plans were measured with), so no data is needed to whiten;
+    ``diag`` passes curvature-merge weights for the classes of ``tie`` families (see apply_plan).
 
     Raises:
         PlanError: the plan names unknown or non-linear layers, a rank does not fit, or the
-            correction lacks data.
+            correction lacks data or meets a side-in family.
     """
     merge = Merge(merge)
     config = config or AnalyzeConfig(progress=False, scheme=Scheme.basis)
     options = config.basis
     classes = basis_classes(plan, problem)
     ranks = rank_of(problem)
+    sides = side_of(problem)
+    fams_of = {x.name: x.family for x in problem.layers}
     in_basis = {n for c in classes for n in c}
     all_names = _plan_names(plan)
     params = dict(model.named_parameters(remove_duplicate=False))
     original = sum(params[n].numel() for n in all_names if n in params)
     before = unique_params(model)
+    names = [n for c in classes for n in c]
+    if options.refine_rounds and data is None:
+        raise PlanError(
+            "basis refine_rounds > 0 needs calibration data (data=...) for the output-side curvature"
+        )
+    inside = sorted({fams_of[n] for n in names if sides[n] is Side.in_})
+    if options.refine_rounds and inside:
+        raise PlanError(
+            f"basis refine_rounds > 0 supports side 'out' only; families {inside} share the input "
+            "side: set refine_rounds=0, or side='out'"
+        )
+    if covs is not None:
+        missing = [n for n in names if n not in covs]
+        if missing:
+            raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
 
     tie_groups = [list(g) for g in plan.groups if g and g[0] not in in_basis]
     if any(len(g) > 1 for g in tie_groups):
         coloring = {n: c for c, g in enumerate(tie_groups) for n in g}
         sub = plan.model_copy(update={"groups": tie_groups, "coloring": coloring})
-        apply_plan(model, sub, merge, data=data, config=config, tokenizer=tokenizer)
+        apply_plan(model, sub, merge, data=data, config=config, tokenizer=tokenizer, diag=diag)
 
-    names = [n for c in classes for n in c]
     weights = dense_weights(model, names)
-    if options.refine_rounds and data is None:
-        raise PlanError(
-            "basis refine_rounds > 0 needs calibration data (data=...) for the output-side curvature"
-        )
-    covs: dict[str, Tensor] | None = None
     out_w: dict[str, Tensor] | None = None
-    if data is not None and names:
+    needs_covs = covs is None and (options.whiten or options.refine_rounds)
+    if data is not None and names and (needs_covs or options.refine_rounds):
         here = weights[names[0]]
         cfg = AnalyzeConfig.model_validate(
             {
@@ -103,7 +121,7 @@ def apply_basis_plan(
         )
         prep = prepare(model, data, cfg, tokenizer=tokenizer)
         with torch.no_grad():
-            if options.whiten or options.refine_rounds:
+            if needs_covs:
                 covs = input_covariances(model, prep.data, names, progress=config.progress)
             if options.refine_rounds:
                 out_w = _output_weights(model, prep, names, covs, cfg)
@@ -113,7 +131,9 @@ def apply_basis_plan(
     for group in tqdm(classes, desc="basis classes", disable=not config.progress, leave=False):
         ws = [weights[n] for n in group]
         cs = [covs_used[n] for n in group] if covs_used is not None else None
-        factors = shared_basis(ws, ranks[group[0]], cs, damping=options.damping)
+        factors = shared_basis(
+            ws, ranks[group[0]], cs, damping=options.damping, side=sides[group[0]]
+        )
         if out_w is not None:
             factors = refine(
                 ws,
@@ -129,7 +149,6 @@ def apply_basis_plan(
         _install(model, group, factors)
 
     shared = _plan_unique(model, all_names)
-    fams = {x.name: x.family for x in problem.layers}
     return BasisApplyReport(
         merge=merge,
         groups=sum(len(g) > 1 for g in [*classes, *tie_groups]),
@@ -139,7 +158,8 @@ def apply_basis_plan(
         plan_params_shared=shared,
         ratio=shared / original if original else 1.0,
         basis_classes=len(classes),
-        ranks={fams[n]: ranks[n] for n in names},
+        ranks={fams_of[n]: ranks[n] for n in names},
+        sides={fams_of[n]: sides[n] for n in names},
         whitened=covs_used is not None,
         refined=out_w is not None,
         whitened_error=error,
@@ -148,7 +168,7 @@ def apply_basis_plan(
 
 def _install(model: nn.Module, group: list[str], factors: BasisFactors) -> None:
     with torch.no_grad():
-        install_class(model, group, factors.basis, factors.coefs)
+        install_class(model, group, factors.basis, factors.coefs, factors.side)
 
 
 def _output_weights(

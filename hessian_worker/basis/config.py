@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SideChoice(str, Enum):
+    """Which factor a class shares: ``auto`` picks per family the side that saves more."""
+
+    auto = "auto"  # the larger dimension is shared (out when d_out >= d_in)
+    out = "out"  # W_l ~ B_c C_l, B_c (d_out x r) shared
+    in_ = "in"  # W_l ~ C_l B_c, B_c (r x d_in) shared
 
 
 class BasisOptions(BaseModel):
@@ -12,6 +22,11 @@ class BasisOptions(BaseModel):
     ``rank_ratio · min(d_out, d_in)`` rounded (at least 1). The default ratio 0.25 keeps a layer
     alone at 1/4 of min(d_out, d_in) singular directions: for a square layer that is half its
     parameters, and every extra member of a class then adds only its r·d_in coefficients.
+
+    ``side`` says which factor the class shares. A class of s members keeps r·(shared dim) +
+    s·r·(other dim) parameters, so sharing the LARGER dimension saves more: ``auto`` shares d_out
+    when d_out ≥ d_in (``out``, W_ℓ ≈ B_c·C_ℓ) and d_in otherwise (``in``, W_ℓ ≈ C_ℓ·B_c), e.g. the
+    input side for a transformer's FFN down-projection (d_in = 4·d_out).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -31,8 +46,14 @@ class BasisOptions(BaseModel):
         gt=0,
         description="Ridge on the input covariance, as a share of its mean diagonal (GPTQ's 1%).",
     )
+    side: SideChoice = Field(
+        SideChoice.auto,
+        description="Shared factor: auto (the larger dimension), out (d_out x r) or in (r x d_in).",
+    )
     refine_rounds: int = Field(
-        0, ge=0, description="apply: correction rounds under the output-side curvature (0 = none)."
+        0,
+        ge=0,
+        description="apply: correction rounds under the output-side curvature (0 = none; side out only).",
     )
     trust: float = Field(
         0.1, gt=0, description="apply: trust region of a correction step, ‖ΔB‖ ≤ trust·‖B‖."

@@ -17,6 +17,12 @@ E*(S) = Σ_{i>r} λ_i of a Gram matrix of M = [Y_ℓ]_{ℓ∈S}, Y_ℓ = W_ℓ L
 (d_out × d_out) or of MᵀM (blocks Y_ℓᵀY_m, |S|·d_in square), whichever is smaller; both have the
 same non-zero eigenvalues, and the per-layer blocks are cached, so a family's n(n−1)/2 pairs cost
 n(n−1)/2 eigenvalue problems of size min(d_out, 2·d_in) and no SVDs.
+
+Side "in" (B shared on the input side): the basis of a class depends on the class's pooled input
+covariance (decompose.py), so there is no per-layer whitened factor to cache; ``InputSideFamily``
+computes E(S) of the decomposition apply installs (one SVD of |S|·d_out × d_in per class). It is
+exact for classes of one; for larger classes it is the error of a feasible shared basis, hence
+still ≥ the members' own errors and pair costs stay ≥ 0.
 """
 
 from __future__ import annotations
@@ -28,10 +34,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hessian_worker.basis.config import BasisOptions
-from hessian_worker.basis.decompose import DTYPE, check_class, lapack_threads, whitened
+from hessian_worker.basis.config import BasisOptions, SideChoice
+from hessian_worker.basis.decompose import (
+    DTYPE,
+    check_class,
+    lapack_threads,
+    shared_basis,
+    whitened,
+    whitened_error,
+)
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.errors import DiscoveryError
+from solver.schema import Side
 
 # a negative pair cost within this share of the pair's energy ‖M‖² is round-off
 NOISE_TOL = 1e-9
@@ -78,6 +92,64 @@ class FamilyGrams:
         if (a, b) not in self._cross:
             self._cross[(a, b)] = self.ys[a].T @ self.ys[b]
         return self._cross[(a, b)]
+
+
+class InputSideFamily:
+    """Class errors of one family shared on the input side (W_ℓ ≈ C_ℓ B), same interface as
+    FamilyGrams."""
+
+    def __init__(
+        self, weights: Sequence[Tensor], covs: Sequence[Tensor] | None, *, damping: float = 0.01
+    ) -> None:
+        self.ws = [w.to(DTYPE) for w in weights]
+        self.covs = None if covs is None else [c.to(DTYPE) for c in covs]
+        self.damping = damping
+        self.d_out, self.d_in = self.ws[0].shape
+
+    def energy(self, members: Sequence[int]) -> float:
+        """Σ_ℓ ‖W_ℓ L_ℓ‖²: the error of a rank-0 basis."""
+        return float(sum(y.pow(2).sum() for y in whitened(*self._pick(members), self.damping)))
+
+    def error(self, members: Sequence[int], rank: int) -> float:
+        """E(S) of the side-in decomposition (pooled basis, exact coefficients) at rank r."""
+        ws, cs = self._pick(members)
+        factors = shared_basis(ws, rank, cs, damping=self.damping, side=Side.in_)
+        return whitened_error(ws, factors, cs, damping=self.damping)
+
+    def _pick(self, members: Sequence[int]) -> tuple[list[Tensor], list[Tensor] | None]:
+        ws = [self.ws[i] for i in members]
+        return ws, None if self.covs is None else [self.covs[i] for i in members]
+
+
+def family_errors(
+    weights: Sequence[Tensor],
+    covs: Sequence[Tensor] | None,
+    side: Side,
+    *,
+    damping: float = 0.01,
+) -> FamilyGrams | InputSideFamily:
+    """The class-error oracle of one family for its shared side."""
+    if side is Side.in_:
+        return InputSideFamily(weights, covs, damping=damping)
+    return FamilyGrams(weights, covs, damping=damping)
+
+
+def family_side(shape: tuple[int, ...], options: BasisOptions) -> Side:
+    """``options.side``, or for ``auto`` the side that saves more: the larger dimension is shared
+    (a class of s members keeps r·shared + s·r·other parameters); out on a tie."""
+    if options.side is SideChoice.out:
+        return Side.out
+    if options.side is SideChoice.in_:
+        return Side.in_
+    d_out, d_in = shape
+    return Side.in_ if d_in > d_out else Side.out
+
+
+def family_sides(
+    layers: Sequence[LayerInfo], shapes: Mapping[str, tuple[int, int]], options: BasisOptions
+) -> dict[str, Side]:
+    """Family -> shared side, from each family's (d_out, d_in) in linear orientation."""
+    return {x.family: family_side(shapes[x.name], options) for x in layers}
 
 
 def family_rank(family: str, shape: tuple[int, ...], options: BasisOptions) -> int:
@@ -131,6 +203,7 @@ def basis_costs(
     *,
     damping: float = 0.01,
     progress: bool = False,
+    sides: Mapping[str, Side] | None = None,
 ) -> tuple[list[list[float | None]], list[float]]:
     """(pairwise matrix, unary) over ``layers``; None across families, 0 on the diagonal.
 
@@ -138,6 +211,7 @@ def basis_costs(
         weights: name -> weight as [d_out, d_in] (GPT-2 Conv1D weights transposed already).
         covs: name -> input covariance G (d_in × d_in); None for the unwhitened scheme.
         ranks: family -> rank.
+        sides: family -> shared side (default: out for every family).
     """
     n = len(layers)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
@@ -154,7 +228,7 @@ def basis_costs(
         ws = [weights[x] for x in names]
         cs = [covs[x] for x in names] if covs is not None else None
         check_class(ws, ranks[fam], cs)
-        grams = FamilyGrams(ws, cs, damping=damping)
+        grams = family_errors(ws, cs, (sides or {}).get(fam, Side.out), damping=damping)
         rank = ranks[fam]
         alone = []
         for local, i in enumerate(members):
@@ -187,13 +261,18 @@ def class_errors(
     rank_of: Mapping[str, int],
     *,
     damping: float = 0.01,
+    side_of: Mapping[str, Side] | None = None,
 ) -> list[float]:
-    """E*(S) of each class at its rank: the exact step-1 error of its real shared basis."""
+    """E(S) of each class at its rank: the exact step-1 error of its real shared basis.
+
+    ``side_of`` maps layer names to their family's side (default: out).
+    """
     out = []
     for names in classes:
         ws = [weights[x].to(DTYPE) for x in names]
         cs = [covs[x] for x in names] if covs is not None else None
         rank = rank_of[names[0]]
         check_class(ws, rank, cs)
-        out.append(FamilyGrams(ws, cs, damping=damping).error(range(len(names)), rank))
+        side = (side_of or {}).get(names[0], Side.out)
+        out.append(family_errors(ws, cs, side, damping=damping).error(range(len(names)), rank))
     return out

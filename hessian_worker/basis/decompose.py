@@ -33,6 +33,29 @@ by block coordinate descent from the step-1 solution:
 A step is kept only if E_a does not rise (a guard against round-off in the solves), so the
 correction never increases the objective it refines.
 
+Side "in" (``side=Side.in_``): the class shares the INPUT factor, W_ℓ ≈ C_ℓ·B with B (r × d_in)
+shared and C_ℓ (d_out × r) per member; it saves more when d_in > d_out (see BasisOptions). Same
+objective E = Σ_ℓ ‖(C_ℓ B − W_ℓ) L_ℓ‖², but now the whitening multiplies the SHARED factor:
+(C_ℓ B) L_ℓ = C_ℓ (B L_ℓ), so what member ℓ sees is the row space of B L_ℓ, which differs between
+members unless their L_ℓ agree.
+  - Given B, the coefficients are exact per member (normal equations (C B − W) G̃ Bᵀ = 0):
+    C_ℓ = W_ℓ G̃_ℓ Bᵀ (B G̃_ℓ Bᵀ)⁻¹ (``input_coef``).
+  - With ONE covariance G̃ = L Lᵀ for all members, substitute B̂ = B L: E = Σ_ℓ ‖C_ℓ B̂ − W_ℓ L‖²,
+    the vertical stack N = [W_1 L; …; W_k L] (k·d_out × d_in) approximated at rank r, so by
+    Eckart–Young B̂ = V_rᵀ (top-r right singular vectors of N), B = V_rᵀ L⁻¹, C_ℓ = W_ℓ L V_r, and
+    the minimum is Σ_{i>r} σ_i(N)²: the transpose of the out-side problem.
+  - With different G̃_ℓ the top-r right singular vectors V of [W_1 L_1; …; W_k L_k] would give each
+    member its own basis V_rᵀ L_ℓ⁻¹, not a shared one, and E has no closed-form minimizer. We take
+    B from the pooled covariance Ḡ = mean_ℓ G̃_ℓ (Basis Sharing's whitening by the concatenated
+    inputs of the class) as above, scale its rows to unit norm (only its row space matters), then
+    refit every C_ℓ exactly under its own G̃_ℓ. That is exact
+    for a class of one (so unary costs are exact) and for members with equal input covariances;
+    otherwise it is a feasible point: E ≥ the class's optimum ≥ Σ of the members' own optima.
+Costs, re-scoring and apply all use this same decomposition, so the predicted error is the
+error of what is installed. The correction (``refine``) is the out side's only: its B-step for
+side "in" is a generalized Sylvester equation Σ_ℓ C_ℓᵀ A_ℓ C_ℓ B G̃_ℓ = Σ_ℓ C_ℓᵀ A_ℓ W_ℓ G̃_ℓ
+(r·d_in unknowns), which has no cheap exact solve.
+
 All arithmetic runs in float64; callers cast the factors back to the model's dtype.
 """
 
@@ -46,6 +69,7 @@ import torch
 from torch import Tensor
 
 from hessian_worker.errors import PlanError
+from solver.schema import Side
 
 DTYPE = torch.float64
 # LAPACK on matrices up to this size runs on one thread: MKL's threaded eigensolvers sync at
@@ -73,18 +97,25 @@ def lapack_threads(n: int) -> Iterator[None]:
 
 @dataclass
 class BasisFactors:
-    """B (d_out × r, shared) and one C_ℓ (r × d_in) per member, in member order."""
+    """The shared B and one C_ℓ per member, in member order.
+
+    Side ``out``: B is d_out × r and C_ℓ r × d_in (W_ℓ ≈ B C_ℓ); side ``in``: B is r × d_in and
+    C_ℓ d_out × r (W_ℓ ≈ C_ℓ B).
+    """
 
     basis: Tensor
     coefs: list[Tensor]
+    side: Side = Side.out
 
     @property
     def rank(self) -> int:
-        return int(self.basis.shape[1])
+        return int(self.basis.shape[1] if self.side is Side.out else self.basis.shape[0])
 
     def weight(self, i: int) -> Tensor:
-        """The dense weight B·C_i that member i computes with."""
-        return self.basis @ self.coefs[i]
+        """The dense weight (B·C_i, or C_i·B for side in) that member i computes with."""
+        if self.side is Side.out:
+            return self.basis @ self.coefs[i]
+        return self.coefs[i] @ self.basis
 
 
 @dataclass
@@ -147,20 +178,54 @@ def shared_basis(
     covs: Sequence[Tensor] | None = None,
     *,
     damping: float = 0.01,
+    side: Side | str = Side.out,
 ) -> BasisFactors:
-    """Step 1: B = top-r left singular vectors of [W_1 L_1, …, W_k L_k], C_ℓ = Bᵀ W_ℓ.
+    """Step 1. Side out: B = top-r left singular vectors of [W_1 L_1, …, W_k L_k], C_ℓ = Bᵀ W_ℓ.
+    Side in: B = V_rᵀ L̄⁻¹ from the pooled covariance, C_ℓ refit per member (module docstring).
 
-    A class of one is the layer's own whitened truncated SVD (plain low rank).
+    A class of one is the layer's own whitened truncated SVD (plain low rank) on either side.
 
     Raises:
         PlanError: mixed shapes, or a rank outside 1..min(d_out, d_in).
     """
     check_class(weights, rank, covs)
+    if Side(side) is Side.in_:
+        return _input_basis(weights, rank, covs, damping)
     m = torch.cat(whitened(weights, covs, damping), dim=1)
     with lapack_threads(min(m.shape)):
         u, _, _ = torch.linalg.svd(m, full_matrices=False)
     basis = u[:, :rank].contiguous()
     return BasisFactors(basis, [basis.T @ w.to(DTYPE) for w in weights])
+
+
+def _input_basis(
+    weights: Sequence[Tensor], rank: int, covs: Sequence[Tensor] | None, damping: float
+) -> BasisFactors:
+    """Side in: Eckart–Young on the vertical stack under the pooled whitening L̄ (L̄ L̄ᵀ = mean G̃_ℓ,
+    which equals the damped mean of the G_ℓ), then the exact coefficients under each G̃_ℓ."""
+    ws = [w.to(DTYPE) for w in weights]
+    factor = None if covs is None else whitening(sum(c.to(DTYPE) for c in covs) / len(covs), damping)
+    stack = torch.cat(ws if factor is None else [w @ factor for w in ws], dim=0)
+    with lapack_threads(min(stack.shape)):
+        _, _, vh = torch.linalg.svd(stack, full_matrices=False)
+        v = vh[:rank].T  # d_in × r, orthonormal columns
+        if factor is None:
+            basis = v.T.contiguous()
+            return BasisFactors(basis, [w @ v for w in ws], Side.in_)
+        basis = torch.linalg.solve(factor.T, v).T  # Vᵀ L̄⁻¹
+    # unit-norm rows, like the out side's orthonormal columns: the row space (all that matters) is
+    # unchanged, but the factors no longer scale with the inputs (1/√s for a covariance s·G), which
+    # would leave tiny coefficients and a huge basis for an optimizer to heal
+    basis = (basis / basis.norm(dim=1, keepdim=True)).contiguous()
+    coefs = [input_coef(basis, w, damped(c, damping)) for w, c in zip(ws, covs, strict=True)]
+    return BasisFactors(basis, coefs, Side.in_)
+
+
+def input_coef(basis: Tensor, weight: Tensor, cov: Tensor | None) -> Tensor:
+    """Side in, exact for a given B: C = W G̃ Bᵀ (B G̃ Bᵀ)⁻¹ (``cov`` already damped; None: G̃ = I)."""
+    gb = basis.T if cov is None else cov @ basis.T  # d_in × r
+    with lapack_threads(basis.shape[0]):
+        return torch.linalg.solve(_ridged(basis @ gb), (weight.to(DTYPE) @ gb).T).T
 
 
 def whitened_error(
@@ -171,7 +236,8 @@ def whitened_error(
     damping: float = 0.01,
     out_weights: Sequence[Tensor] | None = None,
 ) -> float:
-    """E (or E_a with ``out_weights``) = Σ_ℓ tr(diag(a_ℓ) δ_ℓ G̃_ℓ δ_ℓᵀ), δ_ℓ = B C_ℓ − W_ℓ."""
+    """E (or E_a with ``out_weights``) = Σ_ℓ tr(diag(a_ℓ) δ_ℓ G̃_ℓ δ_ℓᵀ), δ_ℓ = B C_ℓ − W_ℓ (side out)
+    or C_ℓ B − W_ℓ (side in), each member under its own G̃_ℓ."""
     factor = [whitening(c, damping) for c in covs] if covs is not None else None
     return _objective(weights, factors, factor, out_weights)
 
@@ -227,9 +293,14 @@ def refine(
         trust: τ in ‖ΔB‖_F ≤ τ‖B‖_F.
 
     Raises:
-        PlanError: mixed shapes or a bad rank.
+        PlanError: mixed shapes, a bad rank, or side-in factors (the correction is the out side's).
     """
     check_class(weights, factors.rank, covs)
+    if factors.side is not Side.out:
+        raise PlanError(
+            "the basis correction (refine_rounds > 0) supports side 'out' only; set "
+            "refine_rounds=0 or side='out' for this family"
+        )
     ws = [w.to(DTYPE) for w in weights]
     gs = [damped(c, damping) for c in covs] if covs is not None else None
     factor = [whitening(c, damping) for c in covs] if covs is not None else None

@@ -15,27 +15,37 @@ from torch import Tensor, nn
 
 from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.errors import PlanError
+from solver.schema import Side
 
 WEIGHT_SUFFIX = ".weight"
 
 
 class BasisLinear(nn.Module):
-    """y = B (C x) + b, B [out, r] shared by the class, C [r, in] and b this layer's own.
+    """y = B (C x) + b (side ``out``: B [out, r] shared, C [r, in] own) or y = C (B x) + b (side
+    ``in``: B [r, in] shared, C [out, r] own); the bias b is always the layer's own.
 
     Replaces an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose [in, out] weight is transposed first)
     with the same input and output shapes; computing through the rank-r bottleneck is also cheaper.
     """
 
     def __init__(
-        self, basis: nn.Parameter, coef: nn.Parameter, bias: nn.Parameter | None = None
+        self,
+        basis: nn.Parameter,
+        coef: nn.Parameter,
+        bias: nn.Parameter | None = None,
+        *,
+        side: Side | str = Side.out,
     ) -> None:
         super().__init__()
-        if basis.dim() != 2 or coef.dim() != 2 or basis.shape[1] != coef.shape[0]:
+        self.side = Side(side)
+        first, second = (coef, basis) if self.side is Side.out else (basis, coef)
+        if basis.dim() != 2 or coef.dim() != 2 or second.shape[1] != first.shape[0]:
             raise PlanError(
-                f"basis {tuple(basis.shape)} and coefficients {tuple(coef.shape)} do not chain"
+                f"basis {tuple(basis.shape)} and coefficients {tuple(coef.shape)} do not chain "
+                f"on side {self.side.value!r}"
             )
-        if bias is not None and tuple(bias.shape) != (basis.shape[0],):
-            raise PlanError(f"bias {tuple(bias.shape)} does not fit {basis.shape[0]} outputs")
+        if bias is not None and tuple(bias.shape) != (second.shape[0],):
+            raise PlanError(f"bias {tuple(bias.shape)} does not fit {second.shape[0]} outputs")
         self.basis = basis
         self.coef = coef
         if bias is None:
@@ -43,28 +53,38 @@ class BasisLinear(nn.Module):
         else:
             self.bias = bias
 
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """(first, second): x ↦ second·(first·x)."""
+        return (self.coef, self.basis) if self.side is Side.out else (self.basis, self.coef)
+
     @property
     def in_features(self) -> int:
-        return int(self.coef.shape[1])
+        return int(self._factors()[0].shape[1])
 
     @property
     def out_features(self) -> int:
-        return int(self.basis.shape[0])
+        return int(self._factors()[1].shape[0])
 
     @property
     def rank(self) -> int:
-        return int(self.basis.shape[1])
+        return int(self._factors()[0].shape[0])
 
     @property
     def weight(self) -> Tensor:
-        """The dense [out, in] weight B·C, for code that reads ``.weight`` (not a Parameter)."""
-        return self.basis @ self.coef
+        """The dense [out, in] weight (B·C, or C·B on side in), for code that reads ``.weight``
+        (not a Parameter)."""
+        first, second = self._factors()
+        return second @ first
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.coef), self.basis, self.bias)
+        first, second = self._factors()
+        return F.linear(F.linear(x, first), second, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"side={self.side.value}, bias={self.bias is not None}"
+        )
 
 
 def module_path(weight_name: str) -> str:
@@ -107,7 +127,11 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 
 def install_class(
-    model: nn.Module, names: Sequence[str], basis: Tensor, coefs: Sequence[Tensor]
+    model: nn.Module,
+    names: Sequence[str],
+    basis: Tensor,
+    coefs: Sequence[Tensor],
+    side: Side | str = Side.out,
 ) -> list[BasisLinear]:
     """Replaces each named layer with a BasisLinear sharing ONE basis Parameter; biases are kept.
 
@@ -126,15 +150,15 @@ def install_class(
             coef.to(dtype=first.dtype, device=first.device).contiguous(),
             requires_grad=module.weight.requires_grad,
         )
-        new = BasisLinear(shared, own, module.bias)
+        new = BasisLinear(shared, own, module.bias, side=side)
         replace_module(model, module_path(name), new)
         out.append(new)
     return out
 
 
 def basis_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every BasisLinear as {path: {rank, out, in, bias, basis}} with ``basis`` the path of the first
-    module holding the same basis Parameter (what a fresh model needs to rebuild the sharing)."""
+    """Every BasisLinear as {path: {rank, out, in, bias, side, basis}} with ``basis`` the path of the
+    first module holding the same basis Parameter (what a fresh model needs to rebuild the sharing)."""
     owner: dict[int, str] = {}
     layout = {}
     for path, module in model.named_modules():
@@ -145,6 +169,7 @@ def basis_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "out": module.out_features,
                 "in": module.in_features,
                 "bias": module.bias is not None,
+                "side": module.side.value,
                 "basis": owner[id(module.basis)],
             }
     return layout
@@ -156,7 +181,8 @@ def has_basis_layers(model: nn.Module) -> bool:
 
 def rebuild(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
     """Replaces the layout's linear layers of a fresh model with BasisLinear modules of the saved
-    ranks and sharing (values are placeholders until the saved tensors are loaded).
+    ranks, sides and sharing (values are placeholders until the saved tensors are loaded). A layout
+    without ``side`` (saved before sides existed) is side ``out``.
 
     Raises:
         PlanError: a path is missing, not a linear layer, or of another shape than saved.
@@ -174,12 +200,14 @@ def rebuild(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
             raise PlanError(
                 f"{path} is {tuple(w.shape)} here but {(spec['out'], spec['in'])} when saved"
             )
+        side = Side(spec.get("side", Side.out.value))
+        d_out, d_in, rank = spec["out"], spec["in"], spec["rank"]
+        basis_shape, coef_shape = ((d_out, rank), (rank, d_in))
+        if side is Side.in_:
+            basis_shape, coef_shape = (rank, d_in), (d_out, rank)
         key = spec["basis"]
         if key not in bases:
-            bases[key] = nn.Parameter(
-                w.new_zeros(spec["out"], spec["rank"]), requires_grad=w.requires_grad
-            )
-        coef = nn.Parameter(w.new_zeros(spec["rank"], spec["in"]), requires_grad=w.requires_grad)
-        replace_module(
-            model, path, BasisLinear(bases[key], coef, module.bias if spec["bias"] else None)
-        )
+            bases[key] = nn.Parameter(w.new_zeros(*basis_shape), requires_grad=w.requires_grad)
+        coef = nn.Parameter(w.new_zeros(*coef_shape), requires_grad=w.requires_grad)
+        bias = module.bias if spec["bias"] else None
+        replace_module(model, path, BasisLinear(bases[key], coef, bias, side=side))

@@ -53,7 +53,11 @@ def test_bert_ffn_problem_and_apply_meet_the_budget() -> None:
     assert specs["intermediate.dense.weight"].rank == 2  # 0.25 * min(16, 8)
     assert specs["intermediate.dense.weight"].class_params == 16 * 2
     assert specs["intermediate.dense.weight"].member_params == 2 * 8
-    assert specs["output.dense.weight"].class_params == 8 * 2
+    assert specs["intermediate.dense.weight"].side.value == "out"  # d_out = 16 > d_in = 8
+    # output.dense is 8x16: side auto shares the larger input side, B is r x d_in
+    assert specs["output.dense.weight"].side.value == "in"
+    assert specs["output.dense.weight"].class_params == 2 * 16
+    assert specs["output.dense.weight"].member_params == 8 * 2
     solve_cfg = SolveConfig(max_params_ratio=0.3, time_limit_s=5)
     plan = solve(problem, solve_cfg)
     before = unique_params(model)

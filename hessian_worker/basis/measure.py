@@ -1,0 +1,98 @@
+"""BasisSubstitutes: the dense low-rank weights a basis plan would install, for measuring candidate
+plans by a forward pass without touching the model (``hessian_worker.measure.measure_plans``).
+
+Each class's factors come from the same decomposition as ``apply_basis_plan`` (same covariances,
+rank, side, damping), so the measured loss is the applied model's. Candidates share many classes,
+so factors are cached per class, in the model's dtype: r·(d_out + |S|·d_in) numbers a class rather
+than |S| dense matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hessian_worker.basis.analysis import rank_of, side_of, split_classes
+from hessian_worker.basis.config import BasisOptions
+from hessian_worker.basis.decompose import BasisFactors, shared_basis
+from hessian_worker.basis.modules import dense_weights
+from hessian_worker.curvature.layerwise import linear_modules
+from hessian_worker.errors import PlanError
+from solver.schema import SharingPlan, SharingProblem
+
+
+class BasisSubstitutes:
+    """Name -> low-rank weight (in the parameter's own orientation) for the basis classes of a plan.
+
+    Args:
+        model: the dense reference model (read once, never changed).
+        problem: the SharingProblem (families with scheme ``basis``, ranks, sides).
+        covs: name -> input covariance for whitening; None for the plain SVD.
+        options: damping (``whiten`` is decided by passing ``covs`` or not).
+
+    Raises:
+        PlanError: a basis layer of the problem is not a linear layer of ``model``, or ``covs``
+            misses one.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        problem: SharingProblem,
+        covs: Mapping[str, Tensor] | None,
+        options: BasisOptions,
+    ) -> None:
+        self.problem = problem
+        self.ranks = rank_of(problem)
+        self.sides = side_of(problem)
+        names = list(self.ranks)
+        try:
+            layers = linear_modules(model, names)
+        except ValueError as exc:
+            raise PlanError(f"basis layers do not fit this model: {exc}") from exc
+        self.transposed = {n: t for n, (_, t) in layers.items()}
+        self.dtype = {n: m.weight.dtype for n, (m, _) in layers.items()}
+        self.weights = dense_weights(model, names)
+        if covs is not None:
+            missing = [n for n in names if n not in covs]
+            if missing:
+                raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
+        self.covs = covs
+        self.damping = options.damping
+        self._cache: dict[tuple[str, ...], BasisFactors] = {}
+
+    def split(
+        self, plan: SharingPlan | Sequence[Sequence[str]]
+    ) -> tuple[list[list[str]], list[list[str]]]:
+        """(basis classes, classes of other families) of a plan or a list of groups."""
+        if isinstance(plan, SharingPlan):
+            return split_classes(plan.groups, plan.coloring, self.problem)
+        return split_classes(plan, {}, self.problem)
+
+    def weights_of(self, classes: Sequence[Sequence[str]]) -> dict[str, Tensor]:
+        """The low-rank weight of every member of ``classes`` (each a basis class)."""
+        out: dict[str, Tensor] = {}
+        for group in classes:
+            factors = self.factors(group)
+            for i, name in enumerate(group):
+                w = factors.weight(i)
+                out[name] = (w.T if self.transposed[name] else w).contiguous()
+        return out
+
+    def factors(self, group: Sequence[str]) -> BasisFactors:
+        """The class's shared basis and coefficients, in the model's dtype (cached)."""
+        key = tuple(group)
+        if key not in self._cache:
+            ws = [self.weights[n] for n in group]
+            cs = None if self.covs is None else [self.covs[n] for n in group]
+            with torch.no_grad():
+                f = shared_basis(
+                    ws, self.ranks[group[0]], cs, damping=self.damping, side=self.sides[group[0]]
+                )
+            dtype = self.dtype[group[0]]
+            self._cache[key] = BasisFactors(
+                f.basis.to(dtype), [c.to(dtype) for c in f.coefs], f.side
+            )
+        return self._cache[key]
