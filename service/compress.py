@@ -162,9 +162,6 @@ class CompressReport(BaseModel):
     plan: SharingPlan = Field(description="The plan applied to the saved model.")
     out: str = Field(description="Where the worker saved the compressed model.")
     chosen: str | None = Field(None, description="The strategy of the chosen candidate.")
-    normalized_top: int | None = Field(
-        None, ge=0, le=1000, description="Best plans by size-normalized pair costs, also measured."
-    )
     merge: Merge | None = Field(None, description="How the shared tensors were made.")
     unique_params: int | None = None
     params_ratio: float | None = None
