@@ -55,7 +55,8 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--out", required=True, help="directory for model.safetensors + plan.json + report.json")
     c.add_argument("--backend", choices=BACKENDS, default="exact")
     c.add_argument("--merge", choices=MERGES, default=None,
-                   help="shared value of a class (default: curvature; layerwise with --backend layerwise)")
+                   help="shared value of a class (default: layerwise when the data has at least as many "
+                        "input rows as the widest tied layer has inputs, else curvature)")
     c.add_argument("--top", type=int, default=16, help="best plans by the cost model to measure (plus pattern plans)")
     c.add_argument("--min-distance", type=int, default=1,
                    help="sharing pairs in which each top plan differs from every better one")

@@ -35,6 +35,7 @@ from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.losses import DistillLoss
 from hessian_worker.measure import measure_loss
 from hessian_worker.merge import Merge
+from hessian_worker.merge_rule import default_merge
 from solver.candidates import candidate_plans
 from solver.planning import SolveConfig
 from solver.schema import Scheme, SharingPlan, SharingProblem
@@ -45,7 +46,7 @@ class CompressConfig(BaseModel):
 
     ratio: float = Field(gt=0, le=1, description="Share of the shareable parameters to keep.")
     backend: Backend = Backend.exact
-    merge: Merge | None = Field(None, description="Shared value of a class (default: curvature; layerwise with that backend).")
+    merge: Merge | None = Field(None, description="Shared value of a class (default: layerwise when the data gives full-rank input covariances, else curvature).")
     top: int = Field(16, ge=1, le=1000, description="Best plans by the cost model to measure (plus the pattern plans).")
     min_distance: int = Field(1, ge=1, description="Sharing pairs in which each of the top plans differs from every better one.")
     per_pattern: int = Field(2, ge=0, le=100, description="Budget-filling allocations measured per pattern strategy.")
@@ -66,10 +67,14 @@ class CompressConfig(BaseModel):
     rank_ratio: float = Field(0.25, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in).")
     side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
 
-    def resolved_merge(self) -> Merge:
+    def resolved_merge(self, model: nn.Module, data: Calibration, names: list[str]) -> Merge:
+        """The merge asked for; by default layerwise with that backend, else the rule of
+        ``merge_rule.default_merge`` (layerwise when ``data`` pins the input covariances down)."""
         if self.merge is not None:
             return self.merge
-        return Merge.layerwise if self.backend is Backend.layerwise else Merge.curvature
+        if self.backend is Backend.layerwise:
+            return Merge.layerwise
+        return default_merge(model, data, names) if names else Merge.curvature
 
     def basis_options(self) -> BasisOptions:
         return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side)
@@ -104,7 +109,6 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     acfg = AnalyzeConfig(backend=config.backend, samples=config.samples, batch_size=config.batch_size,
                          seed=config.seed, distill=config.distill, device=config.device, progress=config.progress,
                          scheme=config.scheme, basis=config.basis_options())
-    merge = config.resolved_merge()
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size, seed=config.seed)
     fit, held = _split(calib, config)
     costs_data, choice_data = _costs_and_choice(fit, config)
@@ -116,6 +120,7 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     basis = has_basis(problem)
     in_basis = set(rank_of(problem)) if basis else set()
     tied = [layer.name for layer in problem.layers if layer.name not in in_basis]
+    merge = config.resolved_merge(model, choice_data, tied)
     # the curvature-merge weights, measured once for every candidate and the final tie
     diag = (curvature_weights(model, costs_data, tied, quiet, tokenizer=tokenizer)
             if merge is Merge.curvature and tied else None)
@@ -130,7 +135,8 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
         report = apply_basis_plan(model, choice.plan, problem, merge, data=costs_data, config=quiet,
                                   tokenizer=tokenizer, covs=covs, diag=diag)
     else:
-        report = apply_plan(model, choice.plan, merge, data=costs_data, config=quiet, tokenizer=tokenizer, diag=diag)
+        # layerwise: the covariances of the data the choice was measured on (all of fit for tie)
+        report = apply_plan(model, choice.plan, merge, data=choice_data, config=quiet, tokenizer=tokenizer, diag=diag)
     healed = None
     if config.heal_steps:
         healed = heal(model, reference, fit, HealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=config.seed,

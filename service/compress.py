@@ -87,7 +87,7 @@ class CompressSpec(BaseModel):
     )
     merge: Merge | None = Field(
         None,
-        description="Shared value of a class (default: curvature; layerwise with that backend).",
+        description="Shared value of a class (default: layerwise when the data gives full-rank input covariances, else curvature).",
     )
     distill: Distill | None = Field(None, description="cosine suits sentence-embedding models.")
     heal_steps: int | None = Field(

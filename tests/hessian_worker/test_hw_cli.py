@@ -86,7 +86,7 @@ def test_compress_end_to_end(tmp_path, capsys) -> None:
     chosen = next(c for c in report["candidates"] if c["strategy"] == report["chosen"])
     assert chosen["measured"] == min(measured)  # the measured choice
     assert (out / "report.json").is_file() and (out / "problem.json").is_file()
-    assert report["merge"] == "curvature"  # the default merge
+    assert report["merge"] == "layerwise"  # the default merge: 12 fit rows >= 4-wide inputs
     names = [c["strategy"] for c in report["candidates"]]
     assert names[0] == "optimum" and "top-2" in names  # patterns here duplicate top plans (3 layers)
     from hw_cases import factory
