@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned to the CPU wheel on local disk, so nothing pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e ".[worker,service,dev]"
+	$(BIN)/pip install --quiet -e ".[worker,service,postgres,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from postgres import postgres_cluster, postgres_url  # noqa: F401  (fixtures)
 from svc_cases import Server, small_problem
 
 

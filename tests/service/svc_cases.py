@@ -57,8 +57,9 @@ def free_port() -> int:
 class Server:
     """A ``geoshare serve`` subprocess on 127.0.0.1."""
 
-    db: Path
+    db: Path  # the SQLite file (or, with db_url, where the log goes)
     env: dict[str, str] = field(default_factory=dict)
+    db_url: str | None = None  # a SQLAlchemy URL instead of the SQLite file (e.g. Postgres)
     port: int = 0
     proc: subprocess.Popen | None = None
     log: Path | None = None
@@ -72,7 +73,7 @@ class Server:
         env = {**os.environ, "GEOSHARE_POLL_S": "0.2", **self.env}
         self.log = self.db.with_suffix(f".{self.port}.log")
         cmd = [sys.executable, "-m", "solver.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--db", str(self.db), "--log-level", "warning"]
+               "--db", self.db_url or str(self.db), "--log-level", "warning"]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -10,9 +10,12 @@ import pytest
 from service.db import IdempotencyMismatch, Store
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def store(request, tmp_path):
+    """Every store test runs on the embedded SQLite file and on a real Postgres server (a
+    throwaway cluster from tests/service/postgres.py; skipped where Postgres is not installed)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    s = Store(url)
     yield s
     s.dispose()
 
