@@ -41,7 +41,9 @@ from tqdm import tqdm
 
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
+from hessian_worker.analysis import prepare
 from hessian_worker.apply import curvature_weights
+from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import load_calibration
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
@@ -103,14 +105,16 @@ def union(a: Any, b: Any) -> Any:
 class Runner:
     """Ties plans into copies of a task's model and scores them, zero-shot and healed."""
 
-    def __init__(self, task: Task, heal_steps: int, diag: dict[str, torch.Tensor] | None) -> None:
-        self.task, self.heal_steps, self.diag = task, heal_steps, diag
+    def __init__(self, task: Task, heal_steps: int, diag: dict[str, torch.Tensor] | None,
+                 covariances: LayerwiseCurvature | None) -> None:
+        self.task, self.heal_steps, self.diag, self.covariances = task, heal_steps, diag, covariances
         self.quiet = AnalyzeConfig(distill=task.distill, progress=False)
         self.data = union(task.calibration, task.validation)  # healing and the layerwise merge
 
     def tied(self, plan: SharingPlan, merge: str) -> torch.nn.Module:
         model = copy.deepcopy(self.task.model)
-        apply_plan(model, plan, merge, diag=self.diag, data=self.data, config=self.quiet, tokenizer=self.task.tokenizer)
+        apply_plan(model, plan, merge, diag=self.diag, layerwise=self.covariances, data=self.data, config=self.quiet,
+                   tokenizer=self.task.tokenizer)
         return model.eval()
 
     def loss(self, model: torch.nn.Module) -> float:
@@ -128,13 +132,13 @@ class Runner:
         return out
 
 
-def geo_plan(task: Task, problem: SharingProblem, config: SolveConfig, diag: dict | None, merge: str,
+def geo_plan(task: Task, problem: SharingProblem, config: SolveConfig, runner: Runner, merge: str,
              args: argparse.Namespace) -> SharingPlan:
     """The product's choice: the K best plans (plain and size-normalized) and the pattern plans,
     the one with the least loss on the validation split after Geo-Sharing's merge."""
     pool = candidate_plans(problem, config, top=args.top, per_pattern=args.per_pattern, normalized_top=args.normalized_top)
     measured = measure_plans(task.model, task.validation, pool, AnalyzeConfig(distill=task.distill, progress=False),
-                             merge=merge, tokenizer=task.tokenizer, diag=diag)
+                             merge=merge, tokenizer=task.tokenizer, diag=runner.diag, layerwise=runner.covariances)
     return pool[int(np.argmin(measured))]
 
 
@@ -179,11 +183,15 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
     names_all = [layer.name for layer in yardstick.layers]
     data = union(task.calibration, task.validation)
     geo_merge = default_merge(task.model, load_calibration(data, tokenizer=task.tokenizer), names_all).value
-    diag = None  # the curvature merge's weights, measured once (only when that merge is used)
+    # the merge's curvature, measured once and shared by the choice and every tie
+    quiet = AnalyzeConfig(distill=task.distill, progress=False)
+    diag = covariances = None
     if geo_merge == "curvature":
-        diag = curvature_weights(task.model, task.calibration, names_all,
-                                 AnalyzeConfig(distill=task.distill, progress=False), tokenizer=task.tokenizer)
-    runner = Runner(task, args.heal_steps, diag)
+        diag = curvature_weights(task.model, task.calibration, names_all, quiet, tokenizer=task.tokenizer)
+    else:
+        prep = prepare(task.model, data, quiet, tokenizer=task.tokenizer)
+        covariances = LayerwiseCurvature.collect(prep.model, prep.data, names_all)
+    runner = Runner(task, args.heal_steps, diag, covariances)
     distances = weight_distances(task.model, yardstick)
     names = ["geo", "geo-solver", *(f"geo-{b}" for b in backends if b != "exact")]
     strategies = [*names, "weight-distance", *HEURISTICS, *(f"{h}+geo-merge" for h in GEO_MERGED), "random"]
@@ -193,7 +201,7 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
         merge = geo_merge if strategy == "geo" or strategy.endswith("+geo-merge") else "mean"
         base = strategy.removesuffix("+geo-merge")
         if strategy == "geo":
-            plans = [geo_plan(task, yardstick, config, diag, geo_merge, args)]
+            plans = [geo_plan(task, yardstick, config, runner, geo_merge, args)]
         elif strategy.startswith("geo"):
             backend = "exact" if strategy == "geo-solver" else strategy.removeprefix("geo-")
             plans = [solve(problems[backend], config)]

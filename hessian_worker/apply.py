@@ -101,13 +101,15 @@ def apply_plan(
     tokenizer: Any | None = None,
     problem: SharingProblem | None = None,
     diag: dict[str, Tensor] | None = None,
+    layerwise: LayerwiseCurvature | None = None,
 ) -> ApplyReport:
     """Ties each class of ``plan`` to one Parameter, in place (like ``quantize_(model, config)``).
 
     The shared value is the mean, the representative (first layer of the group), ``curvature``
     (per-element Σ F_k⊙W_k / Σ F_k with F the diagonal GGN from ``data``), or ``layerwise``
     (the closed form (Σ W_k G_k)(Σ G_k)⁻¹ from layer input covariances on ``data``). ``diag``
-    passes curvature weights measured already (see ``curvature_weights``), so no data is needed.
+    passes curvature weights measured already (see ``curvature_weights``), ``layerwise`` input
+    covariances measured already; either way no data is needed.
 
     ``problem`` (the plan's SharingProblem) is needed for plans whose families use the ``basis``
     scheme: those go to ``hessian_worker.basis.apply_basis_plan`` (ranks from the problem).
@@ -128,8 +130,9 @@ def apply_plan(
     original = sum(params[n].numel() for n in names if n in params)
     before = unique_params(model)
     shared_names = [n for g in groups for n in g]
-    layerwise: LayerwiseCurvature | None = None
-    needs_data = (merge is Merge.curvature and diag is None) or merge is Merge.layerwise
+    if merge is not Merge.layerwise:
+        layerwise = None
+    needs_data = (merge is Merge.curvature and diag is None) or (merge is Merge.layerwise and layerwise is None)
     if needs_data and groups:
         if data is None:
             raise PlanError(f"merge={merge.value!r} needs calibration data (data=...) to measure curvature")

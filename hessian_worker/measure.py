@@ -63,13 +63,16 @@ def measure_plans(
     diag: dict[str, Tensor] | None = None,
     problem: SharingProblem | None = None,
     covs: dict[str, Tensor] | None = None,
+    layerwise: LayerwiseCurvature | None = None,
 ) -> list[float]:
     """Real calibration-loss change of each candidate plan, without touching the model.
 
     Each plan's merged weights are substituted with ``functional_call``, so one model and one set
     of reference outputs serve every candidate: this is how the pipeline picks among the solver's
     diverse good plans by a real forward pass (DESIGN.md). Curvature weights for ``merge=curvature``
-    are measured once over the union of the plans' layers (or passed in as ``diag``).
+    are measured once over the union of the plans' layers (or passed in as ``diag``); so are the
+    input covariances of ``merge=layerwise`` (or passed in as ``layerwise``: give the ones the final
+    apply uses, so the plan measured is the plan applied).
 
     With a ``problem`` whose families use the ``basis`` scheme, the classes of those families are
     substituted by their low-rank weights B_c·C_ℓ (singletons too), which is what
@@ -91,8 +94,9 @@ def measure_plans(
         if merge is Merge.curvature and union and diag is None:
             diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
                                      generator=config.generator(), kind=config.curvature)
-        layerwise = None
-        if merge is Merge.layerwise and union:
+        if merge is not Merge.layerwise or not union:
+            layerwise = None
+        elif layerwise is None:
             layerwise = LayerwiseCurvature.collect(prep.model, prep.data, union)
         base = float(obj.loss({})) if loss_fn is not None else 0.0
         for classes, groups in tqdm(split, desc="plans", disable=not config.progress, leave=False):
