@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .baselines import PATTERNS, Strategy, pattern_options
-from .family import FamilyInstance, build_families, coloring_of
+from .family import FamilyInstance, build_families, canonical, coloring_of
 from .kbest import FamilyOption, FamilyTable, family_table, k_best_combinations, plan_distance
 from .planning import Progress, SolveConfig, plan_from_coloring, solve, with_config
 from .schema import SharingPlan, SharingProblem
@@ -133,12 +133,7 @@ def candidate_plans(
     if normalized_top:
         plans += top_plans(problem, normalized_top, config, min_distance=min_distance, optimum=plans[0], normalized=True)
     plans += pattern_plans(problem, config, patterns=patterns, per_pattern=per_pattern)
-    seen, out = set(), []
-    for plan in plans:
-        if _key(plan) not in seen:
-            seen.add(_key(plan))
-            out.append(plan)
-    return out
+    return _distinct(plans)
 
 
 def solve_with_alternatives(
@@ -159,16 +154,20 @@ def solve_with_alternatives(
     if head is not plan:  # a neighbourhood beat the time-limited optimum; the bound still holds
         gap = max(0.0, head.objective - plan.bound) / max(abs(head.objective), 1e-12) if plan.bound is not None else None
         head = head.model_copy(update={"bound": plan.bound, "gap": gap, "families": None})
-    seen, alternatives = {_key(head)}, []
-    for p in [*best[1:], *pattern_plans(problem, per_pattern=1)]:
-        if _key(p) not in seen:
-            seen.add(_key(p))
-            alternatives.append(p)
+    alternatives = _distinct([head, *best[1:], *pattern_plans(problem, per_pattern=1)])[1:]
     return head.model_copy(update={"alternatives": alternatives})
 
 
-def _key(plan: SharingPlan) -> tuple[tuple[str, ...], ...]:
-    return tuple(sorted(tuple(g) for g in plan.groups))
+def _distinct(plans: Sequence[SharingPlan]) -> list[SharingPlan]:
+    """The plans in order, each partition of the layers kept once (its first plan)."""
+    seen: set[tuple[tuple[str, ...], ...]] = set()
+    out = []
+    for plan in plans:
+        key = tuple(sorted(tuple(g) for g in plan.groups))
+        if key not in seen:
+            seen.add(key)
+            out.append(plan)
+    return out
 
 
 def _params(fams: Sequence[FamilyInstance], tables: Sequence[FamilyTable]) -> list[dict[int, int]]:
@@ -187,12 +186,7 @@ def _fills(picks: tuple[tuple[int, int], ...], total: int, params: list[dict[int
 
 def _family_labels(problem: SharingProblem, fams: Sequence[FamilyInstance], coloring: dict[str, int]) -> list[np.ndarray]:
     """Each family's layer labels (depth order) under a problem-wide coloring."""
-    out = []
-    for fam in fams:
-        raw = [coloring[problem.layers[g].name] for g in fam.layer_ids]
-        mapping: dict[int, int] = {}
-        out.append(np.array([mapping.setdefault(c, len(mapping)) for c in raw], dtype=int))
-    return out
+    return [canonical(np.array([coloring[problem.layers[g].name] for g in fam.layer_ids], dtype=int)) for fam in fams]
 
 
 __all__ = ["candidate_plans", "top_plans", "pattern_plans", "solve_with_alternatives", "DEFAULT_PATTERNS"]
