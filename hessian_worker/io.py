@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,14 +36,19 @@ def save_shared(model: nn.Module, plan: SharingPlan, directory: str | Path) -> P
         from hessian_worker.basis.io import save_basis
 
         return save_basis(model, plan, directory)
+    return write_shared(model, plan, directory)
+
+
+def write_shared(model: nn.Module, plan: SharingPlan, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """The files of every scheme: deduplicated tensors and plan.json (plan, aliases, unique params,
+    plus ``extra``, e.g. a scheme and its layout; a ``scheme`` also goes into the tensors' metadata)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     canonical: dict[tuple, str] = {}
     storages: set[int] = set()
-    for name, t in state.items():
+    for name, t in model.state_dict().items():
         key = _storage_key(t)
         if key in canonical:
             aliases[name] = canonical[key]
@@ -52,12 +58,17 @@ def save_shared(model: nn.Module, plan: SharingPlan, directory: str | Path) -> P
         # a view that overlaps another stored tensor gets its own copy (safetensors needs that)
         tensors[name] = t.detach().clone().contiguous() if ptr in storages else t.detach().contiguous()
         storages.add(ptr)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "geoshare_version": SCHEMA_VERSION})
+    extra = extra or {}
+    metadata = {"format": "pt", "geoshare_version": SCHEMA_VERSION}
+    if "scheme" in extra:
+        metadata["geoshare_scheme"] = str(extra["scheme"])
+    save_file(tensors, str(out / WEIGHTS), metadata=metadata)
     meta = {
         "version": SCHEMA_VERSION,
         "plan": plan.model_dump(mode="json"),
         "aliases": aliases,
         "unique_params": unique_params(model),
+        **extra,
     }
     (out / PLAN).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return out
@@ -84,18 +95,26 @@ def load_shared(model: nn.Module, directory: str | Path) -> SharingPlan:
     params = dict(model.named_parameters(remove_duplicate=False))
     groups = plan_groups(plan.groups, params)
     tie(model, groups)
+    load_tensors(model, src, aliases, "load_shared")
+    return plan
+
+
+def load_tensors(model: nn.Module, src: Path, aliases: dict[str, str], loader: str) -> None:
+    """Loads ``src/model.safetensors`` into a model already tied (and rebuilt) like the saved one;
+    the aliases, including the model's own tied weights outside the plan, must be tied here too.
+
+    Raises:
+        PlanError: the tensors do not fit the model, or an alias is a separate tensor in it.
+    """
     device = next(model.parameters()).device
-    tensors = load_file(str(src / WEIGHTS), device=str(device))
-    result = model.load_state_dict(tensors, strict=False)
+    result = model.load_state_dict(load_file(str(src / WEIGHTS), device=str(device)), strict=False)
     missing = [k for k in result.missing_keys if k not in aliases]
     if missing or result.unexpected_keys:
         raise PlanError(
             f"saved tensors do not fit this model: missing {missing[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}; build the same architecture before load_shared"
+            f"{result.unexpected_keys[:5]}; build the same architecture before {loader}"
         )
-    # aliases outside the plan (the model's own tied weights) must be tied in the fresh model too
     state = model.state_dict()
     untied = [a for a, c in aliases.items() if not torch.equal(state[a], state[c])]
     if untied:
         raise PlanError(f"these saved aliases are separate tensors in this model: {untied[:5]}")
-    return plan

@@ -13,18 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import nn
 
-from hessian_worker.apply import tie, unique_params
+from hessian_worker.apply import tie
 from hessian_worker.basis.modules import WEIGHT_SUFFIX, basis_layout, rebuild
 from hessian_worker.errors import PlanError
-from hessian_worker.io import PLAN, WEIGHTS, _storage_key
+from hessian_worker.io import PLAN, WEIGHTS, load_tensors, write_shared
 from hessian_worker.merge import plan_groups
-from solver.schema import SCHEMA_VERSION, Scheme, SharingPlan
-
-FORMAT = "geoshare-basis"
+from solver.schema import Scheme, SharingPlan
 
 
 def save_basis(model: nn.Module, plan: SharingPlan, directory: str | Path) -> Path:
@@ -34,42 +30,7 @@ def save_basis(model: nn.Module, plan: SharingPlan, directory: str | Path) -> Pa
     Returns:
         the directory.
     """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    canonical: dict[tuple, str] = {}
-    storages: set[int] = set()
-    for name, t in model.state_dict().items():
-        key = _storage_key(t)
-        if key in canonical:
-            aliases[name] = canonical[key]
-            continue
-        canonical[key] = name
-        ptr = t.untyped_storage().data_ptr()
-        tensors[name] = (
-            t.detach().clone().contiguous() if ptr in storages else t.detach().contiguous()
-        )
-        storages.add(ptr)
-    save_file(
-        tensors,
-        str(out / WEIGHTS),
-        metadata={
-            "format": "pt",
-            "geoshare_version": SCHEMA_VERSION,
-            "geoshare_scheme": Scheme.basis.value,
-        },
-    )
-    meta = {
-        "version": SCHEMA_VERSION,
-        "scheme": Scheme.basis.value,
-        "plan": plan.model_dump(mode="json"),
-        "aliases": aliases,
-        "basis": basis_layout(model),
-        "unique_params": unique_params(model),
-    }
-    (out / PLAN).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return out
+    return write_shared(model, plan, directory, {"scheme": Scheme.basis.value, "basis": basis_layout(model)})
 
 
 def load_basis(model: nn.Module, directory: str | Path) -> SharingPlan:
@@ -95,17 +56,5 @@ def load_basis(model: nn.Module, directory: str | Path) -> SharingPlan:
     params = dict(model.named_parameters(remove_duplicate=False))
     groups = plan_groups([g for g in plan.groups if not set(g) & basis_names], params)
     tie(model, groups)
-    device = next(model.parameters()).device
-    tensors = load_file(str(src / WEIGHTS), device=str(device))
-    result = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in result.missing_keys if k not in aliases]
-    if missing or result.unexpected_keys:
-        raise PlanError(
-            f"saved tensors do not fit this model: missing {missing[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}; build the same architecture before load_basis"
-        )
-    state = model.state_dict()
-    untied = [a for a, c in aliases.items() if not torch.equal(state[a], state[c])]
-    if untied:
-        raise PlanError(f"these saved aliases are separate tensors in this model: {untied[:5]}")
+    load_tensors(model, src, aliases, "load_basis")
     return plan
