@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import platform
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
+from bench.evaluate import fingerprint, union
 from bench.tasks import Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
 from hessian_worker.analysis import prepare
@@ -63,20 +63,6 @@ from solver.schema import FamilySpec, Side
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / "cache"
 BASIS = ["basis-geo", "basis-rescore", "basis-solver", "basis-scaled", "basis-scaled-geo", "basis-pairs", "svd"]
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights (bench/evaluate.py's), so cached costs never outlive the model."""
-    h = hashlib.sha1()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:10]
-
-
-def union(a: Any, b: Any) -> Any:
-    """Two data splits as one (sentence lists or sample tensors)."""
-    return a + b if isinstance(a, list) else torch.cat([a, b])
 
 
 @dataclass
