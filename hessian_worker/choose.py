@@ -33,16 +33,17 @@ def choose_plan(
     diag: dict[str, Any] | None = None,
     problem: SharingProblem | None = None,
     covs: dict[str, Any] | None = None,
+    layerwise: Any | None = None,
 ) -> Choice:
     """The candidate with the least measured loss change after merging (ties: the earlier one).
 
     The model is not changed: merged weights are substituted per candidate (see measure_plans);
-    ``diag`` passes curvature-merge weights measured already; ``problem`` (and ``covs``) make the
+    ``diag`` and ``layerwise`` pass merge curvature measured already; ``problem`` (and ``covs``) make the
     classes of ``basis`` families their low-rank weights.
     """
     if not plans:
         raise ValueError("choose_plan needs at least one candidate plan")
     measured = measure_plans(model, data, list(plans), config, merge=merge, tokenizer=tokenizer, diag=diag,
-                             problem=problem, covs=covs)
+                             problem=problem, covs=covs, layerwise=layerwise)
     index = min(range(len(plans)), key=lambda i: (measured[i], i))
     return Choice(plan=plans[index], index=index, measured=measured)

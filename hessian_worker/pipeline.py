@@ -29,7 +29,7 @@ from hessian_worker.basis.analysis import has_basis, rank_of
 from hessian_worker.basis.config import BasisOptions, SideChoice
 from hessian_worker.choose import choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
-from hessian_worker.curvature.layerwise import input_covariances
+from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_covariances
 from hessian_worker.data import Calibration, load_calibration
 from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.losses import DistillLoss
@@ -124,10 +124,16 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     # the curvature-merge weights, measured once for every candidate and the final tie
     diag = (curvature_weights(model, costs_data, tied, quiet, tokenizer=tokenizer)
             if merge is Merge.curvature and tied else None)
+    # the layerwise merge's input covariances: on the choice data, once for the choice and the tie
+    layerwise = None
+    if merge is Merge.layerwise and tied and not basis:
+        prep = prepare(model, choice_data, quiet, tokenizer=tokenizer)
+        with torch.no_grad():
+            layerwise = LayerwiseCurvature.collect(prep.model, prep.data, tied)
     # the whitening of the bases, measured once for every candidate and the final apply
     covs = _basis_covs(model, costs_data, problem, quiet, tokenizer) if basis else None
     choice = choose_plan(model, choice_data, pool, acfg, merge=merge, tokenizer=tokenizer, diag=diag,
-                         problem=problem if basis else None, covs=covs)
+                         problem=problem if basis else None, covs=covs, layerwise=layerwise)
     reference = copy.deepcopy(model)
     if basis:
         from hessian_worker.basis.apply import apply_basis_plan
@@ -135,8 +141,8 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
         report = apply_basis_plan(model, choice.plan, problem, merge, data=costs_data, config=quiet,
                                   tokenizer=tokenizer, covs=covs, diag=diag)
     else:
-        # layerwise: the covariances of the data the choice was measured on (all of fit for tie)
-        report = apply_plan(model, choice.plan, merge, data=choice_data, config=quiet, tokenizer=tokenizer, diag=diag)
+        report = apply_plan(model, choice.plan, merge, data=choice_data, config=quiet, tokenizer=tokenizer, diag=diag,
+                            layerwise=layerwise)
     healed = None
     if config.heal_steps:
         healed = heal(model, reference, fit, HealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=config.seed,
