@@ -2,14 +2,25 @@
 
 Reports, in one run on the same 16 calibration sentences (bench/corpus.py):
 - the time of one forward+backward of the calibration loss (the baseline),
-- each backend's time to produce all pair costs of all six families, and per pair,
-- the Spearman rank correlation of each backend's pair costs with `exact`'s, per family.
+- each backend's time to produce all pair costs of all six families, and per pair (warm: the
+  second of two runs in this process, so torch.func's one-time dispatch set-up is not counted;
+  the first run's time is reported beside it),
+- the Spearman rank correlation of each backend's pair costs with `exact`'s, per family and over
+  all pairs.
 
-    python bench/curvature_bench.py
+Variants of `projected`: the product default (Nyström sketch of 12 HVPs, per-layer bulk, rank 8),
+the same at rank 16, and the seed paper's form (Lanczos, one isotropic bulk, rank 16).
+
+Then the same timing (exact against the default projected) on a MiniLM-shaped BERT with more
+layers (`--deep`, random weights: a timing, not a ranking), where exact's pair count grows as L²
+while projected's sketch stays 12 HVPs.
+
+    python bench/curvature_bench.py [--deep 12]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import platform
@@ -27,6 +38,14 @@ from bench.evaluate import spearman
 from hessian_worker import AnalyzeConfig, analyze, load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS: dict[str, dict] = {
+    "exact": {"backend": "exact"},
+    "projected": {"backend": "projected"},
+    "projected-rank16": {"backend": "projected", "rank": 16},
+    "projected-paper": {"backend": "projected", "rank": 16, "eigensolver": "lanczos", "bulk": "isotropic"},
+    "diagonal": {"backend": "diagonal"},
+    "layerwise": {"backend": "layerwise"},
+}
 
 
 def forward_backward_time(model, tokenizer, sentences: list[str], repeats: int = 5) -> float:
@@ -44,17 +63,43 @@ def forward_backward_time(model, tokenizer, sentences: list[str], repeats: int =
     return statistics.median(times[1:])
 
 
+def deep_timing(loaded, calib: list[str], layers: int) -> dict:
+    """Exact vs default projected on a randomly initialized MiniLM-shaped BERT with ``layers`` layers."""
+    config = copy.deepcopy(loaded.model.config)
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    model = type(loaded.model)(config).float().eval()
+    row = {"layers": layers}
+    for name in ("exact", "projected"):
+        cfg = AnalyzeConfig(batch_size=16, seed=0, progress=False, **VARIANTS[name])
+        t = time.perf_counter()
+        problem = analyze(copy.deepcopy(model), calib, cfg, tokenizer=loaded.tokenizer)
+        row[f"{name}_s"] = time.perf_counter() - t
+    fams = [x.family for x in problem.layers]
+    row["pairs"] = sum(fams.count(f) * (fams.count(f) - 1) // 2 for f in set(fams))
+    row["projected_vs_exact"] = row["projected_s"] / row["exact_s"]
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--deep", type=int, default=12, help="layers of the deeper timing model (0: skip)")
+    args = parser.parse_args()
     loaded = load_model("minilm")
     model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
     calib, _ = split(16, 0, seed=0)
     t_fb = forward_backward_time(copy.deepcopy(model), tokenizer, calib)
     rows, problems = {}, {}
-    for backend in ("exact", "projected", "diagonal", "layerwise"):
-        config = AnalyzeConfig(backend=backend, batch_size=16, seed=0, progress=False)
-        t = time.perf_counter()
-        problems[backend] = analyze(copy.deepcopy(model), calib, config, tokenizer=tokenizer)
-        rows[backend] = {"seconds": time.perf_counter() - t}
+    for name, options in VARIANTS.items():
+        config = AnalyzeConfig(batch_size=16, seed=0, progress=False, **options)
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            problems[name] = analyze(copy.deepcopy(model), calib, config, tokenizer=tokenizer)
+            times.append(time.perf_counter() - t)
+        rows[name] = {"options": options, "seconds": times[1], "cold_seconds": times[0]}
+        print(name, rows[name], flush=True)
     layers = problems["exact"].layers
     families = sorted({x.family for x in layers})
     pairs = {f: [(a, b) for a in range(len(layers)) for b in range(a + 1, len(layers)) if layers[a].family == layers[b].family == f] for f in families}
@@ -65,6 +110,8 @@ def main() -> None:
         row["vs_exact_time"] = row["seconds"] / rows["exact"]["seconds"]
         m, e = problems[backend].costs.matrix, problems["exact"].costs.matrix
         row["spearman_vs_exact"] = {f: spearman([m[a][b] for a, b in ps], [e[a][b] for a, b in ps]) for f, ps in pairs.items()}
+        every = [p for ps in pairs.values() for p in ps]
+        row["spearman_vs_exact_all_pairs"] = spearman([m[a][b] for a, b in every], [e[a][b] for a, b in every])
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}, {torch.get_num_threads()} threads",
@@ -73,12 +120,18 @@ def main() -> None:
         "calibration_sentences": len(calib),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "curvature_bench.json").write_text(json.dumps({"meta": meta, "backends": rows}, indent=2))
+    deep = deep_timing(loaded, calib, args.deep) if args.deep else None
+    (RESULTS / "curvature_bench.json").write_text(json.dumps({"meta": meta, "backends": rows, "deep": deep}, indent=2))
     lines = ["# Curvature backends on MiniLM", "", f"Command: `{meta['command']}`  ", f"{meta['machine']}; {len(calib)} sentences; one forward+backward {t_fb * 1000:.1f} ms; {n_pairs} pairs", "",
-             "| backend | all pairs s | per pair ms | per pair / fwd+bwd | time / exact | Spearman vs exact (per family) |", "|---|---|---|---|---|---|"]
+             "| backend | options | all pairs s (cold) | per pair ms | per pair / fwd+bwd | time / exact | Spearman vs exact, all pairs | per family |", "|---|---|---|---|---|---|---|---|"]
     for b, r in rows.items():
         sp = ", ".join(f"{f.removesuffix('.weight')}: {v:.2f}" for f, v in r["spearman_vs_exact"].items())
-        lines.append(f"| {b} | {r['seconds']:.2f} | {1000 * r['per_pair_s']:.1f} | {r['per_pair_vs_forward_backward']:.2f} | {r['vs_exact_time']:.2f} | {sp} |")
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "backend") or "defaults"
+        lines.append(f"| {b} | {opts} | {r['seconds']:.2f} ({r['cold_seconds']:.2f}) | {1000 * r['per_pair_s']:.1f} | {r['per_pair_vs_forward_backward']:.2f} | {r['vs_exact_time']:.2f} | {r['spearman_vs_exact_all_pairs']:.2f} | {sp} |")
+    if deep:
+        lines += ["", f"MiniLM-shaped BERT with {deep['layers']} layers (random weights, timing only): {deep['pairs']} pairs; "
+                  f"exact {deep['exact_s']:.1f} s, projected {deep['projected_s']:.1f} s, projected / exact "
+                  f"{deep['projected_vs_exact']:.2f}."]
     (RESULTS / "curvature_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,7 +1,7 @@
 """Curvature worker: discover shareable layers, predict sharing costs, apply plans.
 
     from hessian_worker import analyze, AnalyzeConfig, apply_plan, save_shared
-    problem = analyze(model, "calib.txt", AnalyzeConfig(backend="projected", rank=16))
+    problem = analyze(model, "calib.txt", AnalyzeConfig(backend="projected", rank=8))
 
 Names are imported lazily (PEP 562) so that ``hessian_worker.cli``, which the solver's CLI
 imports, does not pull in torch.

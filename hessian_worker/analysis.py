@@ -56,6 +56,7 @@ def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
         return ExactCurvature(obj, config.curvature, chunk=config.chunk)
     if config.backend is Backend.projected:
         return ProjectedCurvature(obj, rank=config.rank, generator=gen, kind=config.curvature,
+                                  eigensolver=config.eigensolver, bulk=config.bulk, oversample=config.oversample,
                                   iters=config.lanczos_iters, probes=config.probes,
                                   memory_limit_gb=config.memory_limit_gb, chunk=config.chunk,
                                   progress=config.progress)

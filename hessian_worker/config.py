@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hessian_worker.basis.config import BasisOptions
 from hessian_worker.curvature.base import CurvatureKind
 from hessian_worker.curvature.diagonal import DiagonalMethod
+from hessian_worker.curvature.projected import Bulk, Eigensolver
 from hessian_worker.losses import DistillLoss
 from solver.schema import CostKind, Scheme
 
@@ -50,9 +51,13 @@ class AnalyzeConfig(BaseModel):
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(128, gt=0, description="Token limit per text sample.")
     seed: int = Field(0, ge=0)
-    rank: int = Field(16, gt=0, description="projected: eigenpairs kept.")
+    rank: int = Field(8, gt=0, description="projected: eigenpairs kept (a Nyström sketch of rank + oversample HVPs).")
+    eigensolver: Eigensolver = Field(
+        Eigensolver.auto, description="projected: nystrom (one batched sketch, GGN), lanczos, or auto.")
+    oversample: int = Field(4, ge=0, description="projected, nystrom: sketch vectors beyond the rank.")
+    bulk: Bulk = Field(Bulk.layer, description="projected: curvature off the top space, per layer or isotropic.")
     lanczos_iters: int | None = Field(None, gt=0, description="projected: Krylov size (default 2·rank+10).")
-    probes: int = Field(32, gt=0, description="Hutchinson probes (trace, diagonal).")
+    probes: int = Field(32, gt=0, description="Hutchinson probes (diagonal; projected with lanczos: traces).")
     diagonal_method: DiagonalMethod = DiagonalMethod.auto
     memory_limit_gb: float = Field(4.0, gt=0, description="projected refuses above this estimate.")
     chunk: int = Field(8, gt=0, description="Directions per vmap call (1 = plain loop).")
@@ -70,6 +75,9 @@ class AnalyzeConfig(BaseModel):
     def _check(self) -> AnalyzeConfig:
         if self.lanczos_iters is not None and self.lanczos_iters < self.rank:
             raise ValueError(f"lanczos_iters={self.lanczos_iters} must be >= rank={self.rank}")
+        if self.eigensolver is Eigensolver.nystrom and self.curvature is not CurvatureKind.ggn:
+            raise ValueError("eigensolver='nystrom' needs the PSD Gauss-Newton matrix: use curvature='ggn' "
+                             "or eigensolver='lanczos' for the full Hessian")
         return self
 
     def torch_device(self) -> torch.device:

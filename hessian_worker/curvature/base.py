@@ -63,3 +63,28 @@ def unflatten(vec: Tensor, shapes: Mapping[str, torch.Size]) -> Params:
         out[name] = vec[i : i + size].reshape(shape)
         i += size
     return out
+
+
+def map_products(fn: Callable[[Params], Params], rows: Tensor, shapes: Mapping[str, torch.Size],
+                 chunk: int) -> Tensor:
+    """Applies an operator (e.g. an HVP) to every row of ``rows`` [n, d], ``chunk`` rows per vmap call.
+
+    Rows are flat vectors over ``shapes`` in order; results come back flat the same way.
+    ``chunk=1`` runs a plain loop, for models with operators that have no vmap batching rule.
+    """
+    names = list(shapes)
+    out = []
+    for i in range(0, rows.shape[0], chunk):
+        part = rows[i : i + chunk]
+        if chunk == 1:
+            res = fn(unflatten(part[0], shapes))
+            out.append(flatten(res, names).detach()[None])
+        else:
+            start, split = 0, {}
+            for name, shape in shapes.items():
+                size = int(torch.Size(shape).numel())
+                split[name] = part[:, start : start + size].reshape(part.shape[0], *shape)
+                start += size
+            res = vmap(fn)(split)
+            out.append(torch.cat([res[n].reshape(part.shape[0], -1) for n in names], dim=1).detach())
+    return torch.cat(out)

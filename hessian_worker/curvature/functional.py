@@ -2,7 +2,10 @@
 
 GGN forms use forward mode only: v = Jδ by one JVP, then vᵀ H_out v with H_out the Hessian of the
 output loss (a second JVP of its gradient at the output, exact for any output loss). Full-Hessian
-forms use forward-over-reverse (jvp of grad), which needs double-backward support in the model.
+forms use forward-over-reverse (jvp of grad), which needs double-backward support in the model;
+where an operator's forward-over-reverse rule is broken (PyTorch issue #123996: F.mse_loss with
+reduction='mean' and a target without tangent fails with "ZeroTensors are immutable"), they fall
+back to reverse-over-reverse (vjp of grad), the same H·v for the symmetric Hessian.
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ def ggn_quad_form(obj: Objective) -> Callable[[Params], Tensor]:
     return quad
 
 
+def _hessian_vector(loss: Callable[[Params], Tensor], p0: Params, v: Params) -> Params:
+    """H·v of a scalar function at p0: forward-over-reverse, else reverse-over-reverse."""
+    try:
+        return jvp(grad(loss), (p0,), (v,))[1]
+    except RuntimeError as exc:
+        if "ZeroTensors are immutable" not in str(exc):
+            raise
+        return vjp(grad(loss), p0)[1](v)[0]
+
+
 def hessian_quad_form(obj: Objective) -> Callable[[Params], Tensor]:
     """δ -> δᵀHδ with the full Hessian of the calibration loss (forward-over-reverse)."""
 
@@ -46,7 +59,7 @@ def hessian_quad_form(obj: Objective) -> Callable[[Params], Tensor]:
         p0 = {n: obj.params0[n] for n in delta}
         total = torch.zeros((), dtype=next(iter(p0.values())).dtype, device=next(iter(p0.values())).device)
         for b, w in enumerate(obj.weights):
-            hd = jvp(grad(lambda p, b=b: obj.batch_loss(p, b)), (p0,), (delta,))[1]
+            hd = _hessian_vector(lambda p, b=b: obj.batch_loss(p, b), p0, delta)
             total = total + w * _dot(hd, delta)
         return total
 
@@ -80,7 +93,7 @@ def hessian_hvp(obj: Objective) -> Callable[[Params], Params]:
         p0 = {n: obj.params0[n] for n in v}
         out = {n: torch.zeros_like(t) for n, t in v.items()}
         for b, w in enumerate(obj.weights):
-            hv = jvp(grad(lambda p, b=b: obj.batch_loss(p, b)), (p0,), (v,))[1]
+            hv = _hessian_vector(lambda p, b=b: obj.batch_loss(p, b), p0, v)
             for n in out:
                 out[n] = out[n] + w * hv[n]
         return out

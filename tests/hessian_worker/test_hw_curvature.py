@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from hw_cases import dense_ggn, dense_hessian, mlp_data, quad_dense, random_params, shapes, tiny_mlp
+from torch import Tensor
 
-from hessian_worker.curvature.base import CurvatureKind, flatten, unflatten
+from hessian_worker.curvature.base import CurvatureKind, flatten, map_products, unflatten
 from hessian_worker.curvature.diagonal import DiagonalCurvature, DiagonalMethod, estimate_diagonal
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.curvature.functional import ggn_hvp, ggn_quad_form, hessian_hvp
 from hessian_worker.curvature.hutchinson import trace
 from hessian_worker.curvature.lanczos import lanczos
-from hessian_worker.curvature.projected import ProjectedCurvature
+from hessian_worker.curvature.nystrom import nystrom
+from hessian_worker.curvature.projected import Bulk, Eigensolver, ProjectedCurvature
 from hessian_worker.discovery import discover_layers
 from hessian_worker.objective import Objective
 
@@ -51,6 +53,21 @@ def test_full_hessian_quad_form_matches_dense_and_ggn_at_reference(case: str, re
     _close(got, quad_dense(hess, obj, deltas))
     # self-distillation: residuals vanish at the reference, so H equals the GGN there
     _close(hess, dense_ggn(obj), rtol=1e-7)
+
+
+def test_full_hessian_with_functional_mse_loss() -> None:
+    """F.mse_loss(reduction='mean') has a broken forward-over-reverse rule (PyTorch #123996, "ZeroTensors
+    are immutable"); the Hessian forms fall back to reverse-over-reverse and still match dense."""
+    model = tiny_mlp()
+    names = [x.name for x in discover_layers(model)]
+    target = torch.randn(10, 3, generator=torch.Generator().manual_seed(3))
+    obj = Objective(model, mlp_data(n=10, batch=10), names,
+                    task_loss=lambda y, batch: torch.nn.functional.mse_loss(y, target))
+    deltas = random_params(obj, 3)
+    hess = dense_hessian(obj)
+    _close(ExactCurvature(obj, CurvatureKind.hessian, chunk=3).quad(deltas), quad_dense(hess, obj, deltas))
+    one = {k: v[0] for k, v in deltas.items()}
+    _close(flatten(hessian_hvp(obj)(one), obj.names), hess @ flatten(one, obj.names))
 
 
 def test_full_hessian_differs_from_ggn_for_task_loss() -> None:
@@ -115,36 +132,133 @@ def test_hutchinson_trace_within_tolerance(mlp_obj: Objective) -> None:
     assert abs(est - tr) < 0.05 * tr
 
 
-def test_projected_full_rank_is_exact(mlp_obj: Objective) -> None:
+@pytest.mark.parametrize("eigensolver", [Eigensolver.nystrom, Eigensolver.lanczos])
+def test_projected_full_rank_is_exact(mlp_obj: Objective, eigensolver: Eigensolver) -> None:
     """With k = d the eigenspace is everything: the projected form is the dense form."""
     obj = mlp_obj
     d = sum(p.numel() for p in obj.params0.values())
-    curv = ProjectedCurvature(obj, rank=d, iters=d, generator=torch.Generator().manual_seed(0))
+    curv = ProjectedCurvature(obj, rank=d, iters=d, eigensolver=eigensolver,
+                              generator=torch.Generator().manual_seed(0))
     deltas = random_params(obj, 4)
     _close(curv.quad(deltas), quad_dense(dense_ggn(obj), obj, deltas), rtol=1e-6)
 
 
-def test_projected_formula_with_bulk(mlp_obj: Objective) -> None:
+def _dense_projected(u: Tensor, lam: Tensor, bulks: Tensor, vec: Tensor) -> Tensor:
+    """Σλᵢcᵢ² + Σ_j b_j (δ − UUᵀδ)_j² with b_j the bulk of coordinate j's layer, densely."""
+    proj = vec @ u
+    rest = vec - proj @ u.T
+    return (proj.pow(2) * lam).sum(1) + (rest.pow(2) * bulks).sum(1)
+
+
+def test_projected_isotropic_bulk_is_the_papers_formula(mlp_obj: Objective) -> None:
     obj = mlp_obj
     ggn = dense_ggn(obj)
-    curv = ProjectedCurvature(obj, rank=6, iters=30, probes=200, generator=torch.Generator().manual_seed(1))
+    curv = ProjectedCurvature(obj, rank=6, iters=30, probes=400, eigensolver=Eigensolver.lanczos,
+                              bulk=Bulk.isotropic, generator=torch.Generator().manual_seed(1))
     evals, vecs = torch.linalg.eigh(ggn)
     lam, u = evals.flip(0)[:6], vecs.flip(1)[:, :6]
     torch.testing.assert_close(curv.eigenvalues, lam, rtol=1e-6, atol=1e-12)
     deltas = random_params(obj, 3)
     vec = torch.cat([deltas[k].reshape(3, -1) for k in obj.names], dim=1)
-    proj = vec @ u
-    expected = (proj.pow(2) * lam).sum(1) + curv.bulk * (vec.pow(2).sum(1) - proj.pow(2).sum(1))
-    _close(curv.quad(deltas), expected, rtol=1e-5)
+    bulks = torch.full((vec.shape[1],), curv.bulk, dtype=vec.dtype)
+    _close(curv.quad(deltas), _dense_projected(u, lam, bulks, vec), rtol=1e-5)
     # λ̄ = (tr H − Σλ)/(d − k) with tr H from the seeded Hutchinson estimate
     assert curv.bulk == pytest.approx(max((curv.trace - float(lam.sum())) / (ggn.shape[0] - 6), 0.0), rel=1e-9)
     assert abs(curv.trace - float(torch.trace(ggn))) < 4 * curv.trace_err
     # only two layers moved: projecting through their U blocks gives the same number
     two = {k: deltas[k] for k in obj.names[:2]}
     vec2 = torch.cat([two.get(k, torch.zeros_like(deltas[k])).reshape(3, -1) for k in obj.names], dim=1)
-    proj2 = vec2 @ u
-    exp2 = (proj2.pow(2) * lam).sum(1) + curv.bulk * (vec2.pow(2).sum(1) - proj2.pow(2).sum(1))
-    _close(curv.quad(two), exp2, rtol=1e-5)
+    _close(curv.quad(two), _dense_projected(u, lam, bulks, vec2), rtol=1e-5)
+
+
+def _layer_of_coordinates(obj: Objective) -> Tensor:
+    return torch.cat([torch.full((obj.params0[n].numel(),), i) for i, n in enumerate(obj.names)])
+
+
+@pytest.mark.parametrize("eigensolver", [Eigensolver.nystrom, Eigensolver.lanczos])
+def test_projected_layer_bulk_formula(mlp_obj: Objective, eigensolver: Eigensolver) -> None:
+    """λ̄_ℓ = (tr G_ℓℓ − Σλᵢ‖uᵢ,ℓ‖²)/(d_ℓ − Σ‖uᵢ,ℓ‖²) with the backend's own U, λ and block traces;
+    the block traces near the true ones; the quadratic form equal to the dense formula."""
+    obj = mlp_obj
+    ggn = dense_ggn(obj)
+    curv = ProjectedCurvature(obj, rank=4, iters=30, probes=2000, oversample=40, eigensolver=eigensolver,
+                              generator=torch.Generator().manual_seed(2))
+    layer = _layer_of_coordinates(obj)
+    u = torch.cat([curv.blocks[n].reshape(curv.rank, -1) for n in obj.names], dim=1).T
+    lam = curv.eigenvalues
+    for i, name in enumerate(obj.names):
+        mask = layer == i
+        w = u[mask].pow(2).sum(0)
+        expected = (curv.layer_traces[name] - float((w * lam).sum())) / (int(mask.sum()) - float(w.sum()))
+        assert curv.layer_bulk[name] == pytest.approx(max(expected, 0.0), rel=1e-9, abs=1e-15)
+        true_trace = float(torch.diagonal(ggn)[mask].sum())
+        assert curv.layer_traces[name] == pytest.approx(true_trace, rel=0.25)
+    bulks = torch.tensor([curv.layer_bulk[obj.names[int(i)]] for i in layer], dtype=ggn.dtype)
+    deltas = random_params(obj, 3)
+    vec = torch.cat([deltas[k].reshape(3, -1) for k in obj.names], dim=1)
+    _close(curv.quad(deltas), _dense_projected(u, lam, bulks, vec), rtol=1e-8)
+    two = {k: deltas[k] for k in obj.names[1:3]}
+    vec2 = torch.cat([two.get(k, torch.zeros_like(deltas[k])).reshape(3, -1) for k in obj.names], dim=1)
+    _close(curv.quad(two), _dense_projected(u, lam, bulks, vec2), rtol=1e-8)
+
+
+def test_nystrom_full_sketch_recovers_spectrum_and_block_traces() -> None:
+    """A sketch as wide as the matrix reproduces it: every eigenvalue, and every block trace exactly."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [6, 5, 7]
+    scales = torch.cat([torch.full((s,), c) for s, c in zip(sizes, [0.01, 1.0, 30.0], strict=True)]).double()
+    dim = sum(sizes)
+    top = torch.linalg.qr(torch.randn(dim, 2, generator=g, dtype=torch.float64))[0]
+    # layers of very different curvature, plus a steep top eigenspace across them
+    mat = torch.diag(scales) + top @ torch.diag(torch.tensor([500.0, 200.0], dtype=torch.float64)) @ top.T
+    found = nystrom(lambda rows: rows @ mat, dim, dim, torch.Generator().manual_seed(0), blocks=sizes,
+                    dtype=torch.float64)
+    torch.testing.assert_close(found.eigenvalues, torch.linalg.eigvalsh(mat).flip(0), rtol=1e-9, atol=1e-9)
+    # E[dim·ω_bᵀ(Gω)_b] = tr G_bb: the mean over a full orthonormal basis is exact
+    starts = [0, 6, 11, 18]
+    true_blocks = [float(torch.diagonal(mat)[a:b].sum()) for a, b in zip(starts, starts[1:], strict=False)]
+    torch.testing.assert_close(found.block_traces, torch.tensor(true_blocks, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
+def test_nystrom_top_eigenpairs_and_unbiased_block_traces() -> None:
+    g = torch.Generator().manual_seed(4)
+    dim, sizes = 60, [20, 25, 15]
+    q = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+    spectrum = 100.0 * 0.5 ** torch.arange(dim, dtype=torch.float64)  # fast decay: a sketch of 14 finds 6
+    mat = q @ torch.diag(spectrum) @ q.T
+    found = nystrom(lambda rows: rows @ mat, dim, 14, torch.Generator().manual_seed(0), blocks=sizes,
+                    dtype=torch.float64)
+    torch.testing.assert_close(found.eigenvalues[:3], spectrum[:3], rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(found.eigenvalues[:6], spectrum[:6], rtol=0.02, atol=0.0)
+    assert bool((found.eigenvalues <= spectrum[:14] * (1 + 1e-9)).all())  # Nyström never overshoots
+    align = (found.eigenvectors[:, :4].T @ q[:, :4]).abs().diagonal()
+    assert float(align.min()) > 0.999
+    # block traces: unbiased over seeds (the mean of 200 sketches within 4 standard errors)
+    runs = torch.stack([nystrom(lambda rows: rows @ mat, dim, 4, torch.Generator().manual_seed(s), blocks=sizes,
+                                dtype=torch.float64).block_traces for s in range(200)])
+    truth = torch.tensor([float(torch.diagonal(mat)[a:a + n].sum()) for a, n in zip([0, 20, 45], sizes, strict=True)],
+                         dtype=torch.float64)
+    err = runs.std(0) / 200**0.5
+    assert bool(((runs.mean(0) - truth).abs() < 4 * err).all())
+
+
+def test_nystrom_refused_for_the_full_hessian(mlp_obj: Objective) -> None:
+    with pytest.raises(ValueError, match="lanczos"):
+        ProjectedCurvature(mlp_obj, rank=2, kind=CurvatureKind.hessian, eigensolver=Eigensolver.nystrom,
+                           generator=torch.Generator())
+    # auto picks Lanczos for the Hessian
+    curv = ProjectedCurvature(mlp_obj, rank=2, kind=CurvatureKind.hessian, generator=torch.Generator())
+    assert curv.eigensolver is Eigensolver.lanczos
+
+
+def test_map_products_batched_equals_one_by_one(mlp_obj: Objective) -> None:
+    sh = shapes(mlp_obj)
+    rows = torch.randn(5, sum(p.numel() for p in mlp_obj.params0.values()), dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(0))
+    hvp = ggn_hvp(mlp_obj)
+    one = torch.stack([flatten(hvp(unflatten(r, sh)), mlp_obj.names) for r in rows])
+    _close(map_products(hvp, rows, sh, chunk=2), one)
+    _close(map_products(hvp, rows, sh, chunk=1), one)
 
 
 def test_diagonal_hutchinson_converges(mlp_obj: Objective) -> None:
