@@ -43,6 +43,7 @@ from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
 from hessian_worker.analysis import prepare
 from hessian_worker.apply import curvature_weights
+from hessian_worker.choose import choose_healed
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import load_calibration
 from hessian_worker.measure import measure_plans
@@ -120,11 +121,11 @@ class Runner:
     def loss(self, model: torch.nn.Module) -> float:
         return measure_loss(model, self.task.model, self.task.evaluation, self.quiet, tokenizer=self.task.tokenizer)
 
-    def measure(self, plan: SharingPlan, merge: str) -> dict[str, tuple[float, float]]:
+    def measure(self, plan: SharingPlan, merge: str, healed: bool = True) -> dict[str, tuple[float, float]]:
         """{regime: (metric, loss change on the evaluation split)}; healed only with heal_steps."""
         model = self.tied(plan, merge)
         out = {"zero-shot": (self.task.score(model), self.loss(model))}
-        if self.heal_steps:
+        if self.heal_steps and healed:
             config = HealConfig(steps=self.heal_steps, lr=self.task.heal_lr, distill=self.task.distill, progress=False)
             heal(model, self.task.model, self.data, config, tokenizer=self.task.tokenizer)
             model.eval()
@@ -132,14 +133,26 @@ class Runner:
         return out
 
 
-def geo_plan(task: Task, problem: SharingProblem, config: SolveConfig, runner: Runner, merge: str,
-             args: argparse.Namespace) -> SharingPlan:
-    """The product's choice: the K best plans (plain and size-normalized) and the pattern plans,
-    the one with the least loss on the validation split after Geo-Sharing's merge."""
+def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, runner: Runner, merge: str,
+                   args: argparse.Namespace) -> tuple[list[SharingPlan], list[float]]:
+    """The product's pool, the K best plans (plain and size-normalized) and the pattern plans, with
+    each one's loss on the validation split after Geo-Sharing's merge (the zero-shot choice is the least)."""
     pool = candidate_plans(problem, config, top=args.top, per_pattern=args.per_pattern, normalized_top=args.normalized_top)
     measured = measure_plans(task.model, task.validation, pool, AnalyzeConfig(distill=task.distill, progress=False),
                              merge=merge, tokenizer=task.tokenizer, diag=runner.diag, layerwise=runner.covariances)
-    return pool[int(np.argmin(measured))]
+    return pool, measured
+
+
+def geo_healed(task: Task, pool: list[SharingPlan], measured: list[float], runner: Runner, merge: str,
+               args: argparse.Namespace) -> tuple[SharingPlan, dict[str, tuple[float, float]]]:
+    """The product's choice when it heals (choose_healed): the shortlist healed as every strategy is,
+    compared on the validation split; the winner's healed model is scored on the evaluation split."""
+    heal_config = HealConfig(steps=args.heal_steps, lr=task.heal_lr, distill=task.distill, progress=False)
+    choice = choose_healed(task.model, pool, measured, runner.data, task.validation, heal_config, runner.quiet,
+                           best=args.heal_shortlist, merge=merge, tokenizer=task.tokenizer, diag=runner.diag,
+                           layerwise=runner.covariances)
+    model = choice.model.eval()
+    return choice.plan, {"healed": (task.score(model), runner.loss(model))}
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -200,8 +213,12 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
         config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
         merge = geo_merge if strategy == "geo" or strategy.endswith("+geo-merge") else "mean"
         base = strategy.removesuffix("+geo-merge")
+        healed_choice = None
         if strategy == "geo":
-            plans = [geo_plan(task, yardstick, config, runner, geo_merge, args)]
+            pool, pool_measured = geo_candidates(task, yardstick, config, runner, geo_merge, args)
+            plans = [pool[int(np.argmin(pool_measured))]]
+            if args.heal_steps:
+                healed_choice = geo_healed(task, pool, pool_measured, runner, geo_merge, args)
         elif strategy.startswith("geo"):
             backend = "exact" if strategy == "geo-solver" else strategy.removeprefix("geo-")
             plans = [solve(problems[backend], config)]
@@ -214,8 +231,12 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
         plans = [p for p in plans if p.status.value != "infeasible"]
         if not plans:
             continue  # e.g. all-share cannot meet a loose budget exactly and is not reported there
-        measured = [runner.measure(p, merge) for p in plans]
+        measured = [runner.measure(p, merge, healed=healed_choice is None) for p in plans]
+        if healed_choice is not None:
+            measured[0].update(healed_choice[1])
         for regime in measured[0]:
+            chosen = healed_choice[0] if healed_choice is not None and regime == "healed" else plans[0]
+            scored = [chosen] if strategy == "geo" else plans
             rows.append({
                 "ratio": ratio,
                 "regime": regime,
@@ -223,10 +244,10 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
                 "merge": merge,
                 "measured": float(np.mean([m[regime][0] for m in measured])),
                 "loss": float(np.mean([m[regime][1] for m in measured])),
-                "predicted": float(np.mean([objective(yardstick, p.coloring) for p in plans])),
-                "unique_params": int(np.mean([p.params.shared for p in plans])),
-                "params_ratio": float(np.mean([p.params.ratio for p in plans])),
-                "chosen": (plans[0].strategy or "optimum") if strategy == "geo" else None,
+                "predicted": float(np.mean([objective(yardstick, p.coloring) for p in scored])),
+                "unique_params": int(np.mean([p.params.shared for p in scored])),
+                "params_ratio": float(np.mean([p.params.ratio for p in scored])),
+                "chosen": (chosen.strategy or "optimum") if strategy == "geo" else None,
             })
     agreement = rank_agreement(problems, runner, args.rank_plans, args.seed)
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
@@ -247,6 +268,8 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=10)
     ap.add_argument("--rank-plans", type=int, default=50, help="random plans for predicted-vs-measured")
     ap.add_argument("--heal-steps", type=int, default=100, help="healing steps for every strategy (0: zero-shot only)")
+    ap.add_argument("--heal-shortlist", type=int, default=2,
+                    help="geo, healed: the best zero-shot candidates healed in the choice (plus each pattern's best)")
     ap.add_argument("--threads", type=int, help="torch threads (runs side by side on 2 cores: 1 each)")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge finished runs' eval.json files into --out")
     ap.add_argument("--out", default=str(RESULTS / "eval"))

@@ -1,15 +1,27 @@
-"""Pick the plan that really loses least: measure every candidate on calibration data."""
+"""Pick the plan that really loses least: measure every candidate on calibration data.
+
+Zero-shot, the measured loss after merging decides (``choose_plan``). When the model will be
+healed, the plan that is best zero-shot is not always the one that heals best: contiguous plans
+(sequence, cycle) heal further than scattered ones (bench/results/eval.md, the ``+geo-merge`` rows).
+``choose_healed`` heals a shortlist exactly as the final model is healed and keeps the one with
+the least loss afterwards.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from tqdm.auto import tqdm
 
+from hessian_worker.apply import apply_plan
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import DataSource
-from hessian_worker.measure import measure_plans
+from hessian_worker.healing import HealConfig, heal
+from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.merge import Merge
 from solver.schema import SharingPlan, SharingProblem
 
@@ -47,3 +59,81 @@ def choose_plan(
                              problem=problem, covs=covs, layerwise=layerwise)
     index = min(range(len(plans)), key=lambda i: (measured[i], i))
     return Choice(plan=plans[index], index=index, measured=measured)
+
+
+def pattern_family(plan: SharingPlan) -> str | None:
+    """The pattern a candidate came from ("sequence#2" -> "sequence"); None for cost-model plans."""
+    name = plan.strategy
+    if name is None or name.startswith(("top-", "norm-")):
+        return None
+    return name.split("#")[0]
+
+
+def shortlist(plans: Sequence[SharingPlan], measured: Sequence[float], best: int) -> list[int]:
+    """Indices to heal: the ``best`` least-loss candidates, plus the least-loss plan of every pattern.
+
+    The patterns join because a contiguous plan that loses a little more zero-shot can heal past
+    the zero-shot winner; they are few (one per pattern), so the shortlist stays short.
+    """
+    order = sorted(range(len(plans)), key=lambda i: (measured[i], i))
+    keep = order[:best]
+    seen: set[str] = set()
+    for i in order:
+        family = pattern_family(plans[i])
+        if family is not None and family not in seen:
+            seen.add(family)
+            if i not in keep:
+                keep.append(i)
+    return keep
+
+
+class HealedChoice(BaseModel):
+    """The plan whose healed model loses least on the choice data, and that healed model."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    plan: SharingPlan
+    index: int
+    healed: dict[int, float]  # candidate index -> loss change on the choice data after healing
+    model: Any  # the winner, tied and healed (nn.Module)
+
+
+def choose_healed(
+    model: nn.Module,
+    plans: Sequence[SharingPlan],
+    measured: Sequence[float],
+    heal_data: DataSource,
+    choice_data: DataSource,
+    heal_config: HealConfig,
+    config: AnalyzeConfig | None = None,
+    *,
+    best: int = 2,
+    merge: Merge | str = Merge.mean,
+    tokenizer: Any | None = None,
+    diag: dict[str, Any] | None = None,
+    layerwise: Any | None = None,
+) -> HealedChoice:
+    """Ties and heals every shortlisted candidate as the final model would be, keeps the best healed.
+
+    Args:
+        model: the original model (not changed; each candidate gets a copy).
+        measured: the candidates' zero-shot measured losses (``choose_plan``'s), for the shortlist.
+        heal_data: what healing trains on (the same as the final heal, so the winner is final).
+        choice_data: where the healed candidates are compared.
+    """
+    if not plans:
+        raise ValueError("choose_healed needs at least one candidate plan")
+    config = config or AnalyzeConfig(progress=False)
+    quiet = heal_config.model_copy(update={"progress": False})
+    healed: dict[int, float] = {}
+    winner: tuple[float, int, nn.Module] | None = None
+    for i in tqdm(shortlist(plans, measured, best), desc="heal candidates", disable=not config.progress, leave=False):
+        candidate = copy.deepcopy(model)
+        apply_plan(candidate, plans[i], merge, data=choice_data, config=config, tokenizer=tokenizer, diag=diag,
+                   layerwise=layerwise)
+        heal(candidate, model, heal_data, quiet, tokenizer=tokenizer)
+        healed[i] = measure_loss(candidate, model, choice_data, config, tokenizer=tokenizer)
+        if winner is None or (healed[i], i) < winner[:2]:
+            winner = (healed[i], i, candidate)
+    assert winner is not None
+    return HealedChoice(plan=plans[winner[1]], index=winner[1], healed=healed, model=winner[2])

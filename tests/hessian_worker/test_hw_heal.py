@@ -89,3 +89,45 @@ def test_choose_plan_picks_the_least_measured_loss() -> None:
         real.append(measure_loss(model, reference, data, CPU))
     assert choice.index == min(range(3), key=real.__getitem__)
     assert choice.measured == [pytest.approx(x, rel=1e-4, abs=1e-9) for x in real]
+
+
+def _named(plan: SharingPlan, strategy: str) -> SharingPlan:
+    return plan.model_copy(update={"strategy": strategy})
+
+
+def test_shortlist_keeps_the_best_and_each_patterns_best() -> None:
+    from hessian_worker.choose import pattern_family, shortlist
+
+    base = _plan([["blocks.0.fc.weight"]])
+    plans = [_named(base, s) for s in ("top-1", "sequence", "top-2", "cycle#2", "sequence#2", "norm-1", "cycle")]
+    measured = [0.1, 0.5, 0.2, 0.4, 0.3, 0.05, 0.6]
+    assert [pattern_family(p) for p in plans] == [None, "sequence", None, "cycle", "sequence", None, "cycle"]
+    # the two least-loss (norm-1, top-1), then the best sequence (#2, 0.3) and the best cycle (#2, 0.4)
+    assert shortlist(plans, measured, 2) == [5, 0, 4, 3]
+    assert shortlist(plans, measured, 0) == [4, 3]
+    assert sorted(shortlist(plans, measured, 10)) == list(range(7))
+
+
+def test_choose_healed_keeps_the_least_healed_loss_and_returns_that_model() -> None:
+    from hessian_worker.choose import choose_healed
+
+    reference = tiny_mlp().float()
+    names = ["blocks.0.fc.weight", "blocks.1.fc.weight", "blocks.2.fc.weight"]
+    plans = [_named(_plan([names]), "top-1"), _named(_plan([names[:2], names[2:]]), "sequence"),
+             _named(_plan([[names[0]], names[1:]]), "top-2")]
+    heal_data, choice_data = mlp_data(n=16, seed=1), mlp_data(n=16, seed=2)
+    config = HealConfig(steps=15, lr=1e-2, batch_size=4, device="cpu", progress=False)
+    choice = choose_healed(reference, plans, [0.3, 0.2, 0.1], heal_data, choice_data, config, CPU, best=1)
+    assert sorted(choice.healed) == [1, 2]  # top-2 is the best zero-shot; sequence is a pattern
+    real = {}
+    for i in (1, 2):
+        model = copy.deepcopy(reference)
+        apply_plan(model, plans[i], "mean")
+        heal(model, reference, heal_data, config)
+        real[i] = measure_loss(model, reference, choice_data, CPU)
+        assert choice.healed[i] == pytest.approx(real[i], rel=1e-5)
+    assert choice.index == min(real, key=real.__getitem__)
+    assert choice.plan == plans[choice.index]
+    # the returned model is the winner, tied and healed: nothing to heal again
+    assert measure_loss(choice.model, reference, choice_data, CPU) == pytest.approx(real[choice.index], rel=1e-5)
+    assert unique_params(choice.model) < unique_params(reference)
