@@ -61,7 +61,8 @@ def check_memory(dim: int, rank: int, iters: int, itemsize: int, limit_gb: float
                  sketch: int | None = None) -> int:
     """Refuses before any work when the projected backend would not fit.
 
-    ``sketch`` given: the Nyström path (``sketch`` vectors); else Lanczos (``iters`` vectors).
+    ``sketch`` given: the Nyström path (``sketch`` = rank + oversample vectors); else Lanczos
+    (``iters`` vectors).
 
     Raises:
         MemoryBudgetError: the estimate exceeds ``limit_gb``; the message names backends that fit.
@@ -73,6 +74,8 @@ def check_memory(dim: int, rank: int, iters: int, itemsize: int, limit_gb: float
     limit = int(limit_gb * GIB)
     if need > limit:
         fit_rank = max(0, (limit // (itemsize * dim) - 4) // per_rank)
+        if sketch is not None:  # the sketch that fits, less the same oversampling
+            fit_rank -= sketch - rank
         hint = f"lower rank to {fit_rank}, or " if fit_rank >= 1 else ""
         raise MemoryBudgetError(
             f"projected backend needs about {need / GIB:.2f} GiB ({what} over d={dim} parameters), over "

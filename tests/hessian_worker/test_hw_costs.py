@@ -118,6 +118,11 @@ def test_projected_memory_refusal_names_alternative(mlp_obj: Objective) -> None:
     assert check_memory(10, 2, 4, 8, 1.0) == (4 + 2 + 4) * 10 * 8
     with pytest.raises(MemoryBudgetError, match="lower rank to"):
         check_memory(10_000_000, 64, 138, 4, 1.0)
+    # Nyström: the rank it names fits once the same oversampling is added back
+    with pytest.raises(MemoryBudgetError, match="lower rank to 1,") as nys:
+        check_memory(10_000_000, 20, 0, 4, 1.0, sketch=24)
+    assert "Nyström sketch of 24 vectors" in str(nys.value)
+    assert check_memory(10_000_000, 1, 0, 4, 1.0, sketch=5) <= 1024**3
 
 
 def test_task_loss_keeps_first_order_term() -> None:
