@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from tqdm.auto import tqdm
 
-from hessian_worker.apply import apply_plan
+from hessian_worker.apply import ApplyReport, apply_plan
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import DataSource
-from hessian_worker.healing import HealConfig, heal
+from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.merge import Merge
 from solver.schema import SharingPlan, SharingProblem
@@ -96,6 +96,8 @@ class HealedChoice(BaseModel):
     index: int
     healed: dict[int, float]  # candidate index -> loss change on the choice data after healing
     model: Any  # the winner, tied and healed (nn.Module)
+    apply: ApplyReport  # the winner's tie
+    heal: HealReport  # the winner's healing
 
 
 def choose_healed(
@@ -126,14 +128,14 @@ def choose_healed(
     config = config or AnalyzeConfig(progress=False)
     quiet = heal_config.model_copy(update={"progress": False})
     healed: dict[int, float] = {}
-    winner: tuple[float, int, nn.Module] | None = None
+    winner: HealedChoice | None = None
     for i in tqdm(shortlist(plans, measured, best), desc="heal candidates", disable=not config.progress, leave=False):
         candidate = copy.deepcopy(model)
-        apply_plan(candidate, plans[i], merge, data=choice_data, config=config, tokenizer=tokenizer, diag=diag,
-                   layerwise=layerwise)
-        heal(candidate, model, heal_data, quiet, tokenizer=tokenizer)
+        tied = apply_plan(candidate, plans[i], merge, data=choice_data, config=config, tokenizer=tokenizer,
+                          diag=diag, layerwise=layerwise)
+        report = heal(candidate, model, heal_data, quiet, tokenizer=tokenizer)
         healed[i] = measure_loss(candidate, model, choice_data, config, tokenizer=tokenizer)
-        if winner is None or (healed[i], i) < winner[:2]:
-            winner = (healed[i], i, candidate)
+        if winner is None or (healed[i], i) < (healed[winner.index], winner.index):
+            winner = HealedChoice(plan=plans[i], index=i, healed={}, model=candidate, apply=tied, heal=report)
     assert winner is not None
-    return HealedChoice(plan=plans[winner[1]], index=winner[1], healed=healed, model=winner[2])
+    return winner.model_copy(update={"healed": healed})

@@ -131,3 +131,5 @@ def test_choose_healed_keeps_the_least_healed_loss_and_returns_that_model() -> N
     # the returned model is the winner, tied and healed: nothing to heal again
     assert measure_loss(choice.model, reference, choice_data, CPU) == pytest.approx(real[choice.index], rel=1e-5)
     assert unique_params(choice.model) < unique_params(reference)
+    assert choice.heal.steps == 15 and choice.heal.unique_params == unique_params(choice.model)
+    assert choice.apply.unique_params_after == unique_params(choice.model)
