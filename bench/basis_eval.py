@@ -4,22 +4,27 @@ consecutive pairs, plain per-layer SVD and tying, at equal unique-parameter budg
 Budgets are shares of the shareable (dense) parameters. For each budget B:
 - ``basis-pairs`` (Basis Sharing, ICLR 2025): layers (0,1), (2,3), ... of every family share one
   whitened basis, at the largest rank r_B whose pairs fit B (one rank for every family).
-- ``basis-solver``: the solver's optimum of the basis problem at the same rank r_B and budget B
-  (the pairs are one of its feasible plans); ``basis-rescore``: of the candidate pool (K best,
-  size-normalized K best, pattern plans), the one with the least exact re-scored whitened error;
-  ``basis-geo``: the one with the least measured loss on the validation split (the product's choice).
-- ``basis-scaled`` / ``basis-scaled-geo``: the same at rank r_B, but each layer's input covariance
-  scaled by its output-side curvature ā_ℓ/2 (K-FAC's A ≈ ā_ℓ·I, ā_ℓ fitted to the diagonal GGN), so
-  whitened errors are loss changes comparable across layers and families (an experiment: the
-  plain layerwise error counts every layer's output error alike); the solver's optimum, and the
-  measured choice among its pool; applied with the same scaled whitening.
-- ``svd``: every layer its own whitened rank-r basis (no sharing), r the largest that fits B.
+- ``basis-geo``: the product's choice (``compress`` with scheme basis): output-weighted costs at rank
+  r_B (each layer's input covariance scaled by its output-side curvature ā_ℓ/2, K-FAC's A ≈ ā_ℓ·I
+  fitted to the diagonal GGN: hessian_worker.basis.scales), the candidate pool (K best,
+  size-normalized K best, pattern plans) plus plain per-layer SVD at the ranks that fill B
+  (hessian_worker.basis.per_layer), the least measured loss on the validation split.
+  ``basis-shared-geo``: the same choice among the shared plans only (the pool without per-layer).
+- ``basis-solver``: the solver's optimum of the product's (output-weighted) problem; the pairs are
+  one of its feasible plans. ``basis-rescore``: of that pool, the least exact re-scored error.
+- ``basis-unscaled-geo`` / ``basis-unscaled-solver``: the same at rank r_B with output weighting off
+  (every layer's whitened output error counted alike: the scheme before output weighting), its
+  measured choice and its optimum, applied with its own (unscaled) whitening.
+- ``svd``: every layer its own whitened low-rank basis (no sharing) at the ranks that fill B: the
+  product's per-layer candidate.
 - ``tie``: full tying, the product's geo plan (exact GGN costs, candidates measured on validation,
-  curvature-weighted merge), as in bench/evaluate.py.
-Each is scored zero-shot on the evaluation split (task metric and distillation loss) and, with
-``--heal-steps``, after the same self-distillation for every strategy.
+  the product's default merge: hessian_worker.merge_rule), as in bench/evaluate.py.
+Shared plans are whitened as the product does (output-weighted) unless named ``unscaled``. Each is
+scored zero-shot on the evaluation split (task metric and distillation loss) and, with
+``--heal-steps``, after the same self-distillation for every strategy; a plan two strategies share
+is scored once.
 
-    python bench/basis_eval.py                                   # minilm + digits, 0.5 0.4 0.3
+    python bench/basis_eval.py                                   # minilm, digits, gpt; 0.5 0.4 0.3
     python bench/basis_eval.py --tasks digits --budgets 0.5 0.3 --heal-steps 0
 """
 
@@ -42,27 +47,30 @@ import numpy as np
 import torch
 
 from bench.evaluate import fingerprint, union
-from bench.tasks import Task, load_task
+from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
 from hessian_worker.analysis import prepare
 from hessian_worker.apply import curvature_weights
 from hessian_worker.basis.analysis import score_classes, side_of, split_classes
 from hessian_worker.basis.apply import apply_basis_plan
-from hessian_worker.basis.costs import basis_costs
-from hessian_worker.basis.decompose import output_weights
 from hessian_worker.basis.modules import dense_weights
-from hessian_worker.curvature.layerwise import input_covariances
+from hessian_worker.basis.per_layer import per_layer_candidate
+from hessian_worker.basis.scales import layer_output_scales, scale_covariances
+from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_covariances
+from hessian_worker.data import load_calibration
 from hessian_worker.discovery import discover_layers
 from hessian_worker.measure import measure_plans
+from hessian_worker.merge_rule import default_merge
 from solver import SharingPlan, SharingProblem, SolveConfig
 from solver.candidates import candidate_plans
 from solver.evaluate import unique_params
 from solver.planning import plan_from_coloring
-from solver.schema import FamilySpec, Side
+from solver.schema import Side
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / "cache"
-BASIS = ["basis-geo", "basis-rescore", "basis-solver", "basis-scaled", "basis-scaled-geo", "basis-pairs", "svd"]
+BASIS = ["basis-geo", "basis-shared-geo", "basis-solver", "basis-rescore", "basis-unscaled-geo",
+         "basis-unscaled-solver", "basis-pairs", "svd"]
 
 
 @dataclass
@@ -94,75 +102,47 @@ def families_of(model: torch.nn.Module) -> tuple[dict[str, Family], int]:
     return fams, sum(f.n * f.d_out * f.d_in for f in fams.values())
 
 
-def largest_rank(fams: dict[str, Family], budget: int, classes: str) -> int:
-    """The largest rank (one for every family, capped at min(d_out, d_in)) whose plan fits the
-    budget: ``classes`` is ``pairs`` (consecutive pairs) or ``singletons``."""
+def largest_rank(fams: dict[str, Family], budget: int) -> int:
+    """The largest rank (one for every family, capped at min(d_out, d_in)) whose consecutive pairs
+    fit the budget."""
     top = max(min(f.d_out, f.d_in) for f in fams.values())
 
     def count(r: int) -> int:
-        return sum(f.count(r, math.ceil(f.n / 2) if classes == "pairs" else f.n) for f in fams.values())
+        return sum(f.count(r, math.ceil(f.n / 2)) for f in fams.values())
 
     best = 0
     for r in range(1, top + 1):
         if count(r) <= budget:
             best = r
     if best == 0:
-        raise ValueError(f"no rank fits a budget of {budget} params with {classes}")
+        raise ValueError(f"no rank fits a budget of {budget} params with consecutive pairs")
     return best
 
 
-def basis_problem(task: Task, rank: int, fams: dict[str, Family], seed: int) -> SharingProblem:
-    """The basis problem at one rank on the calibration split, cached by task, rank and weights."""
+def basis_config(task: Task, seed: int, ranks: dict[str, int] | None = None, weighting: bool = True) -> AnalyzeConfig:
+    """The basis scheme's analysis config (the product's defaults but for the ranks and weighting)."""
+    basis: dict[str, Any] = {"output_weighting": weighting}
+    if ranks is not None:
+        basis["rank"] = ranks
+    return AnalyzeConfig(scheme="basis", basis=basis, distill=task.distill, seed=seed, progress=False)
+
+
+def basis_problem(task: Task, rank: int, fams: dict[str, Family], seed: int, weighting: bool) -> SharingProblem:
+    """The basis problem at one rank on the calibration split, cached by task, rank, weighting and
+    weights (the unweighted files keep their older names)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"basis-eval-{task.name}-r{rank}-n{len(task.calibration)}-s{seed}-{fingerprint(task.model)}.json"
+    tag = "-ow" if weighting else ""
+    path = CACHE / f"basis-eval-{task.name}-r{rank}{tag}-n{len(task.calibration)}-s{seed}-{fingerprint(task.model)}.json"
     if path.is_file():
         return SharingProblem.model_validate_json(path.read_text())
     ranks = {name: min(rank, f.d_out, f.d_in) for name, f in fams.items()}
-    config = AnalyzeConfig(scheme="basis", basis={"rank": ranks}, distill=task.distill, seed=seed, progress=False)
+    config = basis_config(task, seed, ranks, weighting)
     t = time.perf_counter()
     problem = analyze(copy.deepcopy(task.model), task.calibration, config, tokenizer=task.tokenizer)
-    print(f"  {task.name}: basis costs at rank {rank} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    kind = "output-weighted" if weighting else "unscaled"
+    print(f"  {task.name}: {kind} basis costs at rank {rank} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     path.write_text(problem.model_dump_json())
     return problem
-
-
-def at_rank(problem: SharingProblem, rank: int) -> SharingProblem:
-    """The same problem with every basis family at another rank (costs untouched: for apply)."""
-    data = problem.model_dump(mode="json")
-    for spec in data["families"].values():
-        fam = FamilySpec.model_validate(spec)
-        r = min(rank, _max_rank(fam))
-        spec.update(rank=r, class_params=fam.class_params // fam.rank * r,
-                    member_params=fam.member_params // fam.rank * r)
-    return SharingProblem.model_validate(data)
-
-
-def _max_rank(spec: FamilySpec) -> int:
-    """min(d_out, d_in) of a basis family, from its accounting."""
-    return min(spec.class_params, spec.member_params) // spec.rank
-
-
-def output_scales(diag: dict[str, torch.Tensor], covs: dict[str, torch.Tensor],
-                  transposed: dict[str, bool]) -> dict[str, float]:
-    """ā_ℓ/2 per layer: with H_ℓ ≈ A_ℓ ⊗ G_ℓ and A_ℓ ≈ ā_ℓ·I the loss change of δ is ½ā_ℓ·tr(δGδᵀ)."""
-    out = {}
-    for name, cov in covs.items():
-        f = diag[name].T if transposed[name] else diag[name]
-        out[name] = 0.5 * float(output_weights(f, cov).mean())
-    return out
-
-
-def scaled_problem(problem: SharingProblem, model: torch.nn.Module, weights: dict[str, torch.Tensor],
-                   covs: dict[str, torch.Tensor]) -> SharingProblem:
-    """``problem`` with its basis costs recomputed under the (scaled) covariances ``covs``."""
-    layers = {x.name: x for x in discover_layers(model)}
-    infos = [layers[x.name] for x in problem.layers]
-    ranks = {f: spec.rank for f, spec in problem.families.items()}
-    sides = {f: spec.basis_side for f, spec in problem.families.items()}
-    matrix, unary = basis_costs(infos, weights, covs, ranks, sides=sides)
-    data = problem.model_dump(mode="json")
-    data["costs"].update(matrix=matrix, unary=unary)
-    return SharingProblem.model_validate(data)
 
 
 def tie_problem(task: Task, seed: int) -> SharingProblem:
@@ -182,13 +162,35 @@ def tie_problem(task: Task, seed: int) -> SharingProblem:
     return problem
 
 
-def tie_choice(task: Task, problem: SharingProblem, config: SolveConfig, diag: dict[str, torch.Tensor],
-               top: int) -> SharingPlan:
+@dataclass
+class TieMerge:
+    """The product's default tie merge for a task and the curvature it needs, measured once."""
+
+    merge: str
+    diag: dict[str, torch.Tensor] | None
+    layerwise: LayerwiseCurvature | None
+
+
+def tie_merge(task: Task, names: list[str]) -> TieMerge:
+    """As bench/evaluate.py: layerwise when calibration + validation pin the input covariances down,
+    else the per-element curvature merge (hessian_worker.merge_rule)."""
+    data = union(task.calibration, task.validation)
+    merge = default_merge(task.model, load_calibration(data, tokenizer=task.tokenizer), names).value
+    quiet = AnalyzeConfig(distill=task.distill, progress=False)
+    if merge == "curvature":
+        return TieMerge(merge, curvature_weights(task.model, task.calibration, names, quiet,
+                                                 tokenizer=task.tokenizer), None)
+    prep = prepare(copy.deepcopy(task.model), data, quiet, tokenizer=task.tokenizer)
+    with torch.no_grad():
+        return TieMerge(merge, None, LayerwiseCurvature.collect(prep.model, prep.data, names))
+
+
+def tie_choice(task: Task, problem: SharingProblem, config: SolveConfig, merge: TieMerge, top: int) -> SharingPlan:
     """The product's tie plan (bench/evaluate.py's geo): the K best (plain and size-normalized) and
-    the pattern plans, the least validation loss after a curvature-weighted merge."""
+    the pattern plans, the least validation loss after the product's merge."""
     pool = candidate_plans(problem, config, top=top, per_pattern=2, normalized_top=top // 2)
     measured = measure_plans(task.model, task.validation, pool, AnalyzeConfig(distill=task.distill, progress=False),
-                             merge="curvature", tokenizer=task.tokenizer, diag=diag)
+                             merge=merge.merge, tokenizer=task.tokenizer, diag=merge.diag, layerwise=merge.layerwise)
     return pool[int(np.argmin(measured))]
 
 
@@ -205,16 +207,11 @@ def pairs_plan(problem: SharingProblem) -> SharingPlan:
     return plan_from_coloring(problem, coloring, method="baseline:consecutive-pairs", strategy="basis-pairs")
 
 
-def singletons_plan(problem: SharingProblem) -> SharingPlan:
-    coloring = {x.name: i for i, x in enumerate(problem.layers)}
-    return plan_from_coloring(problem, coloring, method="baseline:per-layer-svd", strategy="svd")
-
-
 class Scorer:
     """Installs plans into copies of the task's model and scores them, zero-shot and healed."""
 
-    def __init__(self, task: Task, heal_steps: int, seed: int) -> None:
-        self.task, self.heal_steps, self.seed = task, heal_steps, seed
+    def __init__(self, task: Task, heal_steps: int, seed: int, merge: TieMerge) -> None:
+        self.task, self.heal_steps, self.seed, self.merge = task, heal_steps, seed, merge
         self.quiet = AnalyzeConfig(distill=task.distill, progress=False)
         self.basis_cfg = AnalyzeConfig(scheme="basis", distill=task.distill, progress=False)
         self.heal_data = union(task.calibration, task.validation)
@@ -225,9 +222,10 @@ class Scorer:
         report = apply_basis_plan(model, plan, problem, config=self.basis_cfg, covs=covs)
         return model.eval(), report.plan_params_shared
 
-    def tie_model(self, plan: SharingPlan, diag: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, int]:
+    def tie_model(self, plan: SharingPlan) -> tuple[torch.nn.Module, int]:
         model = copy.deepcopy(self.task.model)
-        report = apply_plan(model, plan, "curvature", diag=diag, config=self.quiet, tokenizer=self.task.tokenizer)
+        report = apply_plan(model, plan, self.merge.merge, diag=self.merge.diag, layerwise=self.merge.layerwise,
+                            data=self.heal_data, config=self.quiet, tokenizer=self.task.tokenizer)
         return model.eval(), report.plan_params_shared
 
     def loss(self, model: torch.nn.Module) -> float:
@@ -245,74 +243,100 @@ class Scorer:
         return out
 
 
+def rank_label(problem: SharingProblem) -> int | str:
+    """The rank of every basis family, or the distinct ranks joined by '/' when they differ."""
+    ranks = sorted({s.rank for s in problem.families.values() if s.rank is not None})
+    return ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
+
+
+def family_scales(scales: dict[str, float], names: list[str], fams: dict[str, str]) -> dict[str, list[float]]:
+    """Family -> [least, largest] output scale ā/2 over its layers."""
+    out: dict[str, list[float]] = {}
+    for n in names:
+        lo_hi = out.setdefault(fams[n], [math.inf, -math.inf])
+        lo_hi[0], lo_hi[1] = min(lo_hi[0], scales[n]), max(lo_hi[1], scales[n])
+    return out
+
+
 def evaluate_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     """Every strategy at every budget on one task: rows like eval.json's, plus timings."""
     t0 = time.perf_counter()
     fams, dense = families_of(task.model)
-    names = [x.name for x in discover_layers(task.model)]
-    prep = prepare(copy.deepcopy(task.model), task.calibration, AnalyzeConfig(progress=False), tokenizer=task.tokenizer)
+    layers = discover_layers(task.model)
+    names = [x.name for x in layers]
+    # the product's whitening: input covariances, scaled by the output scales (same data and config
+    # as the analysis, so the same covariances the costs were computed with)
+    product = basis_config(task, args.seed)
+    prep = prepare(copy.deepcopy(task.model), task.calibration, product, tokenizer=task.tokenizer)
     with torch.no_grad():
         covs = input_covariances(prep.model, prep.data, names)
+        scales = layer_output_scales(prep.model, prep.data, names, covs, product)
+    scaled_covs = scale_covariances(covs, scales)
     weights = dense_weights(task.model, names)
-    scorer = Scorer(task, args.heal_steps, args.seed)
-    quiet = AnalyzeConfig(distill=task.distill, progress=False)
-    diag = curvature_weights(task.model, task.calibration, names, quiet, tokenizer=task.tokenizer)
-    from hessian_worker.curvature.layerwise import linear_modules
-
-    transposed = {n: t for n, (_, t) in linear_modules(task.model, names).items()}
-    scales = output_scales(diag, covs, transposed)
-    scaled_covs = {n: c * scales[n] for n, c in covs.items()}
+    merge = tie_merge(task, names)
+    scorer = Scorer(task, args.heal_steps, args.seed, merge)
     tie = tie_problem(task, args.seed)
     timings: dict[str, float] = {"setup": time.perf_counter() - t0}
     rows: list[dict[str, Any]] = []
     for ratio in args.budgets:
         budget = math.floor(ratio * dense + 1e-9)
-        r_pairs = largest_rank(fams, budget, "pairs")
-        r_svd = largest_rank(fams, budget, "singletons")
+        r_pairs = largest_rank(fams, budget)
         t = time.perf_counter()
-        problem = basis_problem(task, r_pairs, fams, args.seed)
+        problem = basis_problem(task, r_pairs, fams, args.seed, weighting=True)
+        plain = basis_problem(task, r_pairs, fams, args.seed, weighting=False)
         timings[f"costs@{ratio}"] = time.perf_counter() - t
         config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
         t = time.perf_counter()
+        cfg = basis_config(task, args.seed)
         pool = candidate_plans(problem, config, top=args.top, per_pattern=2, normalized_top=args.top // 2)
+        measured = measure_plans(task.model, task.validation, pool, cfg, tokenizer=task.tokenizer,
+                                 problem=problem, covs=scaled_covs)
         ranks = {x.name: problem.families[x.family].rank for x in problem.layers}
         sides = side_of(problem)
-        exact = [score_classes(split_classes(p.groups, p.coloring, problem)[0], weights, covs, ranks,
+        exact = [score_classes(split_classes(p.groups, p.coloring, problem)[0], weights, scaled_covs, ranks,
                                sides=sides).total for p in pool]
-        basis_cfg = AnalyzeConfig(scheme="basis", distill=task.distill, progress=False)
-        measured = measure_plans(task.model, task.validation, pool, basis_cfg, tokenizer=task.tokenizer,
-                                 problem=problem, covs=covs)
-        scaled = scaled_problem(problem, task.model, weights, scaled_covs)
-        pool_s = candidate_plans(scaled, config, top=args.top, per_pattern=2, normalized_top=args.top // 2)
-        measured_s = measure_plans(task.model, task.validation, pool_s, basis_cfg, tokenizer=task.tokenizer,
-                                   problem=scaled, covs=scaled_covs)
+        alone = per_layer_candidate(task.model, problem, config, scaled_covs)
+        if alone is None:
+            raise ValueError(f"{task.name} {ratio}: no per-layer plan fits the budget")
+        alone_measured = measure_plans(task.model, task.validation, [alone[0]], cfg, tokenizer=task.tokenizer,
+                                       problem=alone[1], covs=scaled_covs)[0]
+        shared = int(np.argmin(measured))
+        geo = (alone[0], alone[1]) if alone_measured < measured[shared] else (pool[shared], problem)
+        pool_u = candidate_plans(plain, config, top=args.top, per_pattern=2, normalized_top=args.top // 2)
+        measured_u = measure_plans(task.model, task.validation, pool_u, basis_config(task, args.seed, weighting=False),
+                                   tokenizer=task.tokenizer, problem=plain, covs=covs)
         timings[f"choice@{ratio}"] = time.perf_counter() - t
-        svd_problem = at_rank(problem, r_svd)
-        plans: dict[str, tuple[SharingPlan, SharingProblem, int, dict[str, torch.Tensor]]] = {
-            "basis-geo": (pool[int(np.argmin(measured))], problem, r_pairs, covs),
-            "basis-rescore": (pool[int(np.argmin(exact))], problem, r_pairs, covs),
-            "basis-solver": (pool[0], problem, r_pairs, covs),
-            "basis-scaled": (pool_s[0], scaled, r_pairs, scaled_covs),
-            "basis-scaled-geo": (pool_s[int(np.argmin(measured_s))], scaled, r_pairs, scaled_covs),
-            "basis-pairs": (pairs_plan(problem), problem, r_pairs, covs),
-            "svd": (singletons_plan(svd_problem), svd_problem, r_svd, covs),
+        plans: dict[str, tuple[SharingPlan, SharingProblem, dict[str, torch.Tensor]]] = {
+            "basis-geo": (*geo, scaled_covs),
+            "basis-shared-geo": (pool[shared], problem, scaled_covs),
+            "basis-solver": (pool[0], problem, scaled_covs),
+            "basis-rescore": (pool[int(np.argmin(exact))], problem, scaled_covs),
+            "basis-unscaled-geo": (pool_u[int(np.argmin(measured_u))], plain, covs),
+            "basis-unscaled-solver": (pool_u[0], plain, covs),
+            "basis-pairs": (pairs_plan(problem), problem, scaled_covs),
+            "svd": (*alone, scaled_covs),
         }
         t = time.perf_counter()
-        for strategy, (plan, prob, rank, whitening) in plans.items():
-            model, shared = scorer.basis_model(plan, prob, whitening)
-            assert shared == unique_params(prob, plan.coloring), (strategy, shared)
-            ranks_p = {x.name: prob.families[x.family].rank for x in prob.layers}
+        done: dict[tuple, tuple[dict[str, tuple[float, float]], int]] = {}
+        for strategy, (plan, prob, whitening) in plans.items():
             classes = split_classes(plan.groups, plan.coloring, prob)[0]
+            ranks_p = {x.name: prob.families[x.family].rank for x in prob.layers}
+            key = (whitening is covs, tuple(sorted(ranks_p.items())), frozenset(frozenset(c) for c in classes))
+            if key not in done:
+                model, count = scorer.basis_model(plan, prob, whitening)
+                assert count == unique_params(prob, plan.coloring), (strategy, count)
+                done[key] = (scorer.score(model), count)
+            scores, count = done[key]
             predicted = score_classes(classes, weights, covs, ranks_p, sides=sides).total
             predicted_loss = score_classes(classes, weights, scaled_covs, ranks_p, sides=sides).total
-            rows += _rows(ratio, strategy, "basis", scorer.score(model), shared, dense, rank=rank,
+            rows += _rows(ratio, strategy, "basis", scores, count, dense, rank=rank_label(prob),
                           predicted=predicted, predicted_loss=predicted_loss, chosen=plan.strategy or "optimum",
-                          classes=len({c for c in plan.coloring.values()}))
+                          classes=len(set(plan.coloring.values())))
             print(f"  {task.name} {ratio} {strategy}: {rows[-1]['measured']:.4g}", file=sys.stderr)
         try:
-            tie_plan = tie_choice(task, tie, config, diag, args.top)
-            model, shared = scorer.tie_model(tie_plan, diag)
-            rows += _rows(ratio, "tie", "tie", scorer.score(model), shared, dense, rank=None,
+            tie_plan = tie_choice(task, tie, config, merge, args.top)
+            model, count = scorer.tie_model(tie_plan)
+            rows += _rows(ratio, "tie", "tie", scorer.score(model), count, dense, rank=None,
                           predicted=None, predicted_loss=tie_plan.objective, chosen=tie_plan.strategy or "optimum",
                           classes=len(set(tie_plan.coloring.values())))
             print(f"  {task.name} {ratio} tie: {rows[-1]['measured']:.4g}", file=sys.stderr)
@@ -323,6 +347,8 @@ def evaluate_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
             "original": task.score(task.model), "dense_params": dense,
             "families": {k: {"d_out": f.d_out, "d_in": f.d_in, "layers": f.n, "side": f.side.value}
                          for k, f in fams.items()},
+            "output_scales": family_scales(scales, names, {x.name: x.family for x in layers}),
+            "tie_merge": merge.merge,
             "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
@@ -336,7 +362,8 @@ def _rows(ratio: float, strategy: str, scheme: str, scores: dict[str, tuple[floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=["minilm", "digits"], choices=["minilm", "digits", "gpt"])
+    ap.add_argument("--tasks", nargs="+", default=["minilm", "digits", "gpt"], choices=TASKS)
+    ap.add_argument("--quick", action="store_true", help="the CI-sized GPT (bench/tasks); minilm and digits are one size")
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.4, 0.3])
     ap.add_argument("--top", type=int, default=16, help="K best plans in the candidate pools (basis and tie)")
     ap.add_argument("--heal-steps", type=int, default=0, help="healing steps for every strategy (0: zero-shot only)")
@@ -349,7 +376,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result: dict[str, Any] = {}
     for name in args.tasks:
-        task = load_task(name, quick=True, seed=args.seed)
+        task = load_task(name, quick=args.quick, seed=args.seed)
         result[name] = evaluate_task(task, args)
     result["meta"] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -358,6 +385,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 1),
         "heal_steps": args.heal_steps,
         "top": args.top,
+        "quick": args.quick,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -369,15 +397,23 @@ def main() -> None:
 
 NOTES = [
     "Why these budgets: consecutive pairs at one rank r keep r/min(d_out, d_in) of the shareable",
-    "parameters (MiniLM: r/384 for every family; digits: r/64), so budgets 0.5-0.3 are ranks of one",
-    "half to 0.3 of full rank, where low-rank layers still work zero-shot and a shared basis can be",
-    "weighed against per-layer ones at the same count. Tying reaches these budgets only by sharing",
-    "most layers (its floor is 1/6 with six layers a family): the regime where issue 5 found it too",
-    "lossy. Budgets above 0.5 are eval.md's (tying); below 0.3 was not run for time.",
+    "parameters (MiniLM: r/384 for every family; digits: r/64; GPT: r/128), so budgets 0.5-0.3 are",
+    "ranks of one half to 0.3 of full rank, where low-rank layers still work zero-shot and a shared",
+    "basis can be weighed against per-layer ones at the same count. Tying reaches these budgets only",
+    "by sharing most layers (its floor is 1/6 with six layers a family, 1/8 on GPT): the regime where",
+    "issue 5 found it too lossy. Budgets above 0.5 are eval.md's (tying); below 0.3 was not run.",
     "",
     "Read the distillation loss beside the metric: digits' 360 test images move accuracy in steps",
-    "of 0.0028. `basis-*` rows at one budget share rank r_B (the pairs' rank), so the solver chooses",
-    "which layers share and how classes are sized (3 classes a family on average), not the rank.",
+    "of 0.0028. Shared-basis rows at one budget share rank r_B (the pairs' rank), so the solver",
+    "chooses which layers share and how classes are sized, not the rank; `svd` (and `basis-geo` when",
+    "it picks `per-layer-svd`) keeps every layer alone at the lower rank that fills the same budget.",
+    "",
+    "Since the previous run (issue 6): the product's basis costs are output-weighted (each layer's",
+    "input covariance times its output scale ā/2), so `basis-geo`, `basis-solver`, `basis-rescore`",
+    "and `basis-pairs` now use that whitening (the previous `basis-scaled*` rows); the previous",
+    "`basis-geo`/`basis-solver` are `basis-unscaled-geo`/`basis-unscaled-solver`; the product's pool",
+    "gained the per-layer candidate; `tie` now uses the product's default merge (layerwise where the",
+    "data pins the input covariances down, as in eval.md) instead of always the curvature merge.",
 ]
 
 
@@ -393,9 +429,11 @@ def markdown(result: dict[str, Any]) -> str:
         ratios = sorted({r["ratio"] for r in rows}, reverse=True)
         better = "higher" if data["higher_is_better"] else "lower"
         fams = ", ".join(f"{k} {v['d_out']}x{v['d_in']} ({v['side']})" for k, v in data["families"].items())
+        scales = ", ".join(f"{k} {lo:.3g}-{hi:.3g}" for k, (lo, hi) in data.get("output_scales", {}).items())
         lines += [f"## {name}: {data['metric']} ({better} is better; original {data['original']:.4g})", "",
                   f"{data['dense_params']} shareable params; families: {fams}. Splits: {data['splits']}. "
-                  f"Seconds: {data['seconds']}.", ""]
+                  f"Tie merge: {data.get('tie_merge', 'curvature')}. Seconds: {data['seconds']}.", "",
+                  f"Output scales ā/2 by family (least-largest over its layers): {scales}.", ""]
         for regime in sorted({r["regime"] for r in rows}, reverse=True):
             lines += [f"### {regime}: metric (distillation loss on the evaluation split)", "",
                       "| strategy | " + " | ".join(f"budget {r:g}" for r in ratios) + " |",
@@ -407,8 +445,9 @@ def markdown(result: dict[str, Any]) -> str:
                     cells.append(f"{hit[0]['measured']:.4g} ({hit[0]['loss']:.3g})" if hit else "")
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
             lines.append("")
-        lines += ["### plans: rank, classes, params kept, predicted (E: exact whitened error of the bases; "
-                  "loss: ½ā·E with the output-side scales, tie: the pair objective), measured loss change", "",
+        lines += ["### plans: rank, classes, params kept, predicted (E: exact whitened error of the bases, "
+                  "unscaled; loss: the same under the output-scaled covariances, i.e. the predicted loss "
+                  "change; tie: the pair objective), measured loss change on the evaluation split", "",
                   "| budget | strategy | rank | classes | params ratio | E | predicted loss | measured loss | chosen |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in ratios:

@@ -26,8 +26,13 @@ def add_commands(subparsers: Any) -> None:
     a.add_argument("--curvature", choices=("ggn", "hessian"), default="ggn")
     a.add_argument("--ratio", type=float, default=None, help="constraints.max_params_ratio")
     a.add_argument("--rank", type=int, default=None,
-                   help="projected: eigenpairs kept (16); --scheme basis: the basis rank of every family")
+                   help="projected: eigenpairs kept (8); --scheme basis: the basis rank of every family")
     a.add_argument("--probes", type=int, default=32, help="Hutchinson probes")
+    a.add_argument("--eigensolver", choices=("auto", "nystrom", "lanczos"), default="auto",
+                   help="projected: nystrom (one batched sketch, GGN only), lanczos, auto (nystrom for the GGN)")
+    a.add_argument("--oversample", type=int, default=4, help="projected, nystrom: sketch vectors beyond --rank")
+    a.add_argument("--bulk", choices=("layer", "isotropic"), default="layer",
+                   help="projected: curvature off the top space, one scalar per layer or one for all (the paper)")
     a.add_argument("--memory-limit-gb", type=float, default=4.0)
     a.add_argument("--targets", action="append", default=None, help="name or re:regex (repeatable)")
     a.add_argument("--ignore", action="append", default=[], help="name or re:regex (repeatable)")
@@ -47,6 +52,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--heal", type=int, default=0, metavar="STEPS",
                    help="self-distillation fine-tune steps after tying (ties kept; 0 = none)")
     p.add_argument("--heal-lr", type=float, default=5e-5, help="AdamW learning rate for --heal")
+    p.add_argument("--no-output-weighting", action="store_true",
+                   help="basis plans: whiten as a problem analyzed with --no-output-weighting did")
     p.set_defaults(func=_run_apply)
 
     c = subparsers.add_parser("compress", help="model -> costs -> candidate plans -> measured choice -> tied model")
@@ -84,18 +91,23 @@ def _scheme_options(parser: argparse.ArgumentParser) -> None:
                         help="--scheme basis: rank as a share of min(d_out, d_in) (default 0.25; or --rank)")
     parser.add_argument("--side", choices=SIDES, default=None,
                         help="--scheme basis: shared factor (auto: the larger dimension; out: d_out x r; in: r x d_in)")
+    parser.add_argument("--no-output-weighting", action="store_true",
+                        help="--scheme basis: count every layer's output error alike (default: weigh it by the "
+                             "layer's output-side curvature, so costs are predicted loss changes)")
 
 
 def _basis_options(args: argparse.Namespace) -> dict[str, Any]:
     """BasisOptions fields from --rank/--rank-ratio/--side (refused without --scheme basis)."""
     if args.scheme != "basis":
-        given = [flag for flag, v in (("--rank-ratio", args.rank_ratio), ("--side", args.side)) if v is not None]
+        given = [flag for flag, v in (("--rank-ratio", args.rank_ratio), ("--side", args.side),
+                                      ("--no-output-weighting", args.no_output_weighting or None)) if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to --scheme basis only; add --scheme basis or drop them")
         return {}
     if args.rank is not None and args.rank_ratio is not None:
         raise ValueError("pass --rank (one rank for every family) or --rank-ratio, not both")
-    fields: dict[str, Any] = {"rank": args.rank, "side": args.side or "auto"}
+    fields: dict[str, Any] = {"rank": args.rank, "side": args.side or "auto",
+                              "output_weighting": not args.no_output_weighting}
     if args.rank_ratio is not None:
         fields["rank_ratio"] = args.rank_ratio
     return fields
@@ -138,8 +150,9 @@ def _run_analyze(args: argparse.Namespace) -> int:
         config = AnalyzeConfig(
             backend=args.backend, kind=args.kind, curvature=args.curvature, samples=args.samples,
             batch_size=args.batch_size, seed=args.seed, max_params_ratio=args.ratio,
-            rank=16 if basis or args.rank is None else args.rank,
+            rank=8 if basis or args.rank is None else args.rank,
             probes=args.probes, memory_limit_gb=args.memory_limit_gb, targets=args.targets,
+            eigensolver=args.eigensolver, oversample=args.oversample, bulk=args.bulk,
             ignore=args.ignore, device=args.device, dtype=args.dtype, progress=not args.quiet,
             scheme=args.scheme, **({"basis": basis} if basis else {}),
         )
@@ -175,7 +188,8 @@ def _run_apply(args: argparse.Namespace) -> int:
         basis = has_basis(problem)
         config = AnalyzeConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed,
                                device=args.device, dtype=args.dtype, progress=not args.quiet,
-                               scheme="basis" if basis else "tie")
+                               scheme="basis" if basis else "tie",
+                               basis={"output_weighting": not args.no_output_weighting})
         loaded = load_model(args.model)
         model = loaded.model
         if problem is None:
@@ -196,7 +210,7 @@ def _run_apply(args: argparse.Namespace) -> int:
             raise ValueError(f"--merge {args.merge} needs --data")
         reference = copy.deepcopy(model)
         report = apply_plan(model, plan, args.merge, data=fit, config=config, problem=problem)
-        if basis:  # the exact whitened error of the installed bases (layerwise units)
+        if basis:  # the exact whitened error of the installed bases (a predicted loss change when output-weighted)
             predicted = getattr(report, "whitened_error", None)
         healed = None
         if args.heal > 0:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from hessian_worker.analysis import prepare
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.diagonal import estimate_diagonal
-from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_covariances
+from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import DataSource, call_model
 from hessian_worker.losses import TaskLoss, extract_output
 from hessian_worker.merge import Merge, merge_weights, plan_groups
@@ -77,8 +77,10 @@ def measure_plans(
     With a ``problem`` whose families use the ``basis`` scheme, the classes of those families are
     substituted by their low-rank weights B_c·C_ℓ (singletons too), which is what
     ``apply_plan(..., problem=problem)`` installs; ``merge`` then applies to the other families.
-    The bases are whitened (``config.basis.whiten``) by input covariances measured on ``data``, or
-    by ``covs`` (pass the ones apply will use, so the measured plan is the applied one).
+    The bases are whitened (``config.basis.whiten``) by the scheme's covariances measured on
+    ``data`` (``basis.scales.basis_covariances``: output-scaled unless
+    ``config.basis.output_weighting`` is off), or by ``covs`` (pass the ones apply will use, so the
+    measured plan is the applied one).
     """
     config = config or AnalyzeConfig(progress=False)
     merge = Merge(merge)
@@ -126,6 +128,8 @@ def _substitutes(prep: Any, problem: SharingProblem | None, config: AnalyzeConfi
     from hessian_worker.basis.measure import BasisSubstitutes
 
     if config.basis.whiten and covs is None:
+        from hessian_worker.basis.scales import basis_covariances
+
         with torch.no_grad():
-            covs = input_covariances(prep.model, prep.data, list(rank_of(problem)))
+            covs = basis_covariances(prep.model, prep.data, list(rank_of(problem)), config)
     return BasisSubstitutes(prep.model, problem, covs if config.basis.whiten else None, config.basis)

@@ -8,10 +8,13 @@ beside the predicted one. Curvature costs are the expensive part, so they may us
 calibration samples (``curvature_samples``); the measured choice uses all of them.
 
 With ``scheme='basis'`` the same chain shares low-rank bases instead of whole tensors: basis
-costs (layerwise, whitened), the same candidate pool, each candidate measured with its low-rank
+costs (layerwise, whitened, output-weighted into predicted loss changes), the same candidate pool
+plus plain per-layer SVD at the ranks that fill the same budget (hessian_worker.basis.per_layer, so
+the choice never loses to it on the choice data), each candidate measured with its low-rank
 weights B_c·C_ℓ substituted (hessian_worker.basis.measure), and the chosen plan installed as
-BasisLinear modules; bases are whitened by the input covariances of the curvature samples, the
-same for the measured choice and the final apply, and the choice is measured on the other samples.
+BasisLinear modules; bases are whitened by the (output-scaled) input covariances of the curvature
+samples, the same for the measured choice and the final apply, and the choice is measured on the
+other samples.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from hessian_worker.analysis import analyze, prepare
 from hessian_worker.apply import apply_plan, curvature_weights
 from hessian_worker.basis.analysis import has_basis, rank_of
 from hessian_worker.basis.config import BasisOptions, SideChoice
+from hessian_worker.basis.per_layer import per_layer_candidate
+from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.choose import choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
-from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_covariances
+from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, load_calibration
 from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.losses import DistillLoss
-from hessian_worker.measure import measure_loss
+from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.merge import Merge
 from hessian_worker.merge_rule import default_merge
 from solver.candidates import candidate_plans
@@ -66,6 +71,8 @@ class CompressConfig(BaseModel):
     rank: int | None = Field(None, ge=1, description="basis: rank of every family (default: rank_ratio·min(d_out, d_in)).")
     rank_ratio: float = Field(0.25, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in).")
     side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
+    output_weighting: bool = Field(True, description="basis: weigh each layer's error by its output-side curvature, so costs "
+                                   "are predicted loss changes (False: every layer's output error alike).")
 
     def resolved_merge(self, model: nn.Module, data: Calibration, names: list[str]) -> Merge:
         """The merge asked for; by default layerwise with that backend, else the rule of
@@ -77,7 +84,8 @@ class CompressConfig(BaseModel):
         return default_merge(model, data, names) if names else Merge.curvature
 
     def basis_options(self) -> BasisOptions:
-        return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side)
+        return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side,
+                            output_weighting=self.output_weighting)
 
 
 class Candidate(BaseModel):
@@ -92,7 +100,8 @@ class CompressReport(BaseModel):
     chosen: str
     merge: Merge
     candidates: list[Candidate]
-    problem: SharingProblem = Field(description="The curvature costs the candidates came from.")
+    problem: SharingProblem = Field(description="The chosen plan's problem: the curvature costs the candidates came "
+                                    "from, or, when the per-layer candidate (scheme basis) wins, its own ranks and costs.")
     unique_params: int
     params_ratio: float
     predicted_loss_change: float
@@ -134,14 +143,24 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     covs = _basis_covs(model, costs_data, problem, quiet, tokenizer) if basis else None
     choice = choose_plan(model, choice_data, pool, acfg, merge=merge, tokenizer=tokenizer, diag=diag,
                          problem=problem if basis else None, covs=covs, layerwise=layerwise)
+    measured = list(zip(pool, choice.measured, strict=True))
+    plan, plan_problem = choice.plan, problem
+    if basis:  # plain per-layer SVD at the same budget, measured beside the pool (its own ranks)
+        alone = per_layer_candidate(model, problem, solve_config, covs, acfg.basis)
+        if alone is not None:
+            value = measure_plans(model, choice_data, [alone[0]], acfg, merge=merge, tokenizer=tokenizer,
+                                  problem=alone[1], covs=covs)[0]
+            measured.append((alone[0], value))
+            if value < choice.measured[choice.index]:
+                plan, plan_problem = alone
     reference = copy.deepcopy(model)
     if basis:
         from hessian_worker.basis.apply import apply_basis_plan
 
-        report = apply_basis_plan(model, choice.plan, problem, merge, data=costs_data, config=quiet,
+        report = apply_basis_plan(model, plan, plan_problem, merge, data=costs_data, config=quiet,
                                   tokenizer=tokenizer, covs=covs, diag=diag)
     else:
-        report = apply_plan(model, choice.plan, merge, data=choice_data, config=quiet, tokenizer=tokenizer, diag=diag,
+        report = apply_plan(model, plan, merge, data=choice_data, config=quiet, tokenizer=tokenizer, diag=diag,
                             layerwise=layerwise)
     healed = None
     if config.heal_steps:
@@ -149,31 +168,32 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
                                                        batch_size=config.batch_size, device=config.device,
                                                        distill=config.distill,
                                                        progress=config.progress), tokenizer=tokenizer)
-    measured = measure_loss(model, reference, held, acfg.model_copy(update={"progress": False})) if held is not None else None
+    held_change = measure_loss(model, reference, held, quiet) if held is not None else None
     return CompressReport(
-        plan=choice.plan,
-        chosen=_label(choice.plan),
+        plan=plan,
+        chosen=_label(plan),
         merge=merge,
         candidates=[Candidate(strategy=_label(p), predicted=p.objective, measured=m,
                               params_ratio=p.params.ratio if p.params else 1.0)
-                    for p, m in zip(pool, choice.measured, strict=True)],
-        problem=problem,
+                    for p, m in measured],
+        problem=plan_problem,
         unique_params=report.unique_params_after,
-        params_ratio=choice.plan.params.ratio if choice.plan.params else 1.0,
-        predicted_loss_change=choice.plan.objective,
-        measured_loss_change=measured,
+        params_ratio=plan.params.ratio if plan.params else 1.0,
+        predicted_loss_change=plan.objective,
+        measured_loss_change=held_change,
         heal=healed,
     )
 
 
 def _basis_covs(model: nn.Module, data: Calibration, problem: SharingProblem, config: AnalyzeConfig,
                tokenizer: Any | None) -> dict[str, Tensor] | None:
-    """Input covariances of the basis layers on ``data`` (None when the bases are not whitened)."""
+    """The whitening covariances of the basis layers on ``data`` (output-scaled unless
+    ``output_weighting`` is off; None when the bases are not whitened)."""
     if not config.basis.whiten:
         return None
     prep = prepare(model, data, config, tokenizer=tokenizer)
     with torch.no_grad():
-        return input_covariances(prep.model, prep.data, list(rank_of(problem)))
+        return basis_covariances(prep.model, prep.data, list(rank_of(problem)), config)
 
 
 def _label(plan: SharingPlan) -> str:

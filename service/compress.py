@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # the compress fields that go to CompressConfig; `out` and `overwrite` stay with the worker
 CONFIG_FIELDS = frozenset(
     {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "holdout",
-     "curvature_samples", "batch_size", "scheme", "rank", "rank_ratio", "side"}
+     "curvature_samples", "batch_size", "scheme", "rank", "rank_ratio", "side", "output_weighting"}
 )  # fmt: skip
 
 
@@ -112,6 +112,11 @@ class CompressSpec(BaseModel):
     )
     side: BasisSide | None = Field(
         None, description="basis: shared factor, auto (the larger dimension; default), out or in."
+    )
+    output_weighting: bool | None = Field(
+        None,
+        description="basis: weigh each layer's error by its output-side curvature, so costs are "
+        "predicted loss changes (default true); false: every layer's output error alike.",
     )
 
     @field_validator("out")

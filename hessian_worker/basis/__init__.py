@@ -6,9 +6,11 @@
     plan = solve(problem, SolveConfig(max_params_ratio=0.4))
     apply_basis_plan(model, plan, problem, data=data)
 
-Modules, one job each: ``config`` (options), ``decompose`` (the math, both sides), ``costs`` (unary
-and pair costs), ``modules`` (BasisLinear), ``analysis`` (problem and re-scoring), ``apply``,
-``measure`` (low-rank substitutes for measuring candidate plans), ``io``.
+Modules, one job each: ``config`` (options), ``decompose`` (the math, both sides), ``scales``
+(output-side curvature scales: the whitening covariances every step uses), ``costs`` (unary and
+pair costs), ``modules`` (BasisLinear), ``analysis`` (problem and re-scoring), ``per_layer`` (plain
+per-layer SVD at the budget, a candidate beside the solver's pool), ``apply``, ``measure``
+(low-rank substitutes for measuring candidate plans), ``io``.
 Names are imported lazily, so ``hessian_worker.config`` can import the options without a cycle.
 """
 
@@ -34,6 +36,9 @@ _EXPORTS = {
     "BasisApplyReport": "hessian_worker.basis.apply",
     "save_basis": "hessian_worker.basis.io",
     "load_basis": "hessian_worker.basis.io",
+    "basis_covariances": "hessian_worker.basis.scales",
+    "output_scales": "hessian_worker.basis.scales",
+    "per_layer_candidate": "hessian_worker.basis.per_layer",
 }
 
 __all__ = [
@@ -47,7 +52,10 @@ __all__ = [
     "analyze_basis",
     "apply_basis_plan",
     "basis_costs",
+    "basis_covariances",
     "load_basis",
+    "output_scales",
+    "per_layer_candidate",
     "refine",
     "rescore_basis_plan",
     "save_basis",
@@ -64,6 +72,8 @@ if TYPE_CHECKING:
     from hessian_worker.basis.io import load_basis, save_basis
     from hessian_worker.basis.measure import BasisSubstitutes
     from hessian_worker.basis.modules import BasisLinear
+    from hessian_worker.basis.per_layer import per_layer_candidate
+    from hessian_worker.basis.scales import basis_covariances, output_scales
 
 
 def __getattr__(name: str) -> Any:

@@ -1,9 +1,11 @@
 """analyze_basis(model, data, config) -> SharingProblem for the ``basis`` scheme, and exact
 re-scoring of a finished plan (the whitened error of each class's real shared basis).
 
-The curvature is always the layerwise one (input covariances from one streaming forward pass):
-the whitening of decompose.py needs it, and it is what makes the costs cheap. ``config.backend``
-therefore does not apply here; it stays the tie scheme's choice.
+The curvature is the layerwise one (input covariances from one streaming forward pass), by default
+scaled per layer by its output-side curvature (scales.py: one diagonal-GGN estimate), so the costs
+are predicted loss changes: the whitening of decompose.py needs the covariances, and they are what
+makes the costs cheap. ``config.backend`` therefore does not apply here; it stays the tie scheme's
+choice.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from torch import Tensor, nn
 from hessian_worker.analysis import prepare
 from hessian_worker.basis.costs import basis_costs, class_errors, family_ranks, family_sides
 from hessian_worker.basis.modules import dense_weights
+from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
-from hessian_worker.curvature.layerwise import input_covariances
 from hessian_worker.data import DataSource
 from hessian_worker.discovery import discover_layers
 from hessian_worker.errors import BackendError, PlanError
@@ -54,7 +56,9 @@ def analyze_basis(
     (default ``auto``) picks per family the side that saves more.
 
     Layers are discovered as for ``analyze`` (``targets``/``ignore``/``families``) and must be
-    linear; ``config.basis`` sets ranks, whitening and damping. ``params`` of a layer stays its dense
+    linear; ``config.basis`` sets ranks, whitening, output weighting and damping. With
+    ``output_weighting`` (default) the costs are predicted loss changes of the calibration loss
+    (``config.distill``), on the tie scheme's scale; without, mean squared layer-output changes. ``params`` of a layer stays its dense
     size, so ``max_params_ratio`` is a share of the dense shareable parameters.
 
     Raises:
@@ -81,7 +85,7 @@ def analyze_basis(
         except PlanError as exc:
             raise BackendError(f"{exc}; the basis scheme needs linear layers") from exc
         covs = (
-            input_covariances(prep.model, prep.data, names, progress=config.progress)
+            basis_covariances(prep.model, prep.data, names, config, progress=config.progress)
             if options.whiten
             else None
         )
@@ -227,7 +231,7 @@ def rescore_basis_plan(
     """The exact step-1 error of every basis class of ``plan`` (no pairwise over-counting).
 
     ``model`` is the original (dense) model; ``config`` should be the one the problem was built
-    with (same data, damping, whitening).
+    with (same data, damping, whitening, output weighting), so errors are in the costs' units.
     """
     config = config or AnalyzeConfig(scheme=Scheme.basis)
     classes = basis_classes(plan, problem)
@@ -236,7 +240,9 @@ def rescore_basis_plan(
     names = [n for c in classes for n in c]
     with torch.no_grad():
         weights = dense_weights(prep.model, names)
-        covs = input_covariances(prep.model, prep.data, names) if config.basis.whiten else None
+        covs = (
+            basis_covariances(prep.model, prep.data, names, config) if config.basis.whiten else None
+        )
     return score_classes(
         classes,
         weights,

@@ -26,9 +26,10 @@ from hessian_worker.basis.decompose import (
     whitened_error,
 )
 from hessian_worker.basis.modules import BasisLinear, dense_weights, install_class, module_path
+from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.diagonal import estimate_diagonal
-from hessian_worker.curvature.layerwise import input_covariances, linear_modules
+from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.data import DataSource
 from hessian_worker.errors import PlanError
 from hessian_worker.merge import Merge
@@ -62,11 +63,14 @@ def apply_basis_plan(
 ) -> BasisApplyReport:
     """Applies ``plan`` in place; ranks and sides come from ``problem.families`` (scheme ``basis``).
 
-    With ``data`` the bases are whitened by the layer input covariances (as in ``analyze_basis``)
-    and ``whitened_error`` reports Σ_class E; without it they are the plain SVD. With
-    ``config.basis.refine_rounds`` > 0 the correction of decompose.py runs, its output weights
-    from the diagonal GGN on ``data``. ``covs`` passes input covariances measured already (name ->
-    G, e.g. the ones the candidate plans were measured with), so no data is needed to whiten;
+    With ``data`` the bases are whitened by the layer input covariances, scaled by the output
+    scales when ``config.basis.output_weighting`` (scales.basis_covariances, as in
+    ``analyze_basis``), and ``whitened_error`` reports Σ_class E (a predicted loss change when
+    scaled); without it they are the plain SVD. With ``config.basis.refine_rounds`` > 0 the
+    correction of decompose.py runs, its output weights from the diagonal GGN on ``data`` (its
+    objective does not depend on the covariances' scale). ``covs`` passes whitening covariances
+    measured already (name -> G, from ``basis_covariances``, e.g. the ones the candidate plans were
+    measured with), so no data is needed to whiten;
     ``diag`` passes curvature-merge weights for the classes of ``tie`` families (see apply_plan).
 
     Raises:
@@ -122,7 +126,7 @@ def apply_basis_plan(
         prep = prepare(model, data, cfg, tokenizer=tokenizer)
         with torch.no_grad():
             if needs_covs:
-                covs = input_covariances(model, prep.data, names, progress=config.progress)
+                covs = basis_covariances(model, prep.data, names, cfg, progress=config.progress)
             if options.refine_rounds:
                 out_w = _output_weights(model, prep, names, covs, cfg)
     covs_used = covs if options.whiten else None

@@ -27,6 +27,13 @@ class BasisOptions(BaseModel):
     s·r·(other dim) parameters, so sharing the LARGER dimension saves more: ``auto`` shares d_out
     when d_out ≥ d_in (``out``, W_ℓ ≈ B_c·C_ℓ) and d_in otherwise (``in``, W_ℓ ≈ C_ℓ·B_c), e.g. the
     input side for a transformer's FFN down-projection (d_in = 4·d_out).
+
+    ``output_weighting`` (default on) scales each layer's input covariance by its output-side
+    curvature s_ℓ = ā_ℓ/2 (K-FAC's A_ℓ ≈ ā_ℓ·I fitted to the diagonal GGN of the calibration loss,
+    see scales.py), so unary and pair costs are predicted loss changes, comparable across layers and
+    families and on the tie scheme's scale, and a class's basis weighs its members by how much the
+    loss feels them. Off, every layer's whitened output error counts alike (the plain layerwise
+    error, cheaper: no diagonal GGN). It applies to whitened bases only (``whiten=True``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +47,11 @@ class BasisOptions(BaseModel):
     )
     whiten: bool = Field(
         True, description="Whiten by the layer input covariances (False: plain SVD)."
+    )
+    output_weighting: bool = Field(
+        True,
+        description="Scale each layer's input covariance by its output-side curvature ā/2 (diagonal "
+        "GGN), so costs are predicted loss changes; False: every layer's output error counts alike.",
     )
     damping: float = Field(
         0.01,

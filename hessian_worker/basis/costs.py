@@ -1,9 +1,11 @@
 """Costs of the ``basis`` scheme: a layer alone at rank r (unary) and the extra cost of one shared
 basis for a pair (pairwise), both as the step-1 minimum of decompose.py.
 
-Units: E = Σ_ℓ tr(δ_ℓ G̃_ℓ δ_ℓᵀ), the mean squared change of the layers' outputs on the calibration
-inputs, which is exactly the predicted loss change ½δᵀHδ of the layerwise backend (H = 2G⊗I), so a
-basis problem and a tie problem from the layerwise backend are on one scale.
+Units: E = Σ_ℓ tr(δ_ℓ G̃_ℓ δ_ℓᵀ) under the covariances passed in. analyze_basis passes
+scales.basis_covariances: by default G_ℓ scaled by the layer's output-side curvature ā_ℓ/2, so E
+is the predicted change of the calibration loss under K-FAC's H_ℓ ≈ ā_ℓ·I ⊗ G_ℓ, on the scale of
+the tie scheme's costs; with ``output_weighting`` off, G_ℓ itself, so E is the mean squared change
+of the layers' outputs (the layerwise backend's ½δᵀ(2G⊗I)δ), every layer counted alike.
 
 - unary u_ℓ = E*({ℓ}) = Σ_{i>r} σ_i(W_ℓ L_ℓ)², the layer's own whitened truncated-SVD error;
 - pair w_ℓm = E*({ℓ, m}) − u_ℓ − u_m ≥ 0: the shared basis is a feasible pair of separate bases,
@@ -209,7 +211,8 @@ def basis_costs(
 
     Args:
         weights: name -> weight as [d_out, d_in] (GPT-2 Conv1D weights transposed already).
-        covs: name -> input covariance G (d_in × d_in); None for the unwhitened scheme.
+        covs: name -> whitening covariance (d_in × d_in: G, or s·G with the output scale s, see
+            scales.py); None for the unwhitened scheme.
         ranks: family -> rank.
         sides: family -> shared side (default: out for every family).
     """

@@ -76,6 +76,20 @@ def test_side_and_rank_ratio_options(tmp_path, common, capsys) -> None:
     assert "--scheme basis" in capsys.readouterr().err
 
 
+def test_output_weighting_can_be_turned_off(tmp_path, common, capsys) -> None:
+    costs = []
+    for i, flag in enumerate(([], ["--no-output-weighting"])):
+        path = tmp_path / f"problem{i}.json"
+        assert main(["analyze", *common, "--scheme", "basis", "--rank", "1", *flag, "-o", str(path)]) == 0
+        costs.append(SharingProblem.model_validate_json(path.read_text()).costs.unary)
+    # output-weighted costs are loss changes: another scale per layer, not one factor for all
+    ratios = [a / b for a, b in zip(costs[0], costs[1], strict=True)]
+    assert max(ratios) > 1.5 * min(ratios)
+    capsys.readouterr()
+    assert main(["analyze", *common, "--no-output-weighting", "-o", str(tmp_path / "p.json")]) == 2
+    assert "--scheme basis" in capsys.readouterr().err
+
+
 def test_compress_with_shared_bases(tmp_path, common, capsys) -> None:
     out = tmp_path / "out"
     args = ["compress", *common, "--ratio", "0.6", "--scheme", "basis", "--rank", "1", "--top", "4",
