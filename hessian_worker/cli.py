@@ -77,6 +77,10 @@ def add_commands(subparsers: Any) -> None:
                    help="calibration loss (auto: kl for logits, mse otherwise; cosine for sentence embeddings)")
     c.add_argument("--heal", type=int, default=0, metavar="STEPS", help="self-distillation steps after tying")
     c.add_argument("--heal-lr", type=float, default=5e-5)
+    c.add_argument("--heal-shortlist", type=int, default=2,
+                   help="with --heal: best zero-shot candidates healed in the choice, besides each pattern's best")
+    c.add_argument("--no-heal-choice", action="store_true",
+                   help="with --heal: keep the zero-shot winner instead of healing a shortlist to choose")
     c.add_argument("--holdout", type=int, default=None, help="samples held out for the measured figure")
     c.add_argument("--time-limit", type=float, default=10.0, help="solver seconds")
     c.add_argument("--rank", type=int, default=None, help="--scheme basis: the basis rank of every family")
@@ -244,7 +248,8 @@ def _run_compress(args: argparse.Namespace) -> int:
         config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, distill=args.distill,
                                 top=args.top, min_distance=args.min_distance, per_pattern=args.per_pattern, normalized_top=args.normalized_top,
                                 curvature_samples=args.curvature_samples, heal_steps=args.heal,
-                                heal_lr=args.heal_lr, holdout=args.holdout, samples=args.samples,
+                                heal_lr=args.heal_lr, heal_choice=not args.no_heal_choice,
+                                heal_shortlist=args.heal_shortlist, holdout=args.holdout, samples=args.samples,
                                 batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,
                                 device=args.device, progress=not args.quiet,
                                 **_compress_basis(args))

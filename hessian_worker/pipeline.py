@@ -4,7 +4,9 @@ The product's main path (DESIGN.md): the quadratic cost model ranks plans only r
 solver's K best diverse plans and the pattern strategies at the same budget become candidates,
 each is measured by a real forward pass on the calibration data, the best is tied into the model
 with a curvature-weighted merge (optionally healed), and the held-out loss change is reported
-beside the predicted one. Curvature costs are the expensive part, so they may use a subset of the
+beside the predicted one. With healing, a shortlist (the best zero-shot plans and each pattern's
+best) is tied and healed as the final model is, and the least loss after healing decides
+(``choose.choose_healed``): contiguous plans heal further than their zero-shot loss suggests. Curvature costs are the expensive part, so they may use a subset of the
 calibration samples (``curvature_samples``); the measured choice uses all of them.
 
 With ``scheme='basis'`` the same chain shares low-rank bases instead of whole tensors: basis
@@ -32,7 +34,7 @@ from hessian_worker.basis.analysis import has_basis, rank_of
 from hessian_worker.basis.config import BasisOptions, SideChoice
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
-from hessian_worker.choose import choose_plan
+from hessian_worker.choose import choose_healed, choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, load_calibration
@@ -59,6 +61,10 @@ class CompressConfig(BaseModel):
     distill: DistillLoss = Field(DistillLoss.auto, description="cosine suits sentence-embedding models.")
     heal_steps: int = Field(0, ge=0)
     heal_lr: float = Field(5e-5, gt=0)
+    heal_choice: bool = Field(True, description="With heal_steps (scheme tie): heal a shortlist and keep the plan that "
+                              "loses least after healing, not the zero-shot winner.")
+    heal_shortlist: int = Field(2, ge=0, le=100, description="Best zero-shot candidates healed in the choice, "
+                                "besides each pattern's best.")
     holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
     samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
     curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")
@@ -93,6 +99,8 @@ class Candidate(BaseModel):
     predicted: float
     measured: float
     params_ratio: float
+    healed: float | None = Field(None, description="Loss change on the choice data after healing, for the candidates "
+                                 "the heal-aware choice healed.")
 
 
 class CompressReport(BaseModel):
@@ -153,6 +161,15 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
             measured.append((alone[0], value))
             if value < choice.measured[choice.index]:
                 plan, plan_problem = alone
+    heal_config = HealConfig(steps=max(config.heal_steps, 1), lr=config.heal_lr, seed=config.seed,
+                             batch_size=config.batch_size, device=config.device, distill=config.distill,
+                             progress=config.progress)
+    healed_choice = None
+    if config.heal_steps and config.heal_choice and not basis:
+        healed_choice = choose_healed(model, pool, choice.measured, fit, choice_data, heal_config, acfg,
+                                      best=config.heal_shortlist, merge=merge, tokenizer=tokenizer, diag=diag,
+                                      layerwise=layerwise)
+        plan = healed_choice.plan
     reference = copy.deepcopy(model)
     if basis:
         from hessian_worker.basis.apply import apply_basis_plan
@@ -163,19 +180,20 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
         report = apply_plan(model, plan, merge, data=choice_data, config=quiet, tokenizer=tokenizer, diag=diag,
                             layerwise=layerwise)
     healed = None
-    if config.heal_steps:
-        healed = heal(model, reference, fit, HealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=config.seed,
-                                                       batch_size=config.batch_size, device=config.device,
-                                                       distill=config.distill,
-                                                       progress=config.progress), tokenizer=tokenizer)
+    if healed_choice is not None:  # the winner was healed in the choice, exactly as below: take its weights
+        model.load_state_dict(healed_choice.model.state_dict())
+        healed = healed_choice.heal
+    elif config.heal_steps:
+        healed = heal(model, reference, fit, heal_config, tokenizer=tokenizer)
     held_change = measure_loss(model, reference, held, quiet) if held is not None else None
     return CompressReport(
         plan=plan,
         chosen=_label(plan),
         merge=merge,
         candidates=[Candidate(strategy=_label(p), predicted=p.objective, measured=m,
-                              params_ratio=p.params.ratio if p.params else 1.0)
-                    for p, m in measured],
+                              params_ratio=p.params.ratio if p.params else 1.0,
+                              healed=healed_choice.healed.get(i) if healed_choice is not None else None)
+                    for i, (p, m) in enumerate(measured)],
         problem=plan_problem,
         unique_params=report.unique_params_after,
         params_ratio=plan.params.ratio if plan.params else 1.0,

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 # the compress fields that go to CompressConfig; `out` and `overwrite` stay with the worker
 CONFIG_FIELDS = frozenset(
-    {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "holdout",
+    {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "heal_choice",
+     "heal_shortlist", "holdout",
      "curvature_samples", "batch_size", "scheme", "rank", "rank_ratio", "side", "output_weighting"}
 )  # fmt: skip
 
@@ -94,6 +95,12 @@ class CompressSpec(BaseModel):
         None, ge=0, le=1_000_000, description="Self-distillation steps after tying (0: none)."
     )
     heal_lr: float | None = Field(None, gt=0, le=1)
+    heal_choice: bool | None = Field(
+        None, description="With heal_steps: heal a shortlist and keep the least loss after healing (default true)."
+    )
+    heal_shortlist: int | None = Field(
+        None, ge=0, le=100, description="Best zero-shot candidates healed in the choice, besides each pattern's best (2)."
+    )
     holdout: int | None = Field(
         None, ge=1, description="Samples held out for the measured figure (default: a quarter)."
     )

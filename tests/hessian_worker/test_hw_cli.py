@@ -83,8 +83,11 @@ def test_compress_end_to_end(tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["params_ratio"] <= 0.7 and report["measured_loss_change"] is not None
     measured = [c["measured"] for c in report["candidates"]]
-    chosen = next(c for c in report["candidates"] if c["strategy"] == report["chosen"])
-    assert chosen["measured"] == min(measured)  # the measured choice
+    # with --heal the choice heals a shortlist (the zero-shot best among them) and keeps the least healed
+    healed = {c["strategy"]: c["healed"] for c in report["candidates"] if c["healed"] is not None}
+    assert report["chosen"] in healed and healed[report["chosen"]] == min(healed.values())
+    assert any(c["healed"] is not None and c["measured"] == min(measured) for c in report["candidates"])
+    assert report["heal"]["steps"] == 20
     assert (out / "report.json").is_file() and (out / "problem.json").is_file()
     assert report["merge"] == "layerwise"  # the default merge: 12 fit rows >= 4-wide inputs
     names = [c["strategy"] for c in report["candidates"]]
@@ -95,3 +98,10 @@ def test_compress_end_to_end(tmp_path, capsys) -> None:
     plan = load_shared(model, out)
     tied = [g for g in plan.groups if len(g) > 1]
     assert tied and all(model.get_parameter(g[0]) is model.get_parameter(n) for g in tied for n in g)
+    # --no-heal-choice: the zero-shot measured choice, then healing
+    assert main(["compress", *common, "--ratio", "0.7", "--out", str(tmp_path / "plain"), "--heal", "20",
+                 "--heal-lr", "1e-2", "--no-heal-choice"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    chosen = next(c for c in plain["candidates"] if c["strategy"] == plain["chosen"])
+    assert chosen["measured"] == min(c["measured"] for c in plain["candidates"])
+    assert all(c["healed"] is None for c in plain["candidates"]) and plain["heal"]["steps"] == 20
