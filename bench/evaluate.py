@@ -83,14 +83,25 @@ def weight_distances(model: torch.nn.Module, problem: SharingProblem) -> list[li
     return out
 
 
+def code_version() -> str:
+    """A short hash of the sources costs come from, so cached costs never outlive the code either."""
+    root = Path(__file__).resolve().parent.parent / "hessian_worker"
+    h = hashlib.sha1()
+    for path in sorted([*root.glob("curvature/*.py"), root / "costs.py", root / "objective.py", root / "losses.py"]):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def costs_for(task: Task, backend: str, seed: int) -> SharingProblem:
-    """The backend's SharingProblem on the task's calibration data, cached on disk by its settings."""
+    """The backend's SharingProblem on the task's calibration data, cached on disk by its settings
+    (the model's weights, the analysis config and the curvature code)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     n = len(task.calibration)
-    path = CACHE / f"{task.name}-{backend}-{task.distill}-n{n}-s{seed}-{fingerprint(task.model)}.json"
+    config = AnalyzeConfig(backend=backend, kind="pairwise", seed=seed, batch_size=8, distill=task.distill, progress=True)
+    settings = hashlib.sha1(config.model_dump_json(exclude={"progress"}).encode()).hexdigest()[:8]
+    path = CACHE / f"{task.name}-{backend}-n{n}-{fingerprint(task.model)}-{settings}-{code_version()}.json"
     if path.is_file():
         return SharingProblem.model_validate_json(path.read_text())
-    config = AnalyzeConfig(backend=backend, kind="pairwise", seed=seed, batch_size=8, distill=task.distill, progress=True)
     t = time.perf_counter()
     problem = analyze(copy.deepcopy(task.model), task.calibration, config, tokenizer=task.tokenizer)
     print(f"  {task.name} {backend}: costs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -208,6 +219,11 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
     distances = weight_distances(task.model, yardstick)
     names = ["geo", "geo-solver", *(f"geo-{b}" for b in backends if b != "exact")]
     strategies = [*names, "weight-distance", *HEURISTICS, *(f"{h}+geo-merge" for h in GEO_MERGED), "random"]
+    if args.strategies:
+        unknown = sorted(set(args.strategies) - set(strategies))
+        if unknown:
+            raise SystemExit(f"unknown strategies {unknown}; choose from {strategies}")
+        strategies = [x for x in strategies if x in args.strategies]
     rows = []
     for ratio, strategy in tqdm([(r, s) for r in budgets for s in strategies], desc=f"{task.name}: plans"):
         config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
@@ -271,6 +287,8 @@ def main() -> None:
     ap.add_argument("--heal-shortlist", type=int, default=2,
                     help="geo, healed: the best zero-shot candidates healed in the choice (plus each pattern's best)")
     ap.add_argument("--threads", type=int, help="torch threads (runs side by side on 2 cores: 1 each)")
+    ap.add_argument("--strategies", nargs="+", help="only these strategies (default: all); --combine a partial run "
+                    "after a full one to replace its cells")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge finished runs' eval.json files into --out")
     ap.add_argument("--out", default=str(RESULTS / "eval"))
     args = ap.parse_args()
@@ -318,20 +336,36 @@ def write(result: dict, out: Path) -> None:
 
 
 def combine(paths: list[Path], out: Path) -> None:
-    """One result from runs made side by side (each its own tasks); their commands are kept."""
+    """One result from several runs (see merge_runs), written like a run of its own."""
+    write(merge_runs([json.loads(path.read_text()) for path in paths]), out)
+
+
+def merge_runs(parts: list[dict]) -> dict:
+    """Runs of other tasks are added; a later run of a task already there replaces its cells
+    (ratio, regime, strategy) and its rank agreement. Every run's command is kept."""
     result: dict[str, Any] = {}
     metas = []
-    for path in paths:
-        part = json.loads(path.read_text())
+    for part in parts:
+        part = dict(part)
         meta = part.pop("meta")
         metas.append(meta)
-        for task in part.values():  # each run's settings stay with its tasks
+        for name, task in part.items():  # each run's settings stay with its tasks
             task.setdefault("heal_steps", meta["heal_steps"])
             task.setdefault("random_seeds", meta.get("random_seeds"))
-        result.update(part)
+            if name not in result:
+                result[name] = task
+                continue
+            newer = {_cell(row): row for row in task["results"]}
+            kept = [newer.pop(_cell(row), row) for row in result[name]["results"]]
+            result[name]["results"] = kept + list(newer.values())
+            result[name]["rank_agreement"] = task.get("rank_agreement", result[name].get("rank_agreement"))
     result["meta"] = {**metas[0], "command": " ; ".join(m["command"] for m in metas),
                       "seconds": max(m["seconds"] for m in metas), "runs": metas}
-    write(result, out)
+    return result
+
+
+def _cell(row: dict) -> tuple[float, str, str]:
+    return row["ratio"], row["regime"], row["strategy"]
 
 
 def markdown(result: dict) -> str:
