@@ -157,11 +157,22 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
 def geo_healed(task: Task, pool: list[SharingPlan], measured: list[float], runner: Runner, merge: str,
                args: argparse.Namespace) -> tuple[SharingPlan, dict[str, tuple[float, float]]]:
     """The product's choice when it heals (choose_healed): the shortlist healed as every strategy is,
-    compared on the validation split; the winner's healed model is scored on the evaluation split."""
+    compared on the validation split; the winner's healed model is scored on the evaluation split.
+
+    ``--heal-choice-holdout`` (an experiment): the shortlist heals on calibration + the first half
+    of validation and is compared on the other half, out of sample; the winner is then healed on
+    everything as every strategy is.
+    """
     heal_config = HealConfig(steps=args.heal_steps, lr=task.heal_lr, distill=task.distill, progress=False)
-    choice = choose_healed(task.model, pool, measured, runner.data, task.validation, heal_config, runner.quiet,
+    heal_data, score_data = runner.data, task.validation
+    if args.heal_choice_holdout:
+        half = len(task.validation) // 2
+        heal_data, score_data = union(task.calibration, task.validation[:half]), task.validation[half:]
+    choice = choose_healed(task.model, pool, measured, heal_data, score_data, heal_config, runner.quiet,
                            best=args.heal_shortlist, merge=merge, tokenizer=task.tokenizer, diag=runner.diag,
                            layerwise=runner.covariances)
+    if args.heal_choice_holdout:
+        return choice.plan, {"healed": runner.measure(choice.plan, merge)["healed"]}
     model = choice.model.eval()
     return choice.plan, {"healed": (task.score(model), runner.loss(model))}
 
@@ -286,6 +297,8 @@ def main() -> None:
     ap.add_argument("--heal-steps", type=int, default=100, help="healing steps for every strategy (0: zero-shot only)")
     ap.add_argument("--heal-shortlist", type=int, default=2,
                     help="geo, healed: the best zero-shot candidates healed in the choice (plus each pattern's best)")
+    ap.add_argument("--heal-choice-holdout", action="store_true",
+                    help="experiment: the heal-aware choice compares candidates on half the validation split it did not heal on")
     ap.add_argument("--threads", type=int, help="torch threads (runs side by side on 2 cores: 1 each)")
     ap.add_argument("--strategies", nargs="+", help="only these strategies (default: all); --combine a partial run "
                     "after a full one to replace its cells")
