@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Protocol
 
@@ -73,6 +73,7 @@ def map_products(fn: Callable[[Params], Params], rows: Tensor, shapes: Mapping[s
     ``chunk=1`` runs a plain loop, for models with operators that have no vmap batching rule.
     """
     names = list(shapes)
+    sizes = block_sizes(shapes)
     out = []
     for i in range(0, rows.shape[0], chunk):
         part = rows[i : i + chunk]
@@ -80,11 +81,21 @@ def map_products(fn: Callable[[Params], Params], rows: Tensor, shapes: Mapping[s
             res = fn(unflatten(part[0], shapes))
             out.append(flatten(res, names).detach()[None])
         else:
-            start, split = 0, {}
-            for name, shape in shapes.items():
-                size = int(torch.Size(shape).numel())
-                split[name] = part[:, start : start + size].reshape(part.shape[0], *shape)
-                start += size
+            split = {n: x.reshape(part.shape[0], *shapes[n]) for n, x in zip(names, part.split(sizes, dim=1), strict=True)}
             res = vmap(fn)(split)
             out.append(torch.cat([res[n].reshape(part.shape[0], -1) for n in names], dim=1).detach())
     return torch.cat(out)
+
+
+def block_sizes(shapes: Mapping[str, torch.Size]) -> list[int]:
+    """Element counts of the parameters, in order: the blocks of a flat vector over ``shapes``."""
+    return [int(torch.Size(s).numel()) for s in shapes.values()]
+
+
+def block_dots(a: Tensor, b: Tensor, sizes: Sequence[int]) -> Tensor:
+    """[blocks, n] float64: for each row pair of a and b [n, d], the dot product within each block
+    of consecutive columns (``sizes``); with b = G·a, Hutchinson terms of every diagonal block."""
+    if not sizes:
+        return torch.zeros(0, a.shape[0], dtype=torch.float64, device=a.device)
+    pairs = zip(a.split(list(sizes), dim=1), b.split(list(sizes), dim=1), strict=True)
+    return torch.stack([(x * y).sum(dim=1, dtype=torch.float64) for x, y in pairs])

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hessian_worker.curvature.base import block_dots
+
 
 @dataclass
 class NystromSketch:
@@ -63,12 +65,7 @@ def nystrom(
     omega = torch.linalg.qr(gauss)[0].T.contiguous().to(device)  # [s, dim] rows
     del gauss
     image = matmat(omega)  # [s, dim] rows: G ωᵢ
-    probes, start = [], 0
-    for size in blocks:
-        part = omega[:, start : start + size] * image[:, start : start + size]
-        probes.append(part.sum(dim=1, dtype=torch.float64) * dim)
-        start += size
-    block_probes = torch.stack(probes).cpu() if probes else torch.zeros(0, s, dtype=torch.float64)
+    block_probes = (block_dots(omega, image, blocks) * dim).cpu()
     core = (omega @ image.T).double()
     core = (core + core.T) / 2
     eye = torch.eye(s, dtype=core.dtype, device=core.device)

@@ -20,7 +20,13 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from hessian_worker.curvature.base import CurvatureKind, flat_dim, map_products
+from hessian_worker.curvature.base import (
+    CurvatureKind,
+    block_dots,
+    block_sizes,
+    flat_dim,
+    map_products,
+)
 from hessian_worker.curvature.functional import ggn_hvp, hessian_hvp
 from hessian_worker.curvature.lanczos import lanczos
 from hessian_worker.curvature.nystrom import memory_bytes as nystrom_bytes
@@ -109,7 +115,7 @@ class ProjectedCurvature:
         self.names = list(obj.names)
         self.shapes = {n: obj.params0[n].shape for n in self.names}
         dim = flat_dim(self.shapes)
-        sizes = [int(s.numel()) for s in self.shapes.values()]
+        sizes = block_sizes(self.shapes)
         any_p = obj.params0[self.names[0]]
         if eigensolver is Eigensolver.auto:
             eigensolver = Eigensolver.nystrom if kind is CurvatureKind.ggn else Eigensolver.lanczos
@@ -130,7 +136,8 @@ class ProjectedCurvature:
         else:
             m = lanczos_iters(rank, dim, iters)
             check_memory(dim, rank, m, any_p.element_size(), memory_limit_gb)
-            evals, vecs = lanczos(lambda v: map_products(hvp, v[None], self.shapes, 1)[0], dim, rank, m, generator, progress=progress, **opts)
+            evals, vecs = lanczos(lambda v: map_products(hvp, v[None], self.shapes, 1)[0], dim, rank, m, generator,
+                                  progress=progress, **opts)
             block_probes = None if rank >= dim else rademacher_block_probes(matmat, sizes, probes, generator,
                                                                              chunk=chunk, **opts)
         self.eigensolver = eigensolver
@@ -165,7 +172,6 @@ class ProjectedCurvature:
         clip = kind is CurvatureKind.ggn
         self.bulk = max(bulk_all, 0.0) if clip else bulk_all
         self.layer_bulk = {n: max(v, 0.0) if clip else v for n, v in per_layer.items()}
-        self.bulk_kind = bulk
         # Σ_ℓ λ̄_ℓ U_ℓᵀU_ℓ: what layers a direction does not touch add through its projection
         mix = torch.zeros(self.rank, self.rank, dtype=torch.float64)
         for n, b in u_rows.items():
@@ -196,20 +202,10 @@ def rademacher_block_probes(matmat: Callable[[Tensor], Tensor], sizes: list[int]
         n = min(chunk, probes - i)
         # drawn on CPU so a seed means the same on every device
         z = (torch.randint(0, 2, (n, dim), generator=generator) * 2 - 1).to(dtype=dtype, device=device)
-        gz = matmat(z)
-        rows, start = [], 0
-        for size in sizes:
-            rows.append((z[:, start : start + size] * gz[:, start : start + size]).sum(dim=1, dtype=torch.float64))
-            start += size
-        columns.append(torch.stack(rows).cpu())
+        columns.append(block_dots(z, matmat(z), sizes).cpu())
     return torch.cat(columns, dim=1)
 
 
 def unflatten_rows(vecs: Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
     """Splits a [d, k] matrix into per-parameter [size, k] row blocks."""
-    out, i = {}, 0
-    for name, shape in shapes.items():
-        size = int(torch.Size(shape).numel())
-        out[name] = vecs[i : i + size]
-        i += size
-    return out
+    return dict(zip(shapes, vecs.split(block_sizes(shapes), dim=0), strict=True))
