@@ -6,8 +6,9 @@ each is measured by a real forward pass on the calibration data, the best is tie
 with a curvature-weighted merge (optionally healed), and the held-out loss change is reported
 beside the predicted one. With healing, a shortlist (the best zero-shot plans and each pattern's
 best) is tied and healed as the final model is, and the least loss after healing decides
-(``choose.choose_healed``): contiguous plans heal further than their zero-shot loss suggests. Curvature costs are the expensive part, so they may use a subset of the
-calibration samples (``curvature_samples``); the measured choice uses all of them.
+(``choose.choose_healed``): contiguous plans heal further than their zero-shot loss suggests.
+Curvature costs are the expensive part, so they may use a subset of the calibration samples
+(``curvature_samples``); the measured choice uses all of them.
 
 With ``scheme='basis'`` the same chain shares low-rank bases instead of whole tensors: basis
 costs (layerwise, whitened, output-weighted into predicted loss changes), the same candidate pool
@@ -161,11 +162,11 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
             measured.append((alone[0], value))
             if value < choice.measured[choice.index]:
                 plan, plan_problem = alone
-    heal_config = HealConfig(steps=max(config.heal_steps, 1), lr=config.heal_lr, seed=config.seed,
+    heal_config = HealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=config.seed,
                              batch_size=config.batch_size, device=config.device, distill=config.distill,
-                             progress=config.progress)
+                             progress=config.progress) if config.heal_steps else None
     healed_choice = None
-    if config.heal_steps and config.heal_choice and not basis:
+    if heal_config is not None and config.heal_choice and not basis:
         healed_choice = choose_healed(model, pool, choice.measured, fit, choice_data, heal_config, acfg,
                                       best=config.heal_shortlist, merge=merge, tokenizer=tokenizer, diag=diag,
                                       layerwise=layerwise)
@@ -183,7 +184,7 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     if healed_choice is not None:  # the winner was healed in the choice, exactly as below: take its weights
         model.load_state_dict(healed_choice.model.state_dict())
         healed = healed_choice.heal
-    elif config.heal_steps:
+    elif heal_config is not None:
         healed = heal(model, reference, fit, heal_config, tokenizer=tokenizer)
     held_change = measure_loss(model, reference, held, quiet) if held is not None else None
     return CompressReport(
