@@ -149,8 +149,8 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
     """The product's pool, the K best plans (plain and size-normalized) and the pattern plans, with
     each one's loss on the validation split after Geo-Sharing's merge (the zero-shot choice is the least)."""
     pool = candidate_plans(problem, config, top=args.top, per_pattern=args.per_pattern, normalized_top=args.normalized_top)
-    measured = measure_plans(task.model, task.validation, pool, AnalyzeConfig(distill=task.distill, progress=False),
-                             merge=merge, tokenizer=task.tokenizer, diag=runner.diag, layerwise=runner.covariances)
+    measured = measure_plans(task.model, task.validation, pool, runner.quiet, merge=merge, tokenizer=task.tokenizer,
+                             diag=runner.diag, layerwise=runner.covariances)
     return pool, measured
 
 
