@@ -147,11 +147,28 @@ class Runner:
 def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, runner: Runner, merge: str,
                    args: argparse.Namespace) -> tuple[list[SharingPlan], list[float]]:
     """The product's pool, the K best plans (plain and size-normalized) and the pattern plans, with
-    each one's loss on the validation split after Geo-Sharing's merge (the zero-shot choice is the least)."""
+    each one's loss on the validation split after Geo-Sharing's merge (the zero-shot choice is the least).
+
+    As compress does (``choice_holdout``): with the layerwise merge, the candidates are merged with
+    the covariances of calibration + the first part of validation and scored on the rest of it."""
     pool = candidate_plans(problem, config, top=args.top, per_pattern=args.per_pattern, normalized_top=args.normalized_top)
-    measured = measure_plans(task.model, task.validation, pool, runner.quiet, merge=merge, tokenizer=task.tokenizer,
-                             diag=runner.diag, layerwise=runner.covariances)
+    score_data, covariances = task.validation, runner.covariances
+    held = round(args.choice_holdout * len(task.validation))
+    if merge == "layerwise" and 0 < held < len(task.validation):
+        cut = len(task.validation) - held
+        score_data = task.validation[cut:]
+        covariances = layerwise_covariances(task, union(task.calibration, task.validation[:cut]),
+                                            [layer.name for layer in problem.layers])
+    measured = measure_plans(task.model, score_data, pool, runner.quiet, merge=merge, tokenizer=task.tokenizer,
+                             diag=runner.diag, layerwise=covariances)
     return pool, measured
+
+
+def layerwise_covariances(task: Task, data: Any, names: list[str]) -> LayerwiseCurvature:
+    """The layerwise merge's input covariances of the task's model over ``data``."""
+    prep = prepare(task.model, data, AnalyzeConfig(distill=task.distill, progress=False), tokenizer=task.tokenizer)
+    with torch.no_grad():
+        return LayerwiseCurvature.collect(prep.model, prep.data, names)
 
 
 def geo_healed(task: Task, pool: list[SharingPlan], measured: list[float], runner: Runner, merge: str,
@@ -224,8 +241,7 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
     if geo_merge == "curvature":
         diag = curvature_weights(task.model, task.calibration, names_all, quiet, tokenizer=task.tokenizer)
     else:
-        prep = prepare(task.model, data, quiet, tokenizer=task.tokenizer)
-        covariances = LayerwiseCurvature.collect(prep.model, prep.data, names_all)
+        covariances = layerwise_covariances(task, data, names_all)
     runner = Runner(task, args.heal_steps, diag, covariances)
     distances = weight_distances(task.model, yardstick)
     names = ["geo", "geo-solver", *(f"geo-{b}" for b in backends if b != "exact")]
@@ -276,10 +292,11 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
                 "params_ratio": float(np.mean([p.params.ratio for p in scored])),
                 "chosen": (chosen.strategy or "optimum") if strategy == "geo" else None,
             })
-    agreement = rank_agreement(problems, runner, args.rank_plans, args.seed)
+    # --rank-plans 0 (a run of some budgets only, combined later): no rank agreement, so a combine keeps another run's
+    agreement = {"rank_agreement": rank_agreement(problems, runner, args.rank_plans, args.seed)} if args.rank_plans else {}
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
             "heal_steps": args.heal_steps, "random_seeds": args.random_seeds,
-            "rank_agreement": agreement, "merge": geo_merge, "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
+            **agreement, "merge": geo_merge, "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
             "original": task.score(task.model)}
 
 
@@ -297,6 +314,9 @@ def main() -> None:
     ap.add_argument("--heal-steps", type=int, default=100, help="healing steps for every strategy (0: zero-shot only)")
     ap.add_argument("--heal-shortlist", type=int, default=2,
                     help="geo, healed: the best zero-shot candidates healed in the choice (plus each pattern's best)")
+    ap.add_argument("--choice-holdout", type=float, default=0.5,
+                    help="geo, layerwise merge: share of the validation split candidates are scored on, kept out of "
+                         "the covariances they are merged with (compress's choice_holdout; 0: score on all of it)")
     ap.add_argument("--heal-choice-holdout", action="store_true",
                     help="experiment: the heal-aware choice compares candidates on half the validation split it did not heal on")
     ap.add_argument("--threads", type=int, help="torch threads (runs side by side on 2 cores: 1 each)")

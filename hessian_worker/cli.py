@@ -81,6 +81,9 @@ def add_commands(subparsers: Any) -> None:
                    help="with --heal: best zero-shot candidates healed in the choice, besides each pattern's best")
     c.add_argument("--no-heal-choice", action="store_true",
                    help="with --heal: keep the zero-shot winner instead of healing a shortlist to choose")
+    c.add_argument("--choice-holdout", type=float, default=0.5,
+                   help="layerwise merge: share of the choice samples candidates are scored on, kept out of the "
+                        "covariances they are merged with (0: score on all)")
     c.add_argument("--holdout", type=int, default=None, help="samples held out for the measured figure")
     c.add_argument("--time-limit", type=float, default=10.0, help="solver seconds")
     c.add_argument("--rank", type=int, default=None, help="--scheme basis: the basis rank of every family")
@@ -249,7 +252,7 @@ def _run_compress(args: argparse.Namespace) -> int:
                                 top=args.top, min_distance=args.min_distance, per_pattern=args.per_pattern, normalized_top=args.normalized_top,
                                 curvature_samples=args.curvature_samples, heal_steps=args.heal,
                                 heal_lr=args.heal_lr, heal_choice=not args.no_heal_choice,
-                                heal_shortlist=args.heal_shortlist, holdout=args.holdout, samples=args.samples,
+                                heal_shortlist=args.heal_shortlist, choice_holdout=args.choice_holdout, holdout=args.holdout, samples=args.samples,
                                 batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,
                                 device=args.device, progress=not args.quiet,
                                 **_compress_basis(args))

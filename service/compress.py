@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # the compress fields that go to CompressConfig; `out` and `overwrite` stay with the worker
 CONFIG_FIELDS = frozenset(
     {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "heal_choice",
-     "heal_shortlist", "holdout",
+     "heal_shortlist", "choice_holdout", "holdout",
      "curvature_samples", "batch_size", "scheme", "rank", "rank_ratio", "side", "output_weighting"}
 )  # fmt: skip
 
@@ -100,6 +100,10 @@ class CompressSpec(BaseModel):
     )
     heal_shortlist: int | None = Field(
         None, ge=0, le=100, description="Best zero-shot candidates healed in the choice, besides each pattern's best (2)."
+    )
+    choice_holdout: float | None = Field(
+        None, ge=0, lt=1, description="Layerwise merge: share of the choice samples candidates are scored on, kept "
+        "out of the covariances they are merged with (0.5; 0: score on all).",
     )
     holdout: int | None = Field(
         None, ge=1, description="Samples held out for the measured figure (default: a quarter)."
