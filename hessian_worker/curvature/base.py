@@ -74,17 +74,17 @@ def map_products(fn: Callable[[Params], Params], rows: Tensor, shapes: Mapping[s
     """
     names = list(shapes)
     sizes = block_sizes(shapes)
-    out = []
+    out = torch.empty_like(rows)  # filled in place: over millions of parameters a copy costs like a product
     for i in range(0, rows.shape[0], chunk):
         part = rows[i : i + chunk]
         if chunk == 1:
-            res = fn(unflatten(part[0], shapes))
-            out.append(flatten(res, names).detach()[None])
+            res = {n: r[None] for n, r in fn(unflatten(part[0], shapes)).items()}
         else:
             split = {n: x.reshape(part.shape[0], *shapes[n]) for n, x in zip(names, part.split(sizes, dim=1), strict=True)}
             res = vmap(fn)(split)
-            out.append(torch.cat([res[n].reshape(part.shape[0], -1) for n in names], dim=1).detach())
-    return torch.cat(out)
+        for n, dest in zip(names, out[i : i + chunk].split(sizes, dim=1), strict=True):
+            dest.copy_(res[n].detach().reshape(part.shape[0], -1))
+    return out
 
 
 def block_sizes(shapes: Mapping[str, torch.Size]) -> list[int]:

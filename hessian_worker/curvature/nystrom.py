@@ -24,8 +24,8 @@ from hessian_worker.curvature.base import block_dots
 class NystromSketch:
     """Eigenpairs of the Nyström approximation Ĝ = Y (ΩᵀY)⁺ Yᵀ, and block traces of G itself."""
 
-    eigenvalues: Tensor  # [s], descending, >= 0
-    eigenvectors: Tensor  # [dim, s], orthonormal columns
+    eigenvalues: Tensor  # [k <= s], descending, >= 0 (those the sketch resolves)
+    eigenvectors: Tensor  # [dim, k], orthonormal columns
     block_probes: Tensor  # [blocks, s] float64: dim·ωᵢ,bᵀ(Gωᵢ)_b, each an estimate of tr G_bb
 
     @property
@@ -61,24 +61,51 @@ def nystrom(
         raise ValueError(f"block sizes sum to {sum(blocks)}, not dim={dim}")
     s = max(1, min(sketch, dim))
     # drawn on CPU so a seed means the same on every device
-    gauss = torch.randn(dim, s, generator=generator, dtype=dtype)
-    omega = torch.linalg.qr(gauss)[0].T.contiguous().to(device)  # [s, dim] rows
-    del gauss
+    omega = orthonormal_rows(torch.randn(s, dim, generator=generator, dtype=dtype).to(device))  # [s, dim] rows
     image = matmat(omega)  # [s, dim] rows: G ωᵢ
     block_probes = (block_dots(omega, image, blocks) * dim).cpu()
-    core = (omega @ image.T).double()
-    core = (core + core.T) / 2
+    # every product over dim below is an s x s Gram in float64; only the eigenvectors touch dim again
+    core = gram(omega, image)
+    core = (core + core.T) / 2  # ΩᵀY
+    image_gram = gram(image)  # YᵀY
     eye = torch.eye(s, dtype=core.dtype, device=core.device)
-    shift = torch.finfo(dtype).eps * dim**0.5 * float(torch.linalg.matrix_norm(image, 2))
+    shift = torch.finfo(dtype).eps * dim**0.5 * float(torch.linalg.eigvalsh(image_gram)[-1].clamp_min(0.0).sqrt())
     chol, info = torch.linalg.cholesky_ex(core + shift * eye)
     if int(info) != 0:  # rounding left ΩᵀGΩ indefinite: shift past its least eigenvalue
         shift = max(10 * shift, 2 * -float(torch.linalg.eigvalsh(core)[0]))
         chol = torch.linalg.cholesky(core + shift * eye)
-    image.add_(omega, alpha=shift)  # Y_ν = Y + νΩ, so that ΩᵀY_ν = ΩᵀY + νI = C Cᵀ
+    # Y_ν = Y + νΩ, so that ΩᵀY_ν = ΩᵀY + νI = C Cᵀ; Ĝ_ν = Y_ν (CCᵀ)⁻¹ Y_νᵀ = FᵀF with F = C⁻¹Y_νᵀ, whose
+    # eigenpairs come from the s x s matrix F Fᵀ = C⁻¹ Y_νᵀY_ν C⁻ᵀ (Ω orthonormal: Y_νᵀY_ν below)
+    shifted_gram = image_gram + 2 * shift * core + shift**2 * eye
+    left = torch.linalg.solve_triangular(chol, shifted_gram, upper=False)
+    small = torch.linalg.solve_triangular(chol, left.T, upper=False)
+    sigma2, w = torch.linalg.eigh((small + small.T) / 2)
+    sigma2, w = sigma2.flip(0), w.flip(1)
+    # below this the s x s route cannot resolve an eigenvector (its eigenvalue is ~0 anyway): dropped
+    keep = sigma2 > shift + torch.finfo(torch.float64).eps ** 0.5 * float(sigma2[0].clamp_min(0.0))
+    sigma2, w = sigma2[keep], w[:, keep]
+    # eigenvectors Fᵀ w / σ = Y_ν C⁻ᵀ w / σ: one [dim, s] x [s, k] product
+    coeff = torch.linalg.solve_triangular(chol.T, w / sigma2.sqrt(), upper=True)
+    image.add_(omega, alpha=shift)
     del omega
-    # Fᵀ = C⁻¹ Y_νᵀ, Ĝ_ν = F Fᵀ: the eigenpairs are F's left singular pairs
-    factor_rows = torch.linalg.solve_triangular(chol.to(dtype=dtype, device=image.device), image, upper=False)
-    del image
-    vecs, sigma, _ = torch.linalg.svd(factor_rows.T, full_matrices=False)
-    evals = (sigma.double().pow(2) - shift).clamp_min(0.0)
+    vecs = image.T @ coeff.to(dtype=dtype, device=image.device)
+    evals = (sigma2 - shift).clamp_min(0.0)
     return NystromSketch(evals.to(dtype), vecs, block_probes)
+
+
+def gram(a: Tensor, b: Tensor | None = None, block: int = 1 << 18) -> Tensor:
+    """a·bᵀ in float64 for row matrices [n, d] (b defaults to a), summed over column blocks so the
+    float64 copies stay small: over millions of parameters float32 sums would lose the small
+    eigenvalues."""
+    b = a if b is None else b
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[1], block):
+        out += a[:, i : i + block].double() @ b[:, i : i + block].double().T
+    return out
+
+
+def orthonormal_rows(x: Tensor) -> Tensor:
+    """Rows of L⁻¹x with LLᵀ = x xᵀ (Cholesky QR in float64): orthonormal, and for Gaussian x
+    Haar distributed like a QR factor, at the cost of one Gram instead of a Householder pass."""
+    chol = torch.linalg.cholesky(gram(x))
+    return torch.linalg.solve_triangular(chol, torch.eye(len(chol), dtype=chol.dtype, device=chol.device), upper=False).to(x.dtype) @ x
