@@ -16,7 +16,7 @@ is the product's default (hessian_worker.merge_rule): the layerwise closed form 
 calibration + validation data give every tied layer a full-rank input covariance, else the
 per-element curvature merge.
 
-    python bench/evaluate.py                  # full run -> bench/results/eval.{json,md}, plots
+    python bench/evaluate.py --jobs 2         # full run -> bench/results/eval.{json,md}, plots
     python bench/evaluate.py --quick          # CI-sized: MiniLM and digits, two budgets
     python bench/evaluate.py --tasks minilm --budgets 0.84 0.67 --heal-steps 0
 """
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.eval_jobs import common_options, plan_units, run_parallel
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
 from hessian_worker.analysis import prepare
@@ -57,6 +58,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / "cache"
 HEURISTICS = ["sequence", "cycle", "cycle-rev", "adjacent-pairs", "all-share"]
 GEO_MERGED = ["sequence", "adjacent-pairs"]  # heuristics also shown with Geo-Sharing's merge
+# defaults of the full run and of the CI-sized one (--quick)
+FULL = {"top": 16, "normalized_top": 16, "per_pattern": 4, "random_seeds": 10, "rank_plans": 50, "heal_steps": 100}
+QUICK = {"top": 8, "normalized_top": 4, "per_pattern": 1, "random_seeds": 3, "rank_plans": 10, "heal_steps": 0}
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -306,12 +310,12 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all (quick: minilm digits)")
     ap.add_argument("--budgets", nargs="+", type=float, help="default: 0.9 0.8 0.67 0.5 (quick: 0.8 0.67)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--top", type=int, default=16, help="K best plans measured by geo (plus the ones below)")
-    ap.add_argument("--normalized-top", type=int, default=16, help="K best by size-normalized pair costs, measured by geo")
-    ap.add_argument("--per-pattern", type=int, default=4, help="budget-filling allocations per pattern, measured by geo")
-    ap.add_argument("--random-seeds", type=int, default=10)
-    ap.add_argument("--rank-plans", type=int, default=50, help="random plans for predicted-vs-measured")
-    ap.add_argument("--heal-steps", type=int, default=100, help="healing steps for every strategy (0: zero-shot only)")
+    ap.add_argument("--top", type=int, help="K best plans measured by geo (plus the ones below; 16, quick 8)")
+    ap.add_argument("--normalized-top", type=int, help="K best by size-normalized pair costs, measured by geo (16, quick 4)")
+    ap.add_argument("--per-pattern", type=int, help="budget-filling allocations per pattern, measured by geo (4, quick 1)")
+    ap.add_argument("--random-seeds", type=int, help="random plans averaged per budget (10, quick 3)")
+    ap.add_argument("--rank-plans", type=int, help="random plans for predicted-vs-measured (50, quick 10; 0: none)")
+    ap.add_argument("--heal-steps", type=int, help="healing steps for every strategy (100, quick 0: zero-shot only)")
     ap.add_argument("--heal-shortlist", type=int, default=2,
                     help="geo, healed: the best zero-shot candidates healed in the choice (plus each pattern's best)")
     ap.add_argument("--choice-holdout", type=float, default=0.5,
@@ -323,6 +327,9 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", help="only these strategies (default: all); --combine a partial run "
                     "after a full one to replace its cells")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge finished runs' eval.json files into --out")
+    ap.add_argument("--jobs", type=int, default=1, help="parallel single-threaded processes, one (task, budget) each "
+                    "(bench/eval_jobs.py; 2 on a 2-core machine)")
+    ap.add_argument("--prepare", action="store_true", help="only compute and cache the tasks' curvature costs")
     ap.add_argument("--out", default=str(RESULTS / "eval"))
     args = ap.parse_args()
     if args.combine:
@@ -330,20 +337,34 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.heal_steps, args.random_seeds, args.rank_plans = 0, 3, 10
-        args.top, args.normalized_top, args.per_pattern = 8, 4, 1
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     tasks = args.tasks or (["minilm", "digits"] if args.quick else list(TASKS))
     backends = ["exact", "diagonal"] if args.quick else ["exact", "projected", "diagonal", "layerwise"]
-    torch.manual_seed(args.seed)
+    budgets = {name: args.budgets or ([0.8, 0.67] if args.quick else [0.9, *([0.84] if name == "minilm" else []), 0.8, 0.67, 0.5])
+               for name in tasks}
     t0 = time.perf_counter()
+    if args.jobs > 1:
+        parts = run_parallel(plan_units(tasks, budgets, args.rank_plans), tasks, common_options(args), args.jobs)
+        result = merge_runs(parts)
+        result["meta"].update(command=" ".join([Path(sys.executable).name, *sys.argv]),
+                              seconds=round(time.perf_counter() - t0, 1))
+        write(result, Path(args.out))
+        return
+    torch.manual_seed(args.seed)
     result: dict[str, Any] = {}
     for name in tasks:
         task = load_task(name, quick=args.quick, seed=args.seed)
+        if args.prepare:
+            for backend in backends:
+                costs_for(task, backend, args.seed)
+            continue
         if args.quick:  # CI-sized choice: fewer validation samples to measure every candidate on
             task.validation = task.validation[:32]
-        budgets = args.budgets or ([0.8, 0.67] if args.quick else [0.9, *([0.84] if name == "minilm" else []), 0.8, 0.67, 0.5])
-        result[name] = evaluate_task(task, args, budgets, backends)
+        result[name] = evaluate_task(task, args, budgets[name], backends)
+    if args.prepare:
+        return
     result["meta"] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",

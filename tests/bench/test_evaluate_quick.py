@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_evaluation_writes_the_promised_files(tmp_path: Path) -> None:
     out = tmp_path / "eval"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "evaluate.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / "evaluate.py"), "--quick", "--jobs", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -41,3 +41,4 @@ def test_quick_evaluation_writes_the_promised_files(tmp_path: Path) -> None:
         assert set(task["rank_agreement"]["spearman"]) == {"exact", "diagonal"}
         assert (tmp_path / f"eval-{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert out.with_suffix(".md").read_text().startswith("# Evaluation")
+    assert len(data["meta"]["runs"]) == 4  # --jobs 2: one process per (task, budget), merged
