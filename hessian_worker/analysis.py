@@ -116,10 +116,18 @@ def analyze(
     if config.scheme is Scheme.basis:  # hook: shared low-rank bases (hessian_worker/basis)
         from hessian_worker.basis.analysis import analyze_basis
 
-        return analyze_basis(model, data, config, tokenizer=tokenizer, loss_fn=loss_fn)
-    prep = prepare(model, data, config, tokenizer=tokenizer)
-    with torch.no_grad():  # torch.func transforms differentiate anyway; no stray autograd graphs
-        return _analyze(prep, config, loss_fn)
+        problem = analyze_basis(model, data, config, tokenizer=tokenizer, loss_fn=loss_fn)
+    else:
+        prep = prepare(model, data, config, tokenizer=tokenizer)
+        with torch.no_grad():  # torch.func transforms differentiate anyway; no stray autograd graphs
+            problem = _analyze(prep, config, loss_fn)
+    return problem.model_copy(update={"source": cost_source(config, loss_fn)})
+
+
+def cost_source(config: AnalyzeConfig, loss_fn: TaskLoss | None) -> dict[str, Any]:
+    """The problem's ``source``: the settings that made its costs, so a problem file names its cost model."""
+    settings = config.model_dump(mode="json", exclude={"progress"})
+    return {"tool": "geoshare-worker", "loss": "task" if loss_fn is not None else "distill", **settings}
 
 
 def _analyze(prep: Prepared, config: AnalyzeConfig, loss_fn: TaskLoss | None) -> SharingProblem:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from enum import Enum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -127,6 +128,11 @@ class SharingProblem(_Model):
     constraints: Constraints = Field(default_factory=Constraints)
     options: Options = Field(default_factory=Options)
     families: dict[str, FamilySpec] | None = None
+    source: dict[str, Any] | None = Field(
+        default=None,
+        description="How the costs were made (the worker writes its analysis settings: backend, curvature, "
+        "loss, samples, basis options); free-form, the solver ignores it.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SharingProblem:

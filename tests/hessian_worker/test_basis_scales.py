@@ -116,6 +116,9 @@ def pair_plans(problem: SharingProblem) -> list[SharingPlan]:
 def test_scaled_costs_rank_pairs_as_the_measured_loss_does() -> None:
     model, data = heads_case()
     scaled, plain = analyze(model, data, cfg()), analyze(model, data, cfg(weighting=False))
+    # each problem file says whether its costs were output-weighted
+    assert scaled.source and plain.source and scaled.source["scheme"] == "basis"
+    assert (scaled.source["basis"]["output_weighting"], plain.source["basis"]["output_weighting"]) == (True, False)
     plans = pair_plans(scaled)
     measured = measure_plans(model, data, plans, cfg(), problem=scaled)  # the product's apply
     predicted = [p.objective for p in plans]

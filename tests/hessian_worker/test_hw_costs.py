@@ -87,6 +87,10 @@ def test_constraints_and_options_from_config() -> None:
     assert problem.constraints.max_params_ratio == 0.5
     assert problem.options.seed == 3
     assert SharingProblem.model_validate_json(problem.model_dump_json()) == problem
+    # the problem names the cost model that made it
+    assert problem.source is not None
+    assert (problem.source["backend"], problem.source["curvature"], problem.source["loss"]) == ("exact", "ggn", "distill")
+    assert problem.source["seed"] == 3 and problem.source["scheme"] == "tie"
 
 
 def test_config_forbids_unknown_fields() -> None:
@@ -102,6 +106,7 @@ def test_other_backends_give_valid_problems(backend: str) -> None:
     problem = analyze(tiny_mlp(), mlp_data(), cfg)
     values = [v for row in problem.costs.matrix for v in row if v is not None]
     assert min(values) >= 0 and max(values) > 0
+    assert problem.source is not None and problem.source["backend"] == backend
 
 
 def test_projected_full_rank_costs_equal_exact() -> None:
