@@ -8,8 +8,9 @@ Reports, in one run on the same 16 calibration sentences (bench/corpus.py):
 - the Spearman rank correlation of each backend's pair costs with `exact`'s, per family and over
   all pairs.
 
-Variants of `projected`: the product default (Nyström sketch of 12 HVPs, per-layer bulk, rank 8),
-the same at rank 16, and the seed paper's form (Lanczos, one isotropic bulk, rank 16).
+Variants of `projected`: the product default (Nyström sketch of 12 HVPs, per-layer bulk, rank 8;
+the HVPs in bfloat16 where the CPU multiplies it natively, else float32), the same with float32
+HVPs, the default at rank 16, and the seed paper's form (Lanczos, one isotropic bulk, rank 16).
 
 Then the same timing (exact against the default projected) on a MiniLM-shaped BERT with more
 layers (`--deep`, random weights: a timing, not a ranking), where exact's pair count grows as L²
@@ -36,11 +37,13 @@ import torch
 from bench.corpus import split
 from bench.evaluate import spearman
 from hessian_worker import AnalyzeConfig, analyze, load_model
+from hessian_worker.curvature.projected import native_bfloat16
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS: dict[str, dict] = {
     "exact": {"backend": "exact"},
     "projected": {"backend": "projected"},
+    "projected-float32": {"backend": "projected", "sketch_precision": "model"},
     "projected-rank16": {"backend": "projected", "rank": 16},
     "projected-paper": {"backend": "projected", "rank": 16, "eigensolver": "lanczos", "bulk": "isotropic"},
     "diagonal": {"backend": "diagonal"},
@@ -115,7 +118,8 @@ def main() -> None:
         row["spearman_vs_exact_all_pairs"] = spearman([m[a][b] for a, b in every], [e[a][b] for a, b in every])
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                   f"native bfloat16: {native_bfloat16(torch.device('cpu'))}",
         "forward_backward_s": t_fb,
         "pairs": n_pairs,
         "calibration_sentences": len(calib),

@@ -57,6 +57,7 @@ def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
     if config.backend is Backend.projected:
         return ProjectedCurvature(obj, rank=config.rank, generator=gen, kind=config.curvature,
                                   eigensolver=config.eigensolver, bulk=config.bulk, oversample=config.oversample,
+                                  precision=config.sketch_precision,
                                   iters=config.lanczos_iters, probes=config.probes,
                                   memory_limit_gb=config.memory_limit_gb, chunk=config.chunk,
                                   progress=config.progress)

@@ -31,6 +31,9 @@ def add_commands(subparsers: Any) -> None:
     a.add_argument("--eigensolver", choices=("auto", "nystrom", "lanczos"), default="auto",
                    help="projected: nystrom (one batched sketch, GGN only), lanczos, auto (nystrom for the GGN)")
     a.add_argument("--oversample", type=int, default=4, help="projected, nystrom: sketch vectors beyond --rank")
+    a.add_argument("--sketch-precision", choices=("auto", "model", "bfloat16"), default="auto",
+                   help="projected, nystrom: the sketch's HVPs in bfloat16 (about 3x faster on AMX/AVX512-BF16 CPUs "
+                        "and CUDA), the model's dtype, or auto (bfloat16 where native)")
     a.add_argument("--bulk", choices=("layer", "isotropic"), default="layer",
                    help="projected: curvature off the top space, one scalar per layer or one for all (the paper)")
     a.add_argument("--memory-limit-gb", type=float, default=4.0)
@@ -160,6 +163,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
             rank=8 if basis or args.rank is None else args.rank,
             probes=args.probes, memory_limit_gb=args.memory_limit_gb, targets=args.targets,
             eigensolver=args.eigensolver, oversample=args.oversample, bulk=args.bulk,
+            sketch_precision=args.sketch_precision,
             ignore=args.ignore, device=args.device, dtype=args.dtype, progress=not args.quiet,
             scheme=args.scheme, **({"basis": basis} if basis else {}),
         )

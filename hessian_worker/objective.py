@@ -7,6 +7,7 @@ never mutated while measuring. Names missing from a dict keep the model's own va
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -42,6 +43,7 @@ class Objective:
         model.eval()
         self.model = model
         self.data = data
+        self.distill = distill
         own = dict(model.named_parameters())
         missing = [n for n in names if n not in own]
         if missing:
@@ -58,6 +60,13 @@ class Objective:
                 y, is_logits = extract_output(call_model(model, batch), batch)
                 self.targets.append(y.detach())
         self.out_loss = resolve_distill(distill, is_logits)
+
+    def to_dtype(self, dtype: torch.dtype) -> Objective:
+        """The same objective over a copy of the model and data in ``dtype``, expanded around that
+        copy's own outputs (so self-distillation stays at its minimum there)."""
+        model = copy.deepcopy(self.model).to(dtype=dtype)
+        device = self.params0[self.names[0]].device
+        return Objective(model, self.data.to(device, dtype), self.names, self.distill, self.task_loss)
 
     @property
     def is_distill(self) -> bool:

@@ -98,4 +98,4 @@ def block_dots(a: Tensor, b: Tensor, sizes: Sequence[int]) -> Tensor:
     if not sizes:
         return torch.zeros(0, a.shape[0], dtype=torch.float64, device=a.device)
     pairs = zip(a.split(list(sizes), dim=1), b.split(list(sizes), dim=1), strict=True)
-    return torch.stack([(x * y).sum(dim=1, dtype=torch.float64) for x, y in pairs])
+    return torch.stack([torch.linalg.vecdot(x, y, dim=1) for x, y in pairs]).double()

@@ -64,10 +64,10 @@ def nystrom(
     omega = orthonormal_rows(torch.randn(s, dim, generator=generator, dtype=dtype).to(device))  # [s, dim] rows
     image = matmat(omega)  # [s, dim] rows: G ωᵢ
     block_probes = (block_dots(omega, image, blocks) * dim).cpu()
-    # every product over dim below is an s x s Gram in float64; only the eigenvectors touch dim again
-    core = gram(omega, image)
-    core = (core + core.T) / 2  # ΩᵀY
-    image_gram = gram(image)  # YᵀY
+    # every product over dim below comes from one float64 Gram of [Ω; Y]; only the eigenvectors touch dim again
+    joint = gram(omega, image)
+    omega_gram, core, image_gram = joint[:s, :s], joint[:s, s:], joint[s:, s:]  # ΩᵀΩ (≈ I), ΩᵀY, YᵀY
+    core = (core + core.T) / 2
     eye = torch.eye(s, dtype=core.dtype, device=core.device)
     shift = torch.finfo(dtype).eps * dim**0.5 * float(torch.linalg.eigvalsh(image_gram)[-1].clamp_min(0.0).sqrt())
     chol, info = torch.linalg.cholesky_ex(core + shift * eye)
@@ -75,8 +75,8 @@ def nystrom(
         shift = max(10 * shift, 2 * -float(torch.linalg.eigvalsh(core)[0]))
         chol = torch.linalg.cholesky(core + shift * eye)
     # Y_ν = Y + νΩ, so that ΩᵀY_ν = ΩᵀY + νI = C Cᵀ; Ĝ_ν = Y_ν (CCᵀ)⁻¹ Y_νᵀ = FᵀF with F = C⁻¹Y_νᵀ, whose
-    # eigenpairs come from the s x s matrix F Fᵀ = C⁻¹ Y_νᵀY_ν C⁻ᵀ (Ω orthonormal: Y_νᵀY_ν below)
-    shifted_gram = image_gram + 2 * shift * core + shift**2 * eye
+    # eigenpairs come from the s x s matrix F Fᵀ = C⁻¹ Y_νᵀY_ν C⁻ᵀ
+    shifted_gram = image_gram + 2 * shift * core + shift**2 * omega_gram
     left = torch.linalg.solve_triangular(chol, shifted_gram, upper=False)
     small = torch.linalg.solve_triangular(chol, left.T, upper=False)
     sigma2, w = torch.linalg.eigh((small + small.T) / 2)
@@ -84,28 +84,31 @@ def nystrom(
     # below this the s x s route cannot resolve an eigenvector (its eigenvalue is ~0 anyway): dropped
     keep = sigma2 > shift + torch.finfo(torch.float64).eps ** 0.5 * float(sigma2[0].clamp_min(0.0))
     sigma2, w = sigma2[keep], w[:, keep]
-    # eigenvectors Fᵀ w / σ = Y_ν C⁻ᵀ w / σ: one [dim, s] x [s, k] product
+    # eigenvectors Fᵀ w / σ = Y_ν C⁻ᵀ w / σ: one [k, s] x [s, dim] product, returned as columns (a view)
     coeff = torch.linalg.solve_triangular(chol.T, w / sigma2.sqrt(), upper=True)
     image.add_(omega, alpha=shift)
     del omega
-    vecs = image.T @ coeff.to(dtype=dtype, device=image.device)
+    vecs = coeff.T.to(dtype=dtype, device=image.device) @ image
     evals = (sigma2 - shift).clamp_min(0.0)
-    return NystromSketch(evals.to(dtype), vecs, block_probes)
+    return NystromSketch(evals.to(dtype), vecs.T, block_probes)
 
 
-def gram(a: Tensor, b: Tensor | None = None, block: int = 1 << 18) -> Tensor:
-    """a·bᵀ in float64 for row matrices [n, d] (b defaults to a), summed over column blocks so the
-    float64 copies stay small: over millions of parameters float32 sums would lose the small
-    eigenvalues."""
-    b = a if b is None else b
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-    for i in range(0, a.shape[1], block):
-        out += a[:, i : i + block].double() @ b[:, i : i + block].double().T
+def gram(*rows: Tensor, block: int = 1 << 18) -> Tensor:
+    """The float64 Gram matrix of the stacked rows of ``rows`` ([n_i, d] each), summed over column
+    blocks so the float64 copies stay small: over millions of parameters float32 sums would lose
+    the small eigenvalues."""
+    n = sum(r.shape[0] for r in rows)
+    out = torch.zeros(n, n, dtype=torch.float64, device=rows[0].device)
+    for i in range(0, rows[0].shape[1], block):
+        x = torch.cat([r[:, i : i + block] for r in rows]).double()
+        out += x @ x.T
     return out
 
 
 def orthonormal_rows(x: Tensor) -> Tensor:
-    """Rows of L⁻¹x with LLᵀ = x xᵀ (Cholesky QR in float64): orthonormal, and for Gaussian x
-    Haar distributed like a QR factor, at the cost of one Gram instead of a Householder pass."""
-    chol = torch.linalg.cholesky(gram(x))
-    return torch.linalg.solve_triangular(chol, torch.eye(len(chol), dtype=chol.dtype, device=chol.device), upper=False).to(x.dtype) @ x
+    """Rows of L⁻¹x with LLᵀ = x xᵀ (Cholesky QR): orthonormal, and for Gaussian x Haar distributed
+    like a QR factor, at the cost of one Gram instead of a Householder pass. Gaussian rows are
+    well conditioned, so the Gram may be summed in x's own precision."""
+    chol = torch.linalg.cholesky((x @ x.T).double())
+    eye = torch.eye(len(chol), dtype=chol.dtype, device=chol.device)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).to(x.dtype) @ x
