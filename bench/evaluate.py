@@ -42,13 +42,13 @@ from tqdm import tqdm
 from bench.eval_jobs import common_options, plan_units, run_parallel
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
-from hessian_worker.analysis import prepare
 from hessian_worker.apply import curvature_weights
 from hessian_worker.choose import choose_healed
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import load_calibration
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
+from hessian_worker.pipeline import merge_covariances
 from solver import SharingPlan, SharingProblem, SolveConfig, solve
 from solver.baselines import baseline
 from solver.candidates import candidate_plans
@@ -161,18 +161,11 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
     if merge == "layerwise" and 0 < held < len(task.validation):
         cut = len(task.validation) - held
         score_data = task.validation[cut:]
-        covariances = layerwise_covariances(task, union(task.calibration, task.validation[:cut]),
-                                            [layer.name for layer in problem.layers])
+        covariances = merge_covariances(task.model, union(task.calibration, task.validation[:cut]),
+                                        [layer.name for layer in problem.layers], runner.quiet, task.tokenizer)
     measured = measure_plans(task.model, score_data, pool, runner.quiet, merge=merge, tokenizer=task.tokenizer,
                              diag=runner.diag, layerwise=covariances)
     return pool, measured
-
-
-def layerwise_covariances(task: Task, data: Any, names: list[str]) -> LayerwiseCurvature:
-    """The layerwise merge's input covariances of the task's model over ``data``."""
-    prep = prepare(task.model, data, AnalyzeConfig(distill=task.distill, progress=False), tokenizer=task.tokenizer)
-    with torch.no_grad():
-        return LayerwiseCurvature.collect(prep.model, prep.data, names)
 
 
 def geo_healed(task: Task, pool: list[SharingPlan], measured: list[float], runner: Runner, merge: str,
@@ -245,7 +238,7 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
     if geo_merge == "curvature":
         diag = curvature_weights(task.model, task.calibration, names_all, quiet, tokenizer=task.tokenizer)
     else:
-        covariances = layerwise_covariances(task, data, names_all)
+        covariances = merge_covariances(task.model, data, names_all, quiet, task.tokenizer)
     runner = Runner(task, args.heal_steps, diag, covariances)
     distances = weight_distances(task.model, yardstick)
     names = ["geo", "geo-solver", *(f"geo-{b}" for b in backends if b != "exact")]

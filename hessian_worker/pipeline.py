@@ -41,7 +41,7 @@ from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.choose import choose_healed, choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
-from hessian_worker.data import Calibration, load_calibration
+from hessian_worker.data import Calibration, DataSource, load_calibration
 from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.losses import DistillLoss
 from hessian_worker.measure import measure_loss, measure_plans
@@ -155,10 +155,10 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     layerwise = scoring = None
     score_data = choice_data
     if merge is Merge.layerwise and tied and not basis:
-        layerwise = _covariances(model, choice_data, tied, quiet, tokenizer)
+        layerwise = merge_covariances(model, choice_data, tied, quiet, tokenizer)
         merge_part, score_part = _choice_parts(choice_data, config)
         if score_part is not None:
-            score_data, scoring = score_part, _covariances(model, merge_part, tied, quiet, tokenizer)
+            score_data, scoring = score_part, merge_covariances(model, merge_part, tied, quiet, tokenizer)
     # the whitening of the bases, measured once for every candidate and the final apply
     covs = _basis_covs(model, costs_data, problem, quiet, tokenizer) if basis else None
     choice = choose_plan(model, score_data, pool, acfg, merge=merge, tokenizer=tokenizer, diag=diag,
@@ -215,9 +215,9 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     )
 
 
-def _covariances(model: nn.Module, data: Calibration, names: list[str], config: AnalyzeConfig,
-                 tokenizer: Any | None) -> LayerwiseCurvature:
-    """The input covariances of the layerwise merge over ``data``."""
+def merge_covariances(model: nn.Module, data: DataSource, names: list[str], config: AnalyzeConfig,
+                      tokenizer: Any | None = None) -> LayerwiseCurvature:
+    """The input covariances of the layerwise merge over ``data`` (the model is not changed)."""
     prep = prepare(model, data, config, tokenizer=tokenizer)
     with torch.no_grad():
         return LayerwiseCurvature.collect(prep.model, prep.data, names)

@@ -13,7 +13,13 @@ from hessian_worker.apply import apply_plan
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import load_calibration
 from hessian_worker.measure import measure_plans
-from hessian_worker.pipeline import CompressConfig, _choice_parts, _covariances, _split, compress
+from hessian_worker.pipeline import (
+    CompressConfig,
+    _choice_parts,
+    _split,
+    compress,
+    merge_covariances,
+)
 from solver.candidates import candidate_plans
 from solver.planning import SolveConfig
 
@@ -58,16 +64,16 @@ def test_compress_scores_candidates_out_of_sample_and_ties_with_all_choice_sampl
                            top=config.top, min_distance=config.min_distance, per_pattern=config.per_pattern,
                            normalized_top=config.normalized_top)
     expected = measure_plans(reference, score_part or fit, pool, CPU, merge="layerwise",
-                             layerwise=_covariances(reference, merge_part, names, CPU, None))
+                             layerwise=merge_covariances(reference, merge_part, names, CPU, None))
     assert [c.measured for c in report.candidates] == pytest.approx(expected, rel=1e-9, abs=1e-15)
     assert report.plan.coloring == pool[min(range(len(pool)), key=lambda i: (expected[i], i))].coloring
     if share:  # the merge fitted on the scored samples would score them differently
         in_sample = measure_plans(reference, score_part, pool, CPU, merge="layerwise",
-                                  layerwise=_covariances(reference, fit, names, CPU, None))
+                                  layerwise=merge_covariances(reference, fit, names, CPU, None))
         assert in_sample != pytest.approx(expected, rel=1e-6)
 
     # the installed weights are the chosen plan merged with the covariances of every choice sample
     final = copy.deepcopy(reference)
-    apply_plan(final, report.plan, "layerwise", data=fit, config=CPU, layerwise=_covariances(reference, fit, names, CPU, None))
+    apply_plan(final, report.plan, "layerwise", data=fit, config=CPU, layerwise=merge_covariances(reference, fit, names, CPU, None))
     for name, value in final.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value)
