@@ -68,13 +68,12 @@ def nystrom(
     joint = gram(omega, image)
     omega_gram, core, image_gram = joint[:s, :s], joint[:s, s:], joint[s:, s:]  # ΩᵀΩ (≈ I), ΩᵀY, YᵀY
     core = (core + core.T) / 2
-    eye = torch.eye(s, dtype=core.dtype, device=core.device)
     shift = torch.finfo(dtype).eps * dim**0.5 * float(torch.linalg.eigvalsh(image_gram)[-1].clamp_min(0.0).sqrt())
-    chol, info = torch.linalg.cholesky_ex(core + shift * eye)
+    chol, info = torch.linalg.cholesky_ex(core + shift * omega_gram)
     if int(info) != 0:  # rounding left ΩᵀGΩ indefinite: shift past its least eigenvalue
         shift = max(10 * shift, 2 * -float(torch.linalg.eigvalsh(core)[0]))
-        chol = torch.linalg.cholesky(core + shift * eye)
-    # Y_ν = Y + νΩ, so that ΩᵀY_ν = ΩᵀY + νI = C Cᵀ; Ĝ_ν = Y_ν (CCᵀ)⁻¹ Y_νᵀ = FᵀF with F = C⁻¹Y_νᵀ, whose
+        chol = torch.linalg.cholesky(core + shift * omega_gram)
+    # Y_ν = Y + νΩ, so that ΩᵀY_ν = ΩᵀY + νΩᵀΩ = C Cᵀ; Ĝ_ν = Y_ν (CCᵀ)⁻¹ Y_νᵀ = FᵀF with F = C⁻¹Y_νᵀ, whose
     # eigenpairs come from the s x s matrix F Fᵀ = C⁻¹ Y_νᵀY_ν C⁻ᵀ
     shifted_gram = image_gram + 2 * shift * core + shift**2 * omega_gram
     left = torch.linalg.solve_triangular(chol, shifted_gram, upper=False)
