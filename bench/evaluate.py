@@ -48,7 +48,7 @@ from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import load_calibration
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
-from hessian_worker.pipeline import merge_covariances
+from hessian_worker.pipeline import merge_covariances, scored_samples
 from solver import SharingPlan, SharingProblem, SolveConfig, solve
 from solver.baselines import baseline
 from solver.candidates import candidate_plans
@@ -157,8 +157,8 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
     the covariances of calibration + the first part of validation and scored on the rest of it."""
     pool = candidate_plans(problem, config, top=args.top, per_pattern=args.per_pattern, normalized_top=args.normalized_top)
     score_data, covariances = task.validation, runner.covariances
-    held = round(args.choice_holdout * len(task.validation))
-    if merge == "layerwise" and 0 < held < len(task.validation):
+    held = scored_samples(args.choice_holdout, len(task.validation))
+    if merge == "layerwise" and held:
         cut = len(task.validation) - held
         score_data = task.validation[cut:]
         covariances = merge_covariances(task.model, union(task.calibration, task.validation[:cut]),
@@ -345,19 +345,19 @@ def main() -> None:
                               seconds=round(time.perf_counter() - t0, 1))
         write(result, Path(args.out))
         return
+    if args.prepare:
+        for name in tasks:
+            task = load_task(name, quick=args.quick, seed=args.seed)
+            for backend in backends:
+                costs_for(task, backend, args.seed)
+        return
     torch.manual_seed(args.seed)
     result: dict[str, Any] = {}
     for name in tasks:
         task = load_task(name, quick=args.quick, seed=args.seed)
-        if args.prepare:
-            for backend in backends:
-                costs_for(task, backend, args.seed)
-            continue
         if args.quick:  # CI-sized choice: fewer validation samples to measure every candidate on
             task.validation = task.validation[:32]
         result[name] = evaluate_task(task, args, budgets[name], backends)
-    if args.prepare:
-        return
     result["meta"] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",

@@ -159,10 +159,9 @@ class ProjectedCurvature:
             raise ValueError("sketch precision bfloat16 applies to the Nyström sketch: use eigensolver='nystrom' "
                              "(GGN) or precision 'model'")
         # the products may run in a lower precision (nystrom only); the sketch's vectors stay in the model's
-        self.sketch_dtype = any_p.dtype
-        if eigensolver is Eigensolver.nystrom:
-            self.sketch_dtype = sketch_dtype(precision, any_p.dtype, any_p.device)
-        low = self.sketch_dtype
+        nystrom_sketch = eigensolver is Eigensolver.nystrom
+        low = sketch_dtype(precision, any_p.dtype, any_p.device) if nystrom_sketch else any_p.dtype
+        self.sketch_dtype = low
         op = obj if low == any_p.dtype else obj.to_dtype(low)
         hvp = ggn_hvp(op) if kind is CurvatureKind.ggn else hessian_hvp(op)
 
