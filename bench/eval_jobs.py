@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 EVALUATE = Path(__file__).resolve().parent / "evaluate.py"
 WEIGHT = {"minilm": 3, "gpt": 2, "digits": 1}  # relative time per budget, for the order only
-PASSED = ("seed", "top", "normalized_top", "per_pattern", "random_seeds", "heal_steps", "heal_shortlist",
+PASSED = ("seed", "top", "normalized_top", "per_pattern", "random_seeds", "heal_steps", "heal_shortlist", "heal_holdout",
           "choice_holdout")  # options every unit gets as given
 
 
@@ -55,8 +55,6 @@ def common_options(args: argparse.Namespace) -> list[str]:
     out = ["--quick"] if args.quick else []
     for name in PASSED:
         out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    if args.heal_choice_holdout:
-        out.append("--heal-choice-holdout")
     if args.strategies:
         out += ["--strategies", *args.strategies]
     return out

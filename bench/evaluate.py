@@ -45,10 +45,10 @@ from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal,
 from hessian_worker.apply import curvature_weights
 from hessian_worker.choose import choose_healed
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
-from hessian_worker.data import load_calibration
+from hessian_worker.data import holdout_size, load_calibration
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
-from hessian_worker.pipeline import merge_covariances, scored_samples
+from hessian_worker.pipeline import merge_covariances
 from solver import SharingPlan, SharingProblem, SolveConfig, solve
 from solver.baselines import baseline
 from solver.candidates import candidate_plans
@@ -121,9 +121,9 @@ def union(a: Any, b: Any) -> Any:
 class Runner:
     """Ties plans into copies of a task's model and scores them, zero-shot and healed."""
 
-    def __init__(self, task: Task, heal_steps: int, diag: dict[str, torch.Tensor] | None,
+    def __init__(self, task: Task, heal: HealConfig | None, diag: dict[str, torch.Tensor] | None,
                  covariances: LayerwiseCurvature | None) -> None:
-        self.task, self.heal_steps, self.diag, self.covariances = task, heal_steps, diag, covariances
+        self.task, self.heal, self.diag, self.covariances = task, heal, diag, covariances
         self.quiet = AnalyzeConfig(distill=task.distill, progress=False)
         self.data = union(task.calibration, task.validation)  # healing and the layerwise merge
 
@@ -137,12 +137,11 @@ class Runner:
         return measure_loss(model, self.task.model, self.task.evaluation, self.quiet, tokenizer=self.task.tokenizer)
 
     def measure(self, plan: SharingPlan, merge: str, healed: bool = True) -> dict[str, tuple[float, float]]:
-        """{regime: (metric, loss change on the evaluation split)}; healed only with heal_steps."""
+        """{regime: (metric, loss change on the evaluation split)}; healed only with a heal config."""
         model = self.tied(plan, merge)
         out = {"zero-shot": (self.task.score(model), self.loss(model))}
-        if self.heal_steps and healed:
-            config = HealConfig(steps=self.heal_steps, lr=self.task.heal_lr, distill=self.task.distill, progress=False)
-            heal(model, self.task.model, self.data, config, tokenizer=self.task.tokenizer)
+        if self.heal is not None and healed:
+            heal(model, self.task.model, self.data, self.heal, tokenizer=self.task.tokenizer)
             model.eval()
             out["healed"] = (self.task.score(model), self.loss(model))
         return out
@@ -157,7 +156,7 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
     the covariances of calibration + the first part of validation and scored on the rest of it."""
     pool = candidate_plans(problem, config, top=args.top, per_pattern=args.per_pattern, normalized_top=args.normalized_top)
     score_data, covariances = task.validation, runner.covariances
-    held = scored_samples(args.choice_holdout, len(task.validation))
+    held = holdout_size(args.choice_holdout, len(task.validation))
     if merge == "layerwise" and held:
         cut = len(task.validation) - held
         score_data = task.validation[cut:]
@@ -170,23 +169,13 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
 
 def geo_healed(task: Task, pool: list[SharingPlan], measured: list[float], runner: Runner, merge: str,
                args: argparse.Namespace) -> tuple[SharingPlan, dict[str, tuple[float, float]]]:
-    """The product's choice when it heals (choose_healed): the shortlist healed as every strategy is,
-    compared on the validation split; the winner's healed model is scored on the evaluation split.
-
-    ``--heal-choice-holdout`` (an experiment): the shortlist heals on calibration + the first half
-    of validation and is compared on the other half, out of sample; the winner is then healed on
-    everything as every strategy is.
-    """
-    heal_config = HealConfig(steps=args.heal_steps, lr=task.heal_lr, distill=task.distill, progress=False)
-    heal_data, score_data = runner.data, task.validation
-    if args.heal_choice_holdout:
-        half = len(task.validation) // 2
-        heal_data, score_data = union(task.calibration, task.validation[:half]), task.validation[half:]
-    choice = choose_healed(task.model, pool, measured, heal_data, score_data, heal_config, runner.quiet,
+    """The product's choice when it heals (choose_healed): the shortlist healed as every strategy is
+    (on calibration + validation, less the heal's held-out share, which compares them), the
+    winner's healed model scored on the evaluation split."""
+    assert runner.heal is not None
+    choice = choose_healed(task.model, pool, measured, runner.data, task.validation, runner.heal, runner.quiet,
                            best=args.heal_shortlist, merge=merge, tokenizer=task.tokenizer, diag=runner.diag,
                            layerwise=runner.covariances)
-    if args.heal_choice_holdout:
-        return choice.plan, {"healed": runner.measure(choice.plan, merge)["healed"]}
     model = choice.model.eval()
     return choice.plan, {"healed": (task.score(model), runner.loss(model))}
 
@@ -239,7 +228,9 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
         diag = curvature_weights(task.model, task.calibration, names_all, quiet, tokenizer=task.tokenizer)
     else:
         covariances = merge_covariances(task.model, data, names_all, quiet, task.tokenizer)
-    runner = Runner(task, args.heal_steps, diag, covariances)
+    heal_config = HealConfig(steps=args.heal_steps, lr=task.heal_lr, distill=task.distill, holdout=args.heal_holdout,
+                             progress=False) if args.heal_steps else None
+    runner = Runner(task, heal_config, diag, covariances)
     distances = weight_distances(task.model, yardstick)
     names = ["geo", "geo-solver", *(f"geo-{b}" for b in backends if b != "exact")]
     strategies = [*names, "weight-distance", *HEURISTICS, *(f"{h}+geo-merge" for h in GEO_MERGED), "random"]
@@ -257,7 +248,7 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
         if strategy == "geo":
             pool, pool_measured = geo_candidates(task, yardstick, config, runner, geo_merge, args)
             plans = [pool[int(np.argmin(pool_measured))]]
-            if args.heal_steps:
+            if heal_config is not None:
                 healed_choice = geo_healed(task, pool, pool_measured, runner, geo_merge, args)
         elif strategy.startswith("geo"):
             backend = "exact" if strategy == "geo-solver" else strategy.removeprefix("geo-")
@@ -292,7 +283,7 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
     # --rank-plans 0 (a run of some budgets only, combined later): no rank agreement, so a combine keeps another run's
     agreement = {"rank_agreement": rank_agreement(problems, runner, args.rank_plans, args.seed)} if args.rank_plans else {}
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
-            "heal_steps": args.heal_steps, "random_seeds": args.random_seeds,
+            "heal_steps": args.heal_steps, "heal_holdout": args.heal_holdout, "random_seeds": args.random_seeds,
             **agreement, "merge": geo_merge, "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
             "original": task.score(task.model)}
 
@@ -314,8 +305,9 @@ def main() -> None:
     ap.add_argument("--choice-holdout", type=float, default=0.5,
                     help="geo, layerwise merge: share of the validation split candidates are scored on, kept out of "
                          "the covariances they are merged with (compress's choice_holdout; 0: score on all of it)")
-    ap.add_argument("--heal-choice-holdout", action="store_true",
-                    help="experiment: the heal-aware choice compares candidates on half the validation split it did not heal on")
+    ap.add_argument("--heal-holdout", type=float, default=HealConfig().holdout,
+                    help="share of the healing data every strategy's heal keeps out to pick its best step (step 0 "
+                         "included), also where geo's heal-aware choice compares; 0: heal on all, keep the last step")
     ap.add_argument("--threads", type=int, help="torch threads (runs side by side on 2 cores: 1 each)")
     ap.add_argument("--strategies", nargs="+", help="only these strategies (default: all); --combine a partial run "
                     "after a full one to replace its cells")
@@ -362,7 +354,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",
         "seconds": round(time.perf_counter() - t0, 1),
-        "heal_steps": args.heal_steps,
+        "heal_steps": args.heal_steps, "heal_holdout": args.heal_holdout,
         "random_seeds": args.random_seeds,
         "top": args.top,
         "normalized_top": args.normalized_top,
@@ -432,7 +424,9 @@ def markdown(result: dict) -> str:
         lines += [f"## {model}: {data['metric']} ({better} is better; original {data['original']:.4g}; "
                   f"{splits['calibration']} calibration / {splits['validation']} validation / "
                   f"{splits['evaluation']} evaluation samples; Geo-Sharing's merge: {data.get('merge')}; "
-                  f"healing {data.get('heal_steps', meta['heal_steps'])} steps; random: mean of "
+                  f"healing {data.get('heal_steps', meta['heal_steps'])} steps, keeping the best of every "
+                  f"{HealConfig().check_every} on a held-out {data.get('heal_holdout', meta.get('heal_holdout', 0))} "
+                  f"of its data; random: mean of "
                   f"{data.get('random_seeds', meta.get('random_seeds'))} seeds)", ""]
         for regime in sorted({r["regime"] for r in rows}, reverse=True):
             lines += [f"### {regime}", "", "| strategy | " + " | ".join(f"{r:g}" for r in ratios) + " |",

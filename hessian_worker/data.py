@@ -93,6 +93,13 @@ class Calibration:
         return _batched(rows, perm[holdout:], bs), _batched(rows, perm[:holdout], bs)
 
 
+def holdout_size(share: float, n: int) -> int:
+    """How many of ``n`` samples a held-out ``share`` takes: round(share·n), or 0 when that would
+    leave either part empty (then nothing is held out). One rule for every holdout of the worker."""
+    held = round(share * n)
+    return held if 0 < held < n else 0
+
+
 def batch_size(batch: Mapping[str, Tensor]) -> int:
     return int(next(iter(batch.values())).shape[0])
 

@@ -38,15 +38,20 @@ def measure_loss(
     config = config or AnalyzeConfig(progress=False)
     prep = prepare(reference, data, config, tokenizer=tokenizer)
     model.to(device=config.torch_device(), dtype=config.dtype.torch)
+    return objective_loss(model, Objective(prep.model, prep.data, [], config.distill, loss_fn))
+
+
+def objective_loss(model: nn.Module, reference: Objective) -> float:
+    """L(model) − L(reference) on the reference objective's data, whose reference outputs are
+    computed once: for a model checked many times against the same samples (healing's checks)."""
     model.eval()
-    ref = Objective(prep.model, prep.data, [], config.distill, loss_fn)
     total = 0.0
     with torch.no_grad():
-        for b, (batch, w) in enumerate(zip(prep.data.batches, ref.weights, strict=True)):
+        for b, (batch, w) in enumerate(zip(reference.data.batches, reference.weights, strict=True)):
             y = extract_output(call_model(model, batch), batch)[0]
-            change = ref.loss_on_output(y, b)
-            if loss_fn is not None:
-                change = change - ref.loss_on_output(ref.targets[b], b)
+            change = reference.loss_on_output(y, b)
+            if not reference.is_distill:
+                change = change - reference.loss_on_output(reference.targets[b], b)
             total += w * float(change)
     return total
 

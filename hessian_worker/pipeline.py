@@ -41,7 +41,7 @@ from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.choose import choose_healed, choose_plan
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
-from hessian_worker.data import Calibration, DataSource, load_calibration
+from hessian_worker.data import Calibration, DataSource, holdout_size, load_calibration
 from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.losses import DistillLoss
 from hessian_worker.measure import measure_loss, measure_plans
@@ -230,17 +230,10 @@ def _choice_parts(choice: Calibration, config: CompressConfig) -> tuple[Calibrat
     Why: fitted and scored on the same samples, the layerwise merge ranks candidates by how well
     it overfits them (MiniLM at 0.84: Spearman of the choice's scores with held-out losses 0.69 in
     sample, 0.95 out of sample; bench/results/merge_bias_study.md)."""
-    held = scored_samples(config.choice_holdout, choice.num_samples)
+    held = holdout_size(config.choice_holdout, choice.num_samples)
     if not held:
         return choice, None
     return choice.split(held, seed=config.seed + 2, batch_size=config.batch_size)
-
-
-def scored_samples(share: float, n: int) -> int:
-    """How many of ``n`` choice samples ``choice_holdout=share`` scores on; 0 when that leaves a
-    part empty (then candidates are scored on all of them)."""
-    held = round(share * n)
-    return held if 0 < held < n else 0
 
 
 def _basis_covs(model: nn.Module, data: Calibration, problem: SharingProblem, config: AnalyzeConfig,

@@ -22,7 +22,7 @@ def test_plan_units_covers_every_cell_once_with_one_rank_agreement_per_task() ->
 
 def test_unit_command_lines() -> None:
     args = argparse.Namespace(quick=True, seed=1, top=8, normalized_top=4, per_pattern=1, random_seeds=3, heal_steps=0,
-                              heal_shortlist=2, choice_holdout=0.5, heal_choice_holdout=False, strategies=["geo", "cycle"])
+                              heal_shortlist=2, choice_holdout=0.5, heal_holdout=0.2, strategies=["geo", "cycle"])
     common = common_options(args)
     assert common[0] == "--quick" and common[-3:] == ["--strategies", "geo", "cycle"]
     assert common[common.index("--seed") + 1] == "1" and "--heal-choice-holdout" not in common

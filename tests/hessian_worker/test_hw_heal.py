@@ -116,7 +116,8 @@ def test_choose_healed_keeps_the_least_healed_loss_and_returns_that_model() -> N
     plans = [_named(_plan([names]), "top-1"), _named(_plan([names[:2], names[2:]]), "sequence"),
              _named(_plan([[names[0]], names[1:]]), "top-2")]
     heal_data, choice_data = mlp_data(n=16, seed=1), mlp_data(n=16, seed=2)
-    config = HealConfig(steps=15, lr=1e-2, batch_size=4, device="cpu", progress=False)
+    # holdout 0: healed on all of heal_data, compared on choice_data (test_hw_heal_holdout: the default)
+    config = HealConfig(steps=15, lr=1e-2, batch_size=4, holdout=0, device="cpu", progress=False)
     choice = choose_healed(reference, plans, [0.3, 0.2, 0.1], heal_data, choice_data, config, CPU, best=1)
     assert sorted(choice.healed) == [1, 2]  # top-2 is the best zero-shot; sequence is a pattern
     real = {}
