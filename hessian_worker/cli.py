@@ -55,6 +55,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--heal", type=int, default=0, metavar="STEPS",
                    help="self-distillation fine-tune steps after tying (ties kept; 0 = none)")
     p.add_argument("--heal-lr", type=float, default=5e-5, help="AdamW learning rate for --heal")
+    p.add_argument("--heal-holdout", type=float, default=0.2,
+                   help="with --heal: share of the healing samples kept out to keep the best step (0: keep the last)")
     p.add_argument("--no-output-weighting", action="store_true",
                    help="basis plans: whiten as a problem analyzed with --no-output-weighting did")
     p.set_defaults(func=_run_apply)
@@ -80,6 +82,9 @@ def add_commands(subparsers: Any) -> None:
                    help="calibration loss (auto: kl for logits, mse otherwise; cosine for sentence embeddings)")
     c.add_argument("--heal", type=int, default=0, metavar="STEPS", help="self-distillation steps after tying")
     c.add_argument("--heal-lr", type=float, default=5e-5)
+    c.add_argument("--heal-holdout", type=float, default=0.2,
+                   help="with --heal: share of the healing samples kept out of training, to keep the best step "
+                        "(step 0 included) and compare the healed candidates out of sample (0: keep the last step)")
     c.add_argument("--heal-shortlist", type=int, default=2,
                    help="with --heal: best zero-shot candidates healed in the choice, besides each pattern's best")
     c.add_argument("--no-heal-choice", action="store_true",
@@ -229,9 +234,9 @@ def _run_apply(args: argparse.Namespace) -> int:
 
             if fit is None:
                 raise ValueError("--heal needs calibration data: pass --data")
-            healed = heal(model, reference, fit, HealConfig(steps=args.heal, lr=args.heal_lr, seed=args.seed,
-                                                            batch_size=args.batch_size, device=args.device,
-                                                            progress=not args.quiet)).model_dump()
+            heal_config = HealConfig(steps=args.heal, lr=args.heal_lr, holdout=args.heal_holdout, seed=args.seed,
+                                     batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+            healed = heal(model, reference, fit, heal_config).model_dump()
         if held is not None:
             measured = measure_loss(model, reference, held, config)
         save_shared(model, plan, args.out)
@@ -255,7 +260,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, distill=args.distill,
                                 top=args.top, min_distance=args.min_distance, per_pattern=args.per_pattern, normalized_top=args.normalized_top,
                                 curvature_samples=args.curvature_samples, heal_steps=args.heal,
-                                heal_lr=args.heal_lr, heal_choice=not args.no_heal_choice,
+                                heal_lr=args.heal_lr, heal_holdout=args.heal_holdout, heal_choice=not args.no_heal_choice,
                                 heal_shortlist=args.heal_shortlist, choice_holdout=args.choice_holdout, holdout=args.holdout, samples=args.samples,
                                 batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,
                                 device=args.device, progress=not args.quiet,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # the compress fields that go to CompressConfig; `out` and `overwrite` stay with the worker
 CONFIG_FIELDS = frozenset(
-    {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "heal_choice",
+    {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "heal_holdout", "heal_choice",
      "heal_shortlist", "choice_holdout", "holdout",
      "curvature_samples", "batch_size", "scheme", "rank", "rank_ratio", "side", "output_weighting"}
 )  # fmt: skip
@@ -95,6 +95,10 @@ class CompressSpec(BaseModel):
         None, ge=0, le=1_000_000, description="Self-distillation steps after tying (0: none)."
     )
     heal_lr: float | None = Field(None, gt=0, le=1)
+    heal_holdout: float | None = Field(
+        None, ge=0, lt=1, description="With heal_steps: share of the healing samples kept out of training, to keep "
+        "the best step (step 0 included) and compare healed candidates out of sample (0.2; 0: keep the last step).",
+    )
     heal_choice: bool | None = Field(
         None, description="With heal_steps: heal a shortlist and keep the least loss after healing (default true)."
     )

@@ -70,6 +70,14 @@ def test_apply_heal_lowers_the_measured_loss(tmp_path, capsys) -> None:
         measured.append(report["measured_loss_change"])
         assert (report["heal"] is None) == (steps == 0)
     assert measured[1] < measured[0]
+    # --heal-holdout: 0 trains on all and keeps the last step; the default reports its checks
+    assert report["heal"]["best_step"] is not None and "0" in report["heal"]["held_losses"]
+    assert main(["apply", *common, "--plan", str(plan_path), "--out", str(tmp_path / "all"), "--heal", "20",
+                 "--heal-holdout", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["heal"]["best_step"] is None
+    assert main(["apply", *common, "--plan", str(plan_path), "--out", str(tmp_path / "bad"), "--heal", "20",
+                 "--heal-holdout", "1.5"]) != 0
+    assert "holdout" in capsys.readouterr().err
 
 
 def test_compress_end_to_end(tmp_path, capsys) -> None:
