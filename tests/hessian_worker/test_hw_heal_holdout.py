@@ -108,3 +108,10 @@ def test_choose_healed_compares_on_the_heals_held_out_samples() -> None:
         assert choice.healed[i] != pytest.approx(measure_loss(model, reference, choice_data, CPU), rel=1e-3)
     assert choice.index == min(real, key=real.__getitem__)
     assert choice.heal.held_loss == pytest.approx(real[choice.index], rel=1e-5)
+
+
+def test_heal_checks_the_last_step_too() -> None:
+    reference, model = _tied()
+    config = HealConfig(steps=25, lr=1e-2, batch_size=4, holdout=0.25, check_every=10, device="cpu", progress=False)
+    report = heal(model, reference, mlp_data(n=40, batch=4), config)
+    assert sorted(report.held_losses) == [0, 10, 20, 25]
