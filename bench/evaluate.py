@@ -169,9 +169,8 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
 
 def geo_healed(task: Task, pool: list[SharingPlan], measured: list[float], runner: Runner, merge: str,
                args: argparse.Namespace) -> tuple[SharingPlan, dict[str, tuple[float, float]]]:
-    """The product's choice when it heals (choose_healed): the shortlist healed as every strategy is
-    (on calibration + validation, less the heal's held-out share, which compares them), the
-    winner's healed model scored on the evaluation split."""
+    """The product's choice when it heals (choose_healed): the shortlist healed as every strategy is,
+    compared on the validation split; the winner's healed model is scored on the evaluation split."""
     assert runner.heal is not None
     choice = choose_healed(task.model, pool, measured, runner.data, task.validation, runner.heal, runner.quiet,
                            best=args.heal_shortlist, merge=merge, tokenizer=task.tokenizer, diag=runner.diag,
@@ -307,7 +306,7 @@ def main() -> None:
                          "the covariances they are merged with (compress's choice_holdout; 0: score on all of it)")
     ap.add_argument("--heal-holdout", type=float, default=HealConfig().holdout,
                     help="share of the healing data every strategy's heal keeps out to pick its best step (step 0 "
-                         "included), also where geo's heal-aware choice compares; 0: heal on all, keep the last step")
+                         "included); 0: heal on all, keep the last step")
     ap.add_argument("--threads", type=int, help="torch threads (runs side by side on 2 cores: 1 each)")
     ap.add_argument("--strategies", nargs="+", help="only these strategies (default: all); --combine a partial run "
                     "after a full one to replace its cells")

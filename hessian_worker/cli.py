@@ -84,7 +84,7 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--heal-lr", type=float, default=5e-5)
     c.add_argument("--heal-holdout", type=float, default=0.2,
                    help="with --heal: share of the healing samples kept out of training, to keep the best step "
-                        "(step 0 included) and compare the healed candidates out of sample (0: keep the last step)")
+                        "(step 0 included; 0: heal on all, keep the last step)")
     c.add_argument("--heal-shortlist", type=int, default=2,
                    help="with --heal: best zero-shot candidates healed in the choice, besides each pattern's best")
     c.add_argument("--no-heal-choice", action="store_true",

@@ -66,8 +66,7 @@ class CompressConfig(BaseModel):
     heal_steps: int = Field(0, ge=0)
     heal_lr: float = Field(5e-5, gt=0)
     heal_holdout: float = Field(0.2, ge=0, lt=1, description="With heal_steps: share of the healing samples kept out of "
-                                "training, to keep the best step (step 0 included) and to compare the heal-aware "
-                                "choice's candidates out of sample; 0: heal on all, keep the last step.")
+                                "training, to keep the best step (step 0 included); 0: heal on all, keep the last step.")
     heal_choice: bool = Field(True, description="With heal_steps (scheme tie): heal a shortlist and keep the plan that "
                               "loses least after healing, not the zero-shot winner.")
     heal_shortlist: int = Field(2, ge=0, le=100, description="Best zero-shot candidates healed in the choice, "
@@ -110,8 +109,8 @@ class Candidate(BaseModel):
     predicted: float
     measured: float
     params_ratio: float
-    healed: float | None = Field(None, description="Loss change after healing, for the candidates the heal-aware "
-                                 "choice healed: on the heal's held-out samples (heal_holdout), else the choice data.")
+    healed: float | None = Field(None, description="Loss change on the choice data after healing, for the candidates "
+                                 "the heal-aware choice healed.")
 
 
 class CompressReport(BaseModel):

@@ -97,7 +97,7 @@ class CompressSpec(BaseModel):
     heal_lr: float | None = Field(None, gt=0, le=1)
     heal_holdout: float | None = Field(
         None, ge=0, lt=1, description="With heal_steps: share of the healing samples kept out of training, to keep "
-        "the best step (step 0 included) and compare healed candidates out of sample (0.2; 0: keep the last step).",
+        "the best step (step 0 included; 0.2; 0: heal on all, keep the last step).",
     )
     heal_choice: bool | None = Field(
         None, description="With heal_steps: heal a shortlist and keep the least loss after healing (default true)."
