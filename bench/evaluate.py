@@ -396,7 +396,8 @@ def merge_runs(parts: list[dict]) -> dict:
             newer = {_cell(row): row for row in task["results"]}
             kept = [newer.pop(_cell(row), row) for row in result[name]["results"]]
             result[name]["results"] = kept + list(newer.values())
-            result[name]["rank_agreement"] = task.get("rank_agreement", result[name].get("rank_agreement"))
+            if task.get("rank_agreement") is not None:  # a run without one (--rank-plans 0) keeps the earlier
+                result[name]["rank_agreement"] = task["rank_agreement"]
     result["meta"] = {**metas[0], "command": " ; ".join(m["command"] for m in metas),
                       "seconds": max(m["seconds"] for m in metas), "runs": metas}
     return result

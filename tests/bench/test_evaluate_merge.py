@@ -36,3 +36,14 @@ def test_merge_adds_tasks_and_later_cells_replace_earlier_ones() -> None:
     assert merged["gpt"]["results"] == other["gpt"]["results"]
     assert merged["meta"]["command"] == "full ; gpt ; patch" and merged["meta"]["seconds"] == 100.0
     assert merged["minilm"]["heal_steps"] == 100
+
+
+def test_a_run_without_rank_agreement_keeps_the_earlier_one() -> None:
+    full = {"minilm": {"results": [_row(0.8, "healed", "geo", 0.9)], "rank_agreement": {"exact": 0.9}},
+            "meta": _meta("full", 100.0)}
+    # a --jobs run with --rank-plans 0 carries the key with None; a plain one leaves it out
+    for patch_task in ({"results": [_row(0.8, "healed", "geo", 0.95)], "rank_agreement": None},
+                       {"results": [_row(0.8, "healed", "geo", 0.95)]}):
+        merged = merge_runs([full, {"minilm": patch_task, "meta": _meta("geo", 10.0)}])
+        assert merged["minilm"]["rank_agreement"] == {"exact": 0.9}
+        assert merged["minilm"]["results"][0]["measured"] == 0.95
