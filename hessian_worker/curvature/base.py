@@ -66,15 +66,18 @@ def unflatten(vec: Tensor, shapes: Mapping[str, torch.Size]) -> Params:
 
 
 def map_products(fn: Callable[[Params], Params], rows: Tensor, shapes: Mapping[str, torch.Size],
-                 chunk: int) -> Tensor:
+                 chunk: int, dtype: torch.dtype | None = None) -> Tensor:
     """Applies an operator (e.g. an HVP) to every row of ``rows`` [n, d], ``chunk`` rows per vmap call.
 
-    Rows are flat vectors over ``shapes`` in order; results come back flat the same way.
+    Rows are flat vectors over ``shapes`` in order; results come back flat the same way, in
+    ``dtype`` (default: the rows'; an operator run in bfloat16 may keep its results so, which
+    halves the copy and its memory without losing anything it computed).
     ``chunk=1`` runs a plain loop, for models with operators that have no vmap batching rule.
     """
     names = list(shapes)
     sizes = block_sizes(shapes)
-    out = torch.empty_like(rows)  # filled in place: over millions of parameters a copy costs like a product
+    # filled in place: over millions of parameters a copy costs like a product
+    out = torch.empty(rows.shape, dtype=dtype or rows.dtype, device=rows.device)
     for i in range(0, rows.shape[0], chunk):
         part = rows[i : i + chunk]
         if chunk == 1:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hessian_worker.curvature.base import block_dots
-
 
 @dataclass
 class NystromSketch:
@@ -51,7 +49,9 @@ def nystrom(
     """Sketches a PSD operator with ``sketch`` orthonormal Gaussian test vectors.
 
     Args:
-        matmat: rows -> rows: ``matmat(X)[i] = G @ X[i]`` for X of shape [n, dim].
+        matmat: rows -> rows: ``matmat(X)[i] = G @ X[i]`` for X of shape [n, dim]; the result may
+            come in a lower precision than ``dtype`` (the products' own, e.g. bfloat16): it is only
+            read in chunks, each widened to float64 for the Gram and to ``dtype`` for the vectors.
         blocks: sizes of consecutive diagonal blocks (summing to ``dim``) whose traces to estimate.
 
     The test vectors are the Q factor of a Gaussian [dim, s] matrix, Haar distributed, so
@@ -63,9 +63,9 @@ def nystrom(
     # drawn on CPU so a seed means the same on every device
     omega = orthonormal_rows(torch.randn(s, dim, generator=generator, dtype=dtype).to(device))  # [s, dim] rows
     image = matmat(omega)  # [s, dim] rows: G ωᵢ
-    block_probes = (block_dots(omega, image, blocks) * dim).cpu()
-    # every product over dim below comes from one float64 Gram of [Ω; Y]; only the eigenvectors touch dim again
-    joint = gram(omega, image)
+    # every product over dim below comes from one float64 pass over [Ω; Y]; only the eigenvectors touch dim again
+    joint, probes = sketch_gram(omega, image, blocks)
+    block_probes = (probes * dim).cpu()
     omega_gram, core, image_gram = joint[:s, :s], joint[:s, s:], joint[s:, s:]  # ΩᵀΩ (≈ I), ΩᵀY, YᵀY
     core = (core + core.T) / 2
     shift = torch.finfo(dtype).eps * dim**0.5 * float(torch.linalg.eigvalsh(image_gram)[-1].clamp_min(0.0).sqrt())
@@ -84,24 +84,38 @@ def nystrom(
     keep = sigma2 > shift + torch.finfo(torch.float64).eps ** 0.5 * float(sigma2[0].clamp_min(0.0))
     sigma2, w = sigma2[keep], w[:, keep]
     # eigenvectors Fᵀ w / σ = Y_ν C⁻ᵀ w / σ: one [k, s] x [s, dim] product, returned as columns (a view)
-    coeff = torch.linalg.solve_triangular(chol.T, w / sigma2.sqrt(), upper=True)
-    image.add_(omega, alpha=shift)
-    del omega
-    vecs = coeff.T.to(dtype=dtype, device=image.device) @ image
+    coeff = torch.linalg.solve_triangular(chol.T, w / sigma2.sqrt(), upper=True).T.to(dtype=dtype, device=omega.device)
+    vecs = torch.empty(coeff.shape[0], dim, dtype=dtype, device=omega.device)
+    for i in range(0, dim, 1 << 18):  # Y_ν by column chunks: Y may be held in a lower precision than Ω
+        part = image[:, i : i + (1 << 18)].to(dtype).add_(omega[:, i : i + (1 << 18)], alpha=shift)
+        vecs[:, i : i + (1 << 18)] = coeff @ part
     evals = (sigma2 - shift).clamp_min(0.0)
     return NystromSketch(evals.to(dtype), vecs.T, block_probes)
 
 
-def gram(*rows: Tensor, block: int = 1 << 18) -> Tensor:
-    """The float64 Gram matrix of the stacked rows of ``rows`` ([n_i, d] each), summed over column
-    blocks so the float64 copies stay small: over millions of parameters float32 sums would lose
-    the small eigenvalues."""
-    n = sum(r.shape[0] for r in rows)
-    out = torch.zeros(n, n, dtype=torch.float64, device=rows[0].device)
-    for i in range(0, rows[0].shape[1], block):
-        x = torch.cat([r[:, i : i + block] for r in rows]).double()
-        out += x @ x.T
-    return out
+def sketch_gram(omega: Tensor, image: Tensor, blocks: Sequence[int], chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
+    """The float64 Gram of the stacked rows [Ω; Y] ([2s, 2s]) and the within-block dot products
+    ω_i,bᵀy_i,b ([blocks, s], the Hutchinson terms), in one pass over the columns.
+
+    Summed over column chunks within each block, so the float64 copies stay small (over millions of
+    parameters float32 sums would lose the small eigenvalues) and each block's dots are the diagonal
+    of its chunks' cross term: the sketch is read once, not once more for the traces."""
+    s = omega.shape[0]
+    out = torch.zeros(2 * s, 2 * s, dtype=torch.float64, device=omega.device)
+    dots = torch.zeros(len(blocks), s, dtype=torch.float64, device=omega.device)
+    buffer = torch.empty(2 * s, min(chunk, max(blocks, default=0)), dtype=torch.float64, device=omega.device)
+    start = 0
+    for b, size in enumerate(blocks):
+        for i in range(start, start + size, chunk):
+            j = min(i + chunk, start + size)
+            x = buffer[:, : j - i]
+            x[:s].copy_(omega[:, i:j])
+            x[s:].copy_(image[:, i:j])
+            g = x @ x.T
+            out += g
+            dots[b] += g[:s, s:].diagonal()
+        start += size
+    return out, dots
 
 
 def orthonormal_rows(x: Tensor) -> Tensor:

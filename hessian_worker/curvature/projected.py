@@ -165,8 +165,8 @@ class ProjectedCurvature:
         op = obj if low == any_p.dtype else obj.to_dtype(low)
         hvp = ggn_hvp(op) if kind is CurvatureKind.ggn else hessian_hvp(op)
 
-        def matmat(rows: Tensor) -> Tensor:
-            return map_products(lambda v: hvp({n: t.to(low) for n, t in v.items()}), rows, self.shapes, chunk)
+        def matmat(rows: Tensor) -> Tensor:  # the sketch's images stay in the products' precision
+            return map_products(lambda v: hvp({n: t.to(low) for n, t in v.items()}), rows, self.shapes, chunk, low)
 
         opts = {"dtype": any_p.dtype, "device": any_p.device}
         if eigensolver is Eigensolver.nystrom:
