@@ -9,7 +9,7 @@ A few hundred calibration samples are easy to overfit: on the digits MLP, 100 st
 328 samples raised the held-out loss of every plan tried (top-4 0.0018 -> 0.0043). So by default a
 seeded share of the samples (``holdout``) is kept out of the training and checked every
 ``check_every`` steps, step 0 (the tie as it is) included, and the weights of the best check are
-kept: healing never leaves a model worse on data it did not train on than it found it. The best
+kept: healing never leaves a model worse on its held-out samples than it found it. The best
 weights are held as one copy beside the model's (on its device), the price of that guarantee.
 """
 
