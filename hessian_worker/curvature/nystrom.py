@@ -32,7 +32,8 @@ class NystromSketch:
 
 
 def memory_bytes(dim: int, sketch: int, itemsize: int) -> int:
-    """Test vectors, their images, the factor and its singular vectors: four [dim, s] matrices."""
+    """An upper bound: the test vectors, their images and the eigenvectors are three [dim, s]
+    matrices (the images maybe in bfloat16); the fourth covers the batched products' temporaries."""
     return (4 * sketch + 4) * dim * itemsize
 
 
@@ -54,17 +55,26 @@ def nystrom(
             read in chunks, each widened to float64 for the Gram and to ``dtype`` for the vectors.
         blocks: sizes of consecutive diagonal blocks (summing to ``dim``) whose traces to estimate.
 
-    The test vectors are the Q factor of a Gaussian [dim, s] matrix, Haar distributed, so
-    E[ΩΩᵀ] = (s/dim)·I and dim·ωᵢ,bᵀ(Gωᵢ)_b is an unbiased estimate of tr G_bb for every i.
+    The test vectors are Ω = L⁻¹X for Gaussian rows X with XXᵀ = LLᵀ (Cholesky QR): orthonormal and
+    Haar distributed, so E[ΩᵀΩ] = (s/dim)·I and dim·ωᵢ,bᵀ(Gωᵢ)_b is an unbiased estimate of tr G_bb for
+    every i (exact, averaged, for a full sketch). Ω is never formed: G is linear, so GΩ = L⁻¹GX and
+    every product of Ω and GΩ over dim is the matching product of X and GX taken through L⁻¹ in
+    s x s space, which saves a pass and a copy over the [s, dim] matrix.
     """
     if sum(blocks) != dim:
         raise ValueError(f"block sizes sum to {sum(blocks)}, not dim={dim}")
     s = max(1, min(sketch, dim))
     # drawn on CPU so a seed means the same on every device
-    omega = orthonormal_rows(torch.randn(s, dim, generator=generator, dtype=dtype).to(device))  # [s, dim] rows
-    image = matmat(omega)  # [s, dim] rows: G ωᵢ
-    # every product over dim below comes from one float64 pass over [Ω; Y]; only the eigenvectors touch dim again
-    joint, probes = sketch_gram(omega, image, blocks)
+    raw = torch.randn(s, dim, generator=generator, dtype=dtype).to(device)  # X, [s, dim] Gaussian rows
+    image = matmat(raw)  # [s, dim] rows: G xᵢ
+    # every product over dim below comes from one float64 pass over [X; GX]; only the eigenvectors touch dim again
+    raw_joint, cross = sketch_gram(raw, image, blocks)
+    chol_x = torch.linalg.cholesky(raw_joint[:s, :s])  # XXᵀ = LLᵀ
+    to_omega = torch.linalg.solve_triangular(chol_x, torch.eye(s, dtype=torch.float64, device=chol_x.device),
+                                             upper=False)  # L⁻¹: Ω = L⁻¹X, GΩ = L⁻¹GX
+    both = torch.block_diag(to_omega, to_omega)
+    joint = both @ raw_joint @ both.T  # the Gram of [Ω; GΩ]
+    probes = torch.einsum("ij,bjk,ik->bi", to_omega, cross, to_omega)  # ω_i,bᵀ(Gω_i)_b
     block_probes = (probes * dim).cpu()
     omega_gram, core, image_gram = joint[:s, :s], joint[:s, s:], joint[s:, s:]  # ΩᵀΩ (≈ I), ΩᵀY, YᵀY
     core = (core + core.T) / 2
@@ -84,44 +94,37 @@ def nystrom(
     keep = sigma2 > shift + torch.finfo(torch.float64).eps ** 0.5 * float(sigma2[0].clamp_min(0.0))
     sigma2, w = sigma2[keep], w[:, keep]
     # eigenvectors Fᵀ w / σ = Y_ν C⁻ᵀ w / σ: one [k, s] x [s, dim] product, returned as columns (a view)
-    coeff = torch.linalg.solve_triangular(chol.T, w / sigma2.sqrt(), upper=True).T.to(dtype=dtype, device=omega.device)
-    vecs = torch.empty(coeff.shape[0], dim, dtype=dtype, device=omega.device)
-    for i in range(0, dim, 1 << 18):  # Y_ν by column chunks: Y may be held in a lower precision than Ω
-        part = image[:, i : i + (1 << 18)].to(dtype).add_(omega[:, i : i + (1 << 18)], alpha=shift)
+    coeff = torch.linalg.solve_triangular(chol.T, w / sigma2.sqrt(), upper=True).T
+    coeff = (coeff @ to_omega).to(dtype=dtype, device=raw.device)  # Y_ν = L⁻¹(GX + νX)
+    vecs = torch.empty(coeff.shape[0], dim, dtype=dtype, device=raw.device)
+    for i in range(0, dim, 1 << 18):  # by column chunks: GX may be held in a lower precision than X
+        part = image[:, i : i + (1 << 18)].to(dtype).add_(raw[:, i : i + (1 << 18)], alpha=shift)
         vecs[:, i : i + (1 << 18)] = coeff @ part
     evals = (sigma2 - shift).clamp_min(0.0)
     return NystromSketch(evals.to(dtype), vecs.T, block_probes)
 
 
-def sketch_gram(omega: Tensor, image: Tensor, blocks: Sequence[int], chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
-    """The float64 Gram of the stacked rows [Ω; Y] ([2s, 2s]) and the within-block dot products
-    ω_i,bᵀy_i,b ([blocks, s], the Hutchinson terms), in one pass over the columns.
+def sketch_gram(rows: Tensor, image: Tensor, blocks: Sequence[int], chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
+    """The float64 Gram of the stacked rows [X; Y] ([2s, 2s]) and, per block b, the cross products
+    X_b Y_bᵀ ([blocks, s, s], the Hutchinson terms before the change to orthonormal test vectors), in
+    one pass over the columns.
 
     Summed over column chunks within each block, so the float64 copies stay small (over millions of
-    parameters float32 sums would lose the small eigenvalues) and each block's dots are the diagonal
-    of its chunks' cross term: the sketch is read once, not once more for the traces."""
-    s = omega.shape[0]
-    out = torch.zeros(2 * s, 2 * s, dtype=torch.float64, device=omega.device)
-    dots = torch.zeros(len(blocks), s, dtype=torch.float64, device=omega.device)
-    buffer = torch.empty(2 * s, min(chunk, max(blocks, default=0)), dtype=torch.float64, device=omega.device)
+    parameters float32 sums would lose the small eigenvalues) and each block's cross product is the
+    sum of its chunks' cross terms: the sketch is read once, not once more for the traces."""
+    s = rows.shape[0]
+    out = torch.zeros(2 * s, 2 * s, dtype=torch.float64, device=rows.device)
+    cross = torch.zeros(len(blocks), s, s, dtype=torch.float64, device=rows.device)
+    buffer = torch.empty(2 * s, min(chunk, max(blocks, default=0)), dtype=torch.float64, device=rows.device)
     start = 0
     for b, size in enumerate(blocks):
         for i in range(start, start + size, chunk):
             j = min(i + chunk, start + size)
             x = buffer[:, : j - i]
-            x[:s].copy_(omega[:, i:j])
+            x[:s].copy_(rows[:, i:j])
             x[s:].copy_(image[:, i:j])
             g = x @ x.T
             out += g
-            dots[b] += g[:s, s:].diagonal()
+            cross[b] += g[:s, s:]
         start += size
-    return out, dots
-
-
-def orthonormal_rows(x: Tensor) -> Tensor:
-    """Rows of L⁻¹x with LLᵀ = x xᵀ (Cholesky QR): orthonormal, and for Gaussian x Haar distributed
-    like a QR factor, at the cost of one Gram instead of a Householder pass. Gaussian rows are
-    well conditioned, so the Gram may be summed in x's own precision."""
-    chol = torch.linalg.cholesky((x @ x.T).double())
-    eye = torch.eye(len(chol), dtype=chol.dtype, device=chol.device)
-    return torch.linalg.solve_triangular(chol, eye, upper=False).to(x.dtype) @ x
+    return out, cross

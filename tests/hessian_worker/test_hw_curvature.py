@@ -217,7 +217,8 @@ def test_nystrom_full_sketch_recovers_spectrum_and_block_traces() -> None:
     # to rounding of the norm: the eigenpairs come from s x s Grams, which square the conditioning
     torch.testing.assert_close(found.eigenvalues, exact, rtol=1e-9, atol=1e-10 * float(exact[0]))
     torch.testing.assert_close(found.eigenvectors.T @ found.eigenvectors, torch.eye(dim, dtype=torch.float64),
-                               rtol=0.0, atol=1e-6)  # ~eps·cond², the least eigenvalues' vectors worst
+                               rtol=0.0, atol=1e-5)  # ~eps·cond(G)²·cond(X)²: the least eigenvalues' vectors
+    # worst, and a square Gaussian X (s = dim, only here) is far from orthogonal; at s << dim cond(X) ≈ 1
     # E[dim·ω_bᵀ(Gω)_b] = tr G_bb: the mean over a full orthonormal basis is exact
     starts = [0, 6, 11, 18]
     true_blocks = [float(torch.diagonal(mat)[a:b].sum()) for a, b in zip(starts, starts[1:], strict=False)]
