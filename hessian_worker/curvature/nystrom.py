@@ -97,7 +97,8 @@ def nystrom(
     coeff = torch.linalg.solve_triangular(chol.T, w / sigma2.sqrt(), upper=True).T
     coeff = (coeff @ to_omega).to(dtype=dtype, device=raw.device)  # Y_ν = L⁻¹(GX + νX)
     vecs = torch.empty(coeff.shape[0], dim, dtype=dtype, device=raw.device)
-    for i in range(0, dim, 1 << 18):  # by column chunks: GX may be held in a lower precision than X
+    # by column chunks: GX may be held in a lower precision than X (in place when it is not: not read again)
+    for i in range(0, dim, 1 << 18):
         part = image[:, i : i + (1 << 18)].to(dtype).add_(raw[:, i : i + (1 << 18)], alpha=shift)
         vecs[:, i : i + (1 << 18)] = coeff @ part
     evals = (sigma2 - shift).clamp_min(0.0)
