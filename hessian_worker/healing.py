@@ -60,11 +60,6 @@ class HealReport(BaseModel):
                                   "None without a holdout (the last step's).")
     held_losses: dict[int, float] | None = Field(None, description="Step -> loss on the held-out samples, at every check.")
 
-    @property
-    def held_loss(self) -> float | None:
-        """The kept weights' loss on the held-out samples: an out-of-sample figure of the heal."""
-        return None if self.held_losses is None else self.held_losses[self.best_step]
-
 
 def heal(
     model: nn.Module,

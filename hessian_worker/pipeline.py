@@ -64,8 +64,8 @@ class CompressConfig(BaseModel):
     normalized_top: int = Field(16, ge=0, le=1000, description="Best plans by size-normalized pair costs, also measured.")
     distill: DistillLoss = Field(DistillLoss.auto, description="cosine suits sentence-embedding models.")
     heal_steps: int = Field(0, ge=0)
-    heal_lr: float = Field(5e-5, gt=0)
-    heal_holdout: float = Field(0.2, ge=0, lt=1, description="With heal_steps: share of the healing samples kept out of "
+    heal_lr: float = Field(HealConfig.model_fields["lr"].default, gt=0)
+    heal_holdout: float = Field(HealConfig.model_fields["holdout"].default, ge=0, lt=1, description="With heal_steps: share of the healing samples kept out of "
                                 "training, to keep the best step (step 0 included); 0: heal on all, keep the last step.")
     heal_choice: bool = Field(True, description="With heal_steps (scheme tie): heal a shortlist and keep the plan that "
                               "loses least after healing, not the zero-shot winner.")
