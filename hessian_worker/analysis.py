@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from hessian_worker.config import AnalyzeConfig, Backend
-from hessian_worker.costs import Predict, cost_matrix
-from hessian_worker.curvature.base import Curvature
+from hessian_worker.costs import FamilyPairs, PairPredict, cost_matrix
+from hessian_worker.curvature.base import Curvature, Params
 from hessian_worker.curvature.diagonal import DiagonalCurvature, estimate_diagonal
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.curvature.functional import gradient
@@ -68,18 +68,35 @@ def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
     return LayerwiseCurvature.collect(obj.model, obj.data, obj.names, progress=config.progress)
 
 
-def make_predict(obj: Objective, curvature: Curvature) -> Predict:
-    """δ -> gᵀδ + ½δᵀHδ (g = 0 under self-distillation, so it is skipped there)."""
-    grads = None if obj.is_distill else gradient(obj, obj.names)
+@dataclass
+class Predictor:
+    """δ -> gᵀδ + ½δᵀHδ; ``grads`` is None under self-distillation (zero gradient at the reference)."""
 
-    def predict(deltas: Mapping[str, Tensor]) -> Tensor:
-        value = 0.5 * curvature.quad(deltas)
-        if grads is not None:
+    curvature: Curvature
+    grads: Params | None
+
+    def __call__(self, deltas: Mapping[str, Tensor]) -> Tensor:
+        value = 0.5 * self.curvature.quad(deltas)
+        if self.grads is not None:
             for name, d in deltas.items():
-                value = value + (d * grads[name]).reshape(d.shape[0], -1).sum(dim=1)
+                value = value + (d * self.grads[name]).reshape(d.shape[0], -1).sum(dim=1)
         return value
 
-    return predict
+    def family_pairs(self, family: FamilyPairs) -> Tensor:
+        """The same for every pair of a family, through the backend's ``quad_pairs``."""
+        value = 0.5 * self.curvature.quad_pairs(family)  # type: ignore[attr-defined]
+        return value + family.linear(self.grads) if self.grads is not None else value
+
+    @property
+    def pair_route(self) -> PairPredict | None:
+        """``family_pairs`` where the backend prices pairs from per-layer quantities, else None
+        (the pairs then go as dense directions through ``__call__``)."""
+        return self.family_pairs if hasattr(self.curvature, "quad_pairs") else None
+
+
+def make_predict(obj: Objective, curvature: Curvature) -> Predictor:
+    """The predicted loss change under ``curvature``, with the first-order term of a task loss."""
+    return Predictor(curvature, None if obj.is_distill else gradient(obj, obj.names))
 
 
 def to_problem(layers: Sequence[LayerInfo], matrix: list[list[float | None]], config: AnalyzeConfig) -> SharingProblem:
@@ -136,8 +153,8 @@ def _analyze(prep: Prepared, config: AnalyzeConfig, loss_fn: TaskLoss | None) ->
     names = [x.name for x in layers]
     obj = Objective(prep.model, prep.data, names, config.distill, loss_fn)
     predict = make_predict(obj, build_curvature(obj, config))
-    matrix = cost_matrix(layers, obj.params0, predict, config.kind, chunk=config.chunk,
-                         progress=config.progress)
+    matrix = cost_matrix(layers, obj.params0, predict, config.kind, predict_pairs=predict.pair_route,
+                         chunk=config.chunk, progress=config.progress)
     return to_problem(layers, matrix, config)
 
 

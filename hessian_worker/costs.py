@@ -6,6 +6,8 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -35,33 +37,91 @@ def pairs_of(members: Sequence[int], kind: CostKind) -> list[tuple[int, int]]:
     return [(a, b) for a in members for b in members if a != b]
 
 
-def pair_directions(
-    layers: Sequence[LayerInfo], weights: Mapping[str, Tensor], pairs: Sequence[tuple[int, int]],
-    names: Sequence[str], kind: CostKind,
-) -> dict[str, Tensor]:
-    """Stacked perturbations over ``names`` (zero where a pair does not move a layer).
+@dataclass(frozen=True)
+class FamilyPairs:
+    """The pair directions of one family: for pair (a, b) and d = W_b − W_a, layer a moves by
+    ``coef[0]``·d and layer b by ``coef[1]``·d; pairwise (½, −½): both to their mean, so the cross
+    block H_ab counts; assignment (1, 0): a takes b's weight.
 
-    pairwise: δ_l = (W_m − W_l)/2, δ_m = −δ_l (the joint move, so the cross block H_lm counts);
-    assignment: δ_l = W_m − W_l. Names no pair in this chunk touches get a stride-0 expanded zero,
-    so a chunk costs memory only for the layers it moves.
+    Each direction moves two of the family's layers. Backends whose quadratic form splits by layer,
+    or passes through a few numbers per layer (projections), price all pairs from per-layer
+    quantities of the differences W_j − W_l (``differences``); the rest take ``dense`` directions.
     """
-    touched = {layers[i].name for pair in pairs for i in pair[: 2 if kind is CostKind.pairwise else 1]}
-    out = {}
-    for n in names:
-        w = weights[n]
-        if n in touched:
-            out[n] = torch.zeros(len(pairs), *w.shape, dtype=w.dtype, device=w.device)
-        else:
-            out[n] = torch.zeros((1,) * (w.dim() + 1), dtype=w.dtype, device=w.device).expand(len(pairs), *w.shape)
-    for row, (a, b) in enumerate(pairs):
-        la, lb = layers[a].name, layers[b].name
-        diff = weights[lb] - weights[la]
-        if kind is CostKind.pairwise:
-            out[la][row] = diff / 2
-            out[lb][row] = -diff / 2
-        else:
-            out[la][row] = diff
-    return out
+
+    names: list[str]
+    weights: list[Tensor]
+    pairs: list[tuple[int, int]]  # positions in names
+    coef: tuple[float, float]
+
+    @classmethod
+    def of(cls, names: Sequence[str], weights: Mapping[str, Tensor], pairs: Sequence[tuple[int, int]],
+           kind: CostKind) -> FamilyPairs:
+        return cls(list(names), [weights[n] for n in names], list(pairs),
+                   (0.5, -0.5) if kind is CostKind.pairwise else (1.0, 0.0))
+
+    @cached_property
+    def stacked(self) -> Tensor:
+        """[m, *shape]: the members' weights, stacked once for every ``differences``."""
+        return torch.stack(self.weights)
+
+    def differences(self, layer: int, rows: slice = slice(None)) -> Tensor:
+        """[m, *shape]: W_j − W_layer for the members j in ``rows`` (all by default)."""
+        return self.stacked[rows] - self.weights[layer]
+
+    def sides(self, table: Tensor) -> tuple[Tensor, Tensor]:
+        """From table[l, j] = f(W_j − W_l) (any trailing shape), each pair's (f(d) at a, f(−d) at b)."""
+        a = torch.tensor([p[0] for p in self.pairs], device=table.device)
+        b = torch.tensor([p[1] for p in self.pairs], device=table.device)
+        return table[a, b], table[b, a]
+
+    def dense(self, rows: slice = slice(None)) -> dict[str, Tensor]:
+        """The directions of ``pairs[rows]`` stacked over all the family's layers, zero where a pair
+        does not move one (a stride-0 zero for layers no pair in ``rows`` moves, so they cost no memory)."""
+        pairs = self.pairs[rows]
+        alpha, beta = self.coef
+        moved = {i for a, b in pairs for i in ((a, b) if beta else (a,))}
+        out = {}
+        for i, (n, w) in enumerate(zip(self.names, self.weights, strict=True)):
+            if i in moved:
+                out[n] = torch.zeros(len(pairs), *w.shape, dtype=w.dtype, device=w.device)
+            else:
+                out[n] = torch.zeros((1,) * (w.dim() + 1), dtype=w.dtype, device=w.device).expand(len(pairs), *w.shape)
+        for row, (a, b) in enumerate(pairs):
+            diff = self.weights[b] - self.weights[a]
+            out[self.names[a]][row] = alpha * diff
+            if beta:
+                out[self.names[b]][row] = beta * diff
+        return out
+
+    def linear(self, grads: Mapping[str, Tensor]) -> Tensor:
+        """gᵀδ for every pair: the first-order term of a task loss."""
+        alpha, beta = self.coef
+        values = []
+        for a, b in self.pairs:
+            diff = self.weights[b] - self.weights[a]
+            values.append(alpha * (grads[self.names[a]] * diff).sum() + beta * (grads[self.names[b]] * diff).sum())
+        return torch.stack(values)
+
+
+PairPredict = Callable[[FamilyPairs], Tensor]
+"""Predicted loss change of every pair of one family, straight from the family's weights."""
+
+
+def block_pair_quads(quad: Callable[[Mapping[str, Tensor]], Tensor], family: FamilyPairs, chunk: int = 8) -> Tensor:
+    """δᵀHδ of every pair for an H with no curvature between layers (diagonal, layerwise).
+
+    Such a form is the sum of its layers' own forms, so the pair (a, b) costs
+    α²·q_a(d) + β²·q_b(−d): every q_l(W_j − W_l) comes from single-layer directions,
+    m per layer (``chunk`` at a time), instead of one direction over the whole family per pair.
+    """
+    m = len(family.names)
+    table = torch.stack([
+        torch.cat([quad({name: family.differences(layer, slice(i, i + chunk))}) for i in range(0, m, chunk)])
+        for layer, name in enumerate(family.names)
+    ])
+    at_a, at_b = family.sides(table)
+    alpha, beta = family.coef
+    return alpha**2 * at_a + beta**2 * at_b
 
 
 def cost_matrix(
@@ -70,11 +130,15 @@ def cost_matrix(
     predict: Predict,
     kind: CostKind,
     *,
+    predict_pairs: PairPredict | None = None,
     chunk: int = 32,
     clip_negative: bool = True,
     progress: bool = False,
 ) -> list[list[float | None]]:
     """The n×n matrix of predicted loss changes; None across families, 0 on the diagonal.
+
+    ``predict_pairs`` (where the backend has one) prices a whole family at once from its weights;
+    else ``predict`` takes the pairs' dense directions, ``chunk`` pairs at a time.
 
     Negative entries are clipped to 0: tiny ones are float or estimator noise of a PSD form; larger
     ones (possible with a task loss or the full Hessian) are reported in a warning, since the
@@ -89,11 +153,15 @@ def cost_matrix(
     bar = tqdm(total=total, desc=f"{kind.value} costs", disable=not progress, leave=False)
     clipped: list[float] = []
     for members in fams.values():
-        names = [layers[i].name for i in members]
         pairs = pairs_of(members, kind)
-        for start in range(0, len(pairs), chunk):
-            part = pairs[start : start + chunk]
-            values = predict(pair_directions(layers, weights, part, names, kind)).detach().cpu()
+        position = {layer: i for i, layer in enumerate(members)}
+        family = FamilyPairs.of([layers[i].name for i in members], weights,
+                                [(position[a], position[b]) for a, b in pairs], kind)
+        step = max(len(pairs), 1) if predict_pairs is not None else chunk
+        for start in range(0, len(pairs), step):
+            rows = slice(start, start + step)
+            part = pairs[rows]
+            values = (predict_pairs(family) if predict_pairs is not None else predict(family.dense(rows))).detach().cpu()
             scale = float(values.abs().max()) if values.numel() else 0.0
             for (a, b), v in zip(part, values.tolist(), strict=True):
                 if v < 0:
@@ -107,8 +175,9 @@ def cost_matrix(
     bar.close()
     if clipped:
         warnings.warn(
-            f"{len(clipped)} predicted costs were negative (least {min(clipped):.3g}) and were clipped "
-            "to 0; with a task loss or the full Hessian the quadratic model can predict gains",
+            f"{len(clipped)} predicted costs were negative (least {min(clipped):.3g}) and were "
+            f"{'clipped to 0' if clip_negative else 'kept'}; with a task loss or the full Hessian the "
+            "quadratic model can predict gains",
             stacklevel=2,
         )
     return matrix

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vjp, vmap
 
+from hessian_worker.costs import FamilyPairs, block_pair_quads
 from hessian_worker.curvature.base import CurvatureKind, Params
 from hessian_worker.curvature.functional import ggn_hvp, hessian_hvp
 from hessian_worker.curvature.hutchinson import diagonal as hutchinson_diagonal
@@ -141,3 +142,7 @@ class DiagonalCurvature:
             total = q if total is None else total + q
         assert total is not None
         return total
+
+    def quad_pairs(self, family: FamilyPairs) -> Tensor:
+        """Every pair of a family from single-layer directions: the form has no cross-layer blocks."""
+        return block_pair_quads(self.quad, family)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hessian_worker.costs import FamilyPairs, block_pair_quads
 from hessian_worker.data import Calibration, call_model
 from hessian_worker.errors import BackendError
 
@@ -107,6 +108,10 @@ class LayerwiseCurvature:
             total = q if total is None else total + q
         assert total is not None
         return total
+
+    def quad_pairs(self, family: FamilyPairs) -> Tensor:
+        """Every pair of a family from single-layer directions: the form has no cross-layer blocks."""
+        return block_pair_quads(self.quad, family)
 
     def merge(self, names: Sequence[str], weights: Mapping[str, Tensor], damping: float = 0.01) -> Tensor:
         """The shared weight minimizing Σ_k tr((W−W_k) G_k (W−W_k)ᵀ): W* = (Σ W_k G_k)(Σ G_k)⁻¹.

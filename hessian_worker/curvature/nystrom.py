@@ -32,8 +32,8 @@ class NystromSketch:
 
 
 def memory_bytes(dim: int, sketch: int, itemsize: int) -> int:
-    """An upper bound: the test vectors, their images and the eigenvectors are three [dim, s]
-    matrices (the images maybe in bfloat16); the fourth covers the batched products' temporaries."""
+    """An upper bound: the test vectors (overwritten by the eigenvectors) and their images are two
+    [dim, s] matrices (the images maybe in bfloat16); two more cover the batched products' temporaries."""
     return (4 * sketch + 4) * dim * itemsize
 
 
@@ -44,6 +44,7 @@ def nystrom(
     generator: torch.Generator,
     *,
     blocks: Sequence[int],
+    rank: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> NystromSketch:
@@ -54,6 +55,8 @@ def nystrom(
             come in a lower precision than ``dtype`` (the products' own, e.g. bfloat16): it is only
             read in chunks, each widened to float64 for the Gram and to ``dtype`` for the vectors.
         blocks: sizes of consecutive diagonal blocks (summing to ``dim``) whose traces to estimate.
+        rank: at most this many eigenpairs are returned (default: all the sketch resolves); the
+            oversampled rest sharpen these but each would cost a pass over dim to form.
 
     The test vectors are Ω = L⁻¹X for Gaussian rows X with XXᵀ = LLᵀ (Cholesky QR): orthonormal and
     Haar distributed, so E[ΩᵀΩ] = (s/dim)·I and dim·ωᵢ,bᵀ(Gωᵢ)_b is an unbiased estimate of tr G_bb for
@@ -92,12 +95,14 @@ def nystrom(
     sigma2, w = sigma2.flip(0), w.flip(1)
     # below this the s x s route cannot resolve an eigenvector (its eigenvalue is ~0 anyway): dropped
     keep = sigma2 > shift + torch.finfo(torch.float64).eps ** 0.5 * float(sigma2[0].clamp_min(0.0))
-    sigma2, w = sigma2[keep], w[:, keep]
+    sigma2, w = sigma2[keep][:rank], w[:, keep][:, :rank]
     # eigenvectors Fᵀ w / σ = Y_ν C⁻ᵀ w / σ: one [k, s] x [s, dim] product, returned as columns (a view)
     coeff = torch.linalg.solve_triangular(chol.T, w / sigma2.sqrt(), upper=True).T
     coeff = (coeff @ to_omega).to(dtype=dtype, device=raw.device)  # Y_ν = L⁻¹(GX + νX)
-    vecs = torch.empty(coeff.shape[0], dim, dtype=dtype, device=raw.device)
-    # by column chunks: GX may be held in a lower precision than X (in place when it is not: not read again)
+    # written over X's first k rows, column chunk by column chunk (each chunk of X is read before it
+    # is overwritten): a fresh [k, dim] matrix would cost as much again in first-touch page faults.
+    # GX may be held in a lower precision than X (widened per chunk; in place when it is not: not read again)
+    vecs = raw[: coeff.shape[0]]
     for i in range(0, dim, 1 << 18):
         part = image[:, i : i + (1 << 18)].to(dtype).add_(raw[:, i : i + (1 << 18)], alpha=shift)
         vecs[:, i : i + (1 << 18)] = coeff @ part

@@ -15,8 +15,9 @@ vectors and algebra stay in the model's precision.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ from hessian_worker.curvature.nystrom import memory_bytes as nystrom_bytes
 from hessian_worker.curvature.nystrom import nystrom
 from hessian_worker.errors import MemoryBudgetError
 from hessian_worker.objective import Objective
+
+if TYPE_CHECKING:
+    from hessian_worker.costs import FamilyPairs
 
 
 class Eigensolver(str, Enum):
@@ -172,7 +176,7 @@ class ProjectedCurvature:
         if eigensolver is Eigensolver.nystrom:
             sketch = min(dim, rank + oversample)
             check_memory(dim, rank, 0, any_p.element_size(), memory_limit_gb, sketch=sketch)
-            found = nystrom(matmat, dim, sketch, generator, blocks=sizes, **opts)
+            found = nystrom(matmat, dim, sketch, generator, blocks=sizes, rank=rank, **opts)
             evals, vecs = found.eigenvalues[:rank], found.eigenvectors[:, :rank]
             block_probes = found.block_probes
         else:
@@ -183,6 +187,7 @@ class ProjectedCurvature:
             block_probes = None if rank >= dim else rademacher_block_probes(matmat, sizes, probes, generator,
                                                                              chunk=chunk, **opts)
         self.eigensolver = eigensolver
+        self.chunk = chunk
         self.eigenvalues = evals
         self.rank = int(evals.numel())
         self.dim = dim
@@ -223,14 +228,40 @@ class ProjectedCurvature:
 
     def quad(self, deltas: Mapping[str, Tensor]) -> Tensor:
         """Σᵢλᵢcᵢ² + Σ_ℓ λ̄_ℓ‖δ_ℓ − U_ℓc‖², c = Uᵀδ, expanded so untouched layers cost nothing."""
-        parts = {name: torch.einsum("k...,n...->nk", self.blocks[name], d) for name, d in deltas.items()}
-        c = sum(parts.values())
+        moves = []
+        for name, d in deltas.items():
+            part = torch.einsum("k...,n...->nk", self.blocks[name], d)
+            moves.append((self.layer_bulk[name], part, d.reshape(d.shape[0], -1).pow(2).sum(dim=1)))
+        return self._form(moves)
+
+    def quad_pairs(self, family: FamilyPairs) -> Tensor:
+        """quad(family.dense()) for all of a family's pairs from k projections per ordered pair of
+        layers, U_lᵀ(W_j − W_l) (one [k, d_l] x [d_l, m] product per layer), instead of a
+        direction over every layer of the family per pair, of which it moves two."""
+        m = len(family.names)
+        proj, sq = [], []
+        for layer, name in enumerate(family.names):
+            for i in range(0, m, self.chunk):
+                d = family.differences(layer, slice(i, i + self.chunk))
+                proj.append(torch.einsum("k...,n...->nk", self.blocks[name], d))
+                sq.append(d.reshape(d.shape[0], -1).pow(2).sum(dim=1))
+        # table[l, j] over the ordered pairs; sides() picks U_aᵀd and U_bᵀ(−d) for each pair
+        at_a, at_b = family.sides(torch.cat(proj).reshape(m, m, -1))
+        dist, _ = family.sides(torch.cat(sq).reshape(m, m))  # ‖d‖²
+        bulk = torch.tensor([self.layer_bulk[n] for n in family.names], dtype=dist.dtype, device=dist.device)
+        bulk_a, bulk_b = family.sides(bulk[:, None].expand(m, m))
+        alpha, beta = family.coef
+        return self._form([(bulk_a, alpha * at_a, alpha**2 * dist), (bulk_b, -beta * at_b, beta**2 * dist)])
+
+    def _form(self, moves: Sequence[tuple[float | Tensor, Tensor, Tensor]]) -> Tensor:
+        """The form from each moved layer's (λ̄_ℓ, U_ℓᵀδ_ℓ [n, k], ‖δ_ℓ‖² [n]):
+        Σᵢλᵢcᵢ² + cᵀ(Σ_ℓ λ̄_ℓU_ℓᵀU_ℓ)c + Σ_moved λ̄_ℓ(‖δ_ℓ‖² − 2cᵀU_ℓᵀδ_ℓ), c = Σ_ℓ U_ℓᵀδ_ℓ."""
+        c = sum(part for _, part, _ in moves)
         assert isinstance(c, Tensor)
         lam = self.eigenvalues.to(device=c.device, dtype=c.dtype)
         value = (c.pow(2) * lam).sum(dim=1) + ((c @ self.mix) * c).sum(dim=1)
-        for name, d in deltas.items():
-            sq = d.reshape(d.shape[0], -1).pow(2).sum(dim=1)
-            value = value + self.layer_bulk[name] * (sq - 2 * (c * parts[name]).sum(dim=1))
+        for bulk, part, sq in moves:
+            value = value + bulk * (sq - 2 * (c * part).sum(dim=1))
         return value.clamp_min(0.0) if self.kind is CurvatureKind.ggn else value
 
 

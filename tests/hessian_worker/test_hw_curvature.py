@@ -238,6 +238,13 @@ def test_nystrom_top_eigenpairs_and_unbiased_block_traces() -> None:
     assert bool((found.eigenvalues <= spectrum[:14] * (1 + 1e-9)).all())  # Nyström never overshoots
     align = (found.eigenvectors[:, :4].T @ q[:, :4]).abs().diagonal()
     assert float(align.min()) > 0.999
+    # rank: the leading pairs of the same sketch, only fewer formed (the rest of it still sharpens them)
+    few = nystrom(lambda rows: rows @ mat, dim, 14, torch.Generator().manual_seed(0), blocks=sizes, rank=4,
+                  dtype=torch.float64)
+    assert few.eigenvectors.shape == (dim, 4)
+    torch.testing.assert_close(few.eigenvalues, found.eigenvalues[:4], rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(few.eigenvectors, found.eigenvectors[:, :4], rtol=0.0, atol=1e-12)
+    torch.testing.assert_close(few.block_traces, found.block_traces, rtol=1e-12, atol=0.0)
     # block traces: unbiased over seeds (the mean of 200 sketches within 4 standard errors)
     runs = torch.stack([nystrom(lambda rows: rows @ mat, dim, 4, torch.Generator().manual_seed(s), blocks=sizes,
                                 dtype=torch.float64).block_traces for s in range(200)])
