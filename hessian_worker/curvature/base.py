@@ -66,18 +66,22 @@ def unflatten(vec: Tensor, shapes: Mapping[str, torch.Size]) -> Params:
 
 
 def map_products(fn: Callable[[Params], Params], rows: Tensor, shapes: Mapping[str, torch.Size],
-                 chunk: int, dtype: torch.dtype | None = None) -> Tensor:
+                 chunk: int, dtype: torch.dtype | None = None, *, out: Tensor | None = None,
+                 weight: float = 1.0) -> Tensor:
     """Applies an operator (e.g. an HVP) to every row of ``rows`` [n, d], ``chunk`` rows per vmap call.
 
     Rows are flat vectors over ``shapes`` in order; results come back flat the same way, in
     ``dtype`` (default: the rows'; an operator run in bfloat16 may keep its results so, which
-    halves the copy and its memory without losing anything it computed).
+    halves the copy and its memory without losing anything it computed), times ``weight``; with
+    ``out`` given they are added to it instead (a sum of operators without a second [n, d] buffer).
     ``chunk=1`` runs a plain loop, for models with operators that have no vmap batching rule.
     """
     names = list(shapes)
     sizes = block_sizes(shapes)
+    accumulate = out is not None
     # filled in place: over millions of parameters a copy costs like a product
-    out = torch.empty(rows.shape, dtype=dtype or rows.dtype, device=rows.device)
+    if out is None:
+        out = torch.empty(rows.shape, dtype=dtype or rows.dtype, device=rows.device)
     for i in range(0, rows.shape[0], chunk):
         part = rows[i : i + chunk]
         if chunk == 1:
@@ -86,7 +90,11 @@ def map_products(fn: Callable[[Params], Params], rows: Tensor, shapes: Mapping[s
             split = {n: x.reshape(part.shape[0], *shapes[n]) for n, x in zip(names, part.split(sizes, dim=1), strict=True)}
             res = vmap(fn)(split)
         for n, dest in zip(names, out[i : i + chunk].split(sizes, dim=1), strict=True):
-            dest.copy_(res[n].detach().reshape(part.shape[0], -1))
+            value = res[n].detach().reshape(part.shape[0], -1)
+            if accumulate:
+                dest.add_(value, alpha=weight)
+            else:
+                dest.copy_(value if weight == 1.0 else value * weight)
     return out
 
 

@@ -10,12 +10,13 @@ back to reverse-over-reverse (vjp of grad), the same H·v for the symmetric Hess
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
+from hessian_worker.curvature.base import map_products
 from hessian_worker.objective import Objective, Params
 
 
@@ -66,24 +67,59 @@ def hessian_quad_form(obj: Objective) -> Callable[[Params], Tensor]:
     return quad
 
 
+def batch_ggn_hvp(obj: Objective, b: int, names: list[str]) -> Callable[[Params], Params]:
+    """v -> J_bᵀ H_out,b J_b v for batch ``b`` over ``names``.
+
+    The batch's forward and its graph (the VJP) are built here, once, and every v reuses them; built
+    inside a vmapped function instead, they would be rebuilt per call at several times the cost of
+    the forward (MiniLM, 12 vectors in two vmap calls: 2.07 s -> 1.68 s).
+    """
+    p0 = {n: obj.params0[n] for n in names}
+
+    def f(p: Params) -> Tensor:
+        return obj.output(p, b)
+
+    y, pull = vjp(f, p0)
+
+    def hvp(v: Params) -> Params:
+        jv = jvp(f, (p0,), (v,))[1]
+        return pull(_output_hvp(obj, b, y, jv))[0]
+
+    return hvp
+
+
 def ggn_hvp(obj: Objective) -> Callable[[Params], Params]:
     """v -> Gv over the names in v (one JVP, one output HVP, one VJP per batch)."""
 
     def hvp(v: Params) -> Params:
-        p0 = {n: obj.params0[n] for n in v}
         out = {n: torch.zeros_like(t) for n, t in v.items()}
         for b, w in enumerate(obj.weights):
-            def f(p: Params, b: int = b) -> Tensor:
-                return obj.output(p, b)
-
-            y, pull = vjp(f, p0)
-            jv = jvp(f, (p0,), (v,))[1]
-            (g,) = pull(_output_hvp(obj, b, y, jv))
+            g = batch_ggn_hvp(obj, b, list(v))(v)
             for n in out:
                 out[n] = out[n] + w * g[n]
         return out
 
     return hvp
+
+
+def ggn_matmat(obj: Objective, shapes: Mapping[str, torch.Size], chunk: int,
+               dtype: torch.dtype | None = None) -> Callable[[Tensor], Tensor]:
+    """rows [n, d] -> G rows (flat over ``shapes``, in ``dtype``), batch by batch: each batch's
+    forward and graph are built once for all n rows (``batch_ggn_hvp``), ``chunk`` rows per vmap call.
+    Rows are cast to the objective's dtype (it may run in a lower precision than the rows)."""
+    names = list(shapes)
+    low = obj.params0[names[0]].dtype
+
+    def matmat(rows: Tensor) -> Tensor:
+        out = None
+        for b, w in enumerate(obj.weights):
+            op = batch_ggn_hvp(obj, b, names)
+            out = map_products(lambda v, op=op: op({n: t.to(low) for n, t in v.items()}), rows, shapes, chunk,
+                               dtype, out=out, weight=w)
+        assert out is not None
+        return out
+
+    return matmat
 
 
 def hessian_hvp(obj: Objective) -> Callable[[Params], Params]:

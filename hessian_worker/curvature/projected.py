@@ -29,7 +29,7 @@ from hessian_worker.curvature.base import (
     flat_dim,
     map_products,
 )
-from hessian_worker.curvature.functional import ggn_hvp, hessian_hvp
+from hessian_worker.curvature.functional import ggn_hvp, ggn_matmat, hessian_hvp
 from hessian_worker.curvature.lanczos import lanczos
 from hessian_worker.curvature.nystrom import memory_bytes as nystrom_bytes
 from hessian_worker.curvature.nystrom import nystrom
@@ -168,9 +168,12 @@ class ProjectedCurvature:
         self.sketch_dtype = low
         op = obj if low == any_p.dtype else obj.to_dtype(low)
         hvp = ggn_hvp(op) if kind is CurvatureKind.ggn else hessian_hvp(op)
-
-        def matmat(rows: Tensor) -> Tensor:  # the sketch's images stay in the products' precision
-            return map_products(lambda v: hvp({n: t.to(low) for n, t in v.items()}), rows, self.shapes, chunk, low)
+        # batched products: the sketch's images stay in the products' precision
+        if kind is CurvatureKind.ggn:
+            matmat = ggn_matmat(op, self.shapes, chunk, low)
+        else:
+            def matmat(rows: Tensor) -> Tensor:
+                return map_products(hvp, rows, self.shapes, chunk)
 
         opts = {"dtype": any_p.dtype, "device": any_p.device}
         if eigensolver is Eigensolver.nystrom:

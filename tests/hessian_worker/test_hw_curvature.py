@@ -10,7 +10,7 @@ from torch import Tensor
 from hessian_worker.curvature.base import CurvatureKind, flatten, map_products, unflatten
 from hessian_worker.curvature.diagonal import DiagonalCurvature, DiagonalMethod, estimate_diagonal
 from hessian_worker.curvature.exact import ExactCurvature
-from hessian_worker.curvature.functional import ggn_hvp, ggn_quad_form, hessian_hvp
+from hessian_worker.curvature.functional import ggn_hvp, ggn_matmat, ggn_quad_form, hessian_hvp
 from hessian_worker.curvature.hutchinson import trace
 from hessian_worker.curvature.lanczos import lanczos
 from hessian_worker.curvature.nystrom import nystrom
@@ -271,6 +271,10 @@ def test_map_products_batched_equals_one_by_one(mlp_obj: Objective) -> None:
     one = torch.stack([flatten(hvp(unflatten(r, sh)), mlp_obj.names) for r in rows])
     _close(map_products(hvp, rows, sh, chunk=2), one)
     _close(map_products(hvp, rows, sh, chunk=1), one)
+    # batch by batch (each batch's graph built once), weighted and summed in place: the same G rows
+    assert len(mlp_obj.weights) == 3
+    _close(ggn_matmat(mlp_obj, sh, chunk=2)(rows), one)
+    _close(ggn_matmat(mlp_obj, sh, chunk=1)(rows), one)
 
 
 def test_diagonal_hutchinson_converges(mlp_obj: Objective) -> None:
