@@ -3,8 +3,10 @@
 Reports, in one run on the same 16 calibration sentences (bench/corpus.py):
 - the time of one forward+backward of the calibration loss (the baseline),
 - each backend's time to produce all pair costs of all six families, and per pair (warm: the
-  second of two runs in this process, so torch.func's one-time dispatch set-up is not counted;
-  the first run's time is reported beside it),
+  median of ``--repeats`` runs after a first, cold one in this process, so torch.func's one-time
+  dispatch set-up is not counted and one slow run (page faults of fresh memory vary from run to
+  run by up to 30% here) does not decide a ratio; the rounds interleave the backends; the cold
+  run's time is reported beside it),
 - the Spearman rank correlation of each backend's pair costs with `exact`'s, per family and over
   all pairs.
 
@@ -16,7 +18,7 @@ Then the same timing (exact against the default projected) on a MiniLM-shaped BE
 layers (`--deep`, random weights: a timing, not a ranking), where exact's pair count grows as L²
 while projected's sketch stays 12 HVPs.
 
-    python bench/curvature_bench.py [--deep 12]
+    python bench/curvature_bench.py [--deep 12] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -89,21 +91,23 @@ def deep_timing(loaded, calib: list[str], layers: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deep", type=int, default=12, help="layers of the deeper timing model (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3, help="warm runs per backend after the cold one (median reported)")
     args = parser.parse_args()
     loaded = load_model("minilm")
     model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
     calib, _ = split(16, 0, seed=0)
     t_fb = forward_backward_time(copy.deepcopy(model), tokenizer, calib)
-    rows, problems = {}, {}
-    for name, options in VARIANTS.items():
-        config = AnalyzeConfig(batch_size=16, seed=0, progress=False, **options)
-        times = []
-        for _ in range(2):
+    configs = {name: AnalyzeConfig(batch_size=16, seed=0, progress=False, **options) for name, options in VARIANTS.items()}
+    problems, times = {}, {name: [] for name in VARIANTS}
+    # rounds interleave the variants, so a slow spell of the machine falls on all of them alike
+    for round_ in range(1 + args.repeats):
+        for name, config in configs.items():
             t = time.perf_counter()
             problems[name] = analyze(copy.deepcopy(model), calib, config, tokenizer=tokenizer)
-            times.append(time.perf_counter() - t)
-        rows[name] = {"options": options, "seconds": times[1], "cold_seconds": times[0]}
-        print(name, rows[name], flush=True)
+            times[name].append(time.perf_counter() - t)
+        print(f"round {round_}:", {name: round(ts[-1], 2) for name, ts in times.items()}, flush=True)
+    rows = {name: {"options": VARIANTS[name], "seconds": statistics.median(ts[1:]), "cold_seconds": ts[0],
+                   "warm_runs": ts[1:]} for name, ts in times.items()}
     layers = problems["exact"].layers
     families = sorted({x.family for x in layers})
     pairs = {f: [(a, b) for a in range(len(layers)) for b in range(a + 1, len(layers)) if layers[a].family == layers[b].family == f] for f in families}
@@ -128,7 +132,7 @@ def main() -> None:
     deep = deep_timing(loaded, calib, args.deep) if args.deep else None
     (RESULTS / "curvature_bench.json").write_text(json.dumps({"meta": meta, "backends": rows, "deep": deep}, indent=2))
     lines = ["# Curvature backends on MiniLM", "", f"Command: `{meta['command']}`  ", f"{meta['machine']}; {len(calib)} sentences; one forward+backward {t_fb * 1000:.1f} ms; {n_pairs} pairs", "",
-             "| backend | options | all pairs s (cold) | per pair ms | per pair / fwd+bwd | time / exact | Spearman vs exact, all pairs | per family |", "|---|---|---|---|---|---|---|---|"]
+             "| backend | options | all pairs s, warm median (cold) | per pair ms | per pair / fwd+bwd | time / exact | Spearman vs exact, all pairs | per family |", "|---|---|---|---|---|---|---|---|"]
     for b, r in rows.items():
         sp = ", ".join(f"{f.removesuffix('.weight')}: {v:.2f}" for f, v in r["spearman_vs_exact"].items())
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if k != "backend") or "defaults"

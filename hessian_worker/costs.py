@@ -7,7 +7,6 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -59,14 +58,15 @@ class FamilyPairs:
         return cls(list(names), [weights[n] for n in names], list(pairs),
                    (0.5, -0.5) if kind is CostKind.pairwise else (1.0, 0.0))
 
-    @cached_property
-    def stacked(self) -> Tensor:
-        """[m, *shape]: the members' weights, stacked once for every ``differences``."""
-        return torch.stack(self.weights)
-
     def differences(self, layer: int, rows: slice = slice(None)) -> Tensor:
-        """[m, *shape]: W_j − W_layer for the members j in ``rows`` (all by default)."""
-        return self.stacked[rows] - self.weights[layer]
+        """[m, *shape]: W_j − W_layer for the members j in ``rows`` (all by default), written
+        straight into the result (no stacked copy of the family's weights)."""
+        members = self.weights[rows]
+        base = self.weights[layer]
+        out = torch.empty(len(members), *base.shape, dtype=base.dtype, device=base.device)
+        for row, w in zip(out, members, strict=True):
+            torch.sub(w, base, out=row)
+        return out
 
     def sides(self, table: Tensor) -> tuple[Tensor, Tensor]:
         """From table[l, j] = f(W_j − W_l) (any trailing shape), each pair's (f(d) at a, f(−d) at b)."""
