@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.costs import FamilyPairs, PairPredict, cost_matrix
-from hessian_worker.curvature.base import Curvature, Params
+from hessian_worker.curvature.base import Curvature, PairCurvature, Params
 from hessian_worker.curvature.diagonal import DiagonalCurvature, estimate_diagonal
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.curvature.functional import gradient
@@ -84,14 +84,16 @@ class Predictor:
 
     def family_pairs(self, family: FamilyPairs) -> Tensor:
         """The same for every pair of a family, through the backend's ``quad_pairs``."""
-        value = 0.5 * self.curvature.quad_pairs(family)  # type: ignore[attr-defined]
+        if not isinstance(self.curvature, PairCurvature):
+            raise TypeError(f"{type(self.curvature).__name__} has no pair route: use pair_route, which is None for it")
+        value = 0.5 * self.curvature.quad_pairs(family)
         return value + family.linear(self.grads) if self.grads is not None else value
 
     @property
     def pair_route(self) -> PairPredict | None:
         """``family_pairs`` where the backend prices pairs from per-layer quantities, else None
         (the pairs then go as dense directions through ``__call__``)."""
-        return self.family_pairs if hasattr(self.curvature, "quad_pairs") else None
+        return self.family_pairs if isinstance(self.curvature, PairCurvature) else None
 
 
 def make_predict(obj: Objective, curvature: Curvature) -> Predictor:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.func import vmap
+
+if TYPE_CHECKING:
+    from hessian_worker.costs import FamilyPairs
 
 Params = dict[str, Tensor]
 
@@ -25,6 +28,16 @@ class Curvature(Protocol):
 
     def quad(self, deltas: Mapping[str, Tensor]) -> Tensor:
         """δᵀHδ for n directions; ``deltas[name]`` has shape [n, *param.shape]; absent names are 0."""
+        ...
+
+
+@runtime_checkable
+class PairCurvature(Curvature, Protocol):
+    """A form that also prices every pair of a family at once, from per-layer quantities of the
+    differences W_j − W_l, instead of one dense direction over the family per pair."""
+
+    def quad_pairs(self, family: FamilyPairs) -> Tensor:
+        """``quad(family.dense())``, the same numbers."""
         ...
 
 

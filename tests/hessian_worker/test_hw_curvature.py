@@ -225,9 +225,10 @@ def test_nystrom_full_sketch_recovers_spectrum_and_block_traces() -> None:
     torch.testing.assert_close(found.block_traces, torch.tensor(true_blocks, dtype=torch.float64), rtol=1e-9, atol=1e-9)
 
 
-def test_nystrom_top_eigenpairs_and_unbiased_block_traces() -> None:
+@pytest.mark.parametrize(("dim", "sizes"), [(60, [20, 25, 15]), (100, [35, 40, 25])])
+def test_nystrom_top_eigenpairs_and_unbiased_block_traces(dim: int, sizes: list[int]) -> None:
+    """dim 60: Gaussian test vectors (the sketch is within 64 of dim); 100: random signs."""
     g = torch.Generator().manual_seed(4)
-    dim, sizes = 60, [20, 25, 15]
     q = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
     spectrum = 100.0 * 0.5 ** torch.arange(dim, dtype=torch.float64)  # fast decay: a sketch of 14 finds 6
     mat = q @ torch.diag(spectrum) @ q.T
@@ -248,10 +249,22 @@ def test_nystrom_top_eigenpairs_and_unbiased_block_traces() -> None:
     # block traces: unbiased over seeds (the mean of 200 sketches within 4 standard errors)
     runs = torch.stack([nystrom(lambda rows: rows @ mat, dim, 4, torch.Generator().manual_seed(s), blocks=sizes,
                                 dtype=torch.float64).block_traces for s in range(200)])
-    truth = torch.tensor([float(torch.diagonal(mat)[a:a + n].sum()) for a, n in zip([0, 20, 45], sizes, strict=True)],
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    truth = torch.tensor([float(torch.diagonal(mat)[a:a + n].sum()) for a, n in zip(starts, sizes, strict=True)],
                          dtype=torch.float64)
     err = runs.std(0) / 200**0.5
     assert bool(((runs.mean(0) - truth).abs() < 4 * err).all())
+
+
+def test_nystrom_sign_probes_are_exact_on_a_diagonal() -> None:
+    """With random signs every probe xᵀG_bb x of a diagonal block is its trace exactly (x_i² = 1):
+    the sign estimator is the one in use, and it is Hutchinson on X, not on the orthonormalized Ω."""
+    dim, sizes = 90, [30, 40, 20]
+    diag = torch.rand(dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+    found = nystrom(lambda rows: rows * diag, dim, 6, torch.Generator().manual_seed(0), blocks=sizes,
+                    dtype=torch.float64)
+    truth = torch.stack([diag[:30].sum(), diag[30:70].sum(), diag[70:].sum()])
+    torch.testing.assert_close(found.block_probes, truth[:, None].expand(3, 6), rtol=1e-12, atol=0.0)
 
 
 def test_nystrom_refused_for_the_full_hessian(mlp_obj: Objective) -> None:

@@ -125,7 +125,10 @@ def test_task_loss_pairs_keep_the_first_order_term(backend: str) -> None:
 
 
 def test_exact_keeps_the_dense_route(deep_obj: Objective) -> None:
-    assert make_predict(deep_obj, ExactCurvature(deep_obj)).pair_route is None
+    predict = make_predict(deep_obj, ExactCurvature(deep_obj))
+    assert predict.pair_route is None
+    with pytest.raises(TypeError, match="no pair route"):
+        predict.family_pairs(family_of(deep_obj, CostKind.pairwise))
 
 
 def test_a_family_of_one_has_no_pairs(deep_obj: Objective) -> None:
