@@ -6,7 +6,7 @@ The same sketch also estimates the trace of every diagonal block (Hutchinson wit
 vectors), which the projected backend needs for its per-layer bulk curvature.
 
 The test vectors are random signs (Rademacher) unless the sketch is nearly as wide as the matrix:
-signs are cheaper to draw (MiniLM, 12 x 10.6M: 0.56 s against 0.69 s) and their Hutchinson
+signs are cheaper to draw (MiniLM, 12 x 10.6M: 0.24 s against 0.69 s) and their Hutchinson
 estimate has the lower variance (no diagonal term: 2Σ_{i≠j}G_ij² against Gaussian's 2‖G‖_F²), but s
 sign vectors in dimension d are linearly dependent with probability up to 2^(s-d) (a k-dimensional
 subspace holds at most 2^k of them, Odlyzko), which the Cholesky QR cannot take; within 64 of d the
@@ -77,7 +77,7 @@ def nystrom(
         raise ValueError(f"block sizes sum to {sum(blocks)}, not dim={dim}")
     s = max(1, min(sketch, dim))
     gaussian = dim - s < 64  # else s sign rows are dependent with probability <= 2^(s-dim) <= 2^-64
-    raw = test_rows(s, dim, generator, dtype, gaussian=gaussian).to(device)  # X
+    raw = sketch_rows(s, dim, generator, dtype, gaussian=gaussian).to(device)  # X
     image = matmat(raw)  # [s, dim] rows: G xᵢ
     # every product over dim below comes from one float64 pass over [X; GX]; only the eigenvectors touch dim again
     raw_joint, cross = sketch_gram(raw, image, blocks)
@@ -121,13 +121,20 @@ def nystrom(
     return NystromSketch(evals.to(dtype), vecs.T, block_probes)
 
 
-def test_rows(s: int, dim: int, generator: torch.Generator, dtype: torch.dtype, *, gaussian: bool) -> Tensor:
+def sketch_rows(s: int, dim: int, generator: torch.Generator, dtype: torch.dtype, *, gaussian: bool) -> Tensor:
     """[s, dim] i.i.d. random signs (or standard normals), rows with E[xxᵀ] = I; drawn on CPU so
-    a seed means the same on every device."""
+    a seed means the same on every device.
+
+    Signs come eight to a uniform random byte, unpacked by looking the byte up in a table of its
+    eight bits as ±1 (MiniLM, 12 x 10.6M: 0.24 s; one draw per sign took 0.56 s, Gaussians 0.69 s).
+    """
     if gaussian:
         return torch.randn(s, dim, generator=generator, dtype=dtype)
-    signs = torch.randint(0, 2, (s, dim), generator=generator, dtype=torch.int8)
-    return signs.mul_(2).sub_(1).to(dtype)
+    per_row = -(-dim // 8)
+    draws = torch.randint(0, 256, (s, per_row), generator=generator, dtype=torch.int32)
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+    rows = torch.nn.functional.embedding(draws, (2 * bits - 1).to(dtype)).reshape(s, 8 * per_row)
+    return rows if 8 * per_row == dim else rows[:, :dim].contiguous()
 
 
 def sketch_gram(rows: Tensor, image: Tensor, blocks: Sequence[int], chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.curvature.functional import ggn_hvp, ggn_matmat, ggn_quad_form, hessian_hvp
 from hessian_worker.curvature.hutchinson import trace
 from hessian_worker.curvature.lanczos import lanczos
-from hessian_worker.curvature.nystrom import nystrom
+from hessian_worker.curvature.nystrom import nystrom, sketch_rows
 from hessian_worker.curvature.projected import Bulk, Eigensolver, ProjectedCurvature
 from hessian_worker.discovery import discover_layers
 from hessian_worker.objective import Objective
@@ -254,6 +254,18 @@ def test_nystrom_top_eigenpairs_and_unbiased_block_traces(dim: int, sizes: list[
                          dtype=torch.float64)
     err = runs.std(0) / 200**0.5
     assert bool(((runs.mean(0) - truth).abs() < 4 * err).all())
+
+
+@pytest.mark.parametrize("dim", [4000, 4003])
+def test_sign_test_rows_are_fair_independent_and_seeded(dim: int) -> None:
+    rows = sketch_rows(6, dim, torch.Generator().manual_seed(0), torch.float64, gaussian=False)
+    assert rows.shape == (6, dim) and rows.is_contiguous()
+    assert set(rows.unique().tolist()) == {-1.0, 1.0}
+    # E[xxᵀ] = I: the Gram is dim on the diagonal, O(sqrt(dim)) off it (5 standard deviations)
+    gram = rows @ rows.T
+    assert bool((gram.diagonal() == dim).all())
+    assert float((gram - dim * torch.eye(6, dtype=torch.float64)).abs().max()) < 5 * dim**0.5
+    assert torch.equal(rows, sketch_rows(6, dim, torch.Generator().manual_seed(0), torch.float64, gaussian=False))
 
 
 def test_nystrom_sign_probes_are_exact_on_a_diagonal() -> None:
