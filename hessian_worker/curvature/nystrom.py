@@ -6,11 +6,12 @@ The same sketch also estimates the trace of every diagonal block (Hutchinson wit
 vectors), which the projected backend needs for its per-layer bulk curvature.
 
 The test vectors are random signs (Rademacher) unless the sketch is nearly as wide as the matrix:
-signs are cheaper to draw (MiniLM, 12 x 10.6M: 0.24 s against 0.69 s) and their Hutchinson
-estimate has the lower variance (no diagonal term: 2Σ_{i≠j}G_ij² against Gaussian's 2‖G‖_F²), but s
-sign vectors in dimension d are linearly dependent with probability up to 2^(s-d) (a k-dimensional
-subspace holds at most 2^k of them, Odlyzko), which the Cholesky QR cannot take; within 64 of d the
-rows are Gaussian.
+signs are cheaper to draw (MiniLM, 12 x 10.6M: 0.24 s against 0.69 s), their Hutchinson estimate
+has no diagonal term in its variance (2Σ_{i≠j}G_ij² against Gaussian's 2‖G‖_F²), and the pair
+rankings they give match Gaussian ones (MiniLM, 24 seeds each: Spearman vs exact 0.845 against
+0.844, seed-to-seed sd 0.01). But s sign vectors in dimension d are linearly dependent with
+probability up to 2^(s-d) (a k-dimensional subspace holds at most 2^k of them, Odlyzko), which the
+Cholesky QR cannot take; within 64 of d the rows are Gaussian.
 
 Tropp, Yurtsever, Udell & Cevher, "Fixed-rank approximation of a positive-semidefinite matrix from
 streaming data" (NeurIPS 2017), Algorithm 3: the shift ν keeps the Cholesky factorization stable.
