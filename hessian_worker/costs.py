@@ -68,6 +68,15 @@ class FamilyPairs:
             torch.sub(w, base, out=row)
         return out
 
+    def table(self, fn: Callable[[str, Tensor], Tensor], chunk: int) -> Tensor:
+        """[m, m, ...]: table[l, j] = fn(name_l, W_j − W_l); ``fn`` takes a layer's name and its
+        differences to ``chunk`` members at a time ([rows, *shape]) and returns [rows, ...]."""
+        m = len(self.names)
+        return torch.stack([
+            torch.cat([fn(name, self.differences(layer, slice(i, i + chunk))) for i in range(0, m, chunk)])
+            for layer, name in enumerate(self.names)
+        ])
+
     def sides(self, table: Tensor) -> tuple[Tensor, Tensor]:
         """From table[l, j] = f(W_j − W_l) (any trailing shape), each pair's (f(d) at a, f(−d) at b)."""
         a = torch.tensor([p[0] for p in self.pairs], device=table.device)
@@ -114,12 +123,7 @@ def block_pair_quads(quad: Callable[[Mapping[str, Tensor]], Tensor], family: Fam
     α²·q_a(d) + β²·q_b(−d): every q_l(W_j − W_l) comes from single-layer directions,
     m per layer (``chunk`` at a time), instead of one direction over the whole family per pair.
     """
-    m = len(family.names)
-    table = torch.stack([
-        torch.cat([quad({name: family.differences(layer, slice(i, i + chunk))}) for i in range(0, m, chunk)])
-        for layer, name in enumerate(family.names)
-    ])
-    at_a, at_b = family.sides(table)
+    at_a, at_b = family.sides(family.table(lambda name, d: quad({name: d}), chunk))
     alpha, beta = family.coef
     return alpha**2 * at_a + beta**2 * at_b
 

@@ -242,15 +242,15 @@ class ProjectedCurvature:
         layers, U_lᵀ(W_j − W_l) (one [k, d_l] x [d_l, m] product per layer), instead of a
         direction over every layer of the family per pair, of which it moves two."""
         m = len(family.names)
-        proj, sq = [], []
-        for layer, name in enumerate(family.names):
-            for i in range(0, m, self.chunk):
-                d = family.differences(layer, slice(i, i + self.chunk))
-                proj.append(torch.einsum("k...,n...->nk", self.blocks[name], d))
-                sq.append(d.reshape(d.shape[0], -1).pow(2).sum(dim=1))
-        # table[l, j] over the ordered pairs; sides() picks U_aᵀd and U_bᵀ(−d) for each pair
-        at_a, at_b = family.sides(torch.cat(proj).reshape(m, m, -1))
-        dist, _ = family.sides(torch.cat(sq).reshape(m, m))  # ‖d‖²
+
+        def projected(name: str, d: Tensor) -> Tensor:  # [rows, k + 1]: U_lᵀd, then ‖d‖²
+            sq = d.reshape(d.shape[0], -1).pow(2).sum(dim=1, keepdim=True)
+            return torch.cat([torch.einsum("k...,n...->nk", self.blocks[name], d), sq], dim=1)
+
+        # over the ordered pairs of layers; sides() picks U_aᵀd and U_bᵀ(−d), and ‖d‖², for each pair
+        table = family.table(projected, self.chunk)
+        at_a, at_b = family.sides(table[..., :-1])
+        dist, _ = family.sides(table[..., -1])
         bulk = torch.tensor([self.layer_bulk[n] for n in family.names], dtype=dist.dtype, device=dist.device)
         bulk_a, bulk_b = family.sides(bulk[:, None].expand(m, m))
         alpha, beta = family.coef
