@@ -67,7 +67,8 @@ class CompressSpec(BaseModel):
         min_length=1,
         max_length=4096,
         description="Directory on the worker (or a shared volume) for model.safetensors, plan.json "
-        "and report.json; created if missing. A relative path is relative to the worker's cwd.",
+        "and report.json; created if missing. It must lie below the out root (GEOSHARE_OUT_ROOT); a "
+        "relative path is taken inside it.",
     )
     overwrite: bool = Field(
         False,

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.compress import CompressReport, CompressSpec
 from service.problems import ProblemDetail
@@ -98,9 +98,12 @@ class AnalysisSpec(_Request):
     """
 
     model: str = Field(min_length=1, max_length=1024,
-                       description="minilm | a Hugging Face directory on the worker | module:factory")
+                       description="minilm | a Hugging Face directory on the worker, under a read root "
+                                   "(GEOSHARE_READ_ROOTS) | module:factory of an allowed module "
+                                   "(GEOSHARE_MODEL_MODULES)")
     data: str | None = Field(None, max_length=4096,
-                             description="Calibration data path on the worker (default: built-in sentences).")
+                             description="Calibration data path on the worker, under a read root "
+                                         "(GEOSHARE_READ_ROOTS) (default: built-in sentences).")
     backend: Backend = Backend.exact
     kind: CostKind = CostKind.pairwise
     ratio: float = Field(0.5, gt=0, le=1, description="max_params_ratio of the plan solved from the costs.")
@@ -109,12 +112,15 @@ class AnalysisSpec(_Request):
     time_limit_s: float | None = Field(None, gt=0, le=3600, description="Solve time limit (default: server's).")
     compress: CompressSpec | None = Field(None, description="Also compress and save the model (omit: costs only).")
 
-    @model_validator(mode="after")
-    def _compress_measures_pairwise(self) -> AnalysisSpec:
-        if self.compress is not None and self.kind != CostKind.pairwise:
-            raise ValueError(f"kind={self.kind.value!r} applies to costs-only analyses; a compress job measures "
+    @field_validator("compress")
+    @classmethod
+    def _compress_measures_pairwise(cls, value: CompressSpec | None, info: ValidationInfo) -> CompressSpec | None:
+        # a field validator (kind is validated before compress), so the error's loc names the field
+        kind = info.data.get("kind")
+        if value is not None and kind is not None and kind != CostKind.pairwise:
+            raise ValueError(f"kind={kind.value!r} applies to costs-only analyses; a compress job measures "
                              "pairwise costs and chooses among candidate plans: drop kind or compress")
-        return self
+        return value
 
     def stored(self) -> str:
         """Canonical JSON for the store; without ``compress`` when unset, so the stored request (and

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import Annotated
 
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_concurrency() -> int:
@@ -13,7 +16,56 @@ def _default_concurrency() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-class Settings(BaseSettings):
+def _split_list(value: object) -> object:
+    # GEOSHARE_READ_ROOTS=/models,/data (commas; a JSON list works too); "" (compose's unset) is none
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class AccessSettings(BaseSettings):
+    """What analysis jobs may read, import and write (service/access.py applies it).
+
+    The API checks each submitted job against its own copy and the worker checks it again against
+    its own, as the two may run on different machines. Safe by default: no read roots, no modules.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="GEOSHARE_", extra="ignore")
+
+    read_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders jobs may read models (Hugging Face directories) and data from, comma-separated "
+                    "(none: only the packaged model 'minilm' and the built-in data).")
+    out_root: Path = Field(Path("geoshare-out"),
+                           description="Folder compress outputs go under; a relative compress.out is resolved in "
+                                       "it (default: ./geoshare-out of the process).")
+    model_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Modules (or module:factory names) whose zero-argument factories jobs may name as "
+                    "'module:factory', comma-separated (none by default).")
+
+    @field_validator("read_roots", "model_modules", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("model_modules")
+    @classmethod
+    def _module_names(cls, value: list[str]) -> list[str]:
+        from service.access import check_module_entry
+
+        return [check_module_entry(entry) for entry in value]
+
+    @field_validator("out_root", mode="before")
+    @classmethod
+    def _empty_out_root_is_default(cls, value: object) -> object:
+        return "geoshare-out" if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+class Settings(AccessSettings):
     """Everything the API server can be told; one object, handed to ``create_app``."""
 
     model_config = SettingsConfigDict(env_prefix="GEOSHARE_", extra="ignore")
@@ -51,7 +103,7 @@ class Settings(BaseSettings):
         return max(1, (os.cpu_count() or 1) // self.concurrency)
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(AccessSettings):
     """Settings of ``geoshare worker`` (the GPU analysis worker); flags override them."""
 
     model_config = SettingsConfigDict(env_prefix="GEOSHARE_", extra="ignore")

@@ -1,7 +1,10 @@
 """The GPU worker loop: claim an analysis, heartbeat while it runs, hand in the costs.
 
 A compress job (a spec with ``compress``) runs the whole chain instead and hands in the costs
-with its report. Both functions are injected (tests use tiny ones); the defaults run
+with its report. Before anything runs, the job's model, data and output folder are checked against
+this worker's own access settings (service/access.py), on its own file system: the API checked
+them at submission, but it may be another machine with other mounts, and a symlink may have
+appeared since; the job then runs on the resolved paths that were checked. Both functions are injected (tests use tiny ones); the defaults run
 ``hessian_worker.analyze`` and ``hessian_worker.compress``, imported only when the first job
 arrives, so the loop needs no torch.
 """
@@ -19,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from service.access import AccessDenied, AccessRules
 from service.client import ApiError, GeoShareClient
 from service.compress import compress_config
 from service.models import AnalysisSpec
@@ -82,9 +86,19 @@ def default_compress(spec: AnalysisSpec, job_id: str, device: str = "auto") -> C
     return Compressed(problem=report.problem, report=doc)
 
 
+def worker_rules() -> AccessRules:
+    """This worker's access rules, from its settings (GEOSHARE_READ_ROOTS, _OUT_ROOT, _MODEL_MODULES)."""
+    from service.settings import WorkerSettings
+
+    return AccessRules.of(WorkerSettings(), side="this worker")
+
+
 def process(client: GeoShareClient, claim: dict[str, Any], analyze_fn: AnalyzeFn, lease_s: float,
-            compress_fn: CompressFn | None = None) -> bool:
-    """Run one claimed job to the end; True when its costs (and report) were accepted."""
+            compress_fn: CompressFn | None = None, access: AccessRules | None = None) -> bool:
+    """Run one claimed job to the end; True when its costs (and report) were accepted.
+
+    A job ``access`` (default: this worker's settings) refuses fails at once, with nothing loaded,
+    read or written."""
     job_id, lease = claim["id"], claim["lease"]
     lease_s = float(claim.get("lease_s") or lease_s)
     stop, lost = threading.Event(), threading.Event()
@@ -104,11 +118,17 @@ def process(client: GeoShareClient, claim: dict[str, Any], analyze_fn: AnalyzeFn
     report: dict[str, Any] | None = None
     try:
         spec = AnalysisSpec.model_validate(claim["spec"])
+        spec = (access or worker_rules()).check(spec, on_worker=True)
         if spec.compress is None:
             problem = analyze_fn(spec)
         else:
             done = (compress_fn or default_compress)(spec, job_id)
             problem, report = done.problem, done.report
+    except AccessDenied as exc:  # the job asks for what this worker does not allow: no retry
+        log.warning("analysis %s refused: %s", job_id, exc)
+        if not lost.is_set():
+            _report_failure(client, job_id, lease, exc)
+        return False
     except Exception as exc:  # report every failure to the API; the worker keeps serving
         log.exception("analysis %s failed", job_id)
         if not lost.is_set():
@@ -140,9 +160,13 @@ def _report_failure(client: GeoShareClient, job_id: str, lease: str, exc: BaseEx
 def run_worker(api: str, *, api_key: str | None = None, worker_id: str | None = None, poll_s: float = 2.0,
                lease_s: float = 120.0, max_jobs: int | None = None, device: str = "auto",
                analyze_fn: AnalyzeFn | None = None, compress_fn: CompressFn | None = None,
-               stop: threading.Event | None = None, client: GeoShareClient | None = None) -> int:
-    """Serve analysis jobs until ``stop`` is set or ``max_jobs`` were taken; the number taken."""
+               stop: threading.Event | None = None, client: GeoShareClient | None = None,
+               access: AccessRules | None = None) -> int:
+    """Serve analysis jobs until ``stop`` is set or ``max_jobs`` were taken; the number taken.
+
+    ``access`` is what jobs may load, read and write here (default: this worker's settings)."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    access = access or worker_rules()
     analyze_fn = analyze_fn or partial(default_analyze, device=device)
     compress_fn = compress_fn or partial(default_compress, device=device)
     stop = stop or threading.Event()
@@ -162,7 +186,7 @@ def run_worker(api: str, *, api_key: str | None = None, worker_id: str | None = 
                 continue
             taken += 1
             log.info("claimed analysis %s (%s)", claim["id"], claim["spec"].get("model"))
-            ok = process(client, claim, analyze_fn, lease_s, compress_fn)
+            ok = process(client, claim, analyze_fn, lease_s, compress_fn, access)
             log.info("analysis %s %s", claim["id"], "handed in" if ok else "not completed")
     finally:
         if own:

@@ -13,9 +13,11 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
+from service.access import AccessDenied, AccessRules
 from service.compress import Completion, CompressResult
 from service.db import Job
 from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
@@ -23,6 +25,7 @@ from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
 from service.models import AnalysisJob, AnalysisSpec, Claim, ClaimRequest, FailRequest, Lease, dumps
 from service.problems import ApiProblem, problem
 from service.routes.plans import IdemKey, JobId, Wait
+from service.settings import AccessSettings
 from solver import SharingProblem
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"], dependencies=Auth)
@@ -66,10 +69,30 @@ async def create_analysis(spec: AnalysisSpec, store: StoreDep, settings: Setting
                          f"time_limit_s={spec.time_limit_s:g} exceeds this server's cap of "
                          f"{settings.max_time_limit_s:g} s (GEOSHARE_MAX_TIME_LIMIT_S); lower it",
                          field="time_limit_s", limit=settings.max_time_limit_s)
+    denied = await run_in_threadpool(_denied, spec, settings)  # realpath may touch a slow mount
+    if denied is not None:
+        raise denied
     job = await jobs.submit(store, None, settings, "analysis", spec.stored(), idempotency_key)
     view = AnalysisJob.of(job, None)
     status = 200 if job.terminal else 202
     return jobs.json_response(view, status, {"Location": _location(job.id)})
+
+
+def _denied(spec: AnalysisSpec, settings: AccessSettings) -> RequestValidationError | None:
+    """A 422 naming the field when the spec's model, data or out is not allowed here (service/access.py).
+
+    This host resolves what it can (``..`` always, symlinks where the path exists here); the worker
+    checks again on its own file system before it runs the job.
+    """
+    try:
+        AccessRules.of(settings, side="this API").check(spec)
+    except AccessDenied as exc:
+        value: object = spec.model_dump(mode="json")
+        for key in exc.loc:
+            value = value.get(key) if isinstance(value, dict) else None
+        return RequestValidationError([{"type": "access_denied", "loc": ("body", *exc.loc), "msg": str(exc),
+                                        "input": value}])
+    return None
 
 
 @router.post("/claim", response_model=Claim, responses={

@@ -11,6 +11,20 @@ from postgres import postgres_cluster, postgres_url  # noqa: F401  (fixtures)
 from svc_cases import Server, small_problem
 
 
+# The shared server and the workers tests run in this process accept any path and the test
+# factories, as before access rules existed (service/access.py); test_svc_access*.py test the rules
+# on servers and workers of their own.
+OPEN_ACCESS = {"GEOSHARE_READ_ROOTS": "/", "GEOSHARE_OUT_ROOT": "/", "GEOSHARE_MODEL_MODULES": "m,nowhere,svc_tiny"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def open_access() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in OPEN_ACCESS.items():
+            env.setenv(name, value)
+        yield
+
+
 @pytest.fixture
 def make_problem() -> Callable:
     """Factory of small random problems (see svc_cases.small_problem)."""
