@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.db import SOLVE_KINDS, IdempotencyMismatch, Job, Store
 from service.errors import problem_response
+from service.limits import caps_problem
 from service.notify import Notifier
 from service.problems import ApiProblem
 from service.runner import Runner
@@ -29,18 +30,10 @@ def check_caps(problem: SharingProblem, settings: Settings) -> None:
     Raises:
         ApiProblem: 413 for too many layers, 422 for a time limit over the cap.
     """
-    n = len(problem.layers)
-    if n > settings.max_layers:
-        raise ApiProblem(413, "too-many-layers", "Content too large",
-                         f"layers has {n} entries; this server solves at most {settings.max_layers} "
-                         "(GEOSHARE_MAX_LAYERS); split the problem by family or raise the cap",
-                         field="layers", limit=settings.max_layers)
-    limit = problem.options.time_limit_s
-    if limit > settings.max_time_limit_s:
-        raise ApiProblem(422, "time-limit-too-long", "Time limit over the cap",
-                         f"options.time_limit_s={limit:g} exceeds this server's cap of "
-                         f"{settings.max_time_limit_s:g} s (GEOSHARE_MAX_TIME_LIMIT_S); lower it",
-                         field="options.time_limit_s", limit=settings.max_time_limit_s)
+    doc = caps_problem(len(problem.layers), problem.options.time_limit_s, settings.max_layers,
+                       settings.max_time_limit_s)
+    if doc is not None:
+        raise ApiProblem.of(doc)
 
 
 def request_hash(request: str) -> str:

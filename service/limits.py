@@ -1,11 +1,70 @@
-"""Request body cap, enforced before any parsing (a huge matrix is refused, not read)."""
+"""What is refused before the work: a missing API key, an oversize body, a problem over the caps.
+
+The key is checked and the body size capped in pure ASGI, before any byte of the body is read or
+parsed. Problem bodies are parsed off the event loop: small ones in a thread, large ones in a
+process of their own, because ``json.loads`` and pydantic hold the GIL for the whole call (a
+7.9 MB body held it for 0.9 s, and every other request, ``/healthz`` included, waited).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import multiprocessing as mp
+import secrets
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from service.problems import problem
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import send_problem, validation_problem
+from service.problems import ApiProblem, problem
+
+# bodies up to this size parse in a thread: json.loads holds the GIL for about 1 ms per 8 KB here
+INLINE_PARSE_BYTES = 64 * 1024
+_JSON_TYPES = ("application/json", "application/problem+json")
+
+
+def bearer_ok(authorization: str | None, key: str) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <key>`` (compared in constant time)."""
+    if not authorization:
+        return False
+    scheme, _, token = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
+
+def unauthorized() -> dict[str, Any]:
+    return problem(401, "unauthorized", "Unauthorized",
+                   "send 'Authorization: Bearer <key>' with the key this server was started with "
+                   "(GEOSHARE_API_KEY)")
+
+
+class AuthMiddleware:
+    """Pure ASGI: 401 for ``/v1`` without the key, before the body is read.
+
+    The rest of the body is left unread; uvicorn discards it and keeps the connection, so the
+    client gets its 401 instead of a reset while it is still sending.
+    """
+
+    def __init__(self, app: Any, api_key: str | None, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.api_key = api_key
+        self.prefix = prefix
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or self.api_key is None
+                or not (scope["path"] + "/").startswith(self.prefix)):
+            await self.app(scope, receive, send)
+            return
+        raw = dict(scope.get("headers") or []).get(b"authorization")
+        if bearer_ok(raw.decode("latin-1") if raw is not None else None, self.api_key):
+            await self.app(scope, receive, send)
+            return
+        await send_problem(send, {**unauthorized(), "instance": scope["path"]},
+                           [(b"www-authenticate", b"Bearer")])
 
 
 class BodyLimitMiddleware:
@@ -57,8 +116,109 @@ class BodyLimitMiddleware:
                       f"the request body has {got}; this server takes at most {self.max_bytes} bytes "
                       "(GEOSHARE_MAX_BODY_BYTES); send a smaller problem (fewer layers) or raise the cap",
                       instance=scope.get("path"))
-        data = json.dumps(doc).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/problem+json"),
-                                (b"content-length", str(len(data)).encode()), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": data})
+        # the rest of an oversize body is not worth reading: close once the answer is out
+        await send_problem(send, doc, [(b"connection", b"close")])
+
+
+# --- problem bodies ---------------------------------------------------------------------------
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON; send finite numbers (null forbids a pair)")
+
+
+def caps_problem(n_layers: int, time_limit_s: float | None, max_layers: int,
+                 max_time_limit_s: float) -> dict[str, Any] | None:
+    """The problem document for a problem over this server's caps, None when within them."""
+    if n_layers > max_layers:
+        return problem(413, "too-many-layers", "Content too large",
+                       f"layers has {n_layers} entries; this server solves at most {max_layers} "
+                       "(GEOSHARE_MAX_LAYERS); split the problem by family or raise the cap",
+                       field="layers", limit=max_layers)
+    if time_limit_s is not None and time_limit_s > max_time_limit_s:
+        return problem(422, "time-limit-too-long", "Time limit over the cap",
+                       f"options.time_limit_s={time_limit_s:g} exceeds this server's cap of "
+                       f"{max_time_limit_s:g} s (GEOSHARE_MAX_TIME_LIMIT_S); lower it",
+                       field="options.time_limit_s", limit=max_time_limit_s)
+    return None
+
+
+def parse_problem(body: bytes, max_layers: int, max_time_limit_s: float) -> tuple[str, Any]:
+    """Body -> ``("ok", canonical JSON)`` or ``("problem", doc)``; runs in a thread or a process.
+
+    The layer count is checked on the parsed JSON, before pydantic builds a model of it. Only
+    strings and plain dicts come back, so nothing heavy crosses the process boundary.
+    """
+    from service.models import dumps
+    from solver import SharingProblem
+
+    try:
+        data = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN, 5000-digit ints
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        return "problem", problem(400, "unparseable-body", "Bad request",
+                                  f"the body is not JSON{where}: {str(exc)[:200]}; send a SharingProblem "
+                                  "as application/json")
+    if isinstance(data, dict) and isinstance(data.get("layers"), list):
+        doc = caps_problem(len(data["layers"]), None, max_layers, max_time_limit_s)
+        if doc is not None:
+            return "problem", doc
+    try:
+        parsed = SharingProblem.model_validate(data)
+    except ValidationError as exc:
+        return "problem", validation_problem(exc, ("body",))
+    doc = caps_problem(len(parsed.layers), parsed.options.time_limit_s, max_layers, max_time_limit_s)
+    if doc is not None:
+        return "problem", doc
+    return "ok", dumps(parsed)
+
+
+def _warm() -> None:
+    import service.models  # noqa: F401
+    import solver  # noqa: F401
+
+
+class ProblemParser:
+    """Parses problem bodies off the event loop: a thread when small, its own process when large."""
+
+    def __init__(self, max_layers: int, max_time_limit_s: float) -> None:
+        self.max_layers = max_layers
+        self.max_time_limit_s = max_time_limit_s
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_warm)
+        self._pool.submit(int)  # spawn it now: the first large body should not pay the imports
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def problem_json(self, request: Request) -> str:
+        """The request's SharingProblem as canonical JSON, checked against the caps.
+
+        Raises:
+            ApiProblem: 415 for a non-JSON content type, 400 for a body that is not JSON, 413 for
+                too many layers, 422 for an invalid problem or a time limit over the cap.
+        """
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype not in _JSON_TYPES and not ctype.endswith("+json"):
+            raise ApiProblem(415, "unsupported-media-type", "Unsupported media type",
+                             f"the body is {ctype!r}; send the SharingProblem as application/json")
+        body = await request.body()
+        args = (body, self.max_layers, self.max_time_limit_s)
+        if len(body) <= INLINE_PARSE_BYTES or self._pool is None:
+            status, payload = await run_in_threadpool(parse_problem, *args)
+        else:
+            try:
+                status, payload = await asyncio.wrap_future(self._pool.submit(parse_problem, *args))
+            except BrokenProcessPool as exc:  # the parse process died (killed): start a fresh one
+                self.stop()
+                self.start()
+                raise ApiProblem(503, "parser-restarted", "Service unavailable",
+                                 "the process parsing large bodies stopped; send the request again",
+                                 headers={"Retry-After": "1"}) from exc
+        if status != "ok":
+            raise ApiProblem.of(payload)
+        return payload

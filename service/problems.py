@@ -45,6 +45,13 @@ class ApiProblem(Exception):
         self.doc = problem(status, slug, title, detail, **ext)
         self.headers = headers or {}
 
+    @classmethod
+    def of(cls, doc: dict[str, Any], headers: dict[str, str] | None = None) -> ApiProblem:
+        """Raise a document made elsewhere (a parse in another process) as it is."""
+        exc = cls(int(doc["status"]), "", str(doc["title"]), doc.get("detail"), headers=headers)
+        exc.doc = dict(doc)
+        return exc
+
     @property
     def status(self) -> int:
         return int(self.doc["status"])

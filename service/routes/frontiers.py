@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.db import Job
-from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
+from service.deps import Auth, NotifierDep, ParserDep, RunnerDep, SettingsDep, StoreDep
 from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
-from service.models import FrontierJob, dumps
-from service.routes.plans import IdemKey, JobId, Wait
-from solver import SharingProblem
+from service.models import FrontierJob
+from service.routes.plans import PROBLEM_BODY, IdemKey, JobId, Wait, submit_responses
 
 router = APIRouter(prefix="/v1/frontiers", tags=["frontiers"], dependencies=Auth)
 
@@ -27,13 +26,15 @@ async def _get(store: StoreDep, job_id: str) -> Job:
     return job
 
 
-@router.post("", response_model=FrontierJob, responses={
-    202: {"model": FrontierJob, "description": "Queued or running; poll the Location."}, **PROBLEM_RESPONSES})
-async def create_frontier(problem: SharingProblem, store: StoreDep, runner: RunnerDep, notifier: NotifierDep,
-                          settings: SettingsDep, wait: Wait = 0.0, idempotency_key: IdemKey = None) -> Response:
-    """Queue a frontier; answer 200 with it if it finishes within `wait` seconds, else 202."""
-    jobs.check_caps(problem, settings)
-    job = await jobs.submit(store, runner, settings, "frontier", dumps(problem), idempotency_key)
+@router.post("", response_model=FrontierJob, responses=submit_responses(FrontierJob, "frontier"),
+             openapi_extra=PROBLEM_BODY)
+async def create_frontier(request: Request, parser: ParserDep, store: StoreDep, runner: RunnerDep,
+                          notifier: NotifierDep, settings: SettingsDep, wait: Wait = 0.0,
+                          idempotency_key: IdemKey = None) -> Response:
+    """Queue a frontier of the SharingProblem in the body; answer 200 with it if it finishes
+    within `wait` seconds, else 202."""
+    problem = await parser.problem_json(request)
+    job = await jobs.submit(store, runner, settings, "frontier", problem, idempotency_key)
     job = await jobs.settle(store, notifier, settings, job, wait)
     return jobs.answer(job, FrontierJob.of(job), _location(job.id), failed_as_problem=True)
 

@@ -7,16 +7,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.db import TERMINAL, Job
-from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
-from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
-from service.models import PlanJob, dumps
-from solver import SharingPlan, SharingProblem
+from service.deps import Auth, NotifierDep, ParserDep, RunnerDep, SettingsDep, StoreDep
+from service.errors import BODY_RESPONSES, PROBLEM_JSON, PROBLEM_RESPONSES
+from service.models import PlanJob
+from solver import SharingPlan
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], dependencies=Auth)
 
@@ -25,6 +25,21 @@ Wait = Annotated[float, Query(ge=0, le=3600, description="Seconds to wait for th
                                                           "(capped by the server's GEOSHARE_MAX_WAIT_S).")]
 IdemKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
                                        description="Retries with the same key return the same job.")]
+
+
+# the body is a SharingProblem, parsed by the route off the event loop (service.limits), so the
+# OpenAPI says so here; app.py adds the schema
+PROBLEM_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/SharingProblem"}}}}}
+
+
+def submit_responses(view: type, what: str) -> dict[int | str, dict]:
+    """A POST's answers: 200 finished (also a retry of a finished job), 202 pending, problems."""
+    return {200: {"model": view, "description": f"Finished within `wait`, with its {what} (or its problem "
+                  "document if it failed), or a retry with the same Idempotency-Key whose job has "
+                  "finished: that job again, with Content-Location naming it."},
+            202: {"model": view, "description": "Queued or running; poll the Location."},
+            **BODY_RESPONSES, **PROBLEM_RESPONSES}
 
 
 def _location(job_id: str) -> str:
@@ -38,13 +53,14 @@ async def _get(store: StoreDep, job_id: str) -> Job:
     return job
 
 
-@router.post("", response_model=PlanJob, responses={
-    202: {"model": PlanJob, "description": "Queued or running; poll the Location."}, **PROBLEM_RESPONSES})
-async def create_plan(problem: SharingProblem, store: StoreDep, runner: RunnerDep, notifier: NotifierDep,
-                      settings: SettingsDep, wait: Wait = 0.0, idempotency_key: IdemKey = None) -> Response:
-    """Queue a solve; answer 200 with the plan if it finishes within `wait` seconds, else 202."""
-    jobs.check_caps(problem, settings)
-    job = await jobs.submit(store, runner, settings, "plan", dumps(problem), idempotency_key)
+@router.post("", response_model=PlanJob, responses=submit_responses(PlanJob, "plan"), openapi_extra=PROBLEM_BODY)
+async def create_plan(request: Request, parser: ParserDep, store: StoreDep, runner: RunnerDep,
+                      notifier: NotifierDep, settings: SettingsDep, wait: Wait = 0.0,
+                      idempotency_key: IdemKey = None) -> Response:
+    """Queue a solve of the SharingProblem in the body; answer 200 with the plan if it finishes
+    within `wait` seconds, else 202."""
+    problem = await parser.problem_json(request)
+    job = await jobs.submit(store, runner, settings, "plan", problem, idempotency_key)
     job = await jobs.settle(store, notifier, settings, job, wait)
     return jobs.answer(job, PlanJob.of(job), _location(job.id), failed_as_problem=True)
 

@@ -82,8 +82,8 @@ def test_validation_errors_are_problem_json(client, make_problem):
     asym["costs"]["matrix"][0][1] = 7.0
     doc = _is_problem(post_problem(client, "/v1/plans", asym), 422)
     assert "symmetric" in doc["detail"]
-    doc = _is_problem(client.post("/v1/plans", content=b"{not json", headers={"Content-Type": "application/json"}), 422)
-    assert doc["errors"]
+    doc = _is_problem(client.post("/v1/plans", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
+    assert "not JSON (line 1, column 2)" in doc["detail"]
     doc = _is_problem(post_problem(client, "/v1/plans", make_problem(), wait=-1), 422)
     assert "wait" in doc["detail"]
 
@@ -101,7 +101,12 @@ def test_not_found_and_method_are_problem_json(client):
     doc = _is_problem(client.get("/v1/plans/0123abc"), 404)
     assert "0123abc" in doc["detail"]
     _is_problem(client.get("/v1/nothing-here"), 404)
-    _is_problem(client.put("/v1/plans"), 405)
+    r = client.put("/v1/plans")
+    _is_problem(r, 405)
+    assert r.headers["allow"] == "POST"
+    r = client.post("/v1/plans/0123abc")
+    _is_problem(r, 405)
+    assert r.headers["allow"] == "DELETE, GET"
     _is_problem(client.delete("/v1/analyses/nope"), 404)
 
 
