@@ -152,11 +152,15 @@ class AccessRules:
         """Whether ``module:attr`` may be imported and called (its module or itself is listed)."""
         return module in self.model_modules or f"{module}:{attr}" in self.model_modules
 
-    def model(self, value: str) -> str:
+    def model(self, value: str, *, must_exist: bool = False) -> str:
         """The model spec to load: unchanged for ``minilm`` and factories, resolved for a directory.
 
+        With ``must_exist`` (on the worker) a path must be an existing directory, so the loader never
+        takes a missing one for a ``module:factory``.
+
         Raises:
-            AccessDenied: a factory whose module is not allowed, or a path outside the read roots.
+            AccessDenied: a factory whose module is not allowed, a path outside the read roots, or
+                (``must_exist``) a path that is not a directory.
         """
         if value in PACKAGED_MODELS:
             return value
@@ -173,21 +177,21 @@ class AccessRules:
             raise AccessDenied(("model",), (
                 f"model={value!r} is neither 'minilm', a module:factory nor an absolute path; give "
                 f"'minilm' or a Hugging Face directory's absolute path under a read root ({self._roots_text()})"))
-        return str(self.readable(value, ("model",), "model directory"))
+        path = self.readable(value, ("model",), "model directory")
+        if must_exist and not path.is_dir():
+            raise AccessDenied(("model",), f"model={value!r} is not a directory on {self.side}; give a "
+                                           "Hugging Face model directory under a read root")
+        return str(path)
 
     def check(self, spec: AnalysisSpec, *, on_worker: bool = False) -> AnalysisSpec:
         """``spec`` with its model, data and output paths resolved, once all are allowed.
 
-        On the worker (``on_worker``) a model path must also be an existing directory, so the loader
-        never takes a missing one for a ``module:factory``.
+        ``on_worker``: the paths are the ones about to be used, so a model path must exist.
 
         Raises:
             AccessDenied: the first field that is not allowed (its ``loc`` names it).
         """
-        model = self.model(spec.model)
-        if on_worker and model != spec.model and not Path(model).is_dir():
-            raise AccessDenied(("model",), f"model={spec.model!r} is not a directory on {self.side}; give a "
-                                           "Hugging Face model directory under a read root")
+        model = self.model(spec.model, must_exist=on_worker)
         data = None if spec.data is None else str(self.readable(spec.data, ("data",), "data file"))
         update: dict[str, object] = {"model": model, "data": data}
         if spec.compress is not None:
