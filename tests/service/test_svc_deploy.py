@@ -83,3 +83,70 @@ def test_empty_api_key_from_compose_means_no_key(monkeypatch):
     monkeypatch.setenv("GEOSHARE_MAX_LAYERS", "7")
     settings = Settings()
     assert settings.api_key.get_secret_value() == "k" and settings.max_layers == 7
+
+
+# --- who the containers run as, and what jobs may touch in them -------------------------------
+
+
+def _instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction, continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in (ROOT / dockerfile).read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            keyword, _, args = pending.strip().partition(" ")
+            out.append((keyword.upper(), " ".join(args.split())))
+            pending = ""
+    return out
+
+
+def _compose_default(value: str) -> str:
+    """The value compose gives ``${NAME:-default}`` when NAME is unset."""
+    match = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile.api", "docker/Dockerfile.worker"])
+def test_images_run_as_a_non_root_user_that_owns_the_volumes(dockerfile):
+    steps = _instructions(dockerfile)
+    keywords = [k for k, _ in steps]
+    users = [args for k, args in steps if k == "USER"]
+    assert users and users[-1] not in ("root", "0") and not users[-1].startswith(("root:", "0:"))
+    assert keywords.index("USER") < keywords.index("CMD")
+    runs = " && ".join(args for k, args in steps if k == "RUN")
+    assert f"useradd --create-home --uid 10001 {users[-1]}" in runs  # one uid: the images share a volume
+    assert re.search(r"mkdir -p [^&]*/models/out [^&]*/models/hf", runs)
+    assert f"chown -R {users[-1]} /models" in runs
+    # VOLUME discards what later steps do to its folder, so the chown must come first
+    chown = max(i for i, (k, args) in enumerate(steps) if k == "RUN" and "chown" in args)
+    volumes = [i for i, (k, _) in enumerate(steps) if k == "VOLUME"]
+    assert volumes and chown < min(volumes)
+    env = " ".join(args for k, args in steps if k == "ENV")
+    assert "GEOSHARE_OUT_ROOT=/models/out" in env
+    assert "GEOSHARE_READ_ROOTS" not in env and "GEOSHARE_MODEL_MODULES" not in env  # the safe default
+
+
+def test_compose_gives_api_and_worker_the_same_access_settings(compose, monkeypatch):
+    from service.access import AccessRules
+    from service.settings import Settings, WorkerSettings
+
+    api, worker = compose["services"]["api"], compose["services"]["worker"]
+    names = ("GEOSHARE_READ_ROOTS", "GEOSHARE_OUT_ROOT", "GEOSHARE_MODEL_MODULES")
+    assert all(api["environment"][n] == worker["environment"][n] for n in names)
+    defaults = {n: _compose_default(worker["environment"][n]) for n in names}
+    assert defaults == {"GEOSHARE_READ_ROOTS": "/models", "GEOSHARE_OUT_ROOT": "/models/out",
+                        "GEOSHARE_MODEL_MODULES": ""}
+    mounts = {s: {v.split(":")[1]: v.split(":")[2:] for v in compose["services"][s]["volumes"]}
+              for s in ("api", "worker")}
+    assert mounts["worker"]["/models"] == [] and mounts["api"]["/models"] == ["ro"]  # api reads, worker writes
+    assert {v.split(":")[0] for v in api["volumes"] if ":/models" in v} == {"models"}
+    assert _compose_default(worker["environment"]["HF_HOME"]).startswith("/models/")
+    for name, value in defaults.items():
+        monkeypatch.setenv(name, value)
+    for settings in (Settings(), WorkerSettings()):  # what the containers' settings objects read
+        rules = AccessRules.of(settings)
+        assert [str(r) for r in rules.read_roots] == ["/models"] and str(rules.out_root) == "/models/out"
+        assert rules.model_modules == frozenset()
