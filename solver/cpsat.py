@@ -79,6 +79,12 @@ def build_model(up: UnitProblem, k: int, hint: np.ndarray | None = None) -> Cpsa
     return CpsatModel(model, x, scale)
 
 
+def cpsat_seed(seed: int) -> int:
+    """CP-SAT's random_seed is a 32-bit int; the contract's seeds are any int64 >= 0, so CP-SAT
+    gets the seed modulo 2^31 (seeds below 2^31 pass unchanged)."""
+    return seed % 2**31
+
+
 def solve_model(
     built: CpsatModel,
     up: UnitProblem,
@@ -95,7 +101,7 @@ def solve_model(
     p.max_time_in_seconds = 3 * time_limit_s + 1 if wall_limit_s is None else wall_limit_s
     p.num_workers = workers
     p.interleave_search = True
-    p.random_seed = seed
+    p.random_seed = cpsat_seed(seed)
     p.linearization_level = 2
     if workers <= 8:
         p.extra_subsolvers.append("max_lp")

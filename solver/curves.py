@@ -14,8 +14,9 @@ import numpy as np
 
 from .bounds import all_k
 from .cpsat import build_model, solve_model
+from .deadline import Deadline
 from .errors import ConstraintInfeasible
-from .exact import EXACT_MAX_UNITS, exact_curve
+from .exact import exact_affordable, exact_curve
 from .family import FamilyInstance, canonical
 from .heuristics import agglomerative, matching_start, tabu_search
 from .interval import interval_curve
@@ -25,6 +26,9 @@ from .schema import CostKind
 # CP-SAT's representatives model helps up to about this many units; past it, its bound stays
 # far below the cheapest-partners bound and it rarely beats tabu, so the time goes to tabu
 CPSAT_MAX_UNITS = 32
+# an incumbent is replaced only by a relatively cheaper one: sums of the same pair costs in
+# another order differ in the last bits, and such a "gain" must not change the plan
+_BETTER = 1e-13
 
 
 @dataclass
@@ -50,7 +54,7 @@ class FamilyCurve:
             return
         k = int(layer_labels.max()) + 1
         for kk in range(max(k, self.k_min), self.fam.k_max + 1):
-            if cost < self.ub.get(kk, math.inf) - 1e-15:
+            if cost < self.ub.get(kk, math.inf) * (1.0 - _BETTER):
                 self.ub[kk] = cost
                 self.labels[kk] = layer_labels.copy()
                 self.methods.add(method)
@@ -74,8 +78,13 @@ def _offset(fam: FamilyInstance) -> float:
     return fam.reduced.constant
 
 
-def initial_curve(fam: FamilyInstance) -> FamilyCurve:
-    """Exact curves where they are cheap, fast incumbents and k_min elsewhere."""
+def initial_curve(fam: FamilyInstance, deadline: Deadline | None = None) -> FamilyCurve:
+    """Exact curves where they are cheap, fast incumbents and k_min elsewhere.
+
+    ``deadline`` caps the MIP that proves k_min, and its nominal seconds decide whether the
+    exact DP fits (a 16-unit DP takes seconds; a 1 s request cannot afford it).
+    """
+    deadline = Deadline.never() if deadline is None else deadline
     up = fam.reduced
     p = len(fam.pinned)
     if fam.contiguous:
@@ -94,7 +103,7 @@ def initial_curve(fam: FamilyInstance) -> FamilyCurve:
             curve.labels[k] = labels[k - 1]
             curve.lb[k] = curve.ub[k]
         return curve
-    if up.m <= EXACT_MAX_UNITS:
+    if exact_affordable(up.m, deadline.seconds):
         ex = exact_curve(up)
         finite = [k for k, c in enumerate(ex.costs, start=1) if math.isfinite(c)]
         k_min = (finite[0] if finite else 0) + p
@@ -116,7 +125,7 @@ def initial_curve(fam: FamilyInstance) -> FamilyCurve:
     k_units = int(bins.max()) + 1
     proven = True
     if up.forbidden.any() or up.max_size is not None:
-        k_units, proven = min_classes(up, k_units, time_limit_s=10.0)
+        k_units, proven = min_classes(up, k_units, time_limit_s=deadline.cap(10.0))
     curve = FamilyCurve(fam, k_min=k_units + p)
     if not proven:
         curve.methods.add("k_min-unproven")
@@ -136,14 +145,15 @@ def initial_curve(fam: FamilyInstance) -> FamilyCurve:
     return curve
 
 
-def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, wall_left: float | None = None) -> None:
+def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, deadline: Deadline | None = None) -> None:
     """Spend one round of work on class count k: better incumbent and better bound.
 
     `effort` is in seconds of intended work; tabu iterations and CP-SAT deterministic time are
-    derived from it, so equal inputs give equal results. `wall_left` caps the wall clock of the
-    OR-Tools calls (a backstop: when it bites, results depend on machine speed).
+    derived from it, so equal inputs give equal results. `deadline` caps the wall clock of tabu
+    and the OR-Tools calls (a backstop: when it bites, results depend on machine speed).
     """
-    wall = 3 * effort + 1 if wall_left is None else max(0.05, min(3 * effort + 1, wall_left))
+    deadline = Deadline.never() if deadline is None else deadline
+    wall = max(0.01, deadline.cap(3 * effort + 1))
     if curve.exact or k not in curve.ks:
         return
     fam, up = curve.fam, curve.fam.reduced
@@ -153,7 +163,7 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
     curve.tried[k] = rounds + 1
     start = _unit_labels(fam, curve.labels.get(k))
     if up.kind is CostKind.assignment:
-        res = p_median(up, kk, time_limit_s=min(wall, max(1.0, effort)), hint=start)
+        res = p_median(up, kk, time_limit_s=deadline.cap(min(wall, max(1.0, effort))), hint=start)
         if res.labels is not None:
             curve.offer(fam.layer_labels(res.labels), "p-median-mip")
         curve.raise_lb(k, res.bound + _offset(fam))
@@ -171,15 +181,15 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
         total = effort * (4000 if up.m <= CPSAT_MAX_UNITS else 8000)
         iters = int(min(200_000, max(500, total / len(pool))))
         for i, s in enumerate(pool):
-            lab, _ = tabu_search(up, s, kk, iters, seed=seed + 7919 * rounds + 131 * i + k)
+            lab, _ = tabu_search(up, s, kk, iters, seed=seed + 7919 * rounds + 131 * i + k, deadline=deadline)
             curve.offer(fam.layer_labels(lab), "tabu")
-    if rounds == 0:
-        curve.raise_lb(k, cheapest_edges_bound(up, kk, time_limit_s=min(wall, max(1.0, effort / 2))) + _offset(fam))
-    if not use_cpsat:
+    if rounds == 0 and not deadline.expired():
+        curve.raise_lb(k, cheapest_edges_bound(up, kk, time_limit_s=deadline.cap(min(wall, max(1.0, effort / 2)))) + _offset(fam))
+    if not use_cpsat or deadline.expired():
         return
     hint = _unit_labels(fam, curve.labels.get(k))
     built = build_model(up, kk, hint=hint)
-    res = solve_model(built, up, time_limit_s=effort, workers=workers, seed=seed, wall_limit_s=wall)
+    res = solve_model(built, up, time_limit_s=effort, workers=workers, seed=seed, wall_limit_s=max(0.01, deadline.cap(wall)))
     if res.labels is not None:
         curve.offer(fam.layer_labels(res.labels), "cp-sat")
     curve.raise_lb(k, res.bound + _offset(fam))

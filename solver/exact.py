@@ -18,6 +18,19 @@ from .family import UnitProblem
 from .schema import CostKind
 
 EXACT_MAX_UNITS = 16
+_ALWAYS_UNITS = 14  # (3^14 - 1)/2 = 2.4M pairs: well under a second
+_PAIRS_PER_SECOND = 5e6  # about what one core enumerates here, first call's cache build included
+
+
+def exact_affordable(m: int, seconds: float) -> bool:
+    """Whether the DP over m units fits a request of ``seconds``: always up to 14 units, 15 and
+    16 units (7.2M and 21.5M pairs, seconds of work) only when the time limit leaves room.
+
+    Decided on the nominal limit, not the clock, so equal requests take the same path.
+    """
+    if m <= _ALWAYS_UNITS:
+        return True
+    return m <= EXACT_MAX_UNITS and (3**m - 1) / 2 <= _PAIRS_PER_SECOND * seconds
 
 
 @lru_cache(maxsize=2)

@@ -14,6 +14,7 @@ import networkx as nx
 import numpy as np
 
 from .errors import ConstraintInfeasible
+from .scaling import normalizing_exponent
 from .schema import CostKind, SharingProblem
 
 
@@ -77,6 +78,11 @@ class FamilyInstance:
     max_size: int | None
     contiguous: bool
     required: list[tuple[int, int]] = field(default_factory=list)  # local pairs
+    scale_exp: int = 0  # costs here are the problem's times 2^-scale_exp (see scaling.py)
+
+    def to_problem(self, cost: float) -> float:
+        """A cost of this instance (normalized) in the problem's own units."""
+        return math.ldexp(cost, self.scale_exp)
 
     @property
     def n(self) -> int:
@@ -179,20 +185,21 @@ def build_families(problem: SharingProblem) -> list[FamilyInstance]:
     for i, layer in enumerate(layers):
         order.setdefault(layer.family, []).append(i)
 
+    # every search below compares costs, so they see normalized costs (largest entry in
+    # [0.5, 1), divided by a power of two: exact); plans then do not depend on the cost unit
+    raw: dict[str, np.ndarray] = {}
+    for fam, ids in order.items():
+        ids.sort(key=lambda i: (layers[i].index, i))
+        raw[fam] = np.array([[0.0 if a == b else _cost(matrix[a][b]) for b in ids] for a in ids], dtype=float).reshape(len(ids), len(ids))
+    exp = normalizing_exponent(np.concatenate([c.ravel() for c in raw.values()] + [np.asarray(unary_all, dtype=float)]))
+
     forbid_global = {frozenset((pos[a], pos[b])) for a, b in cons.forbid}
     pinned_global = {pos[x] for x in cons.pinned}
     out = []
     for fam, ids in order.items():
-        ids = sorted(ids, key=lambda i: (layers[i].index, i))
         local = {g: j for j, g in enumerate(ids)}
         n = len(ids)
-        cost = np.zeros((n, n))
-        for a in range(n):
-            for b in range(n):
-                if a == b:
-                    continue
-                v = matrix[ids[a]][ids[b]]
-                cost[a, b] = math.inf if v is None else v
+        cost = np.ldexp(raw[fam], -exp)
         for pair in forbid_global:
             ga, gb = tuple(pair)
             if ga in local and gb in local:
@@ -204,10 +211,11 @@ def build_families(problem: SharingProblem) -> list[FamilyInstance]:
         required = [(local[pos[a]], local[pos[b]]) for a, b in cons.require if pos[a] in local]
         pinned = sorted(local[g] for g in pinned_global if g in local)
         class_params, member_params = problem.family_accounting(fam)
-        units, reduced = _reduce(
-            fam, [layers[g].name for g in ids], cost, required, pinned, kind, cons.max_group_size
-        )
-        reduced.constant += float(np.asarray([unary_all[g] for g in ids]).sum())
+        # a cap of n or more layers never binds: drop it, so no search meets a huge integer
+        max_size = cons.max_group_size if cons.max_group_size is not None and cons.max_group_size < n else None
+        unary = np.ldexp(np.asarray([unary_all[g] for g in ids], dtype=float), -exp)
+        units, reduced = _reduce(fam, [layers[g].name for g in ids], cost, required, pinned, kind, max_size)
+        reduced.constant += float(unary.sum())
         out.append(
             FamilyInstance(
                 name=fam,
@@ -218,14 +226,19 @@ def build_families(problem: SharingProblem) -> list[FamilyInstance]:
                 pinned=pinned,
                 reduced=reduced,
                 cost=cost,
-                unary=np.asarray([unary_all[g] for g in ids], dtype=float),
+                unary=unary,
                 kind=kind,
-                max_size=cons.max_group_size,
+                max_size=max_size,
                 contiguous=cons.contiguous,
                 required=required,
+                scale_exp=exp,
             )
         )
     return out
+
+
+def _cost(value: float | None) -> float:
+    return math.inf if value is None else value
 
 
 def _reduce(

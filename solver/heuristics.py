@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .deadline import Deadline
 from .family import UnitProblem, canonical
 from .schema import CostKind
+
+_CHECK_EVERY = 64  # tabu iterations between looks at the clock
 
 
 def agglomerative(up: UnitProblem) -> dict[int, np.ndarray]:
@@ -76,11 +79,15 @@ def tabu_search(
     k: int,
     iterations: int,
     seed: int = 0,
+    deadline: Deadline | None = None,
 ) -> tuple[np.ndarray, float]:
     """Improve a feasible pairwise labelling with at most k classes; returns the best found.
 
     Moves keep exactly the class count of the start (splitting never raises a non-negative
     pairwise cost, so k classes are as good as fewer). Forbidden pairs and the size cap are hard.
+    ``iterations`` sizes the work (deterministic); ``deadline`` stops it early when the clock
+    runs out. Ties and improvements are judged relative to the largest pair cost, so the search
+    takes the same steps whatever unit the costs are in.
     """
     if up.kind is not CostKind.pairwise:
         raise ValueError("tabu_search handles pairwise costs; assignment costs use the MIP")
@@ -94,6 +101,8 @@ def tabu_search(
     fb = up.forbidden.astype(np.int64)
     sizes = up.sizes.astype(np.int64)
     cap = up.max_size if up.max_size is not None else np.iinfo(np.int64).max
+    unit = float(w.max(initial=0.0)) or 1.0
+    better, tie = 1e-12 * unit, 1e-15 * unit  # "strictly better" and "as good" margins
     onehot = np.zeros((m, kc))
     onehot[np.arange(m), labels] = 1.0
     dmat = w @ onehot  # cost from unit to each class
@@ -107,12 +116,14 @@ def tabu_search(
     stall, stall_limit = 0, max(50, 10 * m)
     idx = np.arange(m)
     for it in range(1, iterations + 1):
+        if deadline is not None and it % _CHECK_EVERY == 0 and deadline.expired():
+            break
         own = dmat[idx, labels]
         # single-unit moves u -> c (source keeps at least one unit)
         mv = dmat - own[:, None]
         ok = (fcnt == 0) & (csize[None, :] + sizes[:, None] <= cap) & (count[labels] > 1)[:, None]
         ok[idx, labels] = False
-        mv_t = np.where(ok & ((tabu <= it) | (cur + mv < best - 1e-12)), mv, np.inf)
+        mv_t = np.where(ok & ((tabu <= it) | (cur + mv < best - better)), mv, np.inf)
         # swaps u in A, v in B (A != B)
         la, lb = labels[:, None], labels[None, :]
         sw = dmat[idx[:, None], lb] - w - own[:, None] + dmat[idx[None, :], la] - w - own[None, :]
@@ -120,18 +131,18 @@ def tabu_search(
         sok &= (csize[lb] - sizes[None, :] + sizes[:, None] <= cap) & (csize[la] - sizes[:, None] + sizes[None, :] <= cap)
         sok = np.triu(sok, 1)
         not_tabu = (tabu[idx[:, None], lb] <= it) & (tabu[idx[None, :], la] <= it)
-        sw_t = np.where(sok & (not_tabu | (cur + sw < best - 1e-12)), sw, np.inf)
+        sw_t = np.where(sok & (not_tabu | (cur + sw < best - better)), sw, np.inf)
         best_mv, best_sw = mv_t.min(initial=np.inf), sw_t.min(initial=np.inf)
         if not np.isfinite(min(best_mv, best_sw)):
             break
         # random tie-breaking among equally good moves keeps the search from cycling
         if best_mv <= best_sw:
-            cand = np.argwhere(mv_t <= best_mv + 1e-15)
+            cand = np.argwhere(mv_t <= best_mv + tie)
             u, c = cand[rng.integers(len(cand))]
             moves = [(int(u), int(c))]
             delta = best_mv
         else:
-            cand = np.argwhere(sw_t <= best_sw + 1e-15)
+            cand = np.argwhere(sw_t <= best_sw + tie)
             u, v = cand[rng.integers(len(cand))]
             moves = [(int(u), int(labels[v])), (int(v), int(labels[u]))]
             delta = best_sw
@@ -148,7 +159,7 @@ def tabu_search(
             labels[u] = c
             tabu[u, a] = it + tenure_base + int(rng.integers(0, tenure_base + 1))
         cur += float(delta)
-        if cur < best - 1e-12:
+        if cur < best - better:
             best, best_labels, stall = cur, labels.copy(), 0
         else:
             stall += 1

@@ -17,11 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import evaluate
 from .curves import FamilyCurve, improve, initial_curve
+from .deadline import Deadline
 from .errors import BudgetInfeasible
 from .family import FamilyInstance, build_families, coloring_of
 from .graph import why_classes
 from .knapsack import Point, best_within, pareto
+from .scaling import GAP_TOL, relative_gap
 from .schema import (
+    MAX_COUNT,
+    MAX_SEED,
     FamilyResult,
     PlanParams,
     PlanStatus,
@@ -30,8 +34,6 @@ from .schema import (
     SolverInfo,
 )
 
-_GAP_TOL = 1e-7  # floors in the integer scaling leave ~1e-8 relative slack in CP-SAT bounds
-
 
 class SolveConfig(BaseModel):
     """Overrides of the problem's own constraints and options (None keeps the problem's)."""
@@ -39,11 +41,11 @@ class SolveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_params_ratio: float | None = Field(default=None, gt=0, le=1)
-    max_params: int | None = Field(default=None, gt=0)
+    max_params: int | None = Field(default=None, gt=0, le=MAX_COUNT)
     time_limit_s: float | None = Field(default=None, gt=0, le=3600)
     relative_gap: float | None = Field(default=None, ge=0, le=1)
     workers: int | None = Field(default=None, ge=1, le=64)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 def with_config(problem: SharingProblem, config: SolveConfig | None) -> SharingProblem:
@@ -73,28 +75,36 @@ def default_workers(problem: SharingProblem) -> int:
 
 
 class _Search:
-    """State of one solve: curves, clock, and the bookkeeping shared by solve and frontier."""
+    """State of one solve: curves, clock, and the bookkeeping shared by solve and frontier.
 
-    def __init__(self, problem: SharingProblem) -> None:
+    Costs inside are normalized (see scaling.py); ``to_problem`` turns them back into the
+    problem's units for everything a caller sees.
+    """
+
+    def __init__(self, problem: SharingProblem, deadline: Deadline | None = None) -> None:
         self.problem = problem
         self.t0 = time.perf_counter()
-        self.limit = problem.options.time_limit_s
+        self.deadline = Deadline.after(problem.options.time_limit_s) if deadline is None else deadline
+        self.limit = min(problem.options.time_limit_s, self.deadline.seconds)  # sizes the work, not the clock
         self.workers = default_workers(problem)
         self.seed = problem.options.seed
         self.fams: list[FamilyInstance] = build_families(problem)
-        self.curves: list[FamilyCurve] = [initial_curve(f) for f in self.fams]
+        self.curves: list[FamilyCurve] = [initial_curve(f, self.deadline) for f in self.fams]
         self.hit_limit = False
         self._fronts: tuple[list, list, list[Point], list[Point]] | None = None
 
+    def to_problem(self, cost: float) -> float:
+        return self.fams[0].to_problem(cost)  # one normalization for all families
+
     @property
     def limit_hit(self) -> bool:
-        return self.hit_limit or self.elapsed() >= self.limit
+        return self.hit_limit or self.deadline.expired()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
     def left(self) -> float:
-        return self.limit - self.elapsed()
+        return self.deadline.left()
 
     def least_params(self) -> int:
         return sum(c.fam.params_for(c.k_min) for c in self.curves)
@@ -134,7 +144,7 @@ class _Search:
             (fi, k)
             for fi, k in enumerate(choice)
             if not self.curves[fi].exact
-            and self.curves[fi].gap_at(k) > _GAP_TOL * max(1.0, abs(self.curves[fi].ub.get(k, 0.0)))
+            and self.curves[fi].gap_at(k) > GAP_TOL * abs(self.curves[fi].ub.get(k, 0.0))
             and self.curves[fi].tried.get(k, 0) < round_
         ]
 
@@ -144,7 +154,7 @@ class _Search:
             if self.left() <= 0:
                 self.hit_limit = True
                 return False
-            improve(self.curves[fi], k, min(effort, max(0.05, self.left())), self.workers, self.seed, wall_left=self.left())
+            improve(self.curves[fi], k, effort, self.workers, self.seed, deadline=self.deadline)
         return True
 
 
@@ -169,18 +179,21 @@ def solve(
     config: SolveConfig | None = None,
     *,
     progress: Callable[[Progress], None] | None = None,
+    deadline: Deadline | None = None,
 ) -> SharingPlan:
     """The least-cost coloring within the budget, with a proven lower bound.
 
     Args:
         progress: called whenever the incumbent or the bound improves (for live streams).
+        deadline: when the whole request must end (default: ``time_limit_s`` from now); the
+            plan is the best found by then, ``optimal`` only if its gap is proven.
 
     Raises:
         BudgetInfeasible: the budget is below the least reachable unique-parameter count.
         ConstraintInfeasible: the sharing constraints contradict each other.
     """
     problem = with_config(problem, config)
-    search = _Search(problem)
+    search = _Search(problem, deadline)
     budget = problem.budget_params()
     search.check_budget(budget)
     tol = problem.options.relative_gap
@@ -193,23 +206,19 @@ def solve(
             assert best is not None and low is not None  # budget >= least reachable
             if progress is not None and (best.cost, low.cost) != last:
                 last = (best.cost, low.cost)
-                bound = min(low.cost, best.cost)
-                progress(Progress(objective=best.cost, bound=bound, gap=_gap(best.cost, bound), elapsed_s=round(search.elapsed(), 4)))
-            if _gap(best.cost, low.cost) <= tol + _GAP_TOL:
+                objective, bound = search.to_problem(best.cost), search.to_problem(min(low.cost, best.cost))
+                progress(Progress(objective=objective, bound=bound, gap=relative_gap(objective, bound), elapsed_s=round(search.elapsed(), 4)))
+            if relative_gap(best.cost, low.cost) <= tol + GAP_TOL:
                 break
             # the chosen plan's cells first (better incumbents, tight local bounds), then the
             # cells the bound knapsack leans on
             cells = search.open_cells(best.choice, round_) or search.open_cells(low.choice, round_)
             if not cells or not search.work(cells, effort):
                 break
-        if search.hit_limit or _gap(best.cost, low.cost) <= tol + _GAP_TOL:
+        if search.hit_limit or relative_gap(best.cost, low.cost) <= tol + GAP_TOL:
             break
     up_front, lo_front = search.fronts()
     return _plan(search, best_within(up_front, budget), best_within(lo_front, budget))
-
-
-def _gap(objective: float, bound: float) -> float:
-    return max(0.0, objective - bound) / max(abs(objective), 1e-12)
 
 
 def _plan(search: _Search, best: Point, low: Point) -> SharingPlan:
@@ -217,15 +226,17 @@ def _plan(search: _Search, best: Point, low: Point) -> SharingPlan:
     chosen = [curve.labels[k] for curve, k in zip(search.curves, best.choice, strict=True)]
     families = {
         curve.fam.name: FamilyResult(
-            classes=int(labels.max()) + 1, objective=curve.ub[k], bound=min(curve.lb.get(k, 0.0), curve.ub[k])
+            classes=int(labels.max()) + 1,
+            objective=search.to_problem(curve.ub[k]),
+            bound=search.to_problem(min(curve.lb.get(k, 0.0), curve.ub[k])),
         )
         for curve, k, labels in zip(search.curves, best.choice, chosen, strict=True)
     }
     coloring = _renumber(problem, coloring_of(problem, search.fams, chosen))
     objective = evaluate.objective(problem, coloring)
-    bound = min(low.cost, objective)
-    gap = _gap(objective, bound)
-    status = PlanStatus.optimal if gap <= problem.options.relative_gap + _GAP_TOL else PlanStatus.feasible
+    bound = min(search.to_problem(low.cost), objective)
+    gap = relative_gap(objective, bound)
+    status = PlanStatus.optimal if gap <= problem.options.relative_gap + GAP_TOL else PlanStatus.feasible
     shared = evaluate.unique_params(problem, coloring)
     methods = sorted(set().union(*(c.methods for c in search.curves)))
     return SharingPlan(
@@ -296,10 +307,11 @@ class Frontier(BaseModel):
     solver: SolverInfo
 
 
-def frontier(problem: SharingProblem, config: SolveConfig | None = None) -> Frontier:
-    """The compression-vs-cost frontier in one call, from the same per-family curves."""
+def frontier(problem: SharingProblem, config: SolveConfig | None = None, *, deadline: Deadline | None = None) -> Frontier:
+    """The compression-vs-cost frontier in one call, from the same per-family curves, within
+    ``time_limit_s`` (or ``deadline``) for the whole of it."""
     problem = with_config(problem, config)
-    search = _Search(problem)
+    search = _Search(problem, deadline)
     cells = [(fi, k) for fi, c in enumerate(search.curves) if not c.exact for k in c.ks]
     if cells:
         search.work(cells, _effort(search, len(cells)))
@@ -308,14 +320,15 @@ def frontier(problem: SharingProblem, config: SolveConfig | None = None) -> Fron
     points = []
     for p in up_front:
         low = best_within(lo_front, p.params)
-        bound = min(low.cost if low else 0.0, p.cost)
+        objective = search.to_problem(p.cost)
+        bound = min(search.to_problem(low.cost) if low else 0.0, objective)
         points.append(
             FrontierPoint(
                 params=p.params,
                 ratio=p.params / problem.original_params,
-                objective=p.cost,
+                objective=objective,
                 bound=bound,
-                gap=_gap(p.cost, bound),
+                gap=relative_gap(objective, bound),
                 classes=dict(zip(names, p.choice, strict=True)),
             )
         )

@@ -1,7 +1,13 @@
-"""Float costs to integers for CP-SAT, in one place, with the scale recorded.
+"""Numbers in one place: cost normalization, float costs to integers, and relative gaps.
 
-Costs are floored after scaling, so any bound CP-SAT proves on the integer objective, divided by
-the scale, is still a valid lower bound on the float objective.
+Plans must not depend on the unit the costs come in (a loss change of 1e-7 or of 1e7 per pair
+is the same problem). So the solver never compares costs against absolute epsilons: the costs
+are first normalized by a power of two (exact in binary floating point, so a problem scaled by
+a power of two is solved bit for bit alike, and any other factor only moves the last bit), and
+every tolerance that is left is relative.
+
+Costs are floored after integer scaling, so any bound CP-SAT proves on the integer objective,
+scaled back, is still a valid lower bound on the float objective.
 """
 
 from __future__ import annotations
@@ -11,23 +17,59 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_TARGET_TOTAL = 2.0**40  # keeps every sum far below 2^63
+_TARGET_TOTAL_EXP = 40  # integer costs sum to about 2^40: far below 2^63, ~1e-12 resolution
+
+# status `optimal` allows this relative gap on top of options.relative_gap: floors in the
+# integer scaling leave ~1e-8 relative slack in CP-SAT bounds, and MIP solvers' tolerances some more
+GAP_TOL = 1e-7
 
 
 @dataclass(frozen=True)
 class Scale:
-    factor: float
+    """Integer cost = floor(cost * 2^exponent); an exponent, not a factor, so tiny or huge
+    costs never overflow the factor itself."""
+
+    exponent: int
+
+    @property
+    def factor(self) -> float:
+        return math.ldexp(1.0, self.exponent)
 
     def to_int(self, values: np.ndarray) -> np.ndarray:
-        return np.floor(np.asarray(values, dtype=float) * self.factor).astype(np.int64)
+        return np.floor(np.ldexp(np.asarray(values, dtype=float), self.exponent)).astype(np.int64)
 
     def to_float(self, value: float) -> float:
-        return float(value) / self.factor
+        return math.ldexp(float(value), -self.exponent)
 
 
 def scale_for(values: np.ndarray) -> Scale:
     """A power-of-two scale so the sum of all costs maps to about 2^40."""
     total = float(np.abs(np.asarray(values, dtype=float)).sum())
     if total <= 0 or not math.isfinite(total):
-        return Scale(1.0)
-    return Scale(2.0 ** math.floor(math.log2(_TARGET_TOTAL / total)))
+        return Scale(0)
+    mantissa, exp = math.frexp(total)  # total = mantissa * 2^exp, mantissa in [0.5, 1)
+    return Scale(_TARGET_TOTAL_EXP - exp + (1 if mantissa == 0.5 else 0))
+
+
+def normalizing_exponent(values: np.ndarray) -> int:
+    """e such that the largest finite |value| times 2^-e lies in [0.5, 1) (0 when all are 0).
+
+    Dividing by a power of two is exact, so normalized costs keep every bit of the input.
+    """
+    arr = np.abs(np.asarray(values, dtype=float))
+    finite = arr[np.isfinite(arr)]
+    top = float(finite.max()) if finite.size else 0.0
+    if top <= 0.0:
+        return 0
+    return math.frexp(top)[1]
+
+
+def relative_gap(objective: float, bound: float) -> float:
+    """(objective - bound) / objective, 0 when the bound meets the objective.
+
+    No absolute floor in the denominator: costs of 1e-300 have gaps as real as costs of 1.
+    Costs are non-negative, so objective > bound implies objective > 0.
+    """
+    if not objective > bound:
+        return 0.0
+    return (objective - bound) / abs(objective)

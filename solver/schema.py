@@ -1,21 +1,58 @@
 """The JSON contract: SharingProblem in, SharingPlan out (see DESIGN.md).
 
-Structural checks live here (shapes, symmetry, finite non-negative costs, known names), so a
-malformed problem fails at the door with a message naming the entries and the fix. Checks that
-need solving (is the budget reachable?) live in the solver.
+Structural checks live here (shapes, symmetry, finite non-negative costs, known names, numbers
+the solver can take), so a malformed problem fails at the door with a message naming the entries
+and the fix, and with a ``loc`` that names the field (``["costs", "matrix", 3, 5]``), also when
+the check needs several fields at once. Checks that need solving (is the budget reachable?) live
+in the solver.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from enum import Enum
+from fractions import Fraction
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 SCHEMA_VERSION = "1"
 _MAX_LISTED = 5  # how many offending entries an error message names
+
+# The largest integer a count may take: every JSON reader (and a float64) holds it exactly, and
+# sums of a few thousand of them stay far inside int64. 2^53 elements is 36 PB of float32.
+MAX_COUNT = 2**53
+# Seeds: any non-negative int64. CP-SAT takes 31 bits; it gets the seed modulo 2^31 (cpsat.py).
+MAX_SEED = 2**63 - 1
+# A float max_params_ratio computed as a quotient (1/3) may sit an ulp below the budget it
+# means; ratio * original within this relative distance below an integer counts as that integer.
+_RATIO_SLACK = Fraction(1, 2**50)
+
+Loc = tuple[str | int, ...]
+
+
+def fail(loc: Loc, message: str, value: Any = None) -> ValidationError:
+    """A validation error located at ``loc`` (relative to the model being validated).
+
+    Raised from a model validator, pydantic prefixes the outer path, so the client sees the field
+    (``["body", "costs", "matrix", 3, 5]`` in the service) instead of just the model.
+    """
+    return ValidationError.from_exception_data(
+        "SharingProblem",
+        [InitErrorDetails(type=PydanticCustomError("geoshare_problem", message), loc=loc, input=value)],
+    )
+
+
+def _no_control_characters(value: str) -> str:
+    """Names end up in logs, files and HTTP headers: NUL and other control characters break them."""
+    bad = sorted({f"U+{ord(ch):04X}" for ch in value if unicodedata.category(ch) == "Cc"})
+    if bad:
+        raise ValueError(f"{value!r} holds control characters ({', '.join(bad)}); use printable names")
+    return value
 
 
 class _Model(BaseModel):
@@ -46,8 +83,10 @@ class Side(str, Enum):
 class Layer(_Model):
     name: str = Field(min_length=1, description="Full parameter name.")
     family: str = Field(min_length=1, description="Only layers of one family may share.")
-    params: int = Field(gt=0, description="Element count of the tensor.")
-    index: int = Field(ge=0, description="Depth position, for contiguity and baselines.")
+    params: int = Field(gt=0, le=MAX_COUNT, description="Element count of the tensor.")
+    index: int = Field(ge=0, le=MAX_COUNT, description="Depth position, for contiguity and baselines.")
+
+    _names = field_validator("name", "family")(_no_control_characters)
 
 
 class Costs(_Model):
@@ -62,8 +101,8 @@ class Costs(_Model):
 
 class Constraints(_Model):
     max_params_ratio: float | None = Field(default=None, gt=0, le=1)
-    max_params: int | None = Field(default=None, gt=0)
-    max_group_size: int | None = Field(default=None, ge=1)
+    max_params: int | None = Field(default=None, gt=0, le=MAX_COUNT)
+    max_group_size: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     pinned: list[str] = Field(default_factory=list, description="Layers never shared.")
     forbid: list[tuple[str, str]] = Field(default_factory=list)
     require: list[tuple[str, str]] = Field(default_factory=list)
@@ -74,13 +113,14 @@ class Options(_Model):
     time_limit_s: float = Field(default=10.0, gt=0, le=3600)
     relative_gap: float = Field(default=0.0, ge=0, le=1)
     workers: int | None = Field(default=None, ge=1, le=64)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     top: int | None = Field(
         default=None, ge=1, le=1000,
         description="Plans wanted: above 1, the plan lists the next best diverse colorings and the pattern plans as alternatives.",
     )
     min_distance: int = Field(
-        default=1, ge=1, description="Layer pairs in which each alternative's sharing differs from every better plan's."
+        default=1, ge=1, le=MAX_COUNT,
+        description="Layer pairs in which each alternative's sharing differs from every better plan's.",
     )
 
 
@@ -88,9 +128,9 @@ class FamilySpec(_Model):
     """Per-family sharing scheme; a class costs class_params once plus member_params per member."""
 
     scheme: Scheme = Scheme.tie
-    rank: int | None = Field(default=None, ge=1)
-    class_params: int | None = Field(default=None, ge=0)
-    member_params: int | None = Field(default=None, ge=0)
+    rank: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    class_params: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    member_params: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     side: Side | None = Field(
         default=None,
         description="basis only: 'out' (default; B_c d_out x r shared) or 'in' (B_c r x d_in shared).",
@@ -99,13 +139,17 @@ class FamilySpec(_Model):
     @model_validator(mode="after")
     def _basis_needs_accounting(self) -> FamilySpec:
         if self.scheme is Scheme.basis and (self.class_params is None or self.member_params is None):
-            raise ValueError(
+            missing = "class_params" if self.class_params is None else "member_params"
+            raise fail(
+                (missing,),
                 "scheme 'basis' needs class_params (the shared basis: d_out*rank, or rank*d_in with "
-                "side 'in') and member_params (each member's coefficients: rank*d_in, or d_out*rank)"
+                "side 'in') and member_params (each member's coefficients: rank*d_in, or d_out*rank)",
             )
         if self.side is not None and self.scheme is not Scheme.basis:
-            raise ValueError(
-                f"side={self.side.value!r} applies to scheme 'basis' only; drop it or set scheme 'basis'"
+            raise fail(
+                ("side",),
+                f"side={self.side.value!r} applies to scheme 'basis' only; drop it or set scheme 'basis'",
+                self.side.value,
             )
         return self
 
@@ -122,7 +166,7 @@ def _listed(items: list) -> str:
 
 
 class SharingProblem(_Model):
-    version: str = SCHEMA_VERSION
+    version: str = Field(default=SCHEMA_VERSION, description='The contract version; only "1" exists.')
     layers: list[Layer] = Field(min_length=1)
     costs: Costs
     constraints: Constraints = Field(default_factory=Constraints)
@@ -133,6 +177,15 @@ class SharingProblem(_Model):
         description="How the costs were made (the worker writes its analysis settings: backend, curvature, "
         "loss, samples, basis options); free-form, the solver ignores it.",
     )
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: str) -> str:
+        if value != SCHEMA_VERSION:
+            raise ValueError(
+                f"version {value!r} is not a contract version this solver reads; use {SCHEMA_VERSION!r} (or leave it out)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> SharingProblem:
@@ -145,16 +198,24 @@ class SharingProblem(_Model):
     def _check_layers(self) -> None:
         dup = [n for n, c in Counter(layer.name for layer in self.layers).items() if c > 1]
         if dup:
-            raise ValueError(f"duplicate layer names: {_listed(dup)}; every layer needs a unique name")
+            seen: set[str] = set()
+            for i, layer in enumerate(self.layers):  # the loc: the first repeat of a name
+                if layer.name in seen:
+                    raise fail(("layers", i, "name"), f"duplicate layer names: {_listed(dup)}; every layer needs a unique name", layer.name)
+                seen.add(layer.name)
 
     def _check_matrix(self) -> None:
         n = len(self.layers)
         m = self.costs.matrix
         if len(m) != n or any(len(row) != n for row in m):
             shape = f"{len(m)} rows of lengths {sorted({len(r) for r in m})}"
-            raise ValueError(f"costs.matrix must be {n}x{n} (one row and column per layer), got {shape}")
+            where: Loc = ("costs", "matrix") if len(m) != n else ("costs", "matrix", next(i for i, r in enumerate(m) if len(r) != n))
+            raise fail(where, f"costs.matrix must be {n}x{n} (one row and column per layer), got {shape}")
         bad, neg, asym = [], [], []
         pairwise = self.costs.kind is CostKind.pairwise
+        # symmetry up to rounding, relative to the matrix's own scale (costs in any unit pass alike)
+        top = max((abs(v) for row in m for v in row if v is not None and math.isfinite(v)), default=0.0)
+        abs_tol = 1e-12 * top
         for i in range(n):
             for j in range(n):
                 v = m[i][j]
@@ -166,54 +227,76 @@ class SharingProblem(_Model):
                     bad.append((i, j))
                 elif v < 0:
                     neg.append((i, j))
-                elif pairwise and j > i and (m[j][i] is None or not math.isclose(v, m[j][i], rel_tol=1e-9, abs_tol=1e-12)):
+                elif pairwise and j > i and (m[j][i] is None or not math.isclose(v, m[j][i], rel_tol=1e-9, abs_tol=abs_tol)):
                     asym.append((i, j))
         if bad:
-            raise ValueError(f"costs.matrix has NaN or infinite entries at (row, col) {_listed(bad)}; use null to forbid a pair")
+            raise self._entry_error(bad, f"costs.matrix has NaN or infinite entries at (row, col) {_listed(bad)}; use null to forbid a pair")
         if neg:
-            raise ValueError(
+            raise self._entry_error(
+                neg,
                 f"costs.matrix has negative entries at (row, col) {_listed(neg)}; costs must be >= 0 "
-                "(a predicted loss increase); clip or shift them"
+                "(a predicted loss increase); clip or shift them",
             )
         if asym:
-            raise ValueError(
+            raise self._entry_error(
+                asym,
                 f"pairwise costs.matrix is not symmetric at (row, col) {_listed(asym)}; "
-                "symmetrize it ((W + W^T)/2) or use kind 'assignment'"
+                "symmetrize it ((W + W^T)/2) or use kind 'assignment'",
             )
         u = self.costs.unary
         if u is not None:
             if len(u) != n:
-                raise ValueError(f"costs.unary must have one entry per layer ({n}), got {len(u)}")
+                raise fail(("costs", "unary"), f"costs.unary must have one entry per layer ({n}), got {len(u)}")
             badu = [i for i, v in enumerate(u) if not math.isfinite(v) or v < 0]
             if badu:
-                raise ValueError(f"costs.unary must be finite and >= 0; bad entries at {_listed(badu)}")
+                raise fail(("costs", "unary", badu[0]), f"costs.unary must be finite and >= 0; bad entries at {_listed(badu)}", u[badu[0]])
+        self._check_total()
+
+    def _entry_error(self, entries: Sequence[tuple[int, int]], message: str) -> ValidationError:
+        i, j = entries[0]
+        return fail(("costs", "matrix", i, j), message, self.costs.matrix[i][j])
+
+    def _check_total(self) -> None:
+        """Every entry finite is not enough: an objective adds them up, and that sum must be finite too."""
+        entries = sum(sum(v for v in row if v is not None) for row in self.costs.matrix) + sum(self.costs.unary or [])
+        if not math.isfinite(entries):
+            raise fail(
+                ("costs", "matrix"),
+                "costs.matrix and costs.unary add up to more than the largest float (1.8e308), so objectives "
+                "would overflow to infinity; divide every cost by one factor (plans do not depend on the unit)",
+            )
 
     def _check_constraints(self) -> None:
         names = {layer.name for layer in self.layers}
         c = self.constraints
-        unknown = [x for x in c.pinned if x not in names]
+        unknown = [(("constraints", "pinned", i), x) for i, x in enumerate(c.pinned) if x not in names]
         for field in ("forbid", "require"):
-            for a, b in getattr(c, field):
-                unknown += [x for x in (a, b) if x not in names]
+            for i, (a, b) in enumerate(getattr(c, field)):
+                unknown += [(("constraints", field, i, k), x) for k, x in enumerate((a, b)) if x not in names]
                 if a == b:
-                    raise ValueError(f"constraints.{field} pairs a layer with itself: {a!r}")
+                    raise fail(("constraints", field, i), f"constraints.{field} pairs a layer with itself: {a!r}", [a, b])
         if unknown:
-            raise ValueError(f"constraints name unknown layers: {_listed(sorted(set(unknown)))}; use names from 'layers'")
+            listed = _listed(sorted({x for _, x in unknown}))
+            raise fail(unknown[0][0], f"constraints name unknown layers: {listed}; use names from 'layers'", unknown[0][1])
 
     def _check_families(self) -> None:
         fams = {layer.family for layer in self.layers}
         specs = self.families or {}
         extra = sorted(set(specs) - fams)
         if extra:
-            raise ValueError(f"families names unknown families: {_listed(extra)}; known: {_listed(sorted(fams))}")
+            raise fail(("families", extra[0]), f"families names unknown families: {_listed(extra)}; known: {_listed(sorted(fams))}")
         for fam in fams:
             spec = specs.get(fam)
             if spec is None or spec.scheme is Scheme.tie:
-                sizes = sorted({layer.params for layer in self.layers if layer.family == fam})
+                members = [i for i, layer in enumerate(self.layers) if layer.family == fam]
+                sizes = sorted({self.layers[i].params for i in members})
                 if len(sizes) > 1:
-                    raise ValueError(
+                    odd = next(i for i in members if self.layers[i].params != self.layers[members[0]].params)
+                    raise fail(
+                        ("layers", odd, "params"),
                         f"family {fam!r} mixes tensor sizes {sizes}; tied layers must have one shape, "
-                        "so put layers of different shape in different families"
+                        "so put layers of different shape in different families",
+                        self.layers[odd].params,
                     )
 
     # --- derived quantities used everywhere -------------------------------------------------
@@ -238,7 +321,12 @@ class SharingProblem(_Model):
         if c.max_params is not None:
             limits.append(c.max_params)
         if c.max_params_ratio is not None:
-            limits.append(math.floor(c.max_params_ratio * self.original_params + 1e-9))
+            # exact rational arithmetic: a float product loses whole parameters past 2^53
+            exact = Fraction(c.max_params_ratio) * self.original_params
+            budget = math.floor(exact)
+            if budget + 1 - exact <= exact * _RATIO_SLACK:
+                budget += 1
+            limits.append(budget)
         return min(limits) if limits else None
 
 
