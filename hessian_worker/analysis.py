@@ -15,10 +15,12 @@ from hessian_worker.curvature.base import Curvature, PairCurvature, Params
 from hessian_worker.curvature.diagonal import DiagonalCurvature, estimate_diagonal
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.curvature.functional import gradient
+from hessian_worker.curvature.kfac import collect_factors
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.curvature.projected import ProjectedCurvature
 from hessian_worker.data import Calibration, DataSource, load_calibration
 from hessian_worker.discovery import LayerInfo, discover_layers
+from hessian_worker.errors import BackendError
 from hessian_worker.losses import TaskLoss
 from hessian_worker.merge import Merge, merge_weights, plan_groups
 from hessian_worker.models import load_model
@@ -65,6 +67,14 @@ def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
         return DiagonalCurvature(estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
                                                    generator=gen, kind=config.curvature,
                                                    progress=config.progress))
+    if config.backend is Backend.kfac:
+        if not obj.is_distill:
+            raise BackendError("the kfac backend samples the distillation loss's output curvature; with a task "
+                               "loss use backend='exact', 'diagonal' or 'layerwise'")
+        k = config.kfac
+        return collect_factors(obj.model, obj.data, obj.names, loss=obj.out_loss.__name__, rank=k.rank,
+                               oversample=k.oversample, output=k.output, seed=config.seed,
+                               progress=config.progress)
     return LayerwiseCurvature.collect(obj.model, obj.data, obj.names, progress=config.progress)
 
 

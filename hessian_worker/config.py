@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hessian_worker.basis.config import BasisOptions
 from hessian_worker.curvature.base import CurvatureKind
 from hessian_worker.curvature.diagonal import DiagonalMethod
+from hessian_worker.curvature.kfac import OutputFactor
 from hessian_worker.curvature.projected import Bulk, Eigensolver, SketchPrecision
 from hessian_worker.losses import DistillLoss
 from solver.schema import CostKind, Scheme
@@ -20,15 +21,34 @@ class Backend(str, Enum):
     projected = "projected"
     diagonal = "diagonal"
     layerwise = "layerwise"
+    kfac = "kfac"
 
 
 class DType(str, Enum):
+    """The compute dtype; ``auto`` keeps the model's (a checkpoint's stored dtype)."""
+
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
     float32 = "float32"
     float64 = "float64"
 
     @property
-    def torch(self) -> torch.dtype:
-        return torch.float64 if self is DType.float64 else torch.float32
+    def torch(self) -> torch.dtype | None:
+        return None if self is DType.auto else getattr(torch, self.value)
+
+
+class KFACOptions(BaseModel):
+    """The kfac backend: input factors kept to ``rank`` eigenpairs plus a bulk (None: whole), found
+    from a sketch of rank + ``oversample`` columns; the output factor from sampled gradients."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | None = Field(64, gt=0, description="Eigenpairs of each input covariance kept (None: all).")
+    oversample: int = Field(64, ge=0, description="Sketch columns beyond the rank (a sketch this wide: exact).")
+    output: OutputFactor = Field(OutputFactor.diagonal,
+                                 description="diagonal (sampled output gradients, loss units) or identity "
+                                 "(output reconstruction error, the layerwise scale; no backward pass).")
 
 
 class AnalyzeConfig(BaseModel):
@@ -73,6 +93,7 @@ class AnalyzeConfig(BaseModel):
     # basis sharing (hessian_worker/basis): W_l ~ B_c C_l; analyze/apply_plan dispatch on scheme
     scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (shared low-rank basis)")
     basis: BasisOptions = Field(default_factory=BasisOptions, description="basis scheme: rank, whitening, correction")
+    kfac: KFACOptions = Field(default_factory=KFACOptions, description="kfac backend: factor ranks, output factor")
 
     @model_validator(mode="after")
     def _check(self) -> AnalyzeConfig:

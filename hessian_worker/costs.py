@@ -79,9 +79,7 @@ class FamilyPairs:
 
     def sides(self, table: Tensor) -> tuple[Tensor, Tensor]:
         """From table[l, j] = f(W_j − W_l) (any trailing shape), each pair's (f(d) at a, f(−d) at b)."""
-        a = torch.tensor([p[0] for p in self.pairs], device=table.device)
-        b = torch.tensor([p[1] for p in self.pairs], device=table.device)
-        return table[a, b], table[b, a]
+        return pair_sides(table, self.pairs)
 
     def dense(self, rows: slice = slice(None)) -> dict[str, Tensor]:
         """The directions of ``pairs[rows]`` stacked over all the family's layers, zero where a pair
@@ -110,6 +108,13 @@ class FamilyPairs:
             diff = self.weights[b] - self.weights[a]
             values.append(alpha * (grads[self.names[a]] * diff).sum() + beta * (grads[self.names[b]] * diff).sum())
         return torch.stack(values)
+
+
+def pair_sides(table: Tensor, pairs: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """From table[l, j] = f(W_j − W_l), each pair (a, b)'s (f(d) at a, f(−d) at b)."""
+    a = torch.tensor([p[0] for p in pairs], device=table.device, dtype=torch.long)
+    b = torch.tensor([p[1] for p in pairs], device=table.device, dtype=torch.long)
+    return table[a, b], table[b, a]
 
 
 PairPredict = Callable[[FamilyPairs], Tensor]

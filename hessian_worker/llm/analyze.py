@@ -1,0 +1,226 @@
+"""analyze_checkpoint: a decoder LLM's sharing costs from its checkpoint, streamed block by block.
+
+Memory is estimated from the config before anything is loaded and a run that cannot fit is
+refused. The per-layer statistics are cached on disk (keyed by checkpoint, data and settings), so
+analysing again (another cost kind, another output scale of the same statistics, a compress at
+another ratio) needs no new pass over the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hessian_worker.config import AnalyzeConfig, Backend
+from hessian_worker.costs import families_of, pair_sides, pairs_of
+from hessian_worker.curvature.kfac import (
+    FactorStats,
+    LayerFactors,
+    OutputFactor,
+    row_block_quads,
+    sketch_width,
+    test_matrix,
+)
+from hessian_worker.data import Calibration, DataSource, load_calibration
+from hessian_worker.discovery import LayerInfo, discover_layers
+from hessian_worker.errors import BackendError, MemoryBudgetError
+from hessian_worker.llm.checkpoint import Checkpoint, CheckpointError
+from hessian_worker.llm.decoder import (
+    SUPPORTED,
+    Decoder,
+    MemoryEstimate,
+    estimate_memory,
+    resolve_dtype,
+)
+from hessian_worker.llm.stream import stream_factors
+from solver.schema import CostKind, SharingProblem
+
+log = logging.getLogger("geoshare.llm")
+STREAMED = (Backend.kfac, Backend.layerwise)
+
+
+def is_streamable(spec: str | Path) -> bool:
+    """True for a model directory whose config names a decoder architecture this package streams."""
+    config = Path(spec) / "config.json"
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a in SUPPORTED for a in archs)
+
+
+def output_factor(config: AnalyzeConfig) -> OutputFactor:
+    """kfac weighs outputs by sampled gradients; layerwise is kfac without that (identity)."""
+    return config.kfac.output if config.backend is Backend.kfac else OutputFactor.identity
+
+
+def analyze_checkpoint(path: str | Path, data: DataSource, config: AnalyzeConfig | None = None, *,
+                       memory_limit_gb: float | None = None, cache_dir: str | Path | None = None,
+                       tokenizer: Any | None = None) -> SharingProblem:
+    """The SharingProblem of a decoder checkpoint, with one block in memory at a time.
+
+    Args:
+        path: a Hugging Face directory of a LLaMA/Mistral/Qwen2-architecture model (safetensors).
+        data: calibration token ids (a ``torch.save``'d tensor or dict with ``input_ids``) or text
+            (tokenized with the directory's tokenizer).
+        config: ``backend`` kfac (default here) or layerwise; ``dtype`` auto keeps the checkpoint's.
+        memory_limit_gb: refuse above this estimate (default: the memory available now).
+        cache_dir: where per-layer statistics are kept between runs (None: not cached).
+
+    Raises:
+        CheckpointError, BackendError, MemoryBudgetError, DataError: with the fix in the message.
+    """
+    config = config or AnalyzeConfig(backend=Backend.kfac)
+    if config.backend not in STREAMED:
+        raise BackendError(f"backend={config.backend.value!r} needs the whole model in memory; a streamed decoder "
+                           "is priced by backend='kfac' (sampled output gradients, loss units) or 'layerwise'")
+    checkpoint = Checkpoint(path)
+    dtype = resolve_dtype(checkpoint, config.dtype.value)
+    decoder = Decoder(checkpoint, dtype, config.torch_device())
+    if tokenizer is None and isinstance(data, (str, Path)) and Path(data).suffix in (".txt", ".text"):
+        tokenizer = _tokenizer(checkpoint)
+    calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size,
+                             seed=config.seed, max_length=config.max_length)
+    layers = discover_layers(decoder.skeleton, config.targets, config.ignore, config.families)
+    output = output_factor(config)
+    k = config.kfac
+    estimate = estimate_memory(checkpoint, dtype=dtype, tokens=_tokens(calib), rank=k.rank, oversample=k.oversample,
+                               backward=output is OutputFactor.diagonal)
+    check_memory(estimate, memory_limit_gb, config.progress)
+    key = stats_key(checkpoint, calib, config, output, dtype)
+    stats = load_stats(cache_dir, key, layers, k.rank, k.oversample, config.seed) if cache_dir else None
+    if stats is None:
+        stats = stream_factors(decoder, calib, layers, rank=k.rank, oversample=k.oversample, output=output,
+                               seed=config.seed, progress=config.progress)
+        if cache_dir:
+            save_stats(cache_dir, key, stats)
+    factors = {x.name: LayerFactors.of(stats[x.name], k.rank, output, x.shape[0]) for x in layers}
+    matrix = streamed_costs(layers, factors, checkpoint, config.kind, progress=config.progress)
+    from hessian_worker.analysis import cost_source, to_problem
+
+    problem = to_problem(layers, matrix, config)
+    source = cost_source(config, None)
+    source.update(streamed=True, dtype=str(dtype).removeprefix("torch."), memory_estimate_bytes=estimate.total)
+    return problem.model_copy(update={"source": source})
+
+
+def _tokenizer(checkpoint: Checkpoint) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(checkpoint.path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"text calibration data needs the tokenizer files in {str(checkpoint.path)!r} "
+                              f"({exc}); or give token ids as a torch.save'd tensor") from exc
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _tokens(calib: Calibration) -> int:
+    return sum(int(next(iter(b.values())).numel()) for b in calib.batches)
+
+
+def check_memory(estimate: MemoryEstimate, limit_gb: float | None, show: bool) -> None:
+    """Prints the estimate; refuses when it exceeds the limit (default: memory available now)."""
+    limit = int(limit_gb * 1024**3) if limit_gb is not None else int(psutil.virtual_memory().available)
+    message = f"streamed analysis needs {estimate.describe()}; {limit / 1024**3:.2f} GiB available"
+    log.info(message)
+    if show:
+        tqdm.write(message)
+    if estimate.total > limit:
+        raise MemoryBudgetError(f"{message}: fewer calibration samples (--samples), a smaller --kfac-rank, or a "
+                                "machine with more memory", estimate.total, limit)
+
+
+def streamed_costs(layers: Sequence[LayerInfo], factors: Mapping[str, LayerFactors], checkpoint: Checkpoint,
+                   kind: CostKind, *, progress: bool = False) -> list[list[float | None]]:
+    """The cost matrix from the factors and the weights, each family read row block by row block."""
+    n = len(layers)
+    matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        matrix[i][i] = 0.0
+    coef = (0.5, -0.5) if kind is CostKind.pairwise else (1.0, 0.0)
+    fams = families_of(layers)
+    for members in tqdm(list(fams.values()), desc="pair costs (families)", disable=not progress, leave=False):
+        names = [layers[i].name for i in members]
+        position = {layer: p for p, layer in enumerate(members)}
+        pairs = [(position[a], position[b]) for a, b in pairs_of(members, kind)]
+
+        def rows_of(rows: slice, names: list[str] = names) -> Tensor:
+            return torch.stack([checkpoint.rows(name, rows, dtype=torch.float32) for name in names])
+
+        table = row_block_quads([factors[x] for x in names], rows_of, layers[members[0]].shape[0])
+        at_a, at_b = pair_sides(table, pairs)
+        # ΔL ≈ ½δᵀHδ (distillation: no first-order term at the reference)
+        values = (0.5 * (coef[0] ** 2 * at_a + coef[1] ** 2 * at_b)).clamp_min(0.0).tolist()
+        for (a, b), v in zip(pairs, values, strict=True):
+            matrix[members[a]][members[b]] = v
+            if kind is CostKind.pairwise:
+                matrix[members[b]][members[a]] = v
+    return matrix
+
+
+def stats_key(checkpoint: Checkpoint, calib: Calibration, config: AnalyzeConfig, output: OutputFactor,
+              dtype: torch.dtype) -> str:
+    """A digest of everything the statistics depend on: the checkpoint's files, the calibration
+    tokens, and the settings that shape the sums."""
+    digest = hashlib.sha256()
+    for file in sorted(set(checkpoint.files.values())):
+        stat = (checkpoint.path / file).stat()
+        digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    for batch in calib.batches:
+        for name in sorted(batch):
+            digest.update(name.encode())
+            digest.update(batch[name].contiguous().cpu().numpy().tobytes())
+    k = config.kfac
+    digest.update(json.dumps([str(checkpoint.path.resolve()), k.rank, k.oversample, output.value, config.seed,
+                              str(dtype)]).encode())
+    return digest.hexdigest()[:32]
+
+
+def save_stats(cache_dir: str | Path, key: str, stats: Mapping[str, FactorStats]) -> Path:
+    """One safetensors file of every layer's sums (the sketches' test matrices are re-drawn from the seed)."""
+    folder = Path(cache_dir).expanduser() / key
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for name, s in stats.items():
+        tensors[f"{name}/a"] = s.a.contiguous().cpu()
+        tensors[f"{name}/a_trace"] = s.a_trace.reshape(1).cpu()
+        tensors[f"{name}/tokens"] = torch.tensor([s.tokens], dtype=torch.int64)
+        if s.b is not None:
+            tensors[f"{name}/b"] = s.b.contiguous().cpu()
+    part = folder / "stats.safetensors.part"
+    save_file(tensors, str(part))
+    part.replace(folder / "stats.safetensors")  # a cut-off run leaves no half-written cache
+    return folder
+
+
+def load_stats(cache_dir: str | Path, key: str, layers: Sequence[LayerInfo], rank: int | None, oversample: int,
+               seed: int) -> dict[str, FactorStats] | None:
+    """The cached sums for ``key``, or None when there are none (or they lack a layer)."""
+    file = Path(cache_dir).expanduser() / key / "stats.safetensors"
+    if not file.is_file():
+        return None
+    tensors = load_file(str(file))
+    out = {}
+    for x in layers:
+        if f"{x.name}/a" not in tensors:
+            return None
+        a = tensors[f"{x.name}/a"]
+        width = sketch_width(x.shape[1], rank, oversample)
+        omega = None if width is None else test_matrix(x.shape[1], width, seed).to(a.dtype)
+        out[x.name] = FactorStats(a, tensors[f"{x.name}/a_trace"][0], int(tensors[f"{x.name}/tokens"][0]),
+                                  tensors.get(f"{x.name}/b"), omega)
+    log.info("K-FAC statistics read from %s", file)
+    return out
