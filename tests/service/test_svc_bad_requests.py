@@ -244,3 +244,17 @@ def test_keyed_server_still_answers_bad_requests_with_the_key(keyed):
         _assert_problem(c.post("/v1/plans", content=b"{not json", headers=JSON_HEADERS), {400})
         _assert_problem(c.post("/v1/plans", content=b" " * 300_000, headers=JSON_HEADERS), {413})
         _assert_problem(c.get("/v1/plans/nope"), {404})
+
+
+@pytest.mark.parametrize(("field", "value"), [("options.seed", 2**31), ("options.seed", 2**64),
+                                              ("constraints.max_group_size", 2**63)])
+def test_extreme_integers_never_5xx(client, field, value):
+    """Issue 15: a seed of 2^31+ on a 17+ layer family, or max_group_size of 2^63+, crashed the solve."""
+    body = json.loads(small_problem((18,), time_limit_s=2).model_dump_json())
+    _set(field, value)(body)
+    r = client.post("/v1/plans", json=body, params={"wait": 20})
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        _assert_problem(r, {422})
+    else:
+        assert r.json()["state"] == "succeeded", r.text
