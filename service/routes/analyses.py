@@ -68,7 +68,9 @@ async def create_analysis(spec: AnalysisSpec, store: StoreDep, settings: Setting
         raise ApiProblem(422, "time-limit-too-long", "Time limit over the cap",
                          f"time_limit_s={spec.time_limit_s:g} exceeds this server's cap of "
                          f"{settings.max_time_limit_s:g} s (GEOSHARE_MAX_TIME_LIMIT_S); lower it",
-                         field="time_limit_s", limit=settings.max_time_limit_s)
+                         field="time_limit_s", limit=settings.max_time_limit_s,
+                         errors=[{"loc": ["body", "time_limit_s"], "type": "time_limit_too_long",
+                                  "msg": f"exceeds this server's cap of {settings.max_time_limit_s:g} s"}])
     denied = await run_in_threadpool(_denied, spec, settings)  # realpath may touch a slow mount
     if denied is not None:
         raise denied

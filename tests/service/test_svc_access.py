@@ -191,6 +191,8 @@ def test_validation_errors_name_their_field(rooted_server):
     _refused(rooted_server, {"model": "minilm", "kind": "assignment", "compress": {"out": "x"}}, ["compress"])
     _refused(rooted_server, {"model": "minilm", "compress": {"out": "   "}}, ["compress", "out"])
     _refused(rooted_server, {"model": "minilm", "data": "/x\x00y"}, ["data"])
+    r = httpx.post(rooted_server.url + "/v1/analyses", json={"model": "minilm", "time_limit_s": 3000}, timeout=30)
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "time_limit_s"]
 
 
 # --- the worker checks again, with its own settings ------------------------------------------
@@ -304,3 +306,18 @@ def test_roots_match_whole_folder_names(tmp_path):
         rules.readable(str(tmp_path / "models2" / "x"), ("data",), "data file")
     with pytest.raises(AccessDenied, match="below the out root"):
         rules.writable(os.fspath(tmp_path / "out2"))
+
+
+@pytest.mark.slow
+def test_default_worker_analyzes_the_packaged_model_for_real(default_server, default_api, tree):
+    """`geoshare serve` and a worker with no access settings: minilm on the built-in data, end to end."""
+    pytest.importorskip("torch")
+    job = _accepted(default_server, {"model": "minilm", "samples": 2, "backend": "diagonal", "ratio": 0.9})
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ACCESS_ENV:
+            mp.delenv(name, raising=False)
+        mp.chdir(tree)
+        assert run_worker(default_server.url, poll_s=0.1, max_jobs=1, device="cpu") == 1
+    final = default_api.wait_analysis(job["id"], timeout=120)
+    assert final["state"] == "succeeded", final.get("error")
+    assert final["problem"]["layers"] and final["plan"]["params"]["ratio"] <= 0.9
