@@ -10,8 +10,7 @@ import pytest
 from postgres import postgres_cluster, postgres_url  # noqa: F401  (fixtures)
 from svc_cases import Server, small_problem
 
-
-# The shared server and the workers tests run in this process accept any path and the test
+# The shared server and the workers the tests run in this process accept any path and the test
 # factories, as before access rules existed (service/access.py); test_svc_access*.py test the rules
 # on servers and workers of their own.
 OPEN_ACCESS = {"GEOSHARE_READ_ROOTS": "/", "GEOSHARE_OUT_ROOT": "/", "GEOSHARE_MODEL_MODULES": "m,nowhere,svc_tiny"}
