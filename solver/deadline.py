@@ -47,3 +47,11 @@ class Deadline:
         and never past this one (later stages keep the rest)."""
         seconds = fraction * self.seconds
         return Deadline(min(self.end, time.perf_counter() + seconds), seconds)
+
+    def split(self, fraction: float) -> Deadline:
+        """A deadline ``fraction`` of the time left from now: for a stage whose later part needs
+        the rest (when the clock decides, results depend on machine speed anyway)."""
+        if math.isinf(self.end):
+            return Deadline(math.inf, fraction * self.seconds)
+        left = self.left()
+        return Deadline(time.perf_counter() + fraction * left, fraction * left)

@@ -23,6 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from .curves import initial_curve
+from .deadline import Deadline
 from .family import FamilyInstance, UnitProblem, canonical
 from .schema import CostKind
 
@@ -183,11 +184,24 @@ def _swap_blocked(up: UnitProblem, lab: np.ndarray, u: int, v: int) -> bool:
     return False
 
 
-def _neighbourhood(fam: FamilyInstance, pool: int, seeds: Sequence[np.ndarray]) -> FamilyTable:
-    """Heuristic: the best known partition per class count and its cheapest neighbours."""
-    curve = initial_curve(fam)
-    starts = [lab for k, lab in sorted(curve.labels.items()) if int(lab.max()) + 1 == k]
-    starts += [np.asarray(s, dtype=int) for s in seeds]
+def _neighbourhood(
+    fam: FamilyInstance,
+    pool: int,
+    seeds: Sequence[np.ndarray],
+    deadline: Deadline | None = None,
+    max_classes: int | None = None,
+) -> FamilyTable:
+    """Heuristic: the best known partition per class count and its cheapest neighbours.
+
+    The seeds (the optimum's labels) go first and then the curve's incumbents from the most
+    classes down, so a deadline cuts the least useful starts. Starts above ``max_classes`` + 1
+    are skipped: neither they nor their neighbours (one class fewer at most) fit the budget.
+    """
+    curve = initial_curve(fam, deadline)
+    starts = [np.asarray(s, dtype=int) for s in seeds]
+    starts += [lab for k, lab in sorted(curve.labels.items(), reverse=True) if int(lab.max()) + 1 == k]
+    if max_classes is not None:
+        starts = [lab for lab in starts if int(lab.max()) + 1 <= max_classes + 1]
     table: dict[int, dict[tuple[int, ...], float]] = defaultdict(dict)
 
     def offer(labels: np.ndarray) -> None:
@@ -197,11 +211,15 @@ def _neighbourhood(fam: FamilyInstance, pool: int, seeds: Sequence[np.ndarray]) 
             table[int(labels.max()) + 1].setdefault(tuple(labels.tolist()), cost)
 
     for start in starts:
+        if deadline is not None and deadline.expired():
+            break
         offer(start)
         if fam.reduced.m < 2:
             continue
         units = _unit_labels(fam, start)
-        for new in _neighbours(fam.reduced, units)[: 4 * pool]:
+        for i, new in enumerate(_neighbours(fam.reduced, units)[: 4 * pool]):
+            if deadline is not None and i % 64 == 63 and deadline.expired():
+                break
             offer(fam.layer_labels(new))
     return {
         k: [FamilyOption(c, lab) for lab, c in sorted(opts.items(), key=lambda t: (t[1], t[0]))[:pool]]
@@ -210,16 +228,23 @@ def _neighbourhood(fam: FamilyInstance, pool: int, seeds: Sequence[np.ndarray]) 
 
 
 def family_table(
-    fam: FamilyInstance, pool: int, seeds: Sequence[np.ndarray] = (), *, normalized: bool = False
+    fam: FamilyInstance,
+    pool: int,
+    seeds: Sequence[np.ndarray] = (),
+    *,
+    normalized: bool = False,
+    deadline: Deadline | None = None,
+    max_classes: int | None = None,
 ) -> tuple[FamilyTable, bool]:
     """The ``pool`` best options per class count, and whether the lists are exact.
 
     ``normalized`` ranks by size-normalized class costs where every partition is enumerated
-    (pairwise costs); larger families keep the plain objective's neighbourhood.
+    (pairwise costs); larger families keep the plain objective's neighbourhood, whose search
+    stops at ``deadline`` and skips class counts past ``max_classes`` (the budget's reach).
     """
     if fam.reduced.m <= ENUM_MAX_UNITS:
         return _enumerated(fam, pool, normalized and fam.kind is CostKind.pairwise), True
-    return _neighbourhood(fam, pool, seeds), False
+    return _neighbourhood(fam, pool, seeds, deadline, max_classes), False
 
 
 @dataclass(frozen=True)
@@ -236,11 +261,13 @@ def k_best_combinations(
     params: Sequence[dict[int, int]],
     budget: int | None,
     n: int,
+    deadline: Deadline | None = None,
 ) -> list[Combination]:
     """The n cheapest combinations with total params <= budget (ties: fewer params, then order).
 
     K shortest paths layer by layer: after each family, every reachable params total keeps its
-    n cheapest partial sums, each found lazily as a k-best sum of two sorted lists.
+    n cheapest partial sums, each found lazily as a k-best sum of two sorted lists. Nothing
+    (an empty list) when ``deadline`` passes before the last family: partial layers rank nothing.
     """
     rest_min = [0] * (len(tables) + 1)
     for f in range(len(tables) - 1, -1, -1):
@@ -257,6 +284,8 @@ def k_best_combinations(
                     sources[t].append((total, k))
         layer = {}
         for t, srcs in sources.items():
+            if deadline is not None and deadline.expired():
+                return []
             heap = [(prev[total][0][0] + table[k][0].cost, total, k, 0, 0) for total, k in srcs]
             heapq.heapify(heap)
             seen = {(total, k, 0, 0) for total, k in srcs}
@@ -292,3 +321,11 @@ def sharing_pairs(groups: Sequence[Sequence[str]]) -> set[tuple[str, str]]:
 def plan_distance(a: Sequence[Sequence[str]], b: Sequence[Sequence[str]]) -> int:
     """Layer pairs that share in exactly one of the two plans (0 iff the plans are the same)."""
     return len(sharing_pairs(a) ^ sharing_pairs(b))
+
+
+def coloring_pairs(coloring: dict[str, int]) -> frozenset[tuple[str, str]]:
+    """``sharing_pairs`` straight from a coloring, to compare candidates before building plans."""
+    classes: dict[int, list[str]] = defaultdict(list)
+    for name, c in coloring.items():
+        classes[c].append(name)
+    return frozenset(sharing_pairs(list(classes.values())))
