@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -108,13 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit where it can't be caught
+        return code
+    except BrokenPipeError:
+        return _closed_stdout()
     except GeoShareError as e:
         print(f"geoshare {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # pydantic's ValidationError (bad overrides) is a ValueError
         print(f"geoshare {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _closed_stdout() -> int:
+    """The reader went away (``geoshare solve p.json | head``): not an error worth a traceback.
+
+    As the Python docs recommend for SIGPIPE: point stdout at devnull so the interpreter's last
+    flush does not raise again, and exit like a process killed by SIGPIPE (128 + 13).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

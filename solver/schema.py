@@ -257,8 +257,14 @@ class SharingProblem(_Model):
         return fail(("costs", "matrix", i, j), message, self.costs.matrix[i][j])
 
     def _check_total(self) -> None:
-        """Every entry finite is not enough: an objective adds them up, and that sum must be finite too."""
-        entries = sum(sum(v for v in row if v is not None) for row in self.costs.matrix) + sum(self.costs.unary or [])
+        """Every entry finite is not enough: an objective adds them up, and the largest one (every
+        pair shares; pairwise costs count each pair once) must be finite too."""
+        m = self.costs.matrix
+        if self.costs.kind is CostKind.pairwise:
+            entries = sum(sum(v for v in row[i + 1 :] if v is not None) for i, row in enumerate(m))
+        else:
+            entries = sum(sum(v for j, v in enumerate(row) if v is not None and j != i) for i, row in enumerate(m))
+        entries += sum(self.costs.unary or [])
         if not math.isfinite(entries):
             raise fail(
                 ("costs", "matrix"),
@@ -324,7 +330,7 @@ class SharingProblem(_Model):
             # exact rational arithmetic: a float product loses whole parameters past 2^53
             exact = Fraction(c.max_params_ratio) * self.original_params
             budget = math.floor(exact)
-            if budget + 1 - exact <= exact * _RATIO_SLACK:
+            if budget != exact and budget + 1 - exact <= exact * _RATIO_SLACK:
                 budget += 1
             limits.append(budget)
         return min(limits) if limits else None
