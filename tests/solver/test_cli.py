@@ -110,3 +110,34 @@ def test_solve_top_zero_is_explained(problem_file):
     out = _run("solve", str(path), "--top", "0")
     assert out.returncode == 2
     assert "top" in out.stderr
+
+
+def test_large_seed_solves_from_the_cli(tmp_path):
+    """Seeds of 2^31 and more used to crash CP-SAT (a TypeError) on families of 17+ layers."""
+    problem = random_problem([17], seed=2, ratio=0.5, time_limit_s=2)
+    path = tmp_path / "problem.json"
+    path.write_text(problem.model_dump_json())
+    out = _run("solve", str(path), "--seed", str(2**31))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["solver"]["seed"] == 2**31
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    """`geoshare solve problem.json | head`: the reader leaves early; no BrokenPipe traceback.
+
+    The plan is made larger than a pipe's buffer (64 KiB) so the write really meets the closed pipe.
+    """
+    n = 40
+    layers = [{"name": f"{'x' * 3000}.{i}", "family": f"f{i}", "params": 10, "index": 0} for i in range(n)]
+    matrix = [[0.0 if i == j else None for j in range(n)] for i in range(n)]
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps({"layers": layers, "costs": {"matrix": matrix}}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "solver.cli", "solve", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10) == b'{\n  "versi'  # like head: read a little, then go away
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141)
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
