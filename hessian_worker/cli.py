@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("exact", "projected", "diagonal", "layerwise")
+BACKENDS = ("exact", "projected", "diagonal", "layerwise", "kfac")
+DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
 MERGES = ("mean", "representative", "curvature", "layerwise")
 SIDES = ("auto", "out", "in")
 
@@ -21,7 +22,18 @@ def add_commands(subparsers: Any) -> None:
     """Adds the ``analyze`` and ``apply`` subcommands to an argparse subparsers object."""
     a = subparsers.add_parser("analyze", help="model + calibration data -> SharingProblem JSON")
     _common(a)
-    a.add_argument("--backend", choices=BACKENDS, default="exact")
+    a.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="how pair costs are predicted (default: kfac for a LLaMA/Mistral/Qwen2 checkpoint directory, "
+                        "streamed block by block; exact otherwise)")
+    a.add_argument("--kfac-rank", type=int, default=64,
+                   help="kfac: eigenpairs of each layer's input covariance kept, the rest as one bulk value "
+                        "(0: all of them, exact K-FAC)")
+    a.add_argument("--kfac-oversample", type=int, default=64, help="kfac: sketch columns beyond --kfac-rank")
+    a.add_argument("--kfac-output", choices=("diagonal", "identity"), default="diagonal",
+                   help="kfac: output factor from sampled output gradients (loss units), or identity (no backward)")
+    a.add_argument("--stats-cache", default="~/.cache/geoshare/stats",
+                   help="streamed analysis: folder of cached per-layer statistics (one pass, many analyses)")
+    a.add_argument("--no-stats-cache", action="store_true", help="streamed analysis: neither read nor write the cache")
     a.add_argument("--kind", choices=("pairwise", "assignment"), default="pairwise")
     a.add_argument("--curvature", choices=("ggn", "hessian"), default="ggn")
     a.add_argument("--ratio", type=float, default=None, help="constraints.max_params_ratio")
@@ -36,7 +48,8 @@ def add_commands(subparsers: Any) -> None:
                         "and CUDA), the model's dtype, or auto (bfloat16 where native)")
     a.add_argument("--bulk", choices=("layer", "isotropic"), default="layer",
                    help="projected: curvature off the top space, one scalar per layer or one for all (the paper)")
-    a.add_argument("--memory-limit-gb", type=float, default=4.0)
+    a.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="refuse above this memory estimate (projected: 4; streamed: the memory available now)")
     a.add_argument("--targets", action="append", default=None, help="name or re:regex (repeatable)")
     a.add_argument("--ignore", action="append", default=[], help="name or re:regex (repeatable)")
     a.add_argument("-o", "--output", required=True, help="where to write the problem JSON")
@@ -135,7 +148,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute dtype (default: float32; a streamed checkpoint keeps its own, auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -159,21 +173,30 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
     try:
         from hessian_worker import AnalyzeConfig, analyze
+        from hessian_worker.llm import analyze_checkpoint, is_streamable
         from hessian_worker.models import load_model
 
         basis = _basis_options(args)
+        streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and not basis
+        backend = args.backend or ("kfac" if streamed else "exact")
         config = AnalyzeConfig(
-            backend=args.backend, kind=args.kind, curvature=args.curvature, samples=args.samples,
+            backend=backend, kind=args.kind, curvature=args.curvature, samples=args.samples,
             batch_size=args.batch_size, seed=args.seed, max_params_ratio=args.ratio,
             rank=8 if basis or args.rank is None else args.rank,
-            probes=args.probes, memory_limit_gb=args.memory_limit_gb, targets=args.targets,
+            probes=args.probes, memory_limit_gb=args.memory_limit_gb or 4.0, targets=args.targets,
             eigensolver=args.eigensolver, oversample=args.oversample, bulk=args.bulk,
             sketch_precision=args.sketch_precision,
-            ignore=args.ignore, device=args.device, dtype=args.dtype, progress=not args.quiet,
-            scheme=args.scheme, **({"basis": basis} if basis else {}),
+            kfac={"rank": args.kfac_rank or None, "oversample": args.kfac_oversample, "output": args.kfac_output},
+            ignore=args.ignore, device=args.device, dtype=args.dtype or ("auto" if streamed else "float32"),
+            progress=not args.quiet, scheme=args.scheme, **({"basis": basis} if basis else {}),
         )
-        loaded = load_model(args.model)
-        problem = analyze(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
+        if streamed:
+            cache = None if args.no_stats_cache else args.stats_cache
+            problem = analyze_checkpoint(args.model, args.data, config, memory_limit_gb=args.memory_limit_gb,
+                                         cache_dir=cache)
+        else:
+            loaded = load_model(args.model)
+            problem = analyze(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
     except (GeoShareError, ValueError) as exc:
         return _fail(str(exc))
     Path(args.output).write_text(problem.model_dump_json(indent=2), encoding="utf-8")
@@ -203,7 +226,7 @@ def _run_apply(args: argparse.Namespace) -> int:
             problem = SharingProblem.model_validate_json(Path(args.problem).read_text(encoding="utf-8"))
         basis = has_basis(problem)
         config = AnalyzeConfig(samples=args.samples, batch_size=args.batch_size, seed=args.seed,
-                               device=args.device, dtype=args.dtype, progress=not args.quiet,
+                               device=args.device, dtype=args.dtype or "float32", progress=not args.quiet,
                                scheme="basis" if basis else "tie",
                                basis={"output_weighting": not args.no_output_weighting})
         loaded = load_model(args.model)

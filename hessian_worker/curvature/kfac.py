@@ -52,7 +52,7 @@ def sketch_width(dim: int, rank: int | None, oversample: int) -> int | None:
     return rank + oversample
 
 
-def test_matrix(dim: int, width: int, seed: int) -> Tensor:
+def probe_matrix(dim: int, width: int, seed: int) -> Tensor:
     """[dim, width] Gaussian test matrix of every layer whose inputs have ``dim`` features: one per
     width and seed, drawn on CPU in float64, so the in-memory and the streamed statistics agree."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + dim)
@@ -90,7 +90,7 @@ def new_stats(in_dim: int, *, rank: int | None, oversample: int, seed: int, dtyp
               device: torch.device | str) -> FactorStats:
     width = sketch_width(in_dim, rank, oversample)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    omega = None if width is None else test_matrix(in_dim, width, seed).to(device=device, dtype=acc)
+    omega = None if width is None else probe_matrix(in_dim, width, seed).to(device=device, dtype=acc)
     cols = in_dim if width is None else width
     return FactorStats(torch.zeros(in_dim, cols, dtype=acc, device=device),
                        torch.zeros((), dtype=acc, device=device), omega=omega)
@@ -119,7 +119,7 @@ def input_factor(stats: FactorStats, rank: int | None) -> InputFactor:
         values, vectors = torch.linalg.eigh(stats.a.double() / n)
         values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
     else:
-        values, vectors = _nystrom(stats.a.double() / n, stats.omega.double())
+        values, vectors = _nystrom(stats.a.double() / n, stats.omega.double(), torch.finfo(stats.a.dtype).eps)
     keep = dim if rank is None else min(rank, values.numel())
     values, vectors = values[:keep], vectors[:, :keep]
     rest = dim - keep
@@ -128,10 +128,11 @@ def input_factor(stats: FactorStats, rank: int | None) -> InputFactor:
     return InputFactor(vectors.to(dtype).contiguous(), values.to(dtype), bulk)
 
 
-def _nystrom(y: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+def _nystrom(y: Tensor, omega: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Eigenpairs of the Nyström approximation Y (ΩᵀY)⁺ Yᵀ of a PSD A from its sketch Y = AΩ
-    (Tropp et al. 2017, Alg. 3: the shift ν keeps the Cholesky stable)."""
-    nu = torch.finfo(torch.float32).eps * math.sqrt(y.shape[0]) * float(torch.linalg.matrix_norm(y, ord=2))
+    (Tropp et al. 2017, Alg. 3: the shift ν, at the precision ``eps`` the sketch was summed in,
+    keeps the Cholesky stable)."""
+    nu = eps * math.sqrt(y.shape[0]) * float(torch.linalg.matrix_norm(y, ord=2))
     y_nu = y + nu * omega
     core = omega.T @ y_nu
     chol, info = torch.linalg.cholesky_ex((core + core.T) / 2)

@@ -27,9 +27,9 @@ from hessian_worker.curvature.kfac import (
     FactorStats,
     LayerFactors,
     OutputFactor,
+    probe_matrix,
     row_block_quads,
     sketch_width,
-    test_matrix,
 )
 from hessian_worker.data import Calibration, DataSource, load_calibration
 from hessian_worker.discovery import LayerInfo, discover_layers
@@ -64,7 +64,7 @@ def output_factor(config: AnalyzeConfig) -> OutputFactor:
     return config.kfac.output if config.backend is Backend.kfac else OutputFactor.identity
 
 
-def analyze_checkpoint(path: str | Path, data: DataSource, config: AnalyzeConfig | None = None, *,
+def analyze_checkpoint(path: str | Path, data: DataSource | None, config: AnalyzeConfig | None = None, *,
                        memory_limit_gb: float | None = None, cache_dir: str | Path | None = None,
                        tokenizer: Any | None = None) -> SharingProblem:
     """The SharingProblem of a decoder checkpoint, with one block in memory at a time.
@@ -87,7 +87,11 @@ def analyze_checkpoint(path: str | Path, data: DataSource, config: AnalyzeConfig
     checkpoint = Checkpoint(path)
     dtype = resolve_dtype(checkpoint, config.dtype.value)
     decoder = Decoder(checkpoint, dtype, config.torch_device())
-    if tokenizer is None and isinstance(data, (str, Path)) and Path(data).suffix in (".txt", ".text"):
+    if data is None:  # the built-in sentences, as for every tokenized model
+        from hessian_worker.data import DEFAULT_SENTENCES
+
+        data = DEFAULT_SENTENCES
+    if tokenizer is None and _is_text(data):
         tokenizer = _tokenizer(checkpoint)
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size,
                              seed=config.seed, max_length=config.max_length)
@@ -112,6 +116,12 @@ def analyze_checkpoint(path: str | Path, data: DataSource, config: AnalyzeConfig
     source = cost_source(config, None)
     source.update(streamed=True, dtype=str(dtype).removeprefix("torch."), memory_estimate_bytes=estimate.total)
     return problem.model_copy(update={"source": source})
+
+
+def _is_text(data: DataSource | None) -> bool:
+    if isinstance(data, (str, Path)):
+        return Path(data).suffix in (".txt", ".text")
+    return isinstance(data, Sequence) and bool(data) and all(isinstance(x, str) for x in data)
 
 
 def _tokenizer(checkpoint: Checkpoint) -> Any:
@@ -219,7 +229,7 @@ def load_stats(cache_dir: str | Path, key: str, layers: Sequence[LayerInfo], ran
             return None
         a = tensors[f"{x.name}/a"]
         width = sketch_width(x.shape[1], rank, oversample)
-        omega = None if width is None else test_matrix(x.shape[1], width, seed).to(a.dtype)
+        omega = None if width is None else probe_matrix(x.shape[1], width, seed).to(a.dtype)
         out[x.name] = FactorStats(a, tensors[f"{x.name}/a_trace"][0], int(tensors[f"{x.name}/tokens"][0]),
                                   tensors.get(f"{x.name}/b"), omega)
     log.info("K-FAC statistics read from %s", file)
