@@ -191,3 +191,28 @@ def test_cli_streams_a_decoder_checkpoint_by_default(checkpoints, tmp_path, caps
     whole = analyze(str(folder), folder / "calib.pt", _config())
     got = np.array([[np.nan if v is None else v for v in row] for row in problem["costs"]["matrix"]])
     np.testing.assert_allclose(got, _matrix(whole), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_checkpoint_reads_tensors_and_row_slices_as_safetensors_does(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from hessian_worker.llm.checkpoint import Checkpoint
+
+    tensors = {"a.weight": torch.randn(7, 5).to(dtype), "b.weight": torch.randn(3).to(dtype),
+               "empty": torch.zeros(0, 4, dtype=dtype)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = Checkpoint(tmp_path)
+    want = load_file(str(tmp_path / "model.safetensors"))
+    for name, t in want.items():
+        assert checkpoint.dtype(name) == dtype and checkpoint.shape(name) == tuple(t.shape)
+        assert torch.equal(checkpoint.tensor(name), t)
+    assert torch.equal(checkpoint.rows("a.weight", slice(2, 6)), want["a.weight"][2:6])
+    assert torch.equal(checkpoint.rows("a.weight", slice(5, 100)), want["a.weight"][5:])
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-16])  # the last tensor's data is cut
+    broken = Checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        for name in want:
+            broken.tensor(name)
