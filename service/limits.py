@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import re
 import secrets
 from concurrent.futures import ProcessPoolExecutor
@@ -209,9 +210,15 @@ def parse_problem(body: bytes, max_layers: int, max_time_limit_s: float) -> tupl
     return "ok", dumps(parsed)
 
 
-def _warm() -> None:
+def _init_parse_process(parent: int) -> None:
+    """Imports paid once; exits by itself when the server dies (a SIGKILL leaves no orphan)."""
+    import threading
+
     import service.models  # noqa: F401
     import solver  # noqa: F401
+    from service.solve_worker import _watch_parent
+
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
 class ProblemParser:
@@ -223,7 +230,8 @@ class ProblemParser:
         self._pool: ProcessPoolExecutor | None = None
 
     def start(self) -> None:
-        self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_warm)
+        self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_init_parse_process,
+                                         initargs=(os.getpid(),))
         self._pool.submit(int)  # spawn it now: the first large body should not pay the imports
 
     def stop(self) -> None:
