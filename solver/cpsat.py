@@ -30,6 +30,7 @@ class CpsatResult:
     objective: float | None  # float cost of labels (exact, not scaled)
     bound: float  # valid lower bound on the float cost
     status: str
+    wall_cut: bool = False  # the wall-clock backstop, not deterministic time, ended the search
 
 
 def build_model(up: UnitProblem, k: int, hint: np.ndarray | None = None) -> CpsatModel:
@@ -106,7 +107,10 @@ def solve_model(
     if workers <= 8:
         p.extra_subsolvers.append("max_lp")
     status = solver.solve(built.model)
-    return read_result(solver, status, built, up)
+    result = read_result(solver, status, built, up)
+    # deterministic time left over while the wall clock ran out: the machine's speed decided
+    result.wall_cut = status != cp_model.OPTIMAL and solver.wall_time >= 0.99 * p.max_time_in_seconds
+    return result
 
 
 def read_result(solver: cp_model.CpSolver, status: int, built: CpsatModel, up: UnitProblem) -> CpsatResult:

@@ -42,6 +42,7 @@ class FamilyCurve:
     tried: dict[int, int] = field(default_factory=dict)  # improvement rounds spent per k
     starts: dict[int, list[np.ndarray]] = field(default_factory=dict)  # diverse unit labellings per k
     methods: set[str] = field(default_factory=set)
+    wall_cut: bool = False  # a wall-clock cap (not the deterministic budget) cut some search
 
     @property
     def ks(self) -> range:
@@ -125,7 +126,9 @@ def initial_curve(fam: FamilyInstance, deadline: Deadline | None = None) -> Fami
     k_units = int(bins.max()) + 1
     proven = True
     if up.forbidden.any() or up.max_size is not None:
-        k_units, proven = min_classes(up, k_units, time_limit_s=deadline.cap(10.0))
+        # at least half a second even past the deadline: an unproven k_min can make a reachable
+        # budget look infeasible, which is worse than a late answer
+        k_units, proven = min_classes(up, k_units, time_limit_s=max(0.5, deadline.cap(10.0)))
     curve = FamilyCurve(fam, k_min=k_units + p)
     if not proven:
         curve.methods.add("k_min-unproven")
@@ -190,6 +193,7 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
     hint = _unit_labels(fam, curve.labels.get(k))
     built = build_model(up, kk, hint=hint)
     res = solve_model(built, up, time_limit_s=effort, workers=workers, seed=seed, wall_limit_s=max(0.01, deadline.cap(wall)))
+    curve.wall_cut |= res.wall_cut
     if res.labels is not None:
         curve.offer(fam.layer_labels(res.labels), "cp-sat")
     curve.raise_lb(k, res.bound + _offset(fam))

@@ -98,7 +98,8 @@ class _Search:
 
     @property
     def limit_hit(self) -> bool:
-        return self.hit_limit or self.deadline.expired()
+        """Whether a clock (the deadline, or a CP-SAT call's wall-clock backstop) shaped the result."""
+        return self.hit_limit or self.deadline.expired() or any(c.wall_cut for c in self.curves)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -121,6 +122,8 @@ class _Search:
                 f"{got} is infeasible: the least reachable is {least} params "
                 f"(ratio {ratio:.4f}) with these families, pins and constraints"
                 + (f" ({'; '.join(why)})" if why else "")
+                + ("; the least class counts were not proven in time, so a longer time_limit_s may reach less"
+                   if any("k_min-unproven" in c.methods for c in self.curves) else "")
                 + "; raise the budget or drop pins/forbid pairs",
                 least_params=least,
                 least_ratio=ratio,

@@ -11,7 +11,7 @@ import functools
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from solver import SharingPlan, SharingProblem, solve
@@ -64,6 +64,7 @@ def test_base_plans_are_proven(name):
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(BASES)), costs=COST_FACTORS, params=PARAM_FACTORS)
+@example(name="family-24", costs=1e-9, params=10**12)  # always one draw from where it used to break
 def test_same_plan_for_any_cost_and_param_unit(name, costs, params):
     problem, base = _base_plan(name)
     _assert_same(solve(_scaled(problem, costs, params)), base, costs)
@@ -103,7 +104,7 @@ def test_relative_gap_has_no_absolute_floor():
 
 
 @pytest.mark.slow
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(
     seed=st.integers(0, 3),
     kind=st.sampled_from(["pairwise", "assignment"]),
@@ -114,6 +115,7 @@ def test_same_plan_for_any_unit_slow(seed, kind, costs, params):
     """Heavier: more seeds, assignment costs (p-median MIP), two larger families."""
     problem = random_problem([20, 7], seed=seed, kind=kind, ratio=0.6, time_limit_s=30)
     base = solve(problem)
-    if base.status.value != "optimal":
-        return  # an unproven time-limited run may legitimately follow another path
-    _assert_same(solve(_scaled(problem, costs, params)), base, costs)
+    scaled = solve(_scaled(problem, costs, params))
+    # a run the clock cut (a loaded machine) may follow another path: only clock-free runs compare
+    assume(not base.solver.time_limit_hit and not scaled.solver.time_limit_hit)
+    _assert_same(scaled, base, costs)
