@@ -22,6 +22,7 @@ backend's reconstruction error 2·tr(D A_l Dᵀ): the streamed counterpart of ``
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ def probe_matrix(dim: int, width: int, seed: int) -> Tensor:
     return torch.randn(dim, width, generator=gen, dtype=torch.float64)
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_probe(dim: int, width: int, seed: int, dtype: torch.dtype, device: str) -> Tensor:
+    """One copy of a test matrix for all the layers that use it (read-only)."""
+    return probe_matrix(dim, width, seed).to(device=device, dtype=dtype)
+
+
 @dataclass
 class FactorStats:
     """Running sums of one layer's factors, in float32 (float64 when the model is): ``a`` is
@@ -90,7 +97,7 @@ def new_stats(in_dim: int, *, rank: int | None, oversample: int, seed: int, dtyp
               device: torch.device | str) -> FactorStats:
     width = sketch_width(in_dim, rank, oversample)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    omega = None if width is None else probe_matrix(in_dim, width, seed).to(device=device, dtype=acc)
+    omega = None if width is None else _shared_probe(in_dim, width, seed, acc, str(torch.device(device)))
     cols = in_dim if width is None else width
     return FactorStats(torch.zeros(in_dim, cols, dtype=acc, device=device),
                        torch.zeros((), dtype=acc, device=device), omega=omega)
@@ -183,14 +190,15 @@ def row_block_quads(factors: Sequence[LayerFactors], rows_of: RowBlock, out_dim:
         rows = slice(r0, min(r0 + block_rows, out_dim))
         w = rows_of(rows).to(device=device, dtype=dtype)  # [m, rows, in]
         proj = torch.matmul(w, vectors)  # [m, rows, Σ r_l]
-        sq = w.pow(2).sum(dim=2)  # [m, rows]: ‖W_j,a‖²
+        sq = torch.linalg.vector_norm(w, dim=2).pow(2)  # [m, rows]: ‖W_j,a‖², no [m, rows, in] temporary
+        flat = w.reshape(m, -1)
         for layer, f in enumerate(factors):
             b = f.output[rows]  # [rows]
             z = proj[:, :, starts[layer] : starts[layer] + widths[layer]]  # [m, rows, r_l]: W_j u_k
             dz = z - z[layer]  # rows of D_j U_l
             table[layer] += torch.einsum("jak,k,a->j", dz.pow(2), f.input.weights, b)
             if f.input.bulk:
-                cross = torch.einsum("jai,ai,a->j", w, w[layer], b)  # Σ_a b_a <W_j,a, W_l,a>
+                cross = flat @ (w[layer] * b[:, None]).reshape(-1)  # Σ_a b_a <W_j,a, W_l,a>
                 norms = (sq * b).sum(dim=1)  # Σ_a b_a ‖W_j,a‖²
                 table[layer] += f.input.bulk * (norms + norms[layer] - 2 * cross)
     return table

@@ -41,6 +41,7 @@ from hessian_worker.llm.decoder import (
     MemoryEstimate,
     estimate_memory,
     resolve_dtype,
+    trim_heap,
 )
 from hessian_worker.llm.stream import stream_factors
 from solver.schema import CostKind, SharingProblem
@@ -108,7 +109,9 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
                                seed=config.seed, progress=config.progress)
         if cache_dir:
             save_stats(cache_dir, key, stats)
-    factors = {x.name: LayerFactors.of(stats[x.name], k.rank, output, x.shape[0]) for x in layers}
+    # each layer's sums are dropped as soon as its factors are formed: both never sit in memory whole
+    factors = {x.name: LayerFactors.of(stats.pop(x.name), k.rank, output, x.shape[0]) for x in layers}
+    trim_heap()
     matrix = streamed_costs(layers, factors, checkpoint, config.kind, progress=config.progress)
     from hessian_worker.analysis import cost_source, to_problem
 
@@ -168,12 +171,19 @@ def streamed_costs(layers: Sequence[LayerInfo], factors: Mapping[str, LayerFacto
         pairs = [(position[a], position[b]) for a, b in pairs_of(members, kind)]
 
         def rows_of(rows: slice, names: list[str] = names) -> Tensor:
-            return torch.stack([checkpoint.rows(name, rows, dtype=torch.float32) for name in names])
+            first = checkpoint.rows(names[0], rows, dtype=torch.float32)
+            out = torch.empty(len(names), *first.shape, dtype=torch.float32)
+            out[0] = first
+            for i, name in enumerate(names[1:], start=1):  # one member's rows at a time: no second copy
+                out[i] = checkpoint.rows(name, rows, dtype=torch.float32)
+            return out
 
         table = row_block_quads([factors[x] for x in names], rows_of, layers[members[0]].shape[0])
         at_a, at_b = pair_sides(table, pairs)
         # ΔL ≈ ½δᵀHδ (distillation: no first-order term at the reference)
         values = (0.5 * (coef[0] ** 2 * at_a + coef[1] ** 2 * at_b)).clamp_min(0.0).tolist()
+        del table
+        trim_heap()
         for (a, b), v in zip(pairs, values, strict=True):
             matrix[members[a]][members[b]] = v
             if kind is CostKind.pairwise:

@@ -4,6 +4,8 @@ after. Embeddings, final norm and LM head are loaded as small separate pieces.""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +77,7 @@ class Decoder:
             self.head.weight = self.embed.weight
         with torch.device(self.device):
             self.rotary = type(self.skeleton.model.rotary_emb)(config=self.config)
+        trim_heap()
 
     def block_prefix(self, i: int) -> str:
         return f"{BLOCKS}.{i}."
@@ -109,8 +112,9 @@ class Decoder:
         return self._load(self.skeleton.model.layers[i], self.block_prefix(i))
 
     def release(self, block: nn.Module) -> None:
-        """Drops a block's weights (back to the meta device)."""
+        """Drops a block's weights (back to the meta device) and hands the freed memory back."""
         block.to("meta")
+        trim_heap()
 
     def inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         """The first block's input and the keyword arguments every block of this batch takes."""
@@ -132,6 +136,27 @@ class Decoder:
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(self.norm(hidden))
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+_LIBC = _libc()
+
+
+def trim_heap() -> None:
+    """Returns freed heap memory to the system (glibc). Blocks' tensors are tens of MB; once glibc
+    has freed one such mapping it serves the next ones from its heap, which it keeps: without this a
+    1 GB-per-12-blocks model grew the resident set by 730 MB over one pass (measured), with it by
+    less than a block."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def run_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
