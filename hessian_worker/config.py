@@ -46,6 +46,9 @@ class KFACOptions(BaseModel):
 
     rank: int | None = Field(64, gt=0, description="Eigenpairs of each input covariance kept (None: all).")
     oversample: int = Field(64, ge=0, description="Sketch columns beyond the rank (a sketch this wide: exact).")
+    gradient_samples: int | None = Field(
+        16, gt=0, description="Samples whose sampled output gradients estimate the output factor (None: all): a "
+        "Monte-Carlo second moment, so a subset suffices and the backward passes stay a fraction of the work.")
     output: OutputFactor = Field(OutputFactor.diagonal,
                                  description="diagonal (sampled output gradients, loss units) or identity "
                                  "(output reconstruction error, the layerwise scale; no backward pass).")

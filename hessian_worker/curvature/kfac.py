@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from hessian_worker.costs import FamilyPairs
 from hessian_worker.curvature.layerwise import linear_modules
-from hessian_worker.data import Calibration, batch_size, call_model
+from hessian_worker.data import Calibration, call_model
 from hessian_worker.losses import extract_output, row_mask
 
 RowBlock = Callable[[slice], Tensor]
@@ -138,8 +138,8 @@ def input_factor(stats: FactorStats, rank: int | None) -> InputFactor:
 def _nystrom(y: Tensor, omega: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Eigenpairs of the Nyström approximation Y (ΩᵀY)⁺ Yᵀ of a PSD A from its sketch Y = AΩ
     (Tropp et al. 2017, Alg. 3: the shift ν, at the precision ``eps`` the sketch was summed in,
-    keeps the Cholesky stable)."""
-    nu = eps * math.sqrt(y.shape[0]) * float(torch.linalg.matrix_norm(y, ord=2))
+    keeps the Cholesky stable; ‖Y‖_F stands in for ‖Y‖₂, a slightly larger shift at no SVD)."""
+    nu = eps * math.sqrt(y.shape[0]) * float(torch.linalg.vector_norm(y))
     y_nu = y + nu * omega
     core = omega.T @ y_nu
     chol, info = torch.linalg.cholesky_ex((core + core.T) / 2)
@@ -149,9 +149,14 @@ def _nystrom(y: Tensor, omega: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         core = omega.T @ y_nu
         chol = torch.linalg.cholesky((core + core.T) / 2)
         nu += extra
-    factor = torch.linalg.solve_triangular(chol, y_nu.T, upper=False).T  # Y_ν C⁻ᵀ
-    u, s, _ = torch.linalg.svd(factor, full_matrices=False)
-    return (s.pow(2) - nu).clamp_min(0.0), u
+    factor = torch.linalg.solve_triangular(chol, y_nu.T, upper=False).T  # F = Y_ν C⁻ᵀ, Â_ν = F Fᵀ
+    # F's left singular pairs from the small Gram FᵀF = V S² Vᵀ: U = F V / S (no [in, k] SVD)
+    s2, v = torch.linalg.eigh(factor.T @ factor)
+    s2, v = s2.flip(0), v.flip(1)
+    keep = s2 > s2[0].clamp_min(0.0) * torch.finfo(torch.float64).eps ** 0.5
+    s2, v = s2[keep], v[:, keep]
+    u = factor @ (v / s2.sqrt())
+    return (s2 - nu).clamp_min(0.0), u
 
 
 @dataclass
@@ -307,40 +312,77 @@ def linear_hooks(modules: Mapping[str, tuple[nn.Module, bool]], stats: Mapping[s
     return handles
 
 
+def gradient_batches(data: Calibration, samples: int | None) -> list[tuple[int, int]]:
+    """(batch, rows) of the samples whose output gradients feed the output factor: the first
+    ``samples`` of the (already shuffled) calibration set, all with None. The output factor is a
+    Monte-Carlo second moment, so a subset estimates it (K-FAC's usual subsampling) at a fraction of
+    the backward passes; both the in-memory and the streamed path take exactly these rows."""
+    plan, left = [], data.num_samples if samples is None else min(samples, data.num_samples)
+    for b, size in enumerate(data.sizes):
+        if left <= 0:
+            break
+        plan.append((b, min(size, left)))
+        left -= size
+    return plan
+
+
+def head_rows(batch: Mapping[str, Tensor], rows: int) -> dict[str, Tensor]:
+    """The first ``rows`` samples of a batch."""
+    return {k: v[:rows] for k, v in batch.items()}
+
+
 def collect_factors(model: nn.Module, data: Calibration, names: Sequence[str], *, loss: str,
                     rank: int | None, oversample: int, output: OutputFactor, seed: int,
-                    progress: bool = False) -> KFACCurvature:
-    """K-FAC factors of the named linear layers from one pass over the data held in memory: one
-    forward per batch (inputs) and, for the diagonal output factor, one backward of a sampled
-    pseudo-loss (output gradients). The streamed counterpart is hessian_worker.llm.stream."""
+                    gradient_samples: int | None = None, progress: bool = False) -> KFACCurvature:
+    """K-FAC factors of the named linear layers, with the model held in memory: one forward per
+    batch (inputs) and, for the diagonal output factor, a forward and a backward of a sampled
+    pseudo-loss per gradient batch (``gradient_batches``). The streamed counterpart, with the same
+    draws in the same order, is hessian_worker.llm.stream."""
     modules = linear_modules(model, names)
     param = next(iter(model.parameters()))
     stats = {n: new_stats(_in_dim(m, t), rank=rank, oversample=oversample, seed=seed, dtype=param.dtype,
                           device=param.device) for n, (m, t) in modules.items()}
     current: dict[str, Tensor | None] = {"mask": None}
-    backward = output is OutputFactor.diagonal
-    handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=backward)
-    weights = [modules[n][0].weight for n in names]
+    handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=False)
+    try:
+        with torch.no_grad():
+            for batch in tqdm(data.batches, desc="K-FAC inputs", disable=not progress, leave=False):
+                current["mask"] = batch.get("attention_mask")
+                call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if output is OutputFactor.diagonal:
+        _collect_output_grads(model, data, modules, stats, loss, seed, gradient_samples, progress)
+    factors = {n: LayerFactors.of(stats[n], rank, output, _out_dim(*modules[n])) for n in names}
+    return KFACCurvature(factors, {n: t for n, (_, t) in modules.items()})
+
+
+def _collect_output_grads(model: nn.Module, data: Calibration, modules: Mapping[str, tuple[nn.Module, bool]],
+                          stats: Mapping[str, FactorStats], loss: str, seed: int, samples: int | None,
+                          progress: bool) -> None:
+    current: dict[str, Tensor | None] = {"mask": None}
+    handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=False, outputs=True)
+    weights = [m.weight for m, _ in modules.values()]
     flags = [w.requires_grad for w in weights]
     generator = torch.Generator().manual_seed(seed)
-    total = data.num_samples
+    plan = gradient_batches(data, samples)
+    total = sum(rows for _, rows in plan)
     try:
         for w in weights:
-            w.requires_grad_(backward)
-        for batch in tqdm(data.batches, desc="K-FAC factors", disable=not progress, leave=False):
+            w.requires_grad_(True)
+        for b, rows in tqdm(plan, desc="K-FAC output gradients", disable=not progress, leave=False):
+            batch = head_rows(data.batches[b], rows)
             current["mask"] = batch.get("attention_mask")
-            with torch.set_grad_enabled(backward):
+            with torch.enable_grad():
                 y, _ = extract_output(call_model(model, batch), batch)
-                if backward:
-                    g = output_gradient_sample(y, loss, batch_size(batch) / total, row_mask(y, batch), generator)
-                    torch.autograd.grad(y, weights, g, allow_unused=True)
+                g = output_gradient_sample(y, loss, rows / total, row_mask(y, batch), generator)
+                torch.autograd.grad(y, weights, g, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
         for w, flag in zip(weights, flags, strict=True):
             w.requires_grad_(flag)
-    factors = {n: LayerFactors.of(stats[n], rank, output, _out_dim(*modules[n])) for n in names}
-    return KFACCurvature(factors, {n: t for n, (_, t) in modules.items()})
 
 
 def _in_dim(module: nn.Module, transposed: bool) -> int:

@@ -27,6 +27,7 @@ from hessian_worker.curvature.kfac import (
     FactorStats,
     LayerFactors,
     OutputFactor,
+    gradient_batches,
     probe_matrix,
     row_block_quads,
     sketch_width,
@@ -99,14 +100,16 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
     layers = discover_layers(decoder.skeleton, config.targets, config.ignore, config.families)
     output = output_factor(config)
     k = config.kfac
+    backward = output is OutputFactor.diagonal
+    kept = sum(rows for _, rows in gradient_batches(calib, k.gradient_samples)) if backward else 0
     estimate = estimate_memory(checkpoint, dtype=dtype, tokens=_tokens(calib), rank=k.rank, oversample=k.oversample,
-                               backward=output is OutputFactor.diagonal)
+                               kept_tokens=kept * _tokens(calib) // max(calib.num_samples, 1))
     check_memory(estimate, memory_limit_gb, config.progress)
     key = stats_key(checkpoint, calib, config, output, dtype)
     stats = load_stats(cache_dir, key, layers, k.rank, k.oversample, config.seed) if cache_dir else None
     if stats is None:
         stats = stream_factors(decoder, calib, layers, rank=k.rank, oversample=k.oversample, output=output,
-                               seed=config.seed, progress=config.progress)
+                               seed=config.seed, gradient_samples=k.gradient_samples, progress=config.progress)
         if cache_dir:
             save_stats(cache_dir, key, stats)
     # each layer's sums are dropped as soon as its factors are formed: both never sit in memory whole
@@ -205,7 +208,7 @@ def stats_key(checkpoint: Checkpoint, calib: Calibration, config: AnalyzeConfig,
             digest.update(batch[name].contiguous().cpu().numpy().tobytes())
     k = config.kfac
     digest.update(json.dumps([str(checkpoint.path.resolve()), k.rank, k.oversample, output.value, config.seed,
-                              str(dtype)]).encode())
+                              k.gradient_samples, str(dtype)]).encode())
     return digest.hexdigest()[:32]
 
 

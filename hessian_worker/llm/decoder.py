@@ -186,7 +186,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(checkpoint: Checkpoint, *, dtype: torch.dtype, tokens: int, rank: int | None,
-                    oversample: int, backward: bool, block_rows: int = 256) -> MemoryEstimate:
+                    oversample: int, kept_tokens: int, block_rows: int = 256) -> MemoryEstimate:
     """What a streamed K-FAC analysis holds at its peak, from config.json and the tensor shapes alone."""
     size = torch.empty((), dtype=dtype).element_size()
     hidden = int(checkpoint.config["hidden_size"])
@@ -195,8 +195,8 @@ def estimate_memory(checkpoint: Checkpoint, *, dtype: torch.dtype, tokens: int, 
     shapes = [checkpoint.shape(n) for n in block_names]
     block = sum(_numel(s) for s in shapes) * size
     embeddings = sum(_numel(checkpoint.shape(n)) for n in checkpoint.names if not n.startswith(BLOCKS + ".")) * size
-    # carried activations (+ their float32 temporaries), and every block's input for the backward sweep
-    activations = tokens * hidden * (size * (blocks + 1 if backward else 2) + 8)
+    # carried activations (+ their float32 temporaries), and the gradient rows' input of every block
+    activations = tokens * hidden * (size * 2 + 8) + kept_tokens * hidden * size * blocks
     linear = [s for s in shapes if len(s) == 2]
     per_block = sum(s[1] * (s[1] if rank is None else min(s[1], rank + oversample)) * 4 * 2 + s[0] * 4
                     for s in linear)

@@ -2,12 +2,13 @@
 
 Forward sweep: the calibration batches' hidden states go through one block at a time; hooks add
 each linear layer's inputs to its factor sums. With the output factor, every block's input is kept
-(on the device when it fits, else on the host), a label is drawn per token from the model's own
-next-token distribution at the head, and a backward sweep runs the blocks in reverse: each block
-recomputes its forward from its kept input and backpropagates the carried gradient, hooks adding
-each linear layer's output gradients. Weights never take gradients (only activations do), so the
-backward costs about one forward. The draws are the same, in the same order, as the in-memory
-``collect_factors``, so both give the same statistics.
+for the gradient samples (``gradient_batches``; on the device when they fit, else on the host), a
+label is drawn per token from the model's own next-token distribution at the head, and a backward
+sweep runs the blocks in reverse: each block recomputes its forward from its kept input and
+backpropagates the carried gradient, hooks adding each linear layer's output gradients. Weights
+never take gradients (only activations do), so the backward costs about one forward of those
+samples. The draws are the same, in the same order, as the in-memory ``collect_factors``, so both
+give the same statistics.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from tqdm.auto import tqdm
 from hessian_worker.curvature.kfac import (
     FactorStats,
     OutputFactor,
+    gradient_batches,
+    head_rows,
     linear_hooks,
     new_stats,
     output_gradient_sample,
 )
 from hessian_worker.curvature.layerwise import linear_modules
-from hessian_worker.data import Calibration, batch_size
+from hessian_worker.data import Calibration
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.llm.decoder import Decoder, run_block
 from hessian_worker.losses import row_mask
@@ -52,7 +55,8 @@ def _keep_device(decoder: Decoder, nbytes: int) -> torch.device:
 
 
 def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerInfo], *, rank: int | None,
-                   oversample: int, output: OutputFactor, seed: int, progress: bool = False) -> dict[str, FactorStats]:
+                   oversample: int, output: OutputFactor, seed: int, gradient_samples: int | None = None,
+                   progress: bool = False) -> dict[str, FactorStats]:
     """Factor sums of every analysed layer from one forward sweep (and a backward sweep for the
     diagonal output factor) over the decoder's blocks."""
     names = _by_block(decoder, layers)
@@ -66,7 +70,9 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         h, kw = decoder.inputs(batch)
         hidden.append(h)
         kwargs.append(kw)
-    keep_on = _keep_device(decoder, sum(h.numel() * h.element_size() for h in hidden) * decoder.num_blocks)
+    plan = gradient_batches(data, gradient_samples) if backward else []
+    row_bytes = hidden[0][0].numel() * hidden[0].element_size() if hidden else 0
+    keep_on = _keep_device(decoder, sum(rows for _, rows in plan) * row_bytes * decoder.num_blocks)
     kept: list[list[Tensor] | None] = []
     steps = decoder.num_blocks * (2 if backward else 1)
     bar = tqdm(total=steps, desc="blocks (inputs)", unit="block", disable=not progress, leave=False)
@@ -78,7 +84,7 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
                                     oversample=oversample, seed=seed, dtype=decoder.dtype, device=decoder.device)
         handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=False)
         if backward:
-            kept.append([h.to(keep_on) for h in hidden])
+            kept.append([hidden[b][:rows].to(keep_on) for b, rows in plan])
         try:
             with torch.no_grad():
                 for b, h in enumerate(hidden):
@@ -91,8 +97,10 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         bar.update()
     if backward:
         bar.set_description("blocks (output gradients)")
-        grads = _head_gradients(decoder, data, hidden, seed)
+        grads = _head_gradients(decoder, data, hidden, plan, seed)
         hidden.clear()
+        plan_kwargs = [_head_kwargs(kwargs[b], rows) for b, rows in plan]
+        plan_masks = [None if masks[b] is None else masks[b][:rows] for b, rows in plan]
         for i in reversed(range(decoder.num_blocks)):
             block = decoder.load_block(i)
             modules = _modules(block, names[i])
@@ -100,12 +108,12 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
             inputs = kept[i]
             assert inputs is not None
             try:
-                for b, h in enumerate(inputs):
-                    current["mask"] = _on(masks[b], decoder.device)
+                for p, h in enumerate(inputs):
+                    current["mask"] = _on(plan_masks[p], decoder.device)
                     x = h.to(decoder.device).requires_grad_(True)
                     with torch.enable_grad():
-                        out = run_block(block, x, kwargs[b])
-                        grads[b] = torch.autograd.grad(out, x, grads[b])[0]
+                        out = run_block(block, x, plan_kwargs[p])
+                        grads[p] = torch.autograd.grad(out, x, grads[p])[0]
             finally:
                 for handle in handles:
                     handle.remove()
@@ -125,17 +133,27 @@ def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
     return None if t is None else t.to(device)
 
 
-def _head_gradients(decoder: Decoder, data: Calibration, hidden: list[Tensor], seed: int) -> list[Tensor]:
-    """The gradient of each batch's sampled pseudo-loss at the last block's output."""
+def _head_kwargs(kwargs: dict, rows: int) -> dict:
+    """A block's keyword arguments for the first ``rows`` samples (per-sample masks sliced; the
+    positions and rotary tables broadcast over samples)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[0] > 1:
+        return {**kwargs, "attention_mask": mask[:rows]}
+    return kwargs
+
+
+def _head_gradients(decoder: Decoder, data: Calibration, hidden: list[Tensor], plan: list[tuple[int, int]],
+                    seed: int) -> list[Tensor]:
+    """The gradient of each gradient batch's sampled pseudo-loss at the last block's output."""
     generator = torch.Generator().manual_seed(seed)
-    total = data.num_samples
+    total = sum(rows for _, rows in plan)
     grads = []
-    for b, batch in enumerate(data.batches):
-        x = hidden[b].detach().requires_grad_(True)
+    for b, rows in plan:
+        batch = head_rows(data.batches[b], rows)
+        x = hidden[b][:rows].detach().requires_grad_(True)
         with torch.enable_grad():
             logits = decoder.logits(x)
             mask_batch = {k: v.to(decoder.device) for k, v in batch.items() if k == "attention_mask"}
-            g = output_gradient_sample(logits, "kl", batch_size(batch) / total, row_mask(logits, mask_batch),
-                                       generator)
+            g = output_gradient_sample(logits, "kl", rows / total, row_mask(logits, mask_batch), generator)
             grads.append(torch.autograd.grad(logits, x, g)[0])
     return grads

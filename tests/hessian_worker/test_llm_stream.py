@@ -216,3 +216,20 @@ def test_checkpoint_reads_tensors_and_row_slices_as_safetensors_does(tmp_path, d
     with pytest.raises(CheckpointError, match="truncated"):
         for name in want:
             broken.tensor(name)
+
+
+def test_padded_batches_and_a_gradient_subset_stream_alike(checkpoints):
+    """Right-padded samples (attention mask) and an output factor from 5 of 10 samples (a batch cut
+    in two): the streamed path takes the same rows, tokens and draws as the whole model."""
+    folder = checkpoints["mistral"]
+    ids = random_tokens(SHAPES["tiny"]["vocab_size"], 10, 12, seed=4)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([12, 7, 12, 3, 9, 12, 5, 12, 10, 8]):
+        mask[row, length:] = 0
+    data = {"input_ids": ids * mask, "attention_mask": mask}
+    config = _config(kfac={"rank": None, "gradient_samples": 5})
+    streamed = analyze_checkpoint(folder, data, config)
+    whole = analyze(str(folder), data, config)
+    np.testing.assert_allclose(_matrix(streamed), _matrix(whole), rtol=1e-6)
+    everything = analyze(str(folder), data, _config())
+    assert not np.allclose(_matrix(everything), _matrix(whole), rtol=1e-3)  # the subset is not all of it
