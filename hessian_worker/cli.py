@@ -195,6 +195,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
             problem = analyze_checkpoint(args.model, args.data, config, memory_limit_gb=args.memory_limit_gb,
                                          cache_dir=cache)
         else:
+            if is_streamable(args.model):
+                _check_whole_model_fits(args.model, config.dtype.value, config.backend.value, args.memory_limit_gb)
             loaded = load_model(args.model)
             problem = analyze(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
     except (GeoShareError, ValueError) as exc:
@@ -203,6 +205,24 @@ def _run_analyze(args: argparse.Namespace) -> int:
     print(json.dumps({"output": args.output, "layers": len(problem.layers),
                       "families": len({x.family for x in problem.layers})}))
     return 0
+
+
+def _check_whole_model_fits(model: str, dtype: str, backend: str, limit_gb: float | None) -> None:
+    """Refuses a whole-model backend on a decoder checkpoint too large for memory, naming the one that fits."""
+    import psutil
+
+    from hessian_worker.errors import MemoryBudgetError
+    from hessian_worker.llm.checkpoint import Checkpoint
+    from hessian_worker.llm.decoder import resolve_dtype, whole_model_bytes
+
+    checkpoint = Checkpoint(model)
+    need = whole_model_bytes(checkpoint, resolve_dtype(checkpoint, dtype))
+    limit = int(limit_gb * 1024**3) if limit_gb is not None else int(psutil.virtual_memory().available)
+    if need > limit:
+        raise MemoryBudgetError(
+            f"--backend {backend} holds the whole model: at least {need / 1024**3:.1f} GiB in {dtype}, "
+            f"{limit / 1024**3:.1f} GiB available; --backend kfac (the default for this checkpoint) streams it "
+            "one block at a time", need, limit)
 
 
 def _run_apply(args: argparse.Namespace) -> int:

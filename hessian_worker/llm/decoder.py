@@ -207,6 +207,18 @@ def estimate_memory(checkpoint: Checkpoint, *, dtype: torch.dtype, tokens: int, 
     return MemoryEstimate(block * 2, embeddings, activations, statistics, pricing)
 
 
+# the whole-model backends hold the weights, the reference outputs and their own working set: exact
+# carries forward-mode tangents for a chunk of directions, projected a sketch of rank + oversample
+# model-sized vectors, diagonal a few (measured on MiniLM: 3-6x the float32 weights; 3 is a floor)
+WHOLE_MODEL_FACTOR = 3
+
+
+def whole_model_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
+    """A floor on what a backend that needs the whole model in memory would hold."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return WHOLE_MODEL_FACTOR * size * sum(_numel(checkpoint.shape(n)) for n in checkpoint.names)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -233,3 +233,18 @@ def test_padded_batches_and_a_gradient_subset_stream_alike(checkpoints):
     np.testing.assert_allclose(_matrix(streamed), _matrix(whole), rtol=1e-6)
     everything = analyze(str(folder), data, _config())
     assert not np.allclose(_matrix(everything), _matrix(whole), rtol=1e-3)  # the subset is not all of it
+
+
+def test_cli_refuses_a_whole_model_backend_that_cannot_fit_and_names_kfac(checkpoints, tmp_path, capsys):
+    from solver.cli import main
+
+    folder = checkpoints["llama"]
+    code = main(["analyze", "--model", str(folder), "--data", str(folder / "calib.pt"), "--backend", "exact",
+                 "--memory-limit-gb", "1e-6", "--quiet", "-o", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds the whole model" in err and "--backend kfac" in err
+    assert not (tmp_path / "p.json").exists()
+    # with room, the whole-model backend runs on the same checkpoint
+    code = main(["analyze", "--model", str(folder), "--data", str(folder / "calib.pt"), "--backend", "layerwise",
+                 "--kfac-rank", "0", "--quiet", "--no-stats-cache", "-o", str(tmp_path / "p.json")])
+    assert code == 0 and json.loads((tmp_path / "p.json").read_text())["source"]["streamed"] is True
