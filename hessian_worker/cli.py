@@ -29,6 +29,8 @@ def add_commands(subparsers: Any) -> None:
                    help="kfac: eigenpairs of each layer's input covariance kept, the rest as one bulk value "
                         "(0: all of them, exact K-FAC)")
     a.add_argument("--kfac-oversample", type=int, default=64, help="kfac: sketch columns beyond --kfac-rank")
+    a.add_argument("--kfac-gradient-samples", type=int, default=16,
+                   help="kfac: samples whose sampled output gradients estimate the output factor (0: all)")
     a.add_argument("--kfac-output", choices=("diagonal", "identity"), default="diagonal",
                    help="kfac: output factor from sampled output gradients (loss units), or identity (no backward)")
     a.add_argument("--stats-cache", default="~/.cache/geoshare/stats",
@@ -186,7 +188,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
             probes=args.probes, memory_limit_gb=args.memory_limit_gb or 4.0, targets=args.targets,
             eigensolver=args.eigensolver, oversample=args.oversample, bulk=args.bulk,
             sketch_precision=args.sketch_precision,
-            kfac={"rank": args.kfac_rank or None, "oversample": args.kfac_oversample, "output": args.kfac_output},
+            kfac={"rank": args.kfac_rank or None, "oversample": args.kfac_oversample, "output": args.kfac_output,
+                  "gradient_samples": args.kfac_gradient_samples or None},
             ignore=args.ignore, device=args.device, dtype=args.dtype or ("auto" if streamed else "float32"),
             progress=not args.quiet, scheme=args.scheme, **({"basis": basis} if basis else {}),
         )

@@ -33,3 +33,30 @@ def test_cuda_sign_sketch_and_pair_route_match_cpu() -> None:
     cpu = analyze(model(), mlp_data(), AnalyzeConfig(device="cpu", **common))
     gpu = analyze(model(), mlp_data(), AnalyzeConfig(device="cuda", **common))
     torch.testing.assert_close(torch.tensor(gpu.costs.matrix), torch.tensor(cpu.costs.matrix), rtol=1e-6, atol=1e-12)
+
+
+def test_cuda_kfac_in_memory_matches_cpu() -> None:
+    common = {"backend": "kfac", "dtype": "float64", "progress": False, "kfac": {"rank": 2, "oversample": 1}}
+    cpu = analyze(tiny_mlp(), mlp_data(), AnalyzeConfig(device="cpu", **common))
+    gpu = analyze(tiny_mlp(), mlp_data(), AnalyzeConfig(device="cuda", **common))
+    torch.testing.assert_close(torch.tensor(gpu.costs.matrix), torch.tensor(cpu.costs.matrix), rtol=1e-6, atol=1e-12)
+
+
+def test_cuda_streamed_decoder_matches_cpu(tmp_path) -> None:
+    """A tiny sharded LLaMA streamed block by block on the GPU: the same costs as on the CPU."""
+    from hessian_worker.llm import analyze_checkpoint
+    from hessian_worker.llm.synthetic import (
+        SHAPES,
+        decoder_config,
+        random_tokens,
+        write_random_checkpoint,
+    )
+
+    write_random_checkpoint(decoder_config("llama", **SHAPES["tiny"]), tmp_path, dtype=torch.float32,
+                            shard_bytes=40_000, std=0.2)
+    data = random_tokens(SHAPES["tiny"]["vocab_size"], 10, 12, seed=1)
+    common = {"backend": "kfac", "dtype": "float64", "progress": False, "batch_size": 4, "kfac": {"rank": 8}}
+    cpu = analyze_checkpoint(tmp_path, data, AnalyzeConfig(device="cpu", **common))
+    gpu = analyze_checkpoint(tmp_path, data, AnalyzeConfig(device="cuda", **common))
+    as_tensor = lambda p: torch.tensor([[float("nan") if v is None else v for v in r] for r in p.costs.matrix])  # noqa: E731
+    torch.testing.assert_close(as_tensor(gpu), as_tensor(cpu), rtol=1e-6, atol=1e-12, equal_nan=True)
