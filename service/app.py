@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,12 +16,15 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from service import errors
+from service.compress import CompressResult
 from service.db import SOLVE_KINDS, Store
 from service.limits import AuthMiddleware, BodyLimitMiddleware, ProblemParser
 from service.metrics import Metrics, MetricsMiddleware
+from service.models import AnalysisSpec, ClaimRequest, FailRequest
 from service.notify import Notifier
 from service.routes import analyses, frontiers, health, plans
 from service.runner import Runner
@@ -53,22 +57,36 @@ async def _reaper(app: FastAPI, settings: Settings) -> None:
             app.state.runner.wake(len(changed))
 
 
-def _with_problem_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """app.openapi, plus the SharingProblem schema the plan and frontier bodies refer to.
+# the models of the bodies the routes parse themselves (service.limits), named by their OpenAPI
+BODY_MODELS: tuple[type[BaseModel], ...] = (SharingProblem, AnalysisSpec, ClaimRequest, FailRequest, CompressResult)
+_PROBE = "geoshare-body-"
 
-    Those routes parse their body themselves (off the event loop), so FastAPI does not see the
-    model; their requestBody names it and it is added here when no other route brought it.
+
+def _document_bodies(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """app.openapi, with the schemas of the bodies the routes parse themselves.
+
+    Those routes parse their body off the event loop, so FastAPI does not see the model; their
+    ``openapi_extra`` names it. For FastAPI to generate its schema with the rest (one naming, the
+    ``-Input``/``-Output`` split included), each model is the body of a webhook, which is only
+    documented, never served; the webhooks are dropped from the document again.
     """
+    for model in BODY_MODELS:
+        async def probe(body: Any) -> None:  # never called
+            """A body schema for the OpenAPI document."""
+
+        probe.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter("body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=model)])
+        app.webhooks.add_api_route(_PROBE + model.__name__, probe, methods=["POST"],
+                                  responses={422: {"description": "never served"}})
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = generate()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        if "SharingProblem" not in components:
-            model = SharingProblem.model_json_schema(ref_template="#/components/schemas/{model}")
-            for name, sub in model.pop("$defs", {}).items():
-                components.setdefault(name, sub)
-            components["SharingProblem"] = model
+        hooks = schema.get("webhooks", {})
+        for name in [n for n in hooks if n.startswith(_PROBE)]:
+            del hooks[name]
+        if "webhooks" in schema and not hooks:
+            del schema["webhooks"]
         return schema
 
     return openapi
@@ -106,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="Geo-Sharing", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                          openapi_url="/openapi.json", docs_url="/docs", redoc_url=None,
                          static_url="/docs/assets")
-    app.openapi = _with_problem_schema(app)  # type: ignore[method-assign]
+    app.openapi = _document_bodies(app)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app)

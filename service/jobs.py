@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.db import SOLVE_KINDS, IdempotencyMismatch, Job, Store
 from service.errors import problem_response
-from service.limits import caps_problem
+from service.limits import caps_problem, request_hash
 from service.notify import Notifier
 from service.problems import ApiProblem
 from service.runner import Runner
@@ -34,10 +33,6 @@ def check_caps(problem: SharingProblem, settings: Settings) -> None:
                        settings.max_time_limit_s)
     if doc is not None:
         raise ApiProblem.of(doc)
-
-
-def request_hash(request: str) -> str:
-    return hashlib.sha256(request.encode()).hexdigest()
 
 
 def _submit_blocking(store: Store, settings: Settings, kind: str, request: str,

@@ -1,7 +1,8 @@
 """What is refused before the work: a missing API key, an oversize body, a problem over the caps.
 
 The key is checked and the body size capped in pure ASGI, before any byte of the body is read or
-parsed. Problem bodies are parsed off the event loop: small ones in a thread, large ones in a
+parsed. Request bodies (problems, and the analysis POSTs' bodies, a worker's completion carrying a
+whole problem among them) are parsed off the event loop: small ones in a thread, large ones in a
 process of their own, because ``json.loads`` and pydantic hold the GIL for the whole call (a
 7.9 MB body held it for 0.9 s, and every other request, ``/healthz`` included, waited).
 """
@@ -9,17 +10,20 @@ process of their own, because ``json.loads`` and pydantic hold the GIL for the w
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import re
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import send_problem, validation_problem
@@ -28,6 +32,7 @@ from service.problems import ApiProblem, problem
 # bodies up to this size parse in a thread: json.loads holds the GIL for about 1 ms per 8 KB here
 INLINE_PARSE_BYTES = 64 * 1024
 _JSON_TYPES = ("application/json", "application/problem+json")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def bearer_ok(authorization: str | None, key: str) -> bool:
@@ -180,6 +185,16 @@ def caps_problem(n_layers: int, time_limit_s: float | None, max_layers: int,
     return None
 
 
+def _loads(body: bytes, what: str) -> tuple[bool, Any]:
+    """``(True, data)``, or ``(False, the 400 document)`` for a body that is not JSON."""
+    try:
+        return True, json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN, 5000-digit ints
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        return False, problem(400, "unparseable-body", "Bad request",
+                              f"the body is not JSON{where}: {str(exc)[:200]}; send {what} as application/json")
+
+
 def parse_problem(body: bytes, max_layers: int, max_time_limit_s: float) -> tuple[str, Any]:
     """Body -> ``("ok", canonical JSON)`` or ``("problem", doc)``; runs in a thread or a process.
 
@@ -189,13 +204,9 @@ def parse_problem(body: bytes, max_layers: int, max_time_limit_s: float) -> tupl
     from service.models import dumps
     from solver import SharingProblem
 
-    try:
-        data = json.loads(body, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN, 5000-digit ints
-        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        return "problem", problem(400, "unparseable-body", "Bad request",
-                                  f"the body is not JSON{where}: {str(exc)[:200]}; send a SharingProblem "
-                                  "as application/json")
+    ok, data = _loads(body, "a SharingProblem")
+    if not ok:
+        return "problem", data
     if isinstance(data, dict) and isinstance(data.get("layers"), list):
         doc = caps_problem(len(data["layers"]), None, max_layers, max_time_limit_s)
         if doc is not None:
@@ -210,10 +221,83 @@ def parse_problem(body: bytes, max_layers: int, max_time_limit_s: float) -> tupl
     return "ok", dumps(parsed)
 
 
+def parse_model(body: bytes, model: type[BaseModel]) -> tuple[str, Any]:
+    """Body -> ``("ok", model instance)`` or ``("problem", doc)``, for the small request models."""
+    ok, data = _loads(body, f"a {model.__name__}")
+    if not ok:
+        return "problem", data
+    try:
+        return "ok", model.model_validate(data)
+    except ValidationError as exc:
+        return "problem", validation_problem(exc, ("body",))
+
+
+def request_hash(request: str) -> str:
+    """The hash stored with a request's canonical JSON (Idempotency-Key checks)."""
+    return hashlib.sha256(request.encode()).hexdigest()
+
+
+class ParsedCompletion(NamedTuple):
+    """A worker's completion as the store takes it: canonical JSON strings, nothing to re-parse."""
+
+    costs: str  # the SharingProblem the worker measured
+    request: str  # the plan problem solved from it: the analysis's ratio and time limit
+    request_hash: str
+    report: str | None  # a compress job's CompressReport; None for a bare SharingProblem
+
+
+@functools.cache
+def _completion_adapter() -> TypeAdapter[Any]:
+    from service.compress import Completion
+
+    return TypeAdapter(Completion)
+
+
+def parse_completion(body: bytes, ratio: float, time_limit_s: float, max_layers: int,
+                     max_time_limit_s: float) -> tuple[str, Any]:
+    """A completion body -> ``("ok", ParsedCompletion)`` or ``("problem", doc)``.
+
+    All of it runs here, in a thread or the parse process, never on the event loop (a near-8 MB
+    completion parsed by FastAPI held the loop about a second): the parse, the layer cap before pydantic, the plan problem with the
+    analysis's ``ratio`` and ``time_limit_s``, and its canonical JSON and hash.
+    """
+    from service.compress import CompressResult, _completion_kind
+    from service.models import dumps
+    from solver import SharingProblem
+
+    ok, data = _loads(body, "the SharingProblem (or {problem, report})")
+    if not ok:
+        return "problem", data
+    costs_node = data.get("problem") if _completion_kind(data) == "CompressResult" else data
+    if isinstance(costs_node, dict) and isinstance(costs_node.get("layers"), list):
+        doc = caps_problem(len(costs_node["layers"]), None, max_layers, max_time_limit_s)
+        if doc is not None:
+            return "problem", doc
+    try:
+        parsed = _completion_adapter().validate_python(data)
+    except ValidationError as exc:
+        return "problem", validation_problem(exc, ("body",))
+    costs, report = (parsed.problem, parsed.report) if isinstance(parsed, CompressResult) else (parsed, None)
+    plan_data = costs.model_dump(mode="json")
+    plan_data["constraints"]["max_params_ratio"] = ratio
+    plan_data["options"]["time_limit_s"] = time_limit_s
+    try:
+        plan_problem = SharingProblem.model_validate(plan_data)
+    except ValidationError as exc:
+        return "problem", validation_problem(exc)
+    doc = caps_problem(len(plan_problem.layers), plan_problem.options.time_limit_s, max_layers, max_time_limit_s)
+    if doc is not None:
+        return "problem", doc
+    request = dumps(plan_problem)
+    return "ok", ParsedCompletion(dumps(costs), request, request_hash(request),
+                                  report.model_dump_json() if report is not None else None)
+
+
 def _init_parse_process(parent: int) -> None:
     """Imports paid once; exits by itself when the server dies (a SIGKILL leaves no orphan)."""
     import threading
 
+    import service.compress  # noqa: F401
     import service.models  # noqa: F401
     import solver  # noqa: F401
     from service.solve_worker import _watch_parent
@@ -222,7 +306,12 @@ def _init_parse_process(parent: int) -> None:
 
 
 class ProblemParser:
-    """Parses problem bodies off the event loop: a thread when small, its own process when large."""
+    """Parses request bodies off the event loop: a thread when small, its own process when large.
+
+    Every JSON body the service takes goes through here (plans, frontiers, the analysis POSTs), so
+    they all answer alike: 415 for a non-JSON content type, 400 for a body that is not JSON, 422
+    naming the field for an invalid one.
+    """
 
     def __init__(self, max_layers: int, max_time_limit_s: float) -> None:
         self.max_layers = max_layers
@@ -246,20 +335,47 @@ class ProblemParser:
             ApiProblem: 415 for a non-JSON content type, 400 for a body that is not JSON, 413 for
                 too many layers, 422 for an invalid problem or a time limit over the cap.
         """
+        return await self._parse(request, "the SharingProblem", parse_problem, self.max_layers,
+                                 self.max_time_limit_s, layers_first=True)
+
+    async def model(self, request: Request, model: type[ModelT]) -> ModelT:
+        """The request's body as ``model`` (a small request such as an AnalysisSpec).
+
+        Raises:
+            ApiProblem: 415 for a non-JSON content type, 400 for a body that is not JSON, 422 for
+                an invalid one (``errors[].loc`` names the field).
+        """
+        return await self._parse(request, f"the {model.__name__}", parse_model, model)
+
+    async def completion(self, request: Request, ratio: float, time_limit_s: float) -> ParsedCompletion:
+        """A worker's completion, with the plan problem solved from it (see ``parse_completion``).
+
+        Raises:
+            ApiProblem: 415, 400, 413 for too many layers, 422 for an invalid completion.
+        """
+        return await self._parse(request, "the SharingProblem (or {problem, report})", parse_completion, ratio,
+                                 time_limit_s, self.max_layers, self.max_time_limit_s)
+
+    async def _parse(self, request: Request, what: str, parse: Callable[..., tuple[str, Any]], *args: Any,
+                     layers_first: bool = False) -> Any:
+        """Runs ``parse(body, *args)`` in a thread when the body is small, else in the parse process.
+
+        ``layers_first``: the body is a SharingProblem, so a large one over the layer cap is refused
+        from its leading members before the parse (``leading_layer_count``).
+        """
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype not in _JSON_TYPES and not ctype.endswith("+json"):
             raise ApiProblem(415, "unsupported-media-type", "Unsupported media type",
-                             f"the body is {ctype!r}; send the SharingProblem as application/json")
+                             f"the body is {ctype!r}; send {what} as application/json")
         body = await request.body()
-        args = (body, self.max_layers, self.max_time_limit_s)
         if len(body) <= INLINE_PARSE_BYTES or self._pool is None:
-            status, payload = await run_in_threadpool(parse_problem, *args)
-        elif (doc := caps_problem(await run_in_threadpool(leading_layer_count, body) or 0, None,
-                                  self.max_layers, self.max_time_limit_s)) is not None:
+            status, payload = await run_in_threadpool(parse, body, *args)
+        elif layers_first and (doc := caps_problem(await run_in_threadpool(leading_layer_count, body) or 0, None,
+                                                   self.max_layers, self.max_time_limit_s)) is not None:
             raise ApiProblem.of(doc)  # over the layer cap: not worth the parse process's time
         else:
             try:
-                status, payload = await asyncio.wrap_future(self._pool.submit(parse_problem, *args))
+                status, payload = await asyncio.wrap_future(self._pool.submit(parse, body, *args))
             except BrokenProcessPool as exc:  # the parse process died (killed): start a fresh one
                 self.stop()
                 self.start()

@@ -12,26 +12,33 @@ import time
 from datetime import datetime, timezone
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.access import AccessDenied, AccessRules
-from service.compress import Completion, CompressResult
 from service.db import Job
-from service.deps import Auth, NotifierDep, RunnerDep, SettingsDep, StoreDep
-from service.errors import PROBLEM_JSON, PROBLEM_RESPONSES
-from service.models import AnalysisJob, AnalysisSpec, Claim, ClaimRequest, FailRequest, Lease, dumps
+from service.deps import Auth, NotifierDep, ParserDep, RunnerDep, SettingsDep, StoreDep
+from service.errors import BODY_RESPONSES, PROBLEM_JSON, PROBLEM_RESPONSES
+from service.limits import ParsedCompletion
+from service.models import AnalysisJob, AnalysisSpec, Claim, ClaimRequest, FailRequest, Lease
 from service.problems import ApiProblem, problem
 from service.routes.plans import IdemKey, JobId, Wait
 from service.settings import AccessSettings
-from solver import SharingProblem
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"], dependencies=Auth)
 
 LeaseToken = Annotated[str, Query(min_length=1, max_length=64, description="The token from the claim.")]
 LeaseSeconds = Annotated[float | None, Query(gt=0, description="Lease length (default: the server's).")]
+# The bodies are parsed by the routes off the event loop (service.limits), like the plan and
+# frontier bodies, so the OpenAPI names them here; app.py adds the schemas.
+def _body(*names: str) -> dict:
+    refs = [{"$ref": f"#/components/schemas/{name}"} for name in names]
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": refs[0] if len(refs) == 1 else {"oneOf": refs}}}}}
+
+
 _CONFLICT = {409: {"description": "The lease was lost (expired, cancelled, or another worker holds it)",
                    "content": {PROBLEM_JSON: {}}}}
 
@@ -58,12 +65,14 @@ async def _view(store: StoreDep, job_id: str) -> tuple[Job, AnalysisJob]:
     return job, AnalysisJob.of(job, child)
 
 
-@router.post("", response_model=AnalysisJob, status_code=202, responses=PROBLEM_RESPONSES)
-async def create_analysis(spec: AnalysisSpec, store: StoreDep, settings: SettingsDep,
+@router.post("", response_model=AnalysisJob, status_code=202, responses={**BODY_RESPONSES, **PROBLEM_RESPONSES},
+             openapi_extra=_body("AnalysisSpec"))
+async def create_analysis(request: Request, parser: ParserDep, store: StoreDep, settings: SettingsDep,
                           idempotency_key: IdemKey = None) -> Response:
     """Queue an analysis for the GPU workers (202 + Location; the plan follows the costs).
 
     With `compress` the worker also compresses the model and saves it to `compress.out`."""
+    spec = await parser.model(request, AnalysisSpec)
     if spec.time_limit_s is not None and spec.time_limit_s > settings.max_time_limit_s:
         raise ApiProblem(422, "time-limit-too-long", "Time limit over the cap",
                          f"time_limit_s={spec.time_limit_s:g} exceeds this server's cap of "
@@ -98,10 +107,12 @@ def _denied(spec: AnalysisSpec, settings: AccessSettings) -> RequestValidationEr
 
 
 @router.post("/claim", response_model=Claim, responses={
-    204: {"description": "Nothing to do; poll again later."}, **PROBLEM_RESPONSES})
-async def claim_analysis(body: ClaimRequest, store: StoreDep, notifier: NotifierDep,
+    204: {"description": "Nothing to do; poll again later."}, **BODY_RESPONSES, **PROBLEM_RESPONSES},
+    openapi_extra=_body("ClaimRequest"))
+async def claim_analysis(request: Request, parser: ParserDep, store: StoreDep, notifier: NotifierDep,
                          settings: SettingsDep) -> Response:
     """Take the oldest queued analysis under a lease; 204 when the queue is empty."""
+    body = await parser.model(request, ClaimRequest)
     lease_s = _lease_s(body.lease_s, settings)
     job = await run_in_threadpool(store.claim, ("analysis",), body.worker, lease_s)
     if job is None:
@@ -125,23 +136,23 @@ async def heartbeat_analysis(job_id: JobId, lease: LeaseToken, store: StoreDep, 
     return jobs.json_response(Lease(id=job_id, lease_expires=expires))
 
 
-@router.post("/{job_id}/complete", response_model=AnalysisJob, responses={**_CONFLICT, **PROBLEM_RESPONSES})
-async def complete_analysis(job_id: JobId, lease: LeaseToken, body: Completion, store: StoreDep,
+@router.post("/{job_id}/complete", response_model=AnalysisJob,
+             responses={**_CONFLICT, **BODY_RESPONSES, **PROBLEM_RESPONSES},
+             openapi_extra=_body("SharingProblem", "CompressResult"))
+async def complete_analysis(job_id: JobId, lease: LeaseToken, request: Request, parser: ParserDep, store: StoreDep,
                             runner: RunnerDep, notifier: NotifierDep, settings: SettingsDep) -> Response:
     """Hand in the measured costs (a compress job: `{problem, report}`); the plan is solved here
-    with the analysis's ratio."""
-    job, view = await _view(store, job_id)
+    with the analysis's ratio.
+
+    The job is looked up first (404 for an unknown id): its ratio and time limit go into the plan
+    problem, which is built with the parse, off the event loop."""
+    _, view = await _view(store, job_id)
     spec = view.spec
-    costs, report = _split_completion(job_id, spec, body)
-    data = costs.model_dump(mode="json")
-    data["constraints"]["max_params_ratio"] = spec.ratio
     limit = min(spec.time_limit_s or settings.analysis_time_limit_s, settings.max_time_limit_s)
-    data["options"]["time_limit_s"] = limit
-    plan_problem = SharingProblem.model_validate(data)
-    jobs.check_caps(plan_problem, settings)
-    request = dumps(plan_problem)
-    done = await run_in_threadpool(store.complete_analysis, job_id, lease, dumps(costs), request,
-                                   jobs.request_hash(request), report)
+    parsed = await parser.completion(request, spec.ratio, limit)
+    _check_kind(job_id, spec, parsed)
+    done = await run_in_threadpool(store.complete_analysis, job_id, lease, parsed.costs, parsed.request,
+                                   parsed.request_hash, parsed.report)
     if done is None:
         raise _lost(job_id)
     runner.wake()
@@ -150,26 +161,24 @@ async def complete_analysis(job_id: JobId, lease: LeaseToken, body: Completion, 
     return jobs.json_response(view)
 
 
-def _split_completion(job_id: str, spec: AnalysisSpec,
-                      body: SharingProblem | CompressResult) -> tuple[SharingProblem, str | None]:
-    """The costs and the report's JSON; 422 when the body does not fit the kind of job."""
-    if isinstance(body, CompressResult):
-        if spec.compress is None:
-            raise ApiProblem(422, "not-a-compress-job", "Completion does not fit the job",
-                             f"analysis {job_id} only measures costs; send the SharingProblem alone, "
-                             "not {problem, report}", id=job_id)
-        return body.problem, body.report.model_dump_json()
-    if spec.compress is not None:
+def _check_kind(job_id: str, spec: AnalysisSpec, parsed: ParsedCompletion) -> None:
+    """422 when the completion does not fit the kind of job (costs alone vs {problem, report})."""
+    if parsed.report is not None and spec.compress is None:
+        raise ApiProblem(422, "not-a-compress-job", "Completion does not fit the job",
+                         f"analysis {job_id} only measures costs; send the SharingProblem alone, "
+                         "not {problem, report}", id=job_id)
+    if parsed.report is None and spec.compress is not None:
         raise ApiProblem(422, "report-missing", "Completion does not fit the job",
                          f"analysis {job_id} is a compress job; complete it with {{\"problem\": <the "
                          "SharingProblem>, \"report\": <the CompressReport>}", id=job_id)
-    return body, None
 
 
-@router.post("/{job_id}/fail", response_model=AnalysisJob, responses={**_CONFLICT, **PROBLEM_RESPONSES})
-async def fail_analysis(job_id: JobId, lease: LeaseToken, body: FailRequest, store: StoreDep,
+@router.post("/{job_id}/fail", response_model=AnalysisJob,
+             responses={**_CONFLICT, **BODY_RESPONSES, **PROBLEM_RESPONSES}, openapi_extra=_body("FailRequest"))
+async def fail_analysis(job_id: JobId, lease: LeaseToken, request: Request, parser: ParserDep, store: StoreDep,
                         notifier: NotifierDep, settings: SettingsDep) -> Response:
     """Report that the analysis failed; with `retry` it goes back to the queue (up to the attempt cap)."""
+    body = await parser.model(request, FailRequest)
     await _view(store, job_id)
     err = problem(422, "analysis-failed", "The analysis failed on the worker", body.error)
     done = await run_in_threadpool(store.fail_analysis, job_id, lease, err, body.retry, settings.max_attempts)

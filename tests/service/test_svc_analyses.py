@@ -47,6 +47,38 @@ def test_complete_solves_and_attaches_the_plan(api, make_problem):
     assert err.value.status == 409
 
 
+def test_bad_bodies_of_every_analysis_post_are_400_415_or_422_naming_the_field(client, api, make_problem):
+    """The analysis POSTs parse their bodies like /v1/plans (service.limits): unparseable JSON is
+    400, a non-JSON content type 415, an invalid body 422 whose loc names the field. FastAPI's own
+    parse answered 422 for all three."""
+    json_headers = {"Content-Type": "application/json"}
+    job = api.submit_analysis({"model": "m:f", "seed": 11})
+    claim = api.claim("w1", lease_s=30)
+    assert claim["id"] == job["id"]
+    lease = {"lease": claim["lease"]}
+    posts = {"create": ("/v1/analyses", {}), "claim": ("/v1/analyses/claim", {}),
+             "complete": (f"/v1/analyses/{job['id']}/complete", lease),
+             "fail": (f"/v1/analyses/{job['id']}/fail", lease)}
+    for name, (path, params) in posts.items():
+        for body, headers, status in ((b"{oops", json_headers, 400), (b'{"a": NaN}', json_headers, 400),
+                                      (b"{}", {"Content-Type": "text/plain"}, 415)):
+            r = client.post(path, params=params, content=body, headers=headers)
+            assert r.status_code == status, (name, body, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json"), (name, r.text)
+    wrong = {"create": {"model": "minilm", "ratio": 2}, "claim": {"worker": "w1", "lease_s": -1},
+             "complete": {**make_problem((4, 4)).model_dump(mode="json"), "layers": "all"},
+             "fail": {"error": "x", "retry": "maybe"}}
+    field = {"create": "ratio", "claim": "lease_s", "complete": "layers", "fail": "retry"}
+    for name, (path, params) in posts.items():
+        r = client.post(path, params=params, json=wrong[name])
+        assert r.status_code == 422, (name, r.text)
+        locs = [e["loc"] for e in r.json()["errors"]]
+        assert any(loc[0] == "body" and field[name] in loc for loc in locs), (name, locs)
+    # the job is still held under its lease after all that: a good completion goes through
+    done = api.complete(job["id"], claim["lease"], make_problem((4, 4), ratio=0.9))
+    assert done["plan_id"]
+
+
 def test_expired_lease_goes_back_to_the_queue(api):
     job = api.submit_analysis({"model": "m:f"})
     first = api.claim("dead-worker", lease_s=0.3)

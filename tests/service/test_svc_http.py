@@ -87,6 +87,37 @@ def test_big_bodies_are_refused_without_blocking_the_event_loop(keyed):
         assert lat and _p99(lat) < 0.25, (status, lat[-5:], answers)
 
 
+def test_a_big_completion_is_parsed_off_the_event_loop(keyed):
+    """A worker's completion carries a whole SharingProblem: FastAPI parsed it on the event loop
+    (a near-8 MB completion held it about a second); now it goes through the parse process."""
+    over = big_body()  # 1,400 layers: over the layer cap, found only after the full parse
+    invalid = big_body(500).removesuffix(b"}") + b',"options":{"typo":1}}'
+    with httpx.Client(base_url=keyed.url, timeout=60, headers=AUTH) as c:
+        while c.post("/v1/analyses/claim", json={"worker": "janitor"}).status_code == 200:
+            pass  # nothing else's analysis in the queue
+        job = c.post("/v1/analyses", json={"model": "m:f"}).json()
+        claim = c.post("/v1/analyses/claim", json={"worker": "w", "lease_s": 120}).json()
+        assert claim["id"] == job["id"], claim
+    path = f"/v1/analyses/{job['id']}/complete"
+
+    async def send(c: httpx.AsyncClient, body: bytes) -> list[tuple[int, float]]:
+        out = []
+        for _ in range(3):
+            t = time.perf_counter()
+            r = await c.post(path, params={"lease": claim["lease"]}, content=body,
+                             headers={"Content-Type": "application/json", **AUTH})
+            assert r.headers["content-type"].startswith(PROBLEM_JSON), r.text
+            out.append((r.status_code, time.perf_counter() - t))
+        return out
+
+    for body, status in ((over, 413), (invalid, 422)):
+        lat, answers = asyncio.run(_healthz_while(keyed.url, lambda c, b=body: send(c, b)))
+        assert {s for s, _ in answers} == {status}, answers
+        assert lat and _p99(lat) < 0.25, (status, lat[-5:], answers)
+    with httpx.Client(base_url=keyed.url, timeout=60, headers=AUTH) as c:
+        c.delete(f"/v1/analyses/{job['id']}")
+
+
 def test_a_body_within_the_caps_still_solves_after_a_big_one(keyed):
     """The parse process's answer path works for an accepted body too (over 64 KiB: not inline)."""
     problem = small_problem((60, 60), time_limit_s=2)
@@ -123,6 +154,28 @@ def test_openapi_documents_replay_unparseable_body_and_media_type(client):
         assert post["requestBody"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/SharingProblem"}
     assert "layers" in spec["components"]["schemas"]["SharingProblem"]["properties"]
+    schemas = spec["components"]["schemas"]
+    bodies = {"/v1/analyses": "AnalysisSpec", "/v1/analyses/claim": "ClaimRequest",
+              "/v1/analyses/{job_id}/fail": "FailRequest"}
+    for path, name in bodies.items():
+        post = spec["paths"][path]["post"]
+        assert {"400", "415", "422"} <= set(post["responses"]), path
+        assert post["requestBody"]["required"] is True
+        assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        assert schemas[name]["properties"], name
+    complete = spec["paths"]["/v1/analyses/{job_id}/complete"]["post"]
+    assert {"400", "415", "422"} <= set(complete["responses"])
+    one_of = complete["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert one_of == [{"$ref": "#/components/schemas/SharingProblem"}, {"$ref": "#/components/schemas/CompressResult"}]
+    assert set(schemas["CompressResult"]["properties"]) == {"problem", "report"}
+
+    def refs(node: object) -> set[str]:
+        if isinstance(node, dict):
+            return {node["$ref"]} if "$ref" in node else set().union(*map(refs, node.values()), set())
+        return set().union(*map(refs, node), set()) if isinstance(node, list) else set()
+
+    missing = {r for r in refs(spec) if r.removeprefix("#/components/schemas/") not in schemas}
+    assert not missing, missing  # every schema a body names is there
 
 
 @pytest.mark.parametrize(("method", "path", "allow"), [
