@@ -58,10 +58,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from service.access import AccessRules
     from service.settings import WorkerSettings
     from service.worker import run_worker
 
-    settings = WorkerSettings()
+    settings = WorkerSettings()  # read once: the flags' defaults and the access rules both come from it
     api = args.api or (str(settings.api) if settings.api else None)
     if not api:
         print("geoshare worker: error: no API URL; pass --api http://host:8000 or set GEOSHARE_API",
@@ -70,6 +71,7 @@ def _worker(args: argparse.Namespace) -> int:
     key = settings.api_key.get_secret_value() if settings.api_key else None
     done = run_worker(api, api_key=key, worker_id=args.worker_id or settings.worker_id,
                       poll_s=args.poll or settings.poll_s, lease_s=args.lease or settings.lease_s,
-                      max_jobs=args.max_jobs, device=args.device)
+                      max_jobs=args.max_jobs, device=args.device,
+                      access=AccessRules.of(settings, side="this worker"))
     print(f"geoshare worker: {done} job(s) done", file=sys.stderr)
     return 0

@@ -276,6 +276,43 @@ def test_worker_reads_its_rules_from_its_settings(monkeypatch, tree):
     assert err.value.loc == ("model",)
 
 
+def test_cli_worker_builds_its_rules_once_and_hands_them_to_the_loop(monkeypatch, tree):
+    """``geoshare worker`` reads WorkerSettings once and passes its rules as ``access=`` (the loop
+    read the settings a second time for them)."""
+    import argparse
+
+    import service.settings
+    import service.worker
+    from service.cli import _worker
+
+    monkeypatch.setenv("GEOSHARE_READ_ROOTS", str(tree / "models-link"))
+    monkeypatch.setenv("GEOSHARE_OUT_ROOT", str(tree / "outs"))
+    monkeypatch.setenv("GEOSHARE_MODEL_MODULES", "svc_tiny")
+    reads: list[WorkerSettings] = []
+
+    class Counted(WorkerSettings):
+        def __init__(self, **kwargs: object) -> None:
+            super().__init__(**kwargs)
+            reads.append(self)
+
+    seen: dict[str, object] = {}
+
+    def fake_run_worker(api: str, **kwargs: object) -> int:
+        seen.update(kwargs, api=api)
+        return 0
+
+    monkeypatch.setattr(service.settings, "WorkerSettings", Counted)
+    monkeypatch.setattr(service.worker, "run_worker", fake_run_worker)
+    args = argparse.Namespace(api="http://127.0.0.1:9", worker_id=None, poll=None, lease=None, max_jobs=0,
+                              device="cpu")
+    assert _worker(args) == 0
+    rules = seen.get("access")
+    assert isinstance(rules, AccessRules), seen
+    assert rules.read_roots == (tree / "models",) and rules.out_root == tree / "outs"
+    assert rules.model_modules == frozenset({"svc_tiny"}) and rules.side == "this worker"
+    assert len(reads) == 1
+
+
 # --- settings --------------------------------------------------------------------------------
 
 
