@@ -116,7 +116,10 @@ def naive_cpsat(problem: SharingProblem, time_limit_s: float, workers: int = 2) 
             c = next(c for c in range(f.n) if solver.boolean_value(x[u][c]))
             coloring[problem.layers[f.layer_ids[u]].name] = nxt + c
         nxt += f.n
-    bound = scale.to_float(solver.best_objective_bound)
+    # the model's costs are the solver's normalized ones (2^-scale_exp of the problem's, one
+    # exponent per problem) plus each family's constant (unary costs, contracted pairs)
+    normalized = scale.to_float(solver.best_objective_bound) + sum(f.reduced.constant for f in fams)
+    bound = fams[0].to_problem(normalized)
     return Result("naive-cpsat", score(problem, coloring), max(0.0, bound), elapsed, solver.status_name(status).lower())
 
 
