@@ -74,7 +74,8 @@ def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
         k = config.kfac
         return collect_factors(obj.model, obj.data, obj.names, loss=obj.out_loss.__name__, rank=k.rank,
                                oversample=k.oversample, output=k.output, seed=config.seed,
-                               gradient_samples=k.gradient_samples, progress=config.progress)
+                               gradient_samples=k.gradient_samples, approximation=k.approximation,
+                               progress=config.progress)
     return LayerwiseCurvature.collect(obj.model, obj.data, obj.names, progress=config.progress)
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hessian_worker.basis.config import BasisOptions
 from hessian_worker.curvature.base import CurvatureKind
 from hessian_worker.curvature.diagonal import DiagonalMethod
-from hessian_worker.curvature.kfac import OutputFactor
+from hessian_worker.curvature.kfac import Approximation, OutputFactor
 from hessian_worker.curvature.projected import Bulk, Eigensolver, SketchPrecision
 from hessian_worker.losses import DistillLoss
 from solver.schema import CostKind, Scheme
@@ -49,6 +49,9 @@ class KFACOptions(BaseModel):
     gradient_samples: int | None = Field(
         16, gt=0, description="Samples whose sampled output gradients estimate the output factor (None: all): a "
         "Monte-Carlo second moment, so a subset suffices and the backward passes stay a fraction of the work.")
+    approximation: Approximation = Field(
+        Approximation.auto, description="expand (every token an example: language models), reduce (per sample: "
+        "pooled outputs such as sentence embeddings), or auto (by the loss's output: logits expand)")
     output: OutputFactor = Field(OutputFactor.diagonal,
                                  description="diagonal (sampled output gradients, loss units) or identity "
                                  "(output reconstruction error, the layerwise scale; no backward pass).")

@@ -290,14 +290,33 @@ def output_gradient_sample(y: Tensor, loss: str, weight: float, rows: Tensor | N
     return g.reshape(y.shape).to(y.dtype)
 
 
-def linear_hooks(modules: Mapping[str, tuple[nn.Module, bool]], stats: Mapping[str, FactorStats],
-                 mask: Callable[[], Tensor | None], *, inputs: bool, outputs: bool) -> list:
-    """Forward hooks that feed each named linear layer's inputs (and, on backward, its output
-    gradients) into its running sums, real tokens only (``mask()``: the current batch's mask)."""
+class Approximation(str, Enum):
+    """How tokens that share a weight enter the factors (Eschenhagen et al. 2023): ``expand`` treats
+    every token as its own example (right when the loss is a sum over tokens: language models);
+    ``reduce`` first sums each sample's output gradients and averages its inputs (right when the
+    loss sees a pooled output: sentence embeddings); ``auto`` picks by the loss's output."""
 
-    def real_rows(t: Tensor) -> Tensor:
+    auto = "auto"
+    expand = "expand"
+    reduce = "reduce"
+
+
+def linear_hooks(modules: Mapping[str, tuple[nn.Module, bool]], stats: Mapping[str, FactorStats],
+                 mask: Callable[[], Tensor | None], *, inputs: bool, outputs: bool,
+                 reduce: bool = False) -> list:
+    """Forward hooks that feed each named linear layer's inputs (and, on backward, its output
+    gradients) into its running sums, real tokens only (``mask()``: the current batch's mask).
+    With ``reduce``, a sample's tokens become one row: the mean of its inputs, the sum of its
+    output gradients."""
+
+    def rows_of(t: Tensor, pool: str) -> Tensor:
         m = mask()
-        if m is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(m.shape):
+        per_token = m is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(m.shape)
+        if reduce and t.dim() == 3:
+            w = m.to(t.dtype).unsqueeze(-1) if per_token else torch.ones_like(t[..., :1])
+            total = (t * w).sum(dim=1)
+            return total / w.sum(dim=1).clamp_min(1.0) if pool == "mean" else total
+        if per_token:
             t = t[m.bool()]
         return t.reshape(-1, t.shape[-1])
 
@@ -306,13 +325,13 @@ def linear_hooks(modules: Mapping[str, tuple[nn.Module, bool]], stats: Mapping[s
         s = stats[name]
         if inputs:
             def pre(mod: nn.Module, args: tuple, s: FactorStats = s) -> None:
-                s.add_inputs(real_rows(args[0].detach()))
+                s.add_inputs(rows_of(args[0].detach(), "mean"))
 
             handles.append(module.register_forward_pre_hook(pre))
         if outputs:
             def post(mod: nn.Module, args: tuple, out: Tensor, s: FactorStats = s) -> None:
                 if out.requires_grad:
-                    out.register_hook(lambda g, s=s: s.add_output_grads(real_rows(g)))
+                    out.register_hook(lambda g, s=s: s.add_output_grads(rows_of(g, "sum")))
 
             handles.append(module.register_forward_hook(post))
     return handles
@@ -339,7 +358,8 @@ def head_rows(batch: Mapping[str, Tensor], rows: int) -> dict[str, Tensor]:
 
 def collect_factors(model: nn.Module, data: Calibration, names: Sequence[str], *, loss: str,
                     rank: int | None, oversample: int, output: OutputFactor, seed: int,
-                    gradient_samples: int | None = None, progress: bool = False) -> KFACCurvature:
+                    gradient_samples: int | None = None, approximation: Approximation = Approximation.auto,
+                    progress: bool = False) -> KFACCurvature:
     """K-FAC factors of the named linear layers, with the model held in memory: one forward per
     batch (inputs) and, for the diagonal output factor, a forward and a backward of a sampled
     pseudo-loss per gradient batch (``gradient_batches``). The streamed counterpart, with the same
@@ -349,7 +369,12 @@ def collect_factors(model: nn.Module, data: Calibration, names: Sequence[str], *
     stats = {n: new_stats(_in_dim(m, t), rank=rank, oversample=oversample, seed=seed, dtype=param.dtype,
                           device=param.device) for n, (m, t) in modules.items()}
     current: dict[str, Tensor | None] = {"mask": None}
-    handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=False)
+    reduce = approximation is Approximation.reduce
+    if approximation is Approximation.auto:  # per-token outputs (logits) expand, pooled outputs reduce
+        with torch.no_grad():
+            first = data.batches[0]
+            reduce = extract_output(call_model(model, first), first)[0].dim() < 3
+    handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=False, reduce=reduce)
     try:
         with torch.no_grad():
             for batch in tqdm(data.batches, desc="K-FAC inputs", disable=not progress, leave=False):
@@ -359,16 +384,16 @@ def collect_factors(model: nn.Module, data: Calibration, names: Sequence[str], *
         for h in handles:
             h.remove()
     if output is OutputFactor.diagonal:
-        _collect_output_grads(model, data, modules, stats, loss, seed, gradient_samples, progress)
+        _collect_output_grads(model, data, modules, stats, loss, seed, gradient_samples, reduce, progress)
     factors = {n: LayerFactors.of(stats[n], rank, output, _out_dim(*modules[n])) for n in names}
     return KFACCurvature(factors, {n: t for n, (_, t) in modules.items()})
 
 
 def _collect_output_grads(model: nn.Module, data: Calibration, modules: Mapping[str, tuple[nn.Module, bool]],
                           stats: Mapping[str, FactorStats], loss: str, seed: int, samples: int | None,
-                          progress: bool) -> None:
+                          reduce: bool, progress: bool) -> None:
     current: dict[str, Tensor | None] = {"mask": None}
-    handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=False, outputs=True)
+    handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=False, outputs=True, reduce=reduce)
     weights = [m.weight for m, _ in modules.values()]
     flags = [w.requires_grad for w in weights]
     generator = torch.Generator().manual_seed(seed)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.costs import families_of, pair_sides, pairs_of
 from hessian_worker.curvature.kfac import (
+    Approximation,
     FactorStats,
     LayerFactors,
     OutputFactor,
@@ -109,7 +110,8 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
     stats = load_stats(cache_dir, key, layers, k.rank, k.oversample, config.seed) if cache_dir else None
     if stats is None:
         stats = stream_factors(decoder, calib, layers, rank=k.rank, oversample=k.oversample, output=output,
-                               seed=config.seed, gradient_samples=k.gradient_samples, progress=config.progress)
+                               seed=config.seed, gradient_samples=k.gradient_samples,
+                               reduce=k.approximation is Approximation.reduce, progress=config.progress)
         if cache_dir:
             save_stats(cache_dir, key, stats)
     # each layer's sums are dropped as soon as its factors are formed: both never sit in memory whole
@@ -208,7 +210,7 @@ def stats_key(checkpoint: Checkpoint, calib: Calibration, config: AnalyzeConfig,
             digest.update(batch[name].contiguous().cpu().numpy().tobytes())
     k = config.kfac
     digest.update(json.dumps([str(checkpoint.path.resolve()), k.rank, k.oversample, output.value, config.seed,
-                              k.gradient_samples, str(dtype)]).encode())
+                              k.gradient_samples, k.approximation.value, str(dtype)]).encode())
     return digest.hexdigest()[:32]
 
 

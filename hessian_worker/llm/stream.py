@@ -56,9 +56,10 @@ def _keep_device(decoder: Decoder, nbytes: int) -> torch.device:
 
 def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerInfo], *, rank: int | None,
                    oversample: int, output: OutputFactor, seed: int, gradient_samples: int | None = None,
-                   progress: bool = False) -> dict[str, FactorStats]:
+                   reduce: bool = False, progress: bool = False) -> dict[str, FactorStats]:
     """Factor sums of every analysed layer from one forward sweep (and a backward sweep for the
-    diagonal output factor) over the decoder's blocks."""
+    diagonal output factor) over the decoder's blocks; ``reduce``: per sample (see Approximation;
+    a decoder's loss is per token, so ``expand`` is its natural form)."""
     names = _by_block(decoder, layers)
     backward = output is OutputFactor.diagonal
     stats: dict[str, FactorStats] = {}
@@ -82,7 +83,7 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         for full, (module, transposed) in modules.items():
             stats[full] = new_stats(int(module.weight.shape[0 if transposed else 1]), rank=rank,
                                     oversample=oversample, seed=seed, dtype=decoder.dtype, device=decoder.device)
-        handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=False)
+        handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=False, reduce=reduce)
         if backward:
             kept.append([hidden[b][:rows].to(keep_on) for b, rows in plan])
         try:
@@ -104,7 +105,8 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         for i in reversed(range(decoder.num_blocks)):
             block = decoder.load_block(i)
             modules = _modules(block, names[i])
-            handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=False, outputs=True)
+            handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=False, outputs=True,
+                                   reduce=reduce)
             inputs = kept[i]
             assert inputs is not None
             try:

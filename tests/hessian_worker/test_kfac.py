@@ -148,3 +148,24 @@ def test_analyze_with_kfac_and_its_refusal_of_a_task_loss():
     with pytest.raises(BackendError, match="task loss"):
         analyze(model, data, AnalyzeConfig(backend="kfac", progress=False),
                 loss_fn=lambda y, batch: y.pow(2).mean())
+
+
+def test_reduce_pools_each_sample_before_the_factors():
+    """reduce: A from each sample's mean input, b from each sample's summed output gradient."""
+    from hessian_worker.curvature.kfac import FactorStats, linear_hooks
+
+    layer = torch.nn.Linear(3, 2)
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    stats = {"w": FactorStats(torch.zeros(3, 3), torch.zeros(()))}
+    handles = linear_hooks({"w": (layer, False)}, stats, lambda: mask, inputs=True, outputs=True, reduce=True)
+    out = layer(x)
+    g = torch.randn_like(out)
+    torch.autograd.grad(out, x, g)
+    for h in handles:
+        h.remove()
+    m = mask.unsqueeze(-1).double()
+    mean_x = (x.detach() * m).sum(1) / m.sum(1)
+    torch.testing.assert_close(stats["w"].a, mean_x.T @ mean_x)
+    assert stats["w"].tokens == 2
+    torch.testing.assert_close(stats["w"].b, ((g * m).sum(1)).pow(2).sum(0))

@@ -248,3 +248,17 @@ def test_cli_refuses_a_whole_model_backend_that_cannot_fit_and_names_kfac(checkp
     code = main(["analyze", "--model", str(folder), "--data", str(folder / "calib.pt"), "--backend", "layerwise",
                  "--kfac-rank", "0", "--quiet", "--no-stats-cache", "-o", str(tmp_path / "p.json")])
     assert code == 0 and json.loads((tmp_path / "p.json").read_text())["source"]["streamed"] is True
+
+
+def test_reduce_approximation_streams_alike(checkpoints):
+    folder = checkpoints["llama"]
+    ids = random_tokens(SHAPES["tiny"]["vocab_size"], 10, 12, seed=4)
+    mask = torch.ones_like(ids)
+    mask[3, 5:] = 0
+    data = {"input_ids": ids * mask, "attention_mask": mask}
+    config = _config(kfac={"rank": None, "approximation": "reduce"})
+    streamed = analyze_checkpoint(folder, data, config)
+    whole = analyze(str(folder), data, config)
+    np.testing.assert_allclose(_matrix(streamed), _matrix(whole), rtol=1e-6)
+    expand = analyze(str(folder), data, _config())
+    assert not np.allclose(_matrix(expand), _matrix(whole), rtol=1e-3)
