@@ -76,7 +76,7 @@ class AnalyzeConfig(BaseModel):
     samples: int | None = Field(None, gt=0, description="Calibration samples drawn (seeded); None = all.")
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(128, gt=0, description="Token limit per text sample.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     rank: int = Field(8, gt=0, description="projected: eigenpairs kept (a Nyström sketch of rank + oversample HVPs).")
     eigensolver: Eigensolver = Field(
         Eigensolver.auto, description="projected: nystrom (one batched sketch, GGN), lanczos, or auto.")

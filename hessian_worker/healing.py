@@ -42,7 +42,7 @@ class HealConfig(BaseModel):
     batch_size: int = Field(8, gt=0)
     samples: int | None = Field(None, gt=0)
     max_length: int = Field(128, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     distill: DistillLoss = Field(DistillLoss.auto, description="The distillation loss healing minimizes.")
     holdout: float = Field(0.2, ge=0, lt=1, description="Share of the samples kept out of training to pick the best "
                            "step (step 0 included); 0: train on all and keep the last step.")

@@ -80,7 +80,7 @@ class CompressConfig(BaseModel):
     curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")
     batch_size: int = Field(8, gt=0)
     time_limit_s: float = Field(10.0, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     device: str = "auto"
     progress: bool = True
     scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (a shared low-rank basis).")
