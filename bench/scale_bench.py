@@ -100,20 +100,27 @@ def run(shape: str, depth: int | None, samples: int, length: int, batch_size: in
     analysis = timed(analyze_cmd)
     solve = timed([GEOSHARE, "solve", str(out), "--time-limit", "30", "-o", str(folder / "plan.json")])
     plan = json.loads((folder / "plan.json").read_text())
+    phases = json.loads(out.read_text())["source"].get("seconds", {})
     return {"shape": shape, "blocks": blocks, "samples": samples, "length": length,
             "checkpoint_gib": round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1024**3, 3),
             "forward": forward, "analyze": analysis, "solve": solve,
             "analyze_over_forward": round(analysis["wall_s"] / forward["wall_s"], 2),
             "analyze_s_per_block": round(analysis["wall_s"] / blocks, 2),
+            "analyze_phases_s": phases,
             "plan_status": plan["status"], "plan_gap": plan.get("gap"),
             "command": " ".join(["geoshare", *analyze_cmd[1:]])}
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 def write(rows: list[dict], argv: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "scale_bench"
     payload = {"command": "python bench/scale_bench.py " + " ".join(argv), "machine": platform.processor() or
-               platform.machine(), "threads": torch.get_num_threads(), "runs": rows}
+               platform.machine(), "threads": torch.get_num_threads(), "commit": _commit(), "runs": rows}
     path = RESULTS / f"{name}.json"
     existing = json.loads(path.read_text()) if path.is_file() else {"sessions": []}
     existing.setdefault("sessions", []).append(payload)
@@ -124,15 +131,20 @@ def write(rows: list[dict], argv: list[str]) -> None:
     for session in existing["sessions"]:
         lines += [f"`{session['command']}`", "",
                   "| shape | blocks | tokens | checkpoint GiB | forward s | forward RSS GiB | analyze s | "
-                  "analyze RSS GiB | analyze / forward | s per block | solve s | plan |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "analyze RSS GiB | analyze / forward | s per block | statistics / factors / pricing s | solve s | plan |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in session["runs"]:
             lines.append(f"| {r['shape']} | {r['blocks']} | {r['samples']}x{r['length']} | {r['checkpoint_gib']} | "
                          f"{r['forward']['wall_s']} | {r['forward']['peak_rss_gib']} | {r['analyze']['wall_s']} | "
                          f"{r['analyze']['peak_rss_gib']} | {r['analyze_over_forward']} | "
-                         f"{r['analyze_s_per_block']} | {r['solve']['wall_s']} | {r['plan_status']} |")
+                         f"{r['analyze_s_per_block']} | {_phases(r)} | {r['solve']['wall_s']} | {r['plan_status']} |")
         lines.append("")
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
+
+
+def _phases(row: dict) -> str:
+    p = row.get("analyze_phases_s") or {}
+    return " / ".join(f"{p[k]:.0f}" for k in ("statistics", "factors", "pricing") if k in p) or "-"
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,9 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
                                kept_tokens=kept * _tokens(calib) // max(calib.num_samples, 1))
     check_memory(estimate, memory_limit_gb, config.progress)
     key = stats_key(checkpoint, calib, config, output, dtype)
+    clock = time.perf_counter()
     stats = load_stats(cache_dir, key, layers, k.rank, k.oversample, config.seed) if cache_dir else None
+    cached = stats is not None
     if stats is None:
         stats = stream_factors(decoder, calib, layers, rank=k.rank, oversample=k.oversample, output=output,
                                seed=config.seed, gradient_samples=k.gradient_samples,
@@ -115,14 +118,20 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
         if cache_dir:
             save_stats(cache_dir, key, stats)
     # each layer's sums are dropped as soon as its factors are formed: both never sit in memory whole
+    seconds = {"statistics": time.perf_counter() - clock}
+    clock = time.perf_counter()
     factors = {x.name: LayerFactors.of(stats.pop(x.name), k.rank, output, x.shape[0]) for x in layers}
     trim_heap()
+    seconds["factors"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     matrix = streamed_costs(layers, factors, checkpoint, config.kind, progress=config.progress)
+    seconds["pricing"] = time.perf_counter() - clock
     from hessian_worker.analysis import cost_source, to_problem
 
     problem = to_problem(layers, matrix, config)
     source = cost_source(config, None)
-    source.update(streamed=True, dtype=str(dtype).removeprefix("torch."), memory_estimate_bytes=estimate.total)
+    source.update(streamed=True, dtype=str(dtype).removeprefix("torch."), memory_estimate_bytes=estimate.total,
+                  statistics_cached=cached, seconds={k: round(v, 3) for k, v in seconds.items()})
     return problem.model_copy(update={"source": source})
 
 
