@@ -51,17 +51,26 @@ def scale_for(values: np.ndarray) -> Scale:
     return Scale(_TARGET_TOTAL_EXP - exp + (1 if mantissa == 0.5 else 0))
 
 
+_NORMAL_MIN_EXP = -1021  # 2^-1022, the least normal double, is 0.5 * 2^-1021 in frexp's terms
+
+
 def normalizing_exponent(values: np.ndarray) -> int:
     """e such that the largest finite |value| times 2^-e lies in [0.5, 1) (0 when all are 0).
 
-    Dividing by a power of two is exact, so normalized costs keep every bit of the input.
+    Dividing by a power of two is exact, so normalized costs keep every bit of the input, as long
+    as none falls into the subnormal range: a 5e-324 cost beside a cost of 1 would round to 0 when
+    halved, and the solver would take that share as free. Then e is capped so the least nonzero
+    value stays normal (the largest then lies above 1, which relative tolerances do not mind).
     """
     arr = np.abs(np.asarray(values, dtype=float))
     finite = arr[np.isfinite(arr)]
     top = float(finite.max()) if finite.size else 0.0
     if top <= 0.0:
         return 0
-    return math.frexp(top)[1]
+    exponent = math.frexp(top)[1]
+    least = float(finite[finite > 0].min())
+    headroom = math.frexp(least)[1] - _NORMAL_MIN_EXP  # how far down the least value may go and stay normal
+    return exponent if exponent <= max(headroom, 0) else max(min(exponent, headroom), 0)
 
 
 def relative_gap(objective: float, bound: float) -> float:

@@ -119,3 +119,18 @@ def test_same_plan_for_any_unit_slow(seed, kind, costs, params):
     # a run the clock cut (a loaded machine) may follow another path: only clock-free runs compare
     assume(not base.solver.time_limit_hit and not scaled.solver.time_limit_hit)
     _assert_same(scaled, base, costs)
+
+
+def test_a_subnormal_cost_beside_normal_ones_is_not_rounded_to_free():
+    """Halving 5e-324 (to normalize a cost of 1) rounds it to 0: the solver then took that share as
+    free and reported a plan 5e-324 above the optimum as feasible with gap 1 (found by the property test)."""
+    from solver import SharingProblem, solve
+
+    problem = SharingProblem.model_validate({
+        "layers": [{"name": f"l{i}.f{f}", "family": f"f{f}", "params": 10, "index": i}
+                   for f in (0, 1) for i in (0, 1)],
+        "costs": {"kind": "pairwise", "matrix": [[0.0, 1.0, None, None], [1.0, 0.0, None, None],
+                                                 [None, None, 0.0, 5e-324], [None, None, 5e-324, 0.0]]},
+    })
+    plan = solve(problem)
+    assert plan.status.value == "optimal" and plan.objective == 0.0 and plan.gap == 0.0
