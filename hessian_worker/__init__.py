@@ -39,6 +39,9 @@ _EXPORTS = {
     "load_calibration": "hessian_worker.data",
     "Calibration": "hessian_worker.data",
     "load_model": "hessian_worker.models",
+    # decoder LLMs streamed block by block (hessian_worker/llm)
+    "analyze_checkpoint": "hessian_worker.llm.analyze",
+    "KFACOptions": "hessian_worker.config",
     # the basis scheme (shared low-rank bases)
     "BasisOptions": "hessian_worker.basis.config",
     "analyze_basis": "hessian_worker.basis.analysis",
@@ -50,6 +53,8 @@ _EXPORTS = {
 
 __all__ = [
     "AnalyzeConfig",
+    "KFACOptions",
+    "analyze_checkpoint",
     "ApplyReport",
     "Backend",
     "Calibration",
@@ -91,11 +96,12 @@ if TYPE_CHECKING:
     from hessian_worker.basis.config import BasisOptions
     from hessian_worker.basis.io import load_basis, save_basis
     from hessian_worker.choose import Choice, choose_plan
-    from hessian_worker.config import AnalyzeConfig, Backend
+    from hessian_worker.config import AnalyzeConfig, Backend, KFACOptions
     from hessian_worker.data import Calibration, load_calibration
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers
     from hessian_worker.healing import HealConfig, HealReport, heal
     from hessian_worker.io import load_shared, save_shared
+    from hessian_worker.llm.analyze import analyze_checkpoint
     from hessian_worker.measure import measure_loss, measure_plans
     from hessian_worker.merge import Merge
     from hessian_worker.models import load_model
