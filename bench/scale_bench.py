@@ -125,11 +125,17 @@ def write(rows: list[dict], argv: list[str]) -> None:
     existing = json.loads(path.read_text()) if path.is_file() else {"sessions": []}
     existing.setdefault("sessions", []).append(payload)
     path.write_text(json.dumps(existing, indent=2))
+    render(existing)
+
+
+def render(existing: dict) -> None:
+    """bench/results/scale_bench.md from every recorded session (a session's ``note`` is kept)."""
+    name = "scale_bench"
     lines = ["# Streamed analysis of LLaMA-shaped checkpoints (random bfloat16 weights)", "",
              "Each block: the command that made it. Times are wall seconds on this machine (2 cores, shared);",
              "the ratio is against a plain streamed forward over the same tokens measured in the same run.", ""]
     for session in existing["sessions"]:
-        lines += [f"`{session['command']}`", "",
+        lines += [f"`{session['command']}`", "", *([session["note"], ""] if session.get("note") else []),
                   "| shape | blocks | tokens | checkpoint GiB | forward s | forward RSS GiB | analyze s | "
                   "analyze RSS GiB | analyze / forward | s per block | statistics / factors / pricing s | solve s | plan |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
