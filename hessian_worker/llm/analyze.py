@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hessian_worker.analysis import cost_source, to_problem
 from hessian_worker.config import AnalyzeConfig, Backend
 from hessian_worker.costs import families_of, pair_sides, pairs_of
 from hessian_worker.curvature.kfac import (
@@ -126,8 +127,6 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
     clock = time.perf_counter()
     matrix = streamed_costs(layers, factors, checkpoint, config.kind, progress=config.progress)
     seconds["pricing"] = time.perf_counter() - clock
-    from hessian_worker.analysis import cost_source, to_problem
-
     problem = to_problem(layers, matrix, config)
     source = cost_source(config, None)
     source.update(streamed=True, dtype=str(dtype).removeprefix("torch."), memory_estimate_bytes=estimate.total,
