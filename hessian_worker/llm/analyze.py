@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,93 @@ def output_factor(config: AnalyzeConfig) -> OutputFactor:
     return config.kfac.output if config.backend is Backend.kfac else OutputFactor.identity
 
 
+@dataclass
+class Opened:
+    """A streamed decoder ready to run: its checkpoint, compute dtype, blocks, calibration data and
+    the layers analysed (what every streamed stage starts from)."""
+
+    checkpoint: Checkpoint
+    dtype: torch.dtype
+    decoder: Decoder
+    calib: Calibration
+    layers: list[LayerInfo]
+
+
+def open_checkpoint(path: str | Path, data: DataSource | None, config: AnalyzeConfig, *,
+                    tokenizer: Any | None = None) -> Opened:
+    """The checkpoint, its skeleton and the calibration batches (tokenized with the directory's
+    tokenizer when ``data`` is text; the built-in sentences when None)."""
+    checkpoint = Checkpoint(path)
+    dtype = resolve_dtype(checkpoint, config.dtype.value)
+    decoder = Decoder(checkpoint, dtype, config.torch_device())
+    if data is None:  # the built-in sentences, as for every tokenized model
+        from hessian_worker.data import DEFAULT_SENTENCES
+
+        data = DEFAULT_SENTENCES
+    if tokenizer is None and _is_text(data):
+        tokenizer = _tokenizer(checkpoint)
+    calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size,
+                             seed=config.seed, max_length=config.max_length)
+    layers = discover_layers(decoder.skeleton, config.targets, config.ignore, config.families)
+    return Opened(checkpoint, dtype, decoder, calib, layers)
+
+
+def analysis_estimate(opened: Opened, config: AnalyzeConfig, data: Calibration | None = None) -> MemoryEstimate:
+    """The peak memory of the statistics pass over ``data`` (default: all the calibration data)."""
+    data = data or opened.calib
+    k = config.kfac
+    kept = (sum(rows for _, rows in gradient_batches(data, k.gradient_samples))
+            if output_factor(config) is OutputFactor.diagonal else 0)
+    return estimate_memory(opened.checkpoint, dtype=opened.dtype, tokens=_tokens(data), rank=k.rank,
+                           oversample=k.oversample, kept_tokens=kept * _tokens(data) // max(data.num_samples, 1))
+
+
+def factor_statistics(opened: Opened, data: Calibration, config: AnalyzeConfig,
+                      cache_dir: str | Path | None) -> tuple[dict[str, FactorStats], bool]:
+    """(every analysed layer's factor sums over ``data``, read from the cache?): one streamed pass,
+    or none when ``cache_dir`` holds them already."""
+    k = config.kfac
+    output = output_factor(config)
+    key = stats_key(opened.checkpoint, data, config, output, opened.dtype)
+    stats = load_stats(cache_dir, key, opened.layers, k.rank, k.oversample, config.seed) if cache_dir else None
+    if stats is not None:
+        return stats, True
+    stats = stream_factors(opened.decoder, data, opened.layers, rank=k.rank, oversample=k.oversample, output=output,
+                           seed=config.seed, gradient_samples=k.gradient_samples,
+                           reduce=k.approximation is Approximation.reduce, progress=config.progress)
+    if cache_dir:
+        save_stats(cache_dir, key, stats)
+    return stats, False
+
+
+def price(opened: Opened, stats: dict[str, FactorStats], config: AnalyzeConfig, *,
+          keep_stats: bool = False) -> tuple[list[list[float | None]], dict[str, float]]:
+    """(the cost matrix, seconds by phase) from the factor sums and the weights. Unless ``keep_stats``,
+    each layer's sums are dropped as soon as its factors are formed, so both never sit in memory whole."""
+    k = config.kfac
+    output = output_factor(config)
+    clock = time.perf_counter()
+    factors = {x.name: LayerFactors.of(stats[x.name] if keep_stats else stats.pop(x.name), k.rank, output,
+                                       x.shape[0])
+               for x in opened.layers}
+    trim_heap()
+    seconds = {"factors": time.perf_counter() - clock}
+    clock = time.perf_counter()
+    matrix = streamed_costs(opened.layers, factors, opened.checkpoint, config.kind, progress=config.progress)
+    seconds["pricing"] = time.perf_counter() - clock
+    return matrix, seconds
+
+
+def streamed_problem(opened: Opened, matrix: list[list[float | None]], config: AnalyzeConfig,
+                     estimate: MemoryEstimate, cached: bool, seconds: Mapping[str, float]) -> SharingProblem:
+    """The SharingProblem, its ``source`` recording how it was streamed."""
+    problem = to_problem(opened.layers, matrix, config)
+    source = cost_source(config, None)
+    source.update(streamed=True, dtype=str(opened.dtype).removeprefix("torch."), memory_estimate_bytes=estimate.total,
+                  statistics_cached=cached, seconds={k: round(v, 3) for k, v in seconds.items()})
+    return problem.model_copy(update={"source": source})
+
+
 def analyze_checkpoint(path: str | Path, data: DataSource | None, config: AnalyzeConfig | None = None, *,
                        memory_limit_gb: float | None = None, cache_dir: str | Path | None = None,
                        tokenizer: Any | None = None) -> SharingProblem:
@@ -86,52 +174,22 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
         CheckpointError, BackendError, MemoryBudgetError, DataError: with the fix in the message.
     """
     config = config or AnalyzeConfig(backend=Backend.kfac)
+    check_streamed_backend(config)
+    opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
+    estimate = analysis_estimate(opened, config)
+    check_memory(estimate, memory_limit_gb, config.progress)
+    clock = time.perf_counter()
+    stats, cached = factor_statistics(opened, opened.calib, config, cache_dir)
+    seconds = {"statistics": time.perf_counter() - clock}
+    matrix, more = price(opened, stats, config)
+    return streamed_problem(opened, matrix, config, estimate, cached, {**seconds, **more})
+
+
+def check_streamed_backend(config: AnalyzeConfig) -> None:
+    """Raises BackendError for a backend that needs the whole model in memory."""
     if config.backend not in STREAMED:
         raise BackendError(f"backend={config.backend.value!r} needs the whole model in memory; a streamed decoder "
                            "is priced by backend='kfac' (sampled output gradients, loss units) or 'layerwise'")
-    checkpoint = Checkpoint(path)
-    dtype = resolve_dtype(checkpoint, config.dtype.value)
-    decoder = Decoder(checkpoint, dtype, config.torch_device())
-    if data is None:  # the built-in sentences, as for every tokenized model
-        from hessian_worker.data import DEFAULT_SENTENCES
-
-        data = DEFAULT_SENTENCES
-    if tokenizer is None and _is_text(data):
-        tokenizer = _tokenizer(checkpoint)
-    calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size,
-                             seed=config.seed, max_length=config.max_length)
-    layers = discover_layers(decoder.skeleton, config.targets, config.ignore, config.families)
-    output = output_factor(config)
-    k = config.kfac
-    backward = output is OutputFactor.diagonal
-    kept = sum(rows for _, rows in gradient_batches(calib, k.gradient_samples)) if backward else 0
-    estimate = estimate_memory(checkpoint, dtype=dtype, tokens=_tokens(calib), rank=k.rank, oversample=k.oversample,
-                               kept_tokens=kept * _tokens(calib) // max(calib.num_samples, 1))
-    check_memory(estimate, memory_limit_gb, config.progress)
-    key = stats_key(checkpoint, calib, config, output, dtype)
-    clock = time.perf_counter()
-    stats = load_stats(cache_dir, key, layers, k.rank, k.oversample, config.seed) if cache_dir else None
-    cached = stats is not None
-    if stats is None:
-        stats = stream_factors(decoder, calib, layers, rank=k.rank, oversample=k.oversample, output=output,
-                               seed=config.seed, gradient_samples=k.gradient_samples,
-                               reduce=k.approximation is Approximation.reduce, progress=config.progress)
-        if cache_dir:
-            save_stats(cache_dir, key, stats)
-    # each layer's sums are dropped as soon as its factors are formed: both never sit in memory whole
-    seconds = {"statistics": time.perf_counter() - clock}
-    clock = time.perf_counter()
-    factors = {x.name: LayerFactors.of(stats.pop(x.name), k.rank, output, x.shape[0]) for x in layers}
-    trim_heap()
-    seconds["factors"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    matrix = streamed_costs(layers, factors, checkpoint, config.kind, progress=config.progress)
-    seconds["pricing"] = time.perf_counter() - clock
-    problem = to_problem(layers, matrix, config)
-    source = cost_source(config, None)
-    source.update(streamed=True, dtype=str(dtype).removeprefix("torch."), memory_estimate_bytes=estimate.total,
-                  statistics_cached=cached, seconds={k: round(v, 3) for k, v in seconds.items()})
-    return problem.model_copy(update={"source": source})
 
 
 def _is_text(data: DataSource | None) -> bool:
