@@ -48,11 +48,12 @@ from hessian_worker.llm.decoder import (
     resolve_dtype,
     trim_heap,
 )
+from hessian_worker.llm.exact import exact_memory, streamed_exact_costs
 from hessian_worker.llm.stream import stream_factors
 from solver.schema import CostKind, SharingProblem
 
 log = logging.getLogger("geoshare.llm")
-STREAMED = (Backend.kfac, Backend.layerwise)
+STREAMED = (Backend.kfac, Backend.layerwise, Backend.exact)
 
 
 def is_streamable(spec: str | Path) -> bool:
@@ -166,7 +167,7 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
         path: a Hugging Face directory of a LLaMA/Mistral/Qwen2-architecture model (safetensors).
         data: calibration token ids (a ``torch.save``'d tensor or dict with ``input_ids``) or text
             (tokenized with the directory's tokenizer).
-        config: ``backend`` kfac (default here) or layerwise; ``dtype`` auto keeps the checkpoint's.
+        config: ``backend`` kfac (default here), layerwise or exact; ``dtype`` auto keeps the checkpoint's.
         memory_limit_gb: refuse above this estimate (default: the memory available now).
         cache_dir: where per-layer statistics are kept between runs (None: not cached).
 
@@ -176,6 +177,12 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
     config = config or AnalyzeConfig(backend=Backend.kfac)
     check_streamed_backend(config)
     opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
+    if config.backend is Backend.exact:  # forward-mode tangents carried block by block: no statistics
+        estimate = exact_memory(opened.decoder, opened.calib, config.chunk)
+        check_memory(estimate, memory_limit_gb, config.progress)
+        clock = time.perf_counter()
+        matrix = streamed_exact_costs(opened.decoder, opened.calib, opened.layers, config, progress=config.progress)
+        return streamed_problem(opened, matrix, config, estimate, False, {"pricing": time.perf_counter() - clock})
     estimate = analysis_estimate(opened, config)
     check_memory(estimate, memory_limit_gb, config.progress)
     clock = time.perf_counter()
@@ -189,7 +196,8 @@ def check_streamed_backend(config: AnalyzeConfig) -> None:
     """Raises BackendError for a backend that needs the whole model in memory."""
     if config.backend not in STREAMED:
         raise BackendError(f"backend={config.backend.value!r} needs the whole model in memory; a streamed decoder "
-                           "is priced by backend='kfac' (sampled output gradients, loss units) or 'layerwise'")
+                           "is priced by backend='kfac' (sampled output gradients, loss units), 'layerwise' or 'exact' "
+                           "(a forward per pair)")
 
 
 def _is_text(data: DataSource | None) -> bool:
