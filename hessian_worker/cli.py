@@ -179,7 +179,9 @@ def _run_analyze(args: argparse.Namespace) -> int:
         from hessian_worker.models import load_model
 
         basis = _basis_options(args)
-        streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and not basis
+        # exact streams its forward-mode tangents block by block; the full Hessian needs the whole model
+        streams = ("kfac", "layerwise") + (("exact",) if args.curvature == "ggn" else ())
+        streamed = is_streamable(args.model) and args.backend in (None, *streams) and not basis
         backend = args.backend or ("kfac" if streamed else "exact")
         config = AnalyzeConfig(
             backend=backend, kind=args.kind, curvature=args.curvature, samples=args.samples,
