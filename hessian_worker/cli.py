@@ -25,17 +25,7 @@ def add_commands(subparsers: Any) -> None:
     a.add_argument("--backend", choices=BACKENDS, default=None,
                    help="how pair costs are predicted (default: kfac for a LLaMA/Mistral/Qwen2 checkpoint directory, "
                         "streamed block by block; exact otherwise)")
-    a.add_argument("--kfac-rank", type=int, default=64,
-                   help="kfac: eigenpairs of each layer's input covariance kept, the rest as one bulk value "
-                        "(0: all of them, exact K-FAC)")
-    a.add_argument("--kfac-oversample", type=int, default=64, help="kfac: sketch columns beyond --kfac-rank")
-    a.add_argument("--kfac-gradient-samples", type=int, default=16,
-                   help="kfac: samples whose sampled output gradients estimate the output factor (0: all)")
-    a.add_argument("--kfac-output", choices=("diagonal", "identity"), default="diagonal",
-                   help="kfac: output factor from sampled output gradients (loss units), or identity (no backward)")
-    a.add_argument("--stats-cache", default="~/.cache/geoshare/stats",
-                   help="streamed analysis: folder of cached per-layer statistics (one pass, many analyses)")
-    a.add_argument("--no-stats-cache", action="store_true", help="streamed analysis: neither read nor write the cache")
+    _streaming_options(a)
     a.add_argument("--kind", choices=("pairwise", "assignment"), default="pairwise")
     a.add_argument("--curvature", choices=("ggn", "hessian"), default="ggn")
     a.add_argument("--ratio", type=float, default=None, help="constraints.max_params_ratio")
@@ -50,8 +40,6 @@ def add_commands(subparsers: Any) -> None:
                         "and CUDA), the model's dtype, or auto (bfloat16 where native)")
     a.add_argument("--bulk", choices=("layer", "isotropic"), default="layer",
                    help="projected: curvature off the top space, one scalar per layer or one for all (the paper)")
-    a.add_argument("--memory-limit-gb", type=float, default=None,
-                   help="refuse above this memory estimate (projected: 4; streamed: the memory available now)")
     a.add_argument("--targets", action="append", default=None, help="name or re:regex (repeatable)")
     a.add_argument("--ignore", action="append", default=[], help="name or re:regex (repeatable)")
     a.add_argument("-o", "--output", required=True, help="where to write the problem JSON")
@@ -80,7 +68,10 @@ def add_commands(subparsers: Any) -> None:
     _common(c)
     c.add_argument("--ratio", type=float, required=True, help="share of the shareable parameters to keep")
     c.add_argument("--out", required=True, help="directory for model.safetensors + plan.json + report.json")
-    c.add_argument("--backend", choices=BACKENDS, default="exact")
+    c.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="how pair costs are predicted (default: kfac for a LLaMA/Mistral/Qwen2 checkpoint directory, "
+                        "compressed block by block; exact otherwise)")
+    _streaming_options(c)
     c.add_argument("--merge", choices=MERGES, default=None,
                    help="shared value of a class (default: layerwise when the data has at least as many "
                         "input rows as the widest tied layer has inputs, else curvature)")
@@ -112,6 +103,23 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--rank", type=int, default=None, help="--scheme basis: the basis rank of every family")
     _scheme_options(c)
     c.set_defaults(func=_run_compress)
+
+
+def _streaming_options(parser: argparse.ArgumentParser) -> None:
+    """The kfac backend's settings and the streamed path's cache and memory limit (analyze, compress)."""
+    parser.add_argument("--kfac-rank", type=int, default=64,
+                        help="kfac: eigenpairs of each layer's input covariance kept, the rest as one bulk value "
+                             "(0: all of them, exact K-FAC)")
+    parser.add_argument("--kfac-oversample", type=int, default=64, help="kfac: sketch columns beyond --kfac-rank")
+    parser.add_argument("--kfac-gradient-samples", type=int, default=16,
+                        help="kfac: samples whose sampled output gradients estimate the output factor (0: all)")
+    parser.add_argument("--kfac-output", choices=("diagonal", "identity"), default="diagonal",
+                        help="kfac: output factor from sampled output gradients (loss units), or identity (no backward)")
+    parser.add_argument("--stats-cache", default="~/.cache/geoshare/stats",
+                        help="streamed analysis: folder of cached per-layer statistics (one pass, many analyses)")
+    parser.add_argument("--no-stats-cache", action="store_true", help="streamed analysis: neither read nor write the cache")
+    parser.add_argument("--memory-limit-gb", type=float, default=None,
+                        help="refuse above this memory estimate (projected: 4; streamed: the memory available now)")
 
 
 def _scheme_options(parser: argparse.ArgumentParser) -> None:
@@ -190,8 +198,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
             probes=args.probes, memory_limit_gb=args.memory_limit_gb or 4.0, targets=args.targets,
             eigensolver=args.eigensolver, oversample=args.oversample, bulk=args.bulk,
             sketch_precision=args.sketch_precision,
-            kfac={"rank": args.kfac_rank or None, "oversample": args.kfac_oversample, "output": args.kfac_output,
-                  "gradient_samples": args.kfac_gradient_samples or None},
+            kfac=_kfac_options(args),
             ignore=args.ignore, device=args.device, dtype=args.dtype or ("auto" if streamed else "float32"),
             progress=not args.quiet, scheme=args.scheme, **({"basis": basis} if basis else {}),
         )
@@ -210,6 +217,12 @@ def _run_analyze(args: argparse.Namespace) -> int:
     print(json.dumps({"output": args.output, "layers": len(problem.layers),
                       "families": len({x.family for x in problem.layers})}))
     return 0
+
+
+def _kfac_options(args: argparse.Namespace) -> dict[str, Any]:
+    """KFACOptions fields from the --kfac-* flags (0 means all: None)."""
+    return {"rank": args.kfac_rank or None, "oversample": args.kfac_oversample, "output": args.kfac_output,
+            "gradient_samples": args.kfac_gradient_samples or None}
 
 
 def _check_whole_model_fits(model: str, dtype: str, backend: str, limit_gb: float | None) -> None:
@@ -302,22 +315,34 @@ def _run_compress(args: argparse.Namespace) -> int:
 
     try:
         from hessian_worker.io import save_shared
+        from hessian_worker.llm import compress_checkpoint, is_streamable
         from hessian_worker.models import load_model
         from hessian_worker.pipeline import CompressConfig, compress
 
-        config = CompressConfig(ratio=args.ratio, backend=args.backend, merge=args.merge, distill=args.distill,
-                                top=args.top, min_distance=args.min_distance, per_pattern=args.per_pattern, normalized_top=args.normalized_top,
-                                curvature_samples=args.curvature_samples, heal_steps=args.heal,
-                                heal_lr=args.heal_lr, heal_holdout=args.heal_holdout, heal_choice=not args.no_heal_choice,
-                                heal_shortlist=args.heal_shortlist, choice_holdout=args.choice_holdout, holdout=args.holdout, samples=args.samples,
+        basis = _compress_basis(args)
+        streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and not basis
+        backend = args.backend or ("kfac" if streamed else "exact")
+        config = CompressConfig(ratio=args.ratio, backend=backend, merge=args.merge, distill=args.distill,
+                                top=args.top, min_distance=args.min_distance, per_pattern=args.per_pattern,
+                                normalized_top=args.normalized_top, curvature_samples=args.curvature_samples,
+                                heal_steps=args.heal, heal_lr=args.heal_lr, heal_holdout=args.heal_holdout,
+                                heal_choice=not args.no_heal_choice, heal_shortlist=args.heal_shortlist,
+                                choice_holdout=args.choice_holdout, holdout=args.holdout, samples=args.samples,
                                 batch_size=args.batch_size, time_limit_s=args.time_limit, seed=args.seed,
-                                device=args.device, progress=not args.quiet,
-                                **_compress_basis(args))
-        loaded = load_model(args.model)
-        if args.dtype == "float64":
-            loaded.model.double()
-        report = compress(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
-        save_shared(loaded.model, report.plan, args.out)
+                                device=args.device, dtype=args.dtype, kfac=_kfac_options(args),
+                                progress=not args.quiet, **basis)
+        if streamed:
+            cache = None if args.no_stats_cache else args.stats_cache
+            report = compress_checkpoint(args.model, args.data, config, args.out, memory_limit_gb=args.memory_limit_gb,
+                                         cache_dir=cache)
+        else:
+            if is_streamable(args.model):
+                _check_whole_model_fits(args.model, args.dtype or "float32", backend, args.memory_limit_gb)
+            loaded = load_model(args.model)
+            if args.dtype == "float64":
+                loaded.model.double()
+            report = compress(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
+            save_shared(loaded.model, report.plan, args.out)
     except (GeoShareError, ValueError, OSError) as exc:
         return _fail(str(exc))
     text = report.model_dump_json(indent=2, exclude={"plan", "problem"})

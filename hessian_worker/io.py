@@ -59,19 +59,31 @@ def write_shared(model: nn.Module, plan: SharingPlan, directory: str | Path, ext
         tensors[name] = t.detach().clone().contiguous() if ptr in storages else t.detach().contiguous()
         storages.add(ptr)
     extra = extra or {}
+    save_file(tensors, str(out / WEIGHTS), metadata=tensor_metadata(extra))
+    write_plan_file(out, plan, aliases, unique_params(model), extra)
+    return out
+
+
+def tensor_metadata(extra: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata of a saved shared model (its scheme, when ``extra`` names one)."""
     metadata = {"format": "pt", "geoshare_version": SCHEMA_VERSION}
     if "scheme" in extra:
         metadata["geoshare_scheme"] = str(extra["scheme"])
-    save_file(tensors, str(out / WEIGHTS), metadata=metadata)
+    return metadata
+
+
+def write_plan_file(out: Path, plan: SharingPlan, aliases: dict[str, str], unique: int,
+                    extra: dict[str, Any] | None = None) -> None:
+    """``out/plan.json``: the plan, the alias map (name -> the stored name it reads) and the unique
+    parameters, which ``load_shared`` re-ties a freshly built model by."""
     meta = {
         "version": SCHEMA_VERSION,
         "plan": plan.model_dump(mode="json"),
         "aliases": aliases,
-        "unique_params": unique_params(model),
-        **extra,
+        "unique_params": unique,
+        **(extra or {}),
     }
     (out / PLAN).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return out
 
 
 def load_shared(model: nn.Module, directory: str | Path) -> SharingPlan:

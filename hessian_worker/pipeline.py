@@ -39,7 +39,7 @@ from hessian_worker.basis.config import BasisOptions, SideChoice
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.choose import choose_healed, choose_plan
-from hessian_worker.config import AnalyzeConfig, Backend
+from hessian_worker.config import AnalyzeConfig, Backend, DType, KFACOptions
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, DataSource, holdout_size, load_calibration
 from hessian_worker.healing import HealConfig, HealReport, heal
@@ -82,6 +82,9 @@ class CompressConfig(BaseModel):
     time_limit_s: float = Field(10.0, gt=0)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     device: str = "auto"
+    dtype: DType | None = Field(None, description="Compute dtype (default: float32 in memory; a streamed decoder "
+                                "keeps its checkpoint's, auto).")
+    kfac: KFACOptions = Field(default_factory=KFACOptions, description="backend kfac: factor ranks and samples.")
     progress: bool = True
     scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (a shared low-rank basis).")
     rank: int | None = Field(None, ge=1, description="basis: rank of every family (default: rank_ratio·min(d_out, d_in)).")
@@ -98,6 +101,12 @@ class CompressConfig(BaseModel):
         if self.backend is Backend.layerwise:
             return Merge.layerwise
         return default_merge(model, data, names) if names else Merge.curvature
+
+    def analyze_config(self, dtype: DType) -> AnalyzeConfig:
+        """The analysis settings of this compress (``dtype`` when none is given)."""
+        return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
+                             distill=self.distill, device=self.device, progress=self.progress, scheme=self.scheme,
+                             basis=self.basis_options(), kfac=self.kfac, dtype=self.dtype or dtype)
 
     def basis_options(self) -> BasisOptions:
         return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side,
@@ -133,11 +142,9 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     Raises:
         BudgetInfeasible, DataError, DiscoveryError: with the fix in the message.
     """
-    acfg = AnalyzeConfig(backend=config.backend, samples=config.samples, batch_size=config.batch_size,
-                         seed=config.seed, distill=config.distill, device=config.device, progress=config.progress,
-                         scheme=config.scheme, basis=config.basis_options())
+    acfg = config.analyze_config(DType.float32)
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size, seed=config.seed)
-    fit, held = _split(calib, config)
+    fit, held = split_holdout(calib, config)
     costs_data, choice_data = _costs_and_choice(fit, config)
     problem = analyze(model, costs_data, acfg, tokenizer=tokenizer)
     solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
@@ -158,7 +165,7 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     score_data = choice_data
     if merge is Merge.layerwise and tied and not basis:
         layerwise = merge_covariances(model, choice_data, tied, quiet, tokenizer)
-        merge_part, score_part = _choice_parts(choice_data, config)
+        merge_part, score_part = choice_parts(choice_data, config)
         if score_part is not None:
             score_data, scoring = score_part, merge_covariances(model, merge_part, tied, quiet, tokenizer)
     # the whitening of the bases, measured once for every candidate and the final apply
@@ -225,7 +232,7 @@ def merge_covariances(model: nn.Module, data: DataSource, names: list[str], conf
         return LayerwiseCurvature.collect(prep.model, prep.data, names)
 
 
-def _choice_parts(choice: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration | None]:
+def choice_parts(choice: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration | None]:
     """(merge part, score part) of the choice data: ``choice_holdout`` of the samples, seeded, are
     scored on and the rest fit the merge; (choice, None) when the share is 0 or leaves a part empty.
 
@@ -277,7 +284,7 @@ def _costs_and_choice(fit: Calibration, config: CompressConfig) -> tuple[Calibra
     return subset, rest
 
 
-def _split(calib: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration | None]:
+def split_holdout(calib: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration | None]:
     n = calib.num_samples
     if n < 4:
         return calib, None

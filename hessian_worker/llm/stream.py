@@ -35,7 +35,7 @@ from hessian_worker.llm.decoder import Decoder, run_block
 from hessian_worker.losses import row_mask
 
 
-def _by_block(decoder: Decoder, layers: Sequence[LayerInfo]) -> dict[int, dict[str, str]]:
+def layers_by_block(decoder: Decoder, layers: Sequence[LayerInfo]) -> dict[int, dict[str, str]]:
     """Block -> {name inside the block: full name} of the analysed layers."""
     out: dict[int, dict[str, str]] = {}
     for i in range(decoder.num_blocks):
@@ -44,7 +44,7 @@ def _by_block(decoder: Decoder, layers: Sequence[LayerInfo]) -> dict[int, dict[s
     return out
 
 
-def _keep_device(decoder: Decoder, nbytes: int) -> torch.device:
+def keep_device(decoder: Decoder, nbytes: int) -> torch.device:
     """Where kept block inputs live: the device when they fit in half its free memory, else the host."""
     if decoder.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(decoder.device)
@@ -60,7 +60,7 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
     """Factor sums of every analysed layer from one forward sweep (and a backward sweep for the
     diagonal output factor) over the decoder's blocks; ``reduce``: per sample (see Approximation;
     a decoder's loss is per token, so ``expand`` is its natural form)."""
-    names = _by_block(decoder, layers)
+    names = layers_by_block(decoder, layers)
     backward = output is OutputFactor.diagonal
     stats: dict[str, FactorStats] = {}
     current: dict[str, Tensor | None] = {"mask": None}
@@ -73,13 +73,13 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         kwargs.append(kw)
     plan = gradient_batches(data, gradient_samples) if backward else []
     row_bytes = hidden[0][0].numel() * hidden[0].element_size() if hidden else 0
-    keep_on = _keep_device(decoder, sum(rows for _, rows in plan) * row_bytes * decoder.num_blocks)
+    keep_on = keep_device(decoder, sum(rows for _, rows in plan) * row_bytes * decoder.num_blocks)
     kept: list[list[Tensor] | None] = []
     steps = decoder.num_blocks * (2 if backward else 1)
     bar = tqdm(total=steps, desc="blocks (inputs)", unit="block", disable=not progress, leave=False)
     for i in range(decoder.num_blocks):
         block = decoder.load_block(i)
-        modules = _modules(block, names[i])
+        modules = block_modules(block, names[i])
         for full, (module, transposed) in modules.items():
             stats[full] = new_stats(int(module.weight.shape[0 if transposed else 1]), rank=rank,
                                     oversample=oversample, seed=seed, dtype=decoder.dtype, device=decoder.device)
@@ -104,7 +104,7 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         plan_masks = [None if masks[b] is None else masks[b][:rows] for b, rows in plan]
         for i in reversed(range(decoder.num_blocks)):
             block = decoder.load_block(i)
-            modules = _modules(block, names[i])
+            modules = block_modules(block, names[i])
             handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=False, outputs=True,
                                    reduce=reduce)
             inputs = kept[i]
@@ -126,7 +126,7 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
     return stats
 
 
-def _modules(block: torch.nn.Module, names: Mapping[str, str]) -> dict[str, tuple[torch.nn.Module, bool]]:
+def block_modules(block: torch.nn.Module, names: Mapping[str, str]) -> dict[str, tuple[torch.nn.Module, bool]]:
     local = linear_modules(block, list(names))
     return {names[k]: v for k, v in local.items()}
 

@@ -15,10 +15,10 @@ from hessian_worker.data import load_calibration
 from hessian_worker.measure import measure_plans
 from hessian_worker.pipeline import (
     CompressConfig,
-    _choice_parts,
-    _split,
+    choice_parts,
     compress,
     merge_covariances,
+    split_holdout,
 )
 from solver.candidates import candidate_plans
 from solver.planning import SolveConfig
@@ -36,15 +36,15 @@ def _rows(calib) -> set[tuple[float, ...]]:
 
 def test_choice_parts_split_the_choice_samples_disjointly() -> None:
     calib = load_calibration(_inputs(20), batch_size=4)
-    merge_part, score_part = _choice_parts(calib, CompressConfig(ratio=0.5))
+    merge_part, score_part = choice_parts(calib, CompressConfig(ratio=0.5))
     assert score_part is not None
     assert (merge_part.num_samples, score_part.num_samples) == (10, 10)
     assert not _rows(merge_part) & _rows(score_part) and _rows(merge_part) | _rows(score_part) == _rows(calib)
-    quarter = _choice_parts(calib, CompressConfig(ratio=0.5, choice_holdout=0.25))[1]
+    quarter = choice_parts(calib, CompressConfig(ratio=0.5, choice_holdout=0.25))[1]
     assert quarter is not None and quarter.num_samples == 5
-    assert _choice_parts(calib, CompressConfig(ratio=0.5, choice_holdout=0))[1] is None
+    assert choice_parts(calib, CompressConfig(ratio=0.5, choice_holdout=0))[1] is None
     one = load_calibration(_inputs(1), batch_size=4)  # nothing to split
-    assert _choice_parts(one, CompressConfig(ratio=0.5))[1] is None
+    assert choice_parts(one, CompressConfig(ratio=0.5))[1] is None
 
 
 @pytest.mark.parametrize("share", [0.5, 0.0])
@@ -56,9 +56,9 @@ def test_compress_scores_candidates_out_of_sample_and_ties_with_all_choice_sampl
     report = compress(model, x, config)
     assert report.merge.value == "layerwise"
 
-    fit, _ = _split(load_calibration(x, batch_size=config.batch_size, seed=config.seed), config)
+    fit, _ = split_holdout(load_calibration(x, batch_size=config.batch_size, seed=config.seed), config)
     names = [layer.name for layer in report.problem.layers]
-    merge_part, score_part = _choice_parts(fit, config)
+    merge_part, score_part = choice_parts(fit, config)
     assert (score_part is None) == (share == 0)
     pool = candidate_plans(report.problem, SolveConfig(max_params_ratio=0.7, time_limit_s=config.time_limit_s, seed=0),
                            top=config.top, min_distance=config.min_distance, per_pattern=config.per_pattern,

@@ -1,0 +1,164 @@
+"""compress_checkpoint: a decoder LLM compressed from its checkpoint with one block in memory at a time.
+
+The in-memory ``pipeline.compress`` chain, each stage streamed: the K-FAC statistics of the fit
+samples (cached, so compressing again at another ratio needs no new pass) price the pairs; the
+solver's candidates are measured by streamed forwards (``llm.measure``); the winner is tied with
+the layerwise merge from the same statistics (``llm.merge``); the held-out figure is measured the
+same way; the tied model is written tensor by tensor (``llm.save``). The samples play the same
+parts as in memory: a quarter held out for the final figure; of the rest (all of which the costs
+and the final merge use), ``choice_holdout`` scores the candidates, which are merged with the
+statistics of the others (fit sums minus the scored samples' sums, collected on the reference pass
+that scoring runs anyway). With whole input statistics (``kfac.rank=None``) and the same settings
+this gives the in-memory pipeline's costs, candidates, choice and saved model.
+
+What costs what, in forwards over the calibration samples: the statistics about one (plus a
+backward over ``kfac.gradient_samples``), the reference over the scored samples and every
+candidate from its first tied block on, one each at most over those samples, and two over the
+held-out quarter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hessian_worker.config import DType
+from hessian_worker.curvature.kfac import Approximation, FactorStats
+from hessian_worker.data import DataSource
+from hessian_worker.errors import BackendError
+from hessian_worker.llm.analyze import (
+    Opened,
+    analysis_estimate,
+    check_memory,
+    check_streamed_backend,
+    factor_statistics,
+    open_checkpoint,
+    price,
+    streamed_problem,
+)
+from hessian_worker.llm.measure import (
+    InputStatsSpec,
+    MergedOf,
+    plan_loss,
+    plan_losses,
+    reference_run,
+)
+from hessian_worker.llm.merge import check_merge, difference, merged_value
+from hessian_worker.llm.save import save_streamed
+from hessian_worker.merge import Merge
+from hessian_worker.pipeline import (
+    Candidate,
+    CompressConfig,
+    CompressReport,
+    choice_parts,
+    split_holdout,
+)
+from solver.candidates import candidate_plans
+from solver.planning import SolveConfig
+from solver.schema import Scheme
+
+
+def compress_checkpoint(path: str | Path, data: DataSource | None, config: CompressConfig, out: str | Path, *,
+                        memory_limit_gb: float | None = None, cache_dir: str | Path | None = None,
+                        tokenizer: Any | None = None) -> CompressReport:
+    """Compresses the decoder checkpoint at ``path`` to ``config.ratio`` of its shareable parameters
+    and saves the tied model to ``out`` (model.safetensors + plan.json, read by ``load_shared``).
+
+    Raises:
+        BackendError: a setting the streamed path cannot honour (the message names the alternative).
+        CheckpointError, MemoryBudgetError, DataError, BudgetInfeasible: with the fix in the message.
+    """
+    _check_supported(config)
+    acfg = config.analyze_config(DType.auto)
+    check_streamed_backend(acfg)
+    merge = config.merge or Merge.layerwise
+    check_merge(merge)
+    opened = open_checkpoint(path, data, acfg, tokenizer=tokenizer)
+    fit, held = split_holdout(opened.calib, config)
+    estimate = analysis_estimate(opened, acfg, fit)
+    check_memory(estimate, memory_limit_gb, config.progress)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    stats, cached = factor_statistics(opened, fit, acfg, cache_dir)
+    seconds["statistics"] = time.perf_counter() - clock
+    matrix, more = price(opened, stats, acfg, keep_stats=merge is Merge.layerwise)
+    seconds.update(more)
+    problem = streamed_problem(opened, matrix, acfg, estimate, cached, seconds)
+    solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
+    pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
+                           per_pattern=config.per_pattern, normalized_top=config.normalized_top)
+
+    clock = time.perf_counter()
+    layerwise = merge is Merge.layerwise
+    # the layerwise merge is fitted to data: its candidates are scored on samples it was not fitted on
+    score_part = choice_parts(fit, config)[1] if layerwise else None
+    spec = InputStatsSpec(opened.layers, config.kfac.rank, config.kfac.oversample, config.seed,
+                          config.kfac.approximation is Approximation.reduce)
+    reference, score_stats = reference_run(opened.decoder, score_part or fit,
+                                           stats=spec if score_part is not None else None,
+                                           progress=config.progress)
+    scoring = {n: difference(stats[n], score_stats[n]) for n in score_stats} if score_stats else stats
+    measured = plan_losses(opened.decoder, reference, [p.groups for p in pool],
+                           _merger(opened, merge, scoring, config), distill=config.distill, progress=config.progress)
+    del reference, scoring, score_stats
+    index = min(range(len(pool)), key=lambda i: (measured[i], i))
+    plan = pool[index]
+    seconds["choice"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    final = _merger(opened, merge, stats, config)
+    held_change = None
+    if held is not None:
+        reference, _ = reference_run(opened.decoder, held, progress=config.progress)
+        held_change = plan_loss(opened.decoder, reference, plan.groups, final, distill=config.distill)
+        del reference
+    seconds["held_out"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    unique = save_streamed(opened.decoder, plan, final, out, extra={"source_model": str(Path(path))})
+    seconds["save"] = time.perf_counter() - clock
+    source = {**(problem.source or {}), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    return CompressReport(
+        plan=plan,
+        chosen=plan.strategy or "optimum",
+        merge=merge,
+        candidates=[Candidate(strategy=p.strategy or "optimum", predicted=p.objective, measured=m,
+                              params_ratio=p.params.ratio if p.params else 1.0)
+                    for p, m in zip(pool, measured, strict=True)],
+        problem=problem.model_copy(update={"source": source}),
+        unique_params=unique,
+        params_ratio=plan.params.ratio if plan.params else 1.0,
+        predicted_loss_change=plan.objective,
+        measured_loss_change=held_change,
+    )
+
+
+def _check_supported(config: CompressConfig) -> None:
+    """Raises BackendError for a setting the streamed compress does not have (yet), naming the way out."""
+    if config.scheme is not Scheme.tie:
+        raise BackendError("a streamed decoder is compressed with scheme='tie'; shared bases need the whole model "
+                           "in memory (use a model that fits, or --scheme tie)")
+    if config.heal_steps:
+        raise BackendError("healing a streamed decoder (block-wise distillation) is not available yet: drop --heal, "
+                           "or compress a model that fits in memory with the in-memory path")
+    if config.curvature_samples is not None:
+        raise BackendError("a streamed decoder's statistics serve both the costs and the merge, so they use every "
+                           "fit sample: drop --curvature-samples (or lower --samples)")
+
+
+def _merger(opened: Opened, merge: Merge, stats: Mapping[str, FactorStats], config: CompressConfig) -> MergedOf:
+    """A class -> its merged weight, members read from the checkpoint in the statistics' precision."""
+    acc = torch.float64 if opened.dtype == torch.float64 else torch.float32
+    damping = config.analyze_config(DType.auto).layerwise_damping
+
+    def weight_of(name: str) -> Tensor:
+        return opened.checkpoint.tensor(name, dtype=acc, device=opened.decoder.device)
+
+    def merged(names: tuple[str, ...]) -> Tensor:
+        return merged_value(names, weight_of, merge, stats, rank=config.kfac.rank, damping=damping)
+
+    return merged

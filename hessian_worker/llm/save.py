@@ -1,0 +1,101 @@
+"""Saving a tied decoder tensor by tensor: the same files as ``io.save_shared`` (model.safetensors
+with each class's tensor stored once, plan.json with the aliases), without the model in memory.
+
+The safetensors header is written first from the names, shapes and dtypes alone (all known from
+the checkpoint), then each tensor's bytes in header order as it is produced: a block's tensors are
+read (or a class merged) one at a time, so the peak is one class's members, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hessian_worker.io import WEIGHTS, tensor_metadata, write_plan_file
+from hessian_worker.llm.decoder import Decoder
+from solver.schema import SharingPlan
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+Entry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def write_safetensors(path: Path, entries: Sequence[Entry], produce: Callable[[str], Tensor],
+                      metadata: dict[str, str]) -> None:
+    """A safetensors file whose tensors are produced one at a time, in ``entries`` order (written to
+    ``path.part`` and renamed at the end: a cut-off run leaves no half-written file)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = torch.empty((), dtype=dtype).element_size()
+        count = 1
+        for s in shape:
+            count *= s
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + count * size]}
+        offset += count * size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    part = path.with_name(path.name + ".part")
+    with part.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name, shape, dtype in entries:
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name!r} came out {tuple(t.shape)} {t.dtype}, the header says {shape} {dtype}")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
+    part.replace(path)
+
+
+def save_streamed(decoder: Decoder, plan: SharingPlan, merged: Callable[[tuple[str, ...]], Tensor], out: str | Path,
+                  extra: dict[str, Any] | None = None) -> int:
+    """Writes the decoder tied by ``plan`` to ``out`` (what ``load_shared`` reads) and returns its
+    unique parameters. Each class is stored once, under its first name in the model's state-dict
+    order (where ``save_shared`` of the tied in-memory model puts it), with the value ``merged``
+    gives; every tensor in the decoder's dtype."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = decoder.skeleton.state_dict()
+    class_of = {name: tuple(group) for group in plan.groups if len(group) >= 2 for name in group}
+    aliases: dict[str, str] = {}
+    stored: dict[tuple[str, ...], str] = {}
+    tied_head = "lm_head.weight" in state and "lm_head.weight" not in decoder.checkpoint
+    entries: list[Entry] = []
+    for name, t in state.items():
+        if name == "lm_head.weight" and tied_head:
+            aliases[name] = "model.embed_tokens.weight"
+            continue
+        c = class_of.get(name)
+        if c is not None and c in stored:
+            aliases[name] = stored[c]
+            continue
+        if c is not None:
+            stored[c] = name
+        entries.append((name, tuple(t.shape), decoder.dtype))
+
+    def produce(name: str) -> Tensor:
+        c = class_of.get(name)
+        value = merged(c) if c is not None else decoder.checkpoint.tensor(name)
+        return value.to(dtype=decoder.dtype)
+
+    extra = extra or {}
+    write_safetensors(folder / WEIGHTS, entries, produce, tensor_metadata(extra))
+    unique = sum(_numel(shape) for _, shape, _ in entries)
+    write_plan_file(folder, plan, aliases, unique, extra)
+    return unique
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
