@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from hessian_worker.config import AnalyzeConfig
@@ -235,7 +236,8 @@ def streamed_exact_costs(decoder: Decoder, data: Calibration, layers: Sequence[L
         return matrix
     loss = resolve_distill(config.distill, True)
     chunks = [todo[i:i + config.chunk] for i in range(0, len(todo), config.chunk)]
-    with torch.no_grad():
+    # the fused attention kernels have no forward-mode derivative; the math one is plain ops (float64 runs eager)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         ref = reference_sweep(decoder, data, progress=progress)
         steps = sum(decoder.num_blocks - c[0].start for c in chunks)
         with tqdm(total=steps, desc="exact pair costs", unit="block", disable=not progress) as bar:

@@ -113,3 +113,15 @@ def test_streamed_exact_refuses_the_full_hessian(checkpoints):
     folder = checkpoints["llama"]
     with pytest.raises(BackendError, match="curvature='ggn'"):
         analyze_checkpoint(folder, folder / "calib.pt", _config(curvature="hessian"))
+
+
+def test_float32_blocks_take_forward_mode_through_fused_attention(checkpoints, whole_costs):
+    """Below float64 the blocks run SDPA attention, whose fused CPU kernel has no forward-mode rule:
+    the math kernel is used, and float32 costs agree with the float64 ones to float32 precision."""
+    folder = checkpoints["llama"]
+    streamed = analyze_checkpoint(folder, folder / "calib.pt", _config(dtype="float32"))
+    whole = whole_costs.get(("llama", "pairwise")) or analyze(str(folder), folder / "calib.pt", _config())
+    a, b = _matrix(streamed.costs.matrix), _matrix(whole.costs.matrix)
+    finite = ~np.isnan(b)
+    assert streamed.source["dtype"] == "float32"
+    np.testing.assert_allclose(a[finite], b[finite], rtol=1e-4, atol=1e-7 * np.nanmax(b))
