@@ -53,7 +53,7 @@ from hessian_worker.llm.stream import stream_factors
 from solver.schema import CostKind, SharingProblem
 
 log = logging.getLogger("geoshare.llm")
-STREAMED = (Backend.kfac, Backend.layerwise, Backend.exact)
+STREAMED = (Backend.kfac, Backend.layerwise)
 
 
 def is_streamable(spec: str | Path) -> bool:
@@ -175,14 +175,15 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
         CheckpointError, BackendError, MemoryBudgetError, DataError: with the fix in the message.
     """
     config = config or AnalyzeConfig(backend=Backend.kfac)
-    check_streamed_backend(config)
-    opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
     if config.backend is Backend.exact:  # forward-mode tangents carried block by block: no statistics
+        opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
         estimate = exact_memory(opened.decoder, opened.calib, config.chunk)
         check_memory(estimate, memory_limit_gb, config.progress)
         clock = time.perf_counter()
         matrix = streamed_exact_costs(opened.decoder, opened.calib, opened.layers, config, progress=config.progress)
         return streamed_problem(opened, matrix, config, estimate, False, {"pricing": time.perf_counter() - clock})
+    check_streamed_backend(config)
+    opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
     estimate = analysis_estimate(opened, config)
     check_memory(estimate, memory_limit_gb, config.progress)
     clock = time.perf_counter()
@@ -196,8 +197,8 @@ def check_streamed_backend(config: AnalyzeConfig) -> None:
     """Raises BackendError for a backend that needs the whole model in memory."""
     if config.backend not in STREAMED:
         raise BackendError(f"backend={config.backend.value!r} needs the whole model in memory; a streamed decoder "
-                           "is priced by backend='kfac' (sampled output gradients, loss units), 'layerwise' or 'exact' "
-                           "(a forward per pair)")
+                           "is priced by backend='kfac' (sampled output gradients, loss units) or 'layerwise' "
+                           "(and analysed by 'exact' too, a forward per pair)")
 
 
 def _is_text(data: DataSource | None) -> bool:

@@ -125,3 +125,14 @@ def test_float32_blocks_take_forward_mode_through_fused_attention(checkpoints, w
     finite = ~np.isnan(b)
     assert streamed.source["dtype"] == "float32"
     np.testing.assert_allclose(a[finite], b[finite], rtol=1e-4, atol=1e-7 * np.nanmax(b))
+
+
+def test_streamed_compress_still_refuses_exact(checkpoints, tmp_path):
+    """Streamed compression prices from its K-FAC statistics: backend exact there is refused, never
+    silently priced by another cost model."""
+    from hessian_worker.llm import compress_checkpoint
+    from hessian_worker.pipeline import CompressConfig
+
+    folder = checkpoints["llama"]
+    with pytest.raises(BackendError, match="'exact'"):
+        compress_checkpoint(folder, folder / "calib.pt", CompressConfig(ratio=0.75, backend="exact"), tmp_path / "out")
