@@ -6,12 +6,14 @@ sits in memory whole) and random calibration tokens, then measures in separate p
 peak RSS is its own, read by ``/usr/bin/time -v``):
 - the baseline: one forward pass over the tokens with the model loaded the same way (block by block
   from the checkpoint, embeddings to logits),
-- ``geoshare analyze`` with the default backend for such models (kfac, streamed),
+- ``geoshare analyze`` with the default backend for such models (kfac, streamed), or with
+  ``--compress RATIO`` ``geoshare compress`` (streamed: statistics, measured choice, tie, save),
 and reports the ratio of their wall times, seconds per block, and peak RSS. ``--depths`` runs the
 same shape cut to fewer blocks, to show time growing linearly with depth.
 
     python bench/scale_bench.py --shape 1b --samples 32 --length 128
     python bench/scale_bench.py --shape 7b --depths 8 16 32 --samples 32 --length 128
+    python bench/scale_bench.py --shape 1b --samples 32 --length 128 --compress 0.8
 """
 
 from __future__ import annotations
@@ -90,6 +92,31 @@ def prepare(shape: str, depth: int | None, samples: int, length: int) -> tuple[P
     return folder, data
 
 
+def run_compress(shape: str, depth: int | None, samples: int, length: int, batch_size: int, ratio: float) -> dict:
+    """``geoshare compress`` streamed against a plain streamed forward over the same tokens: its wall
+    time in forwards beside the issue's budget (candidates measured + 5), and its peak RSS."""
+    folder, data = prepare(shape, depth, samples, length)
+    blocks = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    forward = timed([sys.executable, __file__, "--forward-only", str(folder), str(data), str(batch_size)])
+    out = folder / "compressed"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [GEOSHARE, "compress", "--model", str(folder), "--data", str(data), "--ratio", str(ratio),
+               "--batch-size", str(batch_size), "--no-stats-cache", "--quiet", "--out", str(out)]
+    compressed = timed(command)
+    report = json.loads((out / "report.json").read_text())
+    phases = json.loads((out / "problem.json").read_text())["source"].get("seconds", {})
+    candidates = len(report["candidates"])
+    forwards = compressed["wall_s"] / forward["wall_s"]
+    on_disk = (out / "model.safetensors").stat().st_size
+    shutil.rmtree(out, ignore_errors=True)
+    return {"shape": shape, "blocks": blocks, "samples": samples, "length": length, "ratio": ratio,
+            "forward": forward, "compress": compressed, "candidates": candidates,
+            "compress_in_forwards": round(forwards, 2), "budget_in_forwards": candidates + 5,
+            "phases_s": phases, "params_ratio": report["params_ratio"],
+            "measured_loss_change": report["measured_loss_change"], "saved_gib": round(on_disk / 1024**3, 3),
+            "command": " ".join(["geoshare", *command[1:]])}
+
+
 def run(shape: str, depth: int | None, samples: int, length: int, batch_size: int) -> dict:
     folder, data = prepare(shape, depth, samples, length)
     blocks = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
@@ -139,11 +166,28 @@ def render(existing: dict) -> None:
                   "| shape | blocks | tokens | checkpoint GiB | forward s | forward RSS GiB | analyze s | "
                   "analyze RSS GiB | analyze / forward | s per block | statistics / factors / pricing s | solve s | plan |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in session["runs"]:
+        runs = [r for r in session["runs"] if "analyze" in r]
+        for r in runs:
             lines.append(f"| {r['shape']} | {r['blocks']} | {r['samples']}x{r['length']} | {r['checkpoint_gib']} | "
                          f"{r['forward']['wall_s']} | {r['forward']['peak_rss_gib']} | {r['analyze']['wall_s']} | "
                          f"{r['analyze']['peak_rss_gib']} | {r['analyze_over_forward']} | "
                          f"{r['analyze_s_per_block']} | {_phases(r)} | {r['solve']['wall_s']} | {r['plan_status']} |")
+        if not runs:
+            del lines[-2:]
+        compressed = [r for r in session["runs"] if "compress" in r]
+        if compressed:
+            lines += ["| shape | blocks | tokens | ratio | forward s | compress s | compress RSS GiB | candidates | "
+                      "compress in forwards | budget (candidates + 5) | statistics / pricing / choice / held-out / save s "
+                      "| params ratio | held-out loss change | saved GiB |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in compressed:
+                p = r["phases_s"]
+                phases = " / ".join(f"{p[k]:.0f}" for k in ("statistics", "pricing", "choice", "held_out", "save")
+                                    if k in p)
+                lines.append(f"| {r['shape']} | {r['blocks']} | {r['samples']}x{r['length']} | {r['ratio']} | "
+                             f"{r['forward']['wall_s']} | {r['compress']['wall_s']} | {r['compress']['peak_rss_gib']} | "
+                             f"{r['candidates']} | {r['compress_in_forwards']} | {r['budget_in_forwards']} | {phases} | "
+                             f"{r['params_ratio']:.3f} | {r['measured_loss_change']:.4g} | {r['saved_gib']} |")
         lines.append("")
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
 
@@ -163,10 +207,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--compress", type=float, default=None, metavar="RATIO",
+                        help="measure geoshare compress at this ratio instead of analyze + solve")
     args = parser.parse_args(argv)
     rows = []
     for depth in args.depths or [None]:
-        row = run(args.shape, depth, args.samples, args.length, args.batch_size)
+        if args.compress is not None:
+            row = run_compress(args.shape, depth, args.samples, args.length, args.batch_size, args.compress)
+        else:
+            row = run(args.shape, depth, args.samples, args.length, args.batch_size)
         print(json.dumps(row), flush=True)
         rows.append(row)
     write(rows, argv)

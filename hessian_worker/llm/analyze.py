@@ -178,7 +178,8 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
     if config.backend is Backend.exact:  # forward-mode tangents carried block by block: no statistics
         opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
         estimate = exact_memory(opened.decoder, opened.calib, config.chunk)
-        check_memory(estimate, memory_limit_gb, config.progress)
+        check_memory(estimate, memory_limit_gb, config.progress,
+                     "fewer calibration samples (--samples), --backend kfac, or a machine with more memory")
         clock = time.perf_counter()
         matrix = streamed_exact_costs(opened.decoder, opened.calib, opened.layers, config, progress=config.progress)
         return streamed_problem(opened, matrix, config, estimate, False, {"pricing": time.perf_counter() - clock})
@@ -224,16 +225,18 @@ def _tokens(calib: Calibration) -> int:
     return sum(int(next(iter(b.values())).numel()) for b in calib.batches)
 
 
-def check_memory(estimate: MemoryEstimate, limit_gb: float | None, show: bool) -> None:
-    """Prints the estimate; refuses when it exceeds the limit (default: memory available now)."""
+KFAC_FIX = "fewer calibration samples (--samples), a smaller --kfac-rank, or a machine with more memory"
+
+
+def check_memory(estimate: MemoryEstimate, limit_gb: float | None, show: bool, fix: str = KFAC_FIX) -> None:
+    """Prints the estimate; refuses when it exceeds the limit (default: memory available now), naming ``fix``."""
     limit = int(limit_gb * 1024**3) if limit_gb is not None else int(psutil.virtual_memory().available)
     message = f"streamed analysis needs {estimate.describe()}; {limit / 1024**3:.2f} GiB available"
     log.info(message)
     if show:
         tqdm.write(message)
     if estimate.total > limit:
-        raise MemoryBudgetError(f"{message}: fewer calibration samples (--samples), a smaller --kfac-rank, or a "
-                                "machine with more memory", estimate.total, limit)
+        raise MemoryBudgetError(f"{message}: {fix}", estimate.total, limit)
 
 
 def streamed_costs(layers: Sequence[LayerInfo], factors: Mapping[str, LayerFactors], checkpoint: Checkpoint,

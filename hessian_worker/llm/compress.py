@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from hessian_worker.config import DType
-from hessian_worker.curvature.kfac import Approximation, FactorStats
+from hessian_worker.curvature.kfac import Approximation, FactorStats, InputFactor, input_factor
 from hessian_worker.data import DataSource
 from hessian_worker.errors import BackendError
 from hessian_worker.llm.analyze import (
@@ -158,7 +158,15 @@ def _merger(opened: Opened, merge: Merge, stats: Mapping[str, FactorStats], conf
     def weight_of(name: str) -> Tensor:
         return opened.checkpoint.tensor(name, dtype=acc, device=opened.decoder.device)
 
+    factors: dict[str, InputFactor] = {}
+
+    def factor_of(name: str) -> InputFactor:  # one eigendecomposition per layer, whatever classes it joins
+        if name not in factors:
+            factors[name] = input_factor(stats[name], config.kfac.rank)
+        return factors[name]
+
     def merged(names: tuple[str, ...]) -> Tensor:
-        return merged_value(names, weight_of, merge, stats, rank=config.kfac.rank, damping=damping)
+        return merged_value(names, weight_of, merge, stats, rank=config.kfac.rank, damping=damping,
+                            factor_of=factor_of)
 
     return merged

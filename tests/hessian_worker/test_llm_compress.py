@@ -204,3 +204,16 @@ def test_cli_compresses_a_decoder_checkpoint_streamed_and_reuses_the_statistics(
     again = json.loads((tmp_path / "b" / "problem.json").read_text())
     assert again["source"]["statistics_cached"] is True  # another ratio: no new pass over the model
     assert json.loads((tmp_path / "b" / "report.json").read_text())["params_ratio"] < report["params_ratio"]
+
+
+def test_the_low_rank_merge_solves_with_the_factors_it_is_given():
+    """Full-rank inputs, a rank-4 sketch: the merge without d x d matrices equals the dense solve with
+    the same (low-rank plus bulk) covariances."""
+    gen = torch.Generator().manual_seed(2)
+    xs = {n: torch.randn(80, 30, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, 30, dtype=torch.float64)
+          for n in "abc"}
+    sketch = {n: _stats(x, 4, 4) for n, x in xs.items()}
+    weights = {n: torch.randn(7, 30, generator=gen, dtype=torch.float64) for n in xs}
+    want = layerwise_merge([weights[n] for n in "abc"], [covariance(sketch[n], 4) for n in "abc"], damping=0.05)
+    got = merged_value(("a", "b", "c"), weights.__getitem__, Merge.layerwise, sketch, rank=4, damping=0.05)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

@@ -134,7 +134,7 @@ def test_a_run_that_cannot_fit_is_refused_with_the_estimate(checkpoints):
 def test_backends_that_need_the_whole_model_are_refused_when_streaming(checkpoints):
     folder = checkpoints["llama"]
     with pytest.raises(ValueError, match="kfac"):
-        analyze_checkpoint(folder, folder / "calib.pt", _config(backend="exact"))
+        analyze_checkpoint(folder, folder / "calib.pt", _config(backend="projected"))
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -239,7 +239,7 @@ def test_cli_refuses_a_whole_model_backend_that_cannot_fit_and_names_kfac(checkp
     from solver.cli import main
 
     folder = checkpoints["llama"]
-    code = main(["analyze", "--model", str(folder), "--data", str(folder / "calib.pt"), "--backend", "exact",
+    code = main(["analyze", "--model", str(folder), "--data", str(folder / "calib.pt"), "--backend", "projected",
                  "--memory-limit-gb", "1e-6", "--quiet", "-o", str(tmp_path / "p.json")])
     err = capsys.readouterr().err
     assert code == 2 and "holds the whole model" in err and "--backend kfac" in err
