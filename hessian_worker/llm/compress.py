@@ -11,6 +11,11 @@ statistics of the others (fit sums minus the scored samples' sums, collected on 
 that scoring runs anyway). With whole input statistics (``kfac.rank=None``) and the same settings
 this gives the in-memory pipeline's costs, candidates, choice and saved model.
 
+With ``heal_steps``, the winner's classes are healed block by block from their merged values on the
+fit samples (``llm.heal``: local distillation of each tied block) before the held-out figure and the
+save. The in-memory path's heal-aware choice and ``heal_holdout`` do not apply: the zero-shot winner
+is healed, and each block keeps its best step on its own data.
+
 What costs what, in forwards over the calibration samples: the statistics about one (plus a
 backward over ``kfac.gradient_samples``), the reference over the scored samples and every
 candidate from its first tied block on, one each at most over those samples, and two over the
@@ -41,6 +46,7 @@ from hessian_worker.llm.analyze import (
     price,
     streamed_problem,
 )
+from hessian_worker.llm.heal import heal_blockwise
 from hessian_worker.llm.measure import (
     InputStatsSpec,
     MergedOf,
@@ -112,6 +118,13 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
 
     clock = time.perf_counter()
     final = _merger(opened, merge, stats, config)
+    healed = None
+    if config.heal_steps:  # block-wise local distillation from the merged values, on the fit samples
+        values, healed = heal_blockwise(opened.decoder, fit, plan.groups, final, steps=config.heal_steps,
+                                        lr=config.heal_lr, seed=config.seed, progress=config.progress)
+        final = values.__getitem__
+        seconds["heal"] = time.perf_counter() - clock
+        clock = time.perf_counter()
     held_change = None
     if held is not None:
         reference, _ = reference_run(opened.decoder, held, progress=config.progress)
@@ -122,6 +135,8 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
     unique = save_streamed(opened.decoder, plan, final, out, extra={"source_model": str(Path(path))})
     seconds["save"] = time.perf_counter() - clock
     source = {**(problem.source or {}), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    if healed is not None:
+        source["heal"] = healed.summary()
     return CompressReport(
         plan=plan,
         chosen=plan.strategy or "optimum",
@@ -142,9 +157,6 @@ def _check_supported(config: CompressConfig) -> None:
     if config.scheme is not Scheme.tie:
         raise BackendError("a streamed decoder is compressed with scheme='tie'; shared bases need the whole model "
                            "in memory (use a model that fits, or --scheme tie)")
-    if config.heal_steps:
-        raise BackendError("healing a streamed decoder (block-wise distillation) is not available yet: drop --heal, "
-                           "or compress a model that fits in memory with the in-memory path")
     if config.curvature_samples is not None:
         raise BackendError("a streamed decoder's statistics serve both the costs and the merge, so they use every "
                            "fit sample: drop --curvature-samples (or lower --samples)")
