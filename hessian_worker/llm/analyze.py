@@ -50,6 +50,7 @@ from hessian_worker.llm.decoder import (
 )
 from hessian_worker.llm.exact import exact_memory, streamed_exact_costs
 from hessian_worker.llm.stream import stream_factors
+from hessian_worker.losses import resolve_distill
 from solver.schema import CostKind, SharingProblem
 
 log = logging.getLogger("geoshare.llm")
@@ -123,11 +124,19 @@ def factor_statistics(opened: Opened, data: Calibration, config: AnalyzeConfig,
     if stats is not None:
         return stats, True
     stats = stream_factors(opened.decoder, data, opened.layers, rank=k.rank, oversample=k.oversample, output=output,
-                           seed=config.seed, gradient_samples=k.gradient_samples,
-                           reduce=k.approximation is Approximation.reduce, progress=config.progress)
+                           seed=config.seed, gradient_samples=k.gradient_samples, reduce=pooled(opened.decoder, config),
+                           loss=resolve_distill(config.distill, opened.decoder.is_logits).__name__,
+                           progress=config.progress)
     if cache_dir:
         save_stats(cache_dir, key, stats)
     return stats, False
+
+
+def pooled(decoder: Any, config: AnalyzeConfig) -> bool:
+    """K-FAC ``reduce``: asked for, or ``auto`` on a model whose loss sees one row per sample (as
+    the in-memory ``collect_factors`` decides by the output's shape)."""
+    approximation = config.kfac.approximation
+    return approximation is Approximation.reduce or (approximation is Approximation.auto and not decoder.per_token)
 
 
 def price(opened: Opened, stats: dict[str, FactorStats], config: AnalyzeConfig, *,

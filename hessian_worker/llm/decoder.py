@@ -134,8 +134,15 @@ class Decoder:
                   "position_embeddings": self.rotary(hidden, position_ids=positions)}
         return hidden, kwargs
 
+    per_token = True  # the output the loss sees has a row per token
+    is_logits = True  # and it is logits (the distillation loss ``auto`` is kl)
+
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(self.norm(hidden))
+
+    def output(self, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+        """What the calibration loss sees from the last block's output: the logits."""
+        return self.logits(hidden)
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -159,13 +159,18 @@ def _block_jvp(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any], tangent
 
 def _head_quads(decoder: Decoder, hidden: Tensor, tangent: Tensor, loss: OutputLoss,
                 batch: Mapping[str, Tensor], acc: torch.dtype) -> Tensor:
-    """vᵀ H_out v per direction, v the logits' tangent, H_out the output loss's Hessian at the
-    reference logits (a JVP of its gradient: exact for any output loss)."""
-    logits = decoder.logits(hidden)
+    """vᵀ H_out v per direction, v the output's tangent, H_out the output loss's Hessian at the
+    reference output (a JVP of its gradient: exact for any output loss)."""
     mask = {k: v.to(decoder.device) for k, v in batch.items() if k == "attention_mask"}
+    rows = mask.get("attention_mask")
+
+    def head(h: Tensor) -> Tensor:
+        return decoder.output(h, rows)
+
+    logits = head(hidden)
 
     def one(t: Tensor) -> Tensor:
-        v = jvp(decoder.logits, (hidden,), (t,))[1]
+        v = jvp(head, (hidden,), (t,))[1]
         hv = jvp(grad(lambda z: loss(z, logits, mask)), (logits,), (v,))[1]
         return (v.to(acc) * hv.to(acc)).sum()
 
@@ -234,7 +239,7 @@ def streamed_exact_costs(decoder: Decoder, data: Calibration, layers: Sequence[L
     todo = directions(decoder, layers, config.kind)
     if not todo:
         return matrix
-    loss = resolve_distill(config.distill, True)
+    loss = resolve_distill(config.distill, decoder.is_logits)
     chunks = [todo[i:i + config.chunk] for i in range(0, len(todo), config.chunk)]
     # the fused attention kernels have no forward-mode derivative; the math one is plain ops (float64 runs eager)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):

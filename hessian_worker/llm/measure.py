@@ -27,7 +27,7 @@ from hessian_worker.data import Calibration
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.llm.decoder import Decoder, run_block
 from hessian_worker.llm.stream import block_modules, keep_device, layers_by_block
-from hessian_worker.losses import DistillLoss, resolve_distill
+from hessian_worker.losses import DistillLoss, resolve_distill, row_mask
 
 Groups = Sequence[Sequence[str]]
 MergedOf = Callable[[tuple[str, ...]], Tensor]
@@ -144,22 +144,29 @@ def distill_loss(decoder: Decoder, hidden: Tensor, target: Tensor, mask: Tensor 
     """The distillation loss of one batch at the head, as the in-memory ``Objective`` computes it on
     the whole model's logits (a mean over real tokens), formed a few samples at a time so the
     vocabulary-wide logits never exist for the whole batch; in float32 at least."""
-    loss_fn = resolve_distill(distill, True)
+    loss_fn = resolve_distill(distill, decoder.is_logits)
     dtype = torch.float64 if decoder.dtype == torch.float64 else torch.float32
     chunk = max(1, _LOSS_ROWS // max(hidden.shape[1], 1))
-    by_mask = distill is not DistillLoss.mse
     total, count = 0.0, 0.0
     for s in range(0, hidden.shape[0], chunk):
         rows = slice(s, s + chunk)
-        y = decoder.logits(hidden[rows]).to(dtype)
-        t = decoder.logits(target[rows].to(decoder.device)).to(dtype)
-        batch = {} if mask is None else {"attention_mask": mask[rows].to(decoder.device)}
-        weight = float(batch["attention_mask"].sum()) if by_mask and batch else float(y.shape[0] * y.shape[1])
-        if not by_mask:
-            weight *= y.shape[-1]
+        part = None if mask is None else mask[rows].to(decoder.device)
+        y = decoder.output(hidden[rows], part).to(dtype)
+        t = decoder.output(target[rows].to(decoder.device), part).to(dtype)
+        batch = {} if part is None else {"attention_mask": part}
+        weight = _rows_weight(loss_fn, y, batch)
         total += float(loss_fn(y, t, batch)) * weight
         count += weight
     return total / max(count, 1.0)
+
+
+def _rows_weight(loss_fn: Callable[..., Tensor], y: Tensor, batch: dict[str, Tensor]) -> float:
+    """What one chunk's mean loss stands for in the batch's mean: its elements (mse), else its real
+    rows (tokens of a per-token output under the mask, or samples)."""
+    if loss_fn.__name__ == "mse":
+        return float(y.numel())
+    mask = row_mask(y, batch)
+    return float(mask.sum()) if mask is not None else float(y.reshape(-1, y.shape[-1]).shape[0])
 
 
 def _block_index(decoder: Decoder, name: str) -> int:

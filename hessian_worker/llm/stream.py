@@ -56,10 +56,11 @@ def keep_device(decoder: Decoder, nbytes: int) -> torch.device:
 
 def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerInfo], *, rank: int | None,
                    oversample: int, output: OutputFactor, seed: int, gradient_samples: int | None = None,
-                   reduce: bool = False, progress: bool = False) -> dict[str, FactorStats]:
+                   reduce: bool = False, loss: str = "kl", progress: bool = False) -> dict[str, FactorStats]:
     """Factor sums of every analysed layer from one forward sweep (and a backward sweep for the
     diagonal output factor) over the decoder's blocks; ``reduce``: per sample (see Approximation;
-    a decoder's loss is per token, so ``expand`` is its natural form)."""
+    a decoder's loss is per token, so ``expand`` is its natural form); ``loss``: the distillation
+    loss whose output gradients are sampled (kl on logits)."""
     names = layers_by_block(decoder, layers)
     backward = output is OutputFactor.diagonal
     stats: dict[str, FactorStats] = {}
@@ -98,7 +99,7 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         bar.update()
     if backward:
         bar.set_description("blocks (output gradients)")
-        grads = _head_gradients(decoder, data, hidden, plan, seed)
+        grads = _head_gradients(decoder, data, hidden, plan, seed, loss)
         hidden.clear()
         plan_kwargs = [_head_kwargs(kwargs[b], rows) for b, rows in plan]
         plan_masks = [None if masks[b] is None else masks[b][:rows] for b, rows in plan]
@@ -145,17 +146,19 @@ def _head_kwargs(kwargs: dict, rows: int) -> dict:
 
 
 def _head_gradients(decoder: Decoder, data: Calibration, hidden: list[Tensor], plan: list[tuple[int, int]],
-                    seed: int) -> list[Tensor]:
+                    seed: int, loss: str) -> list[Tensor]:
     """The gradient of each gradient batch's sampled pseudo-loss at the last block's output."""
     generator = torch.Generator().manual_seed(seed)
     total = sum(rows for _, rows in plan)
     grads = []
     for b, rows in plan:
         batch = head_rows(data.batches[b], rows)
+        mask = batch.get("attention_mask")
+        mask = None if mask is None else mask.to(decoder.device)
         x = hidden[b][:rows].detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = decoder.logits(x)
-            mask_batch = {k: v.to(decoder.device) for k, v in batch.items() if k == "attention_mask"}
-            g = output_gradient_sample(logits, "kl", rows / total, row_mask(logits, mask_batch), generator)
-            grads.append(torch.autograd.grad(logits, x, g)[0])
+            y = decoder.output(x, mask)
+            g = output_gradient_sample(y, loss, rows / total, row_mask(y, {} if mask is None else {"attention_mask": mask}),
+                                       generator)
+            grads.append(torch.autograd.grad(y, x, g)[0])
     return grads
