@@ -14,7 +14,8 @@ this gives the in-memory pipeline's costs, candidates, choice and saved model.
 With ``heal_steps``, the winner's classes are healed block by block from their merged values on the
 fit samples (``llm.heal``: local distillation of each tied block) before the held-out figure and the
 save. The in-memory path's heal-aware choice and ``heal_holdout`` do not apply: the zero-shot winner
-is healed, and each block keeps its best step on its own data.
+is healed, and each block keeps its best step on its own data (classes shared with earlier blocks
+anchored to their inputs there, sketched as the statistics are: ``kfac.rank``).
 
 What costs what, in forwards over the calibration samples: the statistics about one (plus a
 backward over ``kfac.gradient_samples``), the reference over the scored samples and every
@@ -121,7 +122,8 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
     healed = None
     if config.heal_steps:  # block-wise local distillation from the merged values, on the fit samples
         values, healed = heal_blockwise(opened.decoder, fit, plan.groups, final, steps=config.heal_steps,
-                                        lr=config.heal_lr, seed=config.seed, progress=config.progress)
+                                        lr=config.heal_lr, seed=config.seed, rank=config.kfac.rank,
+                                        oversample=config.kfac.oversample, progress=config.progress)
         final = values.__getitem__
         seconds["heal"] = time.perf_counter() - clock
         clock = time.perf_counter()
