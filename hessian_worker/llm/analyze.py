@@ -39,6 +39,7 @@ from hessian_worker.curvature.kfac import (
 from hessian_worker.data import Calibration, DataSource, load_calibration
 from hessian_worker.discovery import LayerInfo, discover_layers
 from hessian_worker.errors import BackendError, MemoryBudgetError
+from hessian_worker.llm.blocks import ModuleBlocks, ModuleWeights
 from hessian_worker.llm.checkpoint import Checkpoint, CheckpointError
 from hessian_worker.llm.decoder import (
     SUPPORTED,
@@ -74,14 +75,35 @@ def output_factor(config: AnalyzeConfig) -> OutputFactor:
 
 @dataclass
 class Opened:
-    """A streamed decoder ready to run: its checkpoint, compute dtype, blocks, calibration data and
-    the layers analysed (what every streamed stage starts from)."""
+    """A streamed model ready to run: where its weights are read (a checkpoint, or an in-memory
+    model's own tensors), compute dtype, blocks, calibration data and the layers analysed (what
+    every streamed stage starts from)."""
 
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | ModuleWeights
     dtype: torch.dtype
-    decoder: Decoder
+    decoder: Decoder | ModuleBlocks
     calib: Calibration
     layers: list[LayerInfo]
+
+    @property
+    def on_disk(self) -> bool:
+        """Read from a checkpoint (memory estimated and checked, statistics cached) rather than a
+        model already in memory."""
+        return isinstance(self.checkpoint, Checkpoint)
+
+
+def open_blocks(blocks: ModuleBlocks, data: DataSource, config: AnalyzeConfig, *,
+                tokenizer: Any | None = None) -> Opened:
+    """An in-memory model seen block by block (``llm.blocks``), with its calibration batches."""
+    calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size,
+                             seed=config.seed, max_length=config.max_length)
+    layers = discover_layers(blocks.skeleton, config.targets, config.ignore, config.families)
+    outside = [x.name for x in layers if not any(x.name.startswith(blocks.block_prefix(i))
+                                                 for i in range(blocks.num_blocks))]
+    if outside:
+        raise BackendError(f"layers outside the blocks cannot be streamed: {outside[:3]}; leave them out with "
+                           "ignore=[...] (sharing ties layers across blocks)")
+    return Opened(blocks.checkpoint, blocks.dtype, blocks, calib, layers)
 
 
 def open_checkpoint(path: str | Path, data: DataSource | None, config: AnalyzeConfig, *,
@@ -113,20 +135,24 @@ def analysis_estimate(opened: Opened, config: AnalyzeConfig, data: Calibration |
                            oversample=k.oversample, kept_tokens=kept * _tokens(data) // max(data.num_samples, 1))
 
 
-def factor_statistics(opened: Opened, data: Calibration, config: AnalyzeConfig,
-                      cache_dir: str | Path | None) -> tuple[dict[str, FactorStats], bool]:
+def factor_statistics(opened: Opened, data: Calibration, config: AnalyzeConfig, cache_dir: str | Path | None, *,
+                      token_inputs: dict[str, FactorStats] | None = None) -> tuple[dict[str, FactorStats], bool]:
     """(every analysed layer's factor sums over ``data``, read from the cache?): one streamed pass,
-    or none when ``cache_dir`` holds them already."""
+    or none when ``cache_dir`` holds them already. ``token_inputs``: see ``stream_factors`` (a pass
+    that fills it is never cached)."""
     k = config.kfac
     output = output_factor(config)
-    key = stats_key(opened.checkpoint, data, config, output, opened.dtype)
+    reduce = pooled(opened.decoder, config)
+    if not opened.on_disk or (reduce and token_inputs is not None):
+        cache_dir = None  # the cache is keyed by the checkpoint's files and holds one set of sums
+    key = stats_key(opened.checkpoint, data, config, output, opened.dtype) if cache_dir else ""
     stats = load_stats(cache_dir, key, opened.layers, k.rank, k.oversample, config.seed) if cache_dir else None
     if stats is not None:
         return stats, True
     stats = stream_factors(opened.decoder, data, opened.layers, rank=k.rank, oversample=k.oversample, output=output,
-                           seed=config.seed, gradient_samples=k.gradient_samples, reduce=pooled(opened.decoder, config),
+                           seed=config.seed, gradient_samples=k.gradient_samples, reduce=reduce,
                            loss=resolve_distill(config.distill, opened.decoder.is_logits).__name__,
-                           progress=config.progress)
+                           token_inputs=token_inputs, progress=config.progress)
     if cache_dir:
         save_stats(cache_dir, key, stats)
     return stats, False
@@ -134,7 +160,10 @@ def factor_statistics(opened: Opened, data: Calibration, config: AnalyzeConfig,
 
 def pooled(decoder: Any, config: AnalyzeConfig) -> bool:
     """K-FAC ``reduce``: asked for, or ``auto`` on a model whose loss sees one row per sample (as
-    the in-memory ``collect_factors`` decides by the output's shape)."""
+    the in-memory ``collect_factors`` decides by the output's shape). The layerwise backend's error
+    is per token, always."""
+    if config.backend is Backend.layerwise:
+        return False
     approximation = config.kfac.approximation
     return approximation is Approximation.reduce or (approximation is Approximation.auto and not decoder.per_token)
 
@@ -158,12 +187,14 @@ def price(opened: Opened, stats: dict[str, FactorStats], config: AnalyzeConfig, 
 
 
 def streamed_problem(opened: Opened, matrix: list[list[float | None]], config: AnalyzeConfig,
-                     estimate: MemoryEstimate, cached: bool, seconds: Mapping[str, float]) -> SharingProblem:
+                     estimate: MemoryEstimate | None, cached: bool, seconds: Mapping[str, float]) -> SharingProblem:
     """The SharingProblem, its ``source`` recording how it was streamed."""
     problem = to_problem(opened.layers, matrix, config)
     source = cost_source(config, None)
-    source.update(streamed=True, dtype=str(opened.dtype).removeprefix("torch."), memory_estimate_bytes=estimate.total,
-                  statistics_cached=cached, seconds={k: round(v, 3) for k, v in seconds.items()})
+    source.update(streamed=True, dtype=str(opened.dtype).removeprefix("torch."), statistics_cached=cached,
+                  seconds={k: round(v, 3) for k, v in seconds.items()})
+    if estimate is not None:
+        source["memory_estimate_bytes"] = estimate.total
     return problem.model_copy(update={"source": source})
 
 
@@ -184,18 +215,37 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
         CheckpointError, BackendError, MemoryBudgetError, DataError: with the fix in the message.
     """
     config = config or AnalyzeConfig(backend=Backend.kfac)
+    if config.backend is not Backend.exact:
+        check_streamed_backend(config)
+    opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
+    return analyze_opened(opened, config, memory_limit_gb=memory_limit_gb, cache_dir=cache_dir)
+
+
+def analyze_blocks(blocks: ModuleBlocks, data: DataSource, config: AnalyzeConfig, *,
+                   tokenizer: Any | None = None) -> SharingProblem:
+    """The streamed analysis of a model already in memory (``llm.blocks``): block by block as for a
+    checkpoint, so the streamed path is checked against the in-memory one on the same model."""
+    if config.backend is not Backend.exact:
+        check_streamed_backend(config)
+    return analyze_opened(open_blocks(blocks, data, config, tokenizer=tokenizer), config)
+
+
+def analyze_opened(opened: Opened, config: AnalyzeConfig, *, memory_limit_gb: float | None = None,
+                   cache_dir: str | Path | None = None) -> SharingProblem:
+    """The SharingProblem of an opened model: kfac/layerwise from streamed statistics (cached when
+    read from a checkpoint), exact from forward-mode tangents carried block by block."""
     if config.backend is Backend.exact:  # forward-mode tangents carried block by block: no statistics
-        opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
-        estimate = exact_memory(opened.decoder, opened.calib, config.chunk)
-        check_memory(estimate, memory_limit_gb, config.progress,
-                     "fewer calibration samples (--samples), --backend kfac, or a machine with more memory")
+        estimate = exact_memory(opened.decoder, opened.calib, config.chunk) if opened.on_disk else None
+        if estimate is not None:
+            check_memory(estimate, memory_limit_gb, config.progress,
+                         "fewer calibration samples (--samples), --backend kfac, or a machine with more memory")
         clock = time.perf_counter()
         matrix = streamed_exact_costs(opened.decoder, opened.calib, opened.layers, config, progress=config.progress)
         return streamed_problem(opened, matrix, config, estimate, False, {"pricing": time.perf_counter() - clock})
     check_streamed_backend(config)
-    opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
-    estimate = analysis_estimate(opened, config)
-    check_memory(estimate, memory_limit_gb, config.progress)
+    estimate = analysis_estimate(opened, config) if opened.on_disk else None
+    if estimate is not None:
+        check_memory(estimate, memory_limit_gb, config.progress)
     clock = time.perf_counter()
     stats, cached = factor_statistics(opened, opened.calib, config, cache_dir)
     seconds = {"statistics": time.perf_counter() - clock}

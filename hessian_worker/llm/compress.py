@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessian_worker.config import DType
-from hessian_worker.curvature.kfac import Approximation, FactorStats, InputFactor, input_factor
+from hessian_worker.config import AnalyzeConfig, DType
+from hessian_worker.curvature.kfac import FactorStats, InputFactor, input_factor
 from hessian_worker.data import DataSource
 from hessian_worker.errors import BackendError
 from hessian_worker.llm.analyze import (
@@ -43,10 +43,12 @@ from hessian_worker.llm.analyze import (
     check_memory,
     check_streamed_backend,
     factor_statistics,
+    open_blocks,
     open_checkpoint,
     price,
     streamed_problem,
 )
+from hessian_worker.llm.blocks import ModuleBlocks
 from hessian_worker.llm.heal import heal_blockwise
 from hessian_worker.llm.measure import (
     InputStatsSpec,
@@ -80,18 +82,33 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
         BackendError: a setting the streamed path cannot honour (the message names the alternative).
         CheckpointError, MemoryBudgetError, DataError, BudgetInfeasible: with the fix in the message.
     """
-    _check_supported(config)
-    acfg = config.analyze_config(DType.auto)
-    check_streamed_backend(acfg)
-    merge = config.merge or Merge.layerwise
-    check_merge(merge)
+    acfg = _check_supported(config)
     opened = open_checkpoint(path, data, acfg, tokenizer=tokenizer)
+    return compress_opened(opened, config, out, memory_limit_gb=memory_limit_gb, cache_dir=cache_dir,
+                           source_model=str(Path(path)))
+
+
+def compress_blocks(blocks: ModuleBlocks, data: DataSource, config: CompressConfig, out: str | Path, *,
+                    tokenizer: Any | None = None) -> CompressReport:
+    """The streamed compress of a model already in memory (``llm.blocks``; the model is not changed),
+    block by block as for a checkpoint: checked against the in-memory pipeline on the same model."""
+    acfg = _check_supported(config)
+    return compress_opened(open_blocks(blocks, data, acfg, tokenizer=tokenizer), config, out)
+
+
+def compress_opened(opened: Opened, config: CompressConfig, out: str | Path, *, memory_limit_gb: float | None = None,
+                    cache_dir: str | Path | None = None, source_model: str | None = None) -> CompressReport:
+    """The streamed compress of an opened model (see the module docstring)."""
+    acfg = _check_supported(config)
+    merge = config.merge or Merge.layerwise
     fit, held = split_holdout(opened.calib, config)
-    estimate = analysis_estimate(opened, acfg, fit)
-    check_memory(estimate, memory_limit_gb, config.progress)
+    estimate = analysis_estimate(opened, acfg, fit) if opened.on_disk else None
+    if estimate is not None:
+        check_memory(estimate, memory_limit_gb, config.progress)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    stats, cached = factor_statistics(opened, fit, acfg, cache_dir)
+    token_inputs: dict[str, FactorStats] = {}
+    stats, cached = factor_statistics(opened, fit, acfg, cache_dir, token_inputs=token_inputs)
     seconds["statistics"] = time.perf_counter() - clock
     matrix, more = price(opened, stats, acfg, keep_stats=merge is Merge.layerwise)
     seconds.update(more)
@@ -104,12 +121,13 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
     layerwise = merge is Merge.layerwise
     # the layerwise merge is fitted to data: its candidates are scored on samples it was not fitted on
     score_part = choice_parts(fit, config)[1] if layerwise else None
-    spec = InputStatsSpec(opened.layers, config.kfac.rank, config.kfac.oversample, config.seed,
-                          config.kfac.approximation is Approximation.reduce)
+    # the merge's covariances are per token: the costs' sums, unless those were pooled per sample
+    inputs = token_inputs or stats
+    spec = InputStatsSpec(opened.layers, config.kfac.rank, config.kfac.oversample, config.seed)
     reference, score_stats = reference_run(opened.decoder, score_part or fit,
                                            stats=spec if score_part is not None else None,
                                            progress=config.progress)
-    scoring = {n: difference(stats[n], score_stats[n]) for n in score_stats} if score_stats else stats
+    scoring = {n: difference(inputs[n], score_stats[n]) for n in score_stats} if score_stats else inputs
     measured = plan_losses(opened.decoder, reference, [p.groups for p in pool],
                            _merger(opened, merge, scoring, config), distill=config.distill, progress=config.progress)
     del reference, scoring, score_stats
@@ -118,7 +136,7 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
     seconds["choice"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    final = _merger(opened, merge, stats, config)
+    final = _merger(opened, merge, inputs, config)
     healed = None
     if config.heal_steps:  # block-wise local distillation from the merged values, on the fit samples
         values, healed = heal_blockwise(opened.decoder, fit, plan.groups, final, steps=config.heal_steps,
@@ -134,7 +152,8 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
         del reference
     seconds["held_out"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    unique = save_streamed(opened.decoder, plan, final, out, extra={"source_model": str(Path(path))})
+    unique = save_streamed(opened.decoder, plan, final, out,
+                           extra={"source_model": source_model} if source_model is not None else None)
     seconds["save"] = time.perf_counter() - clock
     source = {**(problem.source or {}), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     if healed is not None:
@@ -154,14 +173,19 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
     )
 
 
-def _check_supported(config: CompressConfig) -> None:
-    """Raises BackendError for a setting the streamed compress does not have (yet), naming the way out."""
+def _check_supported(config: CompressConfig) -> AnalyzeConfig:
+    """The analysis settings of a streamed compress; raises BackendError for a setting it does not
+    have (yet), naming the way out, before any work."""
     if config.scheme is not Scheme.tie:
         raise BackendError("a streamed decoder is compressed with scheme='tie'; shared bases need the whole model "
                            "in memory (use a model that fits, or --scheme tie)")
     if config.curvature_samples is not None:
         raise BackendError("a streamed decoder's statistics serve both the costs and the merge, so they use every "
                            "fit sample: drop --curvature-samples (or lower --samples)")
+    acfg = config.analyze_config(DType.auto)
+    check_streamed_backend(acfg)
+    check_merge(config.merge or Merge.layerwise)
+    return acfg
 
 
 def _merger(opened: Opened, merge: Merge, stats: Mapping[str, FactorStats], config: CompressConfig) -> MergedOf:

@@ -65,13 +65,11 @@ def save_streamed(decoder: Decoder, plan: SharingPlan, merged: Callable[[tuple[s
     folder.mkdir(parents=True, exist_ok=True)
     state = decoder.skeleton.state_dict()
     class_of = {name: tuple(group) for group in plan.groups if len(group) >= 2 for name in group}
-    aliases: dict[str, str] = {}
+    aliases = _model_aliases(decoder.skeleton, list(state))
     stored: dict[tuple[str, ...], str] = {}
-    tied_head = "lm_head.weight" in state and "lm_head.weight" not in decoder.checkpoint
     entries: list[Entry] = []
     for name, t in state.items():
-        if name == "lm_head.weight" and tied_head:
-            aliases[name] = "model.embed_tokens.weight"
+        if name in aliases:
             continue
         c = class_of.get(name)
         if c is not None and c in stored:
@@ -79,18 +77,34 @@ def save_streamed(decoder: Decoder, plan: SharingPlan, merged: Callable[[tuple[s
             continue
         if c is not None:
             stored[c] = name
-        entries.append((name, tuple(t.shape), decoder.dtype))
+        entries.append((name, tuple(t.shape), decoder.dtype if t.is_floating_point() else t.dtype))
+    dtypes = {name: dtype for name, _, dtype in entries}
 
     def produce(name: str) -> Tensor:
         c = class_of.get(name)
         value = merged(c) if c is not None else decoder.checkpoint.tensor(name)
-        return value.to(dtype=decoder.dtype)
+        return value.to(dtype=dtypes[name])
 
     extra = extra or {}
     write_safetensors(folder / WEIGHTS, entries, produce, tensor_metadata(extra))
     unique = sum(_numel(shape) for _, shape, _ in entries)
     write_plan_file(folder, plan, aliases, unique, extra)
     return unique
+
+
+def _model_aliases(model: torch.nn.Module, order: list[str]) -> dict[str, str]:
+    """The model's own tied tensors outside any plan (an LM head reading the embeddings): every name
+    of one parameter after the first, in state-dict order, mapped to the first (as ``save_shared``
+    finds them by storage)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    rank = {name: i for i, name in enumerate(order)}
+    aliases = {}
+    for group in names.values():
+        present = sorted((n for n in group if n in rank), key=rank.__getitem__)
+        aliases.update(dict.fromkeys(present[1:], present[0]) if present else {})
+    return aliases
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -56,11 +56,14 @@ def keep_device(decoder: Decoder, nbytes: int) -> torch.device:
 
 def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerInfo], *, rank: int | None,
                    oversample: int, output: OutputFactor, seed: int, gradient_samples: int | None = None,
-                   reduce: bool = False, loss: str = "kl", progress: bool = False) -> dict[str, FactorStats]:
+                   reduce: bool = False, loss: str = "kl", token_inputs: dict[str, FactorStats] | None = None,
+                   progress: bool = False) -> dict[str, FactorStats]:
     """Factor sums of every analysed layer from one forward sweep (and a backward sweep for the
     diagonal output factor) over the decoder's blocks; ``reduce``: per sample (see Approximation;
     a decoder's loss is per token, so ``expand`` is its natural form); ``loss``: the distillation
-    loss whose output gradients are sampled (kl on logits)."""
+    loss whose output gradients are sampled (kl on logits). With ``reduce``, ``token_inputs`` (when
+    given) is filled with every token's input sums as well: the layerwise merge's covariances, which
+    are per token whatever the costs' approximation."""
     names = layers_by_block(decoder, layers)
     backward = output is OutputFactor.diagonal
     stats: dict[str, FactorStats] = {}
@@ -85,6 +88,12 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
             stats[full] = new_stats(int(module.weight.shape[0 if transposed else 1]), rank=rank,
                                     oversample=oversample, seed=seed, dtype=decoder.dtype, device=decoder.device)
         handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=False, reduce=reduce)
+        if reduce and token_inputs is not None:
+            for full, (module, transposed) in modules.items():
+                token_inputs[full] = new_stats(int(module.weight.shape[0 if transposed else 1]), rank=rank,
+                                               oversample=oversample, seed=seed, dtype=decoder.dtype,
+                                               device=decoder.device)
+            handles += linear_hooks(modules, token_inputs, lambda: current["mask"], inputs=True, outputs=False)
         if backward:
             kept.append([hidden[b][:rows].to(keep_on) for b, rows in plan])
         try:
