@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from bench.tasks.base import Task
 from bench.tasks.cache import load_or_train
+from hessian_worker.data import INPUT_KEY
+from hessian_worker.llm.blocks import ModuleBlocks
 
 VOCAB = 256  # bytes
 
@@ -308,3 +310,17 @@ def gpt_task(
         score=lambda m: perplexity(m, evaluation_ids),
         heal_lr=3e-4,
     )
+
+
+def gpt_blocks(model: GPT) -> ModuleBlocks:
+    """The GPT seen block by block (``hessian_worker.llm.blocks``): the streamed analysis and
+    compress run on it as on a checkpoint, and are checked against the in-memory path here."""
+
+    def embed(batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        ids = batch[INPUT_KEY]
+        return model.tok_emb(ids) + model.pos_emb(torch.arange(ids.shape[1], device=ids.device)), {}
+
+    def head(hidden: Tensor, mask: Tensor | None) -> Tensor:
+        return model.head(model.ln_f(hidden))
+
+    return ModuleBlocks(model, "blocks", embed, head, per_token=True)
