@@ -131,8 +131,8 @@ def analysis_estimate(opened: Opened, config: AnalyzeConfig, data: Calibration |
     k = config.kfac
     kept = (sum(rows for _, rows in gradient_batches(data, k.gradient_samples))
             if output_factor(config) is OutputFactor.diagonal else 0)
-    return estimate_memory(opened.checkpoint, dtype=opened.dtype, tokens=_tokens(data), rank=k.rank,
-                           oversample=k.oversample, kept_tokens=kept * _tokens(data) // max(data.num_samples, 1))
+    return estimate_memory(opened.checkpoint, dtype=opened.dtype, tokens=token_count(data), rank=k.rank,
+                           oversample=k.oversample, kept_tokens=kept * token_count(data) // max(data.num_samples, 1))
 
 
 def factor_statistics(opened: Opened, data: Calibration, config: AnalyzeConfig, cache_dir: str | Path | None, *,
@@ -280,17 +280,18 @@ def _tokenizer(checkpoint: Checkpoint) -> Any:
     return tok
 
 
-def _tokens(calib: Calibration) -> int:
+def token_count(calib: Calibration) -> int:
     return sum(int(next(iter(b.values())).numel()) for b in calib.batches)
 
 
 KFAC_FIX = "fewer calibration samples (--samples), a smaller --kfac-rank, or a machine with more memory"
 
 
-def check_memory(estimate: MemoryEstimate, limit_gb: float | None, show: bool, fix: str = KFAC_FIX) -> None:
+def check_memory(estimate: MemoryEstimate, limit_gb: float | None, show: bool, fix: str = KFAC_FIX, *,
+                 what: str = "streamed analysis") -> None:
     """Prints the estimate; refuses when it exceeds the limit (default: memory available now), naming ``fix``."""
     limit = int(limit_gb * 1024**3) if limit_gb is not None else int(psutil.virtual_memory().available)
-    message = f"streamed analysis needs {estimate.describe()}; {limit / 1024**3:.2f} GiB available"
+    message = f"{what} needs {estimate.describe()}; {limit / 1024**3:.2f} GiB available"
     log.info(message)
     if show:
         tqdm.write(message)

@@ -25,6 +25,7 @@ held-out quarter.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from hessian_worker.config import AnalyzeConfig, DType
 from hessian_worker.curvature.kfac import FactorStats, InputFactor, input_factor
-from hessian_worker.data import DataSource
+from hessian_worker.data import Calibration, DataSource
 from hessian_worker.errors import BackendError
 from hessian_worker.llm.analyze import (
     Opened,
@@ -47,8 +48,10 @@ from hessian_worker.llm.analyze import (
     open_checkpoint,
     price,
     streamed_problem,
+    token_count,
 )
 from hessian_worker.llm.blocks import ModuleBlocks
+from hessian_worker.llm.decoder import MemoryEstimate
 from hessian_worker.llm.heal import heal_blockwise
 from hessian_worker.llm.measure import (
     InputStatsSpec,
@@ -102,9 +105,9 @@ def compress_opened(opened: Opened, config: CompressConfig, out: str | Path, *, 
     acfg = _check_supported(config)
     merge = config.merge or Merge.layerwise
     fit, held = split_holdout(opened.calib, config)
-    estimate = analysis_estimate(opened, acfg, fit) if opened.on_disk else None
+    estimate = compress_estimate(opened, acfg, fit, config.ratio) if opened.on_disk else None
     if estimate is not None:
-        check_memory(estimate, memory_limit_gb, config.progress)
+        check_memory(estimate, memory_limit_gb, config.progress, what="streamed compress")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     token_inputs: dict[str, FactorStats] = {}
@@ -171,6 +174,21 @@ def compress_opened(opened: Opened, config: CompressConfig, out: str | Path, *, 
         predicted_loss_change=plan.objective,
         measured_loss_change=held_change,
     )
+
+
+def compress_estimate(opened: Opened, config: AnalyzeConfig, fit: Calibration, ratio: float) -> MemoryEstimate:
+    """The analysis's peak plus what the choice and the tie hold on top: the sums kept beside the
+    factors (the merge reads them), the reference's input to every block, the merged classes alive
+    in one candidate (at most the parameters the plan gives up: each class of m layers saves m − 1)
+    and one class's merge in float32."""
+    base = analysis_estimate(opened, config, fit)
+    size = torch.empty((), dtype=opened.dtype).element_size()
+    hidden = int(opened.checkpoint.config["hidden_size"])
+    kept = opened.decoder.num_blocks * token_count(fit) * hidden * size
+    shareable = sum(x.params for x in opened.layers)
+    live = int((1.0 - ratio) * shareable) * size
+    widest = max(x.params for x in opened.layers)
+    return dataclasses.replace(base, choice=base.statistics + kept + live + 4 * widest * 4)
 
 
 def _check_supported(config: CompressConfig) -> AnalyzeConfig:

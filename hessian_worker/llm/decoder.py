@@ -180,15 +180,17 @@ class MemoryEstimate:
     activations: int
     statistics: int
     pricing: int
+    choice: int = 0  # compress: the measured choice and the tie (kept block inputs, merged classes)
 
     @property
     def total(self) -> int:
-        return self.block + self.embeddings + self.activations + self.statistics + self.pricing
+        return self.block + self.embeddings + self.activations + self.statistics + self.pricing + self.choice
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / _GB:.2f}" for k, v in (
             ("one block", self.block), ("embeddings+head", self.embeddings), ("activations", self.activations),
-            ("statistics", self.statistics), ("pair pricing", self.pricing)))
+            ("statistics", self.statistics), ("pair pricing", self.pricing), ("choice and tie", self.choice))
+            if v or k != "choice and tie")
         return f"about {self.total / _GB:.2f} GiB ({parts} GiB)"
 
 

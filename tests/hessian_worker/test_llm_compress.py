@@ -216,3 +216,12 @@ def test_the_low_rank_merge_solves_with_the_factors_it_is_given():
     want = layerwise_merge([weights[n] for n in "abc"], [covariance(sketch[n], 4) for n in "abc"], damping=0.05)
     got = merged_value(("a", "b", "c"), weights.__getitem__, Merge.layerwise, sketch, rank=4, damping=0.05)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_a_compress_that_cannot_fit_is_refused_with_its_estimate(tmp_path):
+    from hessian_worker.errors import MemoryBudgetError
+
+    folder = _write(tmp_path / "m", "llama")
+    with pytest.raises(MemoryBudgetError, match="streamed compress needs about .*choice and tie"):
+        compress_checkpoint(folder, folder / "calib.pt", _config(), tmp_path / "out", memory_limit_gb=1e-6)
+    assert not (tmp_path / "out").exists()
