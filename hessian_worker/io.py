@@ -16,7 +16,30 @@ from hessian_worker.merge import plan_groups
 from solver.schema import SCHEMA_VERSION, SharingPlan
 
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights (Hugging Face's layout): name -> file
 PLAN = "plan.json"
+
+
+def has_weights(src: Path) -> bool:
+    """The directory holds saved weights: one file, or shards with their index."""
+    return (src / WEIGHTS).is_file() or (src / WEIGHTS_INDEX).is_file()
+
+
+def read_weights(src: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """Every saved tensor, from ``model.safetensors`` or from the shards its index names.
+
+    Raises:
+        PlanError: a shard the index names is missing.
+    """
+    if (src / WEIGHTS).is_file():
+        return load_file(str(src / WEIGHTS), device=device)
+    index = json.loads((src / WEIGHTS_INDEX).read_text(encoding="utf-8"))
+    tensors: dict[str, Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        if not (src / shard).is_file():
+            raise PlanError(f"{str(src / shard)!r} is named by {WEIGHTS_INDEX} but missing: copy every shard")
+        tensors.update(load_file(str(src / shard), device=device))
+    return tensors
 
 
 def _storage_key(t: Tensor) -> tuple:
@@ -95,8 +118,9 @@ def load_shared(model: nn.Module, directory: str | Path) -> SharingPlan:
         PlanError: the files are missing, or the model's names do not fit the saved ones.
     """
     src = Path(directory)
-    if not (src / WEIGHTS).is_file() or not (src / PLAN).is_file():
-        raise PlanError(f"{str(src)!r} needs {WEIGHTS} and {PLAN} (written by save_shared)")
+    if not has_weights(src) or not (src / PLAN).is_file():
+        raise PlanError(f"{str(src)!r} needs {WEIGHTS} (or its shards and {WEIGHTS_INDEX}) and {PLAN} "
+                        "(written by save_shared)")
     meta = json.loads((src / PLAN).read_text(encoding="utf-8"))
     if meta.get("scheme") == "basis":  # hook: rebuild shared low-rank bases (hessian_worker/basis)
         from hessian_worker.basis.io import load_basis
@@ -119,7 +143,7 @@ def load_tensors(model: nn.Module, src: Path, aliases: dict[str, str], loader: s
         PlanError: the tensors do not fit the model, or an alias is a separate tensor in it.
     """
     device = next(model.parameters()).device
-    result = model.load_state_dict(load_file(str(src / WEIGHTS), device=str(device)), strict=False)
+    result = model.load_state_dict(read_weights(src, device=str(device)), strict=False)
     missing = [k for k in result.missing_keys if k not in aliases]
     if missing or result.unexpected_keys:
         raise PlanError(

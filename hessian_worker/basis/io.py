@@ -18,7 +18,7 @@ from torch import nn
 from hessian_worker.apply import tie
 from hessian_worker.basis.modules import WEIGHT_SUFFIX, basis_layout, rebuild
 from hessian_worker.errors import PlanError
-from hessian_worker.io import PLAN, WEIGHTS, load_tensors, write_shared
+from hessian_worker.io import PLAN, WEIGHTS, has_weights, load_tensors, write_shared
 from hessian_worker.merge import plan_groups
 from solver.schema import Scheme, SharingPlan
 
@@ -41,7 +41,7 @@ def load_basis(model: nn.Module, directory: str | Path) -> SharingPlan:
         PlanError: the files are missing or not a basis save, or the model does not fit them.
     """
     src = Path(directory)
-    if not (src / WEIGHTS).is_file() or not (src / PLAN).is_file():
+    if not has_weights(src) or not (src / PLAN).is_file():
         raise PlanError(
             f"{str(src)!r} needs {WEIGHTS} and {PLAN} (written by save_shared or save_basis)"
         )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessian_worker.io import WEIGHTS, tensor_metadata, write_plan_file
+from hessian_worker.io import WEIGHTS, WEIGHTS_INDEX, tensor_metadata, write_plan_file
 from hessian_worker.llm.decoder import Decoder
 from solver.schema import SharingPlan
 
@@ -55,12 +55,16 @@ def write_safetensors(path: Path, entries: Sequence[Entry], produce: Callable[[s
     part.replace(path)
 
 
+SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
+
+
 def save_streamed(decoder: Decoder, plan: SharingPlan, merged: Callable[[tuple[str, ...]], Tensor], out: str | Path,
-                  extra: dict[str, Any] | None = None) -> int:
+                  extra: dict[str, Any] | None = None, *, shard_bytes: int = SHARD_BYTES) -> int:
     """Writes the decoder tied by ``plan`` to ``out`` (what ``load_shared`` reads) and returns its
     unique parameters. Each class is stored once, under its first name in the model's state-dict
     order (where ``save_shared`` of the tied in-memory model puts it), with the value ``merged``
-    gives; every tensor in the decoder's dtype."""
+    gives; every tensor in the decoder's dtype. Above ``shard_bytes`` the tensors go to numbered
+    shards with an index, as Hugging Face shards a checkpoint; below, to one model.safetensors."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     state = decoder.skeleton.state_dict()
@@ -86,7 +90,20 @@ def save_streamed(decoder: Decoder, plan: SharingPlan, merged: Callable[[tuple[s
         return value.to(dtype=dtypes[name])
 
     extra = extra or {}
-    write_safetensors(folder / WEIGHTS, entries, produce, tensor_metadata(extra))
+    shards = _shards(entries, shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(folder / WEIGHTS, entries, produce, tensor_metadata(extra))
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, part in zip(names, shards, strict=True):
+            write_safetensors(folder / name, part, produce, tensor_metadata(extra))
+        index = {"metadata": {"total_size": sum(_nbytes(e) for e in entries)},
+                 "weight_map": {e[0]: name for name, part in zip(names, shards, strict=True) for e in part}}
+        (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    written = {WEIGHTS} if len(shards) == 1 else {WEIGHTS_INDEX, *names}
+    for stale in [folder / WEIGHTS, folder / WEIGHTS_INDEX, *folder.glob("model-*-of-*.safetensors")]:
+        if stale.name not in written and stale.is_file():  # an earlier save's other layout would be read first
+            stale.unlink()
     unique = sum(_numel(shape) for _, shape, _ in entries)
     write_plan_file(folder, plan, aliases, unique, extra)
     return unique
@@ -105,6 +122,24 @@ def _model_aliases(model: torch.nn.Module, order: list[str]) -> dict[str, str]:
         present = sorted((n for n in group if n in rank), key=rank.__getitem__)
         aliases.update(dict.fromkeys(present[1:], present[0]) if present else {})
     return aliases
+
+
+def _shards(entries: Sequence[Entry], limit: int) -> list[list[Entry]]:
+    """Consecutive runs of entries of at most ``limit`` bytes each (a larger tensor alone)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        n = _nbytes(entry)
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    return shards
+
+
+def _nbytes(entry: Entry) -> int:
+    return _numel(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -225,3 +225,29 @@ def test_a_compress_that_cannot_fit_is_refused_with_its_estimate(tmp_path):
     with pytest.raises(MemoryBudgetError, match="streamed compress needs about .*choice and tie"):
         compress_checkpoint(folder, folder / "calib.pt", _config(), tmp_path / "out", memory_limit_gb=1e-6)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_large_model_is_saved_in_shards_with_an_index_and_loads_the_same(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hessian_worker.llm import analyze as llm_analyze
+    from hessian_worker.llm.save import save_streamed
+
+    folder = _write(tmp_path / "m", "llama")
+    report = compress_checkpoint(folder, folder / "calib.pt", _config(), tmp_path / "one")
+    opened = llm_analyze.open_checkpoint(folder, folder / "calib.pt", _config().analyze_config("float64"))
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    # the same tensors through the sharded writer (the merged values as saved in one file)
+    save_streamed(opened.decoder, report.plan, lambda c: one[c[0]], tmp_path / "one", shard_bytes=20_000)
+    shards = sorted((tmp_path / "one").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (tmp_path / "one" / "model.safetensors").exists()
+    index = json.loads((tmp_path / "one" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(one) and {Path(f).name for f in index["weight_map"].values()} == {
+        s.name for s in shards}
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), attn_implementation="eager").double()
+    load_shared(fresh, tmp_path / "one")
+    state = fresh.state_dict()
+    assert all(torch.equal(state[k], t) for k, t in one.items())
+    shards[0].unlink()
+    with pytest.raises(Exception, match="missing"):
+        load_shared(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).double(), tmp_path / "one")
