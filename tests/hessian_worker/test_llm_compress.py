@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from hessian_worker.curvature.kfac import FactorStats, new_stats
 from hessian_worker.curvature.layerwise import layerwise_merge
-from hessian_worker.errors import BackendError
+from hessian_worker.errors import BackendError, PlanError
 from hessian_worker.io import load_shared, save_shared
 from hessian_worker.llm import compress_checkpoint
 from hessian_worker.llm.merge import covariance, difference, merged_value
@@ -249,5 +249,5 @@ def test_a_large_model_is_saved_in_shards_with_an_index_and_loads_the_same(tmp_p
     state = fresh.state_dict()
     assert all(torch.equal(state[k], t) for k, t in one.items())
     shards[0].unlink()
-    with pytest.raises(Exception, match="missing"):
+    with pytest.raises(PlanError, match="missing"):
         load_shared(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).double(), tmp_path / "one")
