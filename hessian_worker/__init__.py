@@ -13,8 +13,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "AnalyzeConfig": "hessian_worker.config",
-    "Backend": "hessian_worker.config",
+    "AnalyzeConfig": "hessian_worker.options",
+    "Backend": "hessian_worker.options",
     "analyze": "hessian_worker.analysis",
     "predict_plan_loss": "hessian_worker.analysis",
     "apply_plan": "hessian_worker.apply",
@@ -26,13 +26,13 @@ _EXPORTS = {
     "heal": "hessian_worker.healing",
     "choose_plan": "hessian_worker.choose",
     "compress": "hessian_worker.pipeline",
-    "CompressConfig": "hessian_worker.pipeline",
+    "CompressConfig": "hessian_worker.options",
     "CompressReport": "hessian_worker.pipeline",
     "Choice": "hessian_worker.choose",
-    "HealConfig": "hessian_worker.healing",
+    "HealConfig": "hessian_worker.options",
     "HealReport": "hessian_worker.healing",
     "measure_plans": "hessian_worker.measure",
-    "Merge": "hessian_worker.merge",
+    "Merge": "hessian_worker.options",
     "LayerInfo": "hessian_worker.discovery",
     "Matcher": "hessian_worker.discovery",
     "discover_layers": "hessian_worker.discovery",
@@ -41,9 +41,9 @@ _EXPORTS = {
     "load_model": "hessian_worker.models",
     # decoder LLMs streamed block by block (hessian_worker/llm)
     "analyze_checkpoint": "hessian_worker.llm.analyze",
-    "KFACOptions": "hessian_worker.config",
+    "KFACOptions": "hessian_worker.options",
     # the basis scheme (shared low-rank bases)
-    "BasisOptions": "hessian_worker.basis.config",
+    "BasisOptions": "hessian_worker.options",
     "analyze_basis": "hessian_worker.basis.analysis",
     "rescore_basis_plan": "hessian_worker.basis.analysis",
     "apply_basis_plan": "hessian_worker.basis.apply",
@@ -93,19 +93,25 @@ if TYPE_CHECKING:
     from hessian_worker.apply import ApplyReport, apply_plan, unique_params
     from hessian_worker.basis.analysis import analyze_basis, rescore_basis_plan
     from hessian_worker.basis.apply import apply_basis_plan
-    from hessian_worker.basis.config import BasisOptions
     from hessian_worker.basis.io import load_basis, save_basis
     from hessian_worker.choose import Choice, choose_plan
-    from hessian_worker.config import AnalyzeConfig, Backend, KFACOptions
     from hessian_worker.data import Calibration, load_calibration
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers
-    from hessian_worker.healing import HealConfig, HealReport, heal
+    from hessian_worker.healing import HealReport, heal
     from hessian_worker.io import load_shared, save_shared
     from hessian_worker.llm.analyze import analyze_checkpoint
     from hessian_worker.measure import measure_loss, measure_plans
-    from hessian_worker.merge import Merge
     from hessian_worker.models import load_model
-    from hessian_worker.pipeline import CompressConfig, CompressReport, compress
+    from hessian_worker.options import (
+        AnalyzeConfig,
+        Backend,
+        BasisOptions,
+        CompressConfig,
+        HealConfig,
+        KFACOptions,
+        Merge,
+    )
+    from hessian_worker.pipeline import CompressReport, compress
 
 
 def __getattr__(name: str) -> Any:

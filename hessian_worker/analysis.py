@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessian_worker.config import AnalyzeConfig, Backend
+from hessian_worker.config import AnalyzeConfig, Backend, generator, torch_device, torch_dtype
 from hessian_worker.costs import FamilyPairs, PairPredict, cost_matrix
 from hessian_worker.curvature.base import Curvature, PairCurvature, Params
 from hessian_worker.curvature.diagonal import DiagonalCurvature, estimate_diagonal
@@ -43,7 +43,7 @@ def prepare(model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *,
     if isinstance(model, str):
         loaded = load_model(model)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
-    device, dtype = config.torch_device(), config.dtype.torch
+    device, dtype = torch_device(config), torch_dtype(config.dtype)
     model.to(device=device, dtype=dtype)
     model.eval()
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size,
@@ -53,7 +53,7 @@ def prepare(model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *,
 
 def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
     """The configured backend over the objective's names."""
-    gen = config.generator()
+    gen = generator(config)
     if config.backend is Backend.exact:
         return ExactCurvature(obj, config.curvature, chunk=config.chunk)
     if config.backend is Backend.projected:
@@ -217,7 +217,7 @@ def _predict_plan(prep: Prepared, groups: Sequence[Sequence[str]], config: Analy
     diag = None
     if merge is Merge.curvature:
         diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
-                                 generator=config.generator(), kind=config.curvature)
+                                 generator=generator(config), kind=config.curvature)
     if merge is Merge.layerwise:
         lw = LayerwiseCurvature.collect(prep.model, prep.data, shared)
         delta = {}

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from hessian_worker.analysis import prepare
-from hessian_worker.config import AnalyzeConfig
+from hessian_worker.config import AnalyzeConfig, generator
 from hessian_worker.curvature.diagonal import estimate_diagonal
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import DataSource
@@ -81,7 +81,7 @@ def curvature_weights(
     obj = Objective(prep.model, prep.data, list(names), config.distill)
     with torch.no_grad():
         return estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
-                                 generator=config.generator(), kind=config.curvature)
+                                 generator=generator(config), kind=config.curvature)
 
 
 def _plan_names(plan: SharingPlan) -> list[str]:

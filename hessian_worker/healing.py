@@ -18,37 +18,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 from tqdm import tqdm
 
 from hessian_worker.analysis import prepare
 from hessian_worker.apply import unique_params
-from hessian_worker.config import AnalyzeConfig
+from hessian_worker.config import AnalyzeConfig, torch_device, torch_dtype
 from hessian_worker.data import Calibration, DataSource, call_model, holdout_size, load_calibration
-from hessian_worker.losses import DistillLoss, extract_output
+from hessian_worker.losses import extract_output
 from hessian_worker.measure import objective_loss
 from hessian_worker.objective import Objective
-
-
-class HealConfig(BaseModel):
-    """How long and how hard to heal; the same for every strategy in a comparison."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(100, gt=0, description="Optimizer steps, one calibration batch each.")
-    lr: float = Field(5e-5, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, gt=0)
-    samples: int | None = Field(None, gt=0)
-    max_length: int = Field(128, gt=0)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    distill: DistillLoss = Field(DistillLoss.auto, description="The distillation loss healing minimizes.")
-    holdout: float = Field(0.2, ge=0, lt=1, description="Share of the samples kept out of training to pick the best "
-                           "step (step 0 included); 0: train on all and keep the last step.")
-    check_every: int = Field(20, gt=0, description="Steps between checks on the held-out samples (and the last step).")
-    device: str = "auto"
-    progress: bool = True
+from hessian_worker.options import HealConfig
 
 
 class HealReport(BaseModel):
@@ -84,8 +65,9 @@ def heal(
     train, held = heal_parts(calib, config)
     prep = prepare(reference, train, acfg, tokenizer=tokenizer)
     target = Objective(prep.model, prep.data, [], config.distill)  # reference outputs, the distillation loss
-    check = Objective(prep.model, held.to(acfg.torch_device(), acfg.dtype.torch), [], config.distill) if held else None
-    model.to(device=acfg.torch_device(), dtype=acfg.dtype.torch)
+    device, dtype = torch_device(acfg), torch_dtype(acfg.dtype)
+    check = Objective(prep.model, held.to(device, dtype), [], config.distill) if held else None
+    model.to(device=device, dtype=dtype)
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]  # deduplicated: one per tied class
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

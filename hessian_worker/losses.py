@@ -8,23 +8,16 @@ Every loss here is a mean over its batch; batches are weighted by their sample c
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from enum import Enum
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from hessian_worker.errors import BackendError
+from hessian_worker.options import DistillLoss
 
 TaskLoss = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
 """A user task loss: (extracted output, batch) -> scalar mean over the batch."""
-
-
-class DistillLoss(str, Enum):
-    auto = "auto"  # kl for logits, mse otherwise
-    mse = "mse"
-    kl = "kl"
-    cosine = "cosine"  # 1 - cos per row: for embedding models whose users compare directions
 
 
 def _get(out: Any, key: str) -> Tensor | None:

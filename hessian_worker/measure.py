@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hessian_worker.analysis import prepare
-from hessian_worker.config import AnalyzeConfig
+from hessian_worker.config import AnalyzeConfig, generator, torch_device, torch_dtype
 from hessian_worker.curvature.diagonal import estimate_diagonal
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import DataSource, call_model
@@ -37,7 +37,7 @@ def measure_loss(
     """
     config = config or AnalyzeConfig(progress=False)
     prep = prepare(reference, data, config, tokenizer=tokenizer)
-    model.to(device=config.torch_device(), dtype=config.dtype.torch)
+    model.to(device=torch_device(config), dtype=torch_dtype(config.dtype))
     return objective_loss(model, Objective(prep.model, prep.data, [], config.distill, loss_fn))
 
 
@@ -100,7 +100,7 @@ def measure_plans(
     with torch.no_grad():
         if merge is Merge.curvature and union and diag is None:
             diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
-                                     generator=config.generator(), kind=config.curvature)
+                                     generator=generator(config), kind=config.curvature)
         if merge is not Merge.layerwise or not union:
             layerwise = None
         elif layerwise is None:

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from enum import Enum
 
 import torch
 from torch import Tensor
 
 from hessian_worker.errors import PlanError
-
-
-class Merge(str, Enum):
-    mean = "mean"
-    representative = "representative"  # the first layer of the group keeps its weight
-    curvature = "curvature"  # per-element diagonal weights: Σ F_k⊙W_k / Σ F_k
-    layerwise = "layerwise"  # closed form (Σ W_k G_k)(Σ G_k)⁻¹ from layer input covariances
+from hessian_worker.options import Merge
 
 
 def merge_weights(

@@ -29,88 +29,35 @@ import copy
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from hessian_worker.analysis import analyze, prepare
 from hessian_worker.apply import apply_plan, curvature_weights
 from hessian_worker.basis.analysis import has_basis, rank_of
-from hessian_worker.basis.config import BasisOptions, SideChoice
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.choose import choose_healed, choose_plan
-from hessian_worker.config import AnalyzeConfig, Backend, DType, KFACOptions
+from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, DataSource, holdout_size, load_calibration
-from hessian_worker.healing import HealConfig, HealReport, heal
-from hessian_worker.losses import DistillLoss
+from hessian_worker.healing import HealReport, heal
 from hessian_worker.measure import measure_loss, measure_plans
-from hessian_worker.merge import Merge
 from hessian_worker.merge_rule import default_merge
+from hessian_worker.options import Backend, CompressConfig, DType, HealConfig, Merge
 from solver.candidates import candidate_plans
 from solver.planning import SolveConfig
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
-class CompressConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ratio: float = Field(gt=0, le=1, description="Share of the shareable parameters to keep.")
-    backend: Backend = Backend.exact
-    merge: Merge | None = Field(None, description="Shared value of a class (default: layerwise when the data gives full-rank input covariances, else curvature).")
-    top: int = Field(16, ge=1, le=1000, description="Best plans by the cost model to measure (plus the pattern plans).")
-    min_distance: int = Field(1, ge=1, description="Sharing pairs in which each of the top plans differs from every better one.")
-    per_pattern: int = Field(2, ge=0, le=100, description="Budget-filling allocations measured per pattern strategy.")
-    normalized_top: int = Field(16, ge=0, le=1000, description="Best plans by size-normalized pair costs, also measured.")
-    distill: DistillLoss = Field(DistillLoss.auto, description="cosine suits sentence-embedding models.")
-    heal_steps: int = Field(0, ge=0)
-    heal_lr: float = Field(HealConfig.model_fields["lr"].default, gt=0)
-    heal_holdout: float = Field(HealConfig.model_fields["holdout"].default, ge=0, lt=1, description="With heal_steps: share of the healing samples kept out of "
-                                "training, to keep the best step (step 0 included); 0: heal on all, keep the last step.")
-    heal_choice: bool = Field(True, description="With heal_steps (scheme tie): heal a shortlist and keep the plan that "
-                              "loses least after healing, not the zero-shot winner.")
-    heal_shortlist: int = Field(2, ge=0, le=100, description="Best zero-shot candidates healed in the choice, "
-                                "besides each pattern's best.")
-    choice_holdout: float = Field(0.5, ge=0, lt=1, description="With the layerwise merge: share of the choice samples "
-                                  "the candidates are scored on, kept out of the covariances they are merged with "
-                                  "(scored where it was fitted, the merge flatters the plans it overfits). 0: score "
-                                  "on every choice sample.")
-    holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
-    samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
-    curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")
-    batch_size: int = Field(8, gt=0)
-    time_limit_s: float = Field(10.0, gt=0)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    device: str = "auto"
-    dtype: DType | None = Field(None, description="Compute dtype (default: float32 in memory; a streamed decoder "
-                                "keeps its checkpoint's, auto).")
-    kfac: KFACOptions = Field(default_factory=KFACOptions, description="backend kfac: factor ranks and samples.")
-    progress: bool = True
-    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (a shared low-rank basis).")
-    rank: int | None = Field(None, ge=1, description="basis: rank of every family (default: rank_ratio·min(d_out, d_in)).")
-    rank_ratio: float = Field(0.25, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in).")
-    side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
-    output_weighting: bool = Field(True, description="basis: weigh each layer's error by its output-side curvature, so costs "
-                                   "are predicted loss changes (False: every layer's output error alike).")
-
-    def resolved_merge(self, model: nn.Module, data: Calibration, names: list[str]) -> Merge:
-        """The merge asked for; by default layerwise with that backend, else the rule of
-        ``merge_rule.default_merge`` (layerwise when ``data`` pins the input covariances down)."""
-        if self.merge is not None:
-            return self.merge
-        if self.backend is Backend.layerwise:
-            return Merge.layerwise
-        return default_merge(model, data, names) if names else Merge.curvature
-
-    def analyze_config(self, dtype: DType) -> AnalyzeConfig:
-        """The analysis settings of this compress (``dtype`` when none is given)."""
-        return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
-                             distill=self.distill, device=self.device, progress=self.progress, scheme=self.scheme,
-                             basis=self.basis_options(), kfac=self.kfac, dtype=self.dtype or dtype)
-
-    def basis_options(self) -> BasisOptions:
-        return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side,
-                            output_weighting=self.output_weighting)
+def resolve_merge(config: CompressConfig, model: nn.Module, data: Calibration, names: list[str]) -> Merge:
+    """The merge ``config`` asks for; by default layerwise with that backend, else the rule of
+    ``merge_rule.default_merge`` (layerwise when ``data`` pins the input covariances down)."""
+    if config.merge is not None:
+        return config.merge
+    if config.backend is Backend.layerwise:
+        return Merge.layerwise
+    return default_merge(model, data, names) if names else Merge.curvature
 
 
 class Candidate(BaseModel):
@@ -154,7 +101,7 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     basis = has_basis(problem)
     in_basis = set(rank_of(problem)) if basis else set()
     tied = [layer.name for layer in problem.layers if layer.name not in in_basis]
-    merge = config.resolved_merge(model, choice_data, tied)
+    merge = resolve_merge(config, model, choice_data, tied)
     # the curvature-merge weights, measured once for every candidate and the final tie
     diag = (curvature_weights(model, costs_data, tied, quiet, tokenizer=tokenizer)
             if merge is Merge.curvature and tied else None)

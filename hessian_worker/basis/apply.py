@@ -27,7 +27,7 @@ from hessian_worker.basis.decompose import (
 )
 from hessian_worker.basis.modules import BasisLinear, dense_weights, install_class, module_path
 from hessian_worker.basis.scales import basis_covariances
-from hessian_worker.config import AnalyzeConfig
+from hessian_worker.config import AnalyzeConfig, generator
 from hessian_worker.curvature.diagonal import estimate_diagonal
 from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.data import DataSource
@@ -181,7 +181,7 @@ def _output_weights(
     """a_ℓ from the diagonal GGN of each weight (decompose.output_weights), in [out, in] orientation."""
     obj = Objective(model, prep.data, names, cfg.distill)
     diag = estimate_diagonal(
-        obj, cfg.diagonal_method, probes=cfg.probes, generator=cfg.generator(), kind=cfg.curvature
+        obj, cfg.diagonal_method, probes=cfg.probes, generator=generator(cfg), kind=cfg.curvature
     )
     layers = linear_modules(model, names)
     return {n: output_weights(diag[n].T if layers[n][1] else diag[n], covs[n]) for n in names}

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_worker.basis.decompose import output_weights
-from hessian_worker.config import AnalyzeConfig
+from hessian_worker.config import AnalyzeConfig, generator
 from hessian_worker.curvature.diagonal import estimate_diagonal
 from hessian_worker.curvature.layerwise import input_covariances, linear_modules
 from hessian_worker.data import Calibration
@@ -83,7 +83,7 @@ def layer_output_scales(
             obj,
             config.diagonal_method,
             probes=config.probes,
-            generator=config.generator(),
+            generator=generator(config),
             kind=config.curvature,
         )
     return output_scales(diag, covs, {n: t for n, (_, t) in layers.items()})

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
+from hessian_worker.options import CurvatureKind as CurvatureKind  # defined there, re-exported here
+
 if TYPE_CHECKING:
     from hessian_worker.costs import FamilyPairs
 
 Params = dict[str, Tensor]
-
-
-class CurvatureKind(str, Enum):
-    """Which second-order matrix: the Gauss-Newton matrix (PSD) or the full Hessian."""
-
-    ggn = "ggn"
-    hessian = "hessian"
 
 
 class Curvature(Protocol):

@@ -9,7 +9,6 @@ task loss.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import Enum
 
 import torch
 from torch import Tensor
@@ -23,13 +22,7 @@ from hessian_worker.data import INPUT_KEY
 from hessian_worker.errors import BackendError
 from hessian_worker.losses import cosine, extract_output, kl, mse, row_mask
 from hessian_worker.objective import Objective
-
-
-class DiagonalMethod(str, Enum):
-    auto = "auto"  # mc for self-distillation, hutchinson for a task loss
-    mc = "mc"
-    hutchinson = "hutchinson"
-    fisher = "fisher"  # empirical Fisher of a task loss (zero for self-distillation)
+from hessian_worker.options import DiagonalMethod
 
 
 def empirical_fisher(obj: Objective) -> Params:

@@ -26,7 +26,6 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 from torch import Tensor, nn
@@ -36,14 +35,10 @@ from hessian_worker.costs import FamilyPairs
 from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.data import Calibration, call_model
 from hessian_worker.losses import extract_output, row_mask
+from hessian_worker.options import Approximation, OutputFactor
 
 RowBlock = Callable[[slice], Tensor]
 """rows -> [m, len(rows), in]: those output rows of every member of a family, as [out, in] weights."""
-
-
-class OutputFactor(str, Enum):
-    diagonal = "diagonal"  # B_l = diag(b_l) from sampled output gradients (K-FAC)
-    identity = "identity"  # B_l = 2I: layer-output reconstruction error (the layerwise backend's scale)
 
 
 def sketch_width(dim: int, rank: int | None, oversample: int) -> int | None:
@@ -288,17 +283,6 @@ def output_gradient_sample(y: Tensor, loss: str, weight: float, rows: Tensor | N
     if mask is not None and loss != "mse":
         g = g * mask[:, None]
     return g.reshape(y.shape).to(y.dtype)
-
-
-class Approximation(str, Enum):
-    """How tokens that share a weight enter the factors (Eschenhagen et al. 2023): ``expand`` treats
-    every token as its own example (right when the loss is a sum over tokens: language models);
-    ``reduce`` first sums each sample's output gradients and averages its inputs (right when the
-    loss sees a pooled output: sentence embeddings); ``auto`` picks by the loss's output."""
-
-    auto = "auto"
-    expand = "expand"
-    reduce = "reduce"
 
 
 def linear_hooks(modules: Mapping[str, tuple[nn.Module, bool]], stats: Mapping[str, FactorStats],

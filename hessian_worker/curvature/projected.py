@@ -16,7 +16,6 @@ vectors and algebra stay in the model's precision.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,30 +34,10 @@ from hessian_worker.curvature.nystrom import memory_bytes as nystrom_bytes
 from hessian_worker.curvature.nystrom import nystrom
 from hessian_worker.errors import MemoryBudgetError
 from hessian_worker.objective import Objective
+from hessian_worker.options import Bulk, Eigensolver, SketchPrecision
 
 if TYPE_CHECKING:
     from hessian_worker.costs import FamilyPairs
-
-
-class Eigensolver(str, Enum):
-    """How the top eigenpairs are found: ``auto`` = nystrom for the GGN, lanczos for the Hessian."""
-
-    auto = "auto"
-    nystrom = "nystrom"  # one batched sketch; PSD operators only
-    lanczos = "lanczos"  # sequential Krylov; any symmetric operator
-
-
-class SketchPrecision(str, Enum):
-    """Arithmetic of the Nyström sketch's HVPs (the eigen-algebra after it stays in float32/64).
-
-    The sketch is an estimate whose truncation and trace errors are tens of percent, so bfloat16
-    products (relative error ~1%) cost it nothing measurable, and where matmuls run natively in
-    bfloat16 (AMX/AVX512-BF16 CPUs, CUDA) they are about 3x faster (bench/curvature_bench.py).
-    """
-
-    auto = "auto"  # bfloat16 where native and the model is float32, else the model's dtype
-    model = "model"
-    bfloat16 = "bfloat16"
 
 
 def native_bfloat16(device: torch.device) -> bool:
@@ -78,13 +57,6 @@ def sketch_dtype(precision: SketchPrecision, model_dtype: torch.dtype, device: t
     if precision is SketchPrecision.auto and model_dtype == torch.float32 and native_bfloat16(device):
         return torch.bfloat16
     return model_dtype
-
-
-class Bulk(str, Enum):
-    """The curvature outside the top eigenspace: one scalar per layer, or one for all (the paper)."""
-
-    layer = "layer"
-    isotropic = "isotropic"
 
 
 GIB = 1024**3

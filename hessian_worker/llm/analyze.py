@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hessian_worker.analysis import cost_source, to_problem
-from hessian_worker.config import AnalyzeConfig, Backend
+from hessian_worker.config import AnalyzeConfig, Backend, torch_device
 from hessian_worker.costs import families_of, pair_sides, pairs_of
 from hessian_worker.curvature.kfac import (
     Approximation,
@@ -112,7 +112,7 @@ def open_checkpoint(path: str | Path, data: DataSource | None, config: AnalyzeCo
     tokenizer when ``data`` is text; the built-in sentences when None)."""
     checkpoint = Checkpoint(path)
     dtype = resolve_dtype(checkpoint, config.dtype.value)
-    decoder = Decoder(checkpoint, dtype, config.torch_device())
+    decoder = Decoder(checkpoint, dtype, torch_device(config))
     if data is None:  # the built-in sentences, as for every tokenized model
         from hessian_worker.data import DEFAULT_SENTENCES
 

@@ -1,0 +1,346 @@
+"""The worker's options: every enum and pydantic config the CLI, the service and the worker share.
+
+No torch here (tests/hessian_worker/test_hw_options.py checks it in a fresh interpreter), so the
+service, which must not import torch, validates its requests against the same enums the worker
+runs with, and the CLI's choices are these enums' values. The torch side of a config (its device,
+its seeded generator, a dtype's torch.dtype) is in hessian_worker.config; the classes are
+re-exported from the modules that used to define them (hessian_worker.config, .pipeline, .healing,
+.merge, .losses, .basis.config, .curvature.*), so either import path gives the same object.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from solver.schema import CostKind, Scheme
+
+# --- enums -----------------------------------------------------------------------------------
+
+
+class Backend(str, Enum):
+    """How the curvature behind the sharing costs is estimated."""
+
+    exact = "exact"
+    projected = "projected"
+    diagonal = "diagonal"
+    layerwise = "layerwise"
+    kfac = "kfac"
+
+
+class DType(str, Enum):
+    """The compute dtype; ``auto`` keeps the model's (a checkpoint's stored dtype)."""
+
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+    float64 = "float64"
+
+
+class CurvatureKind(str, Enum):
+    """Which second-order matrix: the Gauss-Newton matrix (PSD) or the full Hessian."""
+
+    ggn = "ggn"
+    hessian = "hessian"
+
+
+class DiagonalMethod(str, Enum):
+    auto = "auto"  # mc for self-distillation, hutchinson for a task loss
+    mc = "mc"
+    hutchinson = "hutchinson"
+    fisher = "fisher"  # empirical Fisher of a task loss (zero for self-distillation)
+
+
+class OutputFactor(str, Enum):
+    diagonal = "diagonal"  # B_l = diag(b_l) from sampled output gradients (K-FAC)
+    identity = "identity"  # B_l = 2I: layer-output reconstruction error (the layerwise backend's scale)
+
+
+class Approximation(str, Enum):
+    """How tokens that share a weight enter the factors (Eschenhagen et al. 2023): ``expand`` treats
+    every token as its own example (right when the loss is a sum over tokens: language models);
+    ``reduce`` first sums each sample's output gradients and averages its inputs (right when the
+    loss sees a pooled output: sentence embeddings); ``auto`` picks by the loss's output."""
+
+    auto = "auto"
+    expand = "expand"
+    reduce = "reduce"
+
+
+class Eigensolver(str, Enum):
+    """How the top eigenpairs are found: ``auto`` = nystrom for the GGN, lanczos for the Hessian."""
+
+    auto = "auto"
+    nystrom = "nystrom"  # one batched sketch; PSD operators only
+    lanczos = "lanczos"  # sequential Krylov; any symmetric operator
+
+
+class SketchPrecision(str, Enum):
+    """Arithmetic of the Nyström sketch's HVPs (the eigen-algebra after it stays in float32/64).
+
+    The sketch is an estimate whose truncation and trace errors are tens of percent, so bfloat16
+    products (relative error ~1%) cost it nothing measurable, and where matmuls run natively in
+    bfloat16 (AMX/AVX512-BF16 CPUs, CUDA) they are about 3x faster (bench/curvature_bench.py).
+    """
+
+    auto = "auto"  # bfloat16 where native and the model is float32, else the model's dtype
+    model = "model"
+    bfloat16 = "bfloat16"
+
+
+class Bulk(str, Enum):
+    """The curvature outside the top eigenspace: one scalar per layer, or one for all (the paper)."""
+
+    layer = "layer"
+    isotropic = "isotropic"
+
+
+class DistillLoss(str, Enum):
+    """The calibration loss: how far the compressed model's outputs are from the reference's."""
+
+    auto = "auto"  # kl for logits, mse otherwise
+    mse = "mse"
+    kl = "kl"
+    cosine = "cosine"  # 1 - cos per row: for embedding models whose users compare directions
+
+
+class Merge(str, Enum):
+    """How a class's shared tensor is made."""
+
+    mean = "mean"
+    representative = "representative"  # the first layer of the group keeps its weight
+    curvature = "curvature"  # per-element diagonal weights: Σ F_k⊙W_k / Σ F_k
+    layerwise = "layerwise"  # closed form (Σ W_k G_k)(Σ G_k)⁻¹ from layer input covariances
+
+
+class SideChoice(str, Enum):
+    """Which factor a class shares: ``auto`` picks per family the side that saves more."""
+
+    auto = "auto"  # the larger dimension is shared (out when d_out >= d_in)
+    out = "out"  # W_l ~ B_c C_l, B_c (d_out x r) shared
+    in_ = "in"  # W_l ~ C_l B_c, B_c (r x d_in) shared
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+
+class BasisOptions(BaseModel):
+    """Options of the ``basis`` sharing scheme (W_ℓ ≈ B_c·C_ℓ), nested in ``AnalyzeConfig.basis``.
+
+    The rank of a family is ``rank`` (an int for every family, or ``{family: rank}``), else
+    ``rank_ratio · min(d_out, d_in)`` rounded (at least 1). The default ratio 0.25 keeps a layer
+    alone at 1/4 of min(d_out, d_in) singular directions: for a square layer that is half its
+    parameters, and every extra member of a class then adds only its r·d_in coefficients.
+
+    ``side`` says which factor the class shares. A class of s members keeps r·(shared dim) +
+    s·r·(other dim) parameters, so sharing the LARGER dimension saves more: ``auto`` shares d_out
+    when d_out ≥ d_in (``out``, W_ℓ ≈ B_c·C_ℓ) and d_in otherwise (``in``, W_ℓ ≈ C_ℓ·B_c), e.g. the
+    input side for a transformer's FFN down-projection (d_in = 4·d_out).
+
+    ``output_weighting`` (default on) scales each layer's input covariance by its output-side
+    curvature s_ℓ = ā_ℓ/2 (K-FAC's A_ℓ ≈ ā_ℓ·I fitted to the diagonal GGN of the calibration loss,
+    see scales.py), so unary and pair costs are predicted loss changes, comparable across layers and
+    families and on the tie scheme's scale, and a class's basis weighs its members by how much the
+    loss feels them. Off, every layer's whitened output error counts alike (the plain layerwise
+    error, cheaper: no diagonal GGN). It applies to whitened bases only (``whiten=True``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | dict[str, int] | None = Field(
+        None,
+        description="Rank for every family, or {family: rank}; None: rank_ratio·min(d_out, d_in).",
+    )
+    rank_ratio: float = Field(
+        0.25, gt=0, le=1, description="Default rank as a share of min(d_out, d_in)."
+    )
+    whiten: bool = Field(
+        True, description="Whiten by the layer input covariances (False: plain SVD)."
+    )
+    output_weighting: bool = Field(
+        True,
+        description="Scale each layer's input covariance by its output-side curvature ā/2 (diagonal "
+        "GGN), so costs are predicted loss changes; False: every layer's output error counts alike.",
+    )
+    damping: float = Field(
+        0.01,
+        gt=0,
+        description="Ridge on the input covariance, as a share of its mean diagonal (GPTQ's 1%).",
+    )
+    side: SideChoice = Field(
+        SideChoice.auto,
+        description="Shared factor: auto (the larger dimension), out (d_out x r) or in (r x d_in).",
+    )
+    refine_rounds: int = Field(
+        0,
+        ge=0,
+        description="apply: correction rounds under the output-side curvature (0 = none; side out only).",
+    )
+    trust: float = Field(
+        0.1, gt=0, description="apply: trust region of a correction step, ‖ΔB‖ ≤ trust·‖B‖."
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        ranks = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        bad = [r for r in ranks if r < 1]
+        if bad:
+            raise ValueError(f"basis ranks must be >= 1, got {bad}")
+        return value
+
+
+class KFACOptions(BaseModel):
+    """The kfac backend: input factors kept to ``rank`` eigenpairs plus a bulk (None: whole), found
+    from a sketch of rank + ``oversample`` columns; the output factor from sampled gradients."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | None = Field(64, gt=0, description="Eigenpairs of each input covariance kept (None: all).")
+    oversample: int = Field(64, ge=0, description="Sketch columns beyond the rank (a sketch this wide: exact).")
+    gradient_samples: int | None = Field(
+        16, gt=0, description="Samples whose sampled output gradients estimate the output factor (None: all): a "
+        "Monte-Carlo second moment, so a subset suffices and the backward passes stay a fraction of the work.")
+    approximation: Approximation = Field(
+        Approximation.auto, description="expand (every token an example: language models), reduce (per sample: "
+        "pooled outputs such as sentence embeddings), or auto (by the loss's output: logits expand)")
+    output: OutputFactor = Field(OutputFactor.diagonal,
+                                 description="diagonal (sampled output gradients, loss units) or identity "
+                                 "(output reconstruction error, the layerwise scale; no backward pass).")
+
+
+class AnalyzeConfig(BaseModel):
+    """How to turn a model and calibration data into a SharingProblem.
+
+    Layer selection: ``targets`` (default: every 2-D weight of repeated blocks), ``ignore``, and
+    ``families`` ({pattern: family}); patterns are full names, module prefixes, or ``re:`` regexes.
+    The device and the seeded generator it stands for: ``hessian_worker.config.torch_device`` and
+    ``generator``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Backend = Backend.exact
+    kind: CostKind = CostKind.pairwise
+    curvature: CurvatureKind = Field(CurvatureKind.ggn, description="ggn (PSD, forward mode) or hessian")
+    distill: DistillLoss = DistillLoss.auto
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+    families: dict[str, str] | None = None
+    samples: int | None = Field(None, gt=0, description="Calibration samples drawn (seeded); None = all.")
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(128, gt=0, description="Token limit per text sample.")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    rank: int = Field(8, gt=0, description="projected: eigenpairs kept (a Nyström sketch of rank + oversample HVPs).")
+    eigensolver: Eigensolver = Field(
+        Eigensolver.auto, description="projected: nystrom (one batched sketch, GGN), lanczos, or auto.")
+    oversample: int = Field(4, ge=0, description="projected, nystrom: sketch vectors beyond the rank.")
+    bulk: Bulk = Field(Bulk.layer, description="projected: curvature off the top space, per layer or isotropic.")
+    sketch_precision: SketchPrecision = Field(
+        SketchPrecision.auto, description="projected, nystrom: the sketch's HVPs in bfloat16 (about 3x faster where "
+        "native: AMX/AVX512-BF16 CPUs, CUDA), in the model's dtype, or auto (bfloat16 where native, float32 models).")
+    lanczos_iters: int | None = Field(None, gt=0, description="projected: Krylov size (default 2·rank+10).")
+    probes: int = Field(32, gt=0, description="Hutchinson probes (diagonal; projected with lanczos: traces).")
+    diagonal_method: DiagonalMethod = DiagonalMethod.auto
+    memory_limit_gb: float = Field(4.0, gt=0, description="projected refuses above this estimate.")
+    chunk: int = Field(8, gt=0, description="Directions per vmap call (1 = plain loop).")
+    max_params_ratio: float | None = Field(None, gt=0, le=1)
+    layerwise_damping: float = Field(
+        0.01, ge=0, description="layerwise merge: ridge as a share of mean diag(G) (GPTQ's 1%)")
+    dtype: DType = DType.float32
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
+    progress: bool = True
+    # basis sharing (hessian_worker/basis): W_l ~ B_c C_l; analyze/apply_plan dispatch on scheme
+    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (shared low-rank basis)")
+    basis: BasisOptions = Field(default_factory=BasisOptions, description="basis scheme: rank, whitening, correction")
+    kfac: KFACOptions = Field(default_factory=KFACOptions, description="kfac backend: factor ranks, output factor")
+
+    @model_validator(mode="after")
+    def _check(self) -> AnalyzeConfig:
+        if self.lanczos_iters is not None and self.lanczos_iters < self.rank:
+            raise ValueError(f"lanczos_iters={self.lanczos_iters} must be >= rank={self.rank}")
+        if self.eigensolver is Eigensolver.nystrom and self.curvature is not CurvatureKind.ggn:
+            raise ValueError("eigensolver='nystrom' needs the PSD Gauss-Newton matrix: use curvature='ggn' "
+                             "or eigensolver='lanczos' for the full Hessian")
+        lanczos = self.eigensolver is Eigensolver.lanczos or self.curvature is not CurvatureKind.ggn
+        if self.sketch_precision is SketchPrecision.bfloat16 and lanczos:
+            raise ValueError("sketch_precision='bfloat16' applies to the Nyström sketch of the GGN: use "
+                             "curvature='ggn' with eigensolver auto/nystrom, or sketch_precision='model'")
+        return self
+
+
+class HealConfig(BaseModel):
+    """How long and how hard to heal; the same for every strategy in a comparison."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(100, gt=0, description="Optimizer steps, one calibration batch each.")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    samples: int | None = Field(None, gt=0)
+    max_length: int = Field(128, gt=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    distill: DistillLoss = Field(DistillLoss.auto, description="The distillation loss healing minimizes.")
+    holdout: float = Field(0.2, ge=0, lt=1, description="Share of the samples kept out of training to pick the best "
+                           "step (step 0 included); 0: train on all and keep the last step.")
+    check_every: int = Field(20, gt=0, description="Steps between checks on the held-out samples (and the last step).")
+    device: str = "auto"
+    progress: bool = True
+
+
+class CompressConfig(BaseModel):
+    """The settings of ``hessian_worker.compress`` (and of a streamed ``compress_checkpoint``); the
+    merge it resolves to when ``merge`` is None: ``hessian_worker.pipeline.resolve_merge``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float = Field(gt=0, le=1, description="Share of the shareable parameters to keep.")
+    backend: Backend = Backend.exact
+    merge: Merge | None = Field(None, description="Shared value of a class (default: layerwise when the data gives full-rank input covariances, else curvature).")
+    top: int = Field(16, ge=1, le=1000, description="Best plans by the cost model to measure (plus the pattern plans).")
+    min_distance: int = Field(1, ge=1, description="Sharing pairs in which each of the top plans differs from every better one.")
+    per_pattern: int = Field(2, ge=0, le=100, description="Budget-filling allocations measured per pattern strategy.")
+    normalized_top: int = Field(16, ge=0, le=1000, description="Best plans by size-normalized pair costs, also measured.")
+    distill: DistillLoss = Field(DistillLoss.auto, description="cosine suits sentence-embedding models.")
+    heal_steps: int = Field(0, ge=0)
+    heal_lr: float = Field(HealConfig.model_fields["lr"].default, gt=0)
+    heal_holdout: float = Field(HealConfig.model_fields["holdout"].default, ge=0, lt=1, description="With heal_steps: share of the healing samples kept out of "
+                                "training, to keep the best step (step 0 included); 0: heal on all, keep the last step.")
+    heal_choice: bool = Field(True, description="With heal_steps (scheme tie): heal a shortlist and keep the plan that "
+                              "loses least after healing, not the zero-shot winner.")
+    heal_shortlist: int = Field(2, ge=0, le=100, description="Best zero-shot candidates healed in the choice, "
+                                "besides each pattern's best.")
+    choice_holdout: float = Field(0.5, ge=0, lt=1, description="With the layerwise merge: share of the choice samples "
+                                  "the candidates are scored on, kept out of the covariances they are merged with "
+                                  "(scored where it was fitted, the merge flatters the plans it overfits). 0: score "
+                                  "on every choice sample.")
+    holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
+    samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
+    curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")
+    batch_size: int = Field(8, gt=0)
+    time_limit_s: float = Field(10.0, gt=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    device: str = "auto"
+    dtype: DType | None = Field(None, description="Compute dtype (default: float32 in memory; a streamed decoder "
+                                "keeps its checkpoint's, auto).")
+    kfac: KFACOptions = Field(default_factory=KFACOptions, description="backend kfac: factor ranks and samples.")
+    progress: bool = True
+    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (a shared low-rank basis).")
+    rank: int | None = Field(None, ge=1, description="basis: rank of every family (default: rank_ratio·min(d_out, d_in)).")
+    rank_ratio: float = Field(0.25, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in).")
+    side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
+    output_weighting: bool = Field(True, description="basis: weigh each layer's error by its output-side curvature, so costs "
+                                   "are predicted loss changes (False: every layer's output error alike).")
+
+    def analyze_config(self, dtype: DType) -> AnalyzeConfig:
+        """The analysis settings of this compress (``dtype`` when none is given)."""
+        return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
+                             distill=self.distill, device=self.device, progress=self.progress, scheme=self.scheme,
+                             basis=self.basis_options(), kfac=self.kfac, dtype=self.dtype or dtype)
+
+    def basis_options(self) -> BasisOptions:
+        return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side,
+                            output_weighting=self.output_weighting)
