@@ -2,56 +2,23 @@
 
 An analysis with a ``compress`` object runs the whole chain on the worker (costs, candidate plans,
 measured choice, merge, healing, save), the same as ``hessian_worker.compress`` in one Python call.
-The fields mirror ``hessian_worker.pipeline.CompressConfig`` because the API must not import torch;
-tests check that every mirrored field is accepted there.
+The fields are ``hessian_worker.options.CompressConfig``'s, with its enums (that module is
+torch-free, so the API imports it), each optional here (null: the pipeline's default) and some
+with tighter bounds; tests check that every field is CompressConfig's, with the same type.
 """
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from hessian_worker.options import CompressConfig, DistillLoss, Merge, SideChoice
 from solver import SharingPlan, SharingProblem
 from solver.schema import Scheme
 
 if TYPE_CHECKING:
     from service.models import AnalysisSpec
-
-# the compress fields that go to CompressConfig; `out` and `overwrite` stay with the worker
-CONFIG_FIELDS = frozenset(
-    {"top", "min_distance", "per_pattern", "normalized_top", "merge", "distill", "heal_steps", "heal_lr", "heal_holdout", "heal_choice",
-     "heal_shortlist", "choice_holdout", "holdout",
-     "curvature_samples", "batch_size", "scheme", "rank", "rank_ratio", "side", "output_weighting"}
-)  # fmt: skip
-
-
-class Merge(str, Enum):
-    """How a class's shared tensor is made (hessian_worker.Merge, repeated for a torch-free API)."""
-
-    mean = "mean"
-    representative = "representative"
-    curvature = "curvature"
-    layerwise = "layerwise"
-
-
-class Distill(str, Enum):
-    """The calibration loss (hessian_worker.losses.DistillLoss, repeated for a torch-free API)."""
-
-    auto = "auto"
-    mse = "mse"
-    kl = "kl"
-    cosine = "cosine"
-
-
-class BasisSide(str, Enum):
-    """Which factor a basis class shares (hessian_worker.basis.SideChoice, repeated for a torch-free
-    API): auto shares the larger dimension."""
-
-    auto = "auto"
-    out = "out"
-    in_ = "in"
 
 
 class CompressSpec(BaseModel):
@@ -91,7 +58,7 @@ class CompressSpec(BaseModel):
         None,
         description="Shared value of a class (default: layerwise when the data gives full-rank input covariances, else curvature).",
     )
-    distill: Distill | None = Field(None, description="cosine suits sentence-embedding models.")
+    distill: DistillLoss | None = Field(None, description="cosine suits sentence-embedding models.")
     heal_steps: int | None = Field(
         None, ge=0, le=1_000_000, description="Self-distillation steps after tying (0: none)."
     )
@@ -126,7 +93,7 @@ class CompressSpec(BaseModel):
     rank_ratio: float | None = Field(
         None, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in) (0.25)."
     )
-    side: BasisSide | None = Field(
+    side: SideChoice | None = Field(
         None, description="basis: shared factor, auto (the larger dimension; default), out or in."
     )
     output_weighting: bool | None = Field(
@@ -145,6 +112,10 @@ class CompressSpec(BaseModel):
                 "(got an empty name or one with a NUL byte)"
             )
         return value
+
+
+# the compress fields that go to CompressConfig: all but `out` and `overwrite`, which stay with the worker
+CONFIG_FIELDS = frozenset(CompressSpec.model_fields) & frozenset(CompressConfig.model_fields)
 
 
 def compress_config(spec: AnalysisSpec) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from hessian_worker.options import Backend as WorkerBackend
 from service.compress import CompressReport, CompressSpec
 from service.problems import ProblemDetail
 from solver import SharingPlan, SharingProblem
@@ -81,13 +82,11 @@ class FrontierJob(_JobView):
         return cls(frontier=front, **_common(job, "/v1/frontiers", events=False))
 
 
-class Backend(str, Enum):
-    """Curvature backends of hessian_worker (repeated here so the API needs no torch)."""
-
-    exact = "exact"
-    projected = "projected"
-    diagonal = "diagonal"
-    layerwise = "layerwise"
+# the worker's backends but kfac, which the API has never offered (its values stay the four it had);
+# the CLI's `geoshare analyze` and `compress` take it
+Backend = Enum("Backend", {b.name: b.value for b in WorkerBackend if b is not WorkerBackend.kfac},
+               type=str, module=__name__)
+Backend.__doc__ = "Curvature backends of hessian_worker (hessian_worker.options.Backend) that the API accepts."
 
 
 class AnalysisSpec(_Request):

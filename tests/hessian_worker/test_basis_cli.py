@@ -107,10 +107,10 @@ def test_compress_with_shared_bases(tmp_path, common, capsys) -> None:
     assert unique_params(factory()) - unique_params(model) == 48 - plan.params.shared
 
 
-def test_service_mirrors_the_side_choice() -> None:
-    from service.compress import BasisSide
+def test_service_takes_the_side_choice() -> None:
+    from service.compress import CompressSpec
 
-    assert {s.value for s in BasisSide} == {s.value for s in SideChoice}
+    assert CompressSpec.model_fields["side"].annotation == SideChoice | None
 
 
 def test_compress_measures_basis_candidates_on_samples_the_bases_did_not_see() -> None:

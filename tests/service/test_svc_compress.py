@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import NoneType
 from typing import get_args
 
 import httpx
 import pytest
 from pydantic.fields import FieldInfo
 
+from hessian_worker.options import Backend as WorkerBackend
+from hessian_worker.options import CompressConfig
 from service.client import ApiError, GeoShareClient
-from service.compress import CONFIG_FIELDS, CompressSpec, Distill, Merge, compress_config
-from service.models import AnalysisSpec
+from service.compress import CONFIG_FIELDS, CompressSpec, compress_config
+from service.models import AnalysisSpec, Backend
 from service.outdir import MARKER, OutDirError, prepare_out
 from service.worker import Compressed, run_worker
 from solver import SharingProblem, SolveConfig, solve
@@ -102,17 +105,30 @@ def _extremes(info: FieldInfo) -> list[float]:
     return values
 
 
-def test_compress_fields_are_accepted_by_compress_config():
-    """The mirror stays true: the worker's CompressConfig takes every field and value the API sends."""
-    pytest.importorskip("torch")
-    from hessian_worker.losses import DistillLoss
-    from hessian_worker.merge import Merge as WorkerMerge
-    from hessian_worker.pipeline import CompressConfig
+def _types(info: FieldInfo) -> set[object]:
+    return set(get_args(info.annotation) or [info.annotation]) - {NoneType}
 
-    assert {m.value for m in Merge} == {m.value for m in WorkerMerge}
-    assert {d.value for d in Distill} == {d.value for d in DistillLoss}
+
+def test_compress_spec_fields_are_compress_config_fields():
+    """Every API field but out and overwrite is a CompressConfig field of the same type (its enums the
+    worker's own), optional with a null default (the pipeline's default applies)."""
+    assert set(CompressSpec.model_fields) - CONFIG_FIELDS == {"out", "overwrite"}
+    for name in CONFIG_FIELDS:
+        spec, config = CompressSpec.model_fields[name], CompressConfig.model_fields[name]
+        assert _types(spec) == _types(config), name
+        assert NoneType in get_args(spec.annotation) and spec.default is None, name
+    for name in ("ratio", "samples", "seed", "time_limit_s"):  # the spec's own fields that compress takes
+        assert _types(AnalysisSpec.model_fields[name]) <= _types(CompressConfig.model_fields[name]), name
+    # the API's backends are the worker's, kfac left out (as the API always had it)
+    assert [(b.name, b.value) for b in Backend] == [(b.name, b.value) for b in WorkerBackend if b.value != "kfac"]
+
+
+def test_compress_fields_are_accepted_by_compress_config():
+    """The worker's CompressConfig takes every field and value the API sends."""
     settable = CONFIG_FIELDS | {"ratio", "backend", "samples", "seed", "time_limit_s"}
-    missing = set(CompressConfig.model_fields) - {"device", "progress"} - settable
+    # the worker sets device and progress; dtype and kfac (the kfac backend's options, with the
+    # streamed decoder path) are the CLI's only, as the kfac backend is
+    missing = set(CompressConfig.model_fields) - {"device", "progress", "dtype", "kfac"} - settable
     assert not missing, (
         f"CompressConfig fields the API cannot set: {missing}; mirror them in CompressSpec"
     )
