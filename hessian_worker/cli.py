@@ -1,7 +1,10 @@
 """``geoshare analyze`` and ``geoshare apply``.
 
 This module is imported by the solver's CLI, so it must not import torch at import time: every
-heavy import happens inside the handlers.
+heavy import happens inside the handlers. The choices of the enum flags are the values of the
+enums in hessian_worker.options (torch-free), and tests/hessian_worker/test_hw_cli_options.py
+checks that every ``analyze`` and ``compress`` flag is a field of AnalyzeConfig or CompressConfig
+(or one of the CLI's own), so the flags cannot drift from the configs.
 """
 
 from __future__ import annotations
@@ -9,13 +12,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("exact", "projected", "diagonal", "layerwise", "kfac")
-DTYPES = ("auto", "bfloat16", "float16", "float32", "float64")
-MERGES = ("mean", "representative", "curvature", "layerwise")
-SIDES = ("auto", "out", "in")
+from hessian_worker.options import (
+    Backend,
+    Bulk,
+    CurvatureKind,
+    DistillLoss,
+    DType,
+    Eigensolver,
+    Merge,
+    OutputFactor,
+    SideChoice,
+    SketchPrecision,
+)
+from solver.schema import CostKind, Scheme
+
+
+def _values(enum: type[Enum]) -> tuple[str, ...]:
+    """An enum's values, in its order: the choices of its flag."""
+    return tuple(member.value for member in enum)
+
+
+BACKENDS = _values(Backend)
+DTYPES = _values(DType)
+MERGES = _values(Merge)
+SIDES = _values(SideChoice)
 
 
 def add_commands(subparsers: Any) -> None:
@@ -26,19 +50,19 @@ def add_commands(subparsers: Any) -> None:
                    help="how pair costs are predicted (default: kfac for a LLaMA/Mistral/Qwen2 checkpoint directory, "
                         "streamed block by block; exact otherwise)")
     _streaming_options(a)
-    a.add_argument("--kind", choices=("pairwise", "assignment"), default="pairwise")
-    a.add_argument("--curvature", choices=("ggn", "hessian"), default="ggn")
+    a.add_argument("--kind", choices=_values(CostKind), default="pairwise")
+    a.add_argument("--curvature", choices=_values(CurvatureKind), default="ggn")
     a.add_argument("--ratio", type=float, default=None, help="constraints.max_params_ratio")
     a.add_argument("--rank", type=int, default=None,
                    help="projected: eigenpairs kept (8); --scheme basis: the basis rank of every family")
     a.add_argument("--probes", type=int, default=32, help="Hutchinson probes")
-    a.add_argument("--eigensolver", choices=("auto", "nystrom", "lanczos"), default="auto",
+    a.add_argument("--eigensolver", choices=_values(Eigensolver), default="auto",
                    help="projected: nystrom (one batched sketch, GGN only), lanczos, auto (nystrom for the GGN)")
     a.add_argument("--oversample", type=int, default=4, help="projected, nystrom: sketch vectors beyond --rank")
-    a.add_argument("--sketch-precision", choices=("auto", "model", "bfloat16"), default="auto",
+    a.add_argument("--sketch-precision", choices=_values(SketchPrecision), default="auto",
                    help="projected, nystrom: the sketch's HVPs in bfloat16 (about 3x faster on AMX/AVX512-BF16 CPUs "
                         "and CUDA), the model's dtype, or auto (bfloat16 where native)")
-    a.add_argument("--bulk", choices=("layer", "isotropic"), default="layer",
+    a.add_argument("--bulk", choices=_values(Bulk), default="layer",
                    help="projected: curvature off the top space, one scalar per layer or one for all (the paper)")
     a.add_argument("--targets", action="append", default=None, help="name or re:regex (repeatable)")
     a.add_argument("--ignore", action="append", default=[], help="name or re:regex (repeatable)")
@@ -84,7 +108,7 @@ def add_commands(subparsers: Any) -> None:
                    help="budget-filling allocations measured per pattern strategy (sequence, cycle, ...)")
     c.add_argument("--curvature-samples", type=int, default=None,
                    help="calibration samples for the curvature costs (default: all; the choice uses all)")
-    c.add_argument("--distill", choices=("auto", "mse", "kl", "cosine"), default="auto",
+    c.add_argument("--distill", choices=_values(DistillLoss), default="auto",
                    help="calibration loss (auto: kl for logits, mse otherwise; cosine for sentence embeddings)")
     c.add_argument("--heal", type=int, default=0, metavar="STEPS", help="self-distillation steps after tying")
     c.add_argument("--heal-lr", type=float, default=5e-5)
@@ -113,7 +137,7 @@ def _streaming_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kfac-oversample", type=int, default=64, help="kfac: sketch columns beyond --kfac-rank")
     parser.add_argument("--kfac-gradient-samples", type=int, default=16,
                         help="kfac: samples whose sampled output gradients estimate the output factor (0: all)")
-    parser.add_argument("--kfac-output", choices=("diagonal", "identity"), default="diagonal",
+    parser.add_argument("--kfac-output", choices=_values(OutputFactor), default="diagonal",
                         help="kfac: output factor from sampled output gradients (loss units), or identity (no backward)")
     parser.add_argument("--stats-cache", default="~/.cache/geoshare/stats",
                         help="streamed analysis: folder of cached per-layer statistics (one pass, many analyses)")
@@ -123,7 +147,7 @@ def _streaming_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _scheme_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scheme", choices=("tie", "basis"), default="tie",
+    parser.add_argument("--scheme", choices=_values(Scheme), default="tie",
                         help="tie: a class shares one tensor; basis: a class shares a low-rank basis")
     parser.add_argument("--rank-ratio", type=float, default=None,
                         help="--scheme basis: rank as a share of min(d_out, d_in) (default 0.25; or --rank)")
