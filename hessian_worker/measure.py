@@ -74,7 +74,8 @@ def measure_plans(
 
     Each plan's merged weights are substituted with ``functional_call``, so one model and one set
     of reference outputs serve every candidate: this is how the pipeline picks among the solver's
-    diverse good plans by a real forward pass (DESIGN.md). Curvature weights for ``merge=curvature``
+    diverse good plans by a real forward pass (docs/design.md §Why measure).
+    Curvature weights for ``merge=curvature``
     are measured once over the union of the plans' layers (or passed in as ``diag``); so are the
     input covariances of ``merge=layerwise`` (or passed in as ``layerwise``: give the ones the final
     apply uses, so the plan measured is the plan applied).

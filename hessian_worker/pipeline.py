@@ -1,6 +1,7 @@
 """One call from model to compressed model: costs, candidates, measured choice, merge, heal.
 
-The product's main path (DESIGN.md): the quadratic cost model ranks plans only roughly, so the
+The product's main path (docs/design.md §The compress chain): the quadratic cost model ranks
+plans only roughly, so the
 solver's K best diverse plans and the pattern strategies at the same budget become candidates,
 each is measured by a real forward pass on the calibration data, the best is tied into the model
 with a curvature-weighted merge (optionally healed), and the held-out loss change is reported

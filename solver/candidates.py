@@ -1,6 +1,7 @@
 """A pool of good, diverse plans for one budget: the K best colorings plus the pattern strategies.
 
-The quadratic cost model ranks plans only roughly (DESIGN.md: choosing among a diverse pool by a
+The quadratic cost model ranks plans only roughly (docs/design.md §Why measure: choosing among
+a diverse pool by a
 real forward pass on calibration data beats trusting the model's optimum), so the pipeline hands
 the worker several candidates to measure: the optimum, the next best colorings by the objective
 (each at least ``min_distance`` sharing pairs away from every better one kept), and the pattern

@@ -2,7 +2,8 @@
 
 Both are deterministic for a given seed. Agglomerative gives a labelling for every class count in
 one pass; tabu search (single-unit moves and pair swaps, tabu tenure, aspiration, perturbation on
-stagnation) improves one class count. DESIGN.md: tabu seeded from the better of agglomerative and
+stagnation) improves one class count. docs/design.md §Per-family search: tabu seeded from the
+better of agglomerative and
 interval DP improved it by 2.4-8.8% on 24-48 layer families.
 """
 

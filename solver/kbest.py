@@ -1,6 +1,7 @@
 """The K best colorings for one budget, not just the best one.
 
-The quadratic cost model ranks plans only roughly (DESIGN.md), so the product measures several
+The quadratic cost model ranks plans only roughly (docs/design.md §Why measure), so the product
+measures several
 good plans and keeps the one that really loses least. Per family, the best partitions at each
 class count are listed: all of them for small families (every set partition of the free units is
 scored at once with numpy, exact up to ``ENUM_MAX_UNITS`` units), the incumbent and its best
@@ -60,7 +61,8 @@ def _partition_costs(up: UnitProblem, rows: np.ndarray, normalized: bool = False
     """Cost of every labelling in ``rows`` (inf where a constraint breaks), vectorized.
 
     ``normalized`` (pairwise only) scores a class S by (2/|S|)·Σ its pair costs instead of the
-    sum: what a mean merge really costs under isotropic curvature (DESIGN.md), since the plain
+    sum: what a mean merge really costs under isotropic curvature (docs/design.md §Cost kinds),
+    since the plain
     pairwise sum over-counts large classes. Used to rank extra candidates, never as the objective.
     """
     m = up.m

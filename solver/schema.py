@@ -1,4 +1,4 @@
-"""The JSON contract: SharingProblem in, SharingPlan out (see DESIGN.md).
+"""The JSON contract: SharingProblem in, SharingPlan out (see docs/design.md §The contract).
 
 Structural checks live here (shapes, symmetry, finite non-negative costs, known names, numbers
 the solver can take), so a malformed problem fails at the door with a message naming the entries
