@@ -2,6 +2,7 @@
 
     from hessian_worker import analyze, AnalyzeConfig, apply_plan, save_shared
     problem = analyze(model, "calib.txt", AnalyzeConfig(backend="projected", rank=8))
+    model = load_compressed("out/")  # what `geoshare compress` wrote, loaded tied
 
 Names are imported lazily (PEP 562) so that ``hessian_worker.cli``, which the solver's CLI
 imports, does not pull in torch.
@@ -22,6 +23,10 @@ _EXPORTS = {
     "unique_params": "hessian_worker.apply",
     "save_shared": "hessian_worker.io",
     "load_shared": "hessian_worker.io",
+    # the compressed model directory (a Hugging Face directory) and its dense export
+    "load_compressed": "hessian_worker.model_dir",
+    "save_compressed": "hessian_worker.model_dir",
+    "export_dense": "hessian_worker.export",
     "measure_loss": "hessian_worker.measure",
     "heal": "hessian_worker.healing",
     "choose_plan": "hessian_worker.choose",
@@ -75,6 +80,9 @@ __all__ = [
     "load_calibration",
     "load_model",
     "load_shared",
+    "load_compressed",
+    "save_compressed",
+    "export_dense",
     "measure_loss",
     "measure_plans",
     "predict_plan_loss",
@@ -97,10 +105,12 @@ if TYPE_CHECKING:
     from hessian_worker.choose import Choice, choose_plan
     from hessian_worker.data import Calibration, load_calibration
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers
+    from hessian_worker.export import export_dense
     from hessian_worker.healing import HealReport, heal
     from hessian_worker.io import load_shared, save_shared
     from hessian_worker.llm.analyze import analyze_checkpoint
     from hessian_worker.measure import measure_loss, measure_plans
+    from hessian_worker.model_dir import load_compressed, save_compressed
     from hessian_worker.models import load_model
     from hessian_worker.options import (
         AnalyzeConfig,

@@ -1,4 +1,4 @@
-"""``geoshare analyze`` and ``geoshare apply``.
+"""``geoshare analyze``, ``apply``, ``compress`` and ``export``.
 
 This module is imported by the solver's CLI, so it must not import torch at import time: every
 heavy import happens inside the handlers. The choices of the enum flags are the values of the
@@ -91,7 +91,9 @@ def add_commands(subparsers: Any) -> None:
     c = subparsers.add_parser("compress", help="model -> costs -> candidate plans -> measured choice -> tied model")
     _common(c)
     c.add_argument("--ratio", type=float, required=True, help="share of the shareable parameters to keep")
-    c.add_argument("--out", required=True, help="directory for model.safetensors + plan.json + report.json")
+    c.add_argument("--out", required=True,
+                   help="directory for the compressed model (config.json, tokenizer, model.safetensors, plan.json: "
+                        "hessian_worker.load_compressed reads it) + report.json")
     c.add_argument("--backend", choices=BACKENDS, default=None,
                    help="how pair costs are predicted (default: kfac for a LLaMA/Mistral/Qwen2 checkpoint directory, "
                         "compressed block by block; exact otherwise)")
@@ -127,6 +129,14 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--rank", type=int, default=None, help="--scheme basis: the basis rank of every family")
     _scheme_options(c)
     c.set_defaults(func=_run_compress)
+
+    e = subparsers.add_parser("export", help="compressed model directory -> standard checkpoint, every tensor written out")
+    e.add_argument("src", help="a directory geoshare compress wrote")
+    e.add_argument("--format", choices=("hf",), default="hf",
+                   help="hf: a Hugging Face directory (config.json, tokenizer, model.safetensors or shards)")
+    e.add_argument("-o", "--output", required=True, help="the new directory")
+    e.add_argument("--shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB")
+    e.set_defaults(func=_run_export)
 
 
 def _streaming_options(parser: argparse.ArgumentParser) -> None:
@@ -324,7 +334,7 @@ def _run_apply(args: argparse.Namespace) -> int:
             healed = heal(model, reference, fit, heal_config).model_dump()
         if held is not None:
             measured = measure_loss(model, reference, held, config)
-        save_shared(model, plan, args.out)
+        save_shared(model, plan, args.out, source=args.model)
     except (GeoShareError, ValueError, OSError) as exc:
         return _fail(str(exc))
     out = report.model_dump(mode="json")
@@ -366,13 +376,26 @@ def _run_compress(args: argparse.Namespace) -> int:
             if args.dtype == "float64":
                 loaded.model.double()
             report = compress(loaded.model, _data_source(args, loaded.tokenizer), config, tokenizer=loaded.tokenizer)
-            save_shared(loaded.model, report.plan, args.out)
+            save_shared(loaded.model, report.plan, args.out, source=args.model)
     except (GeoShareError, ValueError, OSError) as exc:
         return _fail(str(exc))
     text = report.model_dump_json(indent=2, exclude={"plan", "problem"})
     (Path(args.out) / "report.json").write_text(text, encoding="utf-8")
     (Path(args.out) / "problem.json").write_text(report.problem.model_dump_json(indent=2), encoding="utf-8")
     print(text)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from solver.errors import GeoShareError
+
+    try:
+        from hessian_worker.export import export_dense
+
+        out = export_dense(args.src, args.output, format=args.format, shard_bytes=int(args.shard_gb * 1024**3))
+    except (GeoShareError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    print(json.dumps({"output": str(out), "format": args.format}))
     return 0
 
 

@@ -1,13 +1,21 @@
-"""save_shared / load_shared: each shared tensor stored once, plus the sharing map."""
+"""save_shared / load_shared: each shared tensor stored once, plus the sharing map.
+
+The directory is also a Hugging Face model directory (config.json, tokenizer files, a manifest of
+the sharing in plan.json) that plain transformers refuses rather than loading with tensors
+initialized at random: see hessian_worker/model_dir.py, whose ``load_compressed`` builds the model
+from it.
+"""
 
 from __future__ import annotations
 
 import json
+import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from hessian_worker.apply import tie, unique_params
@@ -18,6 +26,40 @@ from solver.schema import SCHEMA_VERSION, SharingPlan
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights (Hugging Face's layout): name -> file
 PLAN = "plan.json"
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+Entry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def write_safetensors(path: Path, entries: Sequence[Entry], produce: Callable[[str], Tensor],
+                      metadata: dict[str, str]) -> None:
+    """A safetensors file whose tensors are produced one at a time, in ``entries`` order (written to
+    ``path.part`` and renamed at the end: a cut-off run leaves no half-written file)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = torch.empty((), dtype=dtype).element_size()
+        count = 1
+        for s in shape:
+            count *= s
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + count * size]}
+        offset += count * size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    part = path.with_name(path.name + ".part")
+    with part.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name, shape, dtype in entries:
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name!r} came out {tuple(t.shape)} {t.dtype}, the header says {shape} {dtype}")
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
+    part.replace(path)
 
 
 def has_weights(src: Path) -> bool:
@@ -46,9 +88,12 @@ def _storage_key(t: Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def save_shared(model: nn.Module, plan: SharingPlan, directory: str | Path) -> Path:
+def save_shared(model: nn.Module, plan: SharingPlan, directory: str | Path, *, source: Any = None) -> Path:
     """Writes ``directory/model.safetensors`` (every tensor that is the same memory stored ONCE,
-    under its first name) and ``directory/plan.json`` (the plan plus the alias map).
+    under its first name), ``directory/plan.json`` (the plan, the alias map and the manifest of the
+    sharing) and, from ``source`` (the source model's spec: ``minilm`` or its directory; or a
+    ``model_dir.Source``), its config.json, tokenizer and generation config (a Hugging Face model
+    without a source gets its own config.json).
 
     Returns:
         the directory.
@@ -58,13 +103,17 @@ def save_shared(model: nn.Module, plan: SharingPlan, directory: str | Path) -> P
     if has_basis_layers(model):  # hook: shared low-rank bases keep a layout (hessian_worker/basis)
         from hessian_worker.basis.io import save_basis
 
-        return save_basis(model, plan, directory)
-    return write_shared(model, plan, directory)
+        return save_basis(model, plan, directory, source=source)
+    return write_shared(model, plan, directory, source=source)
 
 
-def write_shared(model: nn.Module, plan: SharingPlan, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """The files of every scheme: deduplicated tensors and plan.json (plan, aliases, unique params,
-    plus ``extra``, e.g. a scheme and its layout; a ``scheme`` also goes into the tensors' metadata)."""
+def write_shared(model: nn.Module, plan: SharingPlan, directory: str | Path, extra: dict[str, Any] | None = None,
+                 *, source: Any = None) -> Path:
+    """The files of every scheme: deduplicated tensors, plan.json (plan, aliases, unique params,
+    plus ``extra``, e.g. a scheme and its layout, and the manifest, ``model_dir.describe``; the
+    scheme also goes into the tensors' metadata) and the source's companion files."""
+    from hessian_worker.model_dir import describe, resolve_source, write_companions
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
@@ -81,15 +130,26 @@ def write_shared(model: nn.Module, plan: SharingPlan, directory: str | Path, ext
         # a view that overlaps another stored tensor gets its own copy (safetensors needs that)
         tensors[name] = t.detach().clone().contiguous() if ptr in storages else t.detach().contiguous()
         storages.add(ptr)
-    extra = extra or {}
-    save_file(tensors, str(out / WEIGHTS), metadata=tensor_metadata(extra))
+    src = resolve_source(source, model)
+    model_class = type(model).__name__
+    extra = {**(extra or {}), **describe(plan, aliases, (extra or {}).get("basis"), model_class, src)}
+    entries = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    # written in state-dict order with a fixed header: the same model gives the same bytes
+    write_safetensors(out / WEIGHTS, entries, tensors.__getitem__, tensor_metadata(extra))
     write_plan_file(out, plan, aliases, unique_params(model), extra)
+    write_companions(out, src, model_class)
     return out
 
 
 def tensor_metadata(extra: dict[str, Any]) -> dict[str, str]:
-    """The safetensors metadata of a saved shared model (its scheme, when ``extra`` names one)."""
-    metadata = {"format": "pt", "geoshare_version": SCHEMA_VERSION}
+    """The safetensors metadata of a saved shared model (its scheme, when ``extra`` names one).
+
+    ``format`` is not ``pt``: transformers releases before config.json's ``transformers_weights``
+    refuse such a file, quoting it, instead of loading it with the aliases initialized at random
+    (hessian_worker/model_dir.py)."""
+    from hessian_worker.model_dir import FORMAT
+
+    metadata = {"format": FORMAT, "geoshare_version": SCHEMA_VERSION}
     if "scheme" in extra:
         metadata["geoshare_scheme"] = str(extra["scheme"])
     return metadata

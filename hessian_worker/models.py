@@ -1,5 +1,6 @@
-"""Model specs: ``minilm`` (the packaged all-MiniLM-L6-v2), a local Hugging Face directory, or
-``module:factory``. Nothing is ever downloaded."""
+"""Model specs: ``minilm`` (the packaged all-MiniLM-L6-v2), a local Hugging Face directory (a
+compressed one, as ``geoshare compress`` writes it, included), or ``module:factory``. Nothing is
+ever downloaded."""
 
 from __future__ import annotations
 
@@ -88,7 +89,12 @@ def load_model(spec: str) -> LoadedModel:
     elif Path(spec).is_dir():
         if not (Path(spec) / "config.json").exists():
             raise ModelSpecError(f"model directory {spec!r} has no config.json (not a Hugging Face model)")
-        model, tok = _load_hf(Path(spec))
+        from hessian_worker.model_dir import is_compressed, load_compressed, load_tokenizer
+
+        if is_compressed(spec):  # a compressed model (geoshare compress): built and loaded tied
+            model, tok = load_compressed(spec, attn_implementation="eager"), load_tokenizer(spec)
+        else:
+            model, tok = _load_hf(Path(spec))
     elif ":" in spec and not Path(spec).exists():
         model, tok = _load_factory(spec), None
     else:

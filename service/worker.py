@@ -77,7 +77,7 @@ def default_compress(spec: AnalysisSpec, job_id: str, device: str = "auto") -> C
                          "set data to a torch.save'd tensor file on the worker")
     data: Any = spec.data if spec.data is not None else DEFAULT_SENTENCES
     report = compress(loaded.model, data, config, tokenizer=loaded.tokenizer)
-    save_shared(loaded.model, report.plan, out)
+    save_shared(loaded.model, report.plan, out, source=spec.model)
     # report.json as `geoshare compress` writes it: the plan is in plan.json, the costs are not kept
     (out / "report.json").write_text(report.model_dump_json(indent=2, exclude={"plan", "problem"}),
                                      encoding="utf-8")

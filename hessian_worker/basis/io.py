@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -23,14 +24,16 @@ from hessian_worker.merge import plan_groups
 from solver.schema import Scheme, SharingPlan
 
 
-def save_basis(model: nn.Module, plan: SharingPlan, directory: str | Path) -> Path:
-    """Writes ``directory/model.safetensors`` (each basis and tied tensor once) and
-    ``directory/plan.json`` (plan, aliases, basis layout, unique params).
+def save_basis(model: nn.Module, plan: SharingPlan, directory: str | Path, *, source: Any = None) -> Path:
+    """Writes ``directory/model.safetensors`` (each basis and tied tensor once),
+    ``directory/plan.json`` (plan, aliases, basis layout, unique params, the manifest) and the
+    companion files of ``source`` (as ``save_shared``).
 
     Returns:
         the directory.
     """
-    return write_shared(model, plan, directory, {"scheme": Scheme.basis.value, "basis": basis_layout(model)})
+    return write_shared(model, plan, directory, {"scheme": Scheme.basis.value, "basis": basis_layout(model)},
+                        source=source)
 
 
 def load_basis(model: nn.Module, directory: str | Path) -> SharingPlan:

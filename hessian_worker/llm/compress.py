@@ -79,7 +79,8 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
                         memory_limit_gb: float | None = None, cache_dir: str | Path | None = None,
                         tokenizer: Any | None = None) -> CompressReport:
     """Compresses the decoder checkpoint at ``path`` to ``config.ratio`` of its shareable parameters
-    and saves the tied model to ``out`` (model.safetensors + plan.json, read by ``load_shared``).
+    and saves the tied model to ``out`` (model.safetensors + plan.json + the checkpoint's config.json and
+    tokenizer: ``hessian_worker.load_compressed`` reads it).
 
     Raises:
         BackendError: a setting the streamed path cannot honour (the message names the alternative).
@@ -156,7 +157,8 @@ def compress_opened(opened: Opened, config: CompressConfig, out: str | Path, *, 
     seconds["held_out"] = time.perf_counter() - clock
     clock = time.perf_counter()
     unique = save_streamed(opened.decoder, plan, final, out,
-                           extra={"source_model": source_model} if source_model is not None else None)
+                           extra={"source_model": source_model} if source_model is not None else None,
+                           source=source_model)
     seconds["save"] = time.perf_counter() - clock
     source = {**(problem.source or {}), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     if healed is not None:

@@ -9,7 +9,6 @@ read (or a class merged) one at a time, so the peak is one class's members, not 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,59 +16,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessian_worker.io import WEIGHTS, WEIGHTS_INDEX, tensor_metadata, write_plan_file
+from hessian_worker.io import (  # noqa: F401 - the streamed writer's names, importable from here as before
+    SAFETENSORS_DTYPES,
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    Entry,
+    tensor_metadata,
+    write_plan_file,
+    write_safetensors,
+)
 from hessian_worker.llm.decoder import Decoder
+from hessian_worker.model_dir import describe, resolve_source, write_companions
 from solver.schema import SharingPlan
-
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-Entry = tuple[str, tuple[int, ...], torch.dtype]
-
-
-def write_safetensors(path: Path, entries: Sequence[Entry], produce: Callable[[str], Tensor],
-                      metadata: dict[str, str]) -> None:
-    """A safetensors file whose tensors are produced one at a time, in ``entries`` order (written to
-    ``path.part`` and renamed at the end: a cut-off run leaves no half-written file)."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, shape, dtype in entries:
-        size = torch.empty((), dtype=dtype).element_size()
-        count = 1
-        for s in shape:
-            count *= s
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + count * size]}
-        offset += count * size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    part = path.with_name(path.name + ".part")
-    with part.open("wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for name, shape, dtype in entries:
-            t = produce(name)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise ValueError(f"{name!r} came out {tuple(t.shape)} {t.dtype}, the header says {shape} {dtype}")
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            del t
-    part.replace(path)
-
 
 SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 
 
 def save_streamed(decoder: Decoder, plan: SharingPlan, merged: Callable[[tuple[str, ...]], Tensor], out: str | Path,
-                  extra: dict[str, Any] | None = None, *, shard_bytes: int = SHARD_BYTES) -> int:
+                  extra: dict[str, Any] | None = None, *, shard_bytes: int = SHARD_BYTES, source: Any = None) -> int:
     """Writes the decoder tied by ``plan`` to ``out`` (what ``load_shared`` reads) and returns its
     unique parameters. Each class is stored once, under its first name in the model's state-dict
     order (where ``save_shared`` of the tied in-memory model puts it), with the value ``merged``
     gives; every tensor in the decoder's dtype. Above ``shard_bytes`` the tensors go to numbered
-    shards with an index, as Hugging Face shards a checkpoint; below, to one model.safetensors."""
+    shards with an index, as Hugging Face shards a checkpoint; below, to one model.safetensors.
+    plan.json carries the manifest and ``out`` the companion files of ``source`` (the checkpoint
+    directory; without one, the in-memory model's config.json), as ``save_shared`` writes them."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     state = decoder.skeleton.state_dict()
     class_of = {name: tuple(group) for group in plan.groups if len(group) >= 2 for name in group}
     aliases = _model_aliases(decoder.skeleton, list(state))
+    _declared_ties(decoder, state, aliases)
     stored: dict[tuple[str, ...], str] = {}
     entries: list[Entry] = []
     for name, t in state.items():
@@ -82,6 +59,7 @@ def save_streamed(decoder: Decoder, plan: SharingPlan, merged: Callable[[tuple[s
         if c is not None:
             stored[c] = name
         entries.append((name, tuple(t.shape), decoder.dtype if t.is_floating_point() else t.dtype))
+    aliases = {name: aliases[name] for name in state if name in aliases}  # state-dict order, as save_shared lists them
     dtypes = {name: dtype for name, _, dtype in entries}
 
     def produce(name: str) -> Tensor:
@@ -89,24 +67,38 @@ def save_streamed(decoder: Decoder, plan: SharingPlan, merged: Callable[[tuple[s
         value = merged(c) if c is not None else decoder.checkpoint.tensor(name)
         return value.to(dtype=dtypes[name])
 
-    extra = extra or {}
+    src = resolve_source(source, decoder.skeleton)
+    model_class = type(decoder.skeleton).__name__
+    extra = {**(extra or {}), **describe(plan, aliases, None, model_class, src)}
+    write_weights(folder, entries, produce, tensor_metadata(extra), shard_bytes=shard_bytes)
+    unique = sum(_numel(shape) for _, shape, _ in entries)
+    write_plan_file(folder, plan, aliases, unique, extra)
+    write_companions(folder, src, model_class)
+    return unique
+
+
+def write_weights(folder: Path, entries: Sequence[Entry], produce: Callable[[str], Tensor],
+                  metadata: dict[str, str], *, shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """The tensors of ``entries`` (produced one at a time, in order) as Hugging Face lays them out:
+    one model.safetensors up to ``shard_bytes``, above that numbered shards of at most that size with
+    model.safetensors.index.json; an earlier save's other layout in ``folder`` is removed (it would be
+    read first). Returns the files written."""
     shards = _shards(entries, shard_bytes)
     if len(shards) == 1:
-        write_safetensors(folder / WEIGHTS, entries, produce, tensor_metadata(extra))
+        write_safetensors(folder / WEIGHTS, entries, produce, metadata)
+        written = [WEIGHTS]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, part in zip(names, shards, strict=True):
-            write_safetensors(folder / name, part, produce, tensor_metadata(extra))
+            write_safetensors(folder / name, part, produce, metadata)
         index = {"metadata": {"total_size": sum(_nbytes(e) for e in entries)},
                  "weight_map": {e[0]: name for name, part in zip(names, shards, strict=True) for e in part}}
         (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    written = {WEIGHTS} if len(shards) == 1 else {WEIGHTS_INDEX, *names}
+        written = [WEIGHTS_INDEX, *names]
     for stale in [folder / WEIGHTS, folder / WEIGHTS_INDEX, *folder.glob("model-*-of-*.safetensors")]:
-        if stale.name not in written and stale.is_file():  # an earlier save's other layout would be read first
+        if stale.name not in written and stale.is_file():
             stale.unlink()
-    unique = sum(_numel(shape) for _, shape, _ in entries)
-    write_plan_file(folder, plan, aliases, unique, extra)
-    return unique
+    return written
 
 
 def _model_aliases(model: torch.nn.Module, order: list[str]) -> dict[str, str]:
@@ -122,6 +114,15 @@ def _model_aliases(model: torch.nn.Module, order: list[str]) -> dict[str, str]:
         present = sorted((n for n in group if n in rank), key=rank.__getitem__)
         aliases.update(dict.fromkeys(present[1:], present[0]) if present else {})
     return aliases
+
+
+def _declared_ties(decoder: Decoder, state: dict[str, Tensor], aliases: dict[str, str]) -> None:
+    """Adds to ``aliases`` the ties transformers declares (``all_tied_weights_keys``, set when the
+    config ties them: an LM head reading the embeddings) whose target the checkpoint lacks, as the
+    decoder reads it: a streamed skeleton loses the tie's identity once its embeddings are loaded."""
+    for target, source in (getattr(decoder.skeleton, "all_tied_weights_keys", None) or {}).items():
+        if target in state and source in state and target not in aliases and target not in decoder.checkpoint:
+            aliases[target] = aliases.get(source, source)
 
 
 def _shards(entries: Sequence[Entry], limit: int) -> list[list[Entry]]:
