@@ -154,7 +154,9 @@ def pattern_plans(
 ) -> list[SharingPlan]:
     """Each pattern's ``per_pattern`` cheapest class allocations that fill the budget (no family
     could take one more class), cheapest first per pattern; patterns that cannot meet the budget
-    give nothing, and those not reached by ``deadline`` neither."""
+    give nothing, and those not reached by ``deadline`` neither; ``per_pattern`` 0 gives none."""
+    if per_pattern < 1:
+        return []
     problem = with_config(problem, config)
     fams = build_families(problem)
     budget = problem.budget_params()

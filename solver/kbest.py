@@ -269,8 +269,11 @@ def k_best_combinations(
 
     K shortest paths layer by layer: after each family, every reachable params total keeps its
     n cheapest partial sums, each found lazily as a k-best sum of two sorted lists. Nothing
-    (an empty list) when ``deadline`` passes before the last family: partial layers rank nothing.
+    (an empty list) when ``deadline`` passes before the last family: partial layers rank nothing,
+    and none when ``n`` < 1 (a later family would find no partial sum to extend).
     """
+    if n < 1:
+        return []
     rest_min = [0] * (len(tables) + 1)
     for f in range(len(tables) - 1, -1, -1):
         rest_min[f] = rest_min[f + 1] + min(params[f][k] for k in tables[f])

@@ -187,3 +187,13 @@ def test_normalized_top_plans_rank_by_size_normalized_costs():
     assert all(p.objective == pytest.approx(objective(problem, p.coloring)) for p in plans)
     pool = candidate_plans(problem, top=3, normalized_top=3)
     assert any(p.strategy.startswith("norm-") for p in pool if p.strategy)
+
+
+def test_per_pattern_zero_lists_no_pattern_plans():
+    # `geoshare compress --per-pattern 0` raised IndexError: n=0 left a family's list empty
+    problem = random_problem([6, 6, 5], seed=3, ratio=0.6)
+    assert pattern_plans(problem, per_pattern=0) == []
+    pool = candidate_plans(problem, top=3, per_pattern=0)
+    assert len(pool) == 3 and all(p.strategy is None or p.strategy.startswith("top-") for p in pool)
+    tables = [{1: [kbest.FamilyOption(1.0, (0,))]}] * 2
+    assert k_best_combinations(tables, [{1: 10}] * 2, None, 0) == []
