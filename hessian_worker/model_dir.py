@@ -334,7 +334,7 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu",
         PlanError: ``path`` is not a saved shared model, has no config.json, or its tensors do not
             fit the architecture.
     """
-    from hessian_worker.io import WEIGHTS, has_weights, load_shared
+    from hessian_worker.io import WEIGHTS, has_weights
 
     src = Path(path)
     if not has_weights(src) or not is_compressed(src):
@@ -346,13 +346,11 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu",
     kwargs: dict[str, Any] = {"dtype": build_dtype(dtypes)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = architecture(config, meta.get("model_class"))(config, **kwargs)
-    plan = load_shared(model, src)
-    for name, dtype in dtypes.items():  # a tensor saved in another dtype than the rest keeps its own
-        owner, _, leaf = name.rpartition(".")
-        t = getattr(model.get_submodule(owner) if owner else model, leaf)
-        if t.is_floating_point() and t.dtype != dtype:
-            t.data = t.data.to(dtype)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is loaded next: random values would only cost memory
+        model = architecture(config, meta.get("model_class"))(config, **kwargs)
+    plan = load_mapped(model, src, meta)
     if (src / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
         from transformers import GenerationConfig
 
@@ -362,6 +360,58 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu",
     kept = {k: v for k, v in meta.items() if k not in WRITTEN}
     attach(model, plan, Source(recorded.get("model"), companion_files(src), recorded.get("sha256") or {}, kept))
     return model
+
+
+def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
+    """Ties (and, under the basis scheme, rebuilds) ``model``, built without initializing its
+    weights, as saved, then points each stored tensor's Parameter at the file's memory-mapped
+    tensor instead of copying it; returns the plan.
+
+    Why not ``load_shared``: it copies the file into weights that were already initialized, so
+    loading a compressed model peaked above loading the dense original (which transformers maps).
+    Mapped, an alias and its class share one Parameter and so one mapped tensor, pages are read
+    only when used, and each tensor keeps its stored dtype. Weights left uninitialized are the
+    non-persistent buffers (position ids, rotary frequencies) that transformers fills in
+    ``_init_weights``: every loaded tensor is marked ``_is_hf_initialized`` and
+    ``initialize_weights`` fills only the rest, as ``from_pretrained`` does.
+
+    Raises:
+        PlanError: the saved tensors do not fit the architecture, or an alias is a separate tensor.
+    """
+    from hessian_worker.apply import tie
+    from hessian_worker.basis.modules import WEIGHT_SUFFIX, rebuild
+    from hessian_worker.io import read_weights
+    from hessian_worker.merge import plan_groups
+    from solver.schema import SharingPlan
+
+    plan = SharingPlan.model_validate(meta["plan"])
+    aliases: dict[str, str] = meta.get("aliases", {})
+    if hasattr(model, "tie_weights"):  # the architecture's own ties (skipped with the initialization)
+        model.tie_weights()
+    rebuilt: set[str] = set()
+    if meta.get("scheme") == "basis":
+        rebuild(model, meta["basis"])
+        rebuilt = {f"{path}{WEIGHT_SUFFIX}" for path in meta["basis"]}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tie(model, plan_groups([g for g in plan.groups if not set(g) & rebuilt], params))
+    tensors = read_weights(src)
+    state = model.state_dict(keep_vars=True)
+    missing = [k for k in state if k not in tensors and k not in aliases]
+    unexpected = [k for k in tensors if k not in state]
+    wrong = [k for k, t in tensors.items() if k in state and tuple(state[k].shape) != tuple(t.shape)]
+    if missing or unexpected or wrong:
+        raise PlanError(f"saved tensors do not fit {type(model).__name__}: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}, other shapes {wrong[:5]}; is config.json the source model's?")
+    for name, t in tensors.items():
+        state[name].data = t
+        state[name]._is_hf_initialized = True
+    state = model.state_dict(keep_vars=True)
+    untied = [a for a, c in aliases.items() if state[a].data_ptr() != state[c].data_ptr()]
+    if untied:
+        raise PlanError(f"these saved aliases are separate tensors in {type(model).__name__}: {untied[:5]}")
+    if hasattr(model, "initialize_weights"):
+        model.initialize_weights()
+    return plan
 
 
 def attach(model: nn.Module, plan: Any, source: Source) -> None:
