@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import errors
 from service.compress import CompressResult
-from service.db import SOLVE_KINDS, Store
+from service.db import Store
 from service.limits import AuthMiddleware, BodyLimitMiddleware, ProblemParser
 from service.metrics import Metrics, MetricsMiddleware
 from service.models import AnalysisSpec, ClaimRequest, FailRequest
@@ -29,6 +29,7 @@ from service.notify import Notifier
 from service.routes import analyses, frontiers, health, plans
 from service.runner import Runner
 from service.settings import Settings
+from service.states import SOLVE_KINDS
 from solver import SharingProblem
 
 log = logging.getLogger("geoshare.api")

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from service.compress import CompressReport
+from service.states import TERMINAL, JobState
 from solver import SharingPlan, SharingProblem
 from solver.errors import GeoShareError
 
@@ -131,7 +132,7 @@ class GeoShareClient:
         """
         first = min(timeout, _LONG_POLL_S) if timeout is not None else _LONG_POLL_S
         job = self.submit_plan(problem, wait=first)
-        if job["state"] in ("succeeded", "failed", "cancelled"):
+        if job["state"] in TERMINAL:
             return _plan_or_raise(job)
         left = None if timeout is None else max(0.0, timeout - first)
         return self.wait_plan(job["id"], timeout=left)
@@ -199,7 +200,7 @@ class GeoShareClient:
                              "submit_analysis for a costs-only analysis")
         job = self.submit_analysis(data, idempotency_key=idempotency_key)
         job = self.wait_analysis(job["id"], timeout=timeout)
-        if job["state"] != "succeeded":
+        if job["state"] != JobState.succeeded:
             _plan_or_raise(job)
         return CompressReport.model_validate(job["report"])
 
@@ -252,7 +253,7 @@ class GeoShareClient:
                 raise TimeoutError(f"job {job_id} did not finish within {timeout} s; it keeps running")
             r = self._request("GET", f"{base}/{job_id}", params={"wait": left}, timeout=self.timeout + left)
             job = self._json(r)
-            if job["state"] in ("succeeded", "failed", "cancelled"):
+            if job["state"] in TERMINAL:
                 return job
 
 
@@ -265,9 +266,9 @@ def _retry_after(r: httpx.Response) -> float | None:
 
 
 def _plan_or_raise(job: dict[str, Any]) -> SharingPlan:
-    if job["state"] == "succeeded":
+    if job["state"] == JobState.succeeded:
         return SharingPlan.model_validate(job["plan"])
-    if job["state"] == "failed":
+    if job["state"] == JobState.failed:
         err = job.get("error") or {"title": "Failed", "status": 500}
         raise ApiError(int(err.get("status", 500)), {**err, "job": job["id"]})
     raise ApiError(409, {"title": "Cancelled", "status": 409, "detail": f"job {job['id']} was cancelled",

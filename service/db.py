@@ -1,7 +1,8 @@
-"""Job persistence through SQLAlchemy: a SQLite file by default, a Postgres URL for replicas.
+"""Job persistence with SQLAlchemy Core: a SQLite file by default, a Postgres URL for replicas.
 
 Every state change is one conditional UPDATE (``WHERE state = ...``), so two runners or two
-replicas never both take a job and a late result never overwrites a cancellation.
+replicas never both take a job and a late result never overwrites a cancellation. The statements
+are built once with bound parameters: SQLAlchemy reuses their compiled form on the request path.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Column,
     Float,
     Integer,
+    MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     bindparam,
@@ -33,41 +37,40 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-SOLVE_KINDS = ("plan", "frontier")
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.problems import lease_expired
+from service.states import TERMINAL, JobKind, JobState
 
+QUEUED, RUNNING, SOLVING = JobState.queued.value, JobState.running.value, JobState.solving.value
+FAILED, CANCELLED = JobState.failed.value, JobState.cancelled.value
 
-class Base(DeclarativeBase):
-    pass
+metadata = MetaData()
 
-
-class JobRow(Base):
-    """One job: a plan or frontier solve, or an analysis for a GPU worker."""
-
-    __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("kind", "idempotency_key", name="uq_jobs_idempotency"),)
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    request: Mapped[str] = mapped_column(Text)  # the problem (plan, frontier) or the analysis spec
-    request_hash: Mapped[str] = mapped_column(String(64))
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    problem: Mapped[str | None] = mapped_column(Text, nullable=True)  # analysis: the costs
+# One row per job: a plan or frontier solve, or an analysis for a GPU worker. Column and index
+# names are those of earlier versions, so their store files open unchanged.
+jobs_table = Table(
+    "jobs", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("kind", String(16), nullable=False, index=True),
+    Column("state", String(16), nullable=False, index=True),
+    Column("request", Text, nullable=False),  # the problem (plan, frontier) or the analysis spec
+    Column("request_hash", String(64), nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("problem", Text),  # analysis: the costs
     # plan: the plan; frontier: the frontier; analysis: the compress report (its plan is a child job)
-    result: Mapped[str | None] = mapped_column(Text, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
-    child_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[float] = mapped_column(Float, index=True)
-    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    Column("result", Text),
+    Column("error", Text),  # a problem document (RFC 9457), as JSON
+    Column("parent_id", String(32), index=True),
+    Column("child_id", String(32)),
+    Column("owner", String(128)),
+    Column("lease_token", String(64)),
+    Column("lease_expires", Float),
+    Column("attempts", Integer, nullable=False),
+    Column("created_at", Float, nullable=False, index=True),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    UniqueConstraint("kind", "idempotency_key", name="uq_jobs_idempotency"),
+)
 
 
 @dataclass(frozen=True)
@@ -101,34 +104,58 @@ class Job:
         return json.loads(self.error) if self.error else None
 
 
-def _snapshot(row: JobRow) -> Job:
-    return Job(**{f: getattr(row, f) for f in Job.__dataclass_fields__})
+def new_job(kind: str, request: str, request_hash: str, idempotency_key: str | None = None,
+            parent_id: str | None = None) -> Job:
+    """A queued job not yet stored."""
+    return Job(id=uuid.uuid4().hex, kind=kind, state=QUEUED, request=request, request_hash=request_hash,
+               idempotency_key=idempotency_key, problem=None, result=None, error=None, parent_id=parent_id,
+               child_id=None, owner=None, lease_token=None, lease_expires=None, attempts=0,
+               created_at=time.time(), started_at=None, finished_at=None)
 
 
-# The statements of every plan request (create, claim, finish, get), built once as Core
-# statements with bound parameters: SQLAlchemy then reuses their compiled form, and the ORM's
-# unit of work (a third of a millisecond per statement here) stays out of the request path.
-_JOBS = JobRow.__table__
-_FIELDS = [_JOBS.c[f] for f in Job.__dataclass_fields__]  # Job(*row) takes them in this order
-_GET = select(*_FIELDS).where(_JOBS.c.id == bindparam("b_id"))
-_BY_KEY = select(*_FIELDS).where(_JOBS.c.kind == bindparam("b_kind"), _JOBS.c.idempotency_key == bindparam("b_key"))
-_COUNT = select(func.count()).select_from(_JOBS).where(
-    _JOBS.c.kind.in_(bindparam("b_kinds", expanding=True)), _JOBS.c.state == bindparam("b_state"))
-_INSERT = insert(_JOBS)
-_OLDEST_QUEUED = select(_JOBS.c.id).where(
-    _JOBS.c.kind.in_(bindparam("b_kinds", expanding=True)), _JOBS.c.state == "queued"
-).order_by(_JOBS.c.created_at).limit(1)
-_CLAIM = update(_JOBS).where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state == "queued").values(
-    state="running", owner=bindparam("b_owner"), lease_token=bindparam("b_token"),
-    lease_expires=bindparam("b_expires"), started_at=bindparam("b_now"), attempts=_JOBS.c.attempts + 1)
-_HELD = (_JOBS.c.id == bindparam("b_id"), _JOBS.c.lease_token == bindparam("b_token"), _JOBS.c.state == "running")
-_RENEW = update(_JOBS).where(*_HELD).values(lease_expires=bindparam("b_expires"))
-_FINISH = update(_JOBS).where(*_HELD).values(
+_J = jobs_table.c
+_FIELDS = [_J[f] for f in Job.__dataclass_fields__]  # Job(*row) takes them in this order
+_ID = _J.id == bindparam("b_id")
+_KINDS = _J.kind.in_(bindparam("b_kinds", expanding=True))
+_OPEN = _J.state.not_in(TERMINAL)
+_NO_LEASE = {"lease_token": None, "lease_expires": None}
+_BACK_IN_QUEUE = {"state": QUEUED, "owner": None, "started_at": None, **_NO_LEASE}
+
+_GET = select(*_FIELDS).where(_ID)
+_BY_KEY = select(*_FIELDS).where(_J.kind == bindparam("b_kind"), _J.idempotency_key == bindparam("b_key"))
+_COUNT = select(func.count()).select_from(jobs_table).where(_KINDS, _J.state == bindparam("b_state"))
+_INSERT = insert(jobs_table)
+_OLDEST_QUEUED = select(_J.id).where(_KINDS, _J.state == QUEUED).order_by(_J.created_at).limit(1)
+_CLAIM = update(jobs_table).where(_ID, _J.state == QUEUED).values(
+    state=RUNNING, owner=bindparam("b_owner"), lease_token=bindparam("b_token"),
+    lease_expires=bindparam("b_expires"), started_at=bindparam("b_now"), attempts=_J.attempts + 1)
+_HELD = (_ID, _J.lease_token == bindparam("b_token"), _J.state == RUNNING)
+_RENEW = update(jobs_table).where(*_HELD).values(lease_expires=bindparam("b_expires"))
+_FINISH = update(jobs_table).where(*_HELD).values(
     state=bindparam("b_state"), result=bindparam("b_result"), error=bindparam("b_error"),
-    finished_at=bindparam("b_now"), lease_token=None, lease_expires=None)
-_RETURNING = {stmt: stmt.returning(*_FIELDS) for stmt in (_CLAIM, _FINISH)}
-_FINISH_PARENT = update(_JOBS).where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state == "solving").values(
+    finished_at=bindparam("b_now"), **_NO_LEASE)
+_FINISH_PARENT = update(jobs_table).where(_ID, _J.state == SOLVING).values(
     state=bindparam("b_state"), error=bindparam("b_error"), finished_at=bindparam("b_now"))
+_CANCEL = update(jobs_table).where(_ID, _OPEN).values(state=CANCELLED, finished_at=bindparam("b_now"),
+                                                     **_NO_LEASE)
+_RELEASE = update(jobs_table).where(*_HELD).values(attempts=_J.attempts - 1, **_BACK_IN_QUEUE)
+_REQUEUE_RUNNING = update(jobs_table).where(_KINDS, _J.state == RUNNING).values(**_BACK_IN_QUEUE)
+_RUNNING_IDS = select(_J.id).where(_KINDS, _J.state == RUNNING)
+_EXPIRED = (_J.state == RUNNING, _J.lease_expires < bindparam("b_now"))
+_EXPIRED_ROWS = select(_J.id, _J.attempts).where(*_EXPIRED)
+_REAP_REQUEUE = update(jobs_table).where(_ID, *_EXPIRED).values(**_BACK_IN_QUEUE)
+_REAP_FAIL = update(jobs_table).where(_ID, *_EXPIRED).values(
+    state=FAILED, error=bindparam("b_error"), finished_at=bindparam("b_now"), **_NO_LEASE)
+# an analysis's worker reports back: its costs in and a plan queued, or its failure
+_ANALYSIS_HELD = (*_HELD, _J.kind == JobKind.analysis.value)
+_ANALYSIS_DONE = update(jobs_table).where(*_ANALYSIS_HELD).values(
+    state=SOLVING, problem=bindparam("b_problem"), child_id=bindparam("b_child"), result=bindparam("b_report"),
+    **_NO_LEASE)
+_ANALYSIS_RETRY = update(jobs_table).where(*_ANALYSIS_HELD).values(**_BACK_IN_QUEUE)
+_ANALYSIS_FAIL = update(jobs_table).where(*_ANALYSIS_HELD).values(
+    state=FAILED, error=bindparam("b_error"), finished_at=bindparam("b_now"), **_NO_LEASE)
+_RETURNING = {stmt: stmt.returning(*_FIELDS)
+              for stmt in (_CLAIM, _FINISH, _ANALYSIS_DONE, _ANALYSIS_RETRY, _ANALYSIS_FAIL)}
 
 
 def engine_for(url: str) -> Engine:
@@ -168,7 +195,7 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.engine = engine_for(url)
-        Base.metadata.create_all(self.engine)
+        metadata.create_all(self.engine)
         self._returning = self.engine.dialect.update_returning  # SQLite >= 3.35, Postgres
 
     def _update_one(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Job | None:
@@ -218,10 +245,7 @@ class Store:
             old = self.by_idempotency(kind, idempotency_key)
             if old is not None:
                 return self.same_request(old, request_hash), False
-        job = Job(id=uuid.uuid4().hex, kind=kind, state="queued", request=request, request_hash=request_hash,
-                  idempotency_key=idempotency_key, problem=None, result=None, error=None, parent_id=parent_id,
-                  child_id=None, owner=None, lease_token=None, lease_expires=None, attempts=0,
-                  created_at=time.time(), started_at=None, finished_at=None)
+        job = new_job(kind, request, request_hash, idempotency_key, parent_id)
         try:
             with self.engine.begin() as conn:
                 conn.execute(_INSERT, dataclasses.asdict(job))
@@ -245,7 +269,7 @@ class Store:
             raise IdempotencyMismatch(job)
         return job
 
-    # --- solve jobs (runner side) ------------------------------------------------------------
+    # --- leases (solve processes and GPU workers) --------------------------------------------
 
     def claim(self, kinds: Sequence[str], owner: str, lease_s: float) -> Job | None:
         """Take the oldest queued job of these kinds; None when there is none."""
@@ -280,60 +304,44 @@ class Store:
                                               "b_now": job.finished_at})
             return job
 
-    def cancel(self, job_id: str) -> Job | None:
-        """Cancel a job that has not finished (and its plan, for an analysis); None if unknown."""
-        with Session(self.engine) as s, s.begin():
-            row = s.get(JobRow, job_id)
-            if row is None:
-                return None
-            if row.state not in TERMINAL:
-                s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state.not_in(TERMINAL)).values(
-                    state="cancelled", finished_at=time.time(), lease_token=None, lease_expires=None))
-                if row.child_id:
-                    s.execute(update(JobRow).where(JobRow.id == row.child_id, JobRow.state.not_in(TERMINAL)).values(
-                        state="cancelled", finished_at=time.time(), lease_token=None, lease_expires=None))
-            row = s.get(JobRow, job_id, populate_existing=True)
-            assert row is not None
-            return _snapshot(row)
+    def release(self, job_id: str, token: str) -> bool:
+        """Give a running job back to the queue (this server is shutting down)."""
+        with self.engine.begin() as conn:
+            return conn.execute(_RELEASE, {"b_id": job_id, "b_token": token}).rowcount == 1
 
     def requeue_running(self, kinds: Sequence[str]) -> list[str]:
         """Put every running job of these kinds back in the queue (a restarted single replica)."""
-        with Session(self.engine) as s, s.begin():
-            ids = list(s.scalars(select(JobRow.id).where(JobRow.kind.in_(list(kinds)), JobRow.state == "running")))
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(_RUNNING_IDS, {"b_kinds": list(kinds)}).scalars())
             if ids:
-                s.execute(update(JobRow).where(JobRow.id.in_(ids), JobRow.state == "running").values(
-                    state="queued", owner=None, lease_token=None, lease_expires=None, started_at=None))
+                conn.execute(_REQUEUE_RUNNING, {"b_kinds": list(kinds)})
             return ids
-
-    def release(self, job_id: str, token: str) -> bool:
-        """Give a running job back to the queue (this server is shutting down)."""
-        with Session(self.engine) as s, s.begin():
-            res = s.execute(update(JobRow).where(
-                JobRow.id == job_id, JobRow.lease_token == token, JobRow.state == "running"
-            ).values(state="queued", owner=None, lease_token=None, lease_expires=None, started_at=None,
-                     attempts=JobRow.attempts - 1))
-            return res.rowcount == 1
 
     def reap_expired(self, max_attempts: int) -> list[str]:
         """Running jobs whose lease ran out go back to the queue, or fail after max_attempts."""
         now = time.time()
         changed: list[str] = []
-        with Session(self.engine) as s, s.begin():
-            rows = s.scalars(select(JobRow).where(JobRow.state == "running", JobRow.lease_expires < now)).all()
-            for row in rows:
-                if row.attempts >= max_attempts:
-                    err = {"type": "urn:geoshare:problem:lease-expired", "title": "The job lost its worker too often",
-                           "status": 500, "detail": f"{row.attempts} claims of this job expired without a result; "
-                           "check the workers' logs (out of memory?) and submit it again"}
-                    values: dict[str, Any] = {"state": "failed", "error": json.dumps(err), "finished_at": now}
+        with self.engine.begin() as conn:
+            for job_id, attempts in conn.execute(_EXPIRED_ROWS, {"b_now": now}).all():
+                if attempts >= max_attempts:
+                    stmt, params = _REAP_FAIL, {"b_error": json.dumps(lease_expired(attempts))}
                 else:
-                    values = {"state": "queued", "owner": None, "started_at": None}
-                res = s.execute(update(JobRow).where(
-                    JobRow.id == row.id, JobRow.state == "running", JobRow.lease_expires < now
-                ).values(lease_token=None, lease_expires=None, **values))
-                if res.rowcount == 1:
-                    changed.append(row.id)
+                    stmt, params = _REAP_REQUEUE, {}
+                if conn.execute(stmt, {"b_id": job_id, "b_now": now, **params}).rowcount == 1:
+                    changed.append(job_id)
         return changed
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a job that has not finished (and its plan, for an analysis); None if unknown."""
+        with self.engine.begin() as conn:
+            row = conn.execute(_GET, {"b_id": job_id}).first()
+            if row is None:
+                return None
+            now = time.time()
+            conn.execute(_CANCEL, {"b_id": job_id, "b_now": now})
+            if row.child_id:
+                conn.execute(_CANCEL, {"b_id": row.child_id, "b_now": now})
+            return Job(*conn.execute(_GET, {"b_id": job_id}).one())
 
     # --- analyses (GPU worker side) ----------------------------------------------------------
 
@@ -345,29 +353,22 @@ class Store:
         The report goes in the analysis row's ``result``, unused by analyses before, so a store
         file from an earlier version needs no new column.
         """
-        with Session(self.engine) as s, s.begin():
-            row = s.get(JobRow, job_id)
-            if row is None or row.kind != "analysis" or row.state != "running" or row.lease_token != token:
-                return None
-            child = JobRow(id=uuid.uuid4().hex, kind="plan", state="queued", request=plan_request,
-                           request_hash=plan_hash, parent_id=job_id, attempts=0, created_at=time.time())
-            s.add(child)
-            row.state, row.problem, row.child_id, row.result = "solving", problem, child.id, report
-            row.lease_token = row.lease_expires = None
-            s.flush()
-            return _snapshot(row)
+        child = new_job(JobKind.plan.value, plan_request, plan_hash, parent_id=job_id)
+        with self.engine.begin() as conn:
+            job = self._update_one(conn, _ANALYSIS_DONE, {
+                "b_id": job_id, "b_token": token, "b_problem": problem, "b_child": child.id, "b_report": report})
+            if job is not None:
+                conn.execute(_INSERT, dataclasses.asdict(child))
+            return job
 
     def fail_analysis(self, job_id: str, token: str, error: dict[str, Any], retry: bool,
                       max_attempts: int) -> Job | None:
         """A worker gave up: fail the job, or queue it again when the worker says it may help."""
-        with Session(self.engine) as s, s.begin():
-            row = s.get(JobRow, job_id)
-            if row is None or row.kind != "analysis" or row.state != "running" or row.lease_token != token:
+        with self.engine.begin() as conn:
+            row = conn.execute(_GET, {"b_id": job_id}).first()
+            if row is None:
                 return None
             if retry and row.attempts < max_attempts:
-                row.state, row.owner, row.started_at = "queued", None, None
-            else:
-                row.state, row.error, row.finished_at = "failed", json.dumps(error), time.time()
-            row.lease_token = row.lease_expires = None
-            s.flush()
-            return _snapshot(row)
+                return self._update_one(conn, _ANALYSIS_RETRY, {"b_id": job_id, "b_token": token})
+            return self._update_one(conn, _ANALYSIS_FAIL, {
+                "b_id": job_id, "b_token": token, "b_error": json.dumps(error), "b_now": time.time()})

@@ -11,13 +11,14 @@ from fastapi import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from service.db import SOLVE_KINDS, IdempotencyMismatch, Job, Store
+from service.db import IdempotencyMismatch, Job, Store
 from service.errors import problem_response
 from service.limits import caps_problem, request_hash
 from service.notify import Notifier
 from service.problems import ApiProblem
 from service.runner import Runner
 from service.settings import Settings
+from service.states import FINISHED, SOLVE_KINDS, JobState
 from solver import SharingProblem
 
 JSON = "application/json"
@@ -42,7 +43,7 @@ def _submit_blocking(store: Store, settings: Settings, kind: str, request: str,
         old = store.by_idempotency(kind, idempotency_key)
         if old is not None:
             return Store.same_request(old, digest), False
-    queued = store.count(queue_kinds, "queued")
+    queued = store.count(queue_kinds, JobState.queued.value)
     if queued >= settings.max_queue:
         raise ApiProblem(429, "queue-full", "Too many requests",
                          f"{queued} jobs are queued, the most this server holds (GEOSHARE_MAX_QUEUE); "
@@ -104,7 +105,7 @@ async def cancel(store: Store, job: Job, what: str) -> Job:
     ``what`` names the job in the message ("plan job <id>"); killing its process and waking its
     waiters stay with the caller, which knows whether a child solve exists.
     """
-    if job.state in ("succeeded", "failed"):
+    if job.state in FINISHED:
         raise ApiProblem(409, "already-finished", "Conflict",
                          f"{what} already {job.state}; there is nothing to cancel", id=job.id)
     cancelled = await run_in_threadpool(store.cancel, job.id)
@@ -118,7 +119,7 @@ def json_response(view: BaseModel, status: int = 200, headers: dict[str, str] | 
 
 def answer(job: Job, view: BaseModel, location: str, *, failed_as_problem: bool) -> Response:
     """200 when done, 202 + Location while pending; a failure as its problem document on submit."""
-    if job.state == "failed" and failed_as_problem:
+    if job.state == JobState.failed and failed_as_problem:
         doc: dict[str, Any] = job.error_doc() or {"type": "about:blank", "title": "Failed", "status": 500}
         return problem_response({**doc, "job": job.id, "instance": location},
                                 {"Location": location})

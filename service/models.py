@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from hessian_worker.options import Backend as WorkerBackend
 from service.compress import CompressReport, CompressSpec
 from service.problems import ProblemDetail
+from service.states import JobState
 from solver import SharingPlan, SharingProblem
 from solver.planning import Frontier
 from solver.schema import CostKind
@@ -22,15 +23,6 @@ if TYPE_CHECKING:  # the client and the GPU worker use these models without SQLA
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class JobState(str, Enum):
-    queued = "queued"
-    running = "running"  # a solve process, or a GPU worker holding the lease, works on it
-    solving = "solving"  # analyses only: costs are in, their plan is being solved
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
 
 
 class Links(BaseModel):

@@ -36,6 +36,13 @@ def problem(status: int, slug: str, title: str, detail: str | None = None, **ext
     return doc
 
 
+def lease_expired(attempts: int) -> dict[str, Any]:
+    """Why a job failed after its workers' leases ran out ``attempts`` times (none reported back)."""
+    return problem(500, "lease-expired", "The job lost its worker too often",
+                   f"{attempts} claims of this job expired without a result; check the workers' logs "
+                   "(out of memory?) and submit it again")
+
+
 class ApiProblem(Exception):
     """Raised anywhere in the service to answer with a problem document."""
 

@@ -16,10 +16,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from service.db import SOLVE_KINDS, Job, Store
+from service.db import Job, Store
 from service.metrics import Metrics
 from service.problems import problem
 from service.settings import Settings
+from service.states import SOLVE_KINDS, JobState
+
+SUCCEEDED, FAILED, CANCELLED = JobState.succeeded.value, JobState.failed.value, JobState.cancelled.value
 
 log = logging.getLogger("geoshare.runner")
 _CTX = mp.get_context("spawn")
@@ -190,22 +193,22 @@ class Runner:
         if outcome is None:  # killed (cancel) or crashed
             proc.kill()
             current = self.store.get(job.id)
-            if current is not None and current.state == "running":
+            if current is not None and current.state == JobState.running:
                 err = problem(500, "solver-crashed", "The solve process died",
                               "the solver process exited without an answer (out of memory?); "
                               "lower options.time_limit_s or the problem size and submit again")
-                self._finish(job, "failed", None, err, elapsed)
+                self._finish(job, FAILED, None, err, elapsed)
             else:
-                self.metrics.jobs.labels(job.kind, "cancelled").inc()
+                self.metrics.jobs.labels(job.kind, CANCELLED).inc()
                 self.notify(job.id)
             return
         status, payload = outcome
         if status == "ok":
             assert isinstance(payload, str)
-            self._finish(job, "succeeded", payload, None, elapsed)
+            self._finish(job, SUCCEEDED, payload, None, elapsed)
         else:
             assert isinstance(payload, dict)
-            self._finish(job, "failed", None, payload, elapsed)
+            self._finish(job, FAILED, None, payload, elapsed)
 
     def _exchange(self, proc: _Process, job: Job) -> tuple[str, Any] | None:
         """Send the job and wait for its answer, renewing the lease; None if the process died."""
@@ -253,7 +256,7 @@ class Runner:
         assert job.lease_token is not None
 
         done = self.store.finish(job.id, job.lease_token, state, result, error)
-        outcome = state if done is not None else "cancelled"
+        outcome = state if done is not None else CANCELLED
         self.metrics.solve_seconds.labels(job.kind, outcome).observe(elapsed)
         self.metrics.jobs.labels(job.kind, outcome).inc()
         self.notify(job.id)

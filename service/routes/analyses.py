@@ -24,8 +24,11 @@ from service.errors import BODY_RESPONSES, PROBLEM_JSON, PROBLEM_RESPONSES
 from service.limits import ParsedCompletion
 from service.models import AnalysisJob, AnalysisSpec, Claim, ClaimRequest, FailRequest, Lease
 from service.problems import ApiProblem, problem
-from service.routes.plans import IdemKey, JobId, Wait
+from service.routes.solves import IdemKey, JobId, Wait
 from service.settings import AccessSettings
+from service.states import JobKind
+
+ANALYSIS = JobKind.analysis.value
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"], dependencies=Auth)
 
@@ -58,9 +61,9 @@ def _lost(job_id: str) -> ApiProblem:
 
 
 async def _view(store: StoreDep, job_id: str) -> tuple[Job, AnalysisJob]:
-    job = await run_in_threadpool(store.get, job_id, ("analysis",))
+    job = await run_in_threadpool(store.get, job_id, (ANALYSIS,))
     if job is None:
-        raise jobs.not_found("analysis", job_id)
+        raise jobs.not_found(ANALYSIS, job_id)
     child = await run_in_threadpool(store.get, job.child_id) if job.child_id else None
     return job, AnalysisJob.of(job, child)
 
@@ -83,7 +86,7 @@ async def create_analysis(request: Request, parser: ParserDep, store: StoreDep, 
     denied = await run_in_threadpool(_denied, spec, settings)  # realpath may touch a slow mount
     if denied is not None:
         raise denied
-    job = await jobs.submit(store, None, settings, "analysis", spec.stored(), idempotency_key)
+    job = await jobs.submit(store, None, settings, ANALYSIS, spec.stored(), idempotency_key)
     view = AnalysisJob.of(job, None)
     status = 200 if job.terminal else 202
     return jobs.json_response(view, status, {"Location": _location(job.id)})
@@ -114,7 +117,7 @@ async def claim_analysis(request: Request, parser: ParserDep, store: StoreDep, n
     """Take the oldest queued analysis under a lease; 204 when the queue is empty."""
     body = await parser.model(request, ClaimRequest)
     lease_s = _lease_s(body.lease_s, settings)
-    job = await run_in_threadpool(store.claim, ("analysis",), body.worker, lease_s)
+    job = await run_in_threadpool(store.claim, (ANALYSIS,), body.worker, lease_s)
     if job is None:
         return Response(status_code=204)
     notifier.notify(job.id)

@@ -6,11 +6,11 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
-from service.db import SOLVE_KINDS
 from service.deps import MetricsDep, RunnerDep, StoreDep
 from service.errors import problem_response
 from service.models import Health
 from service.problems import problem
+from service.states import JobKind, JobState
 
 router = APIRouter(tags=["health"])
 
@@ -42,6 +42,6 @@ async def readyz(store: StoreDep, runner: RunnerDep) -> Response:
     200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 async def metrics(metrics: MetricsDep, store: StoreDep, runner: RunnerDep) -> Response:
     """Request counts and latencies, solve times, queue depth, running jobs."""
-    for kind in (*SOLVE_KINDS, "analysis"):
-        metrics.queue_depth.labels(kind).set(await run_in_threadpool(store.count, (kind,), "queued"))
+    for kind in JobKind:
+        metrics.queue_depth.labels(kind.value).set(await run_in_threadpool(store.count, (kind.value,), JobState.queued.value))
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
