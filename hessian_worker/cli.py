@@ -1,4 +1,4 @@
-"""``geoshare analyze``, ``apply``, ``compress`` and ``export``.
+"""``geoshare analyze``, ``apply``, ``compress``, ``export`` and ``evaluate``.
 
 This module is imported by the solver's CLI, so it must not import torch at import time: every
 heavy import happens inside the handlers. The choices of the enum flags are the values of the
@@ -137,6 +137,7 @@ def add_commands(subparsers: Any) -> None:
     e.add_argument("-o", "--output", required=True, help="the new directory")
     e.add_argument("--shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB")
     e.set_defaults(func=_run_export)
+    _add_evaluate(subparsers)
 
 
 def _streaming_options(parser: argparse.ArgumentParser) -> None:
@@ -382,6 +383,9 @@ def _run_compress(args: argparse.Namespace) -> int:
     text = report.model_dump_json(indent=2, exclude={"plan", "problem"})
     (Path(args.out) / "report.json").write_text(text, encoding="utf-8")
     (Path(args.out) / "problem.json").write_text(report.problem.model_dump_json(indent=2), encoding="utf-8")
+    from hessian_worker.model_card import command_line, write_card
+
+    write_card(args.out, report=json.loads(text), command=command_line(args))  # README.md: the figures, the command
     print(text)
     return 0
 
@@ -396,6 +400,59 @@ def _run_export(args: argparse.Namespace) -> int:
     except (GeoShareError, ValueError, OSError) as exc:
         return _fail(str(exc))
     print(json.dumps({"output": str(out), "format": args.format}))
+    return 0
+
+
+def _add_evaluate(subparsers: Any) -> None:
+    """``geoshare evaluate``: a saved model against its source on the user's samples (hessian_worker.evaluation)."""
+    v = subparsers.add_parser("evaluate", help="a saved model against its source: quality, parameters, disk, peak memory")
+    v.add_argument("--model", required=True, help="the model to measure: a compressed directory (or any model spec)")
+    v.add_argument("--reference", default=None,
+                   help="the source model's spec (default: the source recorded in the directory's plan.json)")
+    v.add_argument("--data", default=None, help="text file (one sample a line) or torch.save'd tensor(s)")
+    v.add_argument("--metric", choices=("auto", "perplexity", "cosine", "distill", "task"), default="auto",
+                   help="auto: perplexity for a causal LM, embedding cosine for an encoder, else the distillation loss")
+    v.add_argument("--task-loss", default=None, metavar="MODULE:FUNCTION",
+                   help="a task loss (output, batch) -> scalar, measured on both models (metric task)")
+    v.add_argument("--samples", type=int, default=None)
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--max-length", type=int, default=128, help="tokens per text sample")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    v.add_argument("--card", action="store_true", help="also write the figures into the model directory's README.md")
+    v.add_argument("-o", "--output", default=None, help="where to write the report JSON")
+    v.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from solver.errors import GeoShareError
+
+    try:
+        from hessian_worker.evaluation import (
+            EvaluateConfig,
+            evaluate,
+            format_report,
+            reference_of,
+            task_loss,
+        )
+
+        config = EvaluateConfig(metric=args.metric, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+                                max_length=args.max_length, device=args.device, memory=not args.no_memory)
+        loss_fn = task_loss(args.task_loss) if args.task_loss else None
+        report = evaluate(args.model, args.reference or reference_of(args.model), args.data, config, loss_fn=loss_fn)
+        if args.output:
+            Path(args.output).write_text(report.model_dump_json(indent=2), encoding="utf-8")
+        if args.card:
+            from hessian_worker.model_card import write_card
+            from hessian_worker.model_dir import is_compressed
+
+            if not is_compressed(args.model):
+                raise ValueError(f"--card writes into a compressed directory's README.md; {args.model!r} is not one")
+            write_card(args.model, evaluation=report.model_dump(mode="json"))
+    except (GeoShareError, ValueError, OSError, RuntimeError) as exc:
+        return _fail(str(exc))
+    print(format_report(report))
     return 0
 
 

@@ -189,13 +189,15 @@ def guarded_config(data: bytes, model_class: str | None) -> bytes:
 
 
 def write_companions(out: Path, source: Source | None, model_class: str | None) -> None:
-    """Writes the source's companion files into ``out`` (config.json guarded)."""
-    if source is None:
-        return
-    for rel, data in source.files.items():
+    """Writes the source's companion files into ``out`` (config.json guarded) and the model card
+    (README.md and sharing.png, rendered from the plan.json already written: ``model_card``)."""
+    from hessian_worker.model_card import write_card
+
+    for rel, data in (source.files if source is not None else {}).items():
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(guarded_config(data, model_class) if rel == CONFIG else data)
+    write_card(out)
 
 
 def describe(plan: Any, aliases: Mapping[str, str], layout: Mapping[str, Mapping[str, Any]] | None,
