@@ -120,10 +120,12 @@ class FamilyInstance:
         if self.kind is CostKind.pairwise:
             return total + float(np.triu(finite, 1).sum())
         np.fill_diagonal(finite, 0.0)
-        # class c with representative r pays column r's sum over c; the best r inside c
-        onehot = labels[None, :] == np.arange(int(labels.max()) + 1)[:, None]  # (classes, n)
-        colsum = onehot.astype(float) @ finite
-        return total + float(np.where(onehot, colsum, np.inf).min(axis=1).sum())
+        # a class with representative r pays column r's sum over the class (finite is zero
+        # outside it); the best r inside each class. O(n^2), not O(classes * n^2) as a one-hot
+        # product: agglomerative offers a labelling per class count (288 layers: 1 s -> 0.1 s)
+        best = np.full(int(labels.max()) + 1, np.inf)
+        np.minimum.at(best, labels, finite.sum(axis=0))
+        return total + float(best.sum())
 
     def is_feasible(self, labels: np.ndarray) -> bool:
         """Whether a labelling of the layers meets every constraint of this family."""

@@ -31,28 +31,25 @@ def agglomerative(up: UnitProblem) -> dict[int, np.ndarray]:
         cw = up.pair.copy()  # cost between classes
     else:
         tsum = up.take.copy()  # (classes, L) summed take
-        reps = [set(np.flatnonzero(up.home == u).tolist()) for u in range(m)]
-        ccost = np.zeros(m)
+        reps = up.home[None, :] == np.arange(m)[:, None]  # (classes, L) layers inside each class
+        ccost = np.where(reps, tsum, np.inf).min(axis=1)
+        inc = np.full((m, m), np.inf)
+        for a in range(m):
+            inc[a] = _merged_rows(tsum, reps, ccost, a)
     out = {m: np.arange(m)}
     while len(alive) > 1:
         a_idx = np.array(alive)
         if up.kind is CostKind.pairwise:
-            inc = cw[np.ix_(a_idx, a_idx)].copy()
+            cand = cw[np.ix_(a_idx, a_idx)].copy()
         else:
-            inc = np.full((len(alive), len(alive)), np.inf)
-            for x, a in enumerate(alive):
-                for y in range(x + 1, len(alive)):
-                    b = alive[y]
-                    r = sorted(reps[a] | reps[b])
-                    merged = (tsum[a, r] + tsum[b, r]).min()
-                    inc[x, y] = inc[y, x] = merged - ccost[a] - ccost[b]
+            cand = inc[np.ix_(a_idx, a_idx)].copy()
         bad = forb[np.ix_(a_idx, a_idx)] | np.eye(len(alive), dtype=bool)
         if up.max_size is not None:
             bad |= size[a_idx][:, None] + size[a_idx][None, :] > up.max_size
-        inc[bad] = np.inf
-        flat = int(np.argmin(inc))
+        cand[bad] = np.inf
+        flat = int(np.argmin(cand))
         x, y = divmod(flat, len(alive))
-        if not np.isfinite(inc[x, y]):
+        if not np.isfinite(cand[x, y]):
             break
         a, b = alive[min(x, y)], alive[max(x, y)]
         members[a] += members[b]
@@ -65,13 +62,22 @@ def agglomerative(up: UnitProblem) -> dict[int, np.ndarray]:
         else:
             tsum[a] += tsum[b]
             reps[a] |= reps[b]
-            ccost[a] = tsum[a, sorted(reps[a])].min()
+            ccost[a] = tsum[a, reps[a]].min()
+            inc[a] = inc[:, a] = _merged_rows(tsum, reps, ccost, a)
         alive.remove(b)
         labels = np.empty(m, dtype=int)
         for c, cls in enumerate(alive):
             labels[members[cls]] = c
         out[len(alive)] = canonical(labels)
     return out
+
+
+def _merged_rows(tsum: np.ndarray, reps: np.ndarray, ccost: np.ndarray, a: int) -> np.ndarray:
+    """What merging class a with each class costs beyond the two apart (assignment costs): the
+    merged class takes its best representative from either side. One row per merge keeps
+    agglomerative O(m·L) per step; recomputing every pair each step took 20 s at 288 layers."""
+    merged = np.where(reps[a][None, :] | reps, tsum[a][None, :] + tsum, np.inf).min(axis=1)
+    return merged - ccost[a] - ccost
 
 
 def tabu_search(

@@ -1,4 +1,4 @@
-"""Small MIPs: the budgeted p-median for assignment costs, and the cheapest-edges bound.
+"""Small MIPs: the cheapest-edges bound and the fewest classes (the p-median is in pmedian.py).
 
 Both go through OR-Tools' linear solver wrapper with SCIP (single-threaded, deterministic).
 """
@@ -29,65 +29,6 @@ def _solver(time_limit_s: float) -> pywraplp.Solver:
     solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
     solver.SetNumThreads(1)
     return solver
-
-
-def p_median(up: UnitProblem, k: int, time_limit_s: float, hint: np.ndarray | None = None) -> MipResult:
-    """Assignment costs at most k classes: units choose a representative layer of their class."""
-    if up.kind is not CostKind.assignment:
-        raise ValueError("p_median is for assignment costs")
-    m, nl = up.m, len(up.home)
-    solver = _solver(time_limit_s)
-    # a representative r may serve unit u unless they are forbidden together
-    allowed = ~up.forbidden[:, up.home]
-    y = [solver.BoolVar(f"open_{r}") for r in range(nl)]
-    x = {(u, r): solver.BoolVar(f"x_{u}_{r}") for u in range(m) for r in range(nl) if allowed[u, r]}
-    for u in range(m):
-        solver.Add(solver.Sum([x[u, r] for r in range(nl) if (u, r) in x]) == 1)
-    for (_, r), var in x.items():
-        solver.Add(var <= y[r])
-    # an open representative serves its own unit
-    for r in range(nl):
-        solver.Add(y[r] <= x[up.home[r], r])
-    solver.Add(solver.Sum(y) <= k)
-    if up.max_size is not None:
-        for r in range(nl):
-            solver.Add(solver.Sum([int(up.sizes[u]) * x[u, r] for u in range(m) if (u, r) in x]) <= up.max_size * y[r])
-    # forbidden units never share a representative
-    for a in range(m):
-        for b in range(a + 1, m):
-            if up.forbidden[a, b]:
-                for r in range(nl):
-                    if (a, r) in x and (b, r) in x:
-                        solver.Add(x[a, r] + x[b, r] <= 1)
-    solver.Minimize(solver.Sum([float(up.take[u, r]) * var for (u, r), var in x.items()]))
-    if hint is not None:
-        _hint_p_median(solver, up, x, y, hint)
-    status = solver.Solve()
-    if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-        return MipResult(None, None, max(0.0, solver.Objective().BestBound()) if status != pywraplp.Solver.INFEASIBLE else float("inf"), status == pywraplp.Solver.INFEASIBLE)
-    labels = np.empty(m, dtype=int)
-    for (u, r), var in x.items():
-        if var.solution_value() > 0.5:
-            labels[u] = r
-    labels = canonical(labels)
-    obj = up.partition_cost(labels)
-    bound = min(max(0.0, solver.Objective().BestBound()), obj)
-    return MipResult(labels, obj, bound, status == pywraplp.Solver.OPTIMAL)
-
-
-def _hint_p_median(solver, up: UnitProblem, x, y, hint: np.ndarray) -> None:
-    variables, values = [], []
-    for c in np.unique(hint):
-        units = np.flatnonzero(hint == c)
-        reps = np.flatnonzero(np.isin(up.home, units))
-        r = int(reps[np.argmin(up.take[np.ix_(units, reps)].sum(axis=0))])
-        for u in units:
-            if (u, r) in x:
-                variables.append(x[u, r])
-                values.append(1.0)
-        variables.append(y[r])
-        values.append(1.0)
-    solver.SetHint(variables, values)
 
 
 def cheapest_edges_bound(up: UnitProblem, k: int, time_limit_s: float) -> float:

@@ -11,7 +11,8 @@ from solver.exact import exact_curve
 from solver.family import UnitProblem
 from solver.heuristics import agglomerative, tabu_search
 from solver.knapsack import best_within, pareto
-from solver.mip import cheapest_edges_bound, min_classes, p_median
+from solver.mip import cheapest_edges_bound, min_classes
+from solver.pmedian import p_median
 from solver.schema import CostKind
 
 
@@ -115,3 +116,23 @@ def test_matching_start_is_the_best_pairs_only_partition(seed):
         lab = matching_start(up, k)
         assert lab is not None and lab.max() + 1 == k
         assert up.partition_cost(lab) == pytest.approx(ex.costs[k - 1], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_p_median_is_exact_with_forbidden_pairs_and_a_size_cap(seed):
+    # 14 units: more than the 12 nearest representatives the restricted model starts from,
+    # so pricing has to bring the rest in when they pay
+    rng = np.random.default_rng(seed)
+    up = _assignment(14, seed)
+    up.take = up.take * rng.random(14)[None, :] ** 4  # a few cheap hubs: big classes pay
+    for _ in range(4):
+        a, b = rng.choice(14, 2, replace=False)
+        up.forbidden[a, b] = up.forbidden[b, a] = True
+    up.max_size = 6
+    ex = exact_curve(up)
+    for k in (3, 5, 9):
+        res = p_median(up, k, time_limit_s=20, hint=agglomerative(up).get(k))
+        if not np.isfinite(ex.costs[k - 1]):
+            continue
+        assert res.proven and res.bound <= ex.costs[k - 1] * (1 + 1e-9)
+        assert res.objective == pytest.approx(ex.costs[k - 1], rel=1e-9, abs=1e-12)
