@@ -49,8 +49,6 @@ import torch
 from bench.evaluate import fingerprint, union
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
-from hessian_worker.analysis import prepare
-from hessian_worker.apply import curvature_weights
 from hessian_worker.basis.analysis import score_classes, side_of, split_classes
 from hessian_worker.basis.apply import apply_basis_plan
 from hessian_worker.basis.modules import dense_weights
@@ -61,6 +59,8 @@ from hessian_worker.data import load_calibration
 from hessian_worker.discovery import discover_layers
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
+from hessian_worker.prepare import prepare
+from hessian_worker.tying import curvature_weights
 from solver import SharingPlan, SharingProblem, SolveConfig
 from solver.candidates import candidate_plans
 from solver.evaluate import unique_params

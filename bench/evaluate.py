@@ -42,13 +42,13 @@ from tqdm import tqdm
 from bench.eval_jobs import common_options, plan_units, run_parallel
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
-from hessian_worker.apply import curvature_weights
 from hessian_worker.choose import choose_healed
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import holdout_size, load_calibration
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
 from hessian_worker.pipeline import merge_covariances
+from hessian_worker.tying import curvature_weights
 from solver import SharingPlan, SharingProblem, SolveConfig, solve
 from solver.baselines import baseline
 from solver.candidates import candidate_plans

@@ -25,9 +25,9 @@ import torch
 from bench.evaluate import costs_for, spearman, union
 from bench.tasks import load_task
 from hessian_worker import AnalyzeConfig
-from hessian_worker.analysis import prepare
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.measure import measure_plans
+from hessian_worker.prepare import prepare
 from solver import SolveConfig
 from solver.candidates import candidate_plans
 

@@ -17,10 +17,10 @@ _EXPORTS = {
     "AnalyzeConfig": "hessian_worker.options",
     "Backend": "hessian_worker.options",
     "analyze": "hessian_worker.analysis",
-    "predict_plan_loss": "hessian_worker.analysis",
+    "predict_plan_loss": "hessian_worker.pair_costs",
     "apply_plan": "hessian_worker.apply",
-    "ApplyReport": "hessian_worker.apply",
-    "unique_params": "hessian_worker.apply",
+    "ApplyReport": "hessian_worker.tying",
+    "unique_params": "hessian_worker.tying",
     "save_shared": "hessian_worker.io",
     "load_shared": "hessian_worker.io",
     # the compressed model directory (a Hugging Face directory) and its dense export
@@ -97,8 +97,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from hessian_worker.analysis import analyze, predict_plan_loss
-    from hessian_worker.apply import ApplyReport, apply_plan, unique_params
+    from hessian_worker.analysis import analyze
+    from hessian_worker.apply import apply_plan
     from hessian_worker.basis.analysis import analyze_basis, rescore_basis_plan
     from hessian_worker.basis.apply import apply_basis_plan
     from hessian_worker.basis.io import load_basis, save_basis
@@ -121,7 +121,9 @@ if TYPE_CHECKING:
         KFACOptions,
         Merge,
     )
+    from hessian_worker.pair_costs import predict_plan_loss
     from hessian_worker.pipeline import CompressReport, compress
+    from hessian_worker.tying import ApplyReport, unique_params
 
 
 def __getattr__(name: str) -> Any:

@@ -1,94 +1,20 @@
-"""apply_plan: tie each sharing class to ONE nn.Parameter in place, with the chosen merged value."""
+"""apply_plan: install a plan in a model, in place, by the scheme its problem's families use."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from hessian_worker.analysis import prepare
-from hessian_worker.config import AnalyzeConfig, generator
-from hessian_worker.curvature.diagonal import estimate_diagonal
+from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import DataSource
-from hessian_worker.errors import PlanError
-from hessian_worker.merge import Merge, merge_weights, plan_groups
-from hessian_worker.objective import Objective
-from solver.schema import Scheme, SharingPlan, SharingProblem
+from hessian_worker.merge import Merge
+from hessian_worker.schemes import State, scheme_of
+from hessian_worker.tying import ApplyReport, curvature_weights, tie, unique_params
+from solver.schema import SharingPlan, SharingProblem
 
-
-class ApplyReport(BaseModel):
-    """What tying did: unique parameters before and after, over the model and the plan's layers."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    merge: Merge
-    groups: int
-    unique_params_before: int
-    unique_params_after: int
-    plan_params_original: int
-    plan_params_shared: int
-    ratio: float
-
-
-def unique_params(model: nn.Module) -> int:
-    """Element count of distinct Parameter objects (tied ones count once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    try:
-        return (model.get_submodule(path) if path else model), attr
-    except AttributeError as exc:
-        raise PlanError(f"plan names {name!r}, which has no owning module in this model") from exc
-
-
-def tie(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
-    """Makes every member of each group hold the group's first Parameter object (no value change
-    for the representative)."""
-    for group in groups:
-        owner, attr = _owner(model, group[0])
-        rep = getattr(owner, attr)
-        for name in group[1:]:
-            module, a = _owner(model, name)
-            setattr(module, a, rep)
-
-
-def _here(model: nn.Module, name: str, config: AnalyzeConfig) -> AnalyzeConfig:
-    """The config with the device and dtype the model already has (measure where it lives)."""
-    here = model.get_parameter(name)
-    return AnalyzeConfig.model_validate({  # model_copy would skip validation of the enums
-        **config.model_dump(), "device": str(here.device),
-        "dtype": "float64" if here.dtype == torch.float64 else "float32"})
-
-
-def curvature_weights(
-    model: nn.Module,
-    data: DataSource,
-    names: Sequence[str],
-    config: AnalyzeConfig | None = None,
-    *,
-    tokenizer: Any | None = None,
-) -> dict[str, Tensor]:
-    """Per-element diagonal curvature (diagonal GGN by default) of ``names`` on ``data``: the
-    weights of the curvature merge. Measured once, it serves every candidate plan and the apply."""
-    config = _here(model, names[0], config or AnalyzeConfig(progress=False))
-    prep = prepare(model, data, config, tokenizer=tokenizer)
-    obj = Objective(prep.model, prep.data, list(names), config.distill)
-    with torch.no_grad():
-        return estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
-                                 generator=generator(config), kind=config.curvature)
-
-
-def _plan_names(plan: SharingPlan) -> list[str]:
-    names = list(plan.coloring)
-    for group in plan.groups:
-        names.extend(n for n in group if n not in plan.coloring)
-    return names
+__all__ = ["ApplyReport", "apply_plan", "curvature_weights", "tie", "unique_params"]
 
 
 def apply_plan(
@@ -102,59 +28,18 @@ def apply_plan(
     problem: SharingProblem | None = None,
     diag: dict[str, Tensor] | None = None,
     layerwise: LayerwiseCurvature | None = None,
+    state: State = None,
 ) -> ApplyReport:
-    """Ties each class of ``plan`` to one Parameter, in place (like ``quantize_(model, config)``).
+    """Installs ``plan`` in ``model``, in place (like ``quantize_(model, config)``).
 
-    The shared value is the mean, the representative (first layer of the group), ``curvature``
-    (per-element Σ F_k⊙W_k / Σ F_k with F the diagonal GGN from ``data``), or ``layerwise``
-    (the closed form (Σ W_k G_k)(Σ G_k)⁻¹ from layer input covariances on ``data``). ``diag``
-    passes curvature weights measured already (see ``curvature_weights``), ``layerwise`` input
-    covariances measured already; either way no data is needed.
-
-    ``problem`` (the plan's SharingProblem) is needed for plans whose families use the ``basis``
-    scheme: those go to ``hessian_worker.basis.apply_basis_plan`` (ranks from the problem).
+    Without ``problem``, or when its families all use ``tie``, each class becomes one Parameter
+    holding the merge of its members (``tying.apply_tie``: mean, representative, ``curvature`` or
+    ``layerwise``; ``diag`` and ``layerwise`` pass merge curvature measured already). A problem
+    whose families use another scheme installs that scheme's classes (``basis``: shared low-rank
+    bases, ranks from the problem; ``state``: its whitening covariances measured already).
 
     Raises:
-        PlanError: the plan names unknown parameters or mixes shapes, or a curvature merge lacks data.
+        PlanError: the plan names unknown parameters or mixes shapes, or a merge lacks data.
     """
-    if problem is not None and any(s.scheme is Scheme.basis for s in (problem.families or {}).values()):
-        from hessian_worker.basis.apply import apply_basis_plan  # hook: shared low-rank bases
-
-        return apply_basis_plan(model, plan, problem, merge, data=data, config=config, tokenizer=tokenizer,
-                                diag=diag)
-    merge = Merge(merge)
-    config = config or AnalyzeConfig(progress=False)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    groups = plan_groups(plan.groups, params)
-    names = _plan_names(plan)
-    original = sum(params[n].numel() for n in names if n in params)
-    before = unique_params(model)
-    shared_names = [n for g in groups for n in g]
-    if merge is not Merge.layerwise:
-        layerwise = None
-    needs_data = (merge is Merge.curvature and diag is None) or (merge is Merge.layerwise and layerwise is None)
-    if needs_data and groups:
-        if data is None:
-            raise PlanError(f"merge={merge.value!r} needs calibration data (data=...) to measure curvature")
-        if merge is Merge.curvature:
-            diag = curvature_weights(model, data, shared_names, config, tokenizer=tokenizer)
-        else:
-            prep = prepare(model, data, _here(model, shared_names[0], config), tokenizer=tokenizer)
-            layerwise = LayerwiseCurvature.collect(model, prep.data, shared_names)
-    merged: list[Tensor] = []
-    with torch.no_grad():
-        for group in groups:
-            ws = [params[n].detach() for n in group]
-            if layerwise is not None:
-                merged.append(layerwise.merge(group, {n: params[n].detach() for n in group},
-                                              config.layerwise_damping))
-            else:
-                merged.append(merge_weights(ws, merge, diag=[diag[n] for n in group] if diag else None))
-        tie(model, groups)
-        for group, value in zip(groups, merged, strict=True):
-            params[group[0]].copy_(value)
-    after_params = dict(model.named_parameters(remove_duplicate=False))
-    shared = sum(p.numel() for p in {id(after_params[n]): after_params[n] for n in names}.values())
-    return ApplyReport(merge=merge, groups=len(groups), unique_params_before=before,
-                       unique_params_after=unique_params(model), plan_params_original=original,
-                       plan_params_shared=shared, ratio=shared / original if original else 1.0)
+    return scheme_of(problem).apply(model, plan, problem, merge, data=data, config=config, tokenizer=tokenizer,
+                                    state=state, diag=diag, layerwise=layerwise)

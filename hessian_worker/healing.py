@@ -22,14 +22,14 @@ from pydantic import BaseModel, Field
 from torch import nn
 from tqdm import tqdm
 
-from hessian_worker.analysis import prepare
-from hessian_worker.apply import unique_params
 from hessian_worker.config import AnalyzeConfig, torch_device, torch_dtype
 from hessian_worker.data import Calibration, DataSource, call_model, holdout_size, load_calibration
 from hessian_worker.losses import extract_output
 from hessian_worker.measure import objective_loss
 from hessian_worker.objective import Objective
 from hessian_worker.options import HealConfig
+from hessian_worker.prepare import prepare
+from hessian_worker.tying import unique_params
 
 
 class HealReport(BaseModel):

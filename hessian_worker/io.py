@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from hessian_worker.apply import tie, unique_params
 from hessian_worker.errors import PlanError
 from hessian_worker.merge import plan_groups
+from hessian_worker.tying import tie, unique_params
 from solver.schema import SCHEMA_VERSION, SharingPlan
 
 WEIGHTS = "model.safetensors"

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hessian_worker.analysis import prepare
 from hessian_worker.config import AnalyzeConfig, generator, torch_device, torch_dtype
 from hessian_worker.curvature.diagonal import estimate_diagonal
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
@@ -17,6 +16,8 @@ from hessian_worker.data import DataSource, call_model
 from hessian_worker.losses import TaskLoss, extract_output
 from hessian_worker.merge import Merge, merge_weights, plan_groups
 from hessian_worker.objective import Objective
+from hessian_worker.prepare import prepare
+from hessian_worker.schemes import scheme_of
 from solver.schema import SharingPlan, SharingProblem
 
 
@@ -80,10 +81,10 @@ def measure_plans(
     input covariances of ``merge=layerwise`` (or passed in as ``layerwise``: give the ones the final
     apply uses, so the plan measured is the plan applied).
 
-    With a ``problem`` whose families use the ``basis`` scheme, the classes of those families are
-    substituted by their low-rank weights B_c·C_ℓ (singletons too), which is what
-    ``apply_plan(..., problem=problem)`` installs; ``merge`` then applies to the other families.
-    The bases are whitened (``config.basis.whiten``) by the scheme's covariances measured on
+    With a ``problem`` whose families use another scheme than ``tie``, that scheme's classes hold
+    what ``apply_plan(..., problem=problem)`` installs (hessian_worker.schemes: ``substitutes``);
+    ``merge`` then applies to the other families. ``basis``: each class's low-rank weights B_c·C_ℓ
+    (singletons too), whitened (``config.basis.whiten``) by the scheme's covariances measured on
     ``data`` (``basis.scales.basis_covariances``: output-scaled unless
     ``config.basis.output_weighting`` is off), or by ``covs`` (pass the ones apply will use, so the
     measured plan is the applied one).
@@ -92,7 +93,7 @@ def measure_plans(
     merge = Merge(merge)
     prep = prepare(model, data, config, tokenizer=tokenizer)
     params = {n: p.detach() for n, p in prep.model.named_parameters()}
-    basis = _substitutes(prep, problem, config, covs)
+    basis = scheme_of(problem).substitutes(prep, problem, config, covs) if problem is not None else None
     split = [basis.split(plan) if basis is not None else ([], _groups(plan)) for plan in plans]
     all_groups = [other for _, other in split]
     union = sorted({n for groups in all_groups for g in plan_groups(groups, params) for n in g})
@@ -122,20 +123,3 @@ def measure_plans(
 
 def _groups(plan: SharingPlan | Sequence[Sequence[str]]) -> Sequence[Sequence[str]]:
     return plan.groups if isinstance(plan, SharingPlan) else plan
-
-
-def _substitutes(prep: Any, problem: SharingProblem | None, config: AnalyzeConfig,
-                 covs: dict[str, Tensor] | None) -> Any:
-    """The basis substitutes of a basis problem (None for a tie-only problem)."""
-    from hessian_worker.basis.analysis import has_basis, rank_of
-
-    if not has_basis(problem):
-        return None
-    from hessian_worker.basis.measure import BasisSubstitutes
-
-    if config.basis.whiten and covs is None:
-        from hessian_worker.basis.scales import basis_covariances
-
-        with torch.no_grad():
-            covs = basis_covariances(prep.model, prep.data, list(rank_of(problem)), config)
-    return BasisSubstitutes(prep.model, problem, covs if config.basis.whiten else None, config.basis)

@@ -380,10 +380,10 @@ def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
     Raises:
         PlanError: the saved tensors do not fit the architecture, or an alias is a separate tensor.
     """
-    from hessian_worker.apply import tie
     from hessian_worker.basis.modules import WEIGHT_SUFFIX, rebuild
     from hessian_worker.io import read_weights
     from hessian_worker.merge import plan_groups
+    from hessian_worker.tying import tie
     from solver.schema import SharingPlan
 
     plan = SharingPlan.model_validate(meta["plan"])

@@ -31,13 +31,9 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, Field
-from torch import Tensor, nn
+from torch import nn
 
-from hessian_worker.analysis import analyze, prepare
-from hessian_worker.apply import apply_plan, curvature_weights
-from hessian_worker.basis.analysis import has_basis, rank_of
-from hessian_worker.basis.per_layer import per_layer_candidate
-from hessian_worker.basis.scales import basis_covariances
+from hessian_worker.analysis import analyze
 from hessian_worker.choose import choose_healed, choose_plan
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
@@ -46,9 +42,12 @@ from hessian_worker.healing import HealReport, heal
 from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.merge_rule import default_merge
 from hessian_worker.options import Backend, CompressConfig, DType, HealConfig, Merge
+from hessian_worker.prepare import prepare
+from hessian_worker.schemes import scheme_for
+from hessian_worker.tying import curvature_weights
 from solver.candidates import candidate_plans
 from solver.planning import SolveConfig
-from solver.schema import Scheme, SharingPlan, SharingProblem
+from solver.schema import SharingPlan, SharingProblem
 
 
 def resolve_merge(config: CompressConfig, model: nn.Module, data: Calibration, names: list[str]) -> Merge:
@@ -93,61 +92,53 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     acfg = config.analyze_config(DType.float32)
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size, seed=config.seed)
     fit, held = split_holdout(calib, config)
-    costs_data, choice_data = _costs_and_choice(fit, config)
-    problem = analyze(model, costs_data, acfg, tokenizer=tokenizer)
+    scheme = scheme_for(config.scheme)
+    parts = scheme.parts(fit, config)
+    problem = analyze(model, parts.costs, acfg, tokenizer=tokenizer)
     solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
     pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
                            per_pattern=config.per_pattern, normalized_top=config.normalized_top)
     quiet = acfg.model_copy(update={"progress": False})
-    basis = has_basis(problem)
-    in_basis = set(rank_of(problem)) if basis else set()
-    tied = [layer.name for layer in problem.layers if layer.name not in in_basis]
-    merge = resolve_merge(config, model, choice_data, tied)
+    tied = scheme.merged_layers(problem)
+    merge = resolve_merge(config, model, parts.choice, tied)
     # the curvature-merge weights, measured once for every candidate and the final tie
-    diag = (curvature_weights(model, costs_data, tied, quiet, tokenizer=tokenizer)
+    diag = (curvature_weights(model, parts.costs, tied, quiet, tokenizer=tokenizer)
             if merge is Merge.curvature and tied else None)
     # the layerwise merge's input covariances: on all the choice data for the tie (and the healed
     # choice, whose winner is installed as is); the zero-shot choice merges with covariances of one
     # part of it and scores on the other
     layerwise = scoring = None
-    score_data = choice_data
-    if merge is Merge.layerwise and tied and not basis:
-        layerwise = merge_covariances(model, choice_data, tied, quiet, tokenizer)
-        merge_part, score_part = choice_parts(choice_data, config)
+    score_data = parts.choice
+    if merge is Merge.layerwise and tied and scheme.merge_split_choice:
+        layerwise = merge_covariances(model, parts.choice, tied, quiet, tokenizer)
+        merge_part, score_part = choice_parts(parts.choice, config)
         if score_part is not None:
             score_data, scoring = score_part, merge_covariances(model, merge_part, tied, quiet, tokenizer)
-    # the whitening of the bases, measured once for every candidate and the final apply
-    covs = _basis_covs(model, costs_data, problem, quiet, tokenizer) if basis else None
+    # what the scheme measures once for every candidate and the final apply (basis: the whitening)
+    state = scheme.state(model, parts.costs, problem, quiet, tokenizer)
     choice = choose_plan(model, score_data, pool, acfg, merge=merge, tokenizer=tokenizer, diag=diag,
-                         problem=problem if basis else None, covs=covs, layerwise=scoring or layerwise)
+                         problem=problem, covs=state, layerwise=scoring or layerwise)
     measured = list(zip(pool, choice.measured, strict=True))
-    plan, plan_problem = choice.plan, problem
-    if basis:  # plain per-layer SVD at the same budget, measured beside the pool (its own ranks)
-        alone = per_layer_candidate(model, problem, solve_config, covs, acfg.basis)
-        if alone is not None:
-            value = measure_plans(model, choice_data, [alone[0]], acfg, merge=merge, tokenizer=tokenizer,
-                                  problem=alone[1], covs=covs)[0]
-            measured.append((alone[0], value))
-            if value < choice.measured[choice.index]:
-                plan, plan_problem = alone
+    plan, plan_problem, best = choice.plan, problem, choice.measured[choice.index]
+    # the scheme's own candidates at the same budget (basis: plain per-layer SVD), each with its problem
+    for extra, extra_problem in scheme.extra_candidates(model, problem, solve_config, state, acfg):
+        value = measure_plans(model, parts.choice, [extra], acfg, merge=merge, tokenizer=tokenizer,
+                              problem=extra_problem, covs=state)[0]
+        measured.append((extra, value))
+        if value < best:
+            plan, plan_problem, best = extra, extra_problem, value
     heal_config = HealConfig(steps=config.heal_steps, lr=config.heal_lr, holdout=config.heal_holdout, seed=config.seed,
                              batch_size=config.batch_size, device=config.device, distill=config.distill,
                              progress=config.progress) if config.heal_steps else None
     healed_choice = None
-    if heal_config is not None and config.heal_choice and not basis:
-        healed_choice = choose_healed(model, pool, choice.measured, fit, choice_data, heal_config, acfg,
+    if heal_config is not None and config.heal_choice and scheme.heal_aware_choice:
+        healed_choice = choose_healed(model, pool, choice.measured, fit, parts.choice, heal_config, acfg,
                                       best=config.heal_shortlist, merge=merge, tokenizer=tokenizer, diag=diag,
                                       layerwise=layerwise)
         plan = healed_choice.plan
     reference = copy.deepcopy(model)
-    if basis:
-        from hessian_worker.basis.apply import apply_basis_plan
-
-        report = apply_basis_plan(model, plan, plan_problem, merge, data=costs_data, config=quiet,
-                                  tokenizer=tokenizer, covs=covs, diag=diag)
-    else:
-        report = apply_plan(model, plan, merge, data=choice_data, config=quiet, tokenizer=tokenizer, diag=diag,
-                            layerwise=layerwise)
+    report = scheme.apply(model, plan, plan_problem, merge, data=parts.apply, config=quiet, tokenizer=tokenizer,
+                          state=state, diag=diag, layerwise=layerwise)
     healed = None
     if healed_choice is not None:  # the winner was healed in the choice, exactly as below: take its weights
         model.load_state_dict(healed_choice.model.state_dict())
@@ -193,43 +184,8 @@ def choice_parts(choice: Calibration, config: CompressConfig) -> tuple[Calibrati
     return choice.split(held, seed=config.seed + 2, batch_size=config.batch_size)
 
 
-def _basis_covs(model: nn.Module, data: Calibration, problem: SharingProblem, config: AnalyzeConfig,
-               tokenizer: Any | None) -> dict[str, Tensor] | None:
-    """The whitening covariances of the basis layers on ``data`` (output-scaled unless
-    ``output_weighting`` is off; None when the bases are not whitened)."""
-    if not config.basis.whiten:
-        return None
-    prep = prepare(model, data, config, tokenizer=tokenizer)
-    with torch.no_grad():
-        return basis_covariances(prep.model, prep.data, list(rank_of(problem)), config)
-
-
 def _label(plan: SharingPlan) -> str:
     return plan.strategy or "optimum"
-
-
-def _subset(calib: Calibration, samples: int | None, config: CompressConfig) -> Calibration:
-    """A seeded subset of ``samples`` rows (all of them when None or not fewer)."""
-    if samples is None or samples >= calib.num_samples:
-        return calib
-    _, subset = calib.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
-    return subset
-
-
-def _costs_and_choice(fit: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration]:
-    """(costs data, choice data). Tie: the curvature subset, and all of ``fit`` for the choice.
-    Basis: disjoint parts (the curvature subset, default half, and the rest), because the bases are
-    fitted to the activations of the data they are whitened with (on few samples the inputs span
-    fewer directions than d_in, so the low-rank layers reproduce those samples almost exactly), and
-    measuring candidates there ranks them by that overfit, not by what they keep."""
-    if config.scheme is not Scheme.basis:
-        return _subset(fit, config.curvature_samples, config), fit
-    n = fit.num_samples
-    samples = config.curvature_samples or max(1, n // 2)
-    if n < 2 or samples >= n:
-        return fit, fit  # nothing left over: the choice sees the whitening samples
-    rest, subset = fit.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
-    return subset, rest
 
 
 def split_holdout(calib: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration | None]:

@@ -17,7 +17,6 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from hessian_worker.analysis import prepare
 from hessian_worker.basis.costs import basis_costs, class_errors, family_ranks, family_sides
 from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.scales import basis_covariances
@@ -26,6 +25,7 @@ from hessian_worker.data import DataSource
 from hessian_worker.discovery import discover_layers
 from hessian_worker.errors import BackendError, PlanError
 from hessian_worker.losses import TaskLoss
+from hessian_worker.prepare import prepare
 from solver.schema import (
     Constraints,
     CostKind,

@@ -3,7 +3,7 @@ basis Parameter and keep their own coefficients and bias, in place.
 
 A layer in a class of one gets its own rank-r basis (plain low rank), so the unique parameters of
 the plan's layers are exactly the solver's count: class_params per class + member_params per layer.
-Classes of ``tie`` families in the same plan go through the ordinary ``apply_plan``.
+Classes of ``tie`` families in the same plan go through the ordinary ``tying.apply_tie``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hessian_worker.analysis import prepare
-from hessian_worker.apply import ApplyReport, apply_plan, unique_params
 from hessian_worker.basis.analysis import basis_classes, rank_of, side_of
 from hessian_worker.basis.decompose import (
     BasisFactors,
@@ -34,6 +32,8 @@ from hessian_worker.data import DataSource
 from hessian_worker.errors import PlanError
 from hessian_worker.merge import Merge
 from hessian_worker.objective import Objective
+from hessian_worker.prepare import prepare
+from hessian_worker.tying import ApplyReport, apply_tie, unique_params
 from solver.schema import Scheme, SharingPlan, SharingProblem, Side
 
 
@@ -71,7 +71,7 @@ def apply_basis_plan(
     objective does not depend on the covariances' scale). ``covs`` passes whitening covariances
     measured already (name -> G, from ``basis_covariances``, e.g. the ones the candidate plans were
     measured with), so no data is needed to whiten;
-    ``diag`` passes curvature-merge weights for the classes of ``tie`` families (see apply_plan).
+    ``diag`` passes curvature-merge weights for the classes of ``tie`` families (see tying.apply_tie).
 
     Raises:
         PlanError: the plan names unknown or non-linear layers, a rank does not fit, or the
@@ -109,7 +109,7 @@ def apply_basis_plan(
     if any(len(g) > 1 for g in tie_groups):
         coloring = {n: c for c, g in enumerate(tie_groups) for n in g}
         sub = plan.model_copy(update={"groups": tie_groups, "coloring": coloring})
-        apply_plan(model, sub, merge, data=data, config=config, tokenizer=tokenizer, diag=diag)
+        apply_tie(model, sub, merge, data=data, config=config, tokenizer=tokenizer, diag=diag)
 
     weights = dense_weights(model, names)
     out_w: dict[str, Tensor] | None = None

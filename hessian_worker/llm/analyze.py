@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hessian_worker.analysis import cost_source, to_problem
+from hessian_worker.analysis import cost_source
 from hessian_worker.config import AnalyzeConfig, Backend, torch_device
 from hessian_worker.costs import families_of, pair_sides, pairs_of
 from hessian_worker.curvature.kfac import (
@@ -52,6 +52,7 @@ from hessian_worker.llm.decoder import (
 from hessian_worker.llm.exact import exact_memory, streamed_exact_costs
 from hessian_worker.llm.stream import stream_factors
 from hessian_worker.losses import resolve_distill
+from hessian_worker.pair_costs import to_problem
 from solver.schema import CostKind, SharingProblem
 
 log = logging.getLogger("geoshare.llm")

@@ -10,12 +10,13 @@ import torch
 from hw_cases import TinyMLP, mlp_data
 
 from hessian_worker.analysis import analyze
-from hessian_worker.apply import apply_plan, unique_params
+from hessian_worker.apply import apply_plan
 from hessian_worker.basis.analysis import rescore_basis_plan
 from hessian_worker.basis.apply import BasisApplyReport
 from hessian_worker.basis.modules import BasisLinear
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.errors import PlanError
+from hessian_worker.tying import unique_params
 from solver import evaluate
 from solver.schema import SharingPlan, SharingProblem
 

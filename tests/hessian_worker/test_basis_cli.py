@@ -8,11 +8,11 @@ import pytest
 import torch
 from hw_cases import factory
 
-from hessian_worker.apply import unique_params
 from hessian_worker.basis.config import SideChoice
 from hessian_worker.basis.modules import BasisLinear
 from hessian_worker.cli import main
 from hessian_worker.io import load_shared
+from hessian_worker.tying import unique_params
 from solver.cli import main as geoshare
 from solver.schema import SharingPlan, SharingProblem, Side
 
@@ -116,14 +116,16 @@ def test_service_takes_the_side_choice() -> None:
 def test_compress_measures_basis_candidates_on_samples_the_bases_did_not_see() -> None:
     from hw_cases import mlp_data
 
-    from hessian_worker.pipeline import CompressConfig, _costs_and_choice
+    from hessian_worker.options import CompressConfig
+    from hessian_worker.schemes import scheme_for
 
     fit = mlp_data(n=10)
-    costs, choice = _costs_and_choice(fit, CompressConfig(ratio=0.5, scheme="basis"))
-    rows = {tuple(r.tolist()) for r in costs.rows()["input"]}
-    others = {tuple(r.tolist()) for r in choice.rows()["input"]}
+    parts = scheme_for("basis").parts(fit, CompressConfig(ratio=0.5, scheme="basis"))
+    rows = {tuple(r.tolist()) for r in parts.costs.rows()["input"]}
+    others = {tuple(r.tolist()) for r in parts.choice.rows()["input"]}
     assert len(rows) == len(others) == 5 and not rows & others
-    costs, choice = _costs_and_choice(fit, CompressConfig(ratio=0.5, scheme="basis", curvature_samples=3))
-    assert (costs.num_samples, choice.num_samples) == (3, 7)
-    costs, choice = _costs_and_choice(fit, CompressConfig(ratio=0.5))  # tie: all of fit for the choice
-    assert choice is fit and costs is fit
+    assert parts.apply is parts.costs  # the bases are applied with the covariances they were whitened by
+    parts = scheme_for("basis").parts(fit, CompressConfig(ratio=0.5, scheme="basis", curvature_samples=3))
+    assert (parts.costs.num_samples, parts.choice.num_samples) == (3, 7)
+    parts = scheme_for("tie").parts(fit, CompressConfig(ratio=0.5))  # tie: all of fit for the choice
+    assert parts.choice is fit and parts.costs is fit and parts.apply is fit

@@ -10,12 +10,13 @@ from hw_cases import bert_data, tiny_bert
 from safetensors import safe_open
 
 from hessian_worker.analysis import analyze
-from hessian_worker.apply import apply_plan, unique_params
+from hessian_worker.apply import apply_plan
 from hessian_worker.basis.io import load_basis, save_basis
 from hessian_worker.basis.modules import BasisLinear
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.errors import PlanError
 from hessian_worker.io import load_shared, save_shared
+from hessian_worker.tying import unique_params
 from solver.schema import SharingPlan, SharingProblem
 
 FFN = ["re:.*intermediate.dense.weight", "re:.*output.dense.weight"]

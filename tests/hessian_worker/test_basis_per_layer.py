@@ -10,7 +10,6 @@ import torch
 from hw_cases import TinyMLP, mlp_data
 
 from hessian_worker.analysis import analyze
-from hessian_worker.apply import unique_params
 from hessian_worker.basis.analysis import score_classes, side_of
 from hessian_worker.basis.apply import apply_basis_plan
 from hessian_worker.basis.modules import BasisLinear, dense_weights
@@ -19,6 +18,7 @@ from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.pipeline import CompressConfig, compress
+from hessian_worker.tying import unique_params
 from solver import SolveConfig
 from solver.evaluate import unique_params as plan_params
 from solver.schema import SharingProblem

@@ -10,7 +10,7 @@ from hw_cases import mlp_data
 from torch import Tensor, nn
 
 from hessian_worker.analysis import analyze
-from hessian_worker.apply import apply_plan, unique_params
+from hessian_worker.apply import apply_plan
 from hessian_worker.basis.analysis import rescore_basis_plan
 from hessian_worker.basis.config import BasisOptions
 from hessian_worker.basis.costs import basis_costs, family_side
@@ -19,6 +19,7 @@ from hessian_worker.basis.modules import BasisLinear
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.errors import PlanError
+from hessian_worker.tying import unique_params
 from solver import evaluate
 from solver.schema import FamilySpec, SharingPlan, Side
 

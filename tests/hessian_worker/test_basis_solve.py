@@ -11,11 +11,12 @@ import torch
 from hw_cases import TinyMLP, bert_data, mlp_data, tiny_bert, tiny_mlp
 
 from hessian_worker.analysis import analyze
-from hessian_worker.apply import apply_plan, unique_params
+from hessian_worker.apply import apply_plan
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.errors import BackendError
 from hessian_worker.healing import HealConfig, heal
 from hessian_worker.measure import measure_loss
+from hessian_worker.tying import unique_params
 from solver import SolveConfig, solve
 from solver.planning import with_config
 

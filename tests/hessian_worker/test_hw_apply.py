@@ -10,11 +10,12 @@ import torch
 from hw_cases import bert_data, mlp_data, tiny_bert, tiny_mlp
 from safetensors import safe_open
 
-from hessian_worker.apply import apply_plan, unique_params
+from hessian_worker.apply import apply_plan
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.errors import PlanError
 from hessian_worker.io import load_shared, save_shared
 from hessian_worker.measure import measure_loss
+from hessian_worker.tying import unique_params
 from solver.schema import SharingPlan
 
 CPU64 = AnalyzeConfig(dtype="float64", device="cpu", progress=False, probes=8)

@@ -9,7 +9,6 @@ import torch
 from hw_cases import bert_data, dense_ggn, dense_hessian, mlp_data, quad_dense, tiny_bert, tiny_mlp
 
 from hessian_worker import AnalyzeConfig, analyze, predict_plan_loss
-from hessian_worker.analysis import make_predict
 from hessian_worker.costs import cost_matrix
 from hessian_worker.curvature.base import CurvatureKind
 from hessian_worker.curvature.exact import ExactCurvature
@@ -17,6 +16,7 @@ from hessian_worker.curvature.projected import ProjectedCurvature, check_memory
 from hessian_worker.discovery import discover_layers
 from hessian_worker.errors import MemoryBudgetError
 from hessian_worker.objective import Objective
+from hessian_worker.pair_costs import make_predict
 from solver.schema import CostKind, SharingProblem
 
 CPU64 = {"dtype": "float64", "device": "cpu", "progress": False}

@@ -8,11 +8,12 @@ import pytest
 import torch
 from hw_cases import mlp_data, tiny_mlp
 
-from hessian_worker.apply import apply_plan, unique_params
+from hessian_worker.apply import apply_plan
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import holdout_size
 from hessian_worker.healing import HealConfig, heal, heal_parts
 from hessian_worker.measure import measure_loss
+from hessian_worker.tying import unique_params
 from solver.schema import SharingPlan
 
 CPU = AnalyzeConfig(device="cpu", progress=False)

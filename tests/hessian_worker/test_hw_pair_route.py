@@ -12,7 +12,6 @@ import torch
 from hw_cases import TinyMLP, dense_ggn, mlp_data, quad_dense
 
 from hessian_worker import AnalyzeConfig
-from hessian_worker.analysis import build_curvature, make_predict
 from hessian_worker.costs import FamilyPairs, block_pair_quads, cost_matrix, pairs_of
 from hessian_worker.curvature.diagonal import DiagonalCurvature
 from hessian_worker.curvature.exact import ExactCurvature
@@ -20,6 +19,7 @@ from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.curvature.projected import Bulk, Eigensolver, ProjectedCurvature
 from hessian_worker.discovery import LayerInfo, discover_layers
 from hessian_worker.objective import Objective
+from hessian_worker.pair_costs import build_curvature, make_predict
 from solver.schema import CostKind
 
 KINDS = [CostKind.pairwise, CostKind.assignment]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hessian_worker.apply import apply_plan, unique_params
+from hessian_worker.apply import apply_plan
 from hessian_worker.basis.modules import BasisLinear, install_class
 from hessian_worker.cli import main
 from hessian_worker.errors import PlanError
@@ -30,6 +30,7 @@ from hessian_worker.llm.synthetic import (
 from hessian_worker.model_dir import GUARD, load_compressed, save_compressed
 from hessian_worker.models import load_model, minilm_path
 from hessian_worker.pipeline import CompressConfig
+from hessian_worker.tying import unique_params
 from solver.schema import SharingPlan
 
 QUERIES = [f"encoder.layer.{i}.attention.self.query.weight" for i in range(6)]

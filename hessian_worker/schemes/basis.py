@@ -1,0 +1,87 @@
+"""The basis scheme: each class of layers shares one low-rank basis, each layer keeps its own
+coefficients (hessian_worker/basis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hessian_worker.basis.analysis import analyze_basis, rank_of
+from hessian_worker.basis.apply import apply_basis_plan
+from hessian_worker.basis.measure import BasisSubstitutes
+from hessian_worker.basis.per_layer import per_layer_candidate
+from hessian_worker.basis.scales import basis_covariances
+from hessian_worker.config import AnalyzeConfig
+from hessian_worker.curvature.layerwise import LayerwiseCurvature
+from hessian_worker.data import Calibration, DataSource
+from hessian_worker.losses import TaskLoss
+from hessian_worker.merge import Merge
+from hessian_worker.prepare import Prepared, prepare
+from hessian_worker.schemes.base import DataParts, State, Substitutes
+from hessian_worker.tying import ApplyReport
+from solver.planning import SolveConfig
+from solver.schema import Scheme, SharingPlan, SharingProblem
+
+
+class BasisScheme:
+    name = Scheme.basis
+    # healing a shortlist and the layerwise merge's split choice are built for tied tensors
+    heal_aware_choice = False
+    merge_split_choice = False
+
+    def costs(self, model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *,
+              tokenizer: Any | None = None, loss_fn: TaskLoss | None = None) -> SharingProblem:
+        return analyze_basis(model, data, config, tokenizer=tokenizer, loss_fn=loss_fn)
+
+    def parts(self, fit: Calibration, config: Any) -> DataParts:
+        """Disjoint parts: the curvature subset (default half) for the costs, the whitening and the
+        apply, the rest for the choice. The bases are fitted to the activations of the data they are
+        whitened with (on few samples the inputs span fewer directions than d_in, so the low-rank
+        layers reproduce those samples almost exactly), and measuring candidates there would rank
+        them by that overfit, not by what they keep."""
+        n = fit.num_samples
+        samples = config.curvature_samples or max(1, n // 2)
+        if n < 2 or samples >= n:
+            return DataParts(costs=fit, choice=fit, apply=fit)  # nothing left over: the choice sees them
+        rest, subset = fit.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
+        return DataParts(costs=subset, choice=rest, apply=subset)
+
+    def merged_layers(self, problem: SharingProblem) -> list[str]:
+        in_basis = set(rank_of(problem))
+        return [layer.name for layer in problem.layers if layer.name not in in_basis]
+
+    def state(self, model: nn.Module, data: Calibration, problem: SharingProblem, config: AnalyzeConfig,
+              tokenizer: Any | None = None) -> State:
+        """The whitening covariances of the basis layers on ``data`` (output-scaled unless
+        ``output_weighting`` is off; None when the bases are not whitened)."""
+        if not config.basis.whiten:
+            return None
+        prep = prepare(model, data, config, tokenizer=tokenizer)
+        with torch.no_grad():
+            return basis_covariances(prep.model, prep.data, list(rank_of(problem)), config)
+
+    def substitutes(self, prep: Prepared, problem: SharingProblem, config: AnalyzeConfig,
+                    state: State) -> Substitutes | None:
+        covs = dict(state) if state is not None else None
+        if config.basis.whiten and covs is None:
+            with torch.no_grad():
+                covs = basis_covariances(prep.model, prep.data, list(rank_of(problem)), config)
+        return BasisSubstitutes(prep.model, problem, covs if config.basis.whiten else None, config.basis)
+
+    def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
+                         config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
+        """Plain per-layer SVD at the ranks that fill the same budget, so the choice never loses to it."""
+        alone = per_layer_candidate(model, problem, solve, dict(state) if state is not None else None,
+                                    config.basis)
+        return [alone] if alone is not None else []
+
+    def apply(self, model: nn.Module, plan: SharingPlan, problem: SharingProblem | None,
+              merge: Merge | str = Merge.mean, *, data: DataSource | None = None,
+              config: AnalyzeConfig | None = None, tokenizer: Any | None = None, state: State = None,
+              diag: dict[str, Tensor] | None = None, layerwise: LayerwiseCurvature | None = None) -> ApplyReport:
+        if problem is None:
+            raise ValueError("the basis scheme installs a plan with its problem (ranks and sides per family)")
+        return apply_basis_plan(model, plan, problem, merge, data=data, config=config, tokenizer=tokenizer,
+                                covs=dict(state) if state is not None else None, diag=diag)

@@ -1,0 +1,59 @@
+"""The tie scheme: each class of layers holds ONE tensor, the merge of its members."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from hessian_worker.config import AnalyzeConfig
+from hessian_worker.curvature.layerwise import LayerwiseCurvature
+from hessian_worker.data import Calibration, DataSource
+from hessian_worker.losses import TaskLoss
+from hessian_worker.merge import Merge
+from hessian_worker.pair_costs import tie_costs
+from hessian_worker.prepare import Prepared
+from hessian_worker.schemes.base import DataParts, State, Substitutes
+from hessian_worker.tying import ApplyReport, apply_tie
+from solver.planning import SolveConfig
+from solver.schema import Scheme, SharingPlan, SharingProblem
+
+
+class TieScheme:
+    name = Scheme.tie
+    heal_aware_choice = True
+    merge_split_choice = True
+
+    def costs(self, model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *,
+              tokenizer: Any | None = None, loss_fn: TaskLoss | None = None) -> SharingProblem:
+        return tie_costs(model, data, config, tokenizer=tokenizer, loss_fn=loss_fn)
+
+    def parts(self, fit: Calibration, config: Any) -> DataParts:
+        """Costs on the curvature subset (``curvature_samples``), the choice and apply on all of ``fit``."""
+        samples = config.curvature_samples
+        costs = fit
+        if samples is not None and samples < fit.num_samples:
+            _, costs = fit.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
+        return DataParts(costs=costs, choice=fit, apply=fit)
+
+    def merged_layers(self, problem: SharingProblem) -> list[str]:
+        return [layer.name for layer in problem.layers]
+
+    def state(self, model: nn.Module, data: Calibration, problem: SharingProblem, config: AnalyzeConfig,
+              tokenizer: Any | None = None) -> State:
+        return None
+
+    def substitutes(self, prep: Prepared, problem: SharingProblem, config: AnalyzeConfig,
+                    state: State) -> Substitutes | None:
+        return None
+
+    def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
+                         config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
+        return []
+
+    def apply(self, model: nn.Module, plan: SharingPlan, problem: SharingProblem | None,
+              merge: Merge | str = Merge.mean, *, data: DataSource | None = None,
+              config: AnalyzeConfig | None = None, tokenizer: Any | None = None, state: State = None,
+              diag: dict[str, Tensor] | None = None, layerwise: LayerwiseCurvature | None = None) -> ApplyReport:
+        return apply_tie(model, plan, merge, data=data, config=config, tokenizer=tokenizer, diag=diag,
+                         layerwise=layerwise)

@@ -1,0 +1,62 @@
+"""The scheme interface: every Scheme of the contract has an implementation, problems pick theirs,
+and the compress chain's per-scheme facts come from the scheme objects."""
+
+from __future__ import annotations
+
+import pytest
+from hw_cases import mlp_data
+
+from hessian_worker.errors import PlanError
+from hessian_worker.options import CompressConfig
+from hessian_worker.schemes import SCHEMES, scheme_for, scheme_of
+from hessian_worker.schemes.basis import BasisScheme
+from hessian_worker.schemes.tie import TieScheme
+from solver.schema import Costs, FamilySpec, Layer, Scheme, SharingProblem
+
+
+# 4x4 weights at rank 2: a basis of 4*2 per class, 2*4 coefficients per member
+BASIS = FamilySpec(scheme="basis", rank=2, class_params=8, member_params=8)
+
+
+def _problem(families: dict[str, FamilySpec] | None) -> SharingProblem:
+    layers = [Layer(name=f"{f}{i}.weight", family=f, params=16, index=i) for f in ("a", "b") for i in range(2)]
+    matrix = [[0.0 if i == j else (1.0 if layers[i].family == layers[j].family else None) for j in range(4)]
+              for i in range(4)]
+    return SharingProblem(layers=layers, costs=Costs(kind="pairwise", matrix=matrix), families=families)
+
+
+def test_every_scheme_of_the_contract_is_implemented() -> None:
+    assert set(SCHEMES) == set(Scheme)
+    for name, scheme in SCHEMES.items():
+        assert scheme.name is name and scheme_for(name.value) is scheme
+
+
+def test_a_problem_picks_the_scheme_its_families_use() -> None:
+    assert isinstance(scheme_of(None), TieScheme)
+    assert isinstance(scheme_of(_problem(None)), TieScheme)
+    assert isinstance(scheme_of(_problem({"a": FamilySpec(scheme="tie")})), TieScheme)
+    assert isinstance(scheme_of(_problem({"a": BASIS})), BasisScheme)
+    # tie beside one other scheme is that scheme's problem (its apply ties the tie families)
+    mixed = _problem({"a": BASIS, "b": FamilySpec(scheme="tie")})
+    assert isinstance(scheme_of(mixed), BasisScheme)
+
+
+def test_two_schemes_besides_tie_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = _problem({"a": BASIS})
+    # a problem can only name schemes the contract has; pretend a second one exists
+    fake = problem.families["a"].model_copy(update={"scheme": "relaxed"})
+    problem = problem.model_copy(update={"families": {"a": problem.families["a"], "b": fake}})
+    with pytest.raises(PlanError, match="at most one other scheme"):
+        scheme_of(problem)
+
+
+def test_merged_layers_leave_out_the_basis_layers() -> None:
+    problem = _problem({"a": BASIS})
+    assert scheme_for("tie").merged_layers(problem) == [x.name for x in problem.layers]
+    assert scheme_for("basis").merged_layers(problem) == ["b0.weight", "b1.weight"]
+
+
+def test_tie_costs_use_the_curvature_subset_and_choose_on_all() -> None:
+    fit = mlp_data(n=10)
+    parts = scheme_for("tie").parts(fit, CompressConfig(ratio=0.5, curvature_samples=4))
+    assert parts.costs.num_samples == 4 and parts.choice is fit and parts.apply is fit
