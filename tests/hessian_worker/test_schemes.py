@@ -13,7 +13,6 @@ from hessian_worker.schemes.basis import BasisScheme
 from hessian_worker.schemes.tie import TieScheme
 from solver.schema import Costs, FamilySpec, Layer, Scheme, SharingProblem
 
-
 # 4x4 weights at rank 2: a basis of 4*2 per class, 2*4 coefficients per member
 BASIS = FamilySpec(scheme="basis", rank=2, class_params=8, member_params=8)
 
