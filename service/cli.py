@@ -59,8 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from service.access import AccessRules
+    from service.analysis_loop import run_worker
     from service.settings import WorkerSettings
-    from service.worker import run_worker
 
     settings = WorkerSettings()  # read once: the flags' defaults and the access rules both come from it
     api = args.api or (str(settings.api) if settings.api else None)

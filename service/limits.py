@@ -300,7 +300,7 @@ def _init_parse_process(parent: int) -> None:
     import service.compress  # noqa: F401
     import service.models  # noqa: F401
     import solver  # noqa: F401
-    from service.solve_worker import _watch_parent
+    from service.solve_process import _watch_parent
 
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 

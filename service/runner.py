@@ -33,10 +33,10 @@ class _Process:
     """One spawned solve process and our end of its pipe."""
 
     def __init__(self) -> None:
-        from service import solve_worker
+        from service import solve_process
 
         self.conn, child = _CTX.Pipe()
-        self.proc = _CTX.Process(target=solve_worker.main, args=(child, os.getpid()), daemon=True,
+        self.proc = _CTX.Process(target=solve_process.main, args=(child, os.getpid()), daemon=True,
                                  name="geoshare-solve")
         self.proc.start()
         child.close()

@@ -15,10 +15,10 @@ import pytest
 from svc_cases import Server
 
 from service.access import AccessDenied, AccessRules
+from service.analysis_loop import run_worker
 from service.client import GeoShareClient
 from service.models import AnalysisSpec
 from service.settings import Settings, WorkerSettings
-from service.worker import run_worker
 from solver import SharingProblem
 
 ACCESS_ENV = ("GEOSHARE_READ_ROOTS", "GEOSHARE_OUT_ROOT", "GEOSHARE_MODEL_MODULES")
@@ -264,7 +264,7 @@ def test_worker_reads_its_rules_from_its_settings(monkeypatch, tree):
     monkeypatch.setenv("GEOSHARE_READ_ROOTS", f"{tree / 'models-link'}, {tree / 'outs'}")
     monkeypatch.setenv("GEOSHARE_OUT_ROOT", str(tree / "outs"))
     monkeypatch.setenv("GEOSHARE_MODEL_MODULES", "svc_tiny")
-    from service.worker import worker_rules
+    from service.analysis_loop import worker_rules
 
     rules = worker_rules()
     assert rules.read_roots == (tree / "models", tree / "outs") and rules.out_root == tree / "outs"
@@ -281,8 +281,8 @@ def test_cli_worker_builds_its_rules_once_and_hands_them_to_the_loop(monkeypatch
     read the settings a second time for them)."""
     import argparse
 
+    import service.analysis_loop
     import service.settings
-    import service.worker
     from service.cli import _worker
 
     monkeypatch.setenv("GEOSHARE_READ_ROOTS", str(tree / "models-link"))
@@ -302,7 +302,7 @@ def test_cli_worker_builds_its_rules_once_and_hands_them_to_the_loop(monkeypatch
         return 0
 
     monkeypatch.setattr(service.settings, "WorkerSettings", Counted)
-    monkeypatch.setattr(service.worker, "run_worker", fake_run_worker)
+    monkeypatch.setattr(service.analysis_loop, "run_worker", fake_run_worker)
     args = argparse.Namespace(api="http://127.0.0.1:9", worker_id=None, poll=None, lease=None, max_jobs=0,
                               device="cpu")
     assert _worker(args) == 0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from service.analysis_loop import run_worker
 from service.client import ApiError, GeoShareClient
 from service.models import AnalysisSpec
-from service.worker import run_worker
 from solver import SharingProblem
 
 

@@ -13,11 +13,11 @@ from pydantic.fields import FieldInfo
 
 from hessian_worker.options import Backend as WorkerBackend
 from hessian_worker.options import CompressConfig
+from service.analysis_loop import Compressed, run_worker
 from service.client import ApiError, GeoShareClient
 from service.compress import CONFIG_FIELDS, CompressSpec, compress_config
 from service.models import AnalysisSpec, Backend
 from service.outdir import MARKER, OutDirError, prepare_out
-from service.worker import Compressed, run_worker
 from solver import SharingProblem, SolveConfig, solve
 
 
