@@ -253,7 +253,8 @@ def _measured(card: Mapping[str, Any]) -> list[str]:
         for key, label in labels.items():
             if key in run:
                 value = run[key]
-                lines.append(f"| {label} | {f'{value:.4g}' if isinstance(value, float) else value} |")
+                text = f"{value:.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+                lines.append(f"| {label} | {text} |")
         if run.get("heal"):
             lines.append(f"| healing | {run['heal'].get('steps')} steps, best at step {run['heal'].get('best_step')} |")
         lines.append("")
