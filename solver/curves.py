@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bounds import all_k
-from .cpsat import build_model, solve_model
+from .colgen import ColumnPool, Master, gap_columns, integer_master, lp_bound
 from .deadline import Deadline
 from .errors import ConstraintInfeasible
 from .exact import exact_affordable, exact_curve
 from .family import FamilyInstance, canonical
 from .heuristics import agglomerative, matching_start, tabu_search
 from .interval import interval_curve
-from .mip import cheapest_edges_bound, labels_from_bins, min_classes
+from .mip import labels_from_bins, min_classes
 from .pmedian import p_median
+from .scaling import GAP_TOL
 from .schema import CostKind
 
 # CP-SAT's representatives model helps up to about this many units; past it, its bound stays
@@ -44,6 +45,7 @@ class FamilyCurve:
     starts: dict[int, list[np.ndarray]] = field(default_factory=dict)  # diverse unit labellings per k
     methods: set[str] = field(default_factory=set)
     wall_cut: bool = False  # a wall-clock cap (not the deterministic budget) cut some search
+    columns: tuple[ColumnPool, Master] | None = None  # column generation's pool and master (pairwise)
 
     @property
     def ks(self) -> range:
@@ -70,6 +72,16 @@ class FamilyCurve:
         """Knapsack options (params, cost, k) from the upper or the lower curve."""
         curve = self.ub if upper else self.lb
         return [(self.fam.params_for(k), min(curve.get(k, math.inf if upper else 0.0), self.ub.get(k, math.inf)), k) for k in self.ks]
+
+    def column_pool(self) -> tuple[ColumnPool, Master]:
+        """The family's pool of classes and its master LP, made on first use (one for every k:
+        a class is a class whatever the count), seeded with the singletons."""
+        if self.columns is None:
+            pool = ColumnPool(self.fam.reduced)
+            for u in range(pool.up.m):
+                pool.add(np.arange(pool.up.m) == u)
+            self.columns = (pool, Master(pool))
+        return self.columns
 
     def gap_at(self, k: int) -> float:
         return self.ub.get(k, math.inf) - self.lb.get(k, 0.0)
@@ -174,32 +186,66 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
             curve.offer(fam.layer_labels(res.labels), "p-median-mip")
         curve.raise_lb(k, res.bound + _offset(fam))
         return
+    _improve_pairwise(curve, k, effort, seed, deadline, rounds)
+
+
+# work per nominal second of effort: tabu iterations, nodes of the integer master, nodes of the
+# exact pricing tree; all deterministic, so equal inputs give equal curves
+_TABU_PER_S = 4000
+_MIP_NODES_PER_S = 2000
+_PRICING_NODES_PER_S = 100_000
+_GAP_COLUMNS = 20_000  # classes at most in the exact closure's pool
+
+
+def _improve_pairwise(curve: FamilyCurve, k: int, effort: float, seed: int, deadline: Deadline, rounds: int) -> None:
+    """Column generation (bound and columns), the integer master over its columns, the exact
+    closure over every class that could still improve, and tabu from every distinct start
+    while a gap is left (docs/design.md §Per-family search)."""
+    fam, up = curve.fam, curve.fam.reduced
+    kk = k - len(fam.pinned)
+    offset = _offset(fam)
     if rounds == 0 and (matched := matching_start(up, kk)) is not None:
         curve.offer(fam.layer_labels(matched), "matching")
         curve.starts.setdefault(k, []).append(matched)
-    # past CPSAT_MAX_UNITS, CP-SAT only joins from the second round on: its LP bound can still
-    # close near-matching instances once tabu has had its share of the time
-    use_cpsat = up.m <= CPSAT_MAX_UNITS or rounds >= 1
-    # tabu from every distinct start: local search is sensitive to where it begins
-    pool = [s for s in [_unit_labels(fam, curve.labels.get(k)), *curve.starts.get(k, [])] if s is not None]
-    pool = list({tuple(canonical(s).tolist()): canonical(s) for s in pool}.values())
-    if pool:
-        total = effort * (4000 if up.m <= CPSAT_MAX_UNITS else 8000)
-        iters = int(min(200_000, max(500, total / len(pool))))
-        for i, s in enumerate(pool):
-            lab, _ = tabu_search(up, s, kk, iters, seed=seed + 7919 * rounds + 131 * i + k, deadline=deadline)
-            curve.offer(fam.layer_labels(lab), "tabu")
-    if rounds == 0 and not deadline.expired():
-        curve.raise_lb(k, cheapest_edges_bound(up, kk, time_limit_s=deadline.cap(min(wall, max(1.0, effort / 2)))) + _offset(fam))
-    if not use_cpsat or deadline.expired():
+    pool, master = curve.column_pool()
+    for labels in [*curve.labels.values(), *(fam.layer_labels(s) for ss in curve.starts.values() for s in ss)]:
+        pool.add_labels(_unit_labels(fam, labels))
+    nodes = int(_PRICING_NODES_PER_S * effort)
+    res = lp_bound(up, kk, pool, master, deadline, node_limit=nodes)
+    curve.raise_lb(k, res.bound + offset)
+    curve.methods.add("column-generation")
+    if res.pi is not None:
+        # the same duals bound every class count: Σ π + k'·min(0, least f) is a supporting line
+        # of the LP value in k', so one solved k lifts the whole lower curve
+        for k2 in curve.ks:
+            if k2 - len(fam.pinned) >= 1:
+                line = float(res.pi.sum()) + (k2 - len(fam.pinned)) * min(0.0, res.least)
+                curve.lb[k2] = max(curve.lb.get(k2, 0.0), line + offset)
+    wall = max(0.01, deadline.cap(3 * effort + 1))
+    mip_nodes = int(_MIP_NODES_PER_S * effort)
+    inc = integer_master(pool, kk, wall, max_nodes=mip_nodes, hint=_unit_labels(fam, curve.labels.get(k)))
+    if inc.labels is not None:
+        curve.offer(fam.layer_labels(inc.labels), "colgen-mip")
+    # exact closure: every class a cheaper partition could use, then the integer master is exact
+    upper = curve.ub.get(k, math.inf) - offset
+    if _open(curve, k) and math.isfinite(upper) and not deadline.expired() and gap_columns(up, pool, res, kk, upper, cap=_GAP_COLUMNS, node_limit=nodes, deadline=deadline):
+        exact = integer_master(pool, kk, max(0.01, deadline.cap(wall)), max_nodes=mip_nodes, hint=_unit_labels(fam, curve.labels.get(k)))
+        if exact.labels is not None:
+            curve.offer(fam.layer_labels(exact.labels), "colgen-exact")
+        curve.raise_lb(k, min(exact.bound, upper) + offset)
+    if not _open(curve, k) or deadline.expired():
         return
-    hint = _unit_labels(fam, curve.labels.get(k))
-    built = build_model(up, kk, hint=hint)
-    res = solve_model(built, up, time_limit_s=effort, workers=workers, seed=seed, wall_limit_s=max(0.01, deadline.cap(wall)))
-    curve.wall_cut |= res.wall_cut
-    if res.labels is not None:
-        curve.offer(fam.layer_labels(res.labels), "cp-sat")
-    curve.raise_lb(k, res.bound + _offset(fam))
+    # tabu from every distinct start: local search is sensitive to where it begins
+    starts = [s for s in [_unit_labels(fam, curve.labels.get(k)), *curve.starts.get(k, [])] if s is not None]
+    starts = list({tuple(canonical(s).tolist()): canonical(s) for s in starts}.values())
+    iters = int(min(200_000, max(500, effort * _TABU_PER_S / max(1, len(starts)))))
+    for i, s in enumerate(starts):
+        lab, _ = tabu_search(up, s, kk, iters, seed=seed + 7919 * rounds + 131 * i + k, deadline=deadline)
+        curve.offer(fam.layer_labels(lab), "tabu")
+
+
+def _open(curve: FamilyCurve, k: int) -> bool:
+    return curve.gap_at(k) > GAP_TOL * abs(curve.ub.get(k, 0.0))
 
 
 def _unit_labels(fam: FamilyInstance, layer_labels: np.ndarray | None) -> np.ndarray | None:

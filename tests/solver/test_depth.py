@@ -6,12 +6,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
-from solver import solve
+from solver import curves, solve
+from solver.evaluate import violations
 from solver.family import build_families
 from solver.heuristics import agglomerative
 
+from .brute import brute_optimum
 from .cases import random_problem
+from .test_optimality import CASES
 
 
 def _assignment_problem(n: int, seed: int, ratio: float = 0.5):
@@ -50,3 +54,21 @@ def test_assignment_agglomerative_matches_the_pairwise_recomputation():
     np.fill_diagonal(two, np.inf)
     a, b = np.unravel_index(np.argmin(two), two.shape)
     assert out[29][a] == out[29][b]
+
+
+LARGE_PATH = [c for c in CASES if not c[3].get("contiguous")]
+
+
+@pytest.mark.parametrize("families,kind,ratio,cons", LARGE_PATH)
+def test_the_large_family_path_is_exact_against_brute_force(monkeypatch, make_problem, families, kind, ratio, cons):
+    # the subset DP would take these small families; without it they go the way a 48- or
+    # 80-layer family goes (column generation and its exact closure, or the p-median MIP)
+    monkeypatch.setattr(curves, "exact_affordable", lambda *_: False)
+    problem = make_problem(families, seed=sum(families), kind=kind, ratio=ratio, **cons)
+    best, _ = brute_optimum(problem)
+    plan = solve(problem)
+    assert "subset-dp" not in plan.solver.method
+    assert violations(problem, plan.coloring) == []
+    assert plan.bound <= best * (1 + 1e-9) + 1e-12
+    assert plan.objective == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert plan.status.value == "optimal"
