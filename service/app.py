@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = await run_in_threadpool(Store, settings.db_url)
-        if settings.requeue_on_start:
+        if settings.requeues_on_start():
             requeued = await run_in_threadpool(store.requeue_running, SOLVE_KINDS)
             if requeued:
                 log.info("re-queued %d solves that were running when the server stopped", len(requeued))

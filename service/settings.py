@@ -86,7 +86,16 @@ class Settings(AccessSettings):
     solve_lease_s: float = Field(30.0, gt=0, description="Lease a replica holds on a running solve.")
     max_attempts: int = Field(3, gt=0, description="Claims of one analysis before it fails for good.")
     analysis_time_limit_s: float = Field(30.0, gt=0, description="Time limit of the solve after an analysis.")
-    requeue_on_start: bool = Field(True, description="Re-queue running solves at start (one replica).")
+    requeue_on_start: bool | None = Field(
+        None, description="Re-queue the store's running solves at start. Default: yes on a SQLite file (one "
+        "server owns it, so whatever ran was this server's, before it stopped), no on a shared database such as "
+        "Postgres (the running solves may be another replica's; expired leases come back through the reaper).")
+
+    def requeues_on_start(self) -> bool:
+        """Whether running solves found at start were this server's own (see ``requeue_on_start``)."""
+        if self.requeue_on_start is not None:
+            return self.requeue_on_start
+        return self.db_url.startswith("sqlite")
     retry_after_s: int = Field(5, gt=0, description="Retry-After sent with 429.")
     poll_s: float = Field(1.0, gt=0, description="How often idle runners and the lease reaper look.")
 
