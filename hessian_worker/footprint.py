@@ -229,10 +229,15 @@ def _import_architecture(spec: str) -> None:
 
         for name in getattr(config, "architectures", None) or []:
             getattr(transformers, name, None)  # the lazy module imports the modeling code
-    elif ":" in spec and folder is None:
+    else:  # a module:factory, or a compressed directory its plan.json says a factory builds
         import importlib
 
-        importlib.import_module(spec.partition(":")[0])
+        factory = spec
+        if folder is not None and (folder / PLAN).is_file():
+            meta = json.loads((folder / PLAN).read_text(encoding="utf-8"))
+            factory = str((meta.get("source") or {}).get("model") or meta.get("source_model") or "")
+        if ":" in factory:
+            importlib.import_module(factory.partition(":")[0])
 
 
 def _child(spec: str, batch_path: str, device: str) -> MemoryPeak:

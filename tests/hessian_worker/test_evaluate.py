@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from geoshare.cli import main
 from hessian_worker.apply import apply_plan
 from hessian_worker.basis.modules import install_class
-from hessian_worker.cli import main
 from hessian_worker.evaluation import EvaluateConfig, Metric, evaluate
 from hessian_worker.io import load_shared, save_shared
 from hessian_worker.model_dir import load_compressed
@@ -276,3 +276,16 @@ def test_peak_memory_of_load_and_forward_drops_by_what_sharing_removed(tmp_path,
     assert report["reference"]["disk_bytes"] - report["model"]["disk_bytes"] == pytest.approx(removed, rel=0.01)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Evaluation" in card and "peak memory, load + one forward" in card
+
+
+def test_peak_of_a_factory_directory_in_a_fresh_process(tmp_path):
+    """A compressed directory without config.json is built in the child by the factory its
+    plan.json names (importable there through the parent's sys.path), from a cold page cache."""
+    from hessian_worker.footprint import measure_peak
+
+    out, data = _bench_gpt_out(tmp_path)
+    peak = measure_peak(str(out), {"input": torch.load(data)})
+    assert peak.cold_cache and peak.baseline_reset and peak.peak_bytes >= peak.baseline_bytes
+    assert peak.load_s > 0 and peak.forward_s > 0
+    with pytest.raises(RuntimeError, match="no_such_module"):
+        measure_peak("no_such_module:factory", {"input": torch.load(data)})
