@@ -89,7 +89,7 @@ def free_port() -> int:
 def start_server(root: Path, db: Path, port: int, concurrency: int) -> subprocess.Popen:
     env = {**os.environ, "GEOSHARE_API_KEY": KEY, "GEOSHARE_CONCURRENCY": str(concurrency),
            "GEOSHARE_SOLVER_WORKERS": "1", "GEOSHARE_MAX_QUEUE": "10000"}
-    cmd = [sys.executable, "-m", "solver.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "geoshare", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--db", str(db), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)

@@ -83,7 +83,7 @@ def _start(db: Path, concurrency: int) -> tuple[subprocess.Popen, str]:
     port = _port()
     env = {**os.environ, "GEOSHARE_CONCURRENCY": str(concurrency), "GEOSHARE_SOLVER_WORKERS": "1",
            "GEOSHARE_MAX_QUEUE": "10000", "GEOSHARE_POLL_S": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "solver.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "geoshare", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--db", str(db), "--log-level", "warning"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

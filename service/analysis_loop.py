@@ -67,7 +67,8 @@ def default_compress(spec: AnalysisSpec, job_id: str, device: str = "auto") -> C
     if spec.compress is None:
         raise ValueError("default_compress needs a spec with `compress`; costs-only specs go to analyze")
     out = prepare_out(spec.compress.out, overwrite=spec.compress.overwrite, job_id=job_id)
-    from hessian_worker import CompressConfig, compress, load_model, save_shared
+    from hessian_worker import CompressConfig, compress, load_model
+    from hessian_worker.compress_run import save_compressed_run
     from hessian_worker.data import DEFAULT_SENTENCES
 
     config = CompressConfig.model_validate(compress_config(spec) | {"device": device, "progress": False})
@@ -77,10 +78,9 @@ def default_compress(spec: AnalysisSpec, job_id: str, device: str = "auto") -> C
                          "set data to a torch.save'd tensor file on the worker")
     data: Any = spec.data if spec.data is not None else DEFAULT_SENTENCES
     report = compress(loaded.model, data, config, tokenizer=loaded.tokenizer)
-    save_shared(loaded.model, report.plan, out, source=spec.model)
-    # report.json as `geoshare compress` writes it: the plan is in plan.json, the costs are not kept
-    (out / "report.json").write_text(report.model_dump_json(indent=2, exclude={"plan", "problem"}),
-                                     encoding="utf-8")
+    # the model and report.json, written as `geoshare compress` writes them; a job keeps neither the
+    # costs (problem.json) nor figures on the card (docs/contract.md)
+    save_compressed_run(out, report, model=loaded.model, source=spec.model, costs=False, card=False)
     doc = report.model_dump(mode="json", exclude={"problem"})
     doc["out"] = str(out.resolve())
     return Compressed(problem=report.problem, report=doc)

@@ -8,12 +8,11 @@ import pytest
 import torch
 from hw_cases import factory
 
+from geoshare.cli import main
 from hessian_worker.basis.config import SideChoice
 from hessian_worker.basis.modules import BasisLinear
-from hessian_worker.cli import main
 from hessian_worker.io import load_shared
 from hessian_worker.tying import unique_params
-from solver.cli import main as geoshare
 from solver.schema import SharingPlan, SharingProblem, Side
 
 
@@ -32,7 +31,7 @@ def test_analyze_solve_apply_load(tmp_path, common, capsys) -> None:
     assert (spec.scheme.value, spec.rank, spec.side, spec.class_params, spec.member_params) == (
         "basis", 1, Side.out, 4, 4)  # square 4x4 blocks: auto keeps the out side
     assert len(problem.costs.unary) == 3
-    assert geoshare(["solve", str(problem_path), "--ratio", "0.45", "-o", str(plan_path)]) == 0
+    assert main(["solve", str(problem_path), "--ratio", "0.45", "-o", str(plan_path)]) == 0
     plan = SharingPlan.model_validate_json(plan_path.read_text())
     assert plan.params.shared <= 0.45 * 48 and any(len(g) > 1 for g in plan.groups)
     assert plan.params.shared != 16 * len(plan.groups)  # not what tying the classes would keep

@@ -8,13 +8,12 @@ import sys
 
 import torch
 
-from hessian_worker.cli import main
+from geoshare.cli import main
 from solver.schema import SharingPlan, SharingProblem
 
 
 def test_cli_module_does_not_import_torch() -> None:
-    code = "import sys, argparse, hessian_worker.cli as c; p = argparse.ArgumentParser(); " \
-           "c.add_commands(p.add_subparsers()); print('torch' in sys.modules)"
+    code = "import sys, geoshare.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

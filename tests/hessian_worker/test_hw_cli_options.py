@@ -1,8 +1,10 @@
 """The ``analyze`` and ``compress`` flags cannot drift from AnalyzeConfig and CompressConfig.
 
 Every flag is a config field (same name, or renamed below), or one of the CLI's own; an enum
-flag's choices are its field's enum values, in order; a flag's default is its field's; and the
-handlers pass every flag's value into the config they build (the pipeline faked, nothing runs).
+flag's choices are its field's enum values, in order (plus ``auto`` where the field's None means
+the default rule); a flag's default is its field's; and the handlers pass every flag's value into
+the config they build (the pipeline faked, nothing runs). Old spellings kept as hidden aliases
+(``analyze --rank``) are checked on their own at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pydantic.fields import FieldInfo
 import hessian_worker
 import hessian_worker.models
 import hessian_worker.pipeline
-from hessian_worker.cli import add_commands, main
+from geoshare.cli import add_model_commands as add_commands
+from geoshare.cli import main
 from hessian_worker.options import AnalyzeConfig, CompressConfig
 
 CONFIGS: dict[str, type[BaseModel]] = {"analyze": AnalyzeConfig, "compress": CompressConfig}
@@ -30,10 +33,14 @@ KFAC = {"kfac_rank": "kfac.rank", "kfac_oversample": "kfac.oversample",
         "kfac_gradient_samples": "kfac.gradient_samples", "kfac_output": "kfac.output"}
 RENAMED: dict[str, dict[str, str]] = {
     "analyze": {**KFAC, "ratio": "max_params_ratio", "quiet": "!progress", "rank_ratio": "basis.rank_ratio",
-                "side": "basis.side", "no_output_weighting": "!basis.output_weighting"},
+                "side": "basis.side", "no_output_weighting": "!basis.output_weighting", "sketch_rank": "rank",
+                "basis_rank": "basis.rank"},
     "compress": {**KFAC, "heal": "heal_steps", "no_heal_choice": "!heal_choice", "time_limit": "time_limit_s",
-                 "quiet": "!progress", "no_output_weighting": "!output_weighting"},
+                 "quiet": "!progress", "no_output_weighting": "!output_weighting", "holdout_samples": "holdout",
+                 "basis_rank": "rank"},
 }
+# flags whose choices add "auto" for the field's None (the rule the pipeline applies)
+AUTO_IS_NONE = {("compress", "merge")}
 # the CLI's own flags: inputs, outputs, the streamed path's cache and memory limit
 CLI_ONLY: dict[str, set[str]] = {
     "analyze": {"help", "model", "data", "output", "stats_cache", "no_stats_cache"},
@@ -74,6 +81,8 @@ def _flags(command: str) -> list[tuple[argparse.Action, str | None]]:
     out = []
     for action in _subparsers()[command]._actions:
         dest = action.dest
+        if action.help == argparse.SUPPRESS:  # an old spelling with its own meaning: checked below
+            continue
         if dest in CLI_ONLY[command]:
             out.append((action, None))
         else:
@@ -96,15 +105,19 @@ def test_every_flag_is_a_config_field(command: str):
         info = _field(config, path)
         types = _types(info)
         (enum,) = [t for t in types if isinstance(t, type) and issubclass(t, Enum)] or [None]
+        auto = (command, action.dest) in AUTO_IS_NONE
+        if auto:
+            assert action.choices[0] == action.default == "auto" and info.default is None, action.dest
         if action.choices is not None:
-            assert enum is not None and tuple(action.choices) == tuple(m.value for m in enum), action.dest
+            choices = tuple(action.choices)[1:] if auto else tuple(action.choices)
+            assert enum is not None and choices == tuple(m.value for m in enum), action.dest
         else:
             assert enum is None, f"--{action.dest}: {enum} without choices"
         if negated:
             assert types == {bool} and action.default is False and info.default is True, action.dest
         elif action.type is not None:
             assert action.type in types, (action.dest, action.type, types)
-        if action.default is not None and not negated:  # None: the handler decides (the config's default)
+        if action.default is not None and not negated and not auto:  # None: the handler decides
             default = info.get_default(call_default_factory=True)
             assert action.default == _plain(default), (action.dest, action.default, default)
     assert set(config.model_fields) - reached == NO_FLAG[command]
@@ -167,8 +180,8 @@ def test_compress_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
         [*head, "--backend", "diagonal", "--merge", "mean", "--top", "3", "--min-distance", "2",
          "--normalized-top", "4", "--per-pattern", "1", "--curvature-samples", "5", "--distill", "cosine",
          "--heal", "2", "--heal-lr", "0.001", "--heal-holdout", "0.3", "--heal-shortlist", "1", "--no-heal-choice",
-         "--choice-holdout", "0.25", "--holdout", "3", "--time-limit", "2.5"],
-        [*head, "--scheme", "basis", "--rank", "2", "--side", "in", "--no-output-weighting"],
+         "--choice-holdout", "0.25", "--holdout-samples", "3", "--time-limit", "2.5"],
+        [*head, "--scheme", "basis", "--basis-rank", "2", "--side", "in", "--no-output-weighting"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5"],
     ]
     checked = set()
@@ -183,15 +196,36 @@ def test_analyze_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
     head = [*COMMON, "-o", str(tmp_path / "problem.json"), "--memory-limit-gb", "2"]
     runs = [
         [*head, "--backend", "projected", "--kind", "assignment", "--curvature", "hessian", "--ratio", "0.4",
-         "--rank", "3", "--probes", "5", "--eigensolver", "lanczos", "--oversample", "2",
+         "--sketch-rank", "3", "--probes", "5", "--eigensolver", "lanczos", "--oversample", "2",
          "--sketch-precision", "model", "--bulk", "isotropic", "--targets", "a", "--targets", "b", "--ignore", "c"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5", "--side", "in", "--no-output-weighting"],
+        [*head, "--scheme", "basis", "--basis-rank", "2"],
     ]
     checked = set()
     for argv in runs:
         config, args = _run("analyze", argv)
         checked |= _given(config, args, "analyze")
     assert checked == _config_flags("analyze")
-    # with --scheme basis, --rank is the basis rank (AnalyzeConfig.rank keeps its default)
-    config, args = _run("analyze", [*head, "--scheme", "basis", "--rank", "2"])
+    # with --scheme basis the basis rank leaves AnalyzeConfig.rank (the sketch's) at its default
+    config, args = _run("analyze", [*head, "--scheme", "basis", "--basis-rank", "2"])
     assert config.basis.rank == 2 and config.rank == AnalyzeConfig.model_fields["rank"].default
+
+
+def test_old_spellings_still_set_the_same_fields(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys):
+    """Scripts written before the renames keep working: analyze --rank (the sketch rank, or with
+    --scheme basis the basis rank), compress --rank and --holdout, and --merge auto = the default."""
+    _capture(monkeypatch)
+    head = [*COMMON, "-o", str(tmp_path / "problem.json")]
+    config, _ = _run("analyze", [*head, "--backend", "projected", "--rank", "3"])
+    assert config.rank == 3 and config.basis.rank is None
+    config, _ = _run("analyze", [*head, "--scheme", "basis", "--rank", "2"])
+    assert config.basis.rank == 2 and config.rank == AnalyzeConfig.model_fields["rank"].default
+    assert main(["analyze", *head, "--sketch-rank", "3", "--rank", "4"]) == 2  # the same flag twice
+    assert "--rank is the old spelling of --sketch-rank" in capsys.readouterr().err
+    compress = [*COMMON, "--ratio", "0.3", "--out", str(tmp_path)]
+    old, _ = _run("compress", [*compress, "--scheme", "basis", "--rank", "2", "--holdout", "3"])
+    new, _ = _run("compress", [*compress, "--scheme", "basis", "--basis-rank", "2", "--holdout-samples", "3"])
+    assert old == new and (old.rank, old.holdout) == (2, 3)
+    auto, _ = _run("compress", [*compress, "--merge", "auto"])
+    default, _ = _run("compress", compress)
+    assert auto == default and auto.merge is None

@@ -187,7 +187,7 @@ def test_the_streamed_writer_writes_what_safetensors_reads(tmp_path):
 
 
 def test_cli_compresses_a_decoder_checkpoint_streamed_and_reuses_the_statistics(tmp_path, capsys):
-    from solver.cli import main
+    from geoshare.cli import main
 
     folder = _write(tmp_path / "m", "llama")
     args = ["compress", "--model", str(folder), "--data", str(folder / "calib.pt"), "--ratio", "0.7", "--quiet",

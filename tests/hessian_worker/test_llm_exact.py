@@ -96,7 +96,7 @@ def test_padded_batches_and_directions_joining_later_blocks(checkpoints, kind):
 
 
 def test_cli_streams_backend_exact_on_a_decoder_directory(checkpoints, whole_costs, tmp_path, capsys):
-    from solver.cli import main
+    from geoshare.cli import main
 
     folder = checkpoints["qwen2"]
     out = tmp_path / "problem.json"

@@ -179,7 +179,7 @@ def test_an_unknown_architecture_is_refused_by_name(checkpoints, tmp_path):
 
 
 def test_cli_streams_a_decoder_checkpoint_by_default(checkpoints, tmp_path, capsys):
-    from solver.cli import main
+    from geoshare.cli import main
 
     folder = checkpoints["qwen2"]
     out = tmp_path / "problem.json"
@@ -236,7 +236,7 @@ def test_padded_batches_and_a_gradient_subset_stream_alike(checkpoints):
 
 
 def test_cli_refuses_a_whole_model_backend_that_cannot_fit_and_names_kfac(checkpoints, tmp_path, capsys):
-    from solver.cli import main
+    from geoshare.cli import main
 
     folder = checkpoints["llama"]
     code = main(["analyze", "--model", str(folder), "--data", str(folder / "calib.pt"), "--backend", "projected",

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from geoshare.cli import main
 from hessian_worker.apply import apply_plan
 from hessian_worker.basis.modules import BasisLinear, install_class
-from hessian_worker.cli import main
 from hessian_worker.errors import PlanError
 from hessian_worker.export import export_dense
 from hessian_worker.io import load_shared, save_shared

@@ -283,7 +283,7 @@ def test_cli_worker_builds_its_rules_once_and_hands_them_to_the_loop(monkeypatch
 
     import service.analysis_loop
     import service.settings
-    from service.cli import _worker
+    from geoshare.cli.service import worker as _worker
 
     monkeypatch.setenv("GEOSHARE_READ_ROOTS", str(tree / "models-link"))
     monkeypatch.setenv("GEOSHARE_OUT_ROOT", str(tree / "outs"))

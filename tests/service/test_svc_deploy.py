@@ -43,7 +43,7 @@ def test_compose_worker(compose):
 def test_dockerfiles():
     api = (ROOT / "docker/Dockerfile.api").read_text()
     assert re.search(r"^FROM python:3\.11-slim", api, re.M)
-    assert '".[service]"' in api and "torch" not in api.split("RUN", 1)[1].split("\n")[0]
+    assert '".[service,postgres]"' in api and "torch" not in api.split("RUN", 1)[1].split("\n")[0]
     assert '"geoshare", "serve"' in api
     worker = (ROOT / "docker/Dockerfile.worker").read_text()
     assert re.search(r"pytorch/pytorch:[\w.-]*cuda", worker)
@@ -53,7 +53,7 @@ def test_dockerfiles():
 
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_entrypoints_run(command):
-    r = subprocess.run([sys.executable, "-m", "solver.cli", command, "--help"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "geoshare", command, "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert f"geoshare {command}" in r.stdout
@@ -61,13 +61,13 @@ def test_entrypoints_run(command):
 
 def test_worker_without_api_says_how_to_fix():
     env = {k: v for k, v in os.environ.items() if k != "GEOSHARE_API"}
-    r = subprocess.run([sys.executable, "-m", "solver.cli", "worker"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "geoshare", "worker"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60, env=env)
     assert r.returncode == 2 and "GEOSHARE_API" in r.stderr
 
 
 def test_cli_import_is_light():
-    code = ("import sys, service.cli; heavy = [m for m in ('fastapi', 'uvicorn', 'sqlalchemy', 'torch', 'httpx') "
+    code = ("import sys, geoshare.cli; geoshare.cli.build_parser(); heavy = [m for m in ('fastapi', 'uvicorn', 'sqlalchemy', 'torch', 'httpx') "
             "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

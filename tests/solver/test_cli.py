@@ -15,7 +15,7 @@ from .cases import random_problem
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "solver.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "geoshare", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_strategy_baseline(problem_file):
 def test_solve_reads_stdin(problem_file):
     _, path = problem_file
     out = subprocess.run(
-        [sys.executable, "-m", "solver.cli", "solve", "-"], input=path.read_text(), capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "geoshare", "solve", "-"], input=path.read_text(), capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "optimal"
@@ -133,7 +133,7 @@ def test_closed_pipe_ends_quietly(tmp_path):
     path = tmp_path / "wide.json"
     path.write_text(json.dumps({"layers": layers, "costs": {"matrix": matrix}}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "solver.cli", "solve", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "geoshare", "solve", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.read(10) == b'{\n  "versi'  # like head: read a little, then go away
