@@ -16,6 +16,7 @@ from .family import UnitProblem, canonical
 from .schema import CostKind
 
 _CHECK_EVERY = 64  # tabu iterations between looks at the clock
+_SWAP_ROWS = 24  # units whose swaps tabu evaluates per step (all of them up to this many)
 
 
 def agglomerative(up: UnitProblem) -> dict[int, np.ndarray]:
@@ -131,13 +132,17 @@ def tabu_search(
         ok = (fcnt == 0) & (csize[None, :] + sizes[:, None] <= cap) & (count[labels] > 1)[:, None]
         ok[idx, labels] = False
         mv_t = np.where(ok & ((tabu <= it) | (cur + mv < best - better)), mv, np.inf)
-        # swaps u in A, v in B (A != B)
-        la, lb = labels[:, None], labels[None, :]
-        sw = dmat[idx[:, None], lb] - w - own[:, None] + dmat[idx[None, :], la] - w - own[None, :]
-        sok = (la != lb) & (fcnt[idx[:, None], lb] - fb == 0) & (fcnt[idx[None, :], la] - fb == 0)
-        sok &= (csize[lb] - sizes[None, :] + sizes[:, None] <= cap) & (csize[la] - sizes[:, None] + sizes[None, :] <= cap)
-        sok = np.triu(sok, 1)
-        not_tabu = (tabu[idx[:, None], lb] <= it) & (tabu[idx[None, :], la] <= it)
+        # swaps u in A, v in B (A != B); u only among the _SWAP_ROWS units a move would relieve
+        # most, so a step costs O(m·classes + _SWAP_ROWS·m), not O(m^2) (80 -> 160 units: 3x)
+        us = idx if m <= _SWAP_ROWS else np.argsort(np.where(ok, mv, np.inf).min(axis=1), kind="stable")[:_SWAP_ROWS]
+        la, lb = labels[us][:, None], labels[None, :]
+        wu = w[us]
+        sw = dmat[us[:, None], lb] - wu - own[us][:, None] + dmat[idx[None, :], la] - wu - own[None, :]
+        sok = (la != lb) & (fcnt[us[:, None], lb] - fb[us] == 0) & (fcnt[idx[None, :], la] - fb[us] == 0)
+        sok &= (csize[lb] - sizes[None, :] + sizes[us][:, None] <= cap) & (csize[la] - sizes[us][:, None] + sizes[None, :] <= cap)
+        if m <= _SWAP_ROWS:
+            sok = np.triu(sok, 1)
+        not_tabu = (tabu[us[:, None], lb] <= it) & (tabu[idx[None, :], la] <= it)
         sw_t = np.where(sok & (not_tabu | (cur + sw < best - better)), sw, np.inf)
         best_mv, best_sw = mv_t.min(initial=np.inf), sw_t.min(initial=np.inf)
         if not np.isfinite(min(best_mv, best_sw)):
@@ -150,7 +155,8 @@ def tabu_search(
             delta = best_mv
         else:
             cand = np.argwhere(sw_t <= best_sw + tie)
-            u, v = cand[rng.integers(len(cand))]
+            i, v = cand[rng.integers(len(cand))]
+            u = us[i]
             moves = [(int(u), int(labels[v])), (int(v), int(labels[u]))]
             delta = best_sw
         for u, c in moves:
