@@ -15,10 +15,15 @@ from solver.errors import GeoShareError
 
 DISTRIBUTION = "geo-sharing"
 
-# the modules that stand for each extra: the ones its commands import first
+# the modules that stand for each extra: the ones its commands import first (checked up front)
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "worker": ("torch",),
     "service": ("fastapi", "uvicorn", "sqlalchemy", "httpx", "pydantic_settings"),
+}
+# the rest of each extra's modules, named when a handler meets one missing
+OTHER_MODULES: dict[str, tuple[str, ...]] = {
+    "worker": ("transformers", "safetensors", "psutil"),
+    "service": ("prometheus_client", "fastapi_offline", "httptools", "uvloop"),
 }
 
 
@@ -49,4 +54,4 @@ def require(command: str, extras: Iterable[str]) -> None:
 def extra_of(module: str | None) -> str | None:
     """The extra that installs ``module`` (a top-level name or a dotted one), if one does."""
     root = (module or "").split(".")[0]
-    return next((extra for extra, modules in EXTRA_MODULES.items() if root in modules), None)
+    return next((extra for extra in EXTRA_MODULES if root in EXTRA_MODULES[extra] + OTHER_MODULES[extra]), None)

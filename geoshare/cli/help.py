@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ def add_command(subparsers: Any, name: str, *, summary: str, description: str,
                 examples: Sequence[str]) -> argparse.ArgumentParser:
     """A subcommand whose help ends with ``examples`` (command lines, each with a ``#`` note)."""
     epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
-    return subparsers.add_parser(name, help=summary, description=description, epilog=epilog,
+    return subparsers.add_parser(name, help=summary, description=textwrap.fill(description, 88), epilog=epilog,
                                  formatter_class=HelpFormatter)
 
 

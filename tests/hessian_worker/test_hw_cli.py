@@ -112,3 +112,25 @@ def test_compress_end_to_end(tmp_path, capsys) -> None:
     chosen = next(c for c in plain["candidates"] if c["strategy"] == plain["chosen"])
     assert chosen["measured"] == min(c["measured"] for c in plain["candidates"])
     assert all(c["healed"] is None for c in plain["candidates"]) and plain["heal"]["steps"] == 20
+
+
+def test_apply_merge_default_stays_mean_and_auto_takes_compress_rule(tmp_path, capsys) -> None:
+    """apply's default merge is still mean (the same saved bytes as --merge mean); --merge auto
+    picks what compress would: layerwise when the fit rows pin the 4-wide input covariances
+    down, curvature when they do not."""
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), data)
+    common = ["--model", "hw_cases:factory", "--data", str(data), "--dtype", "float64", "--device", "cpu", "--quiet"]
+    names = [f"blocks.{i}.fc.weight" for i in range(3)]
+    plan = SharingPlan(status="feasible", coloring={n: 0 for n in names}, groups=[names],
+                       solver={"method": "test", "time_s": 0.0, "ortools": "none", "seed": 0})
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(plan.model_dump_json())
+    merges = {}
+    for name, flags in {"default": [], "mean": ["--merge", "mean"], "auto": ["--merge", "auto"],
+                        "auto-few": ["--merge", "auto", "--samples", "4"]}.items():
+        assert main(["apply", *common, *flags, "--plan", str(plan_path), "--out", str(tmp_path / name)]) == 0
+        merges[name] = json.loads(capsys.readouterr().out)["merge"]
+    assert merges == {"default": "mean", "mean": "mean", "auto": "layerwise", "auto-few": "curvature"}
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("default", "mean", "auto")]
+    assert weights[0] == weights[1] != weights[2]
