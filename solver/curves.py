@@ -185,6 +185,10 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
         if res.labels is not None:
             curve.offer(fam.layer_labels(res.labels), "p-median-mip")
         curve.raise_lb(k, res.bound + _offset(fam))
+        if res.every_k is not None:  # the same duals bound every class count
+            for k2 in curve.ks:
+                if 1 <= k2 - p <= len(res.every_k):
+                    curve.lb[k2] = max(curve.lb.get(k2, 0.0), float(res.every_k[k2 - p - 1]) + _offset(fam))
         return
     _improve_pairwise(curve, k, effort, seed, deadline, rounds)
 

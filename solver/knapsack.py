@@ -11,6 +11,8 @@ import bisect
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 Option = tuple[int, float, int]  # (params, cost, classes)
 
 
@@ -21,26 +23,43 @@ class Point:
     choice: tuple[int, ...]  # classes per family, in family order
 
 
-def pareto(options: list[list[Option]]) -> list[Point]:
+def pareto(options: list[list[Option]], budget: int | None = None) -> list[Point]:
     """All Pareto-optimal combinations: params ascending, cost strictly descending.
 
-    Works on plain (params, cost, choice) tuples, whose natural order is the (params, cost,
-    choice) order ties are broken by, and makes Points only for the final front: most merged
-    combinations are dominated, and this runs on every request the service answers.
+    Ties in (params, cost) go to the lexicographically least choice. With a ``budget``, only the
+    points within it (what `best_within` can pick at that budget): a partial combination whose
+    params plus the least the remaining families need exceed it is dropped on the way, which
+    never drops a point within the budget or anything that dominates one.
+
+    Vectorized over each merge (numpy): 7 families of 32 class counts each took 57 ms per call
+    as tuples of Python objects, and a solve calls this after every cell it improves.
     """
-    front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
-    for family_opts in options:
-        finite = [o for o in family_opts if o[1] != math.inf]
-        merged = [(params + o[0], cost + o[1], (*choice, o[2])) for params, cost, choice in front for o in finite]
-        merged.sort()
-        front = []
-        for q in merged:
-            if not front or q[1] < front[-1][1]:
-                if front and front[-1][0] == q[0]:
-                    front[-1] = q
-                else:
-                    front.append(q)
-    return [Point(params, cost, choice) for params, cost, choice in front]
+    finite = [[o for o in family_opts if o[1] != math.inf] for family_opts in options]
+    least = [min((o[0] for o in opts), default=0) for opts in finite]
+    rest = [sum(least[f:]) for f in range(len(finite) + 1)]
+    params = np.zeros(1, dtype=np.int64)
+    cost = np.zeros(1)
+    choice = np.zeros((1, 0), dtype=np.int64)
+    for f, opts in enumerate(finite):
+        if not opts:
+            return []
+        op = np.array([o[0] for o in opts], dtype=np.int64)
+        oc = np.array([o[1] for o in opts], dtype=float)
+        ok = np.array([o[2] for o in opts], dtype=np.int64)
+        params = (params[:, None] + op[None, :]).ravel()
+        cost = (cost[:, None] + oc[None, :]).ravel()
+        choice = np.concatenate([np.repeat(choice, len(opts), axis=0), np.tile(ok, len(choice))[:, None]], axis=1)
+        if budget is not None:
+            keep = params + rest[f + 1] <= budget
+            params, cost, choice = params[keep], cost[keep], choice[keep]
+        # sort by params, then cost, then choice (np.lexsort's last key is the primary one)
+        order = np.lexsort((*(choice[:, j] for j in reversed(range(choice.shape[1]))), cost, params))
+        params, cost, choice = params[order], cost[order], choice[order]
+        first = np.r_[True, params[1:] != params[:-1]] if len(params) else np.zeros(0, dtype=bool)
+        params, cost, choice = params[first], cost[first], choice[first]
+        below = cost < np.minimum.accumulate(np.r_[math.inf, cost[:-1]]) if len(cost) else first
+        params, cost, choice = params[below], cost[below], choice[below]
+    return [Point(int(p), float(c), tuple(int(k) for k in ch)) for p, c, ch in zip(params, cost, choice, strict=True)]
 
 
 def best_within(front: list[Point], budget: int | None) -> Point | None:

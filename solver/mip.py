@@ -20,6 +20,7 @@ class MipResult:
     objective: float | None
     bound: float
     proven: bool
+    every_k: np.ndarray | None = None  # a bound for at most k classes, k = 1..m, from the same duals
 
 
 def _solver(time_limit_s: float) -> pywraplp.Solver:

@@ -92,6 +92,7 @@ class _Search:
         self.curves: list[FamilyCurve] = [initial_curve(f, self.deadline) for f in self.fams]
         self.hit_limit = False
         self.steps = 0  # cells improved so far
+        self.budget: int | None = None  # set by solve: the fronts then hold only points within it
         self._fronts: tuple[list, list, list[Point], list[Point]] | None = None
 
     def to_problem(self, cost: float) -> float:
@@ -137,8 +138,8 @@ class _Search:
         lo_opts = [c.options(upper=False) for c in self.curves]
         if self._fronts is not None and self._fronts[0] == up_opts and self._fronts[1] == lo_opts:
             return self._fronts[2], self._fronts[3]
-        up = pareto(up_opts)
-        lo = up if lo_opts == up_opts else pareto(lo_opts)
+        up = pareto(up_opts, self.budget)
+        lo = up if lo_opts == up_opts else pareto(lo_opts, self.budget)
         self._fronts = (up_opts, lo_opts, up, lo)
         return up, lo
 
@@ -216,6 +217,7 @@ def solve(
     search = _Search(problem, deadline)
     budget = problem.budget_params()
     search.check_budget(budget)
+    search.budget = budget
     tol = problem.options.relative_gap
     last: tuple[float, float] | None = None
     round_ = 1

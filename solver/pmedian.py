@@ -58,7 +58,9 @@ def p_median(up: UnitProblem, k: int, time_limit_s: float, hint: np.ndarray | No
         unit = up.partition_cost(hint) if hint is not None else 0.0
         unit = unit if 0 < unit < np.inf else float(up.take.max()) or 1.0
     res = _solve(up, k, ok, used, start, deadline, unit)
-    return MipResult(res.labels, res.objective, res.bound * unit if res.labels is None else min(res.bound * unit, res.objective), res.proven)
+    every_k = None if res.every_k is None else res.every_k * unit
+    bound = res.bound * unit if res.labels is None else min(res.bound * unit, res.objective)
+    return MipResult(res.labels, res.objective, bound, res.proven, every_k)
 
 
 def _solve(up: UnitProblem, k: int, ok: np.ndarray, used: np.ndarray, start: np.ndarray | None, deadline: Deadline, unit: float) -> MipResult:
@@ -81,12 +83,13 @@ def _solve(up: UnitProblem, k: int, ok: np.ndarray, used: np.ndarray, start: np.
         if not enter.any():
             break
         used |= enter
-    lp_bound = _lagrangian(take, ok, duals[:m], k)
+    every_k = _lagrangian(take, ok, duals[:m])
+    lp_bound = float(every_k[min(k, m) - 1]) if k >= 1 else 0.0
     mip = _model(up, take, k, used, integer=True, time_limit_s=deadline.left(), hint=start)
     mip.run()
     res = _read(up, mip, used, unit)
     if res.labels is None or res.objective / unit <= lp_bound * (1 + 1e-9):
-        return MipResult(res.labels, res.objective, lp_bound, res.labels is not None)
+        return MipResult(res.labels, res.objective, lp_bound, res.labels is not None, every_k)
     # an integrality gap: widen to every pair that could still improve, then the MIP bound holds
     gap = res.objective / unit - lp_bound
     used |= ok & (rc <= gap + _RC_TOL)
@@ -97,15 +100,19 @@ def _solve(up: UnitProblem, k: int, ok: np.ndarray, used: np.ndarray, start: np.
     full = _read(up, wide, used, unit)
     best = full if full.objective is not None and full.objective < res.objective else res
     bound = max(lp_bound, min(full.bound, best.objective / unit))
-    return MipResult(best.labels, best.objective, bound, bound >= best.objective / unit * (1 - 1e-9))
+    return MipResult(best.labels, best.objective, bound, bound >= best.objective / unit * (1 - 1e-9), every_k)
 
 
-def _lagrangian(take: np.ndarray, ok: np.ndarray, alpha: np.ndarray, k: int) -> float:
-    """Σ α + the k most negative Σ_u min(0, take[u, r] − α_u): the assignment rows relaxed with
-    multipliers α (the side constraints dropped), a bound for any α. Computed here from HiGHS's
-    duals rather than read as its LP value, so its tolerances can never make a bound too high."""
+def _lagrangian(take: np.ndarray, ok: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Σ α + the k most negative Σ_u min(0, take[u, r] − α_u), for every k = 1..m.
+
+    The assignment rows relaxed with multipliers α (the side constraints dropped): a bound for
+    any α and any k, so the duals of one solve bound the whole curve. Computed here from HiGHS's
+    duals rather than read as its LP value, so its tolerances can never make a bound too high.
+    """
     gain = np.where(ok, np.minimum(0.0, take - alpha[:, None]), 0.0).sum(axis=0)
-    return max(0.0, float(alpha.sum() + np.sort(gain)[:k].sum()))
+    picked = np.cumsum(np.sort(gain))[: len(alpha)]
+    return np.maximum(0.0, alpha.sum() + picked)
 
 
 def _status(h) -> str:

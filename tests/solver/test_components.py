@@ -136,3 +136,5 @@ def test_p_median_is_exact_with_forbidden_pairs_and_a_size_cap(seed):
             continue
         assert res.proven and res.bound <= ex.costs[k - 1] * (1 + 1e-9)
         assert res.objective == pytest.approx(ex.costs[k - 1], rel=1e-9, abs=1e-12)
+        # the same duals bound every class count
+        assert all(b <= c * (1 + 1e-9) + 1e-15 for b, c in zip(res.every_k, ex.costs, strict=True))

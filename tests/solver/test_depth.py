@@ -12,6 +12,7 @@ from solver import curves, solve
 from solver.evaluate import violations
 from solver.family import build_families
 from solver.heuristics import agglomerative
+from solver.knapsack import pareto
 
 from .brute import brute_optimum
 from .cases import random_problem
@@ -109,3 +110,13 @@ def test_progress_shows_objective_and_bound_closing_over_time():
     assert events[0].steps == 0 and events[0].round == 1
     assert events[-1].objective == pytest.approx(plan.objective, rel=1e-9)
     assert events[-1].bound == pytest.approx(plan.bound, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_within_a_budget_is_the_full_front_cut_at_it(seed):
+    rng = np.random.default_rng(seed)
+    options = [[(int(rng.integers(1, 40)), float(rng.integers(0, 9)), k) for k in range(1, int(rng.integers(2, 9)))]
+               for _ in range(int(rng.integers(2, 6)))]
+    full = pareto(options)
+    for budget in (0, 20, 45, 80, 10_000):
+        assert pareto(options, budget) == [p for p in full if p.params <= budget]
