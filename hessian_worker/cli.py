@@ -1,9 +1,9 @@
 """Where ``analyze``, ``apply``, ``compress``, ``export`` and ``evaluate`` used to be declared.
 
 They live in geoshare/cli/ now, the product layer above this package. This module stays only for
-code written against its two names: ``add_commands`` (hessian_worker.model_card rebuilds a run's
-command line with it) and ``main``; both reach up to geoshare lazily, at call time, so importing
-this module imports nothing (no torch, and no import cycle). New code imports geoshare.cli.
+code written against its two names (bench scripts call ``main``); both reach up to geoshare
+lazily, at call time, so importing this module imports nothing (no torch, and no import cycle).
+New code imports geoshare.cli; nothing in the package uses this module.
 """
 
 from __future__ import annotations

@@ -8,14 +8,13 @@ table, the figures measured at compress time and by ``geoshare evaluate``, and t
 The card is rendered from plan.json alone, so every save writes it (``model_dir.write_companions``)
 and a re-save of a loaded model writes the same bytes. What only the compress run or an
 evaluation knows (the command, the measured figures) is recorded in plan.json's optional ``card``
-field by ``write_card`` (CLI ``compress``, ``evaluate --card``), which travels with the manifest.
+field by ``write_card`` (CLI ``compress``, whose command line geoshare.cli.record rebuilds, and
+``evaluate --card``), which travels with the manifest.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -82,33 +81,6 @@ def evaluation_summary(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     return {"metric": evaluation["metric"], "samples": evaluation["samples"], "tokens": evaluation.get("tokens"),
             "model": side(evaluation["model"]), "reference": side(evaluation["reference"]),
             "quality": dict(evaluation.get("quality") or {})}
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """``geoshare <command> ...`` with the flags whose values differ from their defaults (and the
-    required ones): the command that made a run, whatever process argv it came through."""
-    from hessian_worker.cli import add_commands
-
-    parser = argparse.ArgumentParser(prog="geoshare")
-    subparsers = parser.add_subparsers(dest="command")
-    add_commands(subparsers)
-    sub = subparsers.choices[args.command]
-    words = ["geoshare", args.command]
-    for action in sub._actions:  # argparse keeps no public list of a parser's flags
-        if not action.option_strings or action.dest in ("help", "func"):
-            continue
-        value = getattr(args, action.dest, action.default)
-        if value == action.default and not action.required:
-            continue
-        flag = max(action.option_strings, key=len)
-        if isinstance(action, argparse._StoreTrueAction):
-            words.append(flag)
-        elif isinstance(value, list):
-            for v in value:
-                words += [flag, str(v)]
-        else:
-            words += [flag, str(value)]
-    return shlex.join(words)
 
 
 def sharing_rows(meta: Mapping[str, Any]) -> dict[str, dict[int, int]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from geoshare.cli import model_flags as flags
 from geoshare.cli.help import add_command, hide
+from geoshare.cli.record import command_line
 from hessian_worker.options import DistillLoss, Merge
 
 AUTO = "auto"  # --merge auto: CompressConfig.merge None, the rule pipeline.resolve_merge applies
@@ -73,7 +74,6 @@ def add_commands(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from hessian_worker.compress_run import save_compressed_run
     from hessian_worker.llm import compress_checkpoint, is_streamable
-    from hessian_worker.model_card import command_line
     from hessian_worker.models import load_model
     from hessian_worker.options import CompressConfig
     from hessian_worker.pipeline import compress

@@ -58,3 +58,28 @@ def test_the_problem_positional_or_flag(problem_file: Path, tmp_path: Path, caps
 def test_export_takes_the_directory_once(capsys):
     assert main(["export", "a", "--model", "b", "--out", "c"]) == 2
     assert "once" in capsys.readouterr().err
+
+
+def test_the_recorded_command_uses_the_current_spellings():
+    from geoshare.cli.record import command_line
+
+    parser = build_parser()
+    args = parser.parse_args(shlex.split("compress --model m --ratio 0.5 --out o --holdout 4 --scheme basis --rank 2"))
+    words = shlex.split(command_line(args))
+    assert "--holdout-samples" in words and "--basis-rank" in words
+    assert "--holdout" not in words and "--rank" not in words
+    assert vars(parser.parse_args(words[1:])) == vars(args)
+    args = parser.parse_args(shlex.split("analyze --model m -o p.json --rank 3"))  # the old analyze --rank
+    assert vars(parser.parse_args(shlex.split(command_line(args))[1:])) == vars(args)
+
+
+def test_the_old_module_path_still_runs_the_commands(problem_file: Path, tmp_path: Path):
+    """``hessian_worker.cli.main``/``add_commands`` (what scripts called before geoshare/) forward here."""
+    import argparse
+
+    from hessian_worker import cli as old
+
+    assert old.main(["solve", str(problem_file), "-o", str(tmp_path / "plan.json")]) == 0
+    sub = argparse.ArgumentParser().add_subparsers()
+    old.add_commands(sub)
+    assert {"analyze", "apply", "compress", "export", "evaluate"} == set(sub.choices)
