@@ -79,7 +79,8 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-def _start(db: Path, concurrency: int) -> tuple[subprocess.Popen, str]:
+def _start(db: Path | str, concurrency: int) -> tuple[subprocess.Popen, str]:
+    """A ``geoshare serve`` on a free loopback port with this store (a SQLite file or a URL)."""
     port = _port()
     env = {**os.environ, "GEOSHARE_CONCURRENCY": str(concurrency), "GEOSHARE_SOLVER_WORKERS": "1",
            "GEOSHARE_MAX_QUEUE": "10000", "GEOSHARE_POLL_S": "0.5"}
@@ -149,12 +150,16 @@ def _cpu_snapshot(server: int) -> tuple[float, dict[int, float], float]:
     return _cpu_s(server), {c: _cpu_s(c) for c in _children(server)}, time.process_time()
 
 
-def _run_clients(url: str, body: bytes, clients: int, requests: int, server_pid: int) -> dict:
+def _run_clients(url: str | list[str], body: bytes, clients: int, requests: int, server_pid: int | list[int]) -> dict:
+    """``clients`` threads share ``requests`` plans; with several servers (replicas) client k talks
+    to server k mod their count, and the CPU figures add up over every server."""
+    urls = [url] if isinstance(url, str) else url
+    pids = [server_pid] if isinstance(server_pid, int) else server_pid
     latencies: list[float] = []
     solve_times: list[float] = []
     lock = threading.Lock()
     per = [requests // clients + (1 if k < requests % clients else 0) for k in range(clients)]
-    conns = [_Client(url) for _ in range(clients)]
+    conns = [_Client(urls[k % len(urls)]) for k in range(clients)]
 
     def worker(k: int) -> None:
         mine = [conns[k].plan(body) for _ in range(per[k])]
@@ -163,20 +168,21 @@ def _run_clients(url: str, body: bytes, clients: int, requests: int, server_pid:
             solve_times.extend(st for _, st in mine)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-    server0, kids0, client0 = _cpu_snapshot(server_pid)
+    before = [_cpu_snapshot(pid) for pid in pids]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    server1, kids1, client1 = _cpu_snapshot(server_pid)
+    after = [_cpu_snapshot(pid) for pid in pids]
     for c in conns:
         c.close()
     n = len(latencies)
-    cpu = {"server": (server1 - server0) / n * 1e3,
-           "solve_processes": sum(v - kids0.get(c, 0.0) for c, v in kids1.items()) / n * 1e3,
-           "client": (client1 - client0) / n * 1e3}
+    cpu = {"server": sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) / n * 1e3,
+           "solve_processes": sum(v - b[1].get(c, 0.0) for a, b in zip(after, before, strict=True)
+                                  for c, v in a[1].items()) / n * 1e3,
+           "client": (after[0][2] - before[0][2]) / n * 1e3}
     cpu["total"] = sum(cpu.values())
     return {
         "clients": clients, "requests": n, "wall_s": round(wall, 3),

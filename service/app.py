@@ -23,6 +23,7 @@ from service import errors
 from service.compress import CompressResult
 from service.db import Store
 from service.limits import AuthMiddleware, BodyLimitMiddleware, ProblemParser
+from service.listen import StoreListener
 from service.metrics import Metrics, MetricsMiddleware
 from service.models import AnalysisSpec, ClaimRequest, FailRequest
 from service.notify import Notifier
@@ -111,6 +112,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store, app.state.notifier, app.state.runner, app.state.parser = store, notifier, runner, parser
         parser.start()
         runner.start()
+        # replicas sharing the store hear each other's changes (a SQLite file has one server)
+        listener = StoreListener(store, notifier.notify, runner.wake) if store.shared else None
+        if listener is not None:
+            listener.start()
         reaper = asyncio.create_task(_reaper(app, settings))
         try:
             yield
@@ -118,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            if listener is not None:
+                await run_in_threadpool(listener.stop)
             await run_in_threadpool(runner.stop)
             parser.stop()
             store.dispose()

@@ -154,6 +154,12 @@ _ANALYSIS_DONE = update(jobs_table).where(*_ANALYSIS_HELD).values(
 _ANALYSIS_RETRY = update(jobs_table).where(*_ANALYSIS_HELD).values(**_BACK_IN_QUEUE)
 _ANALYSIS_FAIL = update(jobs_table).where(*_ANALYSIS_HELD).values(
     state=FAILED, error=bindparam("b_error"), finished_at=bindparam("b_now"), **_NO_LEASE)
+# on a shared database (Postgres), every change is also announced to the other replicas, in the
+# transaction that makes it (delivered at commit): "<origin> <job id> <1 if it may settle the
+# job else 0>" on JOB_CHANNEL (wakes their long polls and event streams), "<origin> <kind>" on
+# QUEUE_CHANNEL when a job is queued (wakes their idle runners); service/listen.py receives them
+JOB_CHANNEL, QUEUE_CHANNEL = "geoshare_job", "geoshare_queue"
+_ANNOUNCE = text("SELECT pg_notify(:channel, :payload)")
 _RETURNING = {stmt: stmt.returning(*_FIELDS)
               for stmt in (_CLAIM, _FINISH, _ANALYSIS_DONE, _ANALYSIS_RETRY, _ANALYSIS_FAIL)}
 
@@ -197,6 +203,17 @@ class Store:
         self.engine = engine_for(url)
         metadata.create_all(self.engine)
         self._returning = self.engine.dialect.update_returning  # SQLite >= 3.35, Postgres
+        # a database several replicas may share, whose changes are announced (see JOB_CHANNEL)
+        self.shared = self.engine.dialect.name == "postgresql"
+        self.origin = uuid.uuid4().hex[:12]  # this store's announcements, which its own listener skips
+
+    def _job_changed(self, conn: Connection, job_id: str | None, settled: bool = True) -> None:
+        if self.shared and job_id:
+            conn.execute(_ANNOUNCE, {"channel": JOB_CHANNEL, "payload": f"{self.origin} {job_id} {int(settled)}"})
+
+    def _queued(self, conn: Connection, kind: str) -> None:
+        if self.shared:
+            conn.execute(_ANNOUNCE, {"channel": QUEUE_CHANNEL, "payload": f"{self.origin} {kind}"})
 
     def _update_one(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Job | None:
         """Run an UPDATE of the row ``params["b_id"]``; its new state if it matched, else None."""
@@ -249,6 +266,7 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 conn.execute(_INSERT, dataclasses.asdict(job))
+                self._queued(conn, kind)
         except IntegrityError:
             # a concurrent retry with the same key won the insert
             assert idempotency_key is not None
@@ -283,6 +301,7 @@ class Store:
                     "b_id": cand, "b_owner": owner, "b_token": secrets.token_hex(16),
                     "b_expires": now + lease_s, "b_now": now})
                 if job is not None:
+                    self._job_changed(conn, job.id, settled=False)
                     return job
         return None
 
@@ -299,15 +318,22 @@ class Store:
             job = self._update_one(conn, _FINISH, {
                 "b_id": job_id, "b_token": token, "b_state": state, "b_result": result,
                 "b_error": json.dumps(error) if error else None, "b_now": time.time()})
+            if job is not None:
+                self._job_changed(conn, job.id)
             if job is not None and job.parent_id:
                 conn.execute(_FINISH_PARENT, {"b_id": job.parent_id, "b_state": state, "b_error": job.error,
                                               "b_now": job.finished_at})
+                self._job_changed(conn, job.parent_id)
             return job
 
     def release(self, job_id: str, token: str) -> bool:
         """Give a running job back to the queue (this server is shutting down)."""
         with self.engine.begin() as conn:
-            return conn.execute(_RELEASE, {"b_id": job_id, "b_token": token}).rowcount == 1
+            released = conn.execute(_RELEASE, {"b_id": job_id, "b_token": token}).rowcount == 1
+            if released:
+                self._job_changed(conn, job_id, settled=False)
+                self._queued(conn, "")
+            return released
 
     def requeue_running(self, kinds: Sequence[str]) -> list[str]:
         """Put every running job of these kinds back in the queue (a restarted single replica)."""
@@ -315,6 +341,7 @@ class Store:
             ids = list(conn.execute(_RUNNING_IDS, {"b_kinds": list(kinds)}).scalars())
             if ids:
                 conn.execute(_REQUEUE_RUNNING, {"b_kinds": list(kinds)})
+                self._queued(conn, "")
             return ids
 
     def reap_expired(self, max_attempts: int) -> list[str]:
@@ -329,6 +356,9 @@ class Store:
                     stmt, params = _REAP_REQUEUE, {}
                 if conn.execute(stmt, {"b_id": job_id, "b_now": now, **params}).rowcount == 1:
                     changed.append(job_id)
+                    self._job_changed(conn, job_id, settled=stmt is _REAP_FAIL)
+            if changed:
+                self._queued(conn, "")
         return changed
 
     def cancel(self, job_id: str) -> Job | None:
@@ -339,8 +369,10 @@ class Store:
                 return None
             now = time.time()
             conn.execute(_CANCEL, {"b_id": job_id, "b_now": now})
+            self._job_changed(conn, job_id)
             if row.child_id:
                 conn.execute(_CANCEL, {"b_id": row.child_id, "b_now": now})
+                self._job_changed(conn, row.child_id)
             return Job(*conn.execute(_GET, {"b_id": job_id}).one())
 
     # --- analyses (GPU worker side) ----------------------------------------------------------
@@ -359,6 +391,8 @@ class Store:
                 "b_id": job_id, "b_token": token, "b_problem": problem, "b_child": child.id, "b_report": report})
             if job is not None:
                 conn.execute(_INSERT, dataclasses.asdict(child))
+                self._job_changed(conn, job_id, settled=False)
+                self._queued(conn, child.kind)
             return job
 
     def fail_analysis(self, job_id: str, token: str, error: dict[str, Any], retry: bool,
@@ -369,6 +403,12 @@ class Store:
             if row is None:
                 return None
             if retry and row.attempts < max_attempts:
-                return self._update_one(conn, _ANALYSIS_RETRY, {"b_id": job_id, "b_token": token})
-            return self._update_one(conn, _ANALYSIS_FAIL, {
+                job = self._update_one(conn, _ANALYSIS_RETRY, {"b_id": job_id, "b_token": token})
+                if job is not None:
+                    self._job_changed(conn, job_id, settled=False)
+                    self._queued(conn, job.kind)
+                return job
+            job = self._update_one(conn, _ANALYSIS_FAIL, {
                 "b_id": job_id, "b_token": token, "b_error": json.dumps(error), "b_now": time.time()})
+            self._job_changed(conn, job.id if job is not None else None)
+            return job
