@@ -158,8 +158,9 @@ def gap_columns(up: UnitProblem, pool: ColumnPool, result: ColgenResult, k: int,
     threshold = upper - float(result.pi.sum()) - (k - 1) * min(0.0, result.least)
     threshold += 1e-9 * max(1.0, abs(upper))  # rounding: never leave out a class on the edge
     found, complete = enumerate_classes(up, result.pi, threshold, cap=cap, node_limit=node_limit, deadline=deadline)
-    for c in found:
-        pool.add(_mask(up.m, c))
+    if complete:  # a partial list proves nothing, and thousands of columns slow every later master
+        for c in found:
+            pool.add(_mask(up.m, c))
     return complete
 
 

@@ -170,6 +170,8 @@ def enumerate_classes(up: UnitProblem, p: np.ndarray, below: float, cap: int, no
     complete = True
     while stack:
         members, f, cand, marg, room = stack.pop()
+        if members and f + _extension_bound(w, cand, marg) > below:
+            continue  # no extension of this class gets under the threshold
         if nodes >= node_limit or len(found) > cap or nodes % _CHECK_EVERY == 0 and deadline is not None and deadline.expired():
             complete = False
             break
