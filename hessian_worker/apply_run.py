@@ -32,8 +32,8 @@ class ApplyRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge: Merge | None = Field(Merge.mean, description="Shared value of a class; None: compress's default rule.")
-    holdout: int | None = Field(None, ge=1, description="Samples held out for the measured loss change "
-                                "(default: half of them).")
+    holdout: int | None = Field(None, ge=0, description="Samples held out for the measured loss change "
+                                "(None or 0: half of them, as the CLI always read 0).")
     heal_steps: int = Field(0, ge=0, description="Self-distillation steps after tying (ties kept; 0: none).")
     heal_lr: float = Field(HealConfig.model_fields["lr"].default, gt=0)
     heal_holdout: float = Field(HealConfig.model_fields["holdout"].default, ge=0, lt=1,

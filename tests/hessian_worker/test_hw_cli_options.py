@@ -1,4 +1,5 @@
-"""The ``analyze`` and ``compress`` flags cannot drift from AnalyzeConfig and CompressConfig.
+"""The ``analyze``, ``compress`` and ``apply`` flags cannot drift from their configs
+(AnalyzeConfig, CompressConfig, hessian_worker.apply_run.ApplyRunConfig).
 
 Every flag is a config field (same name, or renamed below), or one of the CLI's own; an enum
 flag's choices are its field's enum values, in order (plus ``auto`` where the field's None means
@@ -19,13 +20,17 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 import hessian_worker
+import hessian_worker.apply_run
 import hessian_worker.models
 import hessian_worker.pipeline
+import solver.io
 from geoshare.cli import add_model_commands as add_commands
 from geoshare.cli import main
+from hessian_worker.apply_run import ApplyRunConfig
 from hessian_worker.options import AnalyzeConfig, CompressConfig
 
-CONFIGS: dict[str, type[BaseModel]] = {"analyze": AnalyzeConfig, "compress": CompressConfig}
+CONFIGS: dict[str, type[BaseModel]] = {"analyze": AnalyzeConfig, "compress": CompressConfig,
+                                       "apply": ApplyRunConfig}
 
 # flags whose field has another name: dest -> field path (dots: a nested config; "!": the flag
 # negates a bool field)
@@ -38,19 +43,23 @@ RENAMED: dict[str, dict[str, str]] = {
     "compress": {**KFAC, "heal": "heal_steps", "no_heal_choice": "!heal_choice", "time_limit": "time_limit_s",
                  "quiet": "!progress", "no_output_weighting": "!output_weighting", "holdout_samples": "holdout",
                  "basis_rank": "rank"},
+    "apply": {"heal": "heal_steps", "quiet": "!progress", "no_output_weighting": "!output_weighting",
+              "holdout_samples": "holdout"},
 }
 # flags whose choices add "auto" for the field's None (the rule the pipeline applies)
-AUTO_IS_NONE = {("compress", "merge")}
+AUTO_IS_NONE = {("compress", "merge"), ("apply", "merge")}
 # the CLI's own flags: inputs, outputs, the streamed path's cache and memory limit
 CLI_ONLY: dict[str, set[str]] = {
     "analyze": {"help", "model", "data", "output", "stats_cache", "no_stats_cache"},
     "compress": {"help", "model", "data", "out", "stats_cache", "no_stats_cache", "memory_limit_gb"},
+    "apply": {"help", "model", "data", "out", "plan", "problem"},
 }
 # AnalyzeConfig fields with no flag (the Python API's); every CompressConfig field has one
 NO_FLAG: dict[str, set[str]] = {
     "analyze": {"distill", "families", "max_length", "lanczos_iters", "diagonal_method", "chunk",
                 "layerwise_damping"},
     "compress": set(),
+    "apply": set(),
 }
 
 
@@ -106,8 +115,9 @@ def test_every_flag_is_a_config_field(command: str):
         types = _types(info)
         (enum,) = [t for t in types if isinstance(t, type) and issubclass(t, Enum)] or [None]
         auto = (command, action.dest) in AUTO_IS_NONE
-        if auto:
-            assert action.choices[0] == action.default == "auto" and info.default is None, action.dest
+        if auto:  # "auto" stands for None; apply's default stays mean (ApplyRunConfig's too)
+            assert action.choices[0] == "auto" and NoneType in get_args(info.annotation), action.dest
+            assert (action.default == "auto") == (info.default is None), action.dest
         if action.choices is not None:
             choices = tuple(action.choices)[1:] if auto else tuple(action.choices)
             assert enum is not None and choices == tuple(m.value for m in enum), action.dest
@@ -117,7 +127,7 @@ def test_every_flag_is_a_config_field(command: str):
             assert types == {bool} and action.default is False and info.default is True, action.dest
         elif action.type is not None:
             assert action.type in types, (action.dest, action.type, types)
-        if action.default is not None and not negated and not auto:  # None: the handler decides
+        if action.default not in (None, "auto") and not negated:  # None: the handler decides
             default = info.get_default(call_default_factory=True)
             assert action.default == _plain(default), (action.dest, action.default, default)
     assert set(config.model_fields) - reached == NO_FLAG[command]
@@ -135,6 +145,13 @@ def _capture(monkeypatch: pytest.MonkeyPatch) -> None:
                         lambda spec: SimpleNamespace(model=SimpleNamespace(double=lambda: None), tokenizer=None))
     monkeypatch.setattr(hessian_worker, "analyze", fake_pipeline)
     monkeypatch.setattr(hessian_worker.pipeline, "compress", fake_pipeline)
+
+    def fake_apply(model: Any, plan: Any, out: Any, *, config: BaseModel, **kwargs: Any) -> None:
+        raise _Captured(config)
+
+    monkeypatch.setattr(hessian_worker.apply_run, "apply_and_save", fake_apply)
+    monkeypatch.setattr(solver.io, "load_plan", lambda path: None)
+    monkeypatch.setattr(solver.io, "load_problem", lambda path: None)
 
 
 def _run(command: str, argv: list[str]) -> tuple[BaseModel, argparse.Namespace]:
@@ -229,3 +246,16 @@ def test_old_spellings_still_set_the_same_fields(monkeypatch: pytest.MonkeyPatch
     auto, _ = _run("compress", [*compress, "--merge", "auto"])
     default, _ = _run("compress", compress)
     assert auto == default and auto.merge is None
+
+
+def test_apply_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    _capture(monkeypatch)
+    head = [*COMMON[:15], "--plan", "plan.json", "--out", str(tmp_path)]
+    argv = [*head, "--merge", "curvature", "--holdout-samples", "3", "--heal", "2", "--heal-lr", "0.001",
+            "--heal-holdout", "0.3", "--no-output-weighting"]
+    config, args = _run("apply", argv)
+    assert _given(config, args, "apply") == _config_flags("apply")
+    config, _ = _run("apply", [*head, "--merge", "auto"])
+    assert config.merge is None  # compress's rule
+    config, _ = _run("apply", head)
+    assert config.merge == "mean" and config.holdout is None
