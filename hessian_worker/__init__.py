@@ -24,8 +24,8 @@ _EXPORTS = {
     "save_shared": "hessian_worker.io",
     "load_shared": "hessian_worker.io",
     # the compressed model directory (a Hugging Face directory) and its dense export
-    "load_compressed": "hessian_worker.model_dir",
-    "save_compressed": "hessian_worker.model_dir",
+    "load_compressed": "hessian_worker.io",
+    "save_compressed": "hessian_worker.io",
     "export_dense": "hessian_worker.export",
     "measure_loss": "hessian_worker.measure",
     "heal": "hessian_worker.healing",
@@ -107,10 +107,9 @@ if TYPE_CHECKING:
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers
     from hessian_worker.export import export_dense
     from hessian_worker.healing import HealReport, heal
-    from hessian_worker.io import load_shared, save_shared
+    from hessian_worker.io import load_compressed, load_shared, save_compressed, save_shared
     from hessian_worker.llm.analyze import analyze_checkpoint
     from hessian_worker.measure import measure_loss, measure_plans
-    from hessian_worker.model_dir import load_compressed, save_compressed
     from hessian_worker.models import load_model
     from hessian_worker.options import (
         AnalyzeConfig,

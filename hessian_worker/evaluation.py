@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from hessian_worker.companions import CAUSAL_SUFFIXES
 from hessian_worker.data import INPUT_KEY, DataSource, call_model, load_calibration
 from hessian_worker.errors import DataError, ModelSpecError
 from hessian_worker.footprint import (
@@ -35,7 +36,6 @@ from hessian_worker.losses import TaskLoss, extract_output, resolve_distill
 from hessian_worker.options import DistillLoss
 
 REPORT_VERSION = "1"
-_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 class Metric(str, Enum):
@@ -182,7 +182,7 @@ def resolve_metric(metric: Metric, model: torch.nn.Module, batch: Mapping[str, T
         return metric
     if loss_fn is not None:
         return Metric.task
-    if type(model).__name__.endswith(_CAUSAL_SUFFIXES):
+    if type(model).__name__.endswith(CAUSAL_SUFFIXES):
         return Metric.perplexity
     with torch.no_grad():
         out = call_model(model, batch)

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from hessian_worker.errors import PlanError
-from hessian_worker.io import WEIGHTS, WEIGHTS_INDEX, has_weights
 from hessian_worker.model_dir import (
     CONFIG,
     PLAN,
@@ -33,6 +32,7 @@ from hessian_worker.model_dir import (
     read_config,
     stored_dtypes,
 )
+from hessian_worker.weights_file import WEIGHTS, WEIGHTS_INDEX, has_weights
 
 FORMATS = ("hf",)
 

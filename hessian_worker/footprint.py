@@ -90,7 +90,7 @@ def model_folder(spec: str) -> Path | None:
 def disk_bytes(spec: str) -> int | None:
     """Bytes of the weight files the spec loads (model.safetensors, or its index and shards; a
     pytorch_model.bin when that is all there is); None for a ``module:factory`` model."""
-    from hessian_worker.model_dir import weight_files
+    from hessian_worker.weights_file import weight_files
 
     folder = model_folder(spec)
     if folder is None:
@@ -153,7 +153,7 @@ def measure_peak(spec: str, batch: Mapping[str, Any], *, device: str = "cpu", ti
 def evict(spec: str) -> bool:
     """Drops the spec's weight files from the page cache (see the module docstring); False where
     there are none or the platform cannot."""
-    from hessian_worker.model_dir import weight_files
+    from hessian_worker.weights_file import weight_files
 
     folder = model_folder(spec)
     files = weight_files(folder) if folder is not None else []

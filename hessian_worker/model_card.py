@@ -158,7 +158,7 @@ def draw_sharing(rows: Mapping[str, Mapping[int, int]], path: Path, *, title: st
 
 def render(meta: Mapping[str, Any], folder: Path, *, picture: bool) -> str:
     """The README's markdown."""
-    from hessian_worker.model_dir import weight_files
+    from hessian_worker.weights_file import weight_files
 
     scheme = meta.get("scheme") or "tie"
     model_class = meta.get("model_class") or "model"

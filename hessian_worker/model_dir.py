@@ -54,11 +54,10 @@ remote code, works offline, and costs nothing on disk.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -66,168 +65,42 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessian_worker.errors import PlanError
-
-CONFIG = "config.json"
-PLAN = "plan.json"
-FORMAT = "geoshare-shared: load with hessian_worker.load_compressed(path) or export with geoshare export"
-GUARD = ("geoshare shared weights: load this directory with hessian_worker.load_compressed(path), or write a "
-         "standard checkpoint with `geoshare export PATH --format hf -o DIR`")
-MANIFEST_FORMAT = "geoshare/1"
-# the plan.json fields a save writes itself (io.write_plan_file, basis.io, describe)
-WRITTEN = frozenset({"version", "plan", "aliases", "unique_params", "scheme", "basis", "format", "model_class",
-                     "classes", "layers", "source"})
-# files of a Hugging Face model directory that travel with the model (weights excluded)
-COMPANIONS = (
-    CONFIG, "generation_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
-    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-    "chat_template.jinja", "chat_template.json",
-    # sentence-transformers (the module folders modules.json names come along)
-    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+from hessian_worker.basis.modules import WEIGHT_SUFFIX, rebuild
+from hessian_worker.companions import (
+    CAUSAL_SUFFIXES,
+    CONFIG,
+    FORMAT,
+    GUARD,
+    MANIFEST_FORMAT,
+    WRITTEN,
+    Source,
+    _transformers_class,
+    companion_files,
+    describe,
+    guarded_config,
+    resolve_source,
+    source_dir,
+    weight_checksums,
+    write_companions,
 )
-_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+from hessian_worker.errors import PlanError
+from hessian_worker.merge import plan_groups
+from hessian_worker.shared_params import tie
+from hessian_worker.weights_file import (
+    PLAN,
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    has_weights,
+    read_weights,
+    weight_files,
+)
+from solver.schema import SharingPlan
 
-
-@dataclass(frozen=True)
-class Source:
-    """Where a compressed model came from: its name (the model spec), the files copied next to its
-    weights (relative path -> bytes) and the sha256 of the source's weight files; ``kept``: fields
-    of a loaded plan.json that this package does not write itself, written again on a re-save."""
-
-    model: str | None
-    files: Mapping[str, bytes] = field(default_factory=dict)
-    sha256: Mapping[str, str] = field(default_factory=dict)
-    kept: Mapping[str, Any] = field(default_factory=dict)
-
-    def manifest(self) -> dict[str, Any]:
-        return {"model": self.model, "sha256": dict(self.sha256)}
-
-
-def source_dir(spec: str | Path) -> Path | None:
-    """The model directory a model spec names: the packaged MiniLM for ``minilm``, the directory
-    itself when it has a config.json, else None (a ``module:factory``)."""
-    from hessian_worker.models import MINILM, minilm_path
-
-    if str(spec) == MINILM:
-        return minilm_path()
-    path = Path(spec)
-    return path if (path / CONFIG).is_file() else None
-
-
-def resolve_source(source: str | Path | Source | None, model: nn.Module | None = None) -> Source | None:
-    """The Source of a save: given, read from the directory a spec names (its companion files and
-    the checksum of its weights), or, for a Hugging Face model without one, its own config.json."""
-    if isinstance(source, Source):
-        return source
-    folder = source_dir(source) if source is not None else None
-    if folder is not None:
-        return Source(str(source), companion_files(folder), weight_checksums(folder))
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        return Source(None if source is None else str(source), {CONFIG: config.to_json_string().encode()})
-    return None if source is None else Source(str(source))
-
-
-def companion_files(folder: Path) -> dict[str, bytes]:
-    """The files of ``folder`` that travel with the model (COMPANIONS, plus the sentence-transformers
-    module folders its modules.json names), by relative path."""
-    files = {name: (folder / name).read_bytes() for name in COMPANIONS if (folder / name).is_file()}
-    modules = folder / "modules.json"
-    if modules.is_file():
-        try:
-            paths = [m.get("path") for m in json.loads(modules.read_text(encoding="utf-8"))]
-        except (ValueError, AttributeError):
-            paths = []
-        for sub in paths:
-            if not sub or not (folder / sub).is_dir() or Path(sub).is_absolute() or ".." in Path(sub).parts:
-                continue
-            for f in sorted((folder / sub).rglob("*")):
-                if f.is_file():
-                    files[f.relative_to(folder).as_posix()] = f.read_bytes()
-    return files
-
-
-def weight_checksums(folder: Path) -> dict[str, str]:
-    """sha256 of the weight files transformers reads from ``folder`` (what the Hub shows per file):
-    model.safetensors, or its index and the shards it names; else the same of pytorch_model.bin."""
-    sums = {}
-    for f in weight_files(folder):
-        digest = hashlib.sha256()
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-        sums[f.name] = digest.hexdigest()
-    return sums
-
-
-def weight_files(folder: Path) -> list[Path]:
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (folder / index).is_file():
-            try:
-                shards = sorted(set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                shards = []
-            return [folder / index, *(folder / s for s in shards if (folder / s).is_file())]
-        if (folder / single).is_file():
-            return [folder / single]
-    return []
-
-
-def guarded_config(data: bytes, model_class: str | None) -> bytes:
-    """A config.json that plain ``from_pretrained`` refuses (the guard) and whose ``architectures``
-    names the saved class; unchanged bytes when it already is."""
-    config = json.loads(data)
-    changed = config.get("transformers_weights") != GUARD
-    config["transformers_weights"] = GUARD
-    if model_class is not None and _transformers_class(model_class) is not None \
-            and config.get("architectures") != [model_class]:
-        config["architectures"] = [model_class]
-        changed = True
-    return (json.dumps(config, indent=2) + "\n").encode() if changed else data
-
-
-def write_companions(out: Path, source: Source | None, model_class: str | None) -> None:
-    """Writes the source's companion files into ``out`` (config.json guarded) and the model card
-    (README.md and sharing.png, rendered from the plan.json already written: ``model_card``)."""
-    from hessian_worker.model_card import write_card
-
-    for rel, data in (source.files if source is not None else {}).items():
-        target = out / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(guarded_config(data, model_class) if rel == CONFIG else data)
-    write_card(out)
-
-
-def describe(plan: Any, aliases: Mapping[str, str], layout: Mapping[str, Mapping[str, Any]] | None,
-             model_class: str, source: Source | None) -> dict[str, Any]:
-    """The manifest fields of plan.json: format, scheme, model class, classes (members and the stored
-    tensor they share), layers (the stored tensor each reads; its own ``coef`` under the basis
-    scheme) and the source."""
-    layout = layout or {}
-
-    def reads(layer: str) -> dict[str, Any]:
-        path = layer.removesuffix(".weight")
-        if layer.endswith(".weight") and path in layout:
-            basis = f"{path}.basis"
-            return {"reads": aliases.get(basis, basis), "coef": f"{path}.coef"}
-        return {"reads": aliases.get(layer, layer)}
-
-    classes, layers = [], {}
-    for i, group in enumerate(plan.groups):
-        for name in group:
-            layers[name] = {"class": i, **reads(name)}
-        classes.append({"members": list(group), "reads": reads(group[0])["reads"] if group else None})
-    return {
-        **(dict(source.kept) if source is not None else {}),
-        "format": MANIFEST_FORMAT,
-        "scheme": "basis" if layout else "tie",
-        "model_class": model_class,
-        "classes": classes,
-        "layers": layers,
-        **({"source": source.manifest()} if source is not None else {}),
-    }
+# the names of the directory's parts, importable from here as before (companions, weights_file)
+__all__ = ["CONFIG", "FORMAT", "GUARD", "MANIFEST_FORMAT", "PLAN", "WRITTEN", "Source", "architecture",
+           "companion_files", "describe", "guarded_config", "is_compressed", "load_mapped", "load_tokenizer",
+           "open_compressed", "read_config", "resolve_source", "source_dir", "stored_dtypes", "weight_checksums",
+           "weight_files", "write_companions"]
 
 
 def is_compressed(folder: str | Path) -> bool:
@@ -240,16 +113,6 @@ def is_compressed(folder: str | Path) -> bool:
     return isinstance(meta, dict) and "plan" in meta and "aliases" in meta
 
 
-def _transformers_class(name: str) -> type | None:
-    import transformers
-
-    try:
-        cls = getattr(transformers, name, None)
-    except Exception:  # a lazily imported class whose optional backend is missing
-        return None
-    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
-
-
 def architecture(config: Any, model_class: str | None) -> Any:
     """How to build the saved class from a config: the manifest's ``model_class`` when transformers
     has it, else what ``load_model`` builds (a causal LM head for ``*ForCausalLM``/``*LMHeadModel``
@@ -260,7 +123,7 @@ def architecture(config: Any, model_class: str | None) -> Any:
     if cls is not None:
         return cls._from_config
     archs = getattr(config, "architectures", None) or []
-    auto = AutoModelForCausalLM if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) else AutoModel
+    auto = AutoModelForCausalLM if any(a.endswith(CAUSAL_SUFFIXES) for a in archs) else AutoModel
     return auto.from_config
 
 
@@ -286,8 +149,6 @@ def read_config(folder: Path) -> Any:
 def stored_dtypes(folder: Path) -> dict[str, torch.dtype]:
     """Name -> dtype of every saved tensor, from the safetensors headers alone."""
     from safetensors import safe_open
-
-    from hessian_worker.io import WEIGHTS, WEIGHTS_INDEX
 
     if (folder / WEIGHTS).is_file():
         files = [folder / WEIGHTS]
@@ -317,27 +178,28 @@ def build_dtype(dtypes: Mapping[str, torch.dtype]) -> torch.dtype:
 
 
 @dataclass
-class _Saved:
-    """What a loaded compressed model needs to be saved again as it was read."""
+class Saved:
+    """What a loaded compressed model needs to be saved again as it was read; ``save`` writes it
+    (``io.save_compressed``, given by ``io.load_compressed``; None: opened only to be used)."""
 
     plan: Any
     source: Source
+    save: Callable[[nn.Module, str | Path], Path] | None = None
 
 
-def load_compressed(path: str | Path, *, device: str | torch.device = "cpu",
-                    attn_implementation: str | None = None) -> nn.Module:
+def open_compressed(path: str | Path, *, device: str | torch.device = "cpu", attn_implementation: str | None = None,
+                    save: Callable[[nn.Module, str | Path], Path] | None = None) -> nn.Module:
     """The model saved in ``path`` (by ``geoshare compress``, ``save_shared`` or ``save_compressed``),
     built from its config.json and loaded tied: every class's tensor (or basis, under the basis
     scheme) one Parameter, each tensor in its stored dtype, in eval mode.
 
-    The model's ``save_pretrained(directory)`` writes the same directory again (``save_compressed``).
+    The model's ``save_pretrained(directory)`` calls ``save`` (``hessian_worker.load_compressed``
+    passes ``save_compressed``, which writes the same directory again); without it, it refuses.
 
     Raises:
         PlanError: ``path`` is not a saved shared model, has no config.json, or its tensors do not
             fit the architecture.
     """
-    from hessian_worker.io import WEIGHTS, has_weights
-
     src = Path(path)
     if not has_weights(src) or not is_compressed(src):
         raise PlanError(f"{str(src)!r} is not a compressed model directory: it needs {WEIGHTS} (or shards) and "
@@ -360,8 +222,23 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu",
     model.to(device).eval()
     recorded = meta.get("source") or {}
     kept = {k: v for k, v in meta.items() if k not in WRITTEN}
-    attach(model, plan, Source(recorded.get("model"), companion_files(src), recorded.get("sha256") or {}, kept))
+    source = Source(recorded.get("model"), companion_files(src), recorded.get("sha256") or {}, kept)
+    model._geoshare = Saved(plan, source, save)  # type: ignore[assignment]
+    model.save_pretrained = MethodType(_save_pretrained, model)  # type: ignore[method-assign]
     return model
+
+
+def _save_pretrained(self: nn.Module, save_directory: str | Path, **kwargs: Any) -> Path:
+    """A compressed model saves its sharing, not Hugging Face's layout (which would store every
+    alias again, or refuse the shared storage)."""
+    if kwargs:
+        raise TypeError(f"a model loaded by hessian_worker.load_compressed saves its sharing with "
+                        f"hessian_worker.save_compressed(model, directory); {sorted(kwargs)} are not supported")
+    saved = self._geoshare
+    if saved.save is None:
+        raise PlanError("this compressed model was opened to be used (hessian_worker.models.load_model); load it "
+                        "with hessian_worker.load_compressed(path) to save it again")
+    return saved.save(self, save_directory)
 
 
 def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
@@ -380,11 +257,6 @@ def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
     Raises:
         PlanError: the saved tensors do not fit the architecture, or an alias is a separate tensor.
     """
-    from hessian_worker.basis.modules import WEIGHT_SUFFIX, rebuild
-    from hessian_worker.io import read_weights
-    from hessian_worker.merge import plan_groups
-    from hessian_worker.tying import tie
-    from solver.schema import SharingPlan
 
     plan = SharingPlan.model_validate(meta["plan"])
     aliases: dict[str, str] = meta.get("aliases", {})
@@ -414,38 +286,6 @@ def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
     if hasattr(model, "initialize_weights"):
         model.initialize_weights()
     return plan
-
-
-def attach(model: nn.Module, plan: Any, source: Source) -> None:
-    """Lets ``model`` be saved again as a compressed directory: ``save_compressed(model, dir)``, or
-    its own ``save_pretrained(dir)``, which then writes the shared layout (not Hugging Face's)."""
-    model._geoshare = _Saved(plan, source)  # type: ignore[assignment]
-
-    def save_pretrained(self: nn.Module, save_directory: str | Path, **kwargs: Any) -> Path:
-        if kwargs:
-            raise TypeError(f"a model loaded by hessian_worker.load_compressed saves its sharing with "
-                            f"hessian_worker.save_compressed(model, directory); {sorted(kwargs)} are not supported")
-        return save_compressed(self, save_directory)
-
-    model.save_pretrained = MethodType(save_pretrained, model)  # type: ignore[method-assign]
-
-
-def save_compressed(model: nn.Module, directory: str | Path) -> Path:
-    """Writes a model from ``load_compressed`` back as a compressed directory: the same weights,
-    plan.json and companion files (config.json, tokenizer, ...) as the directory it was read from
-    (report.json and problem.json, which describe the compress run, are not part of the model).
-
-    Raises:
-        PlanError: ``model`` did not come from ``load_compressed`` (save a model you tied yourself
-            with ``hessian_worker.save_shared(model, plan, directory, source=...)``).
-    """
-    from hessian_worker.io import save_shared
-
-    saved = getattr(model, "_geoshare", None)
-    if not isinstance(saved, _Saved):
-        raise PlanError("save_compressed saves a model loaded by load_compressed; save a model you tied with "
-                        "hessian_worker.save_shared(model, plan, directory, source=SOURCE_MODEL)")
-    return save_shared(model, saved.plan, directory, source=saved.source)
 
 
 def load_tokenizer(path: str | Path) -> Any | None:

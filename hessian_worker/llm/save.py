@@ -16,17 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessian_worker.io import (  # noqa: F401 - the streamed writer's names, importable from here as before
+from hessian_worker.companions import describe, resolve_source, write_companions
+from hessian_worker.dedup_save import tensor_metadata
+from hessian_worker.llm.decoder import Decoder
+from hessian_worker.weights_file import (  # noqa: F401 - the streamed writer's names, importable from here as before
     SAFETENSORS_DTYPES,
     WEIGHTS,
     WEIGHTS_INDEX,
     Entry,
-    tensor_metadata,
     write_plan_file,
     write_safetensors,
 )
-from hessian_worker.llm.decoder import Decoder
-from hessian_worker.model_dir import describe, resolve_source, write_companions
 from solver.schema import SharingPlan
 
 SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from hessian_worker.errors import PlanError
 from hessian_worker.schemes.base import DataParts, SharingScheme, State, Substitutes
 from hessian_worker.schemes.basis import BasisScheme
@@ -34,4 +36,12 @@ def scheme_of(problem: SharingProblem | None) -> SharingScheme:
     return scheme_for(named.pop() if named else Scheme.tie)
 
 
-__all__ = ["SCHEMES", "DataParts", "SharingScheme", "State", "Substitutes", "scheme_for", "scheme_of"]
+def scheme_installed(model: nn.Module) -> SharingScheme:
+    """The scheme whose modules ``model`` holds (tie when no other's: tying changes no module)."""
+    for scheme in SCHEMES.values():
+        if scheme.name is not Scheme.tie and scheme.installed_in(model):
+            return scheme
+    return SCHEMES[Scheme.tie]
+
+
+__all__ = ["SCHEMES", "DataParts", "SharingScheme", "State", "Substitutes", "scheme_for", "scheme_installed", "scheme_of"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor, nn
@@ -84,6 +85,18 @@ class SharingScheme(Protocol):
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
                          config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
         """Plans measured beside the solver's at the same budget, each with its own problem."""
+        ...
+
+    def installed_in(self, model: nn.Module) -> bool:
+        """``model`` holds this scheme's modules (a model from ``apply`` or ``load``)."""
+        ...
+
+    def save(self, model: nn.Module, plan: SharingPlan, directory: str | Path, *, source: Any = None) -> Path:
+        """Writes the model in this scheme's layout (``io.save_shared``)."""
+        ...
+
+    def load(self, model: nn.Module, src: Path) -> SharingPlan:
+        """Installs the saved plan in a fresh ``model`` and loads the saved tensors (``io.load_shared``)."""
         ...
 
     def apply(self, model: nn.Module, plan: SharingPlan, problem: SharingProblem | None,

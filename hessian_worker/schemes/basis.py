@@ -3,6 +3,7 @@ coefficients (hessian_worker/basis)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,9 @@ from torch import Tensor, nn
 
 from hessian_worker.basis.analysis import analyze_basis, rank_of
 from hessian_worker.basis.apply import apply_basis_plan
+from hessian_worker.basis.io import load_basis, save_basis
 from hessian_worker.basis.measure import BasisSubstitutes
+from hessian_worker.basis.modules import has_basis_layers
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
@@ -76,6 +79,15 @@ class BasisScheme:
         alone = per_layer_candidate(model, problem, solve, dict(state) if state is not None else None,
                                     config.basis)
         return [alone] if alone is not None else []
+
+    def installed_in(self, model: nn.Module) -> bool:
+        return has_basis_layers(model)
+
+    def save(self, model: nn.Module, plan: SharingPlan, directory: str | Path, *, source: Any = None) -> Path:
+        return save_basis(model, plan, directory, source=source)
+
+    def load(self, model: nn.Module, src: Path) -> SharingPlan:
+        return load_basis(model, src)
 
     def apply(self, model: nn.Module, plan: SharingPlan, problem: SharingProblem | None,
               merge: Merge | str = Merge.mean, *, data: DataSource | None = None,

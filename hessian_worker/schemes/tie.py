@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -9,12 +10,13 @@ from torch import Tensor, nn
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, DataSource
+from hessian_worker.dedup_save import write_shared
 from hessian_worker.losses import TaskLoss
 from hessian_worker.merge import Merge
 from hessian_worker.pair_costs import tie_costs
 from hessian_worker.prepare import Prepared
 from hessian_worker.schemes.base import DataParts, State, Substitutes
-from hessian_worker.tying import ApplyReport, apply_tie
+from hessian_worker.tying import ApplyReport, apply_tie, load_tied
 from solver.planning import SolveConfig
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
@@ -50,6 +52,15 @@ class TieScheme:
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
                          config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
         return []
+
+    def installed_in(self, model: nn.Module) -> bool:
+        return True  # tying changes no module: any model can be saved tied
+
+    def save(self, model: nn.Module, plan: SharingPlan, directory: str | Path, *, source: Any = None) -> Path:
+        return write_shared(model, plan, directory, source=source)
+
+    def load(self, model: nn.Module, src: Path) -> SharingPlan:
+        return load_tied(model, src)
 
     def apply(self, model: nn.Module, plan: SharingPlan, problem: SharingProblem | None,
               merge: Merge | str = Merge.mean, *, data: DataSource | None = None,

@@ -22,8 +22,7 @@ from geoshare.cli import main
 from hessian_worker.apply import apply_plan
 from hessian_worker.basis.modules import install_class
 from hessian_worker.evaluation import EvaluateConfig, Metric, evaluate
-from hessian_worker.io import load_shared, save_shared
-from hessian_worker.model_dir import load_compressed
+from hessian_worker.io import load_compressed, load_shared, save_shared
 from hessian_worker.models import load_model
 from solver.schema import PlanParams, SharingPlan
 

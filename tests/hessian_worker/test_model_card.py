@@ -16,9 +16,8 @@ from geoshare.cli import main
 from geoshare.cli.record import command_line
 from hessian_worker.apply import apply_plan
 from hessian_worker.basis.modules import install_class
-from hessian_worker.io import save_shared
+from hessian_worker.io import load_compressed, save_shared
 from hessian_worker.model_card import PICTURE, README, sharing_rows, write_card
-from hessian_worker.model_dir import load_compressed
 from solver.schema import SharingPlan
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from hessian_worker.apply import apply_plan
 from hessian_worker.basis.modules import BasisLinear, install_class
 from hessian_worker.errors import PlanError
 from hessian_worker.export import export_dense
-from hessian_worker.io import load_shared, save_shared
+from hessian_worker.io import load_compressed, load_shared, save_compressed, save_shared
 from hessian_worker.llm import compress_checkpoint
 from hessian_worker.llm.synthetic import (
     SHAPES,
@@ -27,7 +27,7 @@ from hessian_worker.llm.synthetic import (
     random_tokens,
     write_random_checkpoint,
 )
-from hessian_worker.model_dir import GUARD, load_compressed, save_compressed
+from hessian_worker.model_dir import GUARD
 from hessian_worker.models import load_model, minilm_path
 from hessian_worker.pipeline import CompressConfig
 from hessian_worker.tying import unique_params
