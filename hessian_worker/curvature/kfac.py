@@ -264,17 +264,17 @@ def output_gradient_sample(y: Tensor, loss: str, weight: float, rows: Tensor | N
         p = torch.softmax(flat, dim=-1)
         # inverse-CDF draws from uniforms of the seeded generator: one per row, so the same on any
         # device (torch.multinomial took 1 s for 1,024 rows of a 32,000-token vocabulary, this 0.1 s)
-        u = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64).to(p.device, work)
+        u = _noise(loss, tuple(flat.shape), generator).to(p.device, work)
         cdf = p.cumsum(dim=-1)
         labels = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(p.shape[-1] - 1)
         g = p.clone()
         g.scatter_add_(1, labels, -torch.ones_like(labels, dtype=g.dtype))
         g = g * math.sqrt(weight / count)
     elif loss == "mse":
-        z = torch.randn(flat.shape, generator=generator, dtype=torch.float64).to(flat.device, work)
+        z = _noise(loss, tuple(flat.shape), generator).to(flat.device, work)
         g = z * math.sqrt(2.0 * weight / flat.numel())
     elif loss == "cosine":
-        z = torch.randn(flat.shape, generator=generator, dtype=torch.float64).to(flat.device, work)
+        z = _noise(loss, tuple(flat.shape), generator).to(flat.device, work)
         norm = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
         unit = flat / norm
         g = (z - unit * (unit * z).sum(dim=1, keepdim=True)) / norm * math.sqrt(weight / count)
@@ -283,6 +283,22 @@ def output_gradient_sample(y: Tensor, loss: str, weight: float, rows: Tensor | N
     if mask is not None and loss != "mse":
         g = g * mask[:, None]
     return g.reshape(y.shape).to(y.dtype)
+
+
+def _noise(loss: str, shape: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """The random numbers ``output_gradient_sample`` takes for a [rows, width] output (the only place
+    it uses the generator): a uniform per row for kl, a Gaussian per entry for mse and cosine."""
+    if loss == "kl":
+        return torch.rand(shape[0], 1, generator=generator, dtype=torch.float64)
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def skip_output_draws(shape: Sequence[int], loss: str, generator: torch.Generator) -> None:
+    """Advances ``generator`` past the draws ``output_gradient_sample`` makes for an output of
+    ``shape``: a process that runs only some of the batches (torch.distributed) then draws for each
+    of its own what one process running them all does."""
+    if loss in ("kl", "mse", "cosine"):
+        _noise(loss, (math.prod(shape[:-1]), shape[-1]), generator)
 
 
 def linear_hooks(modules: Mapping[str, tuple[nn.Module, bool]], stats: Mapping[str, FactorStats],

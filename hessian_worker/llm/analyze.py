@@ -38,7 +38,17 @@ from hessian_worker.curvature.kfac import (
 )
 from hessian_worker.data import Calibration, DataSource, load_calibration
 from hessian_worker.discovery import LayerInfo, discover_layers
-from hessian_worker.errors import BackendError, MemoryBudgetError
+from hessian_worker.distributed import (
+    SHARDING,
+    Group,
+    all_reduce_stats,
+    broadcast,
+    is_writer,
+    join,
+    shard,
+    step,
+)
+from hessian_worker.errors import BackendError, DataError, MemoryBudgetError
 from hessian_worker.llm.blocks import ModuleBlocks, ModuleWeights
 from hessian_worker.llm.checkpoint import Checkpoint, CheckpointError
 from hessian_worker.llm.decoder import (
@@ -137,25 +147,37 @@ def analysis_estimate(opened: Opened, config: AnalyzeConfig, data: Calibration |
 
 
 def factor_statistics(opened: Opened, data: Calibration, config: AnalyzeConfig, cache_dir: str | Path | None, *,
-                      token_inputs: dict[str, FactorStats] | None = None) -> tuple[dict[str, FactorStats], bool]:
+                      token_inputs: dict[str, FactorStats] | None = None,
+                      group: Group | None = None) -> tuple[dict[str, FactorStats], bool]:
     """(every analysed layer's factor sums over ``data``, read from the cache?): one streamed pass,
     or none when ``cache_dir`` holds them already. ``token_inputs``: see ``stream_factors`` (a pass
-    that fills it is never cached)."""
+    that fills it is never cached). With a ``group`` (torch.distributed), each rank streams its
+    batches and the sums are added up over the ranks; the cache is read when every rank finds it
+    and written by rank 0 (it holds the sums of all the data, whatever the number of ranks)."""
     k = config.kfac
     output = output_factor(config)
     reduce = pooled(opened.decoder, config)
     if not opened.on_disk or (reduce and token_inputs is not None):
         cache_dir = None  # the cache is keyed by the checkpoint's files and holds one set of sums
-    key = stats_key(opened.checkpoint, data, config, output, opened.dtype) if cache_dir else ""
-    stats = load_stats(cache_dir, key, opened.layers, k.rank, k.oversample, config.seed) if cache_dir else None
-    if stats is not None:
+    with step(group, "reading the statistics cache") as cache:
+        key = stats_key(opened.checkpoint, data, config, output, opened.dtype) if cache_dir else ""
+        stats = load_stats(cache_dir, key, opened.layers, k.rank, k.oversample, config.seed) if cache_dir else None
+        cache.share = stats is not None
+    if stats is not None and all(cache.shared):
         return stats, True
-    stats = stream_factors(opened.decoder, data, opened.layers, rank=k.rank, oversample=k.oversample, output=output,
-                           seed=config.seed, gradient_samples=k.gradient_samples, reduce=reduce,
-                           loss=resolve_distill(config.distill, opened.decoder.is_logits).__name__,
-                           token_inputs=token_inputs, progress=config.progress)
+    with step(group, "the statistics pass"):
+        stats = stream_factors(opened.decoder, data, opened.layers, rank=k.rank, oversample=k.oversample,
+                               output=output, seed=config.seed, gradient_samples=k.gradient_samples, reduce=reduce,
+                               loss=resolve_distill(config.distill, opened.decoder.is_logits).__name__,
+                               token_inputs=token_inputs, progress=config.progress,
+                               batches=None if group is None else group.batches(len(data.batches)))
+    all_reduce_stats(group, stats)
+    if token_inputs is not None:
+        all_reduce_stats(group, token_inputs)
     if cache_dir:
-        save_stats(cache_dir, key, stats)
+        with step(group, "writing the statistics cache"):
+            if is_writer(group):
+                save_stats(cache_dir, key, stats)
     return stats, False
 
 
@@ -188,14 +210,21 @@ def price(opened: Opened, stats: dict[str, FactorStats], config: AnalyzeConfig, 
 
 
 def streamed_problem(opened: Opened, matrix: list[list[float | None]], config: AnalyzeConfig,
-                     estimate: MemoryEstimate | None, cached: bool, seconds: Mapping[str, float]) -> SharingProblem:
-    """The SharingProblem, its ``source`` recording how it was streamed."""
+                     estimate: MemoryEstimate | None, cached: bool, seconds: Mapping[str, float],
+                     group: Group | None = None) -> SharingProblem:
+    """The SharingProblem, its ``source`` recording how it was streamed (and, in a distributed job,
+    over how many processes and how many samples each ran)."""
     problem = to_problem(opened.layers, matrix, config)
     source = cost_source(config, None)
     source.update(streamed=True, dtype=str(opened.dtype).removeprefix("torch."), statistics_cached=cached,
                   seconds={k: round(v, 3) for k, v in seconds.items()})
     if estimate is not None:
         source["memory_estimate_bytes"] = estimate.total
+    if group is not None:
+        sizes = opened.calib.sizes
+        source.update(world_size=group.world_size, sharding=SHARDING,
+                      rank_samples=[sum(sizes[b] for b in shard(len(sizes), r, group.world_size))
+                                    for r in range(group.world_size)])
     return problem.model_copy(update={"source": source})
 
 
@@ -218,8 +247,10 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
     config = config or AnalyzeConfig(backend=Backend.kfac)
     if config.backend is not Backend.exact:
         check_streamed_backend(config)
-    opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
-    return analyze_opened(opened, config, memory_limit_gb=memory_limit_gb, cache_dir=cache_dir)
+    group = join(torch_device(config))
+    with step(group, "opening the checkpoint"):
+        opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
+    return analyze_opened(opened, config, memory_limit_gb=memory_limit_gb, cache_dir=cache_dir, group=group)
 
 
 def analyze_blocks(blocks: ModuleBlocks, data: DataSource, config: AnalyzeConfig, *,
@@ -228,13 +259,20 @@ def analyze_blocks(blocks: ModuleBlocks, data: DataSource, config: AnalyzeConfig
     checkpoint, so the streamed path is checked against the in-memory one on the same model."""
     if config.backend is not Backend.exact:
         check_streamed_backend(config)
-    return analyze_opened(open_blocks(blocks, data, config, tokenizer=tokenizer), config)
+    group = join(blocks.device)
+    with step(group, "reading the calibration data"):
+        opened = open_blocks(blocks, data, config, tokenizer=tokenizer)
+    return analyze_opened(opened, config, group=group)
 
 
 def analyze_opened(opened: Opened, config: AnalyzeConfig, *, memory_limit_gb: float | None = None,
-                   cache_dir: str | Path | None = None) -> SharingProblem:
+                   cache_dir: str | Path | None = None, group: Group | None = None) -> SharingProblem:
     """The SharingProblem of an opened model: kfac/layerwise from streamed statistics (cached when
-    read from a checkpoint), exact from forward-mode tangents carried block by block."""
+    read from a checkpoint), exact from forward-mode tangents carried block by block. With a
+    ``group`` (torch.distributed) the statistics are data parallel and every rank returns rank 0's
+    problem."""
+    if group is not None and group.world_size > 1:
+        check_shardable(opened.calib, config, group)
     if config.backend is Backend.exact:  # forward-mode tangents carried block by block: no statistics
         estimate = exact_memory(opened.decoder, opened.calib, config.chunk) if opened.on_disk else None
         if estimate is not None:
@@ -242,16 +280,38 @@ def analyze_opened(opened: Opened, config: AnalyzeConfig, *, memory_limit_gb: fl
                          "fewer calibration samples (--samples), --backend kfac, or a machine with more memory")
         clock = time.perf_counter()
         matrix = streamed_exact_costs(opened.decoder, opened.calib, opened.layers, config, progress=config.progress)
-        return streamed_problem(opened, matrix, config, estimate, False, {"pricing": time.perf_counter() - clock})
+        return streamed_problem(opened, matrix, config, estimate, False, {"pricing": time.perf_counter() - clock},
+                                group)
     check_streamed_backend(config)
-    estimate = analysis_estimate(opened, config) if opened.on_disk else None
-    if estimate is not None:
-        check_memory(estimate, memory_limit_gb, config.progress)
+    with step(group, "the memory check"):
+        own = opened.calib if group is None else Calibration([opened.calib.batches[b] for b in
+                                                               group.batches(len(opened.calib.batches))])
+        estimate = analysis_estimate(opened, config, own) if opened.on_disk else None
+        if estimate is not None:
+            check_memory(estimate, memory_limit_gb, config.progress)
     clock = time.perf_counter()
-    stats, cached = factor_statistics(opened, opened.calib, config, cache_dir)
+    stats, cached = factor_statistics(opened, opened.calib, config, cache_dir, group=group)
     seconds = {"statistics": time.perf_counter() - clock}
-    matrix, more = price(opened, stats, config)
-    return streamed_problem(opened, matrix, config, estimate, cached, {**seconds, **more})
+    with step(group, "pricing"):
+        matrix, more = price(opened, stats, config)
+        problem = streamed_problem(opened, matrix, config, estimate, cached, {**seconds, **more}, group)
+    return broadcast(group, problem)
+
+
+def check_shardable(calib: Calibration, config: AnalyzeConfig, group: Group) -> None:
+    """Raises on every rank alike when the analysis cannot be split over the group's processes.
+
+    Raises:
+        BackendError: the exact backend (not data parallel).
+        DataError: fewer calibration batches than processes.
+    """
+    if config.backend is Backend.exact:
+        raise BackendError(f"backend='exact' does not run data parallel ({group.world_size} processes): run it in "
+                           "one process, or use backend='kfac' or 'layerwise'")
+    if len(calib.batches) < group.world_size:
+        raise DataError(f"{len(calib.batches)} calibration batches for {group.world_size} processes: every process "
+                        "runs whole batches; give more samples (--samples), a smaller --batch-size, or fewer "
+                        "processes")
 
 
 def check_streamed_backend(config: AnalyzeConfig) -> None:

@@ -8,7 +8,8 @@ sweep runs the blocks in reverse: each block recomputes its forward from its kep
 backpropagates the carried gradient, hooks adding each linear layer's output gradients. Weights
 never take gradients (only activations do), so the backward costs about one forward of those
 samples. The draws are the same, in the same order, as the in-memory ``collect_factors``, so both
-give the same statistics.
+give the same statistics. A process of a distributed job runs only its batches (``batches``) and
+skips the draws of the others', so each batch gets the draws it gets in one process.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hessian_worker.curvature.kfac import (
     linear_hooks,
     new_stats,
     output_gradient_sample,
+    skip_output_draws,
 )
 from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.data import Calibration
@@ -57,27 +59,30 @@ def keep_device(decoder: Decoder, nbytes: int) -> torch.device:
 def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerInfo], *, rank: int | None,
                    oversample: int, output: OutputFactor, seed: int, gradient_samples: int | None = None,
                    reduce: bool = False, loss: str = "kl", token_inputs: dict[str, FactorStats] | None = None,
-                   progress: bool = False) -> dict[str, FactorStats]:
+                   batches: Sequence[int] | None = None, progress: bool = False) -> dict[str, FactorStats]:
     """Factor sums of every analysed layer from one forward sweep (and a backward sweep for the
     diagonal output factor) over the decoder's blocks; ``reduce``: per sample (see Approximation;
     a decoder's loss is per token, so ``expand`` is its natural form); ``loss``: the distillation
     loss whose output gradients are sampled (kl on logits). With ``reduce``, ``token_inputs`` (when
     given) is filled with every token's input sums as well: the layerwise merge's covariances, which
-    are per token whatever the costs' approximation."""
+    are per token whatever the costs' approximation. ``batches``: the calibration batches this process
+    runs (None: all); the sums are then its share, to be added up with the other processes'."""
     names = layers_by_block(decoder, layers)
     backward = output is OutputFactor.diagonal
     stats: dict[str, FactorStats] = {}
     current: dict[str, Tensor | None] = {"mask": None}
-    batches = data.batches
-    masks = [b.get("attention_mask") for b in batches]
+    own = list(range(len(data.batches))) if batches is None else sorted(set(batches))
+    slot = {b: s for s, b in enumerate(own)}  # batch index -> its place in hidden, kwargs, masks
+    masks = [data.batches[b].get("attention_mask") for b in own]
     hidden, kwargs = [], []
-    for batch in batches:
-        h, kw = decoder.inputs(batch)
+    for b in own:
+        h, kw = decoder.inputs(data.batches[b])
         hidden.append(h)
         kwargs.append(kw)
-    plan = gradient_batches(data, gradient_samples) if backward else []
+    plan = gradient_batches(data, gradient_samples) if backward else []  # every process's, in draw order
+    mine = [(slot[b], rows) for b, rows in plan if b in slot]
     row_bytes = hidden[0][0].numel() * hidden[0].element_size() if hidden else 0
-    keep_on = keep_device(decoder, sum(rows for _, rows in plan) * row_bytes * decoder.num_blocks)
+    keep_on = keep_device(decoder, sum(rows for _, rows in mine) * row_bytes * decoder.num_blocks)
     kept: list[list[Tensor] | None] = []
     steps = decoder.num_blocks * (2 if backward else 1)
     bar = tqdm(total=steps, desc="blocks (inputs)", unit="block", disable=not progress, leave=False)
@@ -87,6 +92,9 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         for full, (module, transposed) in modules.items():
             stats[full] = new_stats(int(module.weight.shape[0 if transposed else 1]), rank=rank,
                                     oversample=oversample, seed=seed, dtype=decoder.dtype, device=decoder.device)
+            if backward:  # zeros + the first sum is that sum; a process without gradient batches adds zeros
+                stats[full].b = torch.zeros(int(module.weight.shape[1 if transposed else 0]),
+                                            dtype=stats[full].a.dtype, device=decoder.device)
         handles = linear_hooks(modules, stats, lambda: current["mask"], inputs=True, outputs=False, reduce=reduce)
         if reduce and token_inputs is not None:
             for full, (module, transposed) in modules.items():
@@ -95,7 +103,7 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
                                                device=decoder.device)
             handles += linear_hooks(modules, token_inputs, lambda: current["mask"], inputs=True, outputs=False)
         if backward:
-            kept.append([hidden[b][:rows].to(keep_on) for b, rows in plan])
+            kept.append([hidden[s][:rows].to(keep_on) for s, rows in mine])
         try:
             with torch.no_grad():
                 for b, h in enumerate(hidden):
@@ -108,10 +116,10 @@ def stream_factors(decoder: Decoder, data: Calibration, layers: Sequence[LayerIn
         bar.update()
     if backward:
         bar.set_description("blocks (output gradients)")
-        grads = _head_gradients(decoder, data, hidden, plan, seed, loss)
+        grads = _head_gradients(decoder, data, hidden, plan, slot, seed, loss)
         hidden.clear()
-        plan_kwargs = [_head_kwargs(kwargs[b], rows) for b, rows in plan]
-        plan_masks = [None if masks[b] is None else masks[b][:rows] for b, rows in plan]
+        plan_kwargs = [_head_kwargs(kwargs[s], rows) for s, rows in mine]
+        plan_masks = [None if masks[s] is None else masks[s][:rows] for s, rows in mine]
         for i in reversed(range(decoder.num_blocks)):
             block = decoder.load_block(i)
             modules = block_modules(block, names[i])
@@ -155,19 +163,36 @@ def _head_kwargs(kwargs: dict, rows: int) -> dict:
 
 
 def _head_gradients(decoder: Decoder, data: Calibration, hidden: list[Tensor], plan: list[tuple[int, int]],
-                    seed: int, loss: str) -> list[Tensor]:
-    """The gradient of each gradient batch's sampled pseudo-loss at the last block's output."""
+                    slot: Mapping[int, int], seed: int, loss: str) -> list[Tensor]:
+    """The gradient of each of this process's gradient batches' sampled pseudo-loss at the last
+    block's output (``slot``: its batches' places in ``hidden``). Weights and draws are those of
+    the whole plan: another process's batch is skipped by drawing its numbers."""
     generator = torch.Generator().manual_seed(seed)
     total = sum(rows for _, rows in plan)
+    last = max((p for p, (b, _) in enumerate(plan) if b in slot), default=-1)
     grads = []
-    for b, rows in plan:
+    for b, rows in plan[: last + 1]:
         batch = head_rows(data.batches[b], rows)
+        if b not in slot:
+            skip_output_draws(_output_shape(decoder, batch), loss, generator)
+            continue
         mask = batch.get("attention_mask")
         mask = None if mask is None else mask.to(decoder.device)
-        x = hidden[b][:rows].detach().requires_grad_(True)
+        x = hidden[slot[b]][:rows].detach().requires_grad_(True)
         with torch.enable_grad():
             y = decoder.output(x, mask)
             g = output_gradient_sample(y, loss, rows / total, row_mask(y, {} if mask is None else {"attention_mask": mask}),
                                        generator)
             grads.append(torch.autograd.grad(y, x, g)[0])
     return grads
+
+
+def _output_shape(decoder: Decoder, batch: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """The shape of the loss's output over a batch this process does not run: its first sample's
+    embedding, zeroed, through the head (blocks keep the hidden shape; values do not matter)."""
+    one = head_rows(batch, 1)
+    mask = one.get("attention_mask")
+    with torch.no_grad():
+        h, _ = decoder.inputs(one)
+        y = decoder.output(torch.zeros_like(h), None if mask is None else mask.to(decoder.device))
+    return (int(next(iter(batch.values())).shape[0]), *y.shape[1:])

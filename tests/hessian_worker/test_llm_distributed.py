@@ -1,0 +1,258 @@
+"""One analysis over several processes (torch.distributed, gloo on CPU): real processes on
+127.0.0.1 give the costs and plan of one process, rank 0's problem on every rank with the shares
+recorded, the statistics cache of one process; a rank that raises or dies ends the job on every
+rank with an error, within the timeout."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from hessian_worker import AnalyzeConfig
+from hessian_worker.distributed import DistributedError, shard
+from hessian_worker.llm import analyze_checkpoint
+from hessian_worker.llm.synthetic import (
+    SHAPES,
+    decoder_config,
+    random_tokens,
+    write_random_checkpoint,
+)
+from solver import SolveConfig, solve
+from solver.schema import SharingProblem
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 20  # GEOSHARE_DIST_TIMEOUT in the children: a lost rank is noticed within this
+BASE = {"backend": "kfac", "dtype": "float64", "batch_size": 4, "progress": False, "device": "cpu",
+        "kfac": {"rank": None, "gradient_samples": 6}}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    """A tiny LLaMA and 10 padded samples: batches of 4, 4, 2, so rank 0 runs batches 0 and 2 and
+    rank 1 batch 1, and 6 gradient samples span a whole batch and part of the next."""
+    folder = tmp_path_factory.mktemp("llama")
+    write_random_checkpoint(decoder_config("llama", **SHAPES["tiny"]), folder, dtype=torch.float32, std=0.2)
+    ids = random_tokens(SHAPES["tiny"]["vocab_size"], 10, 12, seed=1)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([12, 7, 12, 9, 5, 12, 12, 8, 12, 10]):
+        mask[row, length:] = 0
+    torch.save({"input_ids": ids, "attention_mask": mask}, folder / "calib.pt")
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(rank: int, world: int, port: int, job: dict[str, Any], out: str) -> None:
+    """One rank: join the group (torchrun's variables, or initialized here as a caller would),
+    run the analysis, write what it returned or raised to ``out/<rank>.json``."""
+    torch.set_num_threads(1)
+    os.environ["GEOSHARE_DIST_TIMEOUT"] = str(job.get("timeout", TIMEOUT_S))
+    import torch.distributed as dist
+
+    from hessian_worker.llm import analyze as llm_analyze
+
+    if job.get("init") == "caller":
+        from datetime import timedelta
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=job.get("timeout", TIMEOUT_S)))
+    else:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+    failure = job.get("fail", {}).get(str(rank))
+    if failure:  # this rank's statistics pass raises, or the process dies there
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            if failure == "exit":
+                os._exit(3)
+            raise ValueError(f"injected failure on rank {rank}")
+
+        llm_analyze.stream_factors = broken
+    config = AnalyzeConfig.model_validate(job["config"])
+    try:
+        if job.get("model") == "minilm":
+            from hessian_worker.data import DEFAULT_SENTENCES
+            from hessian_worker.llm.blocks import bert_blocks
+            from hessian_worker.models import load_model
+
+            loaded = load_model("minilm")
+            problem = llm_analyze.analyze_blocks(bert_blocks(loaded.model.double()), DEFAULT_SENTENCES, config,
+                                                 tokenizer=loaded.tokenizer)
+        else:
+            folder = Path(job["model"])
+            problem = llm_analyze.analyze_checkpoint(folder, folder / "calib.pt", config, cache_dir=job.get("cache"))
+        result: dict[str, Any] = {"problem": problem.model_dump(mode="json")}
+    except Exception as exc:  # the test reads it
+        result = {"error": type(exc).__name__, "message": str(exc)}
+    Path(out, f"{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(job: dict[str, Any], tmp_path: Path, world: int = 2, limit_s: float = 120) -> tuple[list[dict], float]:
+    """(each rank's result, seconds until the last exited): real processes, none left running."""
+    port = _free_port()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(rank, world, port, job, str(tmp_path))) for rank in range(world)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(start + limit_s - time.monotonic(), 0.1))
+    elapsed = time.monotonic() - start
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, f"ranks still running after {limit_s} s: the job hangs"
+    results = []
+    for rank in range(world):
+        file = tmp_path / f"{rank}.json"
+        results.append(json.loads(file.read_text(encoding="utf-8")) if file.exists() else {"exitcode": procs[rank].exitcode})
+    return results, elapsed
+
+
+def _matrix(problem: SharingProblem) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in problem.costs.matrix])
+
+
+def _same_costs(got: SharingProblem, want: SharingProblem) -> None:
+    a, b = _matrix(got), _matrix(want)
+    assert np.array_equal(np.isnan(a), np.isnan(b)) and np.nanmax(b) > 0
+    finite = ~np.isnan(b)
+    np.testing.assert_allclose(a[finite], b[finite], rtol=1e-6, atol=1e-12 * np.nanmax(b))
+
+
+def _same_plan(got: SharingProblem, want: SharingProblem) -> None:
+    config = SolveConfig(max_params_ratio=0.75, time_limit_s=10, seed=0)
+    assert solve(got, config).coloring == solve(want, config).coloring
+
+
+def test_two_processes_give_the_costs_and_plan_of_one(llama, tmp_path):
+    """torchrun-style launch: sharded statistics all-reduced equal one process's, with the output
+    factor's draws (rank 1 skips batch 0's) and padding; rank 0 writes the cache one process reads."""
+    config = AnalyzeConfig(**BASE)
+    one = analyze_checkpoint(llama, llama / "calib.pt", config)
+    assert "world_size" not in one.source  # a lone process is as before
+    cache = tmp_path / "cache"
+    results, _ = _run({"model": str(llama), "config": config.model_dump(mode="json"), "cache": str(cache)},
+                      tmp_path)
+    assert all("problem" in r for r in results), results
+    two = [SharingProblem.model_validate(r["problem"]) for r in results]
+    assert two[0] == two[1]  # rank 0's problem on every rank
+    _same_costs(two[0], one)
+    _same_plan(two[0], one)
+    source = two[0].source
+    assert source["world_size"] == 2 and source["rank_samples"] == [6, 4] and source["statistics_cached"] is False
+    assert len(list(cache.glob("*/stats.safetensors"))) == 1
+    cached = analyze_checkpoint(llama, llama / "calib.pt", config, cache_dir=cache)
+    assert cached.source["statistics_cached"] is True
+    _same_costs(cached, one)
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_ends_the_job_on_every_rank(llama, tmp_path):
+    config = AnalyzeConfig(**BASE)
+    results, elapsed = _run({"model": str(llama), "config": config.model_dump(mode="json"), "fail": {"1": "raise"}},
+                            tmp_path)
+    assert results[1] == {"error": "ValueError", "message": "injected failure on rank 1"}
+    assert results[0]["error"] == "DistributedError"
+    assert "rank 1 failed during the statistics pass: ValueError: injected failure on rank 1" in results[0]["message"]
+    assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_job_within_the_timeout(llama, tmp_path):
+    config = AnalyzeConfig(**BASE)
+    results, elapsed = _run({"model": str(llama), "config": config.model_dump(mode="json"), "fail": {"0": "exit"},
+                             "timeout": 10}, tmp_path, limit_s=90)
+    assert results[0] == {"exitcode": 3}
+    assert results[1]["error"] == "DistributedError", results[1]
+    assert "did not answer" in results[1]["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fields", [
+    {"backend": "layerwise"},
+    {"kfac": {"rank": 4, "oversample": 4, "gradient_samples": None}},
+    {"kind": "assignment", "distill": "mse", "kfac": {"rank": None, "gradient_samples": 10}},
+], ids=["layerwise", "sketched-all-gradients", "assignment-mse"])
+def test_a_group_the_caller_started_gives_the_costs_of_one_process(llama, tmp_path, fields):
+    config = AnalyzeConfig(**{**BASE, **fields})
+    one = analyze_checkpoint(llama, llama / "calib.pt", config)
+    results, _ = _run({"model": str(llama), "config": config.model_dump(mode="json"), "init": "caller"}, tmp_path)
+    assert all("problem" in r for r in results), results
+    two = SharingProblem.model_validate(results[0]["problem"])
+    _same_costs(two, one)
+    _same_plan(two, one)
+
+
+@pytest.mark.slow
+def test_minilm_blocks_in_two_processes_give_the_costs_of_one(tmp_path):
+    """The in-memory-blocks path (MiniLM: pooled outputs, K-FAC reduced per sample, mse draws)."""
+    from hessian_worker.data import DEFAULT_SENTENCES
+    from hessian_worker.llm.analyze import analyze_blocks
+    from hessian_worker.llm.blocks import bert_blocks
+    from hessian_worker.models import load_model
+
+    config = AnalyzeConfig(**{**BASE, "samples": 12, "kfac": {"rank": None, "gradient_samples": 6}})
+    loaded = load_model("minilm")
+    one = analyze_blocks(bert_blocks(loaded.model.double()), DEFAULT_SENTENCES, config, tokenizer=loaded.tokenizer)
+    results, _ = _run({"model": "minilm", "config": config.model_dump(mode="json"), "init": "caller"}, tmp_path,
+                      limit_s=240)
+    assert all("problem" in r for r in results), results
+    two = SharingProblem.model_validate(results[0]["problem"])
+    assert two.source["rank_samples"] == [8, 4]
+    _same_costs(two, one)
+    _same_plan(two, one)
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_cli_as_one_job(llama, tmp_path):
+    """``torchrun -m geoshare analyze``: the problem file of one process, with world_size 2."""
+    flags = ["analyze", "--model", str(llama), "--data", str(llama / "calib.pt"), "--dtype", "float64",
+             "--batch-size", "4", "--kfac-rank", "0", "--kfac-gradient-samples", "6", "--no-stats-cache", "--quiet",
+             "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GEOSHARE_DIST_TIMEOUT": str(TIMEOUT_S)}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "geoshare", *flags, "-o", str(one)], check=True, cwd=ROOT, env=env,
+                   timeout=300, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(_free_port()), "-m", "geoshare", *flags, "-o", str(two)],
+                         cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    want = SharingProblem.model_validate_json(one.read_text(encoding="utf-8"))
+    got = SharingProblem.model_validate_json(two.read_text(encoding="utf-8"))
+    assert got.source["world_size"] == 2 and "world_size" not in want.source
+    _same_costs(got, want)
+
+
+def test_shards_are_strided_and_cover_every_batch_once():
+    shards = [shard(7, rank, 3) for rank in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(b for s in shards for b in s) == list(range(7))
+
+
+def test_a_bad_timeout_is_refused(monkeypatch):
+    from hessian_worker.distributed import timeout
+
+    monkeypatch.setenv("GEOSHARE_DIST_TIMEOUT", "soon")
+    with pytest.raises(DistributedError, match="GEOSHARE_DIST_TIMEOUT='soon'"):
+        timeout()
+    monkeypatch.setenv("GEOSHARE_DIST_TIMEOUT", "90")
+    assert timeout().total_seconds() == 90
