@@ -21,6 +21,7 @@ from geoshare import __version__
 from geoshare.cli import analyze, apply, compress, evaluate, export, plans, service
 from geoshare.cli.extras import extra_of, install_line, require
 from geoshare.cli.help import HelpFormatter
+from geoshare.cli.record import command_line
 from solver.errors import GeoShareError
 
 # the command groups, in the order --help lists them
@@ -53,7 +54,9 @@ def add_model_commands(subparsers: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code (see the module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command_line = command_line(args, parser)  # what a saved model's card records (record.py)
     try:
         require(args.command, getattr(args, "extras", ()))
         code = int(args.func(args))

@@ -12,7 +12,6 @@ from typing import Any
 
 from geoshare.cli import model_flags as flags
 from geoshare.cli.help import add_command, hide
-from geoshare.cli.record import command_line
 from hessian_worker.options import DistillLoss, Merge
 
 AUTO = "auto"  # --merge auto: CompressConfig.merge None, the rule pipeline.resolve_merge applies
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                             time_limit_s=args.time_limit, seed=args.seed, device=args.device, dtype=args.dtype,
                             kfac=flags.kfac_options(args), progress=not args.quiet,
                             **({"scheme": "basis", **basis} if basis else {}))
-    command = command_line(args)  # the card's record of this run: the flags given, defaults left out
+    command = args.command_line  # the card's record of this run (geoshare.cli.main): flags given, defaults left out
     if streamed:
         report = compress_checkpoint(args.model, args.data, config, args.out,
                                      memory_limit_gb=args.memory_limit_gb, cache_dir=flags.stats_cache(args))

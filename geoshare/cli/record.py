@@ -13,12 +13,10 @@ import shlex
 from geoshare.cli.help import hidden_spellings
 
 
-def command_line(args: argparse.Namespace) -> str:
+def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """``geoshare <command> ...`` with the flags whose values differ from their defaults (and the
-    required ones); parsing it again gives ``args`` back."""
-    from geoshare.cli import build_parser
-
-    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    required ones); parsing it again with ``parser`` (the whole ``geoshare`` parser) gives ``args`` back."""
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     parser = sub.choices[args.command]
     words = ["geoshare", args.command]
     for action in parser._actions:  # argparse keeps no public list of a parser's flags

@@ -65,12 +65,12 @@ def test_the_recorded_command_uses_the_current_spellings():
 
     parser = build_parser()
     args = parser.parse_args(shlex.split("compress --model m --ratio 0.5 --out o --holdout 4 --scheme basis --rank 2"))
-    words = shlex.split(command_line(args))
+    words = shlex.split(command_line(args, parser))
     assert "--holdout-samples" in words and "--basis-rank" in words
     assert "--holdout" not in words and "--rank" not in words
     assert vars(parser.parse_args(words[1:])) == vars(args)
     args = parser.parse_args(shlex.split("analyze --model m -o p.json --rank 3"))  # the old analyze --rank
-    assert vars(parser.parse_args(shlex.split(command_line(args))[1:])) == vars(args)
+    assert vars(parser.parse_args(shlex.split(command_line(args, parser))[1:])) == vars(args)
 
 
 def test_the_old_module_path_still_runs_the_commands(problem_file: Path, tmp_path: Path):

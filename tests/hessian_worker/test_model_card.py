@@ -132,7 +132,7 @@ def test_command_line_keeps_repeated_and_boolean_flags():
     argv = ["analyze", "--model", "minilm", "-o", "p.json", "--targets", "re:.*query.*", "--targets", "x y",
             "--no-stats-cache", "--ratio", "0.5"]
     args = parser.parse_args(argv)
-    assert vars(parser.parse_args(shlex.split(command_line(args))[1:])) == vars(args)
+    assert vars(parser.parse_args(shlex.split(command_line(args, parser))[1:])) == vars(args)
 
 
 def test_card_of_a_folder_without_a_plan_is_an_error(tmp_path):
