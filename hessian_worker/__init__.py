@@ -4,8 +4,8 @@
     problem = analyze(model, "calib.txt", AnalyzeConfig(backend="projected", rank=8))
     model = load_compressed("out/")  # what `geoshare compress` wrote, loaded tied
 
-Names are imported lazily (PEP 562) so that ``hessian_worker.cli``, which the solver's CLI
-imports, does not pull in torch.
+Names are imported lazily (PEP 562): the API server imports ``hessian_worker.options`` (the
+torch-free configs and enums it shares with the worker) and must not pull in torch with it.
 """
 
 from __future__ import annotations
