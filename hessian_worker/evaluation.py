@@ -121,7 +121,7 @@ def evaluate(model: str, reference: str, data: DataSource | None, config: Evalua
     for role, spec, loaded in (("model", model, mine), ("reference", reference, ref)):
         figures[role] = ModelFigures(spec=spec, score=scores.pop(role), storage=count_storage(loaded.model),
                                      disk_bytes=disk_bytes(spec))
-    del mine, ref
+    del mine, ref, loaded  # their memory maps must go before the files are evicted (footprint.evict)
     if config.memory:
         batch = calib.batches[0]
         for role, spec in (("model", model), ("reference", reference)):

@@ -19,7 +19,8 @@ touched page depends on how the file sits in the page cache: the same bytes writ
 write (large folios, mapped whole) peaked at 119 MB for MiniLM where the packaged copy peaked at
 83 MB. So the weight files are evicted from the page cache before each measurement (fsync, then
 ``POSIX_FADV_DONTNEED``, which drops only those files' clean pages): every model is measured as a
-cold load reads it, and ``cold_cache`` says whether that was possible.
+cold load reads it, and ``cold_cache`` says whether that was possible (not while this process
+still maps the file: pages mapped anywhere stay cached).
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ def evict(spec: str) -> bool:
     files = weight_files(folder) if folder is not None else []
     if not files or not hasattr(os, "posix_fadvise"):
         return False
+    import gc
+
+    gc.collect()  # a loaded compressed model is a reference cycle: its memory map outlives `del`
+    if _mapped_here(files):
+        return False  # mapped pages are not evicted: the child would find them cached
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:
@@ -169,6 +175,16 @@ def evict(spec: str) -> bool:
         finally:
             os.close(fd)
     return True
+
+
+def _mapped_here(files: list[Path]) -> bool:
+    """Whether this process still maps one of ``files`` (Linux; False where it cannot tell)."""
+    names = {str(f.resolve()) for f in files}
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return any(line.rstrip("\n").split(maxsplit=5)[-1] in names for line in f if "/" in line)
+    except OSError:
+        return False
 
 
 def _status(field: str) -> int | None:
