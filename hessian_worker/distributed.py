@@ -73,6 +73,19 @@ def shard(count: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, count, world_size))
 
 
+def deal(weights: Sequence[float], world_size: int) -> list[int]:
+    """The rank of each item (a family to price, of estimated cost ``weights[i]``): the heaviest
+    first, each to the least loaded rank so far (ties to the lower rank and the earlier item), so
+    every rank works out the same split alone."""
+    load = [0.0] * world_size
+    owner = [0] * len(weights)
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += weights[i]
+    return owner
+
+
 def timeout() -> timedelta:
     """The collective timeout from ``GEOSHARE_DIST_TIMEOUT`` (seconds; default 1800).
 
@@ -219,6 +232,15 @@ def all_reduce_stats(group: Group | None, stats: Mapping[str, FactorStats]) -> N
     all_reduce_sums(group, [counts], "the token counts")
     for s, n in zip(stats.values(), counts.tolist(), strict=True):
         s.tokens = int(n)
+
+
+def gather(group: Group | None, value: Any, name: str = "the results") -> list[Any]:
+    """Every rank's ``value`` (small and picklable), by rank, on every rank."""
+    if group is None or group.world_size == 1:
+        return [value]
+    out: list[Any] = [None] * group.world_size
+    _collective(group, name, lambda: dist.all_gather_object(out, value, group=group.control))
+    return out
 
 
 def broadcast(group: Group | None, value: Any, src: int = 0) -> Any:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ from hessian_worker.distributed import (
     Group,
     all_reduce_stats,
     broadcast,
+    deal,
+    gather,
     is_writer,
     join,
     shard,
@@ -192,21 +194,53 @@ def pooled(decoder: Any, config: AnalyzeConfig) -> bool:
 
 
 def price(opened: Opened, stats: dict[str, FactorStats], config: AnalyzeConfig, *,
-          keep_stats: bool = False) -> tuple[list[list[float | None]], dict[str, float]]:
+          keep_stats: bool = False, group: Group | None = None) -> tuple[list[list[float | None]], dict[str, float]]:
     """(the cost matrix, seconds by phase) from the factor sums and the weights. Unless ``keep_stats``,
-    each layer's sums are dropped as soon as its factors are formed, so both never sit in memory whole."""
+    each layer's sums are dropped as soon as its factors are formed, so both never sit in memory whole.
+    With a ``group``, this rank forms the factors and prices the pairs of its families only
+    (``my_families``; the others' entries are None until ``merge_costs``)."""
     k = config.kfac
     output = output_factor(config)
+    mine = my_families(opened.layers, group)
     clock = time.perf_counter()
     factors = {x.name: LayerFactors.of(stats[x.name] if keep_stats else stats.pop(x.name), k.rank, output,
                                        x.shape[0])
-               for x in opened.layers}
+               for x in opened.layers if mine is None or x.family in mine}
+    if not keep_stats:  # another rank prices these
+        for x in opened.layers:
+            stats.pop(x.name, None)
     trim_heap()
     seconds = {"factors": time.perf_counter() - clock}
     clock = time.perf_counter()
-    matrix = streamed_costs(opened.layers, factors, opened.checkpoint, config.kind, progress=config.progress)
+    matrix = streamed_costs(opened.layers, factors, opened.checkpoint, config.kind, progress=config.progress,
+                            families=mine)
     seconds["pricing"] = time.perf_counter() - clock
     return matrix, seconds
+
+
+def my_families(layers: Sequence[LayerInfo], group: Group | None) -> set[str] | None:
+    """The families this rank prices (None: all): dealt by their pricing work, members² x the
+    weight's size (each row block is multiplied by every member's factor)."""
+    if group is None or group.world_size == 1:
+        return None
+    fams = families_of(layers)
+    keys = list(fams)
+    work = [len(fams[f]) ** 2 * layers[fams[f][0]].shape[0] * layers[fams[f][0]].shape[1] for f in keys]
+    return {f for f, rank in zip(keys, deal(work, group.world_size), strict=True) if rank == group.rank}
+
+
+def merge_costs(group: Group | None, matrix: list[list[float | None]]) -> list[list[float | None]]:
+    """The whole cost matrix on every rank from each rank's priced families (entries off the
+    diagonal that a rank priced; every pair is priced by exactly one rank)."""
+    if group is None or group.world_size == 1:
+        return matrix
+    n = len(matrix)
+    mine = [(i, j, v) for i in range(n) for j in range(n) if i != j and (v := matrix[i][j]) is not None]
+    merged = [row[:] for row in matrix]
+    for entries in gather(group, mine, "the pair costs"):
+        for i, j, v in entries:
+            merged[i][j] = v
+    return merged
 
 
 def streamed_problem(opened: Opened, matrix: list[list[float | None]], config: AnalyzeConfig,
@@ -293,7 +327,9 @@ def analyze_opened(opened: Opened, config: AnalyzeConfig, *, memory_limit_gb: fl
     stats, cached = factor_statistics(opened, opened.calib, config, cache_dir, group=group)
     seconds = {"statistics": time.perf_counter() - clock}
     with step(group, "pricing"):
-        matrix, more = price(opened, stats, config)
+        matrix, more = price(opened, stats, config, group=group)
+    matrix = merge_costs(group, matrix)
+    with step(group, "the problem"):
         problem = streamed_problem(opened, matrix, config, estimate, cached, {**seconds, **more}, group)
     return broadcast(group, problem)
 
@@ -361,14 +397,16 @@ def check_memory(estimate: MemoryEstimate, limit_gb: float | None, show: bool, f
 
 
 def streamed_costs(layers: Sequence[LayerInfo], factors: Mapping[str, LayerFactors], checkpoint: Checkpoint,
-                   kind: CostKind, *, progress: bool = False) -> list[list[float | None]]:
-    """The cost matrix from the factors and the weights, each family read row block by row block."""
+                   kind: CostKind, *, progress: bool = False,
+                   families: Collection[str] | None = None) -> list[list[float | None]]:
+    """The cost matrix from the factors and the weights, each family read row block by row block
+    (``families``: only those, the other pairs left None)."""
     n = len(layers)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     for i in range(n):
         matrix[i][i] = 0.0
     coef = (0.5, -0.5) if kind is CostKind.pairwise else (1.0, 0.0)
-    fams = families_of(layers)
+    fams = {f: members for f, members in families_of(layers).items() if families is None or f in families}
     for members in tqdm(list(fams.values()), desc="pair costs (families)", disable=not progress, leave=False):
         names = [layers[i].name for i in members]
         position = {layer: p for p, layer in enumerate(members)}

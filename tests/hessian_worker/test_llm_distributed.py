@@ -256,3 +256,18 @@ def test_a_bad_timeout_is_refused(monkeypatch):
         timeout()
     monkeypatch.setenv("GEOSHARE_DIST_TIMEOUT", "90")
     assert timeout().total_seconds() == 90
+
+
+def test_families_are_dealt_by_pricing_work_each_to_one_rank(llama):
+    from hessian_worker.discovery import discover_layers
+    from hessian_worker.distributed import Group, deal
+    from hessian_worker.llm.analyze import my_families
+    from hessian_worker.llm.checkpoint import Checkpoint
+    from hessian_worker.llm.decoder import Decoder
+
+    assert deal([1, 5, 2, 4, 3], 2) == [0, 0, 0, 1, 1]  # heaviest first to the lighter rank: 5+2+1 against 4+3
+    layers = discover_layers(Decoder(Checkpoint(llama), torch.float32).skeleton)
+    shares = [my_families(layers, Group(rank, 2, torch.device("cpu"))) for rank in range(2)]
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == {x.family for x in layers}
+    assert my_families(layers, None) is None
