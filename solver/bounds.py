@@ -1,7 +1,7 @@
 """Lower bounds for every class count at once, in milliseconds.
 
 Used to seed each large family's lower curve so the bound knapsack never faces a curve of
-zeros. Both are weak-duality bounds of relaxations, hence valid; the MIP and CP-SAT rounds
+zeros. Both are weak-duality bounds of relaxations, hence valid; column generation and the MIP rounds
 tighten the cells that matter.
 """
 

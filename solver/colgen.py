@@ -170,6 +170,7 @@ class IntegerResult:
     bound: float  # the MIP's bound over the pool's columns (a bound for all partitions only
     # when the pool holds every class that could improve: see gap_columns)
     optimal: bool
+    wall_cut: bool = False  # the time limit, not max_nodes, ended it: machine speed decided
 
 
 def integer_master(pool: ColumnPool, k: int, time_limit_s: float, max_nodes: int = 2000,
@@ -205,15 +206,16 @@ def integer_master(pool: ColumnPool, k: int, time_limit_s: float, max_nodes: int
     bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else 0.0
     sol = h.getSolution()
     optimal = h.getModelStatus().name == "kOptimal"
+    cut = h.getModelStatus().name == "kTimeLimit"
     if not sol.value_valid:
-        return IntegerResult(None, bound, optimal)
+        return IntegerResult(None, bound, optimal, cut)
     x = np.asarray(sol.col_value)
     labels = np.full(m, -1)
     for c, j in enumerate(np.flatnonzero(x > 0.5)):
         labels[pool.members[j]] = c
     if (labels < 0).any():
-        return IntegerResult(None, bound, False)
-    return IntegerResult(canonical(labels), bound, optimal)
+        return IntegerResult(None, bound, False, cut)
+    return IntegerResult(canonical(labels), bound, optimal, cut)
 
 
 def _mask(m: int, units: np.ndarray) -> np.ndarray:

@@ -25,9 +25,6 @@ from .pmedian import p_median
 from .scaling import GAP_TOL
 from .schema import CostKind
 
-# CP-SAT's representatives model helps up to about this many units; past it, its bound stays
-# far below the cheapest-partners bound and it rarely beats tabu, so the time goes to tabu
-CPSAT_MAX_UNITS = 32
 # an incumbent is replaced only by a relatively cheaper one: sums of the same pair costs in
 # another order differ in the last bits, and such a "gain" must not change the plan
 _BETTER = 1e-13
@@ -166,9 +163,9 @@ def initial_curve(fam: FamilyInstance, deadline: Deadline | None = None) -> Fami
 def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, deadline: Deadline | None = None) -> None:
     """Spend one round of work on class count k: better incumbent and better bound.
 
-    `effort` is in seconds of intended work; tabu iterations and CP-SAT deterministic time are
-    derived from it, so equal inputs give equal results. `deadline` caps the wall clock of tabu
-    and the OR-Tools calls (a backstop: when it bites, results depend on machine speed).
+    `effort` is in seconds of intended work; tabu iterations, pricing nodes and MIP nodes are
+    derived from it, so equal inputs give equal results. `deadline` caps the wall clock of every
+    stage (a backstop: when it bites, results depend on machine speed, and the curve says so).
     """
     deadline = Deadline.never() if deadline is None else deadline
     wall = max(0.01, deadline.cap(3 * effort + 1))
@@ -228,6 +225,7 @@ def _improve_pairwise(curve: FamilyCurve, k: int, effort: float, seed: int, dead
     wall = max(0.01, deadline.cap(3 * effort + 1))
     mip_nodes = int(_MIP_NODES_PER_S * effort)
     inc = integer_master(pool, kk, wall, max_nodes=mip_nodes, hint=_unit_labels(fam, curve.labels.get(k)))
+    curve.wall_cut |= inc.wall_cut
     if inc.labels is not None:
         curve.offer(fam.layer_labels(inc.labels), "colgen-mip")
     # exact closure: every class a cheaper partition could use, then the integer master is exact

@@ -2,9 +2,10 @@
 
 `time_limit_s` bounds a whole request (the plan, its alternatives, a frontier), so the stages
 share one end instant instead of each starting its own clock. A deadline also carries its
-nominal length in seconds: the stages size their deterministic work (tabu iterations, CP-SAT
-deterministic time) from that number, never from the clock, so equal inputs give equal plans
-unless the clock actually cuts the search (then plans say ``time_limit_hit``).
+nominal length in seconds: decisions such as whether the exact DP fits are taken from that
+number, never from the clock, and the solve's work schedule is fixed (planning.py), so equal
+inputs give equal plans unless the clock actually cuts the search (then plans say
+``time_limit_hit``), and a longer limit only extends the search.
 """
 
 from __future__ import annotations

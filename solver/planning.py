@@ -1,8 +1,8 @@
 """The public verbs: solve a SharingProblem to a SharingPlan, or map its whole frontier.
 
 Flow: split by family -> per-family curves (exact where cheap) -> exact knapsack over the curves
--> spend the time on the (family, k) cells the knapsack picks, for better incumbents (tabu,
-CP-SAT, MIP) and better bounds -> knapsack again. The bound is the knapsack over lower curves, so
+-> spend the time on the (family, k) cells the knapsack picks, for better incumbents and bounds
+(column generation and its integer master, tabu, the p-median MIP) -> knapsack again. The bound is the knapsack over lower curves, so
 it holds for the whole problem, not just the chosen class counts.
 """
 
@@ -100,7 +100,7 @@ class _Search:
 
     @property
     def limit_hit(self) -> bool:
-        """Whether a clock (the deadline, or a CP-SAT call's wall-clock backstop) shaped the result."""
+        """Whether a clock (the deadline, or a stage's wall-clock backstop) shaped the result."""
         return self.hit_limit or self.deadline.expired() or any(c.wall_cut for c in self.curves)
 
     def elapsed(self) -> float:
