@@ -282,6 +282,7 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
     if config.backend is not Backend.exact:
         check_streamed_backend(config)
     group = join(torch_device(config))
+    config = quiet_followers(config, group)
     with step(group, "opening the checkpoint"):
         opened = open_checkpoint(path, data, config, tokenizer=tokenizer)
     return analyze_opened(opened, config, memory_limit_gb=memory_limit_gb, cache_dir=cache_dir, group=group)
@@ -294,6 +295,7 @@ def analyze_blocks(blocks: ModuleBlocks, data: DataSource, config: AnalyzeConfig
     if config.backend is not Backend.exact:
         check_streamed_backend(config)
     group = join(blocks.device)
+    config = quiet_followers(config, group)
     with step(group, "reading the calibration data"):
         opened = open_blocks(blocks, data, config, tokenizer=tokenizer)
     return analyze_opened(opened, config, group=group)
@@ -332,6 +334,11 @@ def analyze_opened(opened: Opened, config: AnalyzeConfig, *, memory_limit_gb: fl
     with step(group, "the problem"):
         problem = streamed_problem(opened, matrix, config, estimate, cached, {**seconds, **more}, group)
     return broadcast(group, problem)
+
+
+def quiet_followers(config: AnalyzeConfig, group: Group | None) -> AnalyzeConfig:
+    """Progress bars and the memory line on rank 0 only (the ranks move in step)."""
+    return config if is_writer(group) else config.model_copy(update={"progress": False})
 
 
 def check_shardable(calib: Calibration, config: AnalyzeConfig, group: Group) -> None:

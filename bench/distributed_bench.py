@@ -1,0 +1,148 @@
+"""Streamed analysis as one torch.distributed job: 1 process against N (torchrun, gloo on CPU) on
+the same LLaMA-shaped checkpoint and tokens, measured in the same run.
+
+Both use the same cores: one process with ``--threads`` torch threads against N processes with
+threads // N each, so on a small machine the figure is what data parallelism costs or saves at
+equal compute, not a scaling curve (that needs more cores or devices than one process uses). It
+reports wall time, the largest process's peak RSS, rank 0's phases (statistics / factors /
+pricing), the largest relative difference between the two cost matrices, and whether the solver
+gives both the same plan.
+
+    python bench/distributed_bench.py --shape 1b --samples 32 --length 128 --procs 2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.scale_bench import _commit, prepare  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+NAME = "distributed_bench"
+
+
+def warm(folder: Path) -> None:
+    """Reads the checkpoint once so neither run pays for a cold page cache."""
+    for file in sorted(folder.glob("*.safetensors")):
+        with file.open("rb") as f:
+            while f.read(64 * 1024**2):
+                pass
+
+
+def analyze(folder: Path, data: Path, out: Path, procs: int, threads: int, batch_size: int) -> dict:
+    """One ``geoshare analyze`` (under torchrun when ``procs`` > 1), timed; its problem's source."""
+    flags = ["-m", "geoshare", "analyze", "--model", str(folder), "--data", str(data), "--ratio", "0.8",
+             "--batch-size", str(batch_size), "--no-stats-cache", "--quiet", "--device", "cpu", "-o", str(out)]
+    launcher = [sys.executable] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1",
+        "--master-port", str(29500 + os.getpid() % 1000)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    result = timed([*launcher, *flags], env)
+    source = json.loads(out.read_text())["source"]
+    return {"procs": procs, "threads_per_proc": threads, **result, "phases_s": source.get("seconds", {}),
+            "rank_samples": source.get("rank_samples"), "command": " ".join(["python", *launcher[1:], *flags])}
+
+
+def timed(command: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Wall seconds and the largest process's peak RSS (GiB, /usr/bin/time -v) of a command."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return {"wall_s": round(wall, 2), "peak_rss_gib": round(rss_kb / 1024**2, 3)}
+
+
+def compare(one: Path, many: Path) -> dict:
+    """The largest relative cost difference and whether the solver gives both problems one plan."""
+    from solver import SolveConfig, solve
+    from solver.schema import SharingProblem
+
+    a = SharingProblem.model_validate_json(one.read_text())
+    b = SharingProblem.model_validate_json(many.read_text())
+    worst = 0.0
+    for row_a, row_b in zip(a.costs.matrix, b.costs.matrix, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            if (x is None) != (y is None):
+                return {"max_rel_diff": None, "same_plan": False}
+            if x is not None and max(abs(x), abs(y)) > 0:
+                worst = max(worst, abs(x - y) / max(abs(x), abs(y)))
+    config = SolveConfig(max_params_ratio=0.8, time_limit_s=30, seed=0)
+    return {"max_rel_diff": worst, "same_plan": solve(a, config).coloring == solve(b, config).coloring}
+
+
+def run(shape: str, samples: int, length: int, batch_size: int, procs: int, threads: int) -> dict:
+    folder, data = prepare(shape, None, samples, length)
+    warm(folder)
+    one, many = folder / "problem-1.json", folder / f"problem-{procs}.json"
+    single = analyze(folder, data, one, 1, threads, batch_size)
+    parallel = analyze(folder, data, many, procs, max(threads // procs, 1), batch_size)
+    blocks = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    return {"shape": shape, "blocks": blocks, "samples": samples, "length": length, "batch_size": batch_size,
+            "one": single, "many": parallel, "speedup": round(single["wall_s"] / parallel["wall_s"], 3),
+            **compare(one, many)}
+
+
+def write(row: dict, argv: list[str], note: str | None) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{NAME}.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {"sessions": []}
+    existing["sessions"].append({"command": "python bench/distributed_bench.py " + " ".join(argv),
+                                 "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                                 "commit": _commit(), "note": note, "runs": [row]})
+    path.write_text(json.dumps(existing, indent=2))
+    lines = ["# Streamed analysis in one process and as one torchrun job (gloo, CPU)", "",
+             "Same checkpoint (random bfloat16 weights), tokens and cores in the same run; wall seconds; RSS is the",
+             "largest process's peak. Phases are rank 0's (statistics / factors / pricing).", ""]
+    for session in existing["sessions"]:
+        lines += [f"`{session['command']}` (commit {session['commit']}, {session['cpus']} CPUs)", "",
+                  *([session["note"], ""] if session.get("note") else []),
+                  "| shape | blocks | tokens | procs x threads | wall s | peak RSS GiB | phases s | "
+                  "speedup vs 1 | max rel cost diff | same plan |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in session["runs"]:
+            for side in ("one", "many"):
+                s = r[side]
+                phases = " / ".join(f"{s['phases_s'][k]:.1f}" for k in ("statistics", "factors", "pricing")
+                                    if k in s["phases_s"])
+                extra = (f"{r['speedup']} | {r['max_rel_diff']:.2g} | {r['same_plan']}" if side == "many"
+                         else "1 | | ")
+                lines.append(f"| {r['shape']} | {r['blocks']} | {r['samples']}x{r['length']} | "
+                             f"{s['procs']} x {s['threads_per_proc']} | {s['wall_s']} | {s['peak_rss_gib']} | "
+                             f"{phases} | {extra} |")
+        lines.append("")
+    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=["tiny", "1b", "7b"], default="1b")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--procs", type=int, default=2, help="processes of the torchrun job")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the single process; the job's processes share them")
+    parser.add_argument("--note", default=None, help="a line kept with this session's results")
+    parser.add_argument("--no-record", action="store_true", help="print only (a smoke run)")
+    args = parser.parse_args(argv)
+    row = run(args.shape, args.samples, args.length, args.batch_size, args.procs, args.threads)
+    print(json.dumps(row), flush=True)
+    if not args.no_record:
+        write(row, argv, args.note)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
