@@ -271,3 +271,17 @@ def test_families_are_dealt_by_pricing_work_each_to_one_rank(llama):
     assert shares[0] and shares[1] and not shares[0] & shares[1]
     assert shares[0] | shares[1] == {x.family for x in layers}
     assert my_families(layers, None) is None
+
+
+def test_what_cannot_be_split_is_refused_alike_on_every_rank():
+    from hessian_worker.data import Calibration
+    from hessian_worker.distributed import Group
+    from hessian_worker.errors import BackendError, DataError
+    from hessian_worker.llm.analyze import check_shardable
+
+    calib = Calibration([{"input_ids": torch.zeros(4, 3, dtype=torch.long)}] * 2)
+    with pytest.raises(DataError, match="2 calibration batches for 3 processes"):
+        check_shardable(calib, AnalyzeConfig(**BASE), Group(0, 3, torch.device("cpu")))
+    with pytest.raises(BackendError, match="exact"):
+        check_shardable(calib, AnalyzeConfig(**{**BASE, "backend": "exact"}), Group(1, 2, torch.device("cpu")))
+    check_shardable(calib, AnalyzeConfig(**BASE), Group(1, 2, torch.device("cpu")))
