@@ -18,7 +18,7 @@ from .deadline import Deadline
 from .errors import ConstraintInfeasible
 from .exact import exact_affordable, exact_curve
 from .family import FamilyInstance, canonical
-from .heuristics import agglomerative, matching_start, tabu_search
+from .heuristics import agglomerative, tabu_search
 from .interval import interval_curve
 from .mip import labels_from_bins, min_classes
 from .pmedian import p_median
@@ -205,9 +205,6 @@ def _improve_pairwise(curve: FamilyCurve, k: int, effort: float, seed: int, dead
     fam, up = curve.fam, curve.fam.reduced
     kk = k - len(fam.pinned)
     offset = _offset(fam)
-    if rounds == 0 and (matched := matching_start(up, kk)) is not None:
-        curve.offer(fam.layer_labels(matched), "matching")
-        curve.starts.setdefault(k, []).append(matched)
     pool, master = curve.column_pool()
     for labels in [*curve.labels.values(), *(fam.layer_labels(s) for ss in curve.starts.values() for s in ss)]:
         pool.add_labels(_unit_labels(fam, labels))

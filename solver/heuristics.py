@@ -197,36 +197,3 @@ def tabu_search(
             stall = 0
     # recompute exactly: the incremental sum drifts by rounding
     return canonical(best_labels), up.partition_cost(best_labels)
-
-
-def matching_start(up: UnitProblem, k: int) -> np.ndarray | None:
-    """The cheapest partition into exactly k classes of at most two units, or None.
-
-    With k >= m/2, m - k pairs suffice, and the best pairs-only partition is a min-weight
-    matching of exactly m - k edges: add 2k - m dummy nodes joined to every unit at cost 0 and
-    take a min-weight perfect matching (units matched to dummies stay alone). Tabu search then
-    improves from there; on near-matching instances local moves alone are slow to find it.
-    """
-    import networkx as nx
-
-    m = up.m
-    s = m - k
-    if up.kind is not CostKind.pairwise or s <= 0 or 2 * s > m:
-        return None
-    g = nx.Graph()
-    for a in range(m):
-        for b in range(a + 1, m):
-            if not up.forbidden[a, b] and (up.max_size is None or up.sizes[a] + up.sizes[b] <= up.max_size):
-                g.add_edge(a, b, weight=float(up.pair[a, b]))
-    for d in range(m - 2 * s):
-        for a in range(m):
-            g.add_edge(a, m + d, weight=0.0)
-    matching = nx.min_weight_matching(g)
-    if 2 * len(matching) != g.number_of_nodes():
-        return None
-    labels = np.arange(m)
-    for a, b in matching:
-        if a < m and b < m:
-            labels[max(a, b)] = labels[min(a, b)]
-    labels = canonical(labels)
-    return labels if int(labels.max()) + 1 == k else None

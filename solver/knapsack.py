@@ -23,43 +23,66 @@ class Point:
     choice: tuple[int, ...]  # classes per family, in family order
 
 
-def pareto(options: list[list[Option]], budget: int | None = None) -> list[Point]:
+def pareto(options: list[list[Option]], budget: int | None = None, cap: float | None = None) -> list[Point]:
     """All Pareto-optimal combinations: params ascending, cost strictly descending.
 
     Ties in (params, cost) go to the lexicographically least choice. With a ``budget``, only the
-    points within it (what `best_within` can pick at that budget): a partial combination whose
-    params plus the least the remaining families need exceed it is dropped on the way, which
-    never drops a point within the budget or anything that dominates one.
+    points within it (what `best_within` can pick at that budget); with a ``cap``, only points
+    costing at most ``cap``. Partial combinations that cannot end within either (their params
+    or cost plus the least the remaining families add) are dropped on the way, which never
+    drops a point that is kept or anything that dominates one.
 
-    Vectorized over each merge (numpy): 7 families of 32 class counts each took 57 ms per call
-    as tuples of Python objects, and a solve calls this after every cell it improves.
+    Vectorized over each merge (numpy), choices kept as back-pointers: 7 families of 80 class
+    counts took 160 ms per call with the choices carried along, and a solve calls this after
+    every cell it improves.
     """
     finite = [[o for o in family_opts if o[1] != math.inf] for family_opts in options]
-    least = [min((o[0] for o in opts), default=0) for opts in finite]
-    rest = [sum(least[f:]) for f in range(len(finite) + 1)]
+    if any(not opts for opts in finite):
+        return []
+    least_p = [min(o[0] for o in opts) for opts in finite]
+    least_c = [min(o[1] for o in opts) for opts in finite]
+    rest_p = [sum(least_p[f:]) for f in range(len(finite) + 1)]
+    rest_c = [math.fsum(least_c[f:]) for f in range(len(finite) + 1)]
     params = np.zeros(1, dtype=np.int64)
     cost = np.zeros(1)
-    choice = np.zeros((1, 0), dtype=np.int64)
+    rank = np.zeros(1, dtype=np.int64)  # rank of each point's choice tuple in lexicographic order
+    backs: list[tuple[np.ndarray, np.ndarray]] = []  # per family: (previous point, option index)
     for f, opts in enumerate(finite):
-        if not opts:
-            return []
         op = np.array([o[0] for o in opts], dtype=np.int64)
         oc = np.array([o[1] for o in opts], dtype=float)
         ok = np.array([o[2] for o in opts], dtype=np.int64)
-        params = (params[:, None] + op[None, :]).ravel()
-        cost = (cost[:, None] + oc[None, :]).ravel()
-        choice = np.concatenate([np.repeat(choice, len(opts), axis=0), np.tile(ok, len(choice))[:, None]], axis=1)
+        prev = np.repeat(np.arange(len(params)), len(opts))
+        opt = np.tile(np.arange(len(opts)), len(params))
+        params = params[prev] + op[opt]
+        cost = cost[prev] + oc[opt]
+        keep = np.ones(len(params), dtype=bool)
         if budget is not None:
-            keep = params + rest[f + 1] <= budget
-            params, cost, choice = params[keep], cost[keep], choice[keep]
-        # sort by params, then cost, then choice (np.lexsort's last key is the primary one)
-        order = np.lexsort((*(choice[:, j] for j in reversed(range(choice.shape[1]))), cost, params))
-        params, cost, choice = params[order], cost[order], choice[order]
+            keep &= params + rest_p[f + 1] <= budget
+        if cap is not None:
+            keep &= cost + rest_c[f + 1] <= cap * (1 + 1e-12)
+        prev, opt, params, cost = prev[keep], opt[keep], params[keep], cost[keep]
+        # by params, then cost, then choice: (the previous choice's rank, this k); np.lexsort's
+        # last key is the primary one
+        order = np.lexsort((ok[opt], rank[prev], cost, params))
+        prev, opt, params, cost = prev[order], opt[order], params[order], cost[order]
+        # a point is kept when it is the cheapest at its params and cheaper than every point
+        # with fewer params: among the first points at each params, a running minimum
         first = np.r_[True, params[1:] != params[:-1]] if len(params) else np.zeros(0, dtype=bool)
-        params, cost, choice = params[first], cost[first], choice[first]
-        below = cost < np.minimum.accumulate(np.r_[math.inf, cost[:-1]]) if len(cost) else first
-        params, cost, choice = params[below], cost[below], choice[below]
-    return [Point(int(p), float(c), tuple(int(k) for k in ch)) for p, c, ch in zip(params, cost, choice, strict=True)]
+        cand = np.flatnonzero(first)
+        ccost = cost[cand]
+        kept = cand[ccost < np.minimum.accumulate(np.r_[math.inf, ccost[:-1]])] if len(cand) else cand
+        new_rank = np.empty(len(kept), dtype=np.int64)
+        new_rank[np.lexsort((ok[opt[kept]], rank[prev[kept]]))] = np.arange(len(kept))
+        prev, opt, params, cost, rank = prev[kept], opt[kept], params[kept], cost[kept], new_rank
+        backs.append((prev, ok[opt]))
+    # follow the back-pointers from the last family to the first
+    picks = np.zeros((len(params), len(finite)), dtype=np.int64)
+    at = np.arange(len(params))
+    for f in range(len(finite) - 1, -1, -1):
+        prev, ks = backs[f]
+        picks[:, f] = ks[at]
+        at = prev[at]
+    return [Point(int(p), float(c), tuple(int(k) for k in ch)) for p, c, ch in zip(params.tolist(), cost.tolist(), picks.tolist(), strict=True)]
 
 
 def best_within(front: list[Point], budget: int | None) -> Point | None:

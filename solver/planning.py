@@ -138,8 +138,15 @@ class _Search:
         lo_opts = [c.options(upper=False) for c in self.curves]
         if self._fronts is not None and self._fronts[0] == up_opts and self._fronts[1] == lo_opts:
             return self._fronts[2], self._fronts[3]
-        up = pareto(up_opts, self.budget)
-        lo = up if lo_opts == up_opts else pareto(lo_opts, self.budget)
+        # within a budget, the last best choice still fits and costs no more now: nothing
+        # dearer than it can be the best plan or the bound, so the fronts stop there
+        cap = None
+        if self.budget is not None and self._fronts is not None and (last := best_within(self._fronts[2], self.budget)):
+            cap = 0.0
+            for opts, k in zip(up_opts, last.choice, strict=True):
+                cap += next(o[1] for o in opts if o[2] == k)
+        up = pareto(up_opts, self.budget, cap)
+        lo = up if lo_opts == up_opts else pareto(lo_opts, self.budget, cap)
         self._fronts = (up_opts, lo_opts, up, lo)
         return up, lo
 

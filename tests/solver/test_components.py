@@ -107,18 +107,6 @@ def test_knapsack_matches_enumeration():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_matching_start_is_the_best_pairs_only_partition(seed):
-    from solver.heuristics import matching_start
-
-    up = _pairwise(12, seed, forbid=3, max_size=2)  # with classes of <= 2, partitions are matchings
-    ex = exact_curve(up)
-    for k in range(6, 12):
-        lab = matching_start(up, k)
-        assert lab is not None and lab.max() + 1 == k
-        assert up.partition_cost(lab) == pytest.approx(ex.costs[k - 1], rel=1e-9, abs=1e-12)
-
-
-@pytest.mark.parametrize("seed", range(3))
 def test_p_median_is_exact_with_forbidden_pairs_and_a_size_cap(seed):
     # 14 units: more than the 12 nearest representatives the restricted model starts from,
     # so pricing has to bring the rest in when they pay

@@ -120,3 +120,5 @@ def test_pareto_within_a_budget_is_the_full_front_cut_at_it(seed):
     full = pareto(options)
     for budget in (0, 20, 45, 80, 10_000):
         assert pareto(options, budget) == [p for p in full if p.params <= budget]
+        for cap in (0.0, 7.0, 15.0):
+            assert pareto(options, budget, cap) == [p for p in full if p.params <= budget and p.cost <= cap]
