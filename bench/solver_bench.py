@@ -51,7 +51,7 @@ RELEASE_REF = "f6f323f"  # the release before issue 20 (CP-SAT + tabu + SCIP p-m
 
 EXACT = [([12] * 6, 0.5), ([12] * 6, 0.75), ([16] * 4, 0.5), ([16] * 4, 0.67)]
 LARGE = [([24, 24], 0.5, "curvature"), ([36], 0.5, "curvature"), ([48], 0.5, "curvature"), ([48], 0.67, "uniform")]
-LLM = [("llama-8b", 0.5), ("llama-70b", 0.5)]
+LLM = [("llama-8b", 1, 0.5), ("llama-70b", 1, 0.5), ("llama-8b", 2, 0.3), ("llama-70b", 2, 0.3)]
 ASSIGNMENT = [([48], 0.5), ([96], 0.5), ([144], 0.5), ([288], 0.5), ([32] * 7, 0.5)]
 
 
@@ -290,10 +290,10 @@ def main() -> None:
             p = make_problem(sizes, seed=sum(sizes), ratio=ratio, shape=shape, workers=args.workers)
             _compare("large", name, p, args, rows, traces, (lambda p=p: agglomerative_alone(p), lambda p=p: interval_alone(p)))
     if "llm" in args.parts:
-        for model, ratio in LLM:
-            p = llm_problem(model, seed=1, ratio=ratio, workers=args.workers)
+        for model, seed, ratio in LLM:
+            p = llm_problem(model, seed=seed, ratio=ratio, workers=args.workers)
             depth = len(p.layers) // 7
-            _compare("llm", f"7x{depth} {model} ratio={ratio}", p, args, rows, traces, (lambda p=p: agglomerative_alone(p),))
+            _compare("llm", f"7x{depth} {model} seed={seed} ratio={ratio}", p, args, rows, traces, (lambda p=p: agglomerative_alone(p),))
     if "assignment" in args.parts:
         for sizes, ratio in ASSIGNMENT:
             name = f"{len(sizes)}x{sizes[0]} assignment ratio={ratio}" if len(sizes) > 1 else f"{sizes[0]} assignment ratio={ratio}"
@@ -313,7 +313,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "progress": {
         k: [e.model_dump() for e in v] for k, v in traces.items()}}, indent=1))
     out.with_suffix(".md").write_text(_markdown(meta, rows))
-    llm = {k: v for k, v in traces.items() if "llama-70b" in k}
+    llm = {k.replace("7x80 llama-70b ", ""): v for k, v in traces.items() if "llama-70b" in k}
     if llm:
         plot_progress(llm, out.parent / f"{out.name}_progress.png", "7x80 layers (LLaMA-2-70B shapes): objective and bound over time")
     print(_markdown(meta, rows))

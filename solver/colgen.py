@@ -24,6 +24,7 @@ from .family import UnitProblem, canonical
 from .highs import INF, new_highs
 from .pricing import class_values, enumerate_classes, greedy_classes, least_class
 
+_SMOOTH = 0.5  # weight of the smoothed duals' past (Wentges-style stabilization)
 _RC_TOL = 1e-9  # reduced costs below -this (costs are normalized, max pair in [0.5, 1)) enter
 
 
@@ -118,6 +119,7 @@ def lp_bound(
     lp_value = None
     optimal = False
     proven: tuple[np.ndarray, float] | None = None
+    smooth: np.ndarray | None = None
     done = 0
     while done < max_iterations:
         done += 1
@@ -129,9 +131,19 @@ def lp_bound(
         lp_value, pi, _ = solved
         mu = (lp_value - float(pi.sum())) / k if k else 0.0  # the count row's dual (<= 0)
         below = mu - _RC_TOL
-        cols = greedy_classes(up, pi, below)
-        if len(cols) and sum(pool.add(c) for c in cols):
-            continue
+        # the last allowed iteration prices exactly: a truncated run still leaves a bound, and
+        # the pool and master carry on from here in the cell's next round
+        if done < max_iterations:
+            # price first at duals smoothed over the iterations (they jump between extreme
+            # points of a degenerate master; classes of 10 took 300 iterations unsmoothed),
+            # keeping the classes that are negative at the true duals; then at the true duals
+            smooth = pi if smooth is None else _SMOOTH * smooth + (1 - _SMOOTH) * pi
+            cols = greedy_classes(up, smooth, np.inf)
+            cols = cols[class_values(up, pi, cols) < below] if len(cols) else cols
+            if not len(cols):
+                cols = greedy_classes(up, pi, below)
+            if len(cols) and sum(pool.add(c) for c in cols):
+                continue
         least = least_class(up, pi, below, node_limit=node_limit, deadline=deadline)
         best = max(best, float(pi.sum()) + k * min(0.0, least.bound))
         proven = (pi, least.bound)

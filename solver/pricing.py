@@ -80,14 +80,15 @@ class Least:
     complete: bool  # the search ended before its node limit: bound == value
 
 
-def least_class(up: UnitProblem, p: np.ndarray, below: float, node_limit: int = 200_000, keep: int = 50,
+def least_class(up: UnitProblem, p: np.ndarray, below: float, node_limit: int = 200_000, keep: int = 20,
                 deadline: Deadline | None = None) -> Least:
     """Branch and bound over classes (units in a fixed order, each node adds one later unit).
 
-    A node's bound is f(S) plus the negative marginals of its remaining candidates. Stops after
-    ``node_limit`` nodes (or at ``deadline``); the bound is then the least bound of the nodes
-    left unexplored.
-    Classes with f(S) < ``below`` are collected (up to ``keep``) for the master.
+    A node's bound is f(S) plus the negative marginals of its remaining candidates, then the
+    size-aware `_extension_bound`. Classes with f(S) < ``below`` are collected for the master;
+    the search stops once ``keep`` are found (the master wants columns, and the proof is only
+    needed when there are none), after ``node_limit`` nodes, or at ``deadline``; the bound is
+    then the least bound of the nodes left unexplored.
     """
     m = up.m
     w = up.pair
@@ -107,12 +108,18 @@ def least_class(up: UnitProblem, p: np.ndarray, below: float, node_limit: int = 
     stack: list[tuple[list[int], float, np.ndarray, np.ndarray, int]] = [([], 0.0, order, -p[order], cap)]
     while stack:
         members, f, cand, marg, room = stack.pop()
+        cheap = f + float(marg.sum())  # candidates are kept only with negative marginals
+        if cheap >= best:
+            continue
+        stop = nodes >= node_limit or len(found) >= keep
+        if stop or nodes % _CHECK_EVERY == 0 and deadline is not None and deadline.expired():
+            # out of nodes, out of time, or enough columns found (the master wants columns,
+            # the proof only when there are none): every node left counts by its bound
+            node_limit = nodes
+            open_min = min(open_min, cheap)
+            continue
         low = f + _extension_bound(w, cand, marg)
         if low >= best:
-            continue
-        if nodes >= node_limit or nodes % _CHECK_EVERY == 0 and deadline is not None and deadline.expired():
-            node_limit = nodes  # out of nodes or time: every node left counts by its bound
-            open_min = min(open_min, low)
             continue
         nodes += 1
         children = []

@@ -46,11 +46,14 @@ def test_least_class_is_the_brute_force_minimum(seed):
     rng = np.random.default_rng(100 + seed)
     p = rng.random(11) * rng.choice([0.3, 1.0, 3.0]) - 0.1  # some duals negative
     truth = min(f for f, _ in _all_classes(up, p))
-    least = least_class(up, p, below=0.0)
+    least = least_class(up, p, below=-np.inf)  # nothing to collect: the whole proof
     assert least.complete and least.value == pytest.approx(truth, abs=1e-12)
     assert least.bound == pytest.approx(truth, abs=1e-12)
-    cut = least_class(up, p, below=0.0, node_limit=3)  # cut short: still a valid bound
+    cut = least_class(up, p, below=-np.inf, node_limit=3)  # cut short: still a valid bound
     assert cut.bound <= truth + 1e-12
+    some = least_class(up, p, below=0.0, keep=3)  # stops at 3 columns: still a valid bound
+    assert some.bound <= truth + 1e-12
+    assert all(up.class_cost(c) - p[c].sum() < 0 for c in some.classes)
     for cls in greedy_classes(up, p, below=0.0):  # greedy finds only real classes below 0
         s = np.flatnonzero(cls)
         assert np.isfinite(up.class_cost(s)) and up.class_cost(s) - p[s].sum() < 0
