@@ -122,3 +122,16 @@ def test_pareto_within_a_budget_is_the_full_front_cut_at_it(seed):
         assert pareto(options, budget) == [p for p in full if p.params <= budget]
         for cap in (0.0, 7.0, 15.0):
             assert pareto(options, budget, cap) == [p for p in full if p.params <= budget and p.cost <= cap]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,seconds", [("llama-8b", 30.0), ("llama-70b", 30.0)])
+def test_llm_depth_reaches_a_gap_of_one_percent_in_30_s(model, seconds):
+    # issue 20's goal on the bench's instances: 7 x 32 and 7 x 80 layers, GQA sizes, ratio 0.5
+    # (the release ended with gaps of 21% and 26% here); both are proven optimal on 2 cores
+    from bench.instances import llm_problem
+
+    problem = llm_problem(model, seed=1, ratio=0.5, time_limit_s=seconds)
+    plan = solve(problem)
+    assert plan.gap <= 0.01
+    assert violations(problem, plan.coloring) == []
