@@ -60,6 +60,8 @@ class MemoryPeak(BaseModel):
     peak_bytes: int = Field(description="High-water mark of the resident set over loading and one forward.")
     load_forward_bytes: int = Field(description="peak_bytes - baseline_bytes: what the model and its forward add.")
     after_bytes: int = Field(description="Resident set after the forward (the model still held).")
+    mapped_bytes: int | None = Field(None, description="Of the growth after the baseline, the file-backed pages "
+                                     "(the mapped weights load and forward touched; Linux RssFile).")
     baseline_reset: bool = Field(description="False when the high-water mark could not be reset after the imports "
                                  "(not Linux): the peak may then be the imports'.")
     cold_cache: bool = Field(False, description="The weight files were evicted from the page cache first (Linux).")
@@ -269,7 +271,7 @@ def _child(spec: str, batch_path: str, device: str) -> MemoryPeak:
     cuda = device.startswith("cuda")
     gc.collect()
     reset = _reset_peak()
-    baseline = _rss()
+    baseline, baseline_file = _rss(), _status("RssFile")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -282,6 +284,7 @@ def _child(spec: str, batch_path: str, device: str) -> MemoryPeak:
     peak = max(_peak(), _rss())
     return MemoryPeak(baseline_bytes=baseline, peak_bytes=peak, load_forward_bytes=peak - baseline,
                       after_bytes=_rss(), baseline_reset=reset,
+                      mapped_bytes=None if baseline_file is None else (_status("RssFile") or 0) - baseline_file,
                       cuda_peak_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None,
                       load_s=round(load_s, 3), forward_s=round(forward_s, 3))
 

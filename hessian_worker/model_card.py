@@ -5,7 +5,7 @@ model is, how it was shared and how well it does: the source and how to load it,
 kept, a picture of the sharing (layers by family and depth, one colour per class), the plan as a
 table, the figures measured at compress time and by ``geoshare evaluate``, and the command.
 
-The card is rendered from plan.json alone, so every save writes it (``model_dir.write_companions``)
+The card is rendered from plan.json alone, so every save writes it (``companions.write_companions``)
 and a re-save of a loaded model writes the same bytes. What only the compress run or an
 evaluation knows (the command, the measured figures) is recorded in plan.json's optional ``card``
 field by ``write_card`` (CLI ``compress``, whose command line geoshare.cli.record rebuilds, and
