@@ -306,6 +306,7 @@ def main() -> None:
         "cores_used": args.workers,
         "highspy": highspy.Highs().version(),
         "total_s": round(time.perf_counter() - t0, 1),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # a shared machine shows here
         "note": args.note,
     }
     out = Path(args.out)
@@ -339,7 +340,8 @@ _TITLES = {"large": "24-48 layers per family", "llm": "LLM depth: 7 families of 
 
 def _markdown(meta: dict, rows: list[dict]) -> str:
     lines = ["# Solver benchmark", "", f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['machine']}, {meta['cores_used']} workers, HiGHS {meta['highspy']}, total {meta['total_s']} s  "]
+             f"Machine: {meta['machine']}, {meta['cores_used']} workers, HiGHS {meta['highspy']}, total {meta['total_s']} s"
+             + (f", load average at the end {meta['load_average_at_end']}  " if meta.get("load_average_at_end") else "  ")]
     if meta.get("note"):
         lines.append(f"Note: {meta['note']}  ")
     lines += ["", "vs best: against the best objective any method reached on the instance (the reference run",
