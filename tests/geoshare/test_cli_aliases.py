@@ -71,15 +71,3 @@ def test_the_recorded_command_uses_the_current_spellings():
     assert vars(parser.parse_args(words[1:])) == vars(args)
     args = parser.parse_args(shlex.split("analyze --model m -o p.json --rank 3"))  # the old analyze --rank
     assert vars(parser.parse_args(shlex.split(command_line(args, parser))[1:])) == vars(args)
-
-
-def test_the_old_module_path_still_runs_the_commands(problem_file: Path, tmp_path: Path):
-    """``hessian_worker.cli.main``/``add_commands`` (what scripts called before geoshare/) forward here."""
-    import argparse
-
-    from hessian_worker import cli as old
-
-    assert old.main(["solve", str(problem_file), "-o", str(tmp_path / "plan.json")]) == 0
-    sub = argparse.ArgumentParser().add_subparsers()
-    old.add_commands(sub)
-    assert {"analyze", "apply", "compress", "export", "evaluate"} == set(sub.choices)
