@@ -180,7 +180,7 @@ class _Search:
 # steps and can only end with better curves. Before, the effort per cell was a share of the
 # limit, so 600 s took another search path than 30 s and ended 0.2% worse on 7x32 layers.
 _FIRST_EFFORT = 0.5
-_MAX_ROUNDS = 8
+_MAX_ROUNDS = 12  # 0.5 s .. 1024 s per cell: long limits are never cut short by the schedule
 
 
 def _round_effort(round_: int) -> float:
