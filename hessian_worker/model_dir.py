@@ -264,6 +264,7 @@ def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
         model.tie_weights()
     rebuilt: set[str] = set()
     if meta.get("scheme") == "basis":
+        _to_meta(model, meta["basis"])  # the placeholders rebuild makes then take no memory
         rebuild(model, meta["basis"])
         rebuilt = {f"{path}{WEIGHT_SUFFIX}" for path in meta["basis"]}
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -277,15 +278,39 @@ def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
         raise PlanError(f"saved tensors do not fit {type(model).__name__}: missing {missing[:5]}, unexpected "
                         f"{unexpected[:5]}, other shapes {wrong[:5]}; is config.json the source model's?")
     for name, t in tensors.items():
-        state[name].data = t
-        state[name]._is_hf_initialized = True
+        target = state[name]
+        if target.is_meta:  # a rebuilt basis layer's: swapped in place, so every module sharing it sees it
+            torch.utils.swap_tensors(target, nn.Parameter(t, requires_grad=target.requires_grad)
+                                     if isinstance(target, nn.Parameter) else t)
+        else:
+            target.data = t
+        target._is_hf_initialized = True
     state = model.state_dict(keep_vars=True)
+    unloaded = [k for k, t in state.items() if t.is_meta]
+    if unloaded:
+        raise PlanError(f"these tensors of {type(model).__name__} were not in the saved tensors: {unloaded[:5]}")
     untied = [a for a, c in aliases.items() if state[a].data_ptr() != state[c].data_ptr()]
     if untied:
         raise PlanError(f"these saved aliases are separate tensors in {type(model).__name__}: {untied[:5]}")
     if hasattr(model, "initialize_weights"):
         model.initialize_weights()
     return plan
+
+
+def _to_meta(model: nn.Module, layout: Mapping[str, Any]) -> None:
+    """Moves the weights of the layers a basis layout replaces to the meta device (shape and dtype
+    kept): ``rebuild`` then makes its basis and coefficient placeholders there instead of zeroed
+    memory, which the allocator kept after the mapped tensors replaced them (24 MB of 44 on a
+    MiniLM with per-layer bases)."""
+    for path in layout:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # rebuild names the missing layer
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            module.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
+                                         requires_grad=weight.requires_grad)
 
 
 def load_tokenizer(path: str | Path) -> Any | None:
