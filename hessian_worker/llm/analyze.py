@@ -275,8 +275,14 @@ def analyze_checkpoint(path: str | Path, data: DataSource | None, config: Analyz
         memory_limit_gb: refuse above this estimate (default: the memory available now).
         cache_dir: where per-layer statistics are kept between runs (None: not cached).
 
+    In a torch.distributed job (started by torchrun, or a process group initialized before the
+    call) every rank calls this: each streams its share of the batches, the sums are all-reduced,
+    the families are priced across ranks, and every rank returns rank 0's problem
+    (``hessian_worker.distributed``).
+
     Raises:
         CheckpointError, BackendError, MemoryBudgetError, DataError: with the fix in the message.
+        DistributedError: another rank failed, or the ranks stopped answering within the timeout.
     """
     config = config or AnalyzeConfig(backend=Backend.kfac)
     if config.backend is not Backend.exact:
