@@ -128,7 +128,8 @@ def lp_bound(
         solved = master.solve(k, deadline)
         if solved is None:
             break
-        lp_value, pi, _ = solved
+        lp_value, pi, x = solved
+        basis = np.array([pool.members[j] for j in np.flatnonzero(x > 1e-9)]).reshape(-1, up.m)
         mu = (lp_value - float(pi.sum())) / k if k else 0.0  # the count row's dual (<= 0)
         below = mu - _RC_TOL
         # the last allowed iteration prices exactly: a truncated run still leaves a bound, and
@@ -138,10 +139,10 @@ def lp_bound(
             # points of a degenerate master; classes of 10 took 300 iterations unsmoothed),
             # keeping the classes that are negative at the true duals; then at the true duals
             smooth = pi if smooth is None else _SMOOTH * smooth + (1 - _SMOOTH) * pi
-            cols = greedy_classes(up, smooth, np.inf)
+            cols = greedy_classes(up, smooth, np.inf, starts=basis)
             cols = cols[class_values(up, pi, cols) < below] if len(cols) else cols
             if not len(cols):
-                cols = greedy_classes(up, pi, below)
+                cols = greedy_classes(up, pi, below, starts=basis)
             if len(cols) and sum(pool.add(c) for c in cols):
                 continue
         least = least_class(up, pi, below, node_limit=node_limit, deadline=deadline)
@@ -193,14 +194,19 @@ def integer_master(pool: ColumnPool, k: int, time_limit_s: float, max_nodes: int
     """
     up = pool.up
     m = up.m
+    # HiGHS's tolerances are absolute: in units of the hint's cost the answer is about 1 (a
+    # family's classes can sum to 0.03 in normalized units, where HiGHS stopped 1e-6 short)
+    unit = up.partition_cost(hint) if hint is not None else 0.0
+    unit = unit if 0 < unit < np.inf else (max(pool.costs) or 1.0)
     h = new_highs(time_limit_s)
     h.setOptionValue("mip_max_nodes", int(max_nodes))
+    h.setOptionValue("mip_feasibility_tolerance", 1e-9)
     lower = np.concatenate([np.ones(m), [-INF]])
     upper = np.concatenate([np.ones(m), [float(k)]])
     h.addRows(m + 1, lower, upper, 0, np.zeros(m + 2, dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0))
     for mask, cost in zip(pool.members, pool.costs, strict=True):
         rows = np.concatenate([np.flatnonzero(mask), [m]]).astype(np.int32)
-        h.addCol(cost, 0.0, 1.0, len(rows), rows, np.ones(len(rows)))
+        h.addCol(cost / unit, 0.0, 1.0, len(rows), rows, np.ones(len(rows)))
     n = len(pool)
     h.changeColsIntegrality(n, np.arange(n, dtype=np.int32), np.full(n, 1, dtype=np.uint8))
     if hint is not None:
@@ -215,7 +221,7 @@ def integer_master(pool: ColumnPool, k: int, time_limit_s: float, max_nodes: int
             h.setSolution(sol)
     h.run()
     info = h.getInfo()
-    bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else 0.0
+    bound = float(info.mip_dual_bound) * unit if np.isfinite(info.mip_dual_bound) else 0.0
     sol = h.getSolution()
     optimal = h.getModelStatus().name == "kOptimal"
     cut = h.getModelStatus().name == "kTimeLimit"

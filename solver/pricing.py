@@ -27,23 +27,26 @@ def class_values(up: UnitProblem, p: np.ndarray, members: np.ndarray) -> np.ndar
     return 0.5 * np.einsum("si,ij,sj->s", x, up.pair, x) - x @ p
 
 
-def greedy_classes(up: UnitProblem, p: np.ndarray, below: float, rounds: int = 3) -> np.ndarray:
+def greedy_classes(up: UnitProblem, p: np.ndarray, below: float, rounds: int = 3, starts: np.ndarray | None = None) -> np.ndarray:
     """Distinct classes with f(S) < ``below``, as a boolean (sets × units) matrix.
 
-    Every unit with p_u > 0 seeds a class; all seeds grow at once (numpy over the seeds): add
-    the allowed unit of least marginal while it is negative, then drop members whose marginal
-    is positive, ``rounds`` times.
+    Every unit with p_u > 0 seeds a class, and so does every row of ``starts`` (the master's
+    current classes: re-fitted to new duals they are often a step from a negative class); all
+    grow at once (numpy over the seeds): add the allowed unit of least marginal while it is
+    negative, then drop members whose marginal is positive, ``rounds`` times.
     """
     m = up.m
     seeds = np.flatnonzero(p > 0)
-    if len(seeds) == 0:
+    inside = np.zeros((len(seeds), m), dtype=bool)
+    inside[np.arange(len(seeds)), seeds] = True
+    if starts is not None and len(starts):
+        inside = np.vstack([inside, starts])
+    if len(inside) == 0:
         return np.zeros((0, m), dtype=bool)
-    s = len(seeds)
+    s = len(inside)
     rows = np.arange(s)
     w = up.pair
     cap = up.max_size if up.max_size is not None else int(up.sizes.sum())
-    inside = np.zeros((s, m), dtype=bool)
-    inside[rows, seeds] = True
     for _ in range(rounds):
         changed = False
         while True:  # add the best allowed unit while it lowers f

@@ -72,9 +72,13 @@ def test_enumerate_classes_lists_exactly_those_below_the_threshold(seed):
     assert not complete and len(few) == 5
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-5])
 @pytest.mark.parametrize("seed", range(5))
-def test_lp_bound_is_below_the_optimum_and_the_closure_reaches_it(seed):
+def test_lp_bound_is_below_the_optimum_and_the_closure_reaches_it(seed, scale):
+    # scale 1e-5: a family whose classes sum to little (HiGHS's tolerances are absolute; on the
+    # bench's 7x32 instance they once ended an integer master 1e-6 above the optimum)
     up = _pairwise(12, seed, forbid=3, max_size=5 if seed % 2 else None)
+    up.pair = up.pair * scale
     ex = exact_curve(up)
     agg = agglomerative(up)
     pool = ColumnPool(up)
@@ -87,13 +91,14 @@ def test_lp_bound_is_below_the_optimum_and_the_closure_reaches_it(seed):
         pool.add_labels(agg[k])
         res = lp_bound(up, k, pool, master, Deadline.after(30))
         assert res.optimal_lp
-        assert res.bound <= ex.costs[k - 1] * (1 + 1e-9) + 1e-12
+        assert res.bound <= ex.costs[k - 1] * (1 + 1e-9)
         # lines from the duals bound every other count too
         for k2 in range(1, 13):
             if np.isfinite(ex.costs[k2 - 1]):
-                assert float(res.pi.sum()) + k2 * min(0.0, res.least) <= ex.costs[k2 - 1] + 1e-9
+                assert float(res.pi.sum()) + k2 * min(0.0, res.least) <= ex.costs[k2 - 1] * (1 + 1e-9) + 1e-15
         upper = up.partition_cost(agg[k])
         assert gap_columns(up, pool, res, k, upper, cap=100_000, node_limit=1_000_000)
-        exact = integer_master(pool, k, 30, max_nodes=100_000)
-        assert exact.optimal and up.partition_cost(exact.labels) == pytest.approx(ex.costs[k - 1], rel=1e-9, abs=1e-12)
+        exact = integer_master(pool, k, 30, max_nodes=100_000, hint=agg[k])
+        assert exact.optimal and up.partition_cost(exact.labels) == pytest.approx(ex.costs[k - 1], rel=1e-9)
+        assert exact.bound <= ex.costs[k - 1] * (1 + 1e-9)
         assert int(exact.labels.max()) + 1 <= k
