@@ -252,6 +252,23 @@ def broadcast(group: Group | None, value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def in_job() -> bool:
+    """Whether this process is one of several: torchrun started it, or a process group is up."""
+    return launched() or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def refuse_in_job(what: str) -> None:
+    """Stops a stage that does not split across processes yet before every rank runs all of it.
+
+    Raises:
+        DistributedError: under torchrun or an initialized group of several processes.
+    """
+    if in_job():
+        raise DistributedError(f"{what} runs in one process for now; under torchrun only the streamed analysis of "
+                               "a LLaMA/Mistral/Qwen2 checkpoint (kfac, layerwise) is split across processes: run "
+                               "this without torchrun")
+
+
 def is_writer(group: Group | None = None) -> bool:
     """Whether this process writes the job's outputs: rank 0, or a lone process."""
     if group is not None:

@@ -72,11 +72,13 @@ def add_commands(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hessian_worker.compress_run import save_compressed_run
+    from hessian_worker.distributed import refuse_in_job
     from hessian_worker.llm import compress_checkpoint, is_streamable
     from hessian_worker.models import load_model
     from hessian_worker.options import CompressConfig
     from hessian_worker.pipeline import compress
 
+    refuse_in_job("geoshare compress")  # the choice, merge, healing and save are not split across processes yet
     basis = flags.basis_options(args, args.basis_rank)
     streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and not basis
     backend = args.backend or ("kfac" if streamed else "exact")

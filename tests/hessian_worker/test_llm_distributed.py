@@ -285,3 +285,20 @@ def test_what_cannot_be_split_is_refused_alike_on_every_rank():
     with pytest.raises(BackendError, match="exact"):
         check_shardable(calib, AnalyzeConfig(**{**BASE, "backend": "exact"}), Group(1, 2, torch.device("cpu")))
     check_shardable(calib, AnalyzeConfig(**BASE), Group(1, 2, torch.device("cpu")))
+
+
+def test_stages_that_do_not_split_are_refused_under_torchrun(monkeypatch, tmp_path, capsys):
+    """compress, and analyze of a model that is not streamed, would run whole on every rank (each
+    writing the same outputs): under torchrun they stop at once with the reason, before any work."""
+    from geoshare.cli import main
+    from hessian_worker.distributed import TORCHRUN_ENV
+
+    for name in TORCHRUN_ENV:
+        monkeypatch.setenv(name, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.get(name, "29500"))
+    out = tmp_path / "out"
+    assert main(["compress", "--model", "minilm", "--data", "builtin", "--ratio", "0.8", "--out", str(out)]) == 2
+    assert "geoshare compress runs in one process for now" in capsys.readouterr().err
+    assert not out.exists()
+    problem = tmp_path / "p.json"
+    assert main(["analyze", "--model", "minilm", "--data", "builtin", "-o", str(problem)]) == 2
+    assert "without torchrun" in capsys.readouterr().err and not problem.exists()
