@@ -27,6 +27,9 @@ _EXPORTS = {
     "load_compressed": "hessian_worker.io",
     "save_compressed": "hessian_worker.io",
     "export_dense": "hessian_worker.export",
+    "evaluate": "hessian_worker.evaluation",
+    "EvaluateConfig": "hessian_worker.evaluation",
+    "EvaluationReport": "hessian_worker.evaluation",
     "measure_loss": "hessian_worker.measure",
     "heal": "hessian_worker.healing",
     "choose_plan": "hessian_worker.choose",
@@ -83,6 +86,9 @@ __all__ = [
     "load_compressed",
     "save_compressed",
     "export_dense",
+    "evaluate",
+    "EvaluateConfig",
+    "EvaluationReport",
     "measure_loss",
     "measure_plans",
     "predict_plan_loss",
@@ -105,6 +111,7 @@ if TYPE_CHECKING:
     from hessian_worker.choose import Choice, choose_plan
     from hessian_worker.data import Calibration, load_calibration
     from hessian_worker.discovery import LayerInfo, Matcher, discover_layers
+    from hessian_worker.evaluation import EvaluateConfig, EvaluationReport, evaluate
     from hessian_worker.export import export_dense
     from hessian_worker.healing import HealReport, heal
     from hessian_worker.io import load_compressed, load_shared, save_compressed, save_shared
