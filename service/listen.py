@@ -28,10 +28,14 @@ class StoreListener:
                  retry_s: float = 1.0) -> None:
         self.store, self.notify, self.wake, self.retry_s = store, notify, wake, retry_s
         self._stop = threading.Event()
+        self._listening = threading.Event()
         self._thread = threading.Thread(target=self._run, name="geoshare-listen", daemon=True)
 
-    def start(self) -> None:
+    def start(self, wait_s: float = 5.0) -> bool:
+        """Starts listening; returns once the first LISTEN holds (so a replica that says it is ready
+        hears the others from then on), or after ``wait_s`` if the database is slow to answer."""
         self._thread.start()
+        return self._listening.wait(wait_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -57,6 +61,7 @@ class StoreListener:
                 with psycopg.connect(conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {JOB_CHANNEL}")
                     conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    self._listening.set()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             self.deliver(note.channel, note.payload)
