@@ -56,8 +56,8 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, metavar="SECONDS", help="seconds for the whole solve (overrides the file)")
     p.add_argument("--gap", type=float, help="relative gap that counts as optimal")
     hide(p.add_argument("--cpsat-threads", "--workers", type=int, metavar="N",
-                        help="CP-SAT search threads (default: cores, at most 8); equal threads and seed give "
-                             "equal plans"), "--workers")
+                        help="threads the problem's options.workers records (the solve path is single-threaded "
+                             "now, so this no longer changes the plan)"), "--workers")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("-o", "--output", metavar="FILE", help="write the JSON to this file instead of stdout")
 
