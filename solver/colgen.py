@@ -24,7 +24,7 @@ from .family import UnitProblem, canonical
 from .highs import INF, new_highs
 from .pricing import class_values, enumerate_classes, greedy_classes, least_class
 
-_SMOOTH = 0.5  # weight of the smoothed duals' past (Wentges-style stabilization)
+_SMOOTH = 0.5  # weight of the smoothed duals' past in greedy pricing (Wentges-style)
 _RC_TOL = 1e-9  # reduced costs below -this (costs are normalized, max pair in [0.5, 1)) enter
 
 
@@ -65,6 +65,7 @@ class Master:
         upper = np.concatenate([np.ones(m), [float(m)]])
         self.h.addRows(m + 1, lower, upper, 0, np.zeros(m + 2, dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0))
         self.n = 0
+        self.centers: dict[int, Center] = {}  # per class count: the duals of its best bound
 
     def sync(self) -> None:
         """Add the pool's new columns, continuous in [0, ∞): an upper bound of 1 (implied by the
@@ -96,8 +97,17 @@ class ColgenResult:
     lp_value: float | None  # the master's value at the last iteration
     optimal_lp: bool  # the master reached the LP optimum: bound is the LP bound
     iterations: int
-    pi: np.ndarray | None = None  # duals of the cover rows at the last exact pricing
+    pi: np.ndarray | None = None  # cover duals of the best Lagrangian bound so far (any π gives one)
     least: float = 0.0  # proven lower bound on min_S (c_S − π(S)) under those duals
+
+
+@dataclass
+class Center:
+    """The duals of the best Lagrangian bound at one class count: Σ π + k·min(0, least)."""
+
+    pi: np.ndarray
+    least: float
+    value: float
 
 
 def lp_bound(
@@ -108,17 +118,26 @@ def lp_bound(
     deadline: Deadline,
     max_iterations: int = 400,
     node_limit: int = 200_000,
+    close: float = 0.0,
 ) -> ColgenResult:
-    """Column generation at class count k until the LP optimum, ``max_iterations`` or the deadline.
+    """Column generation at class count k until the LP optimum, ``max_iterations``, the deadline,
+    or a bound within ``close`` (relative) of the master's value.
 
     The pool must already hold a partition into at most k classes (the incumbent's classes).
     Greedy pricing first; the exact branch and bound only when greedy finds nothing, which both
-    proves the bound and finds the columns greedy missed.
+    proves a bound and finds the columns greedy missed. The best bound's duals are kept in
+    ``master`` from call to call (a later call cut short by its node limit bounds worse).
+
+    Once the master's value stops moving, the exact pricings only raise the bound toward it
+    (classes of 10 at 80 units: 4.3%, 1.2%, 0.8%, 0.7%, then 0 below it, 0.5 s each): ``close``
+    stops there when the bound is near enough for the caller's round. Pricing exactly at duals
+    smoothed toward the best bound's (Wentges) was tried for this tail: every pricing that found
+    nothing for the master halved the distance, which took 10 pricings to 1% and 20 to 1e-5.
     """
-    best = 0.0
     lp_value = None
     optimal = False
-    proven: tuple[np.ndarray, float] | None = None
+    center = master.centers.get(k)
+    best = center.value if center is not None else 0.0
     smooth: np.ndarray | None = None
     done = 0
     while done < max_iterations:
@@ -129,6 +148,9 @@ def lp_bound(
         if solved is None:
             break
         lp_value, pi, x = solved
+        if best >= lp_value - close * abs(lp_value):
+            optimal = best >= lp_value  # the bound met the LP value: nothing is left to price
+            break
         basis = np.array([pool.members[j] for j in np.flatnonzero(x > 1e-9)]).reshape(-1, up.m)
         mu = (lp_value - float(pi.sum())) / k if k else 0.0  # the count row's dual (<= 0)
         below = mu - _RC_TOL
@@ -145,16 +167,19 @@ def lp_bound(
                 cols = greedy_classes(up, pi, below, starts=basis)
             if len(cols) and sum(pool.add(c) for c in cols):
                 continue
-        least = least_class(up, pi, below, node_limit=node_limit, deadline=deadline)
-        best = max(best, float(pi.sum()) + k * min(0.0, least.bound))
-        proven = (pi, least.bound)
+        least = least_class(up, pi, below, node_limit=node_limit, deadline=deadline,
+                            known=float(class_values(up, pi, basis).min()) if len(basis) else np.inf)
+        value = float(pi.sum()) + k * min(0.0, least.bound)
+        if value > best:
+            best = value
+            center = master.centers[k] = Center(pi.copy(), least.bound, value)
         if not least.classes or not sum(pool.add(_mask(up.m, c)) for c in least.classes):
             optimal = least.complete
             break
     bound = min(best, lp_value) if lp_value is not None else best
-    if proven is None:
+    if center is None:
         return ColgenResult(bound, lp_value, optimal, done)
-    return ColgenResult(bound, lp_value, optimal, done, pi=proven[0], least=proven[1])
+    return ColgenResult(bound, lp_value, optimal, done, pi=center.pi, least=center.least)
 
 
 def gap_columns(up: UnitProblem, pool: ColumnPool, result: ColgenResult, k: int, upper: float, cap: int, node_limit: int,

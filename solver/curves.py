@@ -194,7 +194,12 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
 # exact pricing tree; all deterministic, so equal inputs give equal curves
 _TABU_PER_S = 4000
 _MIP_NODES_PER_S = 2000
-_MASTER_ITERATIONS_PER_S = 60  # column generation's iterations (classes of 10 at 80 units: 90 ms each)
+_MASTER_ITERATIONS_PER_S = 160  # column generation's iterations (classes of 10 at 80 units: 20-30 ms
+# each with greedy pricing; their master needs ~70 from the heuristics' columns, and at 60 per
+# second its first round stopped at 30, where the bound was still the heuristics' one)
+_CLOSE_PER_S2 = 6.25e-4  # column generation stops once its bound is within this / effort² of the
+# master's value (relative; 0.25% at a first round's half second, a quarter of that each round
+# after): the last exact pricings of a master that no longer moves only close the last percent
 _PRICING_NODES_PER_S = 20_000  # about what the Python tree visits in a second at 80 units
 _GAP_COLUMNS = 5_000  # classes at most in the exact closure (the integer master stays fast)
 
@@ -210,7 +215,9 @@ def _improve_pairwise(curve: FamilyCurve, k: int, effort: float, seed: int, dead
     for labels in [*curve.labels.values(), *(fam.layer_labels(s) for ss in curve.starts.values() for s in ss)]:
         pool.add_labels(_unit_labels(fam, labels))
     nodes = int(_PRICING_NODES_PER_S * effort)
-    res = lp_bound(up, kk, pool, master, deadline, max_iterations=int(_MASTER_ITERATIONS_PER_S * effort), node_limit=nodes)
+    close = _CLOSE_PER_S2 / effort**2
+    res = lp_bound(up, kk, pool, master, deadline, max_iterations=int(_MASTER_ITERATIONS_PER_S * effort), node_limit=nodes,
+                   close=close)
     curve.raise_lb(k, res.bound + offset)
     curve.methods.add("column-generation")
     if res.pi is not None:

@@ -12,7 +12,7 @@ from solver.deadline import Deadline
 from solver.exact import exact_curve
 from solver.family import UnitProblem
 from solver.heuristics import agglomerative
-from solver.pricing import enumerate_classes, greedy_classes, least_class
+from solver.pricing import _extension_bound, _extension_bounds, _Children, enumerate_classes, greedy_classes, least_class
 from solver.schema import CostKind
 
 
@@ -57,6 +57,46 @@ def test_least_class_is_the_brute_force_minimum(seed):
     for cls in greedy_classes(up, p, below=0.0):  # greedy finds only real classes below 0
         s = np.flatnonzero(cls)
         assert np.isfinite(up.class_cost(s)) and up.class_cost(s) - p[s].sum() < 0
+    # a class the caller holds prunes from the start and changes nothing of the answer
+    ranked = sorted(_all_classes(up, p))
+    for f_known, _ in (ranked[0], ranked[len(ranked) // 2]):
+        warm = least_class(up, p, below=-np.inf, known=f_known)
+        assert warm.complete and warm.value == pytest.approx(truth, abs=1e-12) and warm.bound == pytest.approx(truth, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cut_short_pricing_bounds_every_class_it_did_not_see(seed):
+    # the open nodes' extension bounds, not just their negative marginals: still below the truth
+    up = _pairwise(12, seed, forbid=2, max_size=6 if seed % 2 else None)
+    p = np.random.default_rng(7 + seed).random(12) * 1.5
+    truth = min(f for f, _ in _all_classes(up, p))
+    for limit in (1, 2, 5, 20):
+        cut = least_class(up, p, below=-np.inf, node_limit=limit)
+        assert cut.bound <= truth + 1e-12
+        assert cut.value >= truth - 1e-12  # a real class's value
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_extension_bounds_of_all_children_match_one_at_a_time_and_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    up = _pairwise(9, seed, forbid=3, max_size=4 if seed % 2 else None, sizes=rng.integers(1, 3, 9))
+    cand = rng.permutation(9)[:7]
+    marg = rng.random(7) * 0.8 - 0.6
+    sub = up.pair[np.ix_(cand, cand)]
+    f, rest = _Children(up).expand(0.0, cand, marg, sub, room=5, negative_only=False)
+    child_marg = marg[None, :] + sub
+    batch = _extension_bounds(sub, child_marg, rest)
+    for i in range(7):
+        allowed = np.flatnonzero(rest[i])
+        single = _extension_bound(sub[np.ix_(allowed, allowed)], child_marg[i, allowed])
+        assert batch[i] == pytest.approx(single, abs=1e-12)
+        # no subset T of the allowed candidates changes f by less (the marginals already hold
+        # the pair costs to child i's class)
+        for r in range(len(allowed) + 1):
+            for t in itertools.combinations(allowed, r):
+                t = list(t)
+                change = child_marg[i, t].sum() + sub[np.ix_(t, t)].sum() / 2.0
+                assert batch[i] <= change + 1e-12
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -102,3 +142,27 @@ def test_lp_bound_is_below_the_optimum_and_the_closure_reaches_it(seed, scale):
         assert exact.optimal and up.partition_cost(exact.labels) == pytest.approx(ex.costs[k - 1], rel=1e-9)
         assert exact.bound <= ex.costs[k - 1] * (1 + 1e-9)
         assert int(exact.labels.max()) + 1 <= k
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_a_bound_stopped_close_to_the_master_is_valid_and_the_next_call_carries_on(seed):
+    # two classes of 12 units: the bound meets the master's value only after a tail of exact
+    # pricings, which ``close`` cuts
+    up = _pairwise(12, seed, forbid=2)
+    ex = exact_curve(up)
+    agg = agglomerative(up)
+    k = 2
+    pool = ColumnPool(up)
+    for u in range(up.m):
+        pool.add(np.arange(up.m) == u)
+    pool.add_labels(agg[k])
+    master = Master(pool)
+    rough = lp_bound(up, k, pool, master, Deadline.after(30), close=0.2)
+    assert not rough.optimal_lp and rough.bound < rough.lp_value
+    assert (1 - 0.2) * rough.lp_value <= rough.bound <= ex.costs[k - 1] * (1 + 1e-9)
+    # the best bound's duals are kept: the next call starts from them and ends at the LP optimum
+    assert master.centers[k].value == pytest.approx(rough.bound, abs=1e-12)
+    full = lp_bound(up, k, pool, master, Deadline.after(30))
+    assert full.optimal_lp and rough.bound <= full.bound + 1e-12
+    assert full.bound <= ex.costs[k - 1] * (1 + 1e-9)
+    assert float(full.pi.sum()) + k * min(0.0, full.least) == pytest.approx(full.bound, abs=1e-12)
