@@ -160,12 +160,15 @@ def initial_curve(fam: FamilyInstance, deadline: Deadline | None = None) -> Fami
     return curve
 
 
-def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, deadline: Deadline | None = None) -> None:
+def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, deadline: Deadline | None = None,
+            bound_only: bool = False) -> None:
     """Spend one round of work on class count k: better incumbent and better bound.
 
     `effort` is in seconds of intended work; tabu iterations, pricing nodes and MIP nodes are
     derived from it, so equal inputs give equal results. `deadline` caps the wall clock of every
     stage (a backstop: when it bites, results depend on machine speed, and the curve says so).
+    `bound_only` (pairwise): only the column generation, for a cell that the bound's knapsack
+    leans on but the plan does not use.
     """
     deadline = Deadline.never() if deadline is None else deadline
     wall = max(0.01, deadline.cap(3 * effort + 1))
@@ -187,7 +190,7 @@ def improve(curve: FamilyCurve, k: int, effort: float, workers: int, seed: int, 
                 if 1 <= k2 - p <= len(res.every_k):
                     curve.lb[k2] = max(curve.lb.get(k2, 0.0), float(res.every_k[k2 - p - 1]) + _offset(fam))
         return
-    _improve_pairwise(curve, k, effort, seed, deadline, rounds)
+    _improve_pairwise(curve, k, effort, seed, deadline, rounds, bound_only)
 
 
 # work per nominal second of effort: tabu iterations, nodes of the integer master, nodes of the
@@ -204,7 +207,8 @@ _PRICING_NODES_PER_S = 20_000  # about what the Python tree visits in a second a
 _GAP_COLUMNS = 5_000  # classes at most in the exact closure (the integer master stays fast)
 
 
-def _improve_pairwise(curve: FamilyCurve, k: int, effort: float, seed: int, deadline: Deadline, rounds: int) -> None:
+def _improve_pairwise(curve: FamilyCurve, k: int, effort: float, seed: int, deadline: Deadline, rounds: int,
+                      bound_only: bool = False) -> None:
     """Column generation (bound and columns), the integer master over its columns, the exact
     closure over every class that could still improve, and tabu from every distinct start
     while a gap is left (docs/design.md §Per-family search)."""
@@ -227,6 +231,8 @@ def _improve_pairwise(curve: FamilyCurve, k: int, effort: float, seed: int, dead
             if k2 - len(fam.pinned) >= 1:
                 line = float(res.pi.sum()) + (k2 - len(fam.pinned)) * min(0.0, res.least)
                 curve.lb[k2] = max(curve.lb.get(k2, 0.0), line + offset)
+    if bound_only:
+        return
     wall = max(0.01, deadline.cap(3 * effort + 1))
     mip_nodes = int(_MIP_NODES_PER_S * effort)
     inc = integer_master(pool, kk, wall, max_nodes=mip_nodes, hint=_unit_labels(fam, curve.labels.get(k)))

@@ -160,14 +160,17 @@ class _Search:
             and self.curves[fi].tried.get(k, 0) < round_
         ]
 
-    def work(self, cells: list[tuple[int, int]], effort: float, after: Callable[[], None] | None = None) -> bool:
+    def work(self, cells: list[tuple[int, int]], effort: float, after: Callable[[], None] | None = None,
+             for_bound: bool = False) -> bool:
         """Improve the given (family, k) cells, calling ``after`` after each; False when the
-        clock ran out."""
+        clock ran out. ``for_bound``: cells that only the bound's knapsack picks, whose first
+        visit is their column generation alone (their bound), later visits the whole work."""
         for fi, k in cells:
             if self.left() <= 0:
                 self.hit_limit = True
                 return False
-            improve(self.curves[fi], k, effort, self.workers, self.seed, deadline=self.deadline)
+            bound_only = for_bound and not self.curves[fi].tried.get(k, 0)
+            improve(self.curves[fi], k, effort, self.workers, self.seed, deadline=self.deadline, bound_only=bound_only)
             self.steps += 1
             if after is not None:
                 after()
@@ -247,9 +250,12 @@ def solve(
             if relative_gap(best.cost, low.cost) <= tol + GAP_TOL:
                 break
             # the chosen plan's cells first (better incumbents, tight local bounds), then the
-            # cells the bound knapsack leans on
-            cells = search.open_cells(best.choice, round_) or search.open_cells(low.choice, round_)
-            if not cells or not search.work(cells, _round_effort(round_), after=fronts_and_report):
+            # cells the bound knapsack leans on, at first for their bound only (the integer
+            # master, closure and tabu of cells no plan used took most of the first round)
+            cells = search.open_cells(best.choice, round_)
+            for_bound = not cells
+            cells = cells or search.open_cells(low.choice, round_)
+            if not cells or not search.work(cells, _round_effort(round_), after=fronts_and_report, for_bound=for_bound):
                 break
         if search.hit_limit or relative_gap(best.cost, low.cost) <= tol + GAP_TOL:
             break
