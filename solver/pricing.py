@@ -134,7 +134,7 @@ def least_class(up: UnitProblem, p: np.ndarray, below: float, node_limit: int = 
         # (cheap), then the extension bound of all of them at once
         kids = np.flatnonzero(rest.any(axis=1) & (fj + np.where(rest, grow.marg, 0.0).sum(axis=1) < best))
         lows = fj[kids] + _extension_bounds(sub, grow.marg[kids], rest[kids])
-        for i, lo in zip(reversed(kids), reversed(lows)):  # most negative marginal on top
+        for i, lo in zip(reversed(kids), reversed(lows), strict=True):  # most negative marginal on top
             if lo < best:
                 stack.append(([*members, int(cand[i])], float(fj[i]), cand[rest[i]], grow.marg[i, rest[i]],
                               room - int(up.sizes[cand[i]]), float(lo)))

@@ -12,7 +12,14 @@ from solver.deadline import Deadline
 from solver.exact import exact_curve
 from solver.family import UnitProblem
 from solver.heuristics import agglomerative
-from solver.pricing import _extension_bound, _extension_bounds, _Children, enumerate_classes, greedy_classes, least_class
+from solver.pricing import (
+    _Children,
+    _extension_bound,
+    _extension_bounds,
+    enumerate_classes,
+    greedy_classes,
+    least_class,
+)
 from solver.schema import CostKind
 
 
