@@ -135,3 +135,23 @@ def test_llm_depth_reaches_a_gap_of_one_percent_in_30_s(model, seconds):
     plan = solve(problem)
     assert plan.gap <= 0.01
     assert violations(problem, plan.coloring) == []
+
+
+def test_a_cell_worked_for_the_bound_only_raises_its_bound_and_keeps_its_plan(monkeypatch):
+    # the first visit of a cell that only the bound's knapsack picks: column generation alone
+    from solver.exact import exact_curve
+
+    monkeypatch.setattr(curves, "exact_affordable", lambda *_: False)
+    fam = build_families(random_problem([14], seed=3, ratio=0.5))[0]
+    curve = curves.initial_curve(fam)
+    optimum = exact_curve(fam.reduced).costs
+    k = 5
+    ub, labels, lb = dict(curve.ub), {kk: v.copy() for kk, v in curve.labels.items()}, dict(curve.lb)
+    curves.improve(curve, k, 0.5, 1, 0, bound_only=True)
+    assert curve.ub == ub and all((curve.labels[kk] == v).all() for kk, v in labels.items())
+    assert curve.lb[k] > lb[k]
+    for kk in curve.ks:  # its duals' lines lift the other counts too, never past their optimum
+        assert lb[kk] <= curve.lb[kk] <= optimum[kk - 1] + fam.reduced.constant + 1e-12
+    assert curve.tried[k] == 1 and "colgen-mip" not in curve.methods
+    curves.improve(curve, k, 0.5, 1, 0)  # the next visit does the whole work
+    assert curve.ub[k] == pytest.approx(optimum[k - 1] + fam.reduced.constant, rel=1e-9)
