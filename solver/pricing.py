@@ -19,6 +19,7 @@ from .deadline import Deadline
 from .family import UnitProblem
 
 _CHECK_EVERY = 256  # nodes between looks at the clock
+_SIZES = 16  # class sizes the extension bound takes one by one (larger ones together; >= 2)
 
 
 def class_values(up: UnitProblem, p: np.ndarray, members: np.ndarray) -> np.ndarray:
@@ -87,8 +88,8 @@ def least_class(up: UnitProblem, p: np.ndarray, below: float, node_limit: int = 
                 deadline: Deadline | None = None, known: float = np.inf) -> Least:
     """Branch and bound over classes (units in a fixed order, each node adds one later unit).
 
-    A node's bound is f(S) plus the size-aware `_extension_bound` of its remaining candidates,
-    computed for all children of a node at once (`_extension_bounds`). Classes with f(S) < ``below`` are collected for the master;
+    A node's bound is f(S) plus the size-aware `_extension_bounds` of its remaining candidates,
+    computed for all children of a node at once. Classes with f(S) < ``below`` are collected for the master;
     the search stops once ``keep`` are found (the master wants columns, and the proof is only
     needed when there are none), after ``node_limit`` nodes, or at ``deadline``; the bound is
     then the least bound of the nodes left unexplored. ``known`` is the f of a class the caller
@@ -112,7 +113,7 @@ def least_class(up: UnitProblem, p: np.ndarray, below: float, node_limit: int = 
     grow = _Children(up)
     # stack of (members, f, candidates, their marginals, room, bound on the subtree's f)
     stack: list[tuple[list[int], float, np.ndarray, np.ndarray, int, float]] = [
-        ([], 0.0, order, -p[order], cap, _extension_bound(w[np.ix_(order, order)], -p[order]))]
+        ([], 0.0, order, -p[order], cap, float(_extension_bounds(w[np.ix_(order, order)], -p[order][None, :], np.ones((1, len(order)), dtype=bool))[0]))]
     while stack:
         members, f, cand, marg, room, low = stack.pop()
         if low >= best:
@@ -172,31 +173,20 @@ class _Children:
         return f + marg, rest
 
 
-def _extension_bound(sub: np.ndarray, marg: np.ndarray) -> float:
-    """Least change of f from adding any subset T of the candidates to the class.
-
-    Adding T changes f by Σ_{j in T} marg_j + w(T), and w(T) is at least half of each member's
-    |T| − 1 cheapest partners among the candidates; minimized over |T| (0 included). Without the
-    w(T) term (the sum of negative marginals) the tree grew past 70 000 nodes on classes of 8.
-    """
-    c = len(marg)
-    if c == 0:
-        return 0.0
-    if c == 1:
-        return min(0.0, float(marg[0]))
-    sub = sub.copy()  # the pair costs among the candidates
-    np.fill_diagonal(sub, np.inf)
-    cheap = np.cumsum(np.sort(sub, axis=1)[:, : c - 1], axis=1)  # (c, c-1): j's t-1 cheapest, t = 2..c
-    per = np.concatenate([marg[:, None], marg[:, None] + cheap / 2.0], axis=1)  # column t-1: size t
-    best_t = np.cumsum(np.sort(per, axis=0), axis=0)[np.arange(c), np.arange(c)]  # t smallest for size t
-    return min(0.0, float(best_t.min()))
-
-
 def _extension_bounds(sub: np.ndarray, marg: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """`_extension_bound` of several children at once: child r may add the candidates in row r
-    of ``allowed`` (r, c) at the marginals in row r of ``marg``; ``sub`` holds the pair costs
-    among all c candidates. The ten children of a node in one numpy pass, where one call per
-    child spent most of an exact pricing's time in call overhead."""
+    """Least change of f from adding any subset T of its allowed candidates to each of r classes.
+
+    Class r may add the candidates in row r of ``allowed`` (r, c) at the marginals in row r of
+    ``marg``; ``sub`` holds the pair costs among all c candidates. Adding T changes f by
+    Σ_{j in T} marg_j + w(T), and w(T) is at least half of each member's |T| − 1 cheapest
+    partners among the candidates; minimized over |T| (0 included). Without the w(T) term (the
+    sum of negative marginals) the tree grew past 70 000 nodes on classes of 8. All children of
+    a node in one numpy pass: one call per child spent most of a pricing in call overhead.
+
+    Sizes up to ``_SIZES`` are bounded one by one; every larger size at once, by the negative
+    parts of the bound's terms at that size (each term only grows with the size): near the root
+    the candidates are many, and sorting every pair row in full took most of the time.
+    """
     r, c = allowed.shape
     if r == 0 or c == 0:
         return np.zeros(r)
@@ -204,11 +194,17 @@ def _extension_bounds(sub: np.ndarray, marg: np.ndarray, allowed: np.ndarray) ->
     diag = np.arange(c)
     both[:, diag, diag] = False
     pair = np.where(both, sub[None, :, :], np.inf)
-    cheap = np.cumsum(np.sort(pair, axis=2)[:, :, : c - 1], axis=2)  # (r, c, c-1): j's t-1 cheapest
+    t = min(c, _SIZES)  # sizes 1..t one by one
+    # each candidate's t-1 cheapest partners, in order (a partial sort when t < c)
+    near = np.sort(np.partition(pair, t - 2, axis=2)[:, :, : t - 1] if t < c else pair, axis=2)[:, :, : t - 1]
+    cheap = np.cumsum(near, axis=2)  # (r, c, t-1): j's s-1 cheapest partners, s = 2..t
     own = np.where(allowed, marg, np.inf)[:, :, None]  # a candidate not allowed never joins
-    per = np.concatenate([own, own + cheap / 2.0], axis=2)  # [child, j, t-1]: j in a set of size t
-    best_t = np.cumsum(np.sort(per, axis=1), axis=1)[:, diag, diag]  # (r, c): the t smallest for size t
-    return np.minimum(0.0, best_t.min(axis=1))
+    per = np.concatenate([own, own + cheap / 2.0], axis=2)  # [child, j, s-1]: j in a set of size s
+    sizes = np.arange(t)
+    best = np.cumsum(np.sort(per, axis=1), axis=1)[:, sizes, sizes].min(axis=1)  # the s smallest for size s
+    if t < c:  # any larger size: its s smallest terms are at least the negative ones at size t
+        best = np.minimum(best, np.minimum(per[:, :, t - 1], 0.0).sum(axis=1))
+    return np.minimum(0.0, best)
 
 
 def enumerate_classes(up: UnitProblem, p: np.ndarray, below: float, cap: int, node_limit: int = 200_000,

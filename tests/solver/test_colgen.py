@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from solver import pricing
 from solver.colgen import ColumnPool, Master, gap_columns, integer_master, lp_bound
 from solver.deadline import Deadline
 from solver.exact import exact_curve
@@ -14,7 +15,6 @@ from solver.family import UnitProblem
 from solver.heuristics import agglomerative
 from solver.pricing import (
     _Children,
-    _extension_bound,
     _extension_bounds,
     enumerate_classes,
     greedy_classes,
@@ -71,9 +71,12 @@ def test_least_class_is_the_brute_force_minimum(seed):
         assert warm.complete and warm.value == pytest.approx(truth, abs=1e-12) and warm.bound == pytest.approx(truth, abs=1e-12)
 
 
+@pytest.mark.parametrize("sizes_one_by_one", [16, 2])
 @pytest.mark.parametrize("seed", range(4))
-def test_cut_short_pricing_bounds_every_class_it_did_not_see(seed):
+def test_cut_short_pricing_bounds_every_class_it_did_not_see(monkeypatch, seed, sizes_one_by_one):
     # the open nodes' extension bounds, not just their negative marginals: still below the truth
+    # (2: every size above 2 bounded together, the tail bound)
+    monkeypatch.setattr(pricing, "_SIZES", sizes_one_by_one)
     up = _pairwise(12, seed, forbid=2, max_size=6 if seed % 2 else None)
     p = np.random.default_rng(7 + seed).random(12) * 1.5
     truth = min(f for f, _ in _all_classes(up, p))
@@ -81,29 +84,37 @@ def test_cut_short_pricing_bounds_every_class_it_did_not_see(seed):
         cut = least_class(up, p, below=-np.inf, node_limit=limit)
         assert cut.bound <= truth + 1e-12
         assert cut.value >= truth - 1e-12  # a real class's value
+    whole = least_class(up, p, below=-np.inf)
+    assert whole.complete and whole.value == pytest.approx(truth, abs=1e-12)
+    found, complete = enumerate_classes(up, p, truth + 0.1, cap=10_000)
+    assert complete and len(found) == sum(f <= truth + 0.1 for f, _ in _all_classes(up, p))
 
 
+@pytest.mark.parametrize("sizes_one_by_one", [16, 3])
 @pytest.mark.parametrize("seed", range(5))
-def test_extension_bounds_of_all_children_match_one_at_a_time_and_brute_force(seed):
+def test_extension_bounds_of_all_children_match_one_at_a_time_and_brute_force(monkeypatch, seed, sizes_one_by_one):
+    # 3: sizes above 3 bounded together (the cheaper tail bound) must still hold
+    monkeypatch.setattr(pricing, "_SIZES", sizes_one_by_one)
     rng = np.random.default_rng(seed)
     up = _pairwise(9, seed, forbid=3, max_size=4 if seed % 2 else None, sizes=rng.integers(1, 3, 9))
     cand = rng.permutation(9)[:7]
     marg = rng.random(7) * 0.8 - 0.6
     sub = up.pair[np.ix_(cand, cand)]
     f, rest = _Children(up).expand(0.0, cand, marg, sub, room=5, negative_only=False)
+    assert (f == marg).all()
     child_marg = marg[None, :] + sub
     batch = _extension_bounds(sub, child_marg, rest)
     for i in range(7):
         allowed = np.flatnonzero(rest[i])
-        single = _extension_bound(sub[np.ix_(allowed, allowed)], child_marg[i, allowed])
-        assert batch[i] == pytest.approx(single, abs=1e-12)
+        alone = _extension_bounds(sub[np.ix_(allowed, allowed)], child_marg[i, allowed][None, :], np.ones((1, len(allowed)), dtype=bool))
+        assert batch[i] == pytest.approx(alone[0], abs=1e-12)
         # no subset T of the allowed candidates changes f by less (the marginals already hold
         # the pair costs to child i's class)
-        for r in range(len(allowed) + 1):
-            for t in itertools.combinations(allowed, r):
-                t = list(t)
-                change = child_marg[i, t].sum() + sub[np.ix_(t, t)].sum() / 2.0
-                assert batch[i] <= change + 1e-12
+        changes = [child_marg[i, list(t)].sum() + sub[np.ix_(list(t), list(t))].sum() / 2.0
+                   for r in range(len(allowed) + 1) for t in itertools.combinations(allowed, r)]
+        assert batch[i] <= min(changes) + 1e-12
+        if sizes_one_by_one >= 7:  # every size one by one: exact for T of one or no member
+            assert batch[i] <= min(0.0, child_marg[i, allowed].min(initial=0.0)) + 1e-12
 
 
 @pytest.mark.parametrize("seed", range(4))
