@@ -36,6 +36,7 @@ class ColumnPool:
     members: list[np.ndarray] = field(default_factory=list)  # boolean (m,) per column
     costs: list[float] = field(default_factory=list)
     _keys: set[bytes] = field(default_factory=set)
+    _labellings: set[bytes] = field(default_factory=set)  # labellings whose classes are all in
 
     def add(self, member_mask: np.ndarray) -> bool:
         key = np.packbits(member_mask).tobytes()
@@ -47,7 +48,12 @@ class ColumnPool:
         return True
 
     def add_labels(self, labels: np.ndarray) -> int:
-        """Every class of a labelling; returns how many were new."""
+        """Every class of a labelling; returns how many were new. A labelling seen before is
+        skipped whole (every cell offers all of its family's incumbents and starts again)."""
+        key = np.asarray(canonical(labels), dtype=np.int64).tobytes()
+        if key in self._labellings:
+            return 0
+        self._labellings.add(key)
         return sum(self.add(labels == c) for c in np.unique(labels))
 
     def __len__(self) -> int:

@@ -151,14 +151,18 @@ class _Search:
         return up, lo
 
     def open_cells(self, choice: tuple[int, ...], round_: int) -> list[tuple[int, int]]:
-        """Cells of a knapsack choice that are unproven and have had fewer than round_ rounds."""
-        return [
+        """Cells of a knapsack choice that are unproven and have had fewer than round_ rounds,
+        smallest classes first: pricing grows steeply with the class size (classes of 10 at 80
+        units took seconds, classes of 3 a tenth of that), and a short limit then still gets
+        every cheap family's incumbent and bound before the one hard family."""
+        cells = [
             (fi, k)
             for fi, k in enumerate(choice)
             if not self.curves[fi].exact
             and self.curves[fi].gap_at(k) > GAP_TOL * abs(self.curves[fi].ub.get(k, 0.0))
             and self.curves[fi].tried.get(k, 0) < round_
         ]
+        return sorted(cells, key=lambda cell: (self.fams[cell[0]].reduced.m / cell[1], cell[0]))
 
     def work(self, cells: list[tuple[int, int]], effort: float, after: Callable[[], None] | None = None,
              for_bound: bool = False) -> bool:
