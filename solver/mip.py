@@ -1,6 +1,6 @@
-"""Small MIPs: the cheapest-edges bound and the fewest classes (the p-median is in pmedian.py).
+"""Small MIPs: the fewest classes (the p-median is in pmedian.py).
 
-Both go through OR-Tools' linear solver wrapper with SCIP (single-threaded, deterministic).
+It goes through OR-Tools' linear solver wrapper with SCIP (single-threaded, deterministic).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import numpy as np
 from ortools.linear_solver import pywraplp
 
 from .family import UnitProblem, canonical
-from .schema import CostKind
 
 
 @dataclass
@@ -30,43 +29,6 @@ def _solver(time_limit_s: float) -> pywraplp.Solver:
     solver.SetTimeLimit(max(1, int(time_limit_s * 1000)))
     solver.SetNumThreads(1)
     return solver
-
-
-def cheapest_edges_bound(up: UnitProblem, k: int, time_limit_s: float) -> float:
-    """Lower bound for pairwise costs with at most k classes.
-
-    A unit in a class of t units pays at least half the sum of its t-1 cheapest allowed pair
-    costs. Choosing how many classes have each size and which units sit in them is a small MIP;
-    its best bound (even when cut short) is a valid lower bound on the true optimum.
-    """
-    if up.kind is not CostKind.pairwise:
-        raise ValueError("cheapest_edges_bound is for pairwise costs")
-    m = up.m
-    if m == 0 or k >= m:
-        return 0.0
-    tmax = m if up.max_size is None else min(m, up.max_size)
-    cheap = np.full((m, tmax + 1), np.inf)  # cheap[u, t]: t-1 cheapest partners
-    for u in range(m):
-        others = np.array([up.pair[u, v] for v in range(m) if v != u and not up.forbidden[u, v]])
-        others.sort()
-        cum = np.concatenate([[0.0], np.cumsum(others)])
-        for t in range(1, tmax + 1):
-            if t - 1 < len(cum):
-                cheap[u, t] = cum[t - 1]
-    solver = _solver(time_limit_s)
-    sizes = range(1, tmax + 1)
-    z = {(u, t): solver.BoolVar(f"z_{u}_{t}") for u in range(m) for t in sizes if np.isfinite(cheap[u, t])}
-    cnt = {t: solver.IntVar(0, m // t, f"classes_of_{t}") for t in sizes}
-    for u in range(m):
-        solver.Add(solver.Sum([z[u, t] for t in sizes if (u, t) in z]) == 1)
-    for t in sizes:
-        solver.Add(solver.Sum([z[u, t] for u in range(m) if (u, t) in z]) == t * cnt[t])
-    solver.Add(solver.Sum(cnt.values()) <= k)
-    solver.Minimize(solver.Sum([0.5 * float(cheap[u, t]) * var for (u, t), var in z.items()]))
-    status = solver.Solve()
-    if status == pywraplp.Solver.INFEASIBLE:
-        return float("inf")
-    return max(0.0, solver.Objective().BestBound()) if status in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE) else 0.0
 
 
 def min_classes(up: UnitProblem, upper: int, time_limit_s: float) -> tuple[int, bool]:

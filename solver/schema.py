@@ -26,7 +26,7 @@ _MAX_LISTED = 5  # how many offending entries an error message names
 # The largest integer a count may take: every JSON reader (and a float64) holds it exactly, and
 # sums of a few thousand of them stay far inside int64. 2^53 elements is 36 PB of float32.
 MAX_COUNT = 2**53
-# Seeds: any non-negative int64. CP-SAT takes 31 bits; it gets the seed modulo 2^31 (cpsat.py).
+# Seeds: any non-negative int64 (they seed tabu search's numpy generator, which takes any).
 MAX_SEED = 2**63 - 1
 # A float max_params_ratio computed as a quotient (1/3) may sit an ulp below the budget it
 # means; ratio * original within this relative distance below an integer counts as that integer.

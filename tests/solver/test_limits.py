@@ -43,13 +43,6 @@ def test_large_seeds_solve_a_17_layer_family(seed):
     assert violations(SharingProblem.model_validate(_with("options", seed=seed)), plan.coloring) == []
 
 
-def test_seed_is_mapped_not_ignored():
-    """Seeds below 2^31 reach CP-SAT unchanged; larger ones modulo 2^31 (the same plan as that seed)."""
-    from solver.cpsat import cpsat_seed
-
-    assert cpsat_seed(7) == 7 and cpsat_seed(2**31 + 7) == 7 and cpsat_seed(MAX_SEED) == 2**31 - 1
-
-
 def test_seed_beyond_int64_is_refused():
     errs = _errors(_with("options", seed=2**63))
     assert errs[0]["loc"] == ("options", "seed")
