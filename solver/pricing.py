@@ -48,25 +48,38 @@ def greedy_classes(up: UnitProblem, p: np.ndarray, below: float, rounds: int = 3
     rows = np.arange(s)
     w = up.pair
     cap = up.max_size if up.max_size is not None else int(up.sizes.sum())
+    # w(j, S), forbidden partners and size per set, kept up to date row by row as units join or
+    # leave (a product of the whole membership matrix per step, integer for the forbidden
+    # pairs, took most of the time)
+    x = inside.astype(float)
+    load = x @ w
+    forbid = up.forbidden.astype(float)
+    clash = x @ forbid
+    size = x @ up.sizes
     for _ in range(rounds):
         changed = False
         while True:  # add the best allowed unit while it lowers f
-            load = inside.astype(float) @ w  # w(j, S) per set
-            blocked = inside | (inside.astype(np.int64) @ up.forbidden.astype(np.int64) > 0)
-            blocked |= (inside @ up.sizes)[:, None] + up.sizes[None, :] > cap
+            blocked = inside | (clash > 0) | (size[:, None] + up.sizes[None, :] > cap)
             marg = np.where(blocked, np.inf, load - p[None, :])
             j = np.argmin(marg, axis=1)
             grow = marg[rows, j] < 0
             if not grow.any():
                 break
-            inside[rows[grow], j[grow]] = True
+            r, u = rows[grow], j[grow]
+            inside[r, u] = True
+            load[r] += w[u]
+            clash[r] += forbid[u]
+            size[r] += up.sizes[u]
             changed = True
-        load = inside.astype(float) @ w
         worth = np.where(inside, load - p[None, :], -np.inf)  # what removing each member saves
         j = np.argmax(worth, axis=1)
         drop = (worth[rows, j] > 0) & (inside.sum(axis=1) > 1)
         if drop.any():
-            inside[rows[drop], j[drop]] = False
+            r, u = rows[drop], j[drop]
+            inside[r, u] = False
+            load[r] -= w[u]
+            clash[r] -= forbid[u]
+            size[r] -= up.sizes[u]
             changed = True
         if not changed:
             break
