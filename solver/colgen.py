@@ -87,7 +87,10 @@ class Master:
         or cut by the deadline."""
         m = self.pool.up.m
         self.sync()
-        self.h.setOptionValue("time_limit", max(1e-3, min(deadline.left(), 1e6)))
+        # HiGHS checks time_limit against its run time summed over every run of this object, not
+        # this run's: a limit of the time left alone cut masters that had run longer than that,
+        # with time still left (a short limit's steps then were no prefix of a longer one's)
+        self.h.setOptionValue("time_limit", self.h.getRunTime() + max(1e-3, min(deadline.left(), 1e6)))
         self.h.changeRowBounds(m, -INF, float(k))
         self.h.run()
         if self.h.getModelStatus() != self.h.getModelStatus().__class__.kOptimal:

@@ -184,3 +184,19 @@ def test_a_bound_stopped_close_to_the_master_is_valid_and_the_next_call_carries_
     assert full.optimal_lp and rough.bound <= full.bound + 1e-12
     assert full.bound <= ex.costs[k - 1] * (1 + 1e-9)
     assert float(full.pi.sum()) + k * min(0.0, full.least) == pytest.approx(full.bound, abs=1e-12)
+
+
+def test_the_master_gets_the_time_left_whatever_it_ran_before():
+    # HiGHS checks time_limit against the run time of every run of one object: a limit of the
+    # time left alone ended a long-used master at once, with time still left
+    up = _pairwise(40, 0)
+    pool = ColumnPool(up)
+    for u in range(up.m):
+        pool.add(np.arange(up.m) == u)
+    master = Master(pool)
+    for k, labels in sorted(agglomerative(up).items()):
+        pool.add_labels(labels)
+        assert master.solve(max(k, 2), Deadline.after(30)) is not None
+    spent = master.h.getRunTime()
+    assert spent > 2e-3  # more than the time left below: the old limit would have cut it
+    assert master.solve(4, Deadline.after(2e-3)) is not None
