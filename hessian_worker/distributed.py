@@ -73,6 +73,19 @@ def shard(count: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, count, world_size))
 
 
+def row_share(count: int, rank: int, world_size: int) -> slice:
+    """The rows of a batch of ``count`` samples this rank holds when every batch is split (block-wise
+    healing: each optimizer step is one batch, so its samples, not whole batches, are dealt out):
+    ``world_size`` contiguous parts, the first ``count % world_size`` one row longer; empty when a
+    batch has fewer rows than ranks."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+ROW_SHARDING = "rows of every batch in world_size contiguous parts"
+
+
 def deal(weights: Sequence[float], world_size: int) -> list[int]:
     """The rank of each item (a family to price, of estimated cost ``weights[i]``): the heaviest
     first, each to the least loaded rank so far (ties to the lower rank and the earlier item), so
@@ -241,6 +254,26 @@ def gather(group: Group | None, value: Any, name: str = "the results") -> list[A
     out: list[Any] = [None] * group.world_size
     _collective(group, name, lambda: dist.all_gather_object(out, value, group=group.control))
     return out
+
+
+def sum_over_ranks(group: Group | None, values: Sequence[float], name: str = "the losses") -> list[float]:
+    """Each of ``values`` (this rank's partial sums) added up over the ranks, in rank order on every
+    rank, so every rank holds the same floats and takes the same decisions from them."""
+    if group is None or group.world_size == 1:
+        return [float(v) for v in values]
+    parts = gather(group, [float(v) for v in values], name)
+    return [sum(p[i] for p in parts) for i in range(len(values))]
+
+
+def broadcast_tensors(group: Group | None, tensors: Sequence[Tensor], name: str = "the values", src: int = 0) -> None:
+    """Rank ``src``'s tensors on every rank, in place (over the group's device)."""
+    if group is None or group.world_size == 1:
+        return
+    for t in tensors:
+        moved = t.to(group.device)
+        _collective(group, name, lambda moved=moved: dist.broadcast(moved, src=src))
+        if moved is not t:
+            t.copy_(moved)
 
 
 def broadcast(group: Group | None, value: Any, src: int = 0) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hessian_worker import AnalyzeConfig
 from hessian_worker.distributed import DistributedError, shard
@@ -83,9 +84,17 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any], out: str) 
             raise ValueError(f"injected failure on rank {rank}")
 
         llm_analyze.stream_factors = broken
-    config = AnalyzeConfig.model_validate(job["config"])
     try:
-        if job.get("model") == "minilm":
+        if "compress" in job:
+            from hessian_worker.llm import compress_checkpoint
+            from hessian_worker.pipeline import CompressConfig
+
+            folder = Path(job["model"])
+            report = compress_checkpoint(folder, folder / "calib.pt", CompressConfig.model_validate(job["compress"]),
+                                         job["out"])
+            result: dict[str, Any] = {"report": report.model_dump(mode="json")}
+        elif job.get("model") == "minilm":
+            config = AnalyzeConfig.model_validate(job["config"])
             from hessian_worker.data import DEFAULT_SENTENCES
             from hessian_worker.llm.blocks import bert_blocks
             from hessian_worker.models import load_model
@@ -93,10 +102,12 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any], out: str) 
             loaded = load_model("minilm")
             problem = llm_analyze.analyze_blocks(bert_blocks(loaded.model.double()), DEFAULT_SENTENCES, config,
                                                  tokenizer=loaded.tokenizer)
+            result = {"problem": problem.model_dump(mode="json")}
         else:
+            config = AnalyzeConfig.model_validate(job["config"])
             folder = Path(job["model"])
             problem = llm_analyze.analyze_checkpoint(folder, folder / "calib.pt", config, cache_dir=job.get("cache"))
-        result: dict[str, Any] = {"problem": problem.model_dump(mode="json")}
+            result = {"problem": problem.model_dump(mode="json")}
     except Exception as exc:  # the test reads it
         result = {"error": type(exc).__name__, "message": str(exc)}
     Path(out, f"{rank}.json").write_text(json.dumps(result), encoding="utf-8")
@@ -240,6 +251,60 @@ def test_torchrun_runs_the_cli_as_one_job(llama, tmp_path):
     got = SharingProblem.model_validate_json(two.read_text(encoding="utf-8"))
     assert got.source["world_size"] == 2 and "world_size" not in want.source
     _same_costs(got, want)
+
+
+COMPRESS = {"ratio": 0.7, "backend": "kfac", "merge": "layerwise", "dtype": "float64", "batch_size": 3,
+            "progress": False, "device": "cpu", "kfac": {"rank": None, "gradient_samples": 6}, "top": 3,
+            "normalized_top": 1, "per_pattern": 1, "heal_steps": 4, "heal_lr": 1e-2, "time_limit_s": 5}
+
+
+@pytest.mark.slow
+def test_two_processes_compress_as_one(llama, tmp_path):
+    """The streamed compress as one job of 2 ranks: the costs, candidates' measured losses, plan,
+    healing and held-out figure of one process, and the same saved tensors (written by rank 0).
+
+    10 samples in batches of 3: 8 fit (3, 3, 2: the statistics on ranks 0, 1, 0), 4 of them scored
+    (batches 3 and 1: one each), 2 held out (one batch: rank 1 has none); healing splits every fit
+    batch's rows (2 + 1, 2 + 1, 1 + 1), so each step's all-reduced gradient is the whole batch's."""
+    from hessian_worker.llm import compress_checkpoint
+    from hessian_worker.pipeline import CompressConfig, CompressReport
+
+    config = CompressConfig(**COMPRESS)
+    one = compress_checkpoint(llama, llama / "calib.pt", config, tmp_path / "one")
+    results, _ = _run({"model": str(llama), "compress": config.model_dump(mode="json"), "out": str(tmp_path / "two")},
+                      tmp_path, limit_s=240)
+    assert all("report" in r for r in results), results
+    two = [CompressReport.model_validate(r["report"]) for r in results]
+    assert two[0] == two[1]  # every rank returns the same report
+    got = two[0]
+    _same_costs(got.problem, one.problem)
+    assert got.plan.groups == one.plan.groups and got.chosen == one.chosen
+    assert [c.strategy for c in got.candidates] == [c.strategy for c in one.candidates]
+    np.testing.assert_allclose([c.measured for c in got.candidates], [c.measured for c in one.candidates], rtol=1e-6)
+    np.testing.assert_allclose(got.measured_loss_change, one.measured_loss_change, rtol=1e-6)
+    healed_one, healed_two = one.problem.source["heal"], got.problem.source["heal"]
+    assert any(b["best_step"] > 0 for b in healed_one["blocks"])  # the healing moved the values
+    assert [b["best_step"] for b in healed_two["blocks"]] == [b["best_step"] for b in healed_one["blocks"]]
+    np.testing.assert_allclose([b["after"] for b in healed_two["blocks"]], [b["after"] for b in healed_one["blocks"]],
+                               rtol=1e-6)
+    source = got.problem.source
+    assert source["world_size"] == 2 and source["rank_samples"] == [5, 3]
+    assert healed_two["rank_samples"] == [5, 3] and "world_size" not in one.problem.source
+    ours = load_file(tmp_path / "two" / "model.safetensors")
+    theirs = load_file(tmp_path / "one" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and got.unique_params == one.unique_params
+    for name, want in theirs.items():  # float64: the sums differ by their order only
+        torch.testing.assert_close(ours[name], want, rtol=1e-9, atol=1e-12)
+
+
+def test_rows_are_split_contiguously_and_cover_every_row_once():
+    from hessian_worker.distributed import row_share
+
+    assert [row_share(5, r, 2) for r in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert [row_share(1, r, 3) for r in range(3)] == [slice(0, 1), slice(1, 1), slice(1, 1)]
+    for count in range(7):
+        rows = [i for r in range(3) for i in range(count)[row_share(count, r, 3)]]
+        assert rows == list(range(count))
 
 
 def test_shards_are_strided_and_cover_every_batch_once():
