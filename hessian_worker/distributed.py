@@ -285,9 +285,30 @@ def broadcast(group: Group | None, value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+class SummedForm:
+    """A quadratic form whose batches are split over the ranks: each rank's ``local`` form is its
+    batches' share of the sum over samples (``Objective(total=...)``), and ``quad`` adds them up,
+    so every rank gets the whole data's values. Every rank calls ``quad`` with the same directions
+    in the same order (the pair loops are deterministic)."""
+
+    def __init__(self, local: Any, group: Group) -> None:
+        self.local = local
+        self.group = group
+
+    def quad(self, deltas: Mapping[str, Tensor]) -> Tensor:
+        with step(self.group, "the quadratic forms"):
+            value = self.local.quad(deltas).detach().clone()
+        all_reduce_sums(self.group, [value], "the quadratic forms")
+        return value
+
+
 def in_job() -> bool:
     """Whether this process is one of several: torchrun started it, or a process group is up."""
     return launched() or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+SPLIT = ("the streamed analysis and compress of a LLaMA/Mistral/Qwen2 checkpoint (backend kfac or layerwise) and "
+         "the in-memory analysis with scheme tie and backend exact or layerwise")
 
 
 def refuse_in_job(what: str) -> None:
@@ -297,9 +318,8 @@ def refuse_in_job(what: str) -> None:
         DistributedError: under torchrun or an initialized group of several processes.
     """
     if in_job():
-        raise DistributedError(f"{what} runs in one process for now; under torchrun only the streamed analysis of "
-                               "a LLaMA/Mistral/Qwen2 checkpoint (kfac, layerwise) is split across processes: run "
-                               "this without torchrun")
+        raise DistributedError(f"{what} runs in one process for now; under torchrun only {SPLIT} are split across "
+                               "processes: run this without torchrun")
 
 
 def is_writer(group: Group | None = None) -> bool:

@@ -85,14 +85,20 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any], out: str) 
 
         llm_analyze.stream_factors = broken
     try:
-        if "compress" in job:
+        if "in_memory" in job:
+            from hessian_worker import analyze
+
+            model, data, kwargs = _in_memory_case(job["in_memory"])
+            problem = analyze(model, data, AnalyzeConfig.model_validate(job["config"]), **kwargs)
+            result: dict[str, Any] = {"problem": problem.model_dump(mode="json")}
+        elif "compress" in job:
             from hessian_worker.llm import compress_checkpoint
             from hessian_worker.pipeline import CompressConfig
 
             folder = Path(job["model"])
             report = compress_checkpoint(folder, folder / "calib.pt", CompressConfig.model_validate(job["compress"]),
                                          job["out"])
-            result: dict[str, Any] = {"report": report.model_dump(mode="json")}
+            result = {"report": report.model_dump(mode="json")}
         elif job.get("model") == "minilm":
             config = AnalyzeConfig.model_validate(job["config"])
             from hessian_worker.data import DEFAULT_SENTENCES
@@ -113,6 +119,27 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any], out: str) 
     Path(out, f"{rank}.json").write_text(json.dumps(result), encoding="utf-8")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _task_loss(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A task loss with a gradient at the reference (the first-order term is summed over ranks too)."""
+    return (output - 0.1).pow(2).mean()
+
+
+def _in_memory_case(name: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, data, analyze's keyword arguments) of an in-memory case, built alike in every process."""
+    if name == "minilm":
+        from hessian_worker.data import DEFAULT_SENTENCES
+        from hessian_worker.models import load_model
+
+        loaded = load_model("minilm")
+        return loaded.model, DEFAULT_SENTENCES, {"tokenizer": loaded.tokenizer}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hw_cases import bert_data, tiny_bert
+
+    torch.set_default_dtype(torch.float64)  # as conftest.py has it in the test process: the same initial weights
+
+    return tiny_bert(), bert_data(), ({"loss_fn": _task_loss} if name == "bert-task" else {})
 
 
 def _run(job: dict[str, Any], tmp_path: Path, world: int = 2, limit_s: float = 120) -> tuple[list[dict], float]:
@@ -253,6 +280,45 @@ def test_torchrun_runs_the_cli_as_one_job(llama, tmp_path):
     _same_costs(got, want)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "fields"), [
+    ("minilm", {"backend": "exact", "samples": 8, "batch_size": 2, "targets": [r"re:.*attention\.self\.query\.weight"]}),
+    ("minilm", {"backend": "layerwise", "samples": 12, "batch_size": 4}),
+    ("bert", {"backend": "exact", "batch_size": 3}),
+    # assignment: (a, b) and (b, a) take opposite first-order terms, so half the costs stay above 0
+    ("bert-task", {"backend": "exact", "curvature": "hessian", "kind": "assignment", "batch_size": 3}),
+], ids=["minilm-exact", "minilm-layerwise", "bert-exact-ggn", "bert-task-hessian"])
+def test_in_memory_analysis_in_two_processes_gives_the_costs_of_one(tmp_path, case, fields):
+    """The in-memory analysis (no streaming) with its batches split over 2 ranks: the forms (and a
+    task loss's gradient) are sums over samples, so 2 ranks give one process's costs and plan."""
+    from hessian_worker import analyze
+
+    config = AnalyzeConfig(**{"dtype": "float64", "device": "cpu", "progress": False, **fields})
+    model, data, kwargs = _in_memory_case(case)
+    one = analyze(model, data, config, **kwargs)
+    results, _ = _run({"in_memory": case, "config": config.model_dump(mode="json"), "init": "caller"}, tmp_path,
+                      limit_s=240)
+    assert all("problem" in r for r in results), results
+    two = [SharingProblem.model_validate(r["problem"]) for r in results]
+    assert two[0] == two[1]
+    _same_costs(two[0], one)
+    _same_plan(two[0], one)
+    sizes = {"minilm": [4, 4] if fields["backend"] == "exact" else [8, 4]}.get(case, [3, 2])
+    assert two[0].source["world_size"] == 2 and two[0].source["rank_samples"] == sizes
+    assert two[0].source["backend"] == fields["backend"] and "world_size" not in one.source
+
+
+def test_in_memory_backends_that_do_not_split_are_refused_before_any_work():
+    from hessian_worker.errors import BackendError
+    from hessian_worker.pair_costs import check_data_parallel
+
+    for fields in ({"backend": "projected"}, {"backend": "diagonal"}, {"backend": "kfac"},
+                   {"scheme": "basis", "backend": "exact"}):
+        with pytest.raises(BackendError, match="runs in one process; under torchrun use scheme 'tie'"):
+            check_data_parallel(AnalyzeConfig(**fields))
+    check_data_parallel(AnalyzeConfig(backend="layerwise"))
+
+
 COMPRESS = {"ratio": 0.7, "backend": "kfac", "merge": "layerwise", "dtype": "float64", "batch_size": 3,
             "progress": False, "device": "cpu", "kfac": {"rank": None, "gradient_samples": 6}, "top": 3,
             "normalized_top": 1, "per_pattern": 1, "heal_steps": 4, "heal_lr": 1e-2, "time_limit_s": 5}
@@ -353,8 +419,9 @@ def test_what_cannot_be_split_is_refused_alike_on_every_rank():
 
 
 def test_stages_that_do_not_split_are_refused_under_torchrun(monkeypatch, tmp_path, capsys):
-    """compress, and analyze of a model that is not streamed, would run whole on every rank (each
-    writing the same outputs): under torchrun they stop at once with the reason, before any work."""
+    """compress of a model that is not streamed, and its analysis by a backend that draws over the
+    whole data, would run whole on every rank (each writing the same outputs): under torchrun they
+    stop at once with the reason, before any work (no rank waits for the group)."""
     from geoshare.cli import main
     from hessian_worker.distributed import TORCHRUN_ENV
 
@@ -365,5 +432,5 @@ def test_stages_that_do_not_split_are_refused_under_torchrun(monkeypatch, tmp_pa
     assert "geoshare compress runs in one process for now" in capsys.readouterr().err
     assert not out.exists()
     problem = tmp_path / "p.json"
-    assert main(["analyze", "--model", "minilm", "--data", "builtin", "-o", str(problem)]) == 2
+    assert main(["analyze", "--model", "minilm", "--data", "builtin", "--backend", "projected", "-o", str(problem)]) == 2
     assert "without torchrun" in capsys.readouterr().err and not problem.exists()
