@@ -45,6 +45,14 @@ class DistributedError(WorkerError, RuntimeError):
     """Another rank failed, or the ranks stopped answering within the timeout."""
 
 
+class GroupLost(DistributedError):
+    """The ranks stopped answering within the timeout (one died or is stuck): the group cannot run
+    another collective, so a long-running process (the worker) stops. ``retry``: the job itself
+    may be sound, another worker can run it."""
+
+    retry = True
+
+
 @dataclass(frozen=True)
 class Group:
     """The processes of one job.
@@ -211,7 +219,7 @@ def _collective(group: Group, name: str, run: Any) -> None:
     try:
         run()
     except RuntimeError as exc:
-        raise DistributedError(f"rank {group.rank}: the other ranks did not answer after {name} within "
+        raise GroupLost(f"rank {group.rank}: the other ranks did not answer after {name} within "
                                f"{group.timeout_s:.0f} s ({TIMEOUT_ENV}): one died or is stuck, see its log "
                                f"({type(exc).__name__}: {exc})") from exc
 
