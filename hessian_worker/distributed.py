@@ -129,6 +129,11 @@ def launched() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV)
 
 
+def backend_for(device: torch.device | str) -> str:
+    """The collective backend of a job on ``device``: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 _JOINED: list[tuple[Any, Group]] = []  # (the default group, its Group): the gloo side group is made once
 
 
@@ -145,7 +150,7 @@ def join(device: torch.device | str) -> Group | None:
         if not launched():
             return None
         device = torch.device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = backend_for(device)
         if backend == "nccl":  # "cuda" without an index is then this rank's device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         limit = timeout()
