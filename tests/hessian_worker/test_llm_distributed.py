@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from hessian_worker import AnalyzeConfig
-from hessian_worker.distributed import DistributedError, shard
+from hessian_worker.distributed import DistributedError, GroupLost, shard
 from hessian_worker.llm import analyze_checkpoint
 from hessian_worker.llm.synthetic import (
     SHAPES,
@@ -220,8 +220,9 @@ def test_a_rank_that_dies_ends_the_job_within_the_timeout(llama, tmp_path):
     results, elapsed = _run({"model": str(llama), "config": config.model_dump(mode="json"), "fail": {"0": "exit"},
                              "timeout": 10}, tmp_path, limit_s=90)
     assert results[0] == {"exitcode": 3}
-    assert results[1]["error"] == "DistributedError", results[1]
+    assert results[1]["error"] == "GroupLost", results[1]  # the DistributedError of a group that cannot go on
     assert "did not answer" in results[1]["message"]
+    assert issubclass(GroupLost, DistributedError)
 
 
 @pytest.mark.slow
@@ -429,7 +430,7 @@ def test_stages_that_do_not_split_are_refused_under_torchrun(monkeypatch, tmp_pa
         monkeypatch.setenv(name, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.get(name, "29500"))
     out = tmp_path / "out"
     assert main(["compress", "--model", "minilm", "--data", "builtin", "--ratio", "0.8", "--out", str(out)]) == 2
-    assert "geoshare compress runs in one process for now" in capsys.readouterr().err
+    assert "geoshare compress --backend exact on minilm runs in one process for now" in capsys.readouterr().err
     assert not out.exists()
     problem = tmp_path / "p.json"
     assert main(["analyze", "--model", "minilm", "--data", "builtin", "--backend", "projected", "-o", str(problem)]) == 2
