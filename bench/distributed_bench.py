@@ -155,6 +155,11 @@ def write(row: dict, argv: list[str], note: str | None) -> None:
                                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                  "commit": _commit(), "note": note, "runs": [row]})
     path.write_text(json.dumps(existing, indent=2))
+    render(existing)
+
+
+def render(existing: dict) -> None:
+    """bench/results/distributed_bench.md from the sessions of the .json."""
     lines = ["# Streamed analysis and compress in one process and as one torchrun job (gloo, CPU)", "",
              "Same checkpoint (random bfloat16 weights), tokens and cores in the same run; wall seconds; RSS is the",
              "largest process's peak. Phases are rank 0's (statistics / factors / pricing).", ""]
@@ -217,7 +222,11 @@ def main(argv: list[str]) -> int:
                         help="torch threads of the single process; the job's processes share them")
     parser.add_argument("--note", default=None, help="a line kept with this session's results")
     parser.add_argument("--no-record", action="store_true", help="print only (a smoke run)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args(argv)
+    if args.render:
+        render(json.loads((RESULTS / f"{NAME}.json").read_text()))
+        return 0
     if args.stage == "compress":
         row = run_compress(args.shape, args.depth, args.samples, args.length, args.batch_size, args.procs,
                            args.threads, args.heal, args.dtype)
