@@ -94,9 +94,13 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
     and saves the tied model to ``out`` (model.safetensors + plan.json + the checkpoint's config.json and
     tokenizer: ``hessian_worker.load_compressed`` reads it).
 
+    In a torch.distributed job (torchrun, or a process group initialized before the call) every
+    rank calls this with the same arguments and gets the same report; rank 0 writes ``out``.
+
     Raises:
         BackendError: a setting the streamed path cannot honour (the message names the alternative).
         CheckpointError, MemoryBudgetError, DataError, BudgetInfeasible: with the fix in the message.
+        DistributedError: another rank failed, or the ranks stopped answering within the timeout.
     """
     acfg = _check_supported(config)
     group = join(torch_device(acfg))
