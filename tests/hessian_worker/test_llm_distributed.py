@@ -374,6 +374,27 @@ def test_rows_are_split_contiguously_and_cover_every_row_once():
         assert rows == list(range(count))
 
 
+@pytest.mark.slow
+def test_torchrun_compresses_from_the_cli(llama, tmp_path):
+    """``torchrun -m geoshare compress``: rank 0 writes the run's files once (model, plan, report,
+    problem with world_size, card); the other rank writes nothing and both exit 0."""
+    out = tmp_path / "out"
+    flags = ["compress", "--model", str(llama), "--data", str(llama / "calib.pt"), "--ratio", "0.7", "--dtype",
+             "float64", "--batch-size", "3", "--kfac-rank", "0", "--top", "2", "--normalized-top", "1",
+             "--per-pattern", "1", "--heal", "2", "--heal-lr", "1e-2", "--time-limit", "5", "--no-stats-cache",
+             "--quiet", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GEOSHARE_DIST_TIMEOUT": str(TIMEOUT_S)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(_free_port()), "-m", "geoshare", *flags],
+                         cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count('"chosen"') == 1  # report.json's text, printed by rank 0 only
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "plan.json", "report.json", "problem.json",
+                                               "README.md", "config.json"}
+    source = json.loads((out / "problem.json").read_text(encoding="utf-8"))["source"]
+    assert source["world_size"] == 2 and source["rank_samples"] == [5, 3] and source["heal"]["rank_samples"] == [5, 3]
+
+
 def test_shards_are_strided_and_cover_every_batch_once():
     shards = [shard(7, rank, 3) for rank in range(3)]
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
