@@ -5,8 +5,10 @@ with its report. Before anything runs, the job's model, data and output folder a
 this worker's own access settings (service/access.py), on its own file system: the API checked
 them at submission, but it may be another machine with other mounts, and a symlink may have
 appeared since; the job then runs on the resolved paths that were checked. Both functions are injected (tests use tiny ones); the defaults run
-``hessian_worker.analyze`` and ``hessian_worker.compress``, imported only when the first job
-arrives, so the loop needs no torch.
+``hessian_worker.analyze`` and ``hessian_worker.compress`` (for a decoder checkpoint with backend
+kfac or layerwise, the streamed ``analyze_checkpoint`` and ``compress_checkpoint``, as the CLI
+does), imported only when the first job arrives, so the loop needs no torch. Under torchrun the
+loop runs on rank 0 of a group (service/group_worker.py).
 """
 
 from __future__ import annotations
