@@ -8,7 +8,9 @@ from torch import nn
 
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import DataSource
+from hessian_worker.distributed import in_job
 from hessian_worker.losses import TaskLoss
+from hessian_worker.pair_costs import check_data_parallel
 from hessian_worker.schemes import scheme_for
 from solver.schema import SharingProblem
 
@@ -34,10 +36,19 @@ def analyze(
 
     Raises:
         DiscoveryError, DataError, MemoryBudgetError, BackendError: with the fix in the message.
+        DistributedError: in a torch.distributed job (scheme tie, backend exact or layerwise: the
+            calibration batches split over the ranks), another rank failed or stopped answering.
     """
     config = config or AnalyzeConfig()
+    if in_job():  # before anything runs on every rank
+        check_data_parallel(config)
     problem = scheme_for(config.scheme).costs(model, data, config, tokenizer=tokenizer, loss_fn=loss_fn)
-    return problem.model_copy(update={"source": cost_source(config, loss_fn)})
+    # a distributed job's record (world_size, each rank's samples) is kept beside the settings
+    job = {k: v for k, v in (problem.source or {}).items() if k in JOB_KEYS}
+    return problem.model_copy(update={"source": {**cost_source(config, loss_fn), **job}})
+
+
+JOB_KEYS = ("world_size", "sharding", "rank_samples")
 
 
 def cost_source(config: AnalyzeConfig, loss_fn: TaskLoss | None) -> dict[str, Any]:

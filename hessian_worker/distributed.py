@@ -45,6 +45,14 @@ class DistributedError(WorkerError, RuntimeError):
     """Another rank failed, or the ranks stopped answering within the timeout."""
 
 
+class GroupLost(DistributedError):
+    """The ranks stopped answering within the timeout (one died or is stuck): the group cannot run
+    another collective, so a long-running process (the worker) stops. ``retry``: the job itself
+    may be sound, another worker can run it."""
+
+    retry = True
+
+
 @dataclass(frozen=True)
 class Group:
     """The processes of one job.
@@ -71,6 +79,19 @@ class Group:
 def shard(count: int, rank: int, world_size: int) -> list[int]:
     """Batch indices of ``rank`` out of ``count`` batches (strided)."""
     return list(range(rank, count, world_size))
+
+
+def row_share(count: int, rank: int, world_size: int) -> slice:
+    """The rows of a batch of ``count`` samples this rank holds when every batch is split (block-wise
+    healing: each optimizer step is one batch, so its samples, not whole batches, are dealt out):
+    ``world_size`` contiguous parts, the first ``count % world_size`` one row longer; empty when a
+    batch has fewer rows than ranks."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+ROW_SHARDING = "rows of every batch in world_size contiguous parts"
 
 
 def deal(weights: Sequence[float], world_size: int) -> list[int]:
@@ -108,6 +129,11 @@ def launched() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV)
 
 
+def backend_for(device: torch.device | str) -> str:
+    """The collective backend of a job on ``device``: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 _JOINED: list[tuple[Any, Group]] = []  # (the default group, its Group): the gloo side group is made once
 
 
@@ -124,7 +150,7 @@ def join(device: torch.device | str) -> Group | None:
         if not launched():
             return None
         device = torch.device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = backend_for(device)
         if backend == "nccl":  # "cuda" without an index is then this rank's device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         limit = timeout()
@@ -198,7 +224,7 @@ def _collective(group: Group, name: str, run: Any) -> None:
     try:
         run()
     except RuntimeError as exc:
-        raise DistributedError(f"rank {group.rank}: the other ranks did not answer after {name} within "
+        raise GroupLost(f"rank {group.rank}: the other ranks did not answer after {name} within "
                                f"{group.timeout_s:.0f} s ({TIMEOUT_ENV}): one died or is stuck, see its log "
                                f"({type(exc).__name__}: {exc})") from exc
 
@@ -243,6 +269,26 @@ def gather(group: Group | None, value: Any, name: str = "the results") -> list[A
     return out
 
 
+def sum_over_ranks(group: Group | None, values: Sequence[float], name: str = "the losses") -> list[float]:
+    """Each of ``values`` (this rank's partial sums) added up over the ranks, in rank order on every
+    rank, so every rank holds the same floats and takes the same decisions from them."""
+    if group is None or group.world_size == 1:
+        return [float(v) for v in values]
+    parts = gather(group, [float(v) for v in values], name)
+    return [sum(p[i] for p in parts) for i in range(len(values))]
+
+
+def broadcast_tensors(group: Group | None, tensors: Sequence[Tensor], name: str = "the values", src: int = 0) -> None:
+    """Rank ``src``'s tensors on every rank, in place (over the group's device)."""
+    if group is None or group.world_size == 1:
+        return
+    for t in tensors:
+        moved = t.to(group.device)
+        _collective(group, name, lambda moved=moved: dist.broadcast(moved, src=src))
+        if moved is not t:
+            t.copy_(moved)
+
+
 def broadcast(group: Group | None, value: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``value`` on every rank (a small picklable object)."""
     if group is None or group.world_size == 1:
@@ -252,9 +298,30 @@ def broadcast(group: Group | None, value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+class SummedForm:
+    """A quadratic form whose batches are split over the ranks: each rank's ``local`` form is its
+    batches' share of the sum over samples (``Objective(total=...)``), and ``quad`` adds them up,
+    so every rank gets the whole data's values. Every rank calls ``quad`` with the same directions
+    in the same order (the pair loops are deterministic)."""
+
+    def __init__(self, local: Any, group: Group) -> None:
+        self.local = local
+        self.group = group
+
+    def quad(self, deltas: Mapping[str, Tensor]) -> Tensor:
+        with step(self.group, "the quadratic forms"):
+            value = self.local.quad(deltas).detach().clone()
+        all_reduce_sums(self.group, [value], "the quadratic forms")
+        return value
+
+
 def in_job() -> bool:
     """Whether this process is one of several: torchrun started it, or a process group is up."""
     return launched() or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+SPLIT = ("the streamed analysis and compress of a LLaMA/Mistral/Qwen2 checkpoint (backend kfac or layerwise) and "
+         "the in-memory analysis with scheme tie and backend exact or layerwise")
 
 
 def refuse_in_job(what: str) -> None:
@@ -264,9 +331,8 @@ def refuse_in_job(what: str) -> None:
         DistributedError: under torchrun or an initialized group of several processes.
     """
     if in_job():
-        raise DistributedError(f"{what} runs in one process for now; under torchrun only the streamed analysis of "
-                               "a LLaMA/Mistral/Qwen2 checkpoint (kfac, layerwise) is split across processes: run "
-                               "this without torchrun")
+        raise DistributedError(f"{what} runs in one process for now; under torchrun only {SPLIT} are split across "
+                               "processes: run this without torchrun")
 
 
 def is_writer(group: Group | None = None) -> bool:

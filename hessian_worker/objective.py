@@ -30,6 +30,9 @@ class Objective:
         names: the shareable parameter names the pure functions take.
         distill: which distillation loss (ignored with ``task_loss``).
         task_loss: a user loss (output, batch) -> scalar; keeps the first-order term.
+        total: the samples the batches' weights n_b/N are shares of (default: those of ``data``;
+            a process of a torch.distributed job holds some of the batches and gives all of them,
+            so its loss and forms are its part of the whole, summed with the others').
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class Objective:
         names: list[str],
         distill: DistillLoss = DistillLoss.auto,
         task_loss: TaskLoss | None = None,
+        total: int | None = None,
     ) -> None:
         model.eval()
         self.model = model
@@ -50,8 +54,8 @@ class Objective:
             raise BackendError(f"unknown parameter names {missing[:5]}")
         self.names = list(names)
         self.params0: Params = {n: own[n].detach() for n in names}
-        total = data.num_samples
-        self.weights = [s / total for s in data.sizes]
+        self.total = total or data.num_samples
+        self.weights = [s / self.total for s in data.sizes]
         self.task_loss = task_loss
         self.targets: list[Tensor] = []
         is_logits = False
@@ -66,7 +70,7 @@ class Objective:
         copy's own outputs (so self-distillation stays at its minimum there)."""
         model = copy.deepcopy(self.model).to(dtype=dtype)
         device = self.params0[self.names[0]].device
-        return Objective(model, self.data.to(device, dtype), self.names, self.distill, self.task_loss)
+        return Objective(model, self.data.to(device, dtype), self.names, self.distill, self.task_loss, self.total)
 
     @property
     def is_distill(self) -> bool:

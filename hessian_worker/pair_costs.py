@@ -10,28 +10,51 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hessian_worker.config import AnalyzeConfig, Backend, generator
+from hessian_worker.config import AnalyzeConfig, Backend, generator, torch_device
 from hessian_worker.costs import FamilyPairs, PairPredict, cost_matrix
 from hessian_worker.curvature.base import Curvature, PairCurvature, Params
 from hessian_worker.curvature.diagonal import DiagonalCurvature, estimate_diagonal
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.curvature.functional import gradient
 from hessian_worker.curvature.kfac import collect_factors
-from hessian_worker.curvature.layerwise import LayerwiseCurvature
+from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_sums, linear_modules
 from hessian_worker.curvature.projected import ProjectedCurvature
-from hessian_worker.data import DataSource
+from hessian_worker.data import Calibration, DataSource
 from hessian_worker.discovery import LayerInfo, discover_layers
-from hessian_worker.errors import BackendError
+from hessian_worker.distributed import (
+    SHARDING,
+    Group,
+    SummedForm,
+    all_reduce_sums,
+    broadcast,
+    in_job,
+    is_writer,
+    join,
+    shard,
+    step,
+)
+from hessian_worker.errors import BackendError, DataError
 from hessian_worker.losses import TaskLoss
 from hessian_worker.merge import Merge, merge_weights, plan_groups
 from hessian_worker.objective import Objective
 from hessian_worker.prepare import Prepared, prepare
-from solver.schema import Constraints, Costs, Layer, Options, SharingPlan, SharingProblem
+from solver.schema import Constraints, Costs, Layer, Options, Scheme, SharingPlan, SharingProblem
+
+DATA_PARALLEL = (Backend.exact, Backend.layerwise)
+"""In-memory backends whose forms are sums over the calibration batches, so a torch.distributed job
+splits the batches and adds up the sums exactly. The others draw random probes or output labels
+over the whole data (projected, diagonal, kfac in memory) and are run in one process."""
 
 
-def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
-    """The configured backend over the objective's names."""
+def build_curvature(obj: Objective, config: AnalyzeConfig, group: Group | None = None) -> Curvature:
+    """The configured backend over the objective's names; with a ``group`` of several processes,
+    ``obj`` holds this rank's batches and the form is summed over the ranks (DATA_PARALLEL only)."""
     gen = generator(config)
+    if group is not None and group.world_size > 1:
+        check_data_parallel(config)
+        if config.backend is Backend.exact:
+            return SummedForm(ExactCurvature(obj, config.curvature, chunk=config.chunk), group)
+        return _summed_layerwise(obj, group, config.progress)
     if config.backend is Backend.exact:
         return ExactCurvature(obj, config.curvature, chunk=config.chunk)
     if config.backend is Backend.projected:
@@ -85,9 +108,35 @@ class Predictor:
         return self.family_pairs if isinstance(self.curvature, PairCurvature) else None
 
 
-def make_predict(obj: Objective, curvature: Curvature) -> Predictor:
-    """The predicted loss change under ``curvature``, with the first-order term of a task loss."""
-    return Predictor(curvature, None if obj.is_distill else gradient(obj, obj.names))
+def make_predict(obj: Objective, curvature: Curvature, group: Group | None = None) -> Predictor:
+    """The predicted loss change under ``curvature``, with the first-order term of a task loss
+    (with a ``group``: ``obj`` holds this rank's batches and the gradient is summed over the ranks)."""
+    if obj.is_distill:
+        return Predictor(curvature, None)
+    with step(group, "the gradient"):
+        grads = gradient(obj, obj.names)
+    all_reduce_sums(group, list(grads.values()), "the gradient")
+    return Predictor(curvature, grads)
+
+
+def _summed_layerwise(obj: Objective, group: Group, progress: bool) -> LayerwiseCurvature:
+    """The layerwise form from every rank's input sums and row counts, added up before dividing."""
+    with step(group, "the layer input sums"):
+        sums, counts = input_sums(obj.model, obj.data, obj.names, progress=progress)
+    all_reduce_sums(group, [sums[n] for n in obj.names], "the layer input sums")
+    totals = torch.tensor([counts[n] for n in obj.names], dtype=torch.int64)
+    all_reduce_sums(group, [totals], "the layer input counts")
+    covs = {n: sums[n] / max(int(c), 1) for n, c in zip(obj.names, totals.tolist(), strict=True)}
+    return LayerwiseCurvature(covs, {n: t for n, (_, t) in linear_modules(obj.model, obj.names).items()})
+
+
+def check_data_parallel(config: AnalyzeConfig) -> None:
+    """Raises BackendError, before any work, for in-memory costs a torch.distributed job cannot split."""
+    if config.scheme is not Scheme.tie or config.backend not in DATA_PARALLEL:
+        raise BackendError(f"the in-memory analysis with scheme={config.scheme.value!r} and backend="
+                           f"{config.backend.value!r} runs in one process; under torchrun use scheme 'tie' with "
+                           f"backend {' or '.join(repr(b.value) for b in DATA_PARALLEL)} (the default is exact), "
+                           "or run it without torchrun")
 
 
 def to_problem(layers: Sequence[LayerInfo], matrix: list[list[float | None]], config: AnalyzeConfig) -> SharingProblem:
@@ -101,21 +150,51 @@ def to_problem(layers: Sequence[LayerInfo], matrix: list[list[float | None]], co
 
 def tie_costs(model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *, tokenizer: Any | None = None,
               loss_fn: TaskLoss | None = None) -> SharingProblem:
-    """``analyze`` for the tie scheme (see hessian_worker.analysis.analyze)."""
-    prep = prepare(model, data, config, tokenizer=tokenizer)
+    """``analyze`` for the tie scheme (see hessian_worker.analysis.analyze).
+
+    In a torch.distributed job (torchrun, or a process group initialized before the call) every
+    rank loads the model, runs its share of the calibration batches (batch b on rank b % world_size)
+    and the forms are summed over the ranks (DATA_PARALLEL backends); every rank returns rank 0's
+    problem, its ``source`` recording world_size and each rank's samples.
+
+    Raises:
+        BackendError: a backend or scheme that does not split, under torchrun (before any work).
+        DistributedError: another rank failed, or the ranks stopped answering within the timeout.
+    """
+    if in_job():
+        check_data_parallel(config)
+    group = join(torch_device(config))
+    if not is_writer(group):
+        config = config.model_copy(update={"progress": False})
+    with step(group, "preparing the model and data"):
+        prep = prepare(model, data, config, tokenizer=tokenizer)
+    if group is not None and len(prep.data.batches) < group.world_size:
+        raise DataError(f"{len(prep.data.batches)} calibration batches for {group.world_size} processes: every "
+                        "process runs whole batches; give more samples, a smaller batch size, or fewer processes")
     with torch.no_grad():  # torch.func transforms differentiate anyway; no stray autograd graphs
-        return pair_costs(prep, config, loss_fn)
+        return broadcast(group, pair_costs(prep, config, loss_fn, group))
 
 
-def pair_costs(prep: Prepared, config: AnalyzeConfig, loss_fn: TaskLoss | None) -> SharingProblem:
-    """The tie scheme's problem: the predicted loss change of sharing each same-family pair."""
+def pair_costs(prep: Prepared, config: AnalyzeConfig, loss_fn: TaskLoss | None,
+               group: Group | None = None) -> SharingProblem:
+    """The tie scheme's problem: the predicted loss change of sharing each same-family pair (with a
+    ``group``: this rank's batches, the forms summed over the ranks)."""
     layers = discover_layers(prep.model, config.targets, config.ignore, config.families)
     names = [x.name for x in layers]
-    obj = Objective(prep.model, prep.data, names, config.distill, loss_fn)
-    predict = make_predict(obj, build_curvature(obj, config))
+    sizes = prep.data.sizes
+    data = prep.data if group is None else Calibration([prep.data.batches[b] for b in group.batches(len(sizes))])
+    with step(group, "the reference outputs"):
+        obj = Objective(prep.model, data, names, config.distill, loss_fn, total=prep.data.num_samples)
+    predict = make_predict(obj, build_curvature(obj, config, group), group)
     matrix = cost_matrix(layers, obj.params0, predict, config.kind, predict_pairs=predict.pair_route,
                          chunk=config.chunk, progress=config.progress)
-    return to_problem(layers, matrix, config)
+    problem = to_problem(layers, matrix, config)
+    if group is None:
+        return problem
+    return problem.model_copy(update={"source": {
+        "world_size": group.world_size, "sharding": SHARDING,
+        "rank_samples": [sum(sizes[b] for b in shard(len(sizes), r, group.world_size))
+                         for r in range(group.world_size)]}})
 
 
 def plan_perturbation(params: Mapping[str, Tensor], groups: Sequence[Sequence[str]], merge: Merge,

@@ -38,6 +38,7 @@ from hessian_worker.choose import choose_healed, choose_plan
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, DataSource, holdout_size, load_calibration
+from hessian_worker.distributed import refuse_in_job
 from hessian_worker.healing import HealReport, heal
 from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.merge_rule import default_merge
@@ -88,7 +89,11 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
 
     Raises:
         BudgetInfeasible, DataError, DiscoveryError: with the fix in the message.
+        DistributedError: in a torch.distributed job of several processes (the choice, merge,
+            healing and save of a model in memory do not split; a decoder checkpoint's streamed
+            ``compress_checkpoint`` does).
     """
+    refuse_in_job("the in-memory compress")
     acfg = config.analyze_config(DType.float32)
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size, seed=config.seed)
     fit, held = split_holdout(calib, config)

@@ -5,8 +5,10 @@ with its report. Before anything runs, the job's model, data and output folder a
 this worker's own access settings (service/access.py), on its own file system: the API checked
 them at submission, but it may be another machine with other mounts, and a symlink may have
 appeared since; the job then runs on the resolved paths that were checked. Both functions are injected (tests use tiny ones); the defaults run
-``hessian_worker.analyze`` and ``hessian_worker.compress``, imported only when the first job
-arrives, so the loop needs no torch.
+``hessian_worker.analyze`` and ``hessian_worker.compress`` (for a decoder checkpoint with backend
+kfac or layerwise, the streamed ``analyze_checkpoint`` and ``compress_checkpoint``, as the CLI
+does), imported only when the first job arrives, so the loop needs no torch. Under torchrun the
+loop runs on rank 0 of a group (service/group_worker.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,6 +54,10 @@ def default_analyze(spec: AnalysisSpec, device: str = "auto") -> SharingProblem:
 
     config = AnalyzeConfig(backend=spec.backend.value, kind=spec.kind, samples=spec.samples, seed=spec.seed,
                            max_params_ratio=spec.ratio, device=device, progress=False)
+    if _streamed(spec):  # a decoder checkpoint, block by block (as `geoshare analyze`)
+        from hessian_worker.llm import analyze_checkpoint
+
+        return analyze_checkpoint(spec.model, spec.data, config)
     data: Any = spec.data if spec.data is not None else DEFAULT_SENTENCES
     return analyze(spec.model, data, config)
 
@@ -66,12 +73,21 @@ def default_compress(spec: AnalysisSpec, job_id: str, device: str = "auto") -> C
     """
     if spec.compress is None:
         raise ValueError("default_compress needs a spec with `compress`; costs-only specs go to analyze")
-    out = prepare_out(spec.compress.out, overwrite=spec.compress.overwrite, job_id=job_id)
+    from hessian_worker.distributed import is_writer, refuse_in_job
+
+    # in a torch.distributed worker rank 0 prepared ``out`` before the job reached the other ranks
+    out = (prepare_out(spec.compress.out, overwrite=spec.compress.overwrite, job_id=job_id) if is_writer()
+           else Path(spec.compress.out).expanduser())
     from hessian_worker import CompressConfig, compress, load_model
     from hessian_worker.compress_run import save_compressed_run
     from hessian_worker.data import DEFAULT_SENTENCES
+    from hessian_worker.llm import compress_checkpoint
 
     config = CompressConfig.model_validate(compress_config(spec) | {"device": device, "progress": False})
+    if _streamed(spec, config.scheme.value):  # a decoder checkpoint, block by block (as `geoshare compress`)
+        report = compress_checkpoint(spec.model, spec.data, config, out)
+        return _handed_in(report, out)
+    refuse_in_job(f"an in-memory compress job of {spec.model}")
     loaded = load_model(spec.model)
     if spec.data is None and loaded.tokenizer is None:
         raise ValueError(f"model {spec.model!r} has no tokenizer, so the built-in sentences cannot feed it; "
@@ -81,6 +97,25 @@ def default_compress(spec: AnalysisSpec, job_id: str, device: str = "auto") -> C
     # the model and report.json, written as `geoshare compress` writes them; a job keeps neither the
     # costs (problem.json) nor figures on the card (docs/contract.md)
     save_compressed_run(out, report, model=loaded.model, source=spec.model, costs=False, card=False)
+    return _handed_in(report, out, saved=True)
+
+
+def _streamed(spec: AnalysisSpec, scheme: str = "tie") -> bool:
+    """A job whose model is a decoder checkpoint the streamed path takes (backend kfac or layerwise,
+    scheme tie): the rule of ``geoshare analyze`` and ``geoshare compress``."""
+    from hessian_worker.llm import is_streamable
+
+    return scheme == "tie" and spec.backend.value in ("kfac", "layerwise") and is_streamable(spec.model)
+
+
+def _handed_in(report: Any, out: Path, *, saved: bool = False) -> Compressed:
+    """What a compress job hands in; the streamed path wrote the model itself, rank 0 writes
+    report.json beside it (``saved``: the in-memory path wrote it already)."""
+    from hessian_worker.compress_run import save_compressed_run
+    from hessian_worker.distributed import is_writer
+
+    if not saved and is_writer():
+        save_compressed_run(out, report, costs=False, card=False)
     doc = report.model_dump(mode="json", exclude={"problem"})
     doc["out"] = str(out.resolve())
     return Compressed(problem=report.problem, report=doc)
@@ -150,7 +185,8 @@ def process(client: GeoShareClient, claim: dict[str, Any], analyze_fn: AnalyzeFn
 
 
 def _report_failure(client: GeoShareClient, job_id: str, lease: str, exc: BaseException) -> None:
-    retry = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+    # a rank of a torch.distributed worker that stopped answering (GroupLost) is no fault of the job
+    retry = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or getattr(exc, "retry", False) is True
     try:
         client.fail(job_id, lease, f"{type(exc).__name__}: {exc}", retry=retry)
     except (httpx.HTTPError, ApiError):
@@ -161,10 +197,12 @@ def run_worker(api: str, *, api_key: str | None = None, worker_id: str | None = 
                lease_s: float = 120.0, max_jobs: int | None = None, device: str = "auto",
                analyze_fn: AnalyzeFn | None = None, compress_fn: CompressFn | None = None,
                stop: threading.Event | None = None, client: GeoShareClient | None = None,
-               access: AccessRules | None = None) -> int:
+               access: AccessRules | None = None, on_idle: Callable[[], None] | None = None) -> int:
     """Serve analysis jobs until ``stop`` is set or ``max_jobs`` were taken; the number taken.
 
-    ``access`` is what jobs may load, read and write here (default: this worker's settings)."""
+    ``access`` is what jobs may load, read and write here (default: this worker's settings).
+    ``on_idle`` runs at every poll without a job (rank 0 of a torch.distributed worker tells the
+    other ranks it is still there: service/group_worker.py)."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     access = access or worker_rules()
     analyze_fn = analyze_fn or partial(default_analyze, device=device)
@@ -179,9 +217,10 @@ def run_worker(api: str, *, api_key: str | None = None, worker_id: str | None = 
                 claim = client.claim(worker_id, lease_s)
             except (httpx.HTTPError, ApiError) as exc:
                 log.warning("claim failed (%s); retrying in %.1f s", exc, poll_s)
-                stop.wait(poll_s)
-                continue
+                claim = None
             if claim is None:
+                if on_idle is not None:
+                    on_idle()
                 stop.wait(poll_s)
                 continue
             taken += 1

@@ -77,7 +77,7 @@ def ranks(args: argparse.Namespace) -> tuple[int, int | None]:
 
 def run(args: argparse.Namespace) -> int:
     from hessian_worker import AnalyzeConfig, analyze
-    from hessian_worker.distributed import is_writer, refuse_in_job
+    from hessian_worker.distributed import is_writer
     from hessian_worker.llm import analyze_checkpoint, is_streamable
     from hessian_worker.models import load_model
 
@@ -101,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
         problem = analyze_checkpoint(args.model, args.data, config, memory_limit_gb=args.memory_limit_gb,
                                      cache_dir=flags.stats_cache(args))
     else:
-        refuse_in_job(f"geoshare analyze --backend {backend} on {args.model}")
         if is_streamable(args.model):
             flags.check_whole_model_fits(args.model, config.dtype.value, config.backend.value, args.memory_limit_gb)
         loaded = load_model(args.model)

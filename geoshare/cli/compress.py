@@ -72,13 +72,12 @@ def add_commands(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hessian_worker.compress_run import save_compressed_run
-    from hessian_worker.distributed import refuse_in_job
+    from hessian_worker.distributed import is_writer, refuse_in_job
     from hessian_worker.llm import compress_checkpoint, is_streamable
     from hessian_worker.models import load_model
     from hessian_worker.options import CompressConfig
     from hessian_worker.pipeline import compress
 
-    refuse_in_job("geoshare compress")  # the choice, merge, healing and save are not split across processes yet
     basis = flags.basis_options(args, args.basis_rank)
     streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and not basis
     backend = args.backend or ("kfac" if streamed else "exact")
@@ -96,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
     if streamed:
         report = compress_checkpoint(args.model, args.data, config, args.out,
                                      memory_limit_gb=args.memory_limit_gb, cache_dir=flags.stats_cache(args))
+        if not is_writer():  # under torchrun every rank holds the report; rank 0 wrote the model and writes the rest
+            return 0
         text = save_compressed_run(args.out, report, command=command)
     else:
+        refuse_in_job(f"geoshare compress --backend {backend} on {args.model}")
         if is_streamable(args.model):
             flags.check_whole_model_fits(args.model, args.dtype or "float32", backend, args.memory_limit_gb)
         loaded = load_model(args.model)

@@ -42,7 +42,8 @@ def add_commands(subparsers: Any) -> None:
         description="Claims analysis and compress jobs from a geoshare serve API under a lease, runs them on "
                     "this machine (torch) and hands in the costs and reports.",
         examples=["geoshare worker --api http://127.0.0.1:8000",
-                  "geoshare worker --api http://api:8000 --device cuda:0 --max-jobs 10"])
+                  "geoshare worker --api http://api:8000 --device cuda:0 --max-jobs 10",
+                  "torchrun --nproc-per-node 8 -m geoshare worker --api http://api:8000  # one job on 8 GPUs"])
     w.add_argument("--api", default=None, metavar="URL", help="API base URL (default: GEOSHARE_API)")
     w.add_argument("--worker-id", default=None, metavar="NAME", help="name in leases and logs (default: host:pid)")
     w.add_argument("--poll", type=float, default=None, metavar="SECONDS",
@@ -81,9 +82,30 @@ def worker(args: argparse.Namespace) -> int:
     if not api:
         raise ValueError("no API URL; pass --api http://host:8000 or set GEOSHARE_API")
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    done = run_worker(api, api_key=key, worker_id=args.worker_id or settings.worker_id,
-                      poll_s=args.poll or settings.poll_s, lease_s=args.lease or settings.lease_s,
-                      max_jobs=args.max_jobs, device=args.device,
-                      access=AccessRules.of(settings, side="this worker"))
-    print(f"geoshare worker: {done} job(s) done", file=sys.stderr)
+    common = {"api_key": key, "worker_id": args.worker_id or settings.worker_id, "poll_s": args.poll or settings.poll_s,
+              "lease_s": args.lease or settings.lease_s, "max_jobs": args.max_jobs,
+              "access": AccessRules.of(settings, side="this worker")}
+    group = _group(args.device)
+    if group is None:
+        done = run_worker(api, device=args.device, **common)
+        print(f"geoshare worker: {done} job(s) done", file=sys.stderr)
+        return 0
+    from service.group_worker import rank_device, run_group_worker
+
+    done = run_group_worker(api, group=group, device=rank_device(args.device), **common)
+    print(f"geoshare worker rank {group.rank} of {group.world_size}: {done} job(s) done", file=sys.stderr)
     return 0
+
+
+def _group(device: str) -> Any:
+    """The torch.distributed group when torchrun started this worker (None: a lone worker; torch
+    is not imported for one)."""
+    import os
+
+    if not all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None
+    from hessian_worker.distributed import join
+    from service.group_worker import rank_device
+
+    group = join(rank_device(device))
+    return group if group is not None and group.world_size > 1 else None

@@ -53,6 +53,14 @@ def linear_modules(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn
 def input_covariances(model: nn.Module, data: Calibration, names: Sequence[str], *,
                       progress: bool = False) -> dict[str, Tensor]:
     """G = XᵀX/N per layer from one forward pass over the data (padding rows skipped)."""
+    sums, counts = input_sums(model, data, names, progress=progress)
+    return {n: sums[n] / max(counts[n], 1) for n in names}
+
+
+def input_sums(model: nn.Module, data: Calibration, names: Sequence[str], *,
+               progress: bool = False) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """(XᵀX, N) per layer over the data's real rows: what G is, before the division (the sums a
+    torch.distributed job adds up over its ranks' batches)."""
     layers = linear_modules(model, names)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
@@ -82,7 +90,7 @@ def input_covariances(model: nn.Module, data: Calibration, names: Sequence[str],
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / max(counts[n], 1) for n in names}
+    return sums, counts
 
 
 class LayerwiseCurvature:

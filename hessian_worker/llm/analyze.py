@@ -245,9 +245,10 @@ def merge_costs(group: Group | None, matrix: list[list[float | None]]) -> list[l
 
 def streamed_problem(opened: Opened, matrix: list[list[float | None]], config: AnalyzeConfig,
                      estimate: MemoryEstimate | None, cached: bool, seconds: Mapping[str, float],
-                     group: Group | None = None) -> SharingProblem:
+                     group: Group | None = None, *, data: Calibration | None = None) -> SharingProblem:
     """The SharingProblem, its ``source`` recording how it was streamed (and, in a distributed job,
-    over how many processes and how many samples each ran)."""
+    over how many processes and how many samples of ``data``, default all the calibration data,
+    each ran)."""
     problem = to_problem(opened.layers, matrix, config)
     source = cost_source(config, None)
     source.update(streamed=True, dtype=str(opened.dtype).removeprefix("torch."), statistics_cached=cached,
@@ -255,7 +256,7 @@ def streamed_problem(opened: Opened, matrix: list[list[float | None]], config: A
     if estimate is not None:
         source["memory_estimate_bytes"] = estimate.total
     if group is not None:
-        sizes = opened.calib.sizes
+        sizes = (data or opened.calib).sizes
         source.update(world_size=group.world_size, sharding=SHARDING,
                       rank_samples=[sum(sizes[b] for b in shard(len(sizes), r, group.world_size))
                                     for r in range(group.world_size)])

@@ -17,6 +17,14 @@ save. The in-memory path's heal-aware choice and ``heal_holdout`` do not apply: 
 is healed, and each block keeps its best step on its own data (classes shared with earlier blocks
 anchored to their inputs there, sketched as the statistics are: ``kfac.rank``).
 
+In a torch.distributed job (torchrun, or a process group initialized before the call) every rank
+runs this on its share of the samples: the statistics as the analysis shards them (whole batches,
+sums all-reduced, families priced across ranks), the solver's candidates found on rank 0 and
+broadcast, each candidate's measured loss and the held-out figure as sums of the ranks' batches,
+the merge from the all-reduced sums (the same on every rank), the healing data parallel over every
+batch's rows with all-reduced gradients (``llm.heal``), and the model written by rank 0. Every
+rank returns the same report; its problem's ``source`` records ``world_size`` and each rank's share.
+
 What costs what, in forwards over the calibration samples: the statistics about one (plus a
 backward over ``kfac.gradient_samples``), the reference over the scored samples and every
 candidate from its first tied block on, one each at most over those samples, and two over the
@@ -34,19 +42,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessian_worker.config import AnalyzeConfig, DType
+from hessian_worker.config import AnalyzeConfig, DType, torch_device
 from hessian_worker.curvature.kfac import FactorStats, InputFactor, input_factor
 from hessian_worker.data import Calibration, DataSource
+from hessian_worker.distributed import Group, all_reduce_stats, broadcast, is_writer, join, step
 from hessian_worker.errors import BackendError
 from hessian_worker.llm.analyze import (
     Opened,
     analysis_estimate,
     check_memory,
+    check_shardable,
     check_streamed_backend,
     factor_statistics,
+    merge_costs,
     open_blocks,
     open_checkpoint,
     price,
+    quiet_followers,
     streamed_problem,
     token_count,
 )
@@ -82,14 +94,21 @@ def compress_checkpoint(path: str | Path, data: DataSource | None, config: Compr
     and saves the tied model to ``out`` (model.safetensors + plan.json + the checkpoint's config.json and
     tokenizer: ``hessian_worker.load_compressed`` reads it).
 
+    In a torch.distributed job (torchrun, or a process group initialized before the call) every
+    rank calls this with the same arguments and gets the same report; rank 0 writes ``out``.
+
     Raises:
         BackendError: a setting the streamed path cannot honour (the message names the alternative).
         CheckpointError, MemoryBudgetError, DataError, BudgetInfeasible: with the fix in the message.
+        DistributedError: another rank failed, or the ranks stopped answering within the timeout.
     """
     acfg = _check_supported(config)
-    opened = open_checkpoint(path, data, acfg, tokenizer=tokenizer)
+    group = join(torch_device(acfg))
+    config, acfg = _quiet(config, group), quiet_followers(acfg, group)
+    with step(group, "opening the checkpoint"):
+        opened = open_checkpoint(path, data, acfg, tokenizer=tokenizer)
     return compress_opened(opened, config, out, memory_limit_gb=memory_limit_gb, cache_dir=cache_dir,
-                           source_model=str(Path(path)))
+                           source_model=str(Path(path)), group=group)
 
 
 def compress_blocks(blocks: ModuleBlocks, data: DataSource, config: CompressConfig, out: str | Path, *,
@@ -97,29 +116,49 @@ def compress_blocks(blocks: ModuleBlocks, data: DataSource, config: CompressConf
     """The streamed compress of a model already in memory (``llm.blocks``; the model is not changed),
     block by block as for a checkpoint: checked against the in-memory pipeline on the same model."""
     acfg = _check_supported(config)
-    return compress_opened(open_blocks(blocks, data, acfg, tokenizer=tokenizer), config, out)
+    group = join(blocks.device)
+    config, acfg = _quiet(config, group), quiet_followers(acfg, group)
+    with step(group, "reading the calibration data"):
+        opened = open_blocks(blocks, data, acfg, tokenizer=tokenizer)
+    return compress_opened(opened, config, out, group=group)
 
 
 def compress_opened(opened: Opened, config: CompressConfig, out: str | Path, *, memory_limit_gb: float | None = None,
-                    cache_dir: str | Path | None = None, source_model: str | None = None) -> CompressReport:
-    """The streamed compress of an opened model (see the module docstring)."""
+                    cache_dir: str | Path | None = None, source_model: str | None = None,
+                    group: Group | None = None) -> CompressReport:
+    """The streamed compress of an opened model (see the module docstring); ``group``: the
+    torch.distributed job it is one rank of (None: this process alone).
+
+    Raises:
+        DistributedError: another rank failed, or the ranks stopped answering within the timeout.
+    """
     acfg = _check_supported(config)
     merge = config.merge or Merge.layerwise
     fit, held = split_holdout(opened.calib, config)
-    estimate = compress_estimate(opened, acfg, fit, config.ratio) if opened.on_disk else None
-    if estimate is not None:
-        check_memory(estimate, memory_limit_gb, config.progress, what="streamed compress")
+    if group is not None and group.world_size > 1:
+        check_shardable(fit, acfg, group)
+    with step(group, "the memory check"):
+        estimate = compress_estimate(opened, acfg, _share(fit, group), config.ratio) if opened.on_disk else None
+        if estimate is not None:
+            check_memory(estimate, memory_limit_gb, config.progress, what="streamed compress")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     token_inputs: dict[str, FactorStats] = {}
-    stats, cached = factor_statistics(opened, fit, acfg, cache_dir, token_inputs=token_inputs)
+    stats, cached = factor_statistics(opened, fit, acfg, cache_dir, token_inputs=token_inputs, group=group)
     seconds["statistics"] = time.perf_counter() - clock
-    matrix, more = price(opened, stats, acfg, keep_stats=merge is Merge.layerwise)
+    with step(group, "pricing"):
+        matrix, more = price(opened, stats, acfg, keep_stats=merge is Merge.layerwise, group=group)
+    matrix = merge_costs(group, matrix)
     seconds.update(more)
-    problem = streamed_problem(opened, matrix, acfg, estimate, cached, seconds)
-    solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
-    pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
-                           per_pattern=config.per_pattern, normalized_top=config.normalized_top)
+    with step(group, "the candidate plans") as found:
+        problem = streamed_problem(opened, matrix, acfg, estimate, cached, seconds, group, data=fit)
+        if is_writer(group):  # the solver stops at a time limit: one rank finds the pool for all
+            solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s,
+                                       seed=config.seed)
+            found.share = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
+                                          per_pattern=config.per_pattern, normalized_top=config.normalized_top)
+    pool = found.shared[0]
+    problem = broadcast(group, problem)
 
     clock = time.perf_counter()
     layerwise = merge is Merge.layerwise
@@ -128,12 +167,17 @@ def compress_opened(opened: Opened, config: CompressConfig, out: str | Path, *, 
     # the merge's covariances are per token: the costs' sums, unless those were pooled per sample
     inputs = token_inputs or stats
     spec = InputStatsSpec(opened.layers, config.kfac.rank, config.kfac.oversample, config.seed)
-    reference, score_stats = reference_run(opened.decoder, score_part or fit,
-                                           stats=spec if score_part is not None else None,
-                                           progress=config.progress)
+    scored = score_part or fit
+    with step(group, "the reference pass of the choice"):
+        reference, score_stats = reference_run(opened.decoder, scored, stats=spec if score_part is not None else None,
+                                               batches=_batches(scored, group), progress=config.progress)
+    all_reduce_stats(group, score_stats)
     scoring = {n: difference(inputs[n], score_stats[n]) for n in score_stats} if score_stats else inputs
-    measured = plan_losses(opened.decoder, reference, [p.groups for p in pool],
-                           _merger(opened, merge, scoring, config), distill=config.distill, progress=config.progress)
+    with step(group, "measuring the candidates") as losses:
+        losses.share = plan_losses(opened.decoder, reference, [p.groups for p in pool],
+                                   _merger(opened, merge, scoring, config), distill=config.distill,
+                                   progress=config.progress)
+    measured = _summed(losses.shared)
     del reference, scoring, score_stats
     index = min(range(len(pool)), key=lambda i: (measured[i], i))
     plan = pool[index]
@@ -145,25 +189,31 @@ def compress_opened(opened: Opened, config: CompressConfig, out: str | Path, *, 
     if config.heal_steps:  # block-wise local distillation from the merged values, on the fit samples
         values, healed = heal_blockwise(opened.decoder, fit, plan.groups, final, steps=config.heal_steps,
                                         lr=config.heal_lr, seed=config.seed, rank=config.kfac.rank,
-                                        oversample=config.kfac.oversample, progress=config.progress)
+                                        oversample=config.kfac.oversample, progress=config.progress, group=group)
         final = values.__getitem__
         seconds["heal"] = time.perf_counter() - clock
         clock = time.perf_counter()
     held_change = None
     if held is not None:
-        reference, _ = reference_run(opened.decoder, held, progress=config.progress)
-        held_change = plan_loss(opened.decoder, reference, plan.groups, final, distill=config.distill)
-        del reference
+        with step(group, "the held-out figure") as part:
+            reference, _ = reference_run(opened.decoder, held, batches=_batches(held, group),
+                                         progress=config.progress)
+            part.share = [plan_loss(opened.decoder, reference, plan.groups, final, distill=config.distill)]
+            del reference
+        held_change = _summed(part.shared)[0]
     seconds["held_out"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    unique = save_streamed(opened.decoder, plan, final, out,
-                           extra={"source_model": source_model} if source_model is not None else None,
-                           source=source_model)
+    with step(group, "saving the model") as saved:
+        if is_writer(group):
+            saved.share = save_streamed(opened.decoder, plan, final, out,
+                                        extra={"source_model": source_model} if source_model is not None else None,
+                                        source=source_model)
+    unique = saved.shared[0]
     seconds["save"] = time.perf_counter() - clock
     source = {**(problem.source or {}), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     if healed is not None:
         source["heal"] = healed.summary()
-    return CompressReport(
+    report = CompressReport(
         plan=plan,
         chosen=plan.strategy or "optimum",
         merge=merge,
@@ -176,6 +226,28 @@ def compress_opened(opened: Opened, config: CompressConfig, out: str | Path, *, 
         predicted_loss_change=plan.objective,
         measured_loss_change=held_change,
     )
+    return broadcast(group, report)  # rank 0's timings on every rank: one report for the job
+
+
+def _batches(data: Calibration, group: Group | None) -> list[int] | None:
+    """The batches of ``data`` this rank runs (None: all, in a lone process)."""
+    return None if group is None else group.batches(len(data.batches))
+
+
+def _share(data: Calibration, group: Group | None) -> Calibration:
+    """This rank's batches of ``data`` (all of them alone; at least one, for an estimate)."""
+    own = _batches(data, group)
+    return data if own is None else Calibration([data.batches[b] for b in own] or data.batches[:1])
+
+
+def _summed(parts: list[list[float]]) -> list[float]:
+    """Every rank's partial losses added up in rank order (the same floats on every rank)."""
+    return [sum(p[i] for p in parts) for i in range(len(parts[0]))]
+
+
+def _quiet(config: CompressConfig, group: Group | None) -> CompressConfig:
+    """Progress bars on rank 0 only (the ranks move in step)."""
+    return config if is_writer(group) else config.model_copy(update={"progress": False})
 
 
 def compress_estimate(opened: Opened, config: AnalyzeConfig, fit: Calibration, ratio: float) -> MemoryEstimate:

@@ -72,7 +72,16 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from hessian_worker.curvature.kfac import FactorStats, input_factor, linear_hooks, new_stats
-from hessian_worker.data import Calibration
+from hessian_worker.data import Calibration, batch_size
+from hessian_worker.distributed import (
+    ROW_SHARDING,
+    Group,
+    all_reduce_stats,
+    all_reduce_sums,
+    broadcast_tensors,
+    row_share,
+    step,
+)
 from hessian_worker.llm.decoder import Decoder, run_block
 from hessian_worker.llm.measure import MergedOf, _block_index
 from hessian_worker.llm.stream import block_modules
@@ -101,26 +110,45 @@ class BlockHealReport(BaseModel):
     lr: float
     seconds: float
     blocks: list[BlockHeal] = Field(description="The blocks with a tied layer, in order.")
+    rank_samples: list[int] | None = Field(default=None, description="In a torch.distributed job: the samples "
+                                           "each rank healed on, by rank (every batch's rows split).")
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready digest (what ``compress_checkpoint`` puts in the problem's source)."""
-        return {"method": "blockwise", "steps": self.steps, "lr": self.lr, "seconds": round(self.seconds, 3),
-                "blocks": [{"block": b.block, "before": b.before, "after": b.after, "earlier": b.earlier,
-                            "best_step": b.best_step}
-                           for b in self.blocks]}
+        out = {"method": "blockwise", "steps": self.steps, "lr": self.lr, "seconds": round(self.seconds, 3),
+               "blocks": [{"block": b.block, "before": b.before, "after": b.after, "earlier": b.earlier,
+                           "best_step": b.best_step}
+                          for b in self.blocks]}
+        if self.rank_samples is not None:
+            out.update(sharding=ROW_SHARDING, rank_samples=self.rank_samples)
+        return out
 
 
 @dataclass
 class _Batches:
-    """What every block of a batch shares: the block keyword arguments and the real-token masks."""
+    """What every block of a batch shares: the block keyword arguments and the real-token masks of
+    this process's rows of each batch (``slot``: batch index -> its place in these lists; a batch
+    with no rows here has none), out of ``count`` batches in all, in ``group``."""
 
     kwargs: list[dict[str, Any]]
     masks: list[Tensor | None]
+    slot: dict[int, int]
+    count: int
+    group: Group | None = None
+
+
+def _rows(batch: dict[str, Tensor], rows: slice) -> dict[str, Tensor] | None:
+    """The batch's ``rows`` (every tensor's dim 0), or None when there are none."""
+    if rows.stop <= rows.start:
+        return None
+    if rows.start == 0 and rows.stop >= batch_size(batch):
+        return batch
+    return {k: v[rows] for k, v in batch.items()}
 
 
 def heal_blockwise(decoder: Decoder, data: Calibration, groups: Sequence[Sequence[str]], merged: MergedOf, *,
                    steps: int, lr: float, seed: int, rank: int | None = None, oversample: int = 64,
-                   progress: bool = False) -> tuple[dict[Class, Tensor], BlockHealReport]:
+                   progress: bool = False, group: Group | None = None) -> tuple[dict[Class, Tensor], BlockHealReport]:
     """(healed value of every class of ``groups``, report): each tied block trained in turn on
     ``data`` to reproduce the original block's outputs, starting from ``merged``'s values.
 
@@ -133,6 +161,14 @@ def heal_blockwise(decoder: Decoder, data: Calibration, groups: Sequence[Sequenc
         seed: orders the batches (and draws the anchors' sketches).
         rank, oversample: the anchors' input covariances kept to ``rank`` eigenpairs plus a bulk,
             from a sketch of rank + oversample columns (None: whole, in x in per anchor).
+        group: a torch.distributed job (None: this process alone). Every batch's rows are split
+            over the ranks (``row_share``); each step's gradient is the sum of the ranks' gradients
+            on their rows (all-reduced, as DDP does), so every step is the one-process step on the
+            whole batch; the errors, target energies and anchor sums are added up likewise, and
+            every rank ends with rank 0's values.
+
+    Raises:
+        DistributedError: another rank failed, or the ranks stopped answering within the timeout.
     """
     start = time.perf_counter()
     classes = [tuple(g) for g in groups if len(g) >= 2]
@@ -140,9 +176,15 @@ def heal_blockwise(decoder: Decoder, data: Calibration, groups: Sequence[Sequenc
     block_of = {n: _block_index(decoder, n) for n in class_of}
     last = {c: max(block_of[n] for n in c) for c in classes}
     acc = _wide(decoder.dtype)
-    with torch.no_grad():
-        inputs = [decoder.inputs(b) for b in data.batches]
-    batches = _Batches([kw for _, kw in inputs], [_real_tokens(b, decoder.device) for b in data.batches])
+    count = len(data.batches)
+    world = 1 if group is None else group.world_size
+    me = 0 if group is None else group.rank
+    rows = {b: _rows(batch, row_share(batch_size(batch), me, world)) for b, batch in enumerate(data.batches)}
+    mine = {b: batch for b, batch in rows.items() if batch is not None}
+    with step(group, "the healing inputs"), torch.no_grad():
+        inputs = [decoder.inputs(b) for b in mine.values()]
+    batches = _Batches([kw for _, kw in inputs], [_real_tokens(b, decoder.device) for b in mine.values()],
+                       {b: s for s, b in enumerate(mine)}, count, group)
     ref = [h for h, _ in inputs]
     tied = ref  # one stream until the first tied block
     del inputs
@@ -158,23 +200,30 @@ def heal_blockwise(decoder: Decoder, data: Calibration, groups: Sequence[Sequenc
                 masters[c] = merged(c).detach().to(device=decoder.device, dtype=acc).clone()
         if masters and tied is ref:
             tied = list(ref)  # the streams part: ref's tensors are replaced below, tied keeps them
-        block = decoder.load_block(i)
+        with step(group, f"loading block {i} for healing"):
+            block = decoder.load_block(i)
         try:
-            with torch.no_grad():
-                for b, h in enumerate(ref):
-                    ref[b] = run_block(block, h, batches.kwargs[b])  # the targets, then the next inputs
+            with step(group, f"the targets of block {i}") as targets:
+                with torch.no_grad():
+                    for b, h in enumerate(ref):
+                        ref[b] = run_block(block, h, batches.kwargs[b])  # the targets, then the next inputs
+                if tied is not ref:
+                    targets.share = sum(_energy(t, m) for t, m in zip(ref, batches.masks, strict=True))
             if tied is not ref:
-                energy = sum(_energy(t, m) for t, m in zip(ref, batches.masks, strict=True)) or 1.0
+                energy = sum(targets.shared) or 1.0  # in rank order: the same float on every rank
                 if here:
                     gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
                     records.append(_heal_block(block, i, here, masters, anchors, (tied, ref, energy), batches,
                                                steps=steps, lr=lr, gen=gen, dtype=decoder.dtype))
+                    broadcast_tensors(group, [masters[c] for c in here], f"the healed values of block {i}")
                 later = {n: prefix + n for c, local in here.items() if last[c] > i for n in local}
                 modules = block_modules(block, later)
                 sums = {full: new_stats(_in_dim(module, transposed), rank=rank, oversample=oversample, seed=seed,
                                         dtype=decoder.dtype, device=decoder.device)
                         for full, (module, transposed) in modules.items()}
-                _advance(block, _subs(here, masters, decoder.dtype), tied, batches, modules, sums)
+                with step(group, f"the tied stream through block {i}"):
+                    _advance(block, _subs(here, masters, decoder.dtype), tied, batches, modules, sums)
+                all_reduce_stats(group, sums)
                 for full, stats in sums.items():
                     anchors.setdefault(class_of[full], []).append(
                         _anchor(stats, rank, energy, transposed=modules[full][1]))
@@ -183,7 +232,10 @@ def heal_blockwise(decoder: Decoder, data: Calibration, groups: Sequence[Sequenc
         for c in [c for c in masters if last[c] == i]:
             healed[c] = masters.pop(c).to(device="cpu", dtype=decoder.dtype)
             anchors.pop(c, None)
-    return healed, BlockHealReport(steps=steps, lr=lr, seconds=time.perf_counter() - start, blocks=records)
+    shares = None if group is None else [sum(len(range(n)[row_share(n, r, world)]) for n in data.sizes)
+                                         for r in range(world)]
+    return healed, BlockHealReport(steps=steps, lr=lr, seconds=time.perf_counter() - start, blocks=records,
+                                   rank_samples=shares)
 
 
 def _heal_block(block: nn.Module, index: int, here: dict[Class, list[str]], masters: dict[Class, Tensor],
@@ -203,36 +255,49 @@ def _heal_block(block: nn.Module, index: int, here: dict[Class, list[str]], mast
         zero = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
         return sum((a.penalty(params[k] - started[k]) for k, a in held), zero)
 
+    group, count = batches.group, batches.count
+    anchored = group is None or group.rank == 0  # the anchors' term is added once, by rank 0
+
     def error() -> float:
         subs = _subs(here, masters, dtype)
-        with torch.no_grad():
-            return sum(float(_sq_error(_output(functional_call(block, subs, (x,), batches.kwargs[b])), targets[b],
-                                       batches.masks[b])) for b, x in enumerate(inputs)) / energy
+        with step(group, f"the error of block {index}") as local, torch.no_grad():
+            local.share = sum(float(_sq_error(_output(functional_call(block, subs, (x,), batches.kwargs[b])),
+                                              targets[b], batches.masks[b])) for b, x in enumerate(inputs))
+        return sum(local.shared) / energy  # in rank order: the same float on every rank
 
     before = error()
     best = (before, 0.0, 0, started)  # own error, anchors' estimate, step, values
-    checks = {steps, *range(len(inputs), steps, len(inputs))}
+    checks = {steps, *range(count, steps, count)}
     order: list[int] = []
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     try:
-        for step in range(1, steps + 1):
-            if not order:
-                order = torch.randperm(len(inputs), generator=gen).tolist()
-            b = order.pop()
-            out = _output(functional_call(block, _subs(here, masters, dtype), (inputs[b],), batches.kwargs[b]))
-            loss = _sq_error(out, targets[b], batches.masks[b]) * (len(inputs) / energy) + drift()
-            # gradients of the classes only: a block held in memory may have weights that take them
-            for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+        for number in range(1, steps + 1):
+            if not order:  # the same draws on every rank
+                order = torch.randperm(count, generator=gen).tolist()
+            b = batches.slot.get(order.pop())
+            with step(group, f"healing block {index}"):
+                loss = drift() if anchored else None
+                if b is not None:
+                    out = _output(functional_call(block, _subs(here, masters, dtype), (inputs[b],),
+                                                  batches.kwargs[b]))
+                    part = _sq_error(out, targets[b], batches.masks[b]) * (count / energy)
+                    loss = part if loss is None else part + loss
+                # gradients of the classes only: a block held in memory may have weights that take them
+                grads = [torch.zeros_like(p) if g is None else g for p, g in
+                         zip(params, _grads(loss, params), strict=True)]
+            # the ranks' gradients on their rows add up to the whole batch's (DDP's all_reduce)
+            all_reduce_sums(group, grads, f"the healing gradients of block {index}")
+            for p, g in zip(params, grads, strict=True):
                 p.grad = g
             opt.step()
-            if step in checks:
+            if number in checks:
                 own = error()
                 with torch.no_grad():
                     rise = float(drift())
                 if own + rise < best[0] + best[1]:  # a NaN never wins
-                    best = (own, rise, step, [p.detach().clone() for p in params])
+                    best = (own, rise, number, [p.detach().clone() for p in params])
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -245,6 +310,13 @@ def _heal_block(block: nn.Module, index: int, here: dict[Class, list[str]], mast
                                                                                       strict=True)}
     return BlockHeal(block=index, classes=[c[0] for c in here], before=before, after=after, earlier=rise,
                      best_step=best_step, steps=steps, seconds=time.perf_counter() - clock, moved=moved)
+
+
+def _grads(loss: Tensor | None, params: list[Tensor]) -> Sequence[Tensor | None]:
+    """d loss / d params (None where a parameter does not reach the loss, or there is no loss)."""
+    if loss is None or not loss.requires_grad:
+        return [None] * len(params)
+    return torch.autograd.grad(loss, params, allow_unused=True)
 
 
 def _advance(block: nn.Module, subs: dict[str, Tensor], tied: list[Tensor], batches: _Batches,

@@ -23,7 +23,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from hessian_worker.curvature.kfac import FactorStats, linear_hooks, new_stats
-from hessian_worker.data import Calibration
+from hessian_worker.data import Calibration, batch_size
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.llm.decoder import Decoder, run_block
 from hessian_worker.llm.stream import block_modules, keep_device, layers_by_block
@@ -60,14 +60,20 @@ class InputStatsSpec:
 
 
 def reference_run(decoder: Decoder, data: Calibration, *, stats: InputStatsSpec | None = None,
+                  batches: Sequence[int] | None = None,
                   progress: bool = False) -> tuple[ReferenceRun, dict[str, FactorStats]]:
-    """The reference pass over ``data`` (and the input sums of ``stats.layers`` on it)."""
+    """The reference pass over ``data`` (and the input sums of ``stats.layers`` on it).
+
+    ``batches``: the batches this process runs (None: all); their weights stay shares of all of
+    ``data``, so the losses and sums are this process's part of the whole, to be added up with the
+    other processes' (torch.distributed)."""
+    own = [data.batches[b] for b in (range(len(data.batches)) if batches is None else sorted(set(batches)))]
     hidden, kwargs = [], []
-    for batch in data.batches:
+    for batch in own:
         h, kw = decoder.inputs(batch)
         hidden.append(h)
         kwargs.append(kw)
-    masks = [b.get("attention_mask") for b in data.batches]
+    masks = [b.get("attention_mask") for b in own]
     row_bytes = sum(h.numel() * h.element_size() for h in hidden)
     keep_on = keep_device(decoder, row_bytes * decoder.num_blocks)
     names = layers_by_block(decoder, stats.layers) if stats is not None else {}
@@ -96,7 +102,7 @@ def reference_run(decoder: Decoder, data: Calibration, *, stats: InputStatsSpec 
                 handle.remove()
             decoder.release(block)
     total = sum(data.sizes)
-    return ReferenceRun(inputs, hidden, kwargs, masks, [s / total for s in data.sizes]), sums
+    return ReferenceRun(inputs, hidden, kwargs, masks, [batch_size(b) / total for b in own]), sums
 
 
 def plan_losses(decoder: Decoder, reference: ReferenceRun, plans: Sequence[Groups], merged: MergedOf, *,
@@ -109,6 +115,8 @@ def plan_losses(decoder: Decoder, reference: ReferenceRun, plans: Sequence[Group
 def plan_loss(decoder: Decoder, reference: ReferenceRun, groups: Groups, merged: MergedOf, *,
               distill: DistillLoss = DistillLoss.auto) -> float:
     """One plan's loss change: its blocks from the first one it changes, then the head."""
+    if not reference.outputs:  # a process of a distributed job without batches here adds nothing
+        return 0.0
     classes = [tuple(g) for g in groups if len(g) >= 2]
     block_of = {name: _block_index(decoder, name) for c in classes for name in c}
     last = {c: max(block_of[n] for n in c) for c in classes}

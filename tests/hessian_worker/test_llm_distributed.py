@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hessian_worker import AnalyzeConfig
-from hessian_worker.distributed import DistributedError, shard
+from hessian_worker.distributed import DistributedError, GroupLost, shard
 from hessian_worker.llm import analyze_checkpoint
 from hessian_worker.llm.synthetic import (
     SHAPES,
@@ -83,9 +84,23 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any], out: str) 
             raise ValueError(f"injected failure on rank {rank}")
 
         llm_analyze.stream_factors = broken
-    config = AnalyzeConfig.model_validate(job["config"])
     try:
-        if job.get("model") == "minilm":
+        if "in_memory" in job:
+            from hessian_worker import analyze
+
+            model, data, kwargs = _in_memory_case(job["in_memory"])
+            problem = analyze(model, data, AnalyzeConfig.model_validate(job["config"]), **kwargs)
+            result: dict[str, Any] = {"problem": problem.model_dump(mode="json")}
+        elif "compress" in job:
+            from hessian_worker.llm import compress_checkpoint
+            from hessian_worker.pipeline import CompressConfig
+
+            folder = Path(job["model"])
+            report = compress_checkpoint(folder, folder / "calib.pt", CompressConfig.model_validate(job["compress"]),
+                                         job["out"])
+            result = {"report": report.model_dump(mode="json")}
+        elif job.get("model") == "minilm":
+            config = AnalyzeConfig.model_validate(job["config"])
             from hessian_worker.data import DEFAULT_SENTENCES
             from hessian_worker.llm.blocks import bert_blocks
             from hessian_worker.models import load_model
@@ -93,15 +108,38 @@ def _rank_main(rank: int, world: int, port: int, job: dict[str, Any], out: str) 
             loaded = load_model("minilm")
             problem = llm_analyze.analyze_blocks(bert_blocks(loaded.model.double()), DEFAULT_SENTENCES, config,
                                                  tokenizer=loaded.tokenizer)
+            result = {"problem": problem.model_dump(mode="json")}
         else:
+            config = AnalyzeConfig.model_validate(job["config"])
             folder = Path(job["model"])
             problem = llm_analyze.analyze_checkpoint(folder, folder / "calib.pt", config, cache_dir=job.get("cache"))
-        result: dict[str, Any] = {"problem": problem.model_dump(mode="json")}
+            result = {"problem": problem.model_dump(mode="json")}
     except Exception as exc:  # the test reads it
         result = {"error": type(exc).__name__, "message": str(exc)}
     Path(out, f"{rank}.json").write_text(json.dumps(result), encoding="utf-8")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _task_loss(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A task loss with a gradient at the reference (the first-order term is summed over ranks too)."""
+    return (output - 0.1).pow(2).mean()
+
+
+def _in_memory_case(name: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, data, analyze's keyword arguments) of an in-memory case, built alike in every process."""
+    if name == "minilm":
+        from hessian_worker.data import DEFAULT_SENTENCES
+        from hessian_worker.models import load_model
+
+        loaded = load_model("minilm")
+        return loaded.model, DEFAULT_SENTENCES, {"tokenizer": loaded.tokenizer}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hw_cases import bert_data, tiny_bert
+
+    torch.set_default_dtype(torch.float64)  # as conftest.py has it in the test process: the same initial weights
+
+    return tiny_bert(), bert_data(), ({"loss_fn": _task_loss} if name == "bert-task" else {})
 
 
 def _run(job: dict[str, Any], tmp_path: Path, world: int = 2, limit_s: float = 120) -> tuple[list[dict], float]:
@@ -182,8 +220,9 @@ def test_a_rank_that_dies_ends_the_job_within_the_timeout(llama, tmp_path):
     results, elapsed = _run({"model": str(llama), "config": config.model_dump(mode="json"), "fail": {"0": "exit"},
                              "timeout": 10}, tmp_path, limit_s=90)
     assert results[0] == {"exitcode": 3}
-    assert results[1]["error"] == "DistributedError", results[1]
+    assert results[1]["error"] == "GroupLost", results[1]  # the DistributedError of a group that cannot go on
     assert "did not answer" in results[1]["message"]
+    assert issubclass(GroupLost, DistributedError)
 
 
 @pytest.mark.slow
@@ -242,6 +281,120 @@ def test_torchrun_runs_the_cli_as_one_job(llama, tmp_path):
     _same_costs(got, want)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "fields"), [
+    ("minilm", {"backend": "exact", "samples": 8, "batch_size": 2, "targets": [r"re:.*attention\.self\.query\.weight"]}),
+    ("bert", {"backend": "layerwise", "batch_size": 3}),
+    ("bert", {"backend": "exact", "batch_size": 3}),
+    # assignment: (a, b) and (b, a) take opposite first-order terms, so half the costs stay above 0
+    ("bert-task", {"backend": "exact", "curvature": "hessian", "kind": "assignment", "batch_size": 3}),
+], ids=["minilm-exact", "bert-layerwise", "bert-exact-ggn", "bert-task-hessian"])
+def test_in_memory_analysis_in_two_processes_gives_the_costs_of_one(tmp_path, case, fields):
+    """The in-memory analysis (no streaming) with its batches split over 2 ranks: the forms (and a
+    task loss's gradient) are sums over samples, so 2 ranks give one process's costs and plan."""
+    from hessian_worker import analyze
+
+    config = AnalyzeConfig(**{"dtype": "float64", "device": "cpu", "progress": False, **fields})
+    model, data, kwargs = _in_memory_case(case)
+    one = analyze(model, data, config, **kwargs)
+    results, _ = _run({"in_memory": case, "config": config.model_dump(mode="json"), "init": "caller"}, tmp_path,
+                      limit_s=240)
+    assert all("problem" in r for r in results), results
+    two = [SharingProblem.model_validate(r["problem"]) for r in results]
+    assert two[0] == two[1]
+    _same_costs(two[0], one)
+    _same_plan(two[0], one)
+    sizes = [4, 4] if case == "minilm" else [3, 2]
+    assert two[0].source["world_size"] == 2 and two[0].source["rank_samples"] == sizes
+    assert two[0].source["backend"] == fields["backend"] and "world_size" not in one.source
+
+
+def test_in_memory_backends_that_do_not_split_are_refused_before_any_work():
+    from hessian_worker.errors import BackendError
+    from hessian_worker.pair_costs import check_data_parallel
+
+    for fields in ({"backend": "projected"}, {"backend": "diagonal"}, {"backend": "kfac"},
+                   {"scheme": "basis", "backend": "exact"}):
+        with pytest.raises(BackendError, match="runs in one process; under torchrun use scheme 'tie'"):
+            check_data_parallel(AnalyzeConfig(**fields))
+    check_data_parallel(AnalyzeConfig(backend="layerwise"))
+
+
+COMPRESS = {"ratio": 0.7, "backend": "kfac", "merge": "layerwise", "dtype": "float64", "batch_size": 3,
+            "progress": False, "device": "cpu", "kfac": {"rank": None, "gradient_samples": 6}, "top": 3,
+            "normalized_top": 1, "per_pattern": 1, "heal_steps": 4, "heal_lr": 1e-2, "time_limit_s": 5}
+
+
+@pytest.mark.slow
+def test_two_processes_compress_as_one(llama, tmp_path):
+    """The streamed compress as one job of 2 ranks: the costs, candidates' measured losses, plan,
+    healing and held-out figure of one process, and the same saved tensors (written by rank 0).
+
+    10 samples in batches of 3: 8 fit (3, 3, 2: the statistics on ranks 0, 1, 0), 4 of them scored
+    (batches 3 and 1: one each), 2 held out (one batch: rank 1 has none); healing splits every fit
+    batch's rows (2 + 1, 2 + 1, 1 + 1), so each step's all-reduced gradient is the whole batch's."""
+    from hessian_worker.llm import compress_checkpoint
+    from hessian_worker.pipeline import CompressConfig, CompressReport
+
+    config = CompressConfig(**COMPRESS)
+    one = compress_checkpoint(llama, llama / "calib.pt", config, tmp_path / "one")
+    results, _ = _run({"model": str(llama), "compress": config.model_dump(mode="json"), "out": str(tmp_path / "two")},
+                      tmp_path, limit_s=240)
+    assert all("report" in r for r in results), results
+    two = [CompressReport.model_validate(r["report"]) for r in results]
+    assert two[0] == two[1]  # every rank returns the same report
+    got = two[0]
+    _same_costs(got.problem, one.problem)
+    assert got.plan.groups == one.plan.groups and got.chosen == one.chosen
+    assert [c.strategy for c in got.candidates] == [c.strategy for c in one.candidates]
+    np.testing.assert_allclose([c.measured for c in got.candidates], [c.measured for c in one.candidates], rtol=1e-6)
+    np.testing.assert_allclose(got.measured_loss_change, one.measured_loss_change, rtol=1e-6)
+    healed_one, healed_two = one.problem.source["heal"], got.problem.source["heal"]
+    assert any(b["best_step"] > 0 for b in healed_one["blocks"])  # the healing moved the values
+    assert [b["best_step"] for b in healed_two["blocks"]] == [b["best_step"] for b in healed_one["blocks"]]
+    np.testing.assert_allclose([b["after"] for b in healed_two["blocks"]], [b["after"] for b in healed_one["blocks"]],
+                               rtol=1e-6)
+    source = got.problem.source
+    assert source["world_size"] == 2 and source["rank_samples"] == [5, 3]
+    assert healed_two["rank_samples"] == [5, 3] and "world_size" not in one.problem.source
+    ours = load_file(tmp_path / "two" / "model.safetensors")
+    theirs = load_file(tmp_path / "one" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and got.unique_params == one.unique_params
+    for name, want in theirs.items():  # float64: the sums differ by their order only
+        torch.testing.assert_close(ours[name], want, rtol=1e-9, atol=1e-12)
+
+
+def test_rows_are_split_contiguously_and_cover_every_row_once():
+    from hessian_worker.distributed import row_share
+
+    assert [row_share(5, r, 2) for r in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert [row_share(1, r, 3) for r in range(3)] == [slice(0, 1), slice(1, 1), slice(1, 1)]
+    for count in range(7):
+        rows = [i for r in range(3) for i in range(count)[row_share(count, r, 3)]]
+        assert rows == list(range(count))
+
+
+@pytest.mark.slow
+def test_torchrun_compresses_from_the_cli(llama, tmp_path):
+    """``torchrun -m geoshare compress``: rank 0 writes the run's files once (model, plan, report,
+    problem with world_size, card); the other rank writes nothing and both exit 0."""
+    out = tmp_path / "out"
+    flags = ["compress", "--model", str(llama), "--data", str(llama / "calib.pt"), "--ratio", "0.7", "--dtype",
+             "float64", "--batch-size", "3", "--kfac-rank", "0", "--top", "2", "--normalized-top", "1",
+             "--per-pattern", "1", "--heal", "2", "--heal-lr", "1e-2", "--time-limit", "5", "--no-stats-cache",
+             "--quiet", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GEOSHARE_DIST_TIMEOUT": str(TIMEOUT_S)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(_free_port()), "-m", "geoshare", *flags],
+                         cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count('"chosen"') == 1  # report.json's text, printed by rank 0 only
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "plan.json", "report.json", "problem.json",
+                                               "README.md", "config.json"}
+    source = json.loads((out / "problem.json").read_text(encoding="utf-8"))["source"]
+    assert source["world_size"] == 2 and source["rank_samples"] == [5, 3] and source["heal"]["rank_samples"] == [5, 3]
+
+
 def test_shards_are_strided_and_cover_every_batch_once():
     shards = [shard(7, rank, 3) for rank in range(3)]
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
@@ -288,8 +441,9 @@ def test_what_cannot_be_split_is_refused_alike_on_every_rank():
 
 
 def test_stages_that_do_not_split_are_refused_under_torchrun(monkeypatch, tmp_path, capsys):
-    """compress, and analyze of a model that is not streamed, would run whole on every rank (each
-    writing the same outputs): under torchrun they stop at once with the reason, before any work."""
+    """compress of a model that is not streamed, and its analysis by a backend that draws over the
+    whole data, would run whole on every rank (each writing the same outputs): under torchrun they
+    stop at once with the reason, before any work (no rank waits for the group)."""
     from geoshare.cli import main
     from hessian_worker.distributed import TORCHRUN_ENV
 
@@ -297,8 +451,8 @@ def test_stages_that_do_not_split_are_refused_under_torchrun(monkeypatch, tmp_pa
         monkeypatch.setenv(name, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.get(name, "29500"))
     out = tmp_path / "out"
     assert main(["compress", "--model", "minilm", "--data", "builtin", "--ratio", "0.8", "--out", str(out)]) == 2
-    assert "geoshare compress runs in one process for now" in capsys.readouterr().err
+    assert "geoshare compress --backend exact on minilm runs in one process for now" in capsys.readouterr().err
     assert not out.exists()
     problem = tmp_path / "p.json"
-    assert main(["analyze", "--model", "minilm", "--data", "builtin", "-o", str(problem)]) == 2
+    assert main(["analyze", "--model", "minilm", "--data", "builtin", "--backend", "projected", "-o", str(problem)]) == 2
     assert "without torchrun" in capsys.readouterr().err and not problem.exists()

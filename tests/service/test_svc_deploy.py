@@ -150,3 +150,42 @@ def test_compose_gives_api_and_worker_the_same_access_settings(compose, monkeypa
         rules = AccessRules.of(settings)
         assert [str(r) for r in rules.read_roots] == ["/models"] and str(rules.out_root) == "/models/out"
         assert rules.model_modules == frozenset()
+
+
+# --- the multi-GPU worker: torchrun inside the container, every GPU reserved ------------------
+
+
+def test_compose_multi_gpu_worker(compose):
+    """Profile multi-gpu: the worker image under torchrun with one process per visible GPU (the
+    command parsed by torchrun's own parser), all GPUs reserved, room in /dev/shm for NCCL, and the
+    plain worker's API and access settings."""
+    torch_run = pytest.importorskip("torch.distributed.run")
+    multi, single = compose["services"]["worker-multi-gpu"], compose["services"]["worker"]
+    assert multi["profiles"] == ["multi-gpu"] and "profiles" not in single  # the one-GPU worker stays the default
+    assert multi["build"] == single["build"] and multi["image"] == single["image"]
+    command = multi["command"]
+    assert command[0] == "torchrun"
+    args = torch_run.get_args_parser().parse_args(command[1:])
+    assert args.standalone and args.nproc_per_node == "gpu" and args.module
+    assert [args.training_script, *args.training_script_args] == ["geoshare", "worker"]
+    device = multi["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["count"] == "all" and device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert re.fullmatch(r"\d+gb", multi["shm_size"])
+    env = multi["environment"]
+    assert all(env[name] == value for name, value in single["environment"].items())
+    assert float(_compose_default(env["GEOSHARE_DIST_TIMEOUT"])) > 0
+    assert multi["volumes"] == single["volumes"] and multi["depends_on"] == single["depends_on"]
+
+
+def test_each_rank_of_a_gpu_worker_takes_its_own_gpu_and_nccl(monkeypatch):
+    """What the multi-GPU worker's ranks pick without a GPU here: the NCCL paths can only be run
+    where there are GPUs; gloo runs them on CPU in the group-worker tests."""
+    torch = pytest.importorskip("torch")
+    from hessian_worker.distributed import backend_for
+    from service.group_worker import rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rank_device("auto") == rank_device("cuda") == "cuda:3" and rank_device("cpu") == "cpu"
+    assert rank_device("cuda:1") == "cuda:1"  # a device named explicitly is kept
+    assert backend_for("cuda:3") == "nccl" and backend_for("cpu") == "gloo"
