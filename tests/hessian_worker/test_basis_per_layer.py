@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from hw_cases import TinyMLP, mlp_data
+from hw_cases import TinyMLP, mlp_data, rank_one_mlp
 
 from hessian_worker.analysis import analyze
 from hessian_worker.basis.analysis import score_classes, side_of
@@ -109,21 +109,8 @@ def test_per_layer_plan_is_scored_and_applied_exactly() -> None:
     assert per_layer_candidate(model, required, config, covs) is None
 
 
-def orthogonal_mlp() -> TinyMLP:
-    """Four rank-1 4x4 layers with orthogonal output directions: one shared rank-2 basis must drop
-    two of them, while each alone at rank 1 is exact."""
-    torch.manual_seed(0)
-    model = TinyMLP(depth=4).double().eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            v = torch.randn(4, generator=g, dtype=torch.float64)
-            block.fc.weight.copy_(torch.outer(torch.eye(4, dtype=torch.float64)[i], v))
-    return model
-
-
 def test_compress_picks_per_layer_svd_when_it_loses_least() -> None:
-    model = orthogonal_mlp()
+    model = rank_one_mlp()
     reference = copy.deepcopy(model)
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     config = CompressConfig(ratio=0.65, scheme="basis", rank=2, top=4, device="cpu", progress=False)

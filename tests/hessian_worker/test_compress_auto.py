@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from hw_cases import TinyMLP
+from hw_cases import TinyMLP, rank_one_mlp
 
 from geoshare.cli import main
 from hessian_worker.basis.modules import BasisLinear
@@ -34,18 +34,6 @@ def identical_mlp() -> TinyMLP:
         for block in model.blocks[1:]:
             block.fc.weight.copy_(model.blocks[0].fc.weight)
             block.fc.bias.copy_(model.blocks[0].fc.bias)
-    return model
-
-
-def rank_one_mlp() -> TinyMLP:
-    """Four different rank-1 4x4 layers: each alone at rank 1 is exact, any tie loses."""
-    torch.manual_seed(0)
-    model = TinyMLP(depth=4).double().eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            v = torch.randn(4, generator=g, dtype=torch.float64)
-            block.fc.weight.copy_(torch.outer(torch.eye(4, dtype=torch.float64)[i], v))
     return model
 
 
