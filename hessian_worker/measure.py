@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,7 +109,7 @@ def measure_and_predict(
     problem: SharingProblem | None = None,
     covs: dict[str, Tensor] | None = None,
     layerwise: LayerwiseCurvature | None = None,
-) -> list[tuple[float, float]]:
+) -> list[tuple[float, float | None]]:
     """(measured, predicted) loss change of each candidate on ``data`` (arguments as ``measure_plans``).
 
     The prediction is the second-order model of the whole calibration loss, gᵀδ + ½δᵀGδ with the
@@ -117,7 +118,8 @@ def measure_and_predict(
     for tied, low-rank and any other candidates. The schemes' own costs are not: the basis costs
     score a basis under the covariances it was fitted to (on MiniLM the same perturbation predicts
     0.11 there and 0.9 on other samples), and summed pair costs over-count classes of more than two.
-    Give ``data`` the candidates were not fitted on.
+    Give ``data`` the candidates were not fitted on. A model with an operation that has no
+    forward-mode derivative gets None predictions (with a warning) and its measured losses.
     """
     return _outcomes(model, data, plans, config, merge=merge, tokenizer=tokenizer, loss_fn=loss_fn, diag=diag,
                      problem=problem, covs=covs, layerwise=layerwise, predict=True)
@@ -172,7 +174,12 @@ def _outcomes(
             predicted = None
             if second_order is not None:
                 delta = {n: (w - params[n]).unsqueeze(0) for n, w in merged.items()}
-                predicted = float(second_order(delta)[0]) if delta else 0.0
+                try:
+                    predicted = float(second_order(delta)[0]) if delta else 0.0
+                except (RuntimeError, NotImplementedError) as exc:  # an op without forward-mode AD
+                    warnings.warn(f"no second-order prediction for this model ({exc}); measuring only",
+                                  stacklevel=2)
+                    second_order = None
             out.append((float(obj.loss(merged)) - base, predicted))
     return out
 
