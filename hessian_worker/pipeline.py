@@ -16,12 +16,19 @@ the merge overfits; the final tie uses the covariances of all of them.
 
 With ``scheme='basis'`` the same chain shares low-rank bases instead of whole tensors: basis
 costs (layerwise, whitened, output-weighted into predicted loss changes), the same candidate pool
-plus plain per-layer SVD at the ranks that fill the same budget (hessian_worker.basis.per_layer, so
-the choice never loses to it on the choice data), each candidate measured with its low-rank
+with each plan's ranks raised until it spends the budget (the scheme's ``spend``:
+hessian_worker.basis.fill), plus plain per-layer SVD filled the same way (hessian_worker.basis.per_layer,
+so the choice never loses to it on the choice data), each candidate measured with its low-rank
 weights B_c·C_ℓ substituted (hessian_worker.basis.measure), and the chosen plan installed as
 BasisLinear modules; bases are whitened by the (output-scaled) input covariances of the curvature
 samples, the same for the measured choice and the final apply, and the choice is measured on the
 other samples.
+
+With ``scheme='auto'`` every registered scheme runs that chain at the same ratio on common samples
+(costs, whitening and merge statistics on one half, every candidate scored on the other), and the
+candidate of least measured loss wins whatever its scheme. Every candidate is also predicted by one
+second-order model of the whole loss at its real weights (``measure.measure_and_predict``), so
+predictions of different schemes are on one scale (docs/design.md §One cost scale).
 """
 
 from __future__ import annotations
