@@ -100,8 +100,11 @@ def family_costs(
     covs: Mapping[str, Tensor] | None,
     *,
     damping: float = 0.01,
+    curves: dict[tuple[str, ...], tuple[float, ...]] | None = None,
 ) -> dict[str, FamilyCost]:
-    """Family -> FamilyCost of the basis ``classes`` of one plan, under the problem's accounting."""
+    """Family -> FamilyCost of the basis ``classes`` of one plan, under the problem's accounting;
+    ``curves`` caches error curves by class across the plans of one pool (they share most classes)."""
+    curves = {} if curves is None else curves
     family = {x.name: x.family for x in problem.layers}
     sides = side_of(problem)
     by_family: dict[str, list[Sequence[str]]] = {}
@@ -111,13 +114,13 @@ def family_costs(
     for fam, groups in by_family.items():
         spec = problem.families[fam]
         shared, own = spec.class_params // spec.rank, spec.member_params // spec.rank
-        curves = []
         for group in groups:
-            oracle = family_errors([weights[n] for n in group], None if covs is None else [covs[n] for n in group],
-                                   sides[group[0]], damping=damping)
-            curves.append(tuple(oracle.error_curve(range(len(group)))))
+            if tuple(group) not in curves:
+                oracle = family_errors([weights[n] for n in group], None if covs is None else [covs[n] for n in group],
+                                       sides[group[0]], damping=damping)
+                curves[tuple(group)] = tuple(oracle.error_curve(range(len(group))))
         out[fam] = FamilyCost(step=len(groups) * shared + sum(map(len, groups)) * own, cap=min(shared, own),
-                              groups=tuple(tuple(g) for g in groups), curves=tuple(curves))
+                              groups=tuple(tuple(g) for g in groups), curves=tuple(curves[tuple(g)] for g in groups))
     return out
 
 
@@ -179,6 +182,7 @@ def fill_plan(
     start: str = UNIFORM,
     damping: float = 0.01,
     suffix: str = "",
+    curves: dict[tuple[str, ...], tuple[float, ...]] | None = None,
 ) -> Filled | None:
     """``plan`` (its partition) at the ranks of least predicted loss within ``budget`` unique
     parameters, from the ``uniform`` or ``allocated`` start (module docstring); None when even rank 1
@@ -188,11 +192,13 @@ def fill_plan(
         weights: name -> dense weight [d_out, d_in] of every basis layer.
         covs: the whitening covariances the plan is measured and applied with (None: plain SVD).
         suffix: appended to the plan's strategy (so filled variants of one plan stay apart).
+        curves: a cache of class error curves shared by the plans of one pool.
     """
     classes, _ = split_classes(plan.groups, plan.coloring, problem)
     if not classes:
         return None
-    costs = family_costs(classes, problem, weights, covs, damping=damping)
+    curves = {} if curves is None else curves
+    costs = family_costs(classes, problem, weights, covs, damping=damping, curves=curves)
     specs = problem.families or {}
     fixed = unique_params(problem, plan.coloring) - sum(c.step * specs[f].rank for f, c in costs.items())
     room = budget - fixed
@@ -205,7 +211,7 @@ def fill_plan(
     if begin is None:
         return None
     ranks = greedy_ranks(costs, begin, room - sum(c.step * begin[f] for f, c in costs.items()))
-    alone = _alone_errors(problem, costs, ranks, weights, covs, damping)
+    alone = _alone_errors(problem, costs, ranks, weights, covs, damping, curves)
     own = filled_problem(problem, costs, ranks, alone)
     label = (plan.strategy or "optimum") + suffix
     filled = plan_from_coloring(own, plan.coloring, method=f"{plan.solver.method}+fill:{start}", strategy=label)
@@ -219,6 +225,7 @@ def _alone_errors(
     weights: Mapping[str, Tensor],
     covs: Mapping[str, Tensor] | None,
     damping: float,
+    curves: dict[tuple[str, ...], tuple[float, ...]],
 ) -> dict[str, float]:
     """Each basis layer's own error at its family's rank (a class of one's curve is already known)."""
     sides = side_of(problem)
@@ -229,9 +236,11 @@ def _alone_errors(
                 out[group[0]] = curve[ranks[fam]]
                 continue
             for name in group:
-                oracle = family_errors([weights[name]], None if covs is None else [covs[name]], sides[name],
-                                       damping=damping)
-                out[name] = oracle.error([0], ranks[fam])
+                if (name,) not in curves:
+                    oracle = family_errors([weights[name]], None if covs is None else [covs[name]], sides[name],
+                                           damping=damping)
+                    curves[(name,)] = tuple(oracle.error_curve([0]))
+                out[name] = curves[(name,)][ranks[fam]]
     return out
 
 

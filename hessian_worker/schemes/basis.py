@@ -97,9 +97,9 @@ class BasisScheme:
             return [(plan, problem) for plan in plans]
         weights = dense_weights(model, list(rank_of(problem)))
         covs = dict(state) if state is not None else None
-        out = []
+        out, curves = [], {}  # the pool's plans share most classes: their error curves are computed once
         for plan in plans:
-            filled = fill_plan(plan, full, budget, weights, covs, damping=config.basis.damping)
+            filled = fill_plan(plan, full, budget, weights, covs, damping=config.basis.damping, curves=curves)
             out.append((filled.plan, filled.problem) if filled is not None else (plan, problem))
         return out
 
