@@ -11,10 +11,14 @@ re-exported from the modules that used to define them (hessian_worker.config, .p
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from solver.schema import CostKind, Scheme
+
+# compress --scheme auto: every registered scheme at the same ratio, the least measured loss wins
+AUTO_SCHEME = "auto"
 
 # --- enums -----------------------------------------------------------------------------------
 
@@ -328,17 +332,26 @@ class CompressConfig(BaseModel):
                                 "keeps its checkpoint's, auto).")
     kfac: KFACOptions = Field(default_factory=KFACOptions, description="backend kfac: factor ranks and samples.")
     progress: bool = True
-    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (a shared low-rank basis).")
+    scheme: Scheme | Literal["auto"] = Field(
+        Scheme.tie, description="tie (one tensor per class), basis (a shared low-rank basis), or auto (every scheme at "
+        "the same ratio, measured on the same samples; the least measured loss wins).")
+    predict: bool = Field(True, description="Also predict every candidate's loss change with the exact GGN on the "
+                          "samples it is measured on (one forward-mode pass each): second_order and spearman in the "
+                          "report, on one scale for every scheme.")
     rank: int | None = Field(None, ge=1, description="basis: rank of every family (default: rank_ratio·min(d_out, d_in)).")
     rank_ratio: float = Field(0.25, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in).")
     side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
     output_weighting: bool = Field(True, description="basis: weigh each layer's error by its output-side curvature, so costs "
                                    "are predicted loss changes (False: every layer's output error alike).")
 
-    def analyze_config(self, dtype: DType) -> AnalyzeConfig:
-        """The analysis settings of this compress (``dtype`` when none is given)."""
+    def analyze_config(self, dtype: DType, scheme: Scheme | None = None) -> AnalyzeConfig:
+        """The analysis settings of this compress (``dtype`` when none is given) for ``scheme`` (default:
+        the config's; one of the schemes ``auto`` runs)."""
+        if scheme is None and self.scheme == AUTO_SCHEME:
+            raise ValueError("scheme='auto' runs several schemes: pass the one to analyze")
         return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
-                             distill=self.distill, device=self.device, progress=self.progress, scheme=self.scheme,
+                             distill=self.distill, device=self.device, progress=self.progress,
+                             scheme=scheme or self.scheme,
                              basis=self.basis_options(), kfac=self.kfac, dtype=self.dtype or dtype)
 
     def basis_options(self) -> BasisOptions:

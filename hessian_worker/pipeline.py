@@ -16,17 +16,25 @@ the merge overfits; the final tie uses the covariances of all of them.
 
 With ``scheme='basis'`` the same chain shares low-rank bases instead of whole tensors: basis
 costs (layerwise, whitened, output-weighted into predicted loss changes), the same candidate pool
-plus plain per-layer SVD at the ranks that fill the same budget (hessian_worker.basis.per_layer, so
-the choice never loses to it on the choice data), each candidate measured with its low-rank
+with each plan's ranks raised until it spends the budget (the scheme's ``spend``:
+hessian_worker.basis.fill), plus plain per-layer SVD filled the same way (hessian_worker.basis.per_layer,
+so the choice never loses to it on the choice data), each candidate measured with its low-rank
 weights B_c·C_ℓ substituted (hessian_worker.basis.measure), and the chosen plan installed as
 BasisLinear modules; bases are whitened by the (output-scaled) input covariances of the curvature
 samples, the same for the measured choice and the final apply, and the choice is measured on the
 other samples.
+
+With ``scheme='auto'`` every registered scheme runs that chain at the same ratio on common samples
+(costs, whitening and merge statistics on one half, every candidate scored on the other), and the
+candidate of least measured loss wins whatever its scheme. Every candidate is also predicted by one
+second-order model of the whole loss at its real weights (``measure.measure_and_predict``), so
+predictions of different schemes are on one scale (docs/design.md §One cost scale).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,21 +42,24 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from hessian_worker.analysis import analyze
-from hessian_worker.choose import choose_healed, choose_plan
+from hessian_worker.choose import choose_healed
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, DataSource, holdout_size, load_calibration
 from hessian_worker.distributed import refuse_in_job
+from hessian_worker.errors import GeoShareError
 from hessian_worker.healing import HealReport, heal
-from hessian_worker.measure import measure_loss, measure_plans
+from hessian_worker.measure import measure_and_predict, measure_loss, measure_plans
 from hessian_worker.merge_rule import default_merge
-from hessian_worker.options import Backend, CompressConfig, DType, HealConfig, Merge
+from hessian_worker.options import AUTO_SCHEME, Backend, CompressConfig, DType, HealConfig, Merge
 from hessian_worker.prepare import prepare
-from hessian_worker.schemes import scheme_for
+from hessian_worker.ranking import spearman
+from hessian_worker.schemes import SCHEMES, DataParts, SharingScheme, State, scheme_for
 from hessian_worker.tying import curvature_weights
 from solver.candidates import candidate_plans
+from solver.errors import BudgetInfeasible
 from solver.planning import SolveConfig
-from solver.schema import SharingPlan, SharingProblem
+from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
 def resolve_merge(config: CompressConfig, model: nn.Module, data: Calibration, names: list[str]) -> Merge:
@@ -68,6 +79,25 @@ class Candidate(BaseModel):
     params_ratio: float
     healed: float | None = Field(None, description="Loss change on the choice data after healing, for the candidates "
                                  "the heal-aware choice healed.")
+    scheme: Scheme | None = Field(None, description="The candidate's sharing scheme.")
+    unique_params: int | None = Field(None, description="Unique shareable parameters the candidate keeps.")
+    second_order: float | None = Field(
+        None, description="Second-order prediction of the whole model's loss change under the candidate's real "
+        "weights (exact GGN, on the samples it is measured on): one scale for every scheme, unlike `predicted`, "
+        "the scheme's own cost model (the solver's objective).")
+
+
+class SchemeSummary(BaseModel):
+    """One scheme's part in a compress: its best candidate and how well its predictions ranked."""
+
+    scheme: Scheme
+    candidates: int
+    chosen: str | None = Field(None, description="Its candidate of least measured loss (None: no candidate).")
+    measured: float | None = None
+    params_ratio: float | None = Field(None, description="Share of the shareable parameters its best candidate keeps.")
+    spearman: float | None = Field(None, description="Of second_order against measured over its candidates.")
+    note: str | None = Field(None, description="Why it keeps less than the ratio (more than 1% below), or why it "
+                             "has no candidate.")
 
 
 class CompressReport(BaseModel):
@@ -82,10 +112,41 @@ class CompressReport(BaseModel):
     predicted_loss_change: float
     measured_loss_change: float | None = Field(description="On the held-out samples, after healing if any.")
     heal: HealReport | None = None
+    scheme: Scheme | None = Field(None, description="The scheme installed (with scheme auto: the one whose candidate "
+                                  "lost least).")
+    schemes: list[SchemeSummary] | None = Field(None, description="Per scheme measured: its best candidate, its "
+                                                "Spearman and why it falls short of the ratio, if it does.")
+    spearman: float | None = Field(None, description="Spearman of the candidates' second_order predictions against "
+                                   "their measured losses, over every candidate of every scheme.")
+
+
+@dataclass
+class SchemeRun:
+    """One scheme's chain up to the choice: its costs, candidates at the budget, and their losses."""
+
+    scheme: SharingScheme
+    parts: DataParts
+    problem: SharingProblem
+    config: AnalyzeConfig
+    merge: Merge
+    state: State
+    diag: dict[str, torch.Tensor] | None
+    layerwise: LayerwiseCurvature | None  # the final tie's (and the healed choice's) merge covariances
+    candidates: list[tuple[SharingPlan, SharingProblem]]  # the solver's pool (spent) first, then the extras
+    pool: int  # how many of them are the solver's
+    measured: list[float]
+    predicted: list[float | None]
+
+    def best(self) -> int:
+        return min(range(len(self.measured)), key=lambda i: (self.measured[i], i))
 
 
 def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: Any | None = None) -> CompressReport:
     """Compresses ``model`` in place to ``config.ratio`` of its shareable parameters.
+
+    With ``scheme='auto'`` every registered scheme runs its chain at the same ratio on the same
+    samples (``common_parts``) and the candidate of least measured loss, of whichever scheme, is
+    installed.
 
     Raises:
         BudgetInfeasible, DataError, DiscoveryError: with the fix in the message.
@@ -94,56 +155,37 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
             ``compress_checkpoint`` does).
     """
     refuse_in_job("the in-memory compress")
-    acfg = config.analyze_config(DType.float32)
     calib = load_calibration(data, tokenizer=tokenizer, samples=config.samples, batch_size=config.batch_size, seed=config.seed)
     fit, held = split_holdout(calib, config)
-    scheme = scheme_for(config.scheme)
-    parts = scheme.parts(fit, config)
-    problem = analyze(model, parts.costs, acfg, tokenizer=tokenizer)
-    solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
-    pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
-                           per_pattern=config.per_pattern, normalized_top=config.normalized_top)
-    quiet = acfg.model_copy(update={"progress": False})
-    tied = scheme.merged_layers(problem)
-    merge = resolve_merge(config, model, parts.choice, tied)
-    # the curvature-merge weights, measured once for every candidate and the final tie
-    diag = (curvature_weights(model, parts.costs, tied, quiet, tokenizer=tokenizer)
-            if merge is Merge.curvature and tied else None)
-    # the layerwise merge's input covariances: on all the choice data for the tie (and the healed
-    # choice, whose winner is installed as is); the zero-shot choice merges with covariances of one
-    # part of it and scores on the other
-    layerwise = scoring = None
-    score_data = parts.choice
-    if merge is Merge.layerwise and tied and scheme.merge_split_choice:
-        layerwise = merge_covariances(model, parts.choice, tied, quiet, tokenizer)
-        merge_part, score_part = choice_parts(parts.choice, config)
-        if score_part is not None:
-            score_data, scoring = score_part, merge_covariances(model, merge_part, tied, quiet, tokenizer)
-    # what the scheme measures once for every candidate and the final apply (basis: the whitening)
-    state = scheme.state(model, parts.costs, problem, quiet, tokenizer)
-    choice = choose_plan(model, score_data, pool, acfg, merge=merge, tokenizer=tokenizer, diag=diag,
-                         problem=problem, covs=state, layerwise=scoring or layerwise)
-    measured = list(zip(pool, choice.measured, strict=True))
-    plan, plan_problem, best = choice.plan, problem, choice.measured[choice.index]
-    # the scheme's own candidates at the same budget (basis: plain per-layer SVD), each with its problem
-    for extra, extra_problem in scheme.extra_candidates(model, problem, solve_config, state, acfg):
-        value = measure_plans(model, parts.choice, [extra], acfg, merge=merge, tokenizer=tokenizer,
-                              problem=extra_problem, covs=state)[0]
-        measured.append((extra, value))
-        if value < best:
-            plan, plan_problem, best = extra, extra_problem, value
+    common = common_parts(fit, config) if config.scheme == AUTO_SCHEME else None
+    runs, skipped, errors = [], [], []
+    for scheme in schemes_of(config):
+        try:
+            runs.append(run_scheme(scheme, model, fit, config, common, tokenizer))
+        except GeoShareError as exc:  # under auto, a scheme that cannot reach the ratio is left out, said why
+            if common is None:
+                raise
+            errors.append(exc)
+            skipped.append(SchemeSummary(scheme=scheme.name, candidates=0, note=str(exc)))
+    if not runs:
+        raise errors[0]
+    run = min(runs, key=lambda r: r.measured[r.best()])  # the first scheme on a tie
+    index = run.best()
+    plan, plan_problem = run.candidates[index]
+    quiet = run.config.model_copy(update={"progress": False})
     heal_config = HealConfig(steps=config.heal_steps, lr=config.heal_lr, holdout=config.heal_holdout, seed=config.seed,
                              batch_size=config.batch_size, device=config.device, distill=config.distill,
                              progress=config.progress) if config.heal_steps else None
     healed_choice = None
-    if heal_config is not None and config.heal_choice and scheme.heal_aware_choice:
-        healed_choice = choose_healed(model, pool, choice.measured, fit, parts.choice, heal_config, acfg,
-                                      best=config.heal_shortlist, merge=merge, tokenizer=tokenizer, diag=diag,
-                                      layerwise=layerwise)
-        plan = healed_choice.plan
+    if heal_config is not None and config.heal_choice and run.scheme.heal_aware_choice:
+        pool = [p for p, _ in run.candidates[:run.pool]]
+        healed_choice = choose_healed(model, pool, run.measured[:run.pool], fit, run.parts.choice, heal_config,
+                                      run.config, best=config.heal_shortlist, merge=run.merge, tokenizer=tokenizer,
+                                      diag=run.diag, layerwise=run.layerwise)
+        plan, plan_problem = healed_choice.plan, run.problem
     reference = copy.deepcopy(model)
-    report = scheme.apply(model, plan, plan_problem, merge, data=parts.apply, config=quiet, tokenizer=tokenizer,
-                          state=state, diag=diag, layerwise=layerwise)
+    report = run.scheme.apply(model, plan, plan_problem, run.merge, data=run.parts.apply, config=quiet,
+                              tokenizer=tokenizer, state=run.state, diag=run.diag, layerwise=run.layerwise)
     healed = None
     if healed_choice is not None:  # the winner was healed in the choice, exactly as below: take its weights
         model.load_state_dict(healed_choice.model.state_dict())
@@ -151,21 +193,139 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
     elif heal_config is not None:
         healed = heal(model, reference, fit, heal_config, tokenizer=tokenizer)
     held_change = measure_loss(model, reference, held, quiet) if held is not None else None
+    candidates = [candidate for r in runs for candidate in _candidates(r, healed_choice if r is run else None)]
     return CompressReport(
         plan=plan,
         chosen=_label(plan),
-        merge=merge,
-        candidates=[Candidate(strategy=_label(p), predicted=p.objective, measured=m,
-                              params_ratio=p.params.ratio if p.params else 1.0,
-                              healed=healed_choice.healed.get(i) if healed_choice is not None else None)
-                    for i, (p, m) in enumerate(measured)],
+        merge=run.merge,
+        candidates=candidates,
         problem=plan_problem,
         unique_params=report.unique_params_after,
         params_ratio=plan.params.ratio if plan.params else 1.0,
         predicted_loss_change=plan.objective,
         measured_loss_change=held_change,
         heal=healed,
+        scheme=run.scheme.name,
+        schemes=[_summary(r, config.ratio) for r in runs] + skipped,
+        spearman=_spearman(candidates),
     )
+
+
+def schemes_of(config: CompressConfig) -> list[SharingScheme]:
+    """The scheme ``config`` names, or with ``auto`` every registered one (a new scheme joins by
+    registering in hessian_worker.schemes.SCHEMES)."""
+    if config.scheme == AUTO_SCHEME:
+        return list(SCHEMES.values())
+    return [scheme_for(config.scheme)]
+
+
+def common_parts(fit: Calibration, config: CompressConfig) -> DataParts:
+    """The samples every scheme shares under ``auto``: costs, whitening and the merges' statistics on
+    one part (``curvature_samples``, default half), candidates scored on the other.
+
+    Why: schemes fit different things to data (a basis is whitened by its inputs, the layerwise
+    merge solves with its covariances), and scored on samples it was fitted to, a candidate looks
+    better than it is, by more for the scheme that adapts more (on MiniLM the second-order loss of a
+    basis plan is 0.11 on its whitening samples, 0.9 on others). Scored on samples no scheme saw,
+    the comparison is fair; the final apply then uses the winner's own samples (its ``parts``).
+    ``apply`` here is the costs part; ``run_scheme`` takes each scheme's own.
+    """
+    n = fit.num_samples
+    samples = config.curvature_samples or max(1, n // 2)
+    if n < 2 or samples >= n:
+        return DataParts(costs=fit, choice=fit, apply=fit)
+    rest, subset = fit.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
+    return DataParts(costs=subset, choice=rest, apply=subset)
+
+
+def run_scheme(scheme: SharingScheme, model: nn.Module, fit: Calibration, config: CompressConfig,
+               common: DataParts | None, tokenizer: Any | None) -> SchemeRun:
+    """One scheme's costs, candidates at the budget (the solver's pool spent, plus the scheme's own)
+    and their measured and predicted losses, on its own parts of ``fit`` or on ``common`` ones."""
+    acfg = config.analyze_config(DType.float32, scheme=scheme.name)
+    own = scheme.parts(fit, config)
+    parts = own if common is None else DataParts(costs=common.costs, choice=common.choice, apply=own.apply)
+    problem = analyze(model, parts.costs, acfg, tokenizer=tokenizer)
+    solve_config = SolveConfig(max_params_ratio=config.ratio, time_limit_s=config.time_limit_s, seed=config.seed)
+    infeasible = None
+    try:
+        pool = candidate_plans(problem, solve_config, top=config.top, min_distance=config.min_distance,
+                               per_pattern=config.per_pattern, normalized_top=config.normalized_top)
+    except BudgetInfeasible as exc:  # the problem's plans cannot reach it; the scheme's own candidates may
+        pool, infeasible = [], exc
+    quiet = acfg.model_copy(update={"progress": False})
+    tied = scheme.merged_layers(problem)
+    merge = resolve_merge(config, model, parts.choice, tied)
+    # the curvature-merge weights, measured once for every candidate and the final tie
+    diag = (curvature_weights(model, parts.costs, tied, quiet, tokenizer=tokenizer)
+            if merge is Merge.curvature and tied else None)
+    # the layerwise merge's input covariances: on the scheme's own choice data for the tie (and the
+    # healed choice, whose winner is installed as is); candidates are merged with covariances of
+    # other samples than they are scored on: one part of the choice data, or under auto the costs part
+    layerwise = scoring = None
+    score_data = parts.choice
+    if merge is Merge.layerwise and tied and scheme.merge_split_choice:
+        layerwise = merge_covariances(model, own.choice, tied, quiet, tokenizer)
+        if common is not None:
+            scoring = merge_covariances(model, parts.costs, tied, quiet, tokenizer)
+        else:
+            merge_part, score_part = choice_parts(parts.choice, config)
+            if score_part is not None:
+                score_data, scoring = score_part, merge_covariances(model, merge_part, tied, quiet, tokenizer)
+    # what the scheme measures once for every candidate and the final apply (basis: the whitening)
+    state = scheme.state(model, parts.costs, problem, quiet, tokenizer)
+    spent = scheme.spend(model, pool, problem, solve_config, state, acfg)
+    candidates = spent + scheme.extra_candidates(model, problem, solve_config, state, acfg)
+    if not candidates and infeasible is not None:
+        raise infeasible
+    outcomes = _measure(model, score_data, candidates, acfg, config.predict, merge=merge, tokenizer=tokenizer,
+                        diag=diag, covs=state, layerwise=scoring or layerwise)
+    return SchemeRun(scheme=scheme, parts=parts, problem=problem, config=acfg, merge=merge, state=state, diag=diag,
+                     layerwise=layerwise, candidates=candidates, pool=len(spent),
+                     measured=[m for m, _ in outcomes], predicted=[p for _, p in outcomes])
+
+
+def _measure(model: nn.Module, data: Calibration, candidates: list[tuple[SharingPlan, SharingProblem]],
+             config: AnalyzeConfig, predict: bool, **kwargs: Any) -> list[tuple[float, float | None]]:
+    """(measured, predicted or None) of every candidate, one pass per distinct problem."""
+    out: list[tuple[float, float | None]] = [(0.0, None)] * len(candidates)
+    groups: dict[int, list[int]] = {}
+    for i, (_, problem) in enumerate(candidates):
+        groups.setdefault(id(problem), []).append(i)
+    for indices in groups.values():
+        plans, problem = [candidates[i][0] for i in indices], candidates[indices[0]][1]
+        if predict:
+            values = measure_and_predict(model, data, plans, config, problem=problem, **kwargs)
+        else:
+            values = [(m, None) for m in measure_plans(model, data, plans, config, problem=problem, **kwargs)]
+        for i, value in zip(indices, values, strict=True):
+            out[i] = value
+    return out
+
+
+def _candidates(run: SchemeRun, healed: Any | None) -> list[Candidate]:
+    return [Candidate(strategy=_label(p), predicted=p.objective, measured=m,
+                      params_ratio=p.params.ratio if p.params else 1.0,
+                      healed=healed.healed.get(i) if healed is not None else None,
+                      scheme=run.scheme.name, unique_params=p.params.shared if p.params else None,
+                      second_order=pred)
+            for i, ((p, _), m, pred) in enumerate(zip(run.candidates, run.measured, run.predicted, strict=True))]
+
+
+def _summary(run: SchemeRun, ratio: float) -> SchemeSummary:
+    index = run.best()
+    plan, problem = run.candidates[index]
+    return SchemeSummary(scheme=run.scheme.name, candidates=len(run.candidates), chosen=_label(plan),
+                         measured=run.measured[index], params_ratio=plan.params.ratio if plan.params else 1.0,
+                         spearman=spearman([p for p in run.predicted if p is not None],
+                                           [m for m, p in zip(run.measured, run.predicted, strict=True)
+                                            if p is not None]),
+                         note=run.scheme.budget_note(plan, problem, ratio))
+
+
+def _spearman(candidates: list[Candidate]) -> float | None:
+    pairs = [(c.second_order, c.measured) for c in candidates if c.second_order is not None]
+    return spearman([p for p, _ in pairs], [m for _, m in pairs])
 
 
 def merge_covariances(model: nn.Module, data: DataSource, names: list[str], config: AnalyzeConfig,

@@ -9,7 +9,7 @@ with tighter bounds; tests check that every field is CompressConfig's, with the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
@@ -84,8 +84,13 @@ class CompressSpec(BaseModel):
         None, gt=0, description="Of the calibration samples, the ones the curvature costs use."
     )
     batch_size: int | None = Field(None, gt=0, le=65536)
-    scheme: Scheme | None = Field(
-        None, description="tie (one tensor per class; default) or basis (a shared low-rank basis)."
+    scheme: Scheme | Literal["auto"] | None = Field(
+        None, description="tie (one tensor per class; default), basis (a shared low-rank basis), or auto (every "
+        "scheme at the same ratio, measured on the same samples; the least measured loss wins).",
+    )
+    predict: bool | None = Field(
+        None, description="Predict every candidate's loss change with the exact GGN beside measuring it (default "
+        "true): the report's candidates[].second_order and spearman.",
     )
     rank: int | None = Field(
         None, ge=1, le=1_000_000, description="basis: rank of every family (default: rank_ratio)."
@@ -159,6 +164,9 @@ class CompressReport(BaseModel):
     params_ratio: float | None = None
     predicted_loss_change: float | None = None
     measured_loss_change: float | None = None
+    scheme: str | None = Field(None, description="The scheme installed (with scheme auto: the one that lost least).")
+    spearman: float | None = Field(None, description="Of the candidates' second-order predictions against their "
+                                   "measured losses, over every scheme's candidates.")
 
 
 class CompressResult(BaseModel):

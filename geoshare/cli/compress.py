@@ -25,8 +25,8 @@ def add_commands(subparsers: Any) -> None:
                     "each measured on the calibration data, the best tied with the default merge, optionally "
                     "healed, and saved with report.json and problem.json.",
         examples=["geoshare compress --model minilm --data calib.txt --ratio 0.8 --out out/",
-                  "geoshare compress --model minilm --data calib.txt --ratio 0.8 --heal 100 --out out/",
-                  "geoshare compress --model minilm --ratio 0.4 --scheme basis --basis-rank 153 --out out/"])
+                  "geoshare compress --model minilm --ratio 0.4 --scheme basis --basis-rank 153 --out out/",
+                  "geoshare compress --model minilm --data calib.txt --ratio 0.5 --scheme auto --heal 100 --out out/"])
     flags.model_options(c)
     c.add_argument("--ratio", type=float, required=True, metavar="FRACTION",
                    help="share of the shareable parameters to keep")
@@ -66,7 +66,10 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--time-limit", type=float, default=10.0, metavar="SECONDS", help="solver seconds")
     hide(c.add_argument("--basis-rank", "--rank", dest="basis_rank", type=int, default=None, metavar="R",
                         help="--scheme basis: the basis rank of every family (or --rank-ratio)"), "--rank")
-    flags.scheme_options(c)
+    flags.scheme_options(c, auto=True)
+    c.add_argument("--no-predict", action="store_true",
+                   help="skip the second-order prediction of every candidate (one forward-mode pass each; the "
+                        "report's second_order and spearman)")
     c.set_defaults(func=run, extras=("worker",))
 
 
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from hessian_worker.pipeline import compress
 
     basis = flags.basis_options(args, args.basis_rank)
-    streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and not basis
+    streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and args.scheme == "tie"
     backend = args.backend or ("kfac" if streamed else "exact")
     config = CompressConfig(ratio=args.ratio, backend=backend, merge=None if args.merge == AUTO else args.merge,
                             distill=args.distill, top=args.top, min_distance=args.min_distance,
@@ -89,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
                             heal_shortlist=args.heal_shortlist, choice_holdout=args.choice_holdout,
                             holdout=args.holdout_samples, samples=args.samples, batch_size=args.batch_size,
                             time_limit_s=args.time_limit, seed=args.seed, device=args.device, dtype=args.dtype,
-                            kfac=flags.kfac_options(args), progress=not args.quiet,
-                            **({"scheme": "basis", **basis} if basis else {}))
+                            kfac=flags.kfac_options(args), progress=not args.quiet, scheme=args.scheme,
+                            predict=not args.no_predict, **basis)
     command = args.command_line  # the card's record of this run (geoshare.cli.main): flags given, defaults left out
     if streamed:
         report = compress_checkpoint(args.model, args.data, config, args.out,

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from geoshare.cli.help import hide
-from hessian_worker.options import Backend, DType, OutputFactor, SideChoice
+from hessian_worker.options import AUTO_SCHEME, Backend, DType, OutputFactor, SideChoice
 from solver.schema import Scheme
 
 
@@ -74,10 +74,14 @@ def streaming_options(parser: argparse.ArgumentParser) -> None:
                         help="refuse above this memory estimate (projected: 4; streamed: the memory available now)")
 
 
-def scheme_options(parser: argparse.ArgumentParser) -> None:
-    """``--scheme`` and the basis scheme's flags (``--basis-rank`` is added by each command)."""
-    parser.add_argument("--scheme", choices=values(Scheme), default="tie",
-                        help="tie: a class shares one tensor; basis: a class shares a low-rank basis")
+def scheme_options(parser: argparse.ArgumentParser, *, auto: bool = False) -> None:
+    """``--scheme`` and the basis scheme's flags (``--basis-rank`` is added by each command); ``auto``
+    offers ``--scheme auto`` (compress: every scheme at the same ratio, the least measured loss wins)."""
+    choices = (*values(Scheme), AUTO_SCHEME) if auto else values(Scheme)
+    parser.add_argument("--scheme", choices=choices, default="tie",
+                        help="tie: a class shares one tensor; basis: a class shares a low-rank basis"
+                             + ("; auto: every scheme at the same ratio, measured on the same samples, the least "
+                                "measured loss wins (the basis flags apply to its basis part)" if auto else ""))
     parser.add_argument("--rank-ratio", type=float, default=None, metavar="FRACTION",
                         help="--scheme basis: rank as a share of min(d_out, d_in) (default 0.25; or --basis-rank)")
     parser.add_argument("--side", choices=values(SideChoice), default=None,
@@ -88,8 +92,8 @@ def scheme_options(parser: argparse.ArgumentParser) -> None:
 
 
 def basis_options(args: argparse.Namespace, rank: int | None) -> dict[str, Any]:
-    """BasisOptions fields from the basis rank, --rank-ratio, --side (refused without --scheme basis)."""
-    if args.scheme != "basis":
+    """BasisOptions fields from the basis rank, --rank-ratio, --side (refused without --scheme basis or auto)."""
+    if args.scheme not in ("basis", AUTO_SCHEME):
         given = [flag for flag, v in (("--basis-rank", rank), ("--rank-ratio", args.rank_ratio),
                                       ("--side", args.side),
                                       ("--no-output-weighting", args.no_output_weighting or None)) if v is not None]

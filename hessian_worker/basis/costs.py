@@ -44,6 +44,7 @@ from hessian_worker.basis.decompose import (
     shared_basis,
     whitened,
     whitened_error,
+    whitening,
 )
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.errors import DiscoveryError
@@ -76,6 +77,16 @@ class FamilyGrams:
             values = torch.linalg.eigvalsh(gram)
         keep = max(values.numel() - rank, 0)
         return float(values[:keep].clamp_min(0.0).sum())
+
+    def error_curve(self, members: Sequence[int]) -> list[float]:
+        """[E*(S) at rank 0, 1, …, min(d_out, d_in)] from one eigendecomposition: the tail sums of
+        the Gram spectrum (what ``error`` returns rank by rank)."""
+        members = list(members)
+        gram = self._gram(members)
+        with lapack_threads(gram.shape[0]):
+            values = torch.linalg.eigvalsh(gram).clamp_min(0.0).flip(0)  # descending
+        tail = values.sum() - torch.cat([values.new_zeros(1), values.cumsum(0)])
+        return tail.clamp_min(0.0)[: min(self.d_out, self.d_in) + 1].tolist()
 
     def _gram(self, members: list[int]) -> Tensor:
         if self.d_out <= len(members) * self.d_in:
@@ -117,6 +128,29 @@ class InputSideFamily:
         ws, cs = self._pick(members)
         factors = shared_basis(ws, rank, cs, damping=self.damping, side=Side.in_)
         return whitened_error(ws, factors, cs, damping=self.damping)
+
+    def error_curve(self, members: Sequence[int]) -> list[float]:
+        """[E(S) at rank 0, 1, …, min(d_out, d_in)] from one decomposition.
+
+        The pooled basis is nested in r (the top-r right singular vectors of the pooled stack), and
+        member ℓ's exact coefficients leave the part of Y_ℓ = W_ℓ L_ℓ outside the row space of
+        B_r L_ℓ; the QR of (B L_ℓ)ᵀ spans those nested spaces column by column, so E(S, r) =
+        Σ_ℓ ‖Y_ℓ‖² − Σ_ℓ Σ_{i≤r} ‖Y_ℓ q_i‖² for every r at once."""
+        ws, cs = self._pick(members)
+        full = min(self.d_out, self.d_in)
+        basis = shared_basis(ws, full, cs, damping=self.damping, side=Side.in_).basis  # full × d_in, nested rows
+        factors = [None] * len(ws) if cs is None else [whitening(c, self.damping) for c in cs]
+        energy = 0.0
+        kept = torch.zeros(full, dtype=DTYPE)
+        for w, factor in zip(ws, factors, strict=True):
+            y = w if factor is None else w @ factor
+            seen = basis.T if factor is None else factor.T @ basis.T  # (B L_ℓ)ᵀ: d_in × full
+            with lapack_threads(seen.shape[0]):
+                q, _ = torch.linalg.qr(seen)
+            energy += float(y.pow(2).sum())
+            kept += (y @ q).pow(2).sum(0)
+        tail = energy - torch.cat([kept.new_zeros(1), kept.cumsum(0)])
+        return tail.clamp_min(0.0).tolist()
 
     def _pick(self, members: Sequence[int]) -> tuple[list[Tensor], list[Tensor] | None]:
         ws = [self.ws[i] for i in members]

@@ -87,6 +87,18 @@ class SharingScheme(Protocol):
         """Plans measured beside the solver's at the same budget, each with its own problem."""
         ...
 
+    def spend(self, model: nn.Module, plans: Sequence[SharingPlan], problem: SharingProblem, solve: SolveConfig,
+              state: State, config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
+        """Each of the solver's plans at the budget, with its problem: what a plan can still raise
+        without changing its classes (basis: ranks) raised until the budget is spent, so every
+        candidate is compared at equal parameters; a plan that cannot be raised stays as it is."""
+        ...
+
+    def budget_note(self, plan: SharingPlan, problem: SharingProblem, ratio: float) -> str | None:
+        """Why ``plan`` keeps less than ``ratio`` of the shareable parameters (more than 1% below), or
+        None when it spends the budget."""
+        ...
+
     def installed_in(self, model: nn.Module) -> bool:
         """``model`` holds this scheme's modules (a model from ``apply`` or ``load``)."""
         ...

@@ -3,6 +3,7 @@ coefficients (hessian_worker/basis)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ from torch import Tensor, nn
 
 from hessian_worker.basis.analysis import analyze_basis, rank_of
 from hessian_worker.basis.apply import apply_basis_plan
+from hessian_worker.basis.fill import ALLOCATED, UNIFORM, basis_budget_note, fill_plan
 from hessian_worker.basis.io import load_basis, save_basis
 from hessian_worker.basis.measure import BasisSubstitutes
-from hessian_worker.basis.modules import has_basis_layers
+from hessian_worker.basis.modules import dense_weights, has_basis_layers
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
@@ -24,7 +26,7 @@ from hessian_worker.merge import Merge
 from hessian_worker.prepare import Prepared, prepare
 from hessian_worker.schemes.base import DataParts, State, Substitutes
 from hessian_worker.tying import ApplyReport
-from solver.planning import SolveConfig
+from solver.planning import SolveConfig, with_config
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
@@ -75,10 +77,34 @@ class BasisScheme:
 
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
                          config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
-        """Plain per-layer SVD at the ranks that fill the same budget, so the choice never loses to it."""
-        alone = per_layer_candidate(model, problem, solve, dict(state) if state is not None else None,
-                                    config.basis)
-        return [alone] if alone is not None else []
+        """Plain per-layer SVD at the ranks that spend the same budget, so the choice never loses to
+        it: at the problem's rank proportions, and at the ranks the cost model allocates (basis.fill)."""
+        covs = dict(state) if state is not None else None
+        out: list[tuple[SharingPlan, SharingProblem]] = []
+        for start in (UNIFORM, ALLOCATED):
+            found = per_layer_candidate(model, problem, solve, covs, config.basis, start=start)
+            if found is not None and all(_ranks(found[1]) != _ranks(p) for _, p in out):  # one plan measured once
+                out.append(found)
+        return out
+
+    def spend(self, model: nn.Module, plans: Sequence[SharingPlan], problem: SharingProblem, solve: SolveConfig,
+              state: State, config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
+        """Every plan's classes at the ranks that spend the budget (basis.fill, from the problem's
+        rank proportions); a plan that no rank fits stays as it is."""
+        full = with_config(problem, solve)
+        budget = full.budget_params()
+        if budget is None:
+            return [(plan, problem) for plan in plans]
+        weights = dense_weights(model, list(rank_of(problem)))
+        covs = dict(state) if state is not None else None
+        out, curves = [], {}  # the pool's plans share most classes: their error curves are computed once
+        for plan in plans:
+            filled = fill_plan(plan, full, budget, weights, covs, damping=config.basis.damping, curves=curves)
+            out.append((filled.plan, filled.problem) if filled is not None else (plan, problem))
+        return out
+
+    def budget_note(self, plan: SharingPlan, problem: SharingProblem, ratio: float) -> str | None:
+        return basis_budget_note(plan.params.ratio if plan.params else 1.0, ratio, problem)
 
     def installed_in(self, model: nn.Module) -> bool:
         return has_basis_layers(model)
@@ -97,3 +123,7 @@ class BasisScheme:
             raise ValueError("the basis scheme installs a plan with its problem (ranks and sides per family)")
         return apply_basis_plan(model, plan, problem, merge, data=data, config=config, tokenizer=tokenizer,
                                 covs=dict(state) if state is not None else None, diag=diag)
+
+
+def _ranks(problem: SharingProblem) -> dict[str, int | None]:
+    return {f: s.rank for f, s in (problem.families or {}).items()}

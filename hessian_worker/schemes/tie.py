@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,21 @@ class TieScheme:
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
                          config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
         return []
+
+    def spend(self, model: nn.Module, plans: Sequence[SharingPlan], problem: SharingProblem, solve: SolveConfig,
+              state: State, config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
+        """As they are: a tied class has nothing to raise (the solver already spends what it can)."""
+        return [(plan, problem) for plan in plans]
+
+    def budget_note(self, plan: SharingPlan, problem: SharingProblem, ratio: float) -> str | None:
+        """Tying changes the count in steps of whole layers, so it can stop short of the budget."""
+        reached = plan.params.ratio if plan.params else 1.0
+        if reached >= ratio * 0.99:
+            return None
+        step = min(x.params for x in problem.layers) / problem.original_params
+        return (f"keeps {reached:.4f} of the requested {ratio:g}: tying changes the count in steps of whole "
+                f"layers (the smallest {step:.4f} of the shareable parameters), and no plan of this problem "
+                "fills the rest")
 
     def installed_in(self, model: nn.Module) -> bool:
         return True  # tying changes no module: any model can be saved tied

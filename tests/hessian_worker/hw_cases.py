@@ -43,6 +43,19 @@ def tiny_mlp(logits: bool = False, seed: int = 0) -> TinyMLP:
     return TinyMLP(logits=logits).double().eval()
 
 
+def rank_one_mlp() -> TinyMLP:
+    """Four rank-1 4x4 layers with orthogonal output directions: one shared rank-2 basis must drop
+    two of them, any tie loses, while each alone at rank 1 is exact."""
+    torch.manual_seed(0)
+    model = TinyMLP(depth=4).double().eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            v = torch.randn(4, generator=g, dtype=torch.float64)
+            block.fc.weight.copy_(torch.outer(torch.eye(4, dtype=torch.float64)[i], v))
+    return model
+
+
 def factory() -> nn.Module:
     """A ``module:factory`` target for the CLI tests."""
     return tiny_mlp()

@@ -7,13 +7,14 @@ import copy
 
 import pytest
 import torch
-from hw_cases import TinyMLP, mlp_data
+from hw_cases import TinyMLP, mlp_data, rank_one_mlp
 
 from hessian_worker.analysis import analyze
 from hessian_worker.basis.analysis import score_classes, side_of
 from hessian_worker.basis.apply import apply_basis_plan
+from hessian_worker.basis.fill import ALLOCATED, UNIFORM, family_costs, fill_plan, uniform_start
 from hessian_worker.basis.modules import BasisLinear, dense_weights
-from hessian_worker.basis.per_layer import STRATEGY, per_layer_candidate, singleton_ranks
+from hessian_worker.basis.per_layer import STRATEGY, per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.measure import measure_loss, measure_plans
@@ -21,6 +22,7 @@ from hessian_worker.pipeline import CompressConfig, compress
 from hessian_worker.tying import unique_params
 from solver import SolveConfig
 from solver.evaluate import unique_params as plan_params
+from solver.planning import plan_from_coloring
 from solver.schema import SharingProblem
 
 
@@ -43,22 +45,35 @@ def _problem(ratio: float, ranks: tuple[int, int] = (2, 2)) -> SharingProblem:
     })
 
 
+def _weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = {f"a{i}": torch.randn(8, 4, generator=g, dtype=torch.float64) for i in range(3)}
+    return out | {f"b{i}": torch.randn(6, 12, generator=g, dtype=torch.float64) for i in range(2)}
+
+
 @pytest.mark.parametrize("budget", [122, 200, 266, 300, 400, 1000])
-def test_singleton_ranks_fill_the_budget(budget: int) -> None:
+@pytest.mark.parametrize("start", [UNIFORM, ALLOCATED])
+def test_all_alone_ranks_spend_the_budget(budget: int, start: str) -> None:
     problem = _problem(0.5)
+    alone = plan_from_coloring(problem, {x.name: i for i, x in enumerate(problem.layers)}, method="t")
 
-    def count(r: int) -> int:  # brute force: every layer alone, a capped at rank 4, b at 6
-        return 3 * min(r, 4) * (8 + 4) + 2 * min(r, 6) * (12 + 6) + 2 * 25
+    def count(ra: int, rb: int) -> int:  # brute force: every layer alone, a capped at rank 4, b at 6
+        return 3 * ra * (8 + 4) + 2 * rb * (12 + 6) + 2 * 25
 
-    best = max(r for r in range(1, 7) if count(r) <= budget)
-    assert singleton_ranks(problem, budget) == {"a": min(best, 4), "b": min(best, 6)}
-    assert singleton_ranks(problem, count(1) - 1) is None  # not even rank 1 fits
+    filled = fill_plan(alone, problem, budget, _weights(), None, start=start)
+    ra, rb = filled.ranks["a"], filled.ranks["b"]
+    assert filled.plan.params.shared == count(ra, rb) <= budget
+    assert (ra == 4 or count(ra + 1, rb) > budget) and (rb == 6 or count(ra, rb + 1) > budget)
+    assert fill_plan(alone, problem, count(1, 1) - 1, _weights(), None, start=start) is None  # rank 1 does not fit
 
 
-def test_singleton_ranks_keep_the_problems_proportions() -> None:
+def test_uniform_fill_keeps_the_problems_proportions() -> None:
     problem = _problem(0.9, ranks=(1, 2))
-    ranks = singleton_ranks(problem, problem.budget_params())
-    assert ranks is not None and 2 * ranks["a"] in (ranks["b"], ranks["b"] - 1)
+    alone = plan_from_coloring(problem, {x.name: i for i, x in enumerate(problem.layers)}, method="t")
+    start = uniform_start(family_costs([[n] for n in _weights()], problem, _weights(), None),
+                          {"a": 1, "b": 2}, problem.budget_params() - 50)
+    assert start is not None and 2 * start["a"] in (start["b"], start["b"] - 1)
+    assert fill_plan(alone, problem, problem.budget_params(), _weights(), None) is not None
 
 
 def cfg(rank: int = 2) -> AnalyzeConfig:
@@ -94,21 +109,8 @@ def test_per_layer_plan_is_scored_and_applied_exactly() -> None:
     assert per_layer_candidate(model, required, config, covs) is None
 
 
-def orthogonal_mlp() -> TinyMLP:
-    """Four rank-1 4x4 layers with orthogonal output directions: one shared rank-2 basis must drop
-    two of them, while each alone at rank 1 is exact."""
-    torch.manual_seed(0)
-    model = TinyMLP(depth=4).double().eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            v = torch.randn(4, generator=g, dtype=torch.float64)
-            block.fc.weight.copy_(torch.outer(torch.eye(4, dtype=torch.float64)[i], v))
-    return model
-
-
 def test_compress_picks_per_layer_svd_when_it_loses_least() -> None:
-    model = orthogonal_mlp()
+    model = rank_one_mlp()
     reference = copy.deepcopy(model)
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     config = CompressConfig(ratio=0.65, scheme="basis", rank=2, top=4, device="cpu", progress=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from enum import Enum
 from types import NoneType, SimpleNamespace
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 from pydantic import BaseModel
@@ -42,7 +42,7 @@ RENAMED: dict[str, dict[str, str]] = {
                 "basis_rank": "basis.rank"},
     "compress": {**KFAC, "heal": "heal_steps", "no_heal_choice": "!heal_choice", "time_limit": "time_limit_s",
                  "quiet": "!progress", "no_output_weighting": "!output_weighting", "holdout_samples": "holdout",
-                 "basis_rank": "rank"},
+                 "basis_rank": "rank", "no_predict": "!predict"},
     "apply": {"heal": "heal_steps", "quiet": "!progress", "no_output_weighting": "!output_weighting",
               "holdout_samples": "holdout"},
 }
@@ -120,7 +120,9 @@ def test_every_flag_is_a_config_field(command: str):
             assert (action.default == "auto") == (info.default is None), action.dest
         if action.choices is not None:
             choices = tuple(action.choices)[1:] if auto else tuple(action.choices)
-            assert enum is not None and choices == tuple(m.value for m in enum), action.dest
+            # a Literal beside the enum adds its values (compress --scheme auto)
+            extra = tuple(v for t in types if get_origin(t) is Literal for v in get_args(t))
+            assert enum is not None and choices == (*(m.value for m in enum), *extra), action.dest
         else:
             assert enum is None, f"--{action.dest}: {enum} without choices"
         if negated:
@@ -200,6 +202,7 @@ def test_compress_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
          "--choice-holdout", "0.25", "--holdout-samples", "3", "--time-limit", "2.5"],
         [*head, "--scheme", "basis", "--basis-rank", "2", "--side", "in", "--no-output-weighting"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5"],
+        [*head, "--scheme", "auto", "--rank-ratio", "0.5", "--no-predict"],
     ]
     checked = set()
     for argv in runs:

@@ -122,6 +122,7 @@ def test_a_bfloat16_checkpoint_is_compressed_and_saved_in_bfloat16(tmp_path):
 
 @pytest.mark.parametrize(("fields", "match"), [
     ({"scheme": "basis"}, "scheme='tie'"),
+    ({"scheme": "auto"}, "scheme='tie'"),
     ({"curvature_samples": 4}, "curvature-samples"),
     ({"merge": "curvature"}, "layerwise"),
     ({"backend": "projected"}, "whole model"),

@@ -59,3 +59,14 @@ def test_tie_costs_use_the_curvature_subset_and_choose_on_all() -> None:
     fit = mlp_data(n=10)
     parts = scheme_for("tie").parts(fit, CompressConfig(ratio=0.5, curvature_samples=4))
     assert parts.costs.num_samples == 4 and parts.choice is fit and parts.apply is fit
+
+
+def test_tie_spends_as_it_is_and_says_why_it_falls_short() -> None:
+    from solver.planning import plan_from_coloring
+
+    problem = _problem(None)
+    plan = plan_from_coloring(problem, {"a0.weight": 0, "a1.weight": 0, "b0.weight": 1, "b1.weight": 2}, method="t")
+    tie = scheme_for("tie")
+    assert tie.spend(None, [plan], problem, None, None, None) == [(plan, problem)]
+    assert tie.budget_note(plan, problem, 0.75) is None  # 48 of 64 kept
+    assert "whole layers" in tie.budget_note(plan, problem, 0.8)

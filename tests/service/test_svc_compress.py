@@ -286,3 +286,13 @@ def test_compress_job_on_a_tiny_model(server, api, tmp_path: Path):
     assert unique_params(fresh) == report.unique_params < unique_params(factory())
     with torch.no_grad():
         assert fresh(x).shape == (16, 2)
+
+
+def test_compress_scheme_auto_and_predict_reach_the_pipeline():
+    spec = AnalysisSpec.model_validate({"model": "m:f", "compress": {"out": "/o", "scheme": "auto", "predict": False}})
+    sent = compress_config(spec)
+    assert sent["scheme"] == "auto" and sent["predict"] is False
+    config = CompressConfig.model_validate(sent)
+    assert config.scheme == "auto" and config.predict is False
+    with pytest.raises(ValueError, match="scheme"):
+        AnalysisSpec.model_validate({"model": "m:f", "compress": {"out": "/o", "scheme": "best"}})
