@@ -15,6 +15,7 @@ run (default 10 minutes) added wherever no method proved its value optimal.
 
     python bench/solver_bench.py                       # everything (about 30 minutes on 2 cores)
     python bench/solver_bench.py --parts llm --reference-time 60
+    python bench/solver_bench.py --parts llm --only "llama-70b seed=2" --methods release --release-ref 34f2a18 --reference-time 0
 """
 
 from __future__ import annotations
@@ -238,6 +239,8 @@ def _row(part: str, name: str, r: Result, ref: float | None = None) -> dict:
 def _compare(part: str, name: str, p: SharingProblem, args: argparse.Namespace, rows: list[dict], traces: dict,
              extra: tuple = ()) -> None:
     """Every method on one instance; the reference run only where nothing was proven optimal."""
+    if args.only and not any(o in name for o in args.only):
+        return
     lim = max(args.limits)
     trace: list[Progress] = []
     results = [geo(p, t, trace if t == lim else None) for t in args.limits]
@@ -271,6 +274,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["exact", "large", "llm", "assignment"])
     ap.add_argument("--methods", nargs="+", default=["naive-cpsat", "highs", "release"])
     ap.add_argument("--release-ref", default=RELEASE_REF)
+    ap.add_argument("--only", nargs="+", default=[], help="run only instances whose name holds one of these (e.g. 'llama-70b seed=2')")
     ap.add_argument("--note", default="", help="free text for the results (e.g. that the machine was shared)")
     ap.add_argument("--out", default=str(RESULTS / "solver_bench"))
     args = ap.parse_args()
