@@ -54,7 +54,8 @@ def build_curvature(obj: Objective, config: AnalyzeConfig) -> Curvature:
                                oversample=k.oversample, output=k.output, seed=config.seed,
                                gradient_samples=k.gradient_samples, approximation=k.approximation,
                                progress=config.progress)
-    return LayerwiseCurvature.collect(obj.model, obj.data, obj.names, progress=config.progress)
+    return LayerwiseCurvature.collect(obj.model, obj.data, obj.names, shrinkage=config.shrinkage,
+                                      progress=config.progress)
 
 
 @dataclass
@@ -166,7 +167,7 @@ def _predict_plan(prep: Prepared, groups: Sequence[Sequence[str]], config: Analy
         diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
                                  generator=generator(config), kind=config.curvature)
     if merge is Merge.layerwise:
-        lw = LayerwiseCurvature.collect(prep.model, prep.data, shared)
+        lw = LayerwiseCurvature.collect(prep.model, prep.data, shared, shrinkage=config.shrinkage)
         delta = {}
         for group in plan_groups(groups, params):
             merged = lw.merge(group, params, config.layerwise_damping)
