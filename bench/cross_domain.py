@@ -133,11 +133,12 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
 
 
 def save(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
-    result = {"meta": {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    result = {"meta": {"command": " ; ".join([*args.earlier, command]),
                        "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",
                        "top": args.top, "normalized_top": args.normalized_top, "per_pattern": args.per_pattern,
                        "random_seeds": args.random_seeds, "choice_holdout": args.choice_holdout,
-                       "seconds": round(time.perf_counter() - args.started, 1)},
+                       "seconds": round(args.earlier_seconds + time.perf_counter() - args.started, 1)},
               "higher_is_better": {"minilm": True, "gpt": False},
               "metric": {"minilm": "embedding cosine to the original", "gpt": "held-out perplexity"},
               "rows": rows}
@@ -169,7 +170,9 @@ def markdown(result: dict) -> str:
              f"pattern (choice holdout {meta['choice_holdout']}); random: mean of {meta['random_seeds']} seeds; every "
              "strategy with Geo-Sharing's merge (the product's default rule) fitted on its calibration domain.", "",
              "Cells: `A→B` is calibrated on A (costs, choice, merge) and scored on B's evaluation split. "
-             "Shift = cross(A→B) − in(B→B) on the same evaluation split.", ""]
+             "Shift = cross(A→B) − in(B→B) on the same evaluation split (cosine: negative is a loss; perplexity: "
+             "positive is a loss). Lead = geo's margin over the best heuristic in that cell (positive: geo is ahead).",
+             ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         a, b = DOMAINS[model]
         higher = result["higher_is_better"][model]
@@ -266,11 +269,13 @@ def main() -> None:
     ap.add_argument("--shrinkage", nargs="+", type=shrinkage_setting, default=[AnalyzeConfig().shrinkage],
                     help="the merge's covariance shrinkage settings to compare (default: the configs' default)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--top", type=int, default=16)
-    ap.add_argument("--normalized-top", type=int, default=16)
-    ap.add_argument("--per-pattern", type=int, default=4)
-    ap.add_argument("--random-seeds", type=int, default=3)
-    ap.add_argument("--choice-holdout", type=float, default=0.5)
+    # geo's pool and choice: compress's defaults
+    ap.add_argument("--top", type=int, default=16, help="geo: K best plans measured")
+    ap.add_argument("--normalized-top", type=int, default=16, help="geo: K best by size-normalized costs measured")
+    ap.add_argument("--per-pattern", type=int, default=2, help="geo: budget-filling allocations per pattern")
+    ap.add_argument("--random-seeds", type=int, default=3, help="random plans averaged per cell")
+    ap.add_argument("--choice-holdout", type=float, default=0.5,
+                    help="geo: share of the validation split candidates are scored on (compress's choice_holdout)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="keep the cells of --out's json and run the rest")
     ap.add_argument("--report", action="store_true", help="only rewrite the .md and .png from --out's json")
@@ -284,8 +289,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     args.started = time.perf_counter()
     rows: list[dict] = []
+    args.earlier, args.earlier_seconds = [], 0.0  # the runs a --resume continues
     if args.resume and out.with_suffix(".json").is_file():
-        rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        rows, args.earlier = earlier["rows"], [earlier["meta"]["command"]]
+        args.earlier_seconds = earlier["meta"]["seconds"]
     done = {(r["model"], r["shrinkage"], r["calibrated_on"], r["ratio"], r["strategy"]) for r in rows}
     for model in args.models:
         run_model(model, args, done, rows, out)

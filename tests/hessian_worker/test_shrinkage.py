@@ -8,11 +8,11 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from hw_cases import bert_data, mlp_data, tiny_bert, tiny_mlp
+from hw_cases import mlp_data, tiny_mlp
 from sklearn.covariance import ledoit_wolf, oas
 
 from geoshare.cli.model_flags import shrinkage_setting
-from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_moments, layerwise_merge
+from hessian_worker.curvature.layerwise import LayerwiseCurvature, layerwise_merge
 from hessian_worker.curvature.shrinkage import (
     SecondMoments,
     intensity,
@@ -129,26 +129,6 @@ def test_correlated_rows_within_a_sample_shrink_more_than_independent_rows() -> 
     assert ledoit_wolf_intensity(m) == pytest.approx(alone, rel=1e-10)
     rows_as_units = SecondMoments(m.total, 80, *unit_squares(repeated.reshape(80, 30)))
     assert ledoit_wolf_intensity(rows_as_units) < alone
-
-
-def test_input_moments_skip_padding_and_count_samples() -> None:
-    model, data = tiny_bert(), bert_data()
-    name = "encoder.layer.0.attention.self.query.weight"
-    seen: list[torch.Tensor] = []
-    hook = model.encoder.layer[0].attention.self.query.register_forward_pre_hook(
-        lambda m, a: seen.append(a[0].detach()))
-    masks = []
-    with torch.no_grad():
-        for b in data.batches:
-            model(**b)
-            masks.append(b["attention_mask"].bool())
-    hook.remove()
-    m = input_moments(model, data, [name], squares=True)[name]
-    rows = torch.cat([x[k] for x, k in zip(seen, masks, strict=True)])
-    torch.testing.assert_close(m.covariance, rows.T @ rows / rows.shape[0])
-    assert (m.rows, m.units) == (rows.shape[0], 5)
-    per_sample = [x[i][k[i]] for x, k in zip(seen, masks, strict=True) for i in range(len(x))]
-    assert m.unit_square == pytest.approx(sum(float((s.T @ s).pow(2).sum()) for s in per_sample))
 
 
 def test_merge_reduces_to_the_layerwise_merge_at_0_and_a_trace_weighted_mean_at_1() -> None:
