@@ -72,3 +72,28 @@ def test_shift_and_lead_in_the_table() -> None:
                      "metric": {"minilm": "cosine"}})
     # shifts -0.05 (on prose) and -0.02 (on docstrings); leads -0.02 (behind sequence) and +0.18
     assert "| none | 0.67 | -0.0500 | -0.0200 | -0.0200 | +0.1800 |" in text
+
+
+@pytest.mark.slow
+def test_gpt_cells_are_scored_on_both_sources(tmp_path) -> None:
+    """One budget, one heuristic, both calibrations: four cells, each scored on its evaluation
+    split; the tied model is worse than the original everywhere and the json is written."""
+    import argparse
+    import json
+    import time
+
+    from bench.cross_domain import domain_task, run_model
+    from hessian_worker.options import Shrinkage
+
+    args = argparse.Namespace(budgets=[0.67], strategies=["sequence"], shrinkage=[Shrinkage.none], seed=0, top=2,
+                              normalized_top=0, per_pattern=0, random_seeds=1, choice_holdout=0.5,
+                              started=time.perf_counter(), earlier=[], earlier_seconds=0.0)
+    rows: list[dict] = []
+    run_model("gpt", args, set(), rows, tmp_path / "cd")
+    assert {(r["calibrated_on"], r["evaluated_on"]) for r in rows} == {
+        (a, b) for a in DOMAINS["gpt"] for b in DOMAINS["gpt"]}
+    for source in DOMAINS["gpt"]:
+        original = domain_task("gpt", source, 0)
+        base = original.score(original.model)
+        assert all(r["score"] > base for r in rows if r["evaluated_on"] == source)
+    assert json.loads((tmp_path / "cd.json").read_text())["rows"] == rows
