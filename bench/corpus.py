@@ -1,8 +1,13 @@
-"""Offline English text for calibration and evaluation: the standard library's docstrings.
+"""Offline English text for calibration and evaluation, in two kinds (``CORPORA``).
 
-Nothing may be downloaded, so sentences come from the first paragraph of the docstrings of the
-standard library's public modules, classes and functions: plain technical English, thousands of
-distinct sentences. Calibration and evaluation splits are disjoint and seeded.
+Nothing may be downloaded, so:
+
+- ``docstrings``: the first paragraph of the docstrings of the standard library's public modules,
+  classes and functions: plain technical English, thousands of distinct sentences;
+- ``prose``: a few hundred general-prose sentences written for the bench (bench/data/prose.txt):
+  everyday topics and vocabulary, a different domain for the cross-domain evaluation.
+
+Calibration and evaluation splits are disjoint and seeded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
+
+CORPORA = ("docstrings", "prose")
+PROSE = Path(__file__).resolve().parent / "data" / "prose.txt"
 
 _MODULES = [
     "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "cmath", "codecs",
@@ -77,16 +86,36 @@ def sentences() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def splits(sizes: Sequence[int], seed: int = 0) -> list[list[str]]:
+@lru_cache(maxsize=1)
+def prose_sentences() -> tuple[str, ...]:
+    """The written general-prose sentences, one a line (comment lines start with #), sorted."""
+    lines = (line.strip() for line in PROSE.read_text(encoding="utf-8").splitlines())
+    return tuple(sorted({line for line in lines if line and not line.startswith("#")}))
+
+
+def corpus_sentences(corpus: str = "docstrings") -> tuple[str, ...]:
+    """The sentences of one of ``CORPORA``.
+
+    Raises:
+        ValueError: an unknown corpus.
+    """
+    if corpus == "docstrings":
+        return sentences()
+    if corpus == "prose":
+        return prose_sentences()
+    raise ValueError(f"unknown corpus {corpus!r}; valid corpora: {', '.join(CORPORA)}")
+
+
+def splits(sizes: Sequence[int], seed: int = 0, corpus: str = "docstrings") -> list[list[str]]:
     """Disjoint seeded samples of the given sizes: consecutive slices of one seeded shuffle, so
     the first k splits do not depend on how many more are asked for.
 
     Raises:
-        ValueError: the sizes add up to more sentences than the corpus has.
+        ValueError: the sizes add up to more sentences than the corpus has, or an unknown corpus.
     """
-    pool = list(sentences())
+    pool = list(corpus_sentences(corpus))
     if sum(sizes) > len(pool):
-        raise ValueError(f"asked for {sum(sizes)} sentences, the corpus has {len(pool)}")
+        raise ValueError(f"asked for {sum(sizes)} sentences, the {corpus} corpus has {len(pool)}")
     random.Random(seed).shuffle(pool)
     ends = list(itertools.accumulate(sizes))
     return [pool[end - size : end] for size, end in zip(sizes, ends, strict=True)]

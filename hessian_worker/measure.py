@@ -160,7 +160,7 @@ def _outcomes(
         if merge is not Merge.layerwise or not union:
             layerwise = None
         elif layerwise is None:
-            layerwise = LayerwiseCurvature.collect(prep.model, prep.data, union)
+            layerwise = LayerwiseCurvature.collect(prep.model, prep.data, union, shrinkage=config.shrinkage)
         base = float(obj.loss({})) if loss_fn is not None else 0.0
         for classes, groups in tqdm(split, desc="plans", disable=not config.progress, leave=False):
             merged: dict[str, Tensor] = basis.weights_of(classes) if basis is not None else {}

@@ -11,7 +11,7 @@ re-exported from the modules that used to define them (hessian_worker.config, .p
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -117,6 +117,19 @@ class Merge(str, Enum):
     representative = "representative"  # the first layer of the group keeps its weight
     curvature = "curvature"  # per-element diagonal weights: Σ F_k⊙W_k / Σ F_k
     layerwise = "layerwise"  # closed form (Σ W_k G_k)(Σ G_k)⁻¹ from layer input covariances
+
+
+class Shrinkage(str, Enum):
+    """How the input covariances of the layerwise merge and costs are shrunk toward a scaled identity
+    (hessian_worker.curvature.shrinkage); a number in [0, 1] instead fixes the intensity."""
+
+    none = "none"
+    ledoit_wolf = "ledoit-wolf"  # intensity from the spread of the samples' contributions
+    oas = "oas"  # Oracle-Approximating Shrinkage, Gaussian samples
+
+
+# an estimator, or the intensity itself (0: the sample covariance, 1: its scaled identity)
+ShrinkageSetting = Union[Shrinkage, Annotated[float, Field(ge=0.0, le=1.0)]]  # noqa: UP007 - a runtime alias
 
 
 class SideChoice(str, Enum):
@@ -253,6 +266,10 @@ class AnalyzeConfig(BaseModel):
     max_params_ratio: float | None = Field(None, gt=0, le=1)
     layerwise_damping: float = Field(
         0.01, ge=0, description="layerwise merge: ridge as a share of mean diag(G) (GPTQ's 1%)")
+    shrinkage: ShrinkageSetting = Field(
+        Shrinkage.none, description="Input covariances of the layerwise merge and costs and of the basis whitening: "
+        "shrunk toward tr(G)/d·I by an intensity estimated from the data (ledoit-wolf, oas), fixed (a number in "
+        "[0, 1]), or not (none).")
     dtype: DType = DType.float32
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     progress: bool = True
@@ -321,6 +338,10 @@ class CompressConfig(BaseModel):
                                   "the candidates are scored on, kept out of the covariances they are merged with "
                                   "(scored where it was fitted, the merge flatters the plans it overfits). 0: score "
                                   "on every choice sample.")
+    shrinkage: ShrinkageSetting = Field(AnalyzeConfig.model_fields["shrinkage"].default, description="Input "
+                                        "covariances of the layerwise merge and costs and of the basis whitening: "
+                                        "shrunk toward tr(G)/d·I by an estimated intensity (ledoit-wolf, oas), a "
+                                        "fixed one (a number in [0, 1]) or not (none).")
     holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
     samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
     curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")
@@ -352,7 +373,8 @@ class CompressConfig(BaseModel):
         return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
                              distill=self.distill, device=self.device, progress=self.progress,
                              scheme=scheme or self.scheme,
-                             basis=self.basis_options(), kfac=self.kfac, dtype=self.dtype or dtype)
+                             basis=self.basis_options(), kfac=self.kfac, dtype=self.dtype or dtype,
+                             shrinkage=self.shrinkage)
 
     def basis_options(self) -> BasisOptions:
         return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side,

@@ -17,8 +17,9 @@ from hessian_worker.curvature.diagonal import DiagonalCurvature, estimate_diagon
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.curvature.functional import gradient
 from hessian_worker.curvature.kfac import collect_factors
-from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_sums, linear_modules
+from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_moments, linear_modules
 from hessian_worker.curvature.projected import ProjectedCurvature
+from hessian_worker.curvature.shrinkage import SecondMoments, needs_unit_squares, shrunk_covariance
 from hessian_worker.data import Calibration, DataSource
 from hessian_worker.discovery import LayerInfo, discover_layers
 from hessian_worker.distributed import (
@@ -54,7 +55,7 @@ def build_curvature(obj: Objective, config: AnalyzeConfig, group: Group | None =
         check_data_parallel(config)
         if config.backend is Backend.exact:
             return SummedForm(ExactCurvature(obj, config.curvature, chunk=config.chunk), group)
-        return _summed_layerwise(obj, group, config.progress)
+        return _summed_layerwise(obj, group, config)
     if config.backend is Backend.exact:
         return ExactCurvature(obj, config.curvature, chunk=config.chunk)
     if config.backend is Backend.projected:
@@ -77,7 +78,8 @@ def build_curvature(obj: Objective, config: AnalyzeConfig, group: Group | None =
                                oversample=k.oversample, output=k.output, seed=config.seed,
                                gradient_samples=k.gradient_samples, approximation=k.approximation,
                                progress=config.progress)
-    return LayerwiseCurvature.collect(obj.model, obj.data, obj.names, progress=config.progress)
+    return LayerwiseCurvature.collect(obj.model, obj.data, obj.names, shrinkage=config.shrinkage,
+                                      progress=config.progress)
 
 
 @dataclass
@@ -119,15 +121,21 @@ def make_predict(obj: Objective, curvature: Curvature, group: Group | None = Non
     return Predictor(curvature, grads)
 
 
-def _summed_layerwise(obj: Objective, group: Group, progress: bool) -> LayerwiseCurvature:
-    """The layerwise form from every rank's input sums and row counts, added up before dividing."""
+def _summed_layerwise(obj: Objective, group: Group, config: AnalyzeConfig) -> LayerwiseCurvature:
+    """The layerwise form from every rank's input moments (sums, row and sample counts, and the
+    Ledoit–Wolf squares when the shrinkage needs them), added up before dividing and shrinking."""
+    squares = needs_unit_squares(config.shrinkage)
     with step(group, "the layer input sums"):
-        sums, counts = input_sums(obj.model, obj.data, obj.names, progress=progress)
-    all_reduce_sums(group, [sums[n] for n in obj.names], "the layer input sums")
-    totals = torch.tensor([counts[n] for n in obj.names], dtype=torch.int64)
-    all_reduce_sums(group, [totals], "the layer input counts")
-    covs = {n: sums[n] / max(int(c), 1) for n, c in zip(obj.names, totals.tolist(), strict=True)}
-    return LayerwiseCurvature(covs, {n: t for n, (_, t) in linear_modules(obj.model, obj.names).items()})
+        moments = input_moments(obj.model, obj.data, obj.names, squares=squares, progress=config.progress)
+    all_reduce_sums(group, [moments[n].total for n in obj.names], "the layer input sums")
+    counts = torch.tensor([[moments[n].rows, moments[n].units, moments[n].unit_square] for n in obj.names],
+                          dtype=torch.float64)
+    all_reduce_sums(group, [counts], "the layer input counts")
+    covs, rhos = {}, {}
+    for name, (rows, units, square) in zip(obj.names, counts.tolist(), strict=True):
+        summed = SecondMoments(moments[name].total, rows=int(rows), units=int(units), unit_square=square)
+        covs[name], rhos[name] = shrunk_covariance(summed, config.shrinkage)
+    return LayerwiseCurvature(covs, {n: t for n, (_, t) in linear_modules(obj.model, obj.names).items()}, rhos)
 
 
 def check_data_parallel(config: AnalyzeConfig) -> None:
@@ -245,7 +253,7 @@ def _predict_plan(prep: Prepared, groups: Sequence[Sequence[str]], config: Analy
         diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes,
                                  generator=generator(config), kind=config.curvature)
     if merge is Merge.layerwise:
-        lw = LayerwiseCurvature.collect(prep.model, prep.data, shared)
+        lw = LayerwiseCurvature.collect(prep.model, prep.data, shared, shrinkage=config.shrinkage)
         delta = {}
         for group in plan_groups(groups, params):
             merged = lw.merge(group, params, config.layerwise_damping)

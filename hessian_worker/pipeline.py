@@ -333,7 +333,7 @@ def merge_covariances(model: nn.Module, data: DataSource, names: list[str], conf
     """The input covariances of the layerwise merge over ``data`` (the model is not changed)."""
     prep = prepare(model, data, config, tokenizer=tokenizer)
     with torch.no_grad():
-        return LayerwiseCurvature.collect(prep.model, prep.data, names)
+        return LayerwiseCurvature.collect(prep.model, prep.data, names, shrinkage=config.shrinkage)
 
 
 def choice_parts(choice: Calibration, config: CompressConfig) -> tuple[Calibration, Calibration | None]:

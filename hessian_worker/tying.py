@@ -111,7 +111,7 @@ def apply_tie(
             diag = curvature_weights(model, data, shared_names, config, tokenizer=tokenizer)
         else:
             prep = prepare(model, data, _here(model, shared_names[0], config), tokenizer=tokenizer)
-            layerwise = LayerwiseCurvature.collect(model, prep.data, shared_names)
+            layerwise = LayerwiseCurvature.collect(model, prep.data, shared_names, shrinkage=config.shrinkage)
     merged: list[Tensor] = []
     with torch.no_grad():
         for group in groups:

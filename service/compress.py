@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from hessian_worker.options import CompressConfig, DistillLoss, Merge, SideChoice
+from hessian_worker.options import CompressConfig, DistillLoss, Merge, ShrinkageSetting, SideChoice
 from solver import SharingPlan, SharingProblem
 from solver.schema import Scheme
 
@@ -105,6 +105,13 @@ class CompressSpec(BaseModel):
         None,
         description="basis: weigh each layer's error by its output-side curvature, so costs are "
         "predicted loss changes (default true); false: every layer's output error alike.",
+    )
+
+    shrinkage: ShrinkageSetting | None = Field(
+        None,
+        description="Input covariances of the layerwise merge and costs and of the basis whitening: shrunk "
+        "toward tr(G)/d·I by an intensity estimated from the data (ledoit-wolf, oas), a fixed intensity (a "
+        "number in [0, 1]) or not (none); default: the pipeline's.",
     )
 
     @field_validator("out")

@@ -13,7 +13,7 @@ import math
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -157,14 +157,44 @@ def file_splits() -> dict[str, list[Path]]:
     return parts
 
 
-@lru_cache(maxsize=1)
-def streams() -> dict[str, Tensor]:
-    """Each split's files as one byte stream (files joined by a blank line)."""
+# Two kinds of source for the cross-domain evaluation, by top-level module: text and data formats
+# (parsers, formatters, encodings of text) and systems code (networking, processes, files, OS).
+SOURCES: dict[str, frozenset[str]] = {
+    "text": frozenset(
+        ["email", "xml", "html", "json", "csv", "re", "string", "textwrap", "difflib", "mailbox", "configparser", "tomllib", "argparse", "optparse", "getopt", "shlex", "tokenize", "locale", "gettext", "codecs", "base64", "quopri", "uu", "plistlib", "pprint", "calendar", "_strptime", "mimetypes", "stringprep", "_markupbase", "fileinput", "netrc", "reprlib", "xdrlib", "datetime", "fractions", "statistics", "_pydecimal"]
+    ),
+    "system": frozenset(
+        ["asyncio", "multiprocessing", "concurrent", "http", "urllib", "socket", "socketserver", "ssl", "selectors", "subprocess", "os", "shutil", "pathlib", "tempfile", "threading", "queue", "sched", "signal", "ftplib", "smtplib", "imaplib", "poplib", "nntplib", "telnetlib", "xmlrpc", "wsgiref", "ipaddress", "platform", "sysconfig", "glob", "fnmatch", "posixpath", "ntpath", "genericpath", "stat", "getpass", "pty", "tty", "zipfile", "tarfile", "gzip", "bz2", "lzma", "_compression", "shelve", "dbm", "webbrowser", "asyncore", "asynchat", "smtpd", "venv", "uuid"]
+    ),
+}
+
+
+def source_of(path: Path) -> str | None:
+    """The kind of source (a key of SOURCES) of a standard-library file, or None."""
+    top = path.relative_to(Path(sysconfig.get_paths()["stdlib"])).parts[0].removesuffix(".py")
+    return next((kind for kind, modules in SOURCES.items() if top in modules), None)
+
+
+def source_files(source: str | None = None) -> dict[str, list[Path]]:
+    """``file_splits`` kept to the files of one kind of ``SOURCES`` (None: every file), so a
+    source's held-out files are still ones the model never trained on.
+
+    Raises:
+        ValueError: an unknown source.
+    """
+    if source is None:
+        return file_splits()
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
+    return {k: [f for f in files if source_of(f) == source] for k, files in file_splits().items()}
+
+
+@cache
+def streams(source: str | None = None) -> dict[str, Tensor]:
+    """Each split's files (``source_files(source)``) as one byte stream (files joined by a blank line)."""
     return {
-        k: torch.frombuffer(
-            bytearray(b"".join(f.read_bytes() + b"\n\n" for f in files)), dtype=torch.uint8
-        ).long()
-        for k, files in file_splits().items()
+        k: torch.frombuffer(bytearray(b"".join(f.read_bytes() + b"\n\n" for f in files)), dtype=torch.uint8).long()
+        for k, files in source_files(source).items()
     }
 
 
@@ -287,18 +317,21 @@ def gpt_task(
     evaluation: int = 64,
     seed: int = 0,
     cache_dir: Path | None = None,
+    source: str | None = None,
 ) -> Task:
     """Causal LM task: held-out perplexity (lower is better) of a compressed copy.
 
     Calibration windows come from the training files (what a user compressing a model holds),
     validation and evaluation windows from their own held-out files; ``seed`` draws the windows,
-    the model itself is fixed by its settings.
+    the model itself is fixed by its settings. ``source`` (a key of ``SOURCES``) keeps every split
+    to one kind of code (the model is the same, trained on all of it); the task is then named
+    ``gpt-<source>`` (cached costs are keyed by the name).
     """
     model, _ = build_gpt(quick=quick, cache_dir=cache_dir)
-    data, t = streams(), model.config.context
+    data, t = streams(source), model.config.context
     evaluation_ids = windows(data["evaluation"], evaluation, t, seed)
     return Task(
-        name="gpt",
+        name="gpt" if source is None else f"gpt-{source}",
         metric="held-out perplexity",
         higher_is_better=False,
         model=model,

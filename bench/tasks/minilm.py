@@ -3,8 +3,9 @@
 Sentence-embedding users compare directions, so the metric is the mean cosine of a compressed
 copy's embeddings (masked mean pooling, L2-normalized, as sentence-transformers) to the original's
 on evaluation sentences the calibration and the choice never see. Sentences are the standard
-library's docstrings (``bench/corpus.py``); calibration and evaluation are the same as
-``corpus.split(calibration, evaluation, seed)``, validation comes after them in the shuffle.
+library's docstrings by default, or the bench's general prose (``bench/corpus.py``); calibration
+and evaluation are the same as ``corpus.splits((calibration, evaluation), seed, corpus)``,
+validation comes after them in the shuffle.
 """
 
 from __future__ import annotations
@@ -33,22 +34,29 @@ def embed(model: nn.Module, tokenizer: Any, sentences: list[str]) -> torch.Tenso
 
 
 def minilm_task(
-    *, calibration: int = 16, validation: int = 128, evaluation: int = 64, seed: int = 0
+    *,
+    calibration: int = 16,
+    validation: int = 128,
+    evaluation: int = 64,
+    seed: int = 0,
+    corpus: str = "docstrings",
 ) -> Task:
-    """Embedding task: mean cosine to the original's embeddings (higher is better, 1 at best)."""
+    """Embedding task: mean cosine to the original's embeddings (higher is better, 1 at best).
+    Named ``minilm`` on the docstrings, ``minilm-<corpus>`` on another corpus (cached costs are
+    keyed by the name)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hessian_worker import load_model
 
     loaded = load_model("minilm")
     model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
-    calib, evaluation_sents, validation_sents = splits((calibration, evaluation, validation), seed)
+    calib, evaluation_sents, validation_sents = splits((calibration, evaluation, validation), seed, corpus)
     reference = embed(model, tokenizer, evaluation_sents)
 
     def score(m: nn.Module) -> float:
         return float((embed(m, tokenizer, evaluation_sents) * reference).sum(-1).mean())
 
     return Task(
-        name="minilm",
+        name="minilm" if corpus == "docstrings" else f"minilm-{corpus}",
         metric="embedding cosine to the original",
         higher_is_better=True,
         model=model,

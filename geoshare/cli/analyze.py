@@ -55,6 +55,7 @@ def add_commands(subparsers: Any) -> None:
                         "repeated blocks)")
     a.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="layers to leave alone: a full name or re:regex (repeatable)")
+    flags.shrinkage_option(a)
     a.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the problem JSON")
     flags.scheme_options(a)
     a.set_defaults(func=run, extras=("worker",))
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         sketch_precision=args.sketch_precision, kfac=flags.kfac_options(args),
         ignore=args.ignore, device=args.device, dtype=args.dtype or ("auto" if streamed else "float32"),
         progress=not args.quiet, scheme=args.scheme, **({"basis": basis} if basis else {}),
+        **({"shrinkage": args.shrinkage} if args.shrinkage is not None else {}),
     )
     if streamed:
         problem = analyze_checkpoint(args.model, args.data, config, memory_limit_gb=args.memory_limit_gb,

@@ -62,6 +62,7 @@ def add_commands(subparsers: Any) -> None:
     c.add_argument("--choice-holdout", type=float, default=0.5, metavar="FRACTION",
                    help="layerwise merge: fraction in [0, 1) of the choice samples candidates are scored on, kept "
                         "out of the covariances they are merged with (0: score on all)")
+    flags.shrinkage_option(c)
     flags.holdout_samples_option(c, "a quarter of them")
     c.add_argument("--time-limit", type=float, default=10.0, metavar="SECONDS", help="solver seconds")
     hide(c.add_argument("--basis-rank", "--rank", dest="basis_rank", type=int, default=None, metavar="R",
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                             holdout=args.holdout_samples, samples=args.samples, batch_size=args.batch_size,
                             time_limit_s=args.time_limit, seed=args.seed, device=args.device, dtype=args.dtype,
                             kfac=flags.kfac_options(args), progress=not args.quiet, scheme=args.scheme,
-                            predict=not args.no_predict, **basis)
+                            predict=not args.no_predict, **basis,
+                            **({"shrinkage": args.shrinkage} if args.shrinkage is not None else {}))
     command = args.command_line  # the card's record of this run (geoshare.cli.main): flags given, defaults left out
     if streamed:
         report = compress_checkpoint(args.model, args.data, config, args.out,

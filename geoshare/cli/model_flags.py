@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from geoshare.cli.help import hide
-from hessian_worker.options import AUTO_SCHEME, Backend, DType, OutputFactor, SideChoice
+from hessian_worker.options import AUTO_SCHEME, Backend, DType, OutputFactor, Shrinkage, SideChoice
 from solver.schema import Scheme
 
 
@@ -89,6 +89,27 @@ def scheme_options(parser: argparse.ArgumentParser, *, auto: bool = False) -> No
     parser.add_argument("--no-output-weighting", action="store_true",
                         help="--scheme basis: count every layer's output error alike (default: weigh it by the "
                              "layer's output-side curvature, so costs are predicted loss changes)")
+
+
+def shrinkage_option(parser: argparse.ArgumentParser) -> None:
+    """--shrinkage: how the input covariances of the layerwise merge and costs are shrunk."""
+    parser.add_argument("--shrinkage", type=shrinkage_setting, default=None, metavar="|".join(values(Shrinkage)) + "|RHO",
+                        help="input covariances of the layerwise merge and costs (and the basis whitening): shrunk "
+                             "toward a scaled identity by an intensity estimated from the data (ledoit-wolf, oas), a "
+                             "fixed intensity RHO in [0, 1], or not (none); default: the configs' default")
+
+
+def shrinkage_setting(text: str) -> Shrinkage | float:
+    """A --shrinkage value: an estimator's name or an intensity in [0, 1]."""
+    if text in values(Shrinkage):
+        return Shrinkage(text)
+    try:
+        rho = float(text)
+    except ValueError:
+        rho = -1.0
+    if not 0.0 <= rho <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither {', '.join(values(Shrinkage))} nor a number in [0, 1]")
+    return rho
 
 
 def basis_options(args: argparse.Namespace, rank: int | None) -> dict[str, Any]:

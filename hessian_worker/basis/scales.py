@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from hessian_worker.basis.decompose import output_weights
 from hessian_worker.config import AnalyzeConfig, generator
 from hessian_worker.curvature.diagonal import estimate_diagonal
-from hessian_worker.curvature.layerwise import input_covariances, linear_modules
+from hessian_worker.curvature.layerwise import input_moments, linear_modules
+from hessian_worker.curvature.shrinkage import needs_unit_squares, shrunk_covariance
 from hessian_worker.data import Calibration
 from hessian_worker.objective import Objective
 
@@ -98,7 +99,8 @@ def basis_covariances(
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """The covariances the basis scheme whitens with: each layer's input covariance G_ℓ on ``data``,
-    times its output scale s_ℓ when ``config.basis.output_weighting`` (the default).
+    shrunk as ``config.shrinkage`` says, times its output scale s_ℓ when
+    ``config.basis.output_weighting`` (the default).
 
     ``data`` is a prepared Calibration (on the model's device and dtype); costs, re-scoring,
     measuring and apply all take their covariances from here, so one data set and one config give
@@ -107,7 +109,10 @@ def basis_covariances(
     Raises:
         BackendError: a name is not a linear layer's weight.
     """
-    covs = input_covariances(model, data, list(names), progress=progress)
+    moments = input_moments(model, data, list(names), squares=needs_unit_squares(config.shrinkage), progress=progress)
+    covs = {n: shrunk_covariance(m, config.shrinkage)[0] for n, m in moments.items()}
     if not config.basis.output_weighting:
         return covs
-    return scale_covariances(covs, layer_output_scales(model, data, names, covs, config))
+    # the scale is fitted to the measured G (a fact about the curvature), the whitening uses Ĝ
+    raw = {n: m.covariance for n, m in moments.items()}
+    return scale_covariances(covs, layer_output_scales(model, data, names, raw, config))

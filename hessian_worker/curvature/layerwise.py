@@ -15,8 +15,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hessian_worker.costs import FamilyPairs, block_pair_quads
+from hessian_worker.curvature.shrinkage import (
+    SecondMoments,
+    needs_unit_squares,
+    shrunk_covariance,
+    unit_squares,
+)
 from hessian_worker.data import Calibration, call_model
 from hessian_worker.errors import BackendError
+from hessian_worker.options import Shrinkage, ShrinkageSetting
 
 _WEIGHT_SUFFIX = ".weight"
 
@@ -50,20 +57,12 @@ def linear_modules(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn
     return out
 
 
-def input_covariances(model: nn.Module, data: Calibration, names: Sequence[str], *,
-                      progress: bool = False) -> dict[str, Tensor]:
-    """G = XᵀX/N per layer from one forward pass over the data (padding rows skipped)."""
-    sums, counts = input_sums(model, data, names, progress=progress)
-    return {n: sums[n] / max(counts[n], 1) for n in names}
-
-
-def input_sums(model: nn.Module, data: Calibration, names: Sequence[str], *,
-               progress: bool = False) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """(XᵀX, N) per layer over the data's real rows: what G is, before the division (the sums a
-    torch.distributed job adds up over its ranks' batches)."""
+def input_moments(model: nn.Module, data: Calibration, names: Sequence[str], *, squares: bool = False,
+                  progress: bool = False) -> dict[str, SecondMoments]:
+    """Σ x xᵀ, rows and samples per layer from one forward pass over the data (padding rows
+    skipped); with ``squares`` also Σ_u ‖X_uᵀX_u‖²_F over the samples (shrinkage.unit_squares)."""
     layers = linear_modules(model, names)
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = dict.fromkeys(names, 0)
+    moments: dict[str, SecondMoments] = {}
     state: dict[str, Tensor | None] = {"mask": None}
     handles = []
 
@@ -71,12 +70,21 @@ def input_sums(model: nn.Module, data: Calibration, names: Sequence[str], *,
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             mask = state["mask"]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1])
-            g = x.T @ x
-            sums[name] = g if name not in sums else sums[name] + g
-            counts[name] += x.shape[0]
+            masked = mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape)
+            rows = x[mask.bool()] if masked else x.reshape(-1, x.shape[-1])
+            g = rows.T @ rows
+            m = moments.get(name)
+            if m is None:
+                m = moments[name] = SecondMoments(g)
+            else:
+                m.total = m.total + g
+            m.rows += rows.shape[0]
+            if squares:
+                units, square = unit_squares(x * mask.unsqueeze(-1).to(x.dtype) if masked else x)
+                m.unit_square += square
+            else:  # a sample is a row of 2-D inputs, else everything but the last two dimensions
+                units = x.shape[0] if x.dim() == 2 else x.numel() // (x.shape[-2] * x.shape[-1])
+            m.units += units
 
         return hook
 
@@ -90,22 +98,45 @@ def input_sums(model: nn.Module, data: Calibration, names: Sequence[str], *,
     finally:
         for h in handles:
             h.remove()
-    return sums, counts
+    missing = [n for n in names if n not in moments]
+    if missing:
+        raise BackendError(f"layers {missing[:5]} saw no input in the forward pass; is the data empty?")
+    return {n: moments[n] for n in names}
+
+
+def input_covariances(model: nn.Module, data: Calibration, names: Sequence[str], *,
+                      shrinkage: ShrinkageSetting = Shrinkage.none, progress: bool = False) -> dict[str, Tensor]:
+    """G = XᵀX/N per layer from one forward pass over the data, shrunk as ``shrinkage`` says."""
+    return shrunk_covariances(model, data, names, shrinkage=shrinkage, progress=progress)[0]
+
+
+def shrunk_covariances(model: nn.Module, data: Calibration, names: Sequence[str], *,
+                       shrinkage: ShrinkageSetting = Shrinkage.none,
+                       progress: bool = False) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """(name -> Ĝ, name -> its shrinkage intensity ρ) over the data (hessian_worker.curvature.shrinkage)."""
+    moments = input_moments(model, data, names, squares=needs_unit_squares(shrinkage), progress=progress)
+    covs, rhos = {}, {}
+    for name, m in moments.items():
+        covs[name], rhos[name] = shrunk_covariance(m, shrinkage)
+    return covs, rhos
 
 
 class LayerwiseCurvature:
     """δᵀHδ = 2 Σ_l tr(Δ_l G_l Δ_lᵀ), block diagonal across layers."""
 
-    def __init__(self, covariances: Mapping[str, Tensor], transposed: Mapping[str, bool]) -> None:
+    def __init__(self, covariances: Mapping[str, Tensor], transposed: Mapping[str, bool],
+                 intensities: Mapping[str, float] | None = None) -> None:
         self.cov = dict(covariances)
         self.transposed = dict(transposed)
+        self.intensities = dict(intensities or {})  # each G's shrinkage ρ (empty: none)
 
     @classmethod
     def collect(cls, model: nn.Module, data: Calibration, names: Sequence[str], *,
-                progress: bool = False) -> LayerwiseCurvature:
+                shrinkage: ShrinkageSetting = Shrinkage.none, progress: bool = False) -> LayerwiseCurvature:
+        """Every named layer's input covariance over ``data``, shrunk as ``shrinkage`` says."""
         layers = linear_modules(model, names)
-        return cls(input_covariances(model, data, names, progress=progress),
-                   {n: t for n, (_, t) in layers.items()})
+        covs, rhos = shrunk_covariances(model, data, names, shrinkage=shrinkage, progress=progress)
+        return cls(covs, {n: t for n, (_, t) in layers.items()}, rhos)
 
     def quad(self, deltas: Mapping[str, Tensor]) -> Tensor:
         total = None

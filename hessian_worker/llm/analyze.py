@@ -64,6 +64,7 @@ from hessian_worker.llm.decoder import (
 from hessian_worker.llm.exact import exact_memory, streamed_exact_costs
 from hessian_worker.llm.stream import stream_factors
 from hessian_worker.losses import resolve_distill
+from hessian_worker.options import Shrinkage
 from hessian_worker.pair_costs import to_problem
 from solver.schema import CostKind, SharingProblem
 
@@ -370,6 +371,14 @@ def check_streamed_backend(config: AnalyzeConfig) -> None:
         raise BackendError(f"backend={config.backend.value!r} needs the whole model in memory; a streamed decoder "
                            "is priced by backend='kfac' (sampled output gradients, loss units) or 'layerwise' "
                            "(and analysed by 'exact' too, a forward per pair)")
+    if config.shrinkage not in (Shrinkage.none, 0.0):
+        raise BackendError(f"shrinkage={_setting(config.shrinkage)!r}: a streamed decoder's costs and merge use its "
+                           "K-FAC input sums (a sketch's top eigenpairs plus the mean of the rest, itself a shrinkage "
+                           "of the spectrum's tail), which are not shrunk further yet; pass --shrinkage none")
+
+
+def _setting(value: Shrinkage | float) -> str | float:
+    return value.value if isinstance(value, Shrinkage) else value
 
 
 def _is_text(data: DataSource | None) -> bool:

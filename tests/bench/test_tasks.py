@@ -59,7 +59,7 @@ def test_corpus_split_is_unchanged_and_splits_are_disjoint_and_seeded() -> None:
     assert not (set(a) & set(b) or set(a) & set(c) or set(b) & set(c))
     assert corpus.splits((16, 64, 128), seed=1) == [a, b, c]
     assert corpus.splits((16, 64, 128), seed=2) != [a, b, c]
-    with pytest.raises(ValueError, match="the corpus has"):
+    with pytest.raises(ValueError, match="the docstrings corpus has"):
         corpus.splits((10**6,))
 
 

@@ -27,7 +27,7 @@ import solver.io
 from geoshare.cli import add_model_commands as add_commands
 from geoshare.cli import main
 from hessian_worker.apply_run import ApplyRunConfig
-from hessian_worker.options import AnalyzeConfig, CompressConfig
+from hessian_worker.options import AnalyzeConfig, CompressConfig, Shrinkage
 
 CONFIGS: dict[str, type[BaseModel]] = {"analyze": AnalyzeConfig, "compress": CompressConfig,
                                        "apply": ApplyRunConfig}
@@ -48,6 +48,8 @@ RENAMED: dict[str, dict[str, str]] = {
 }
 # flags whose choices add "auto" for the field's None (the rule the pipeline applies)
 AUTO_IS_NONE = {("compress", "merge"), ("apply", "merge")}
+# flags whose field is an enum or a number (their type parses both): dest -> the enum
+ENUM_OR_NUMBER = {"shrinkage": Shrinkage}
 # the CLI's own flags: inputs, outputs, the streamed path's cache and memory limit
 CLI_ONLY: dict[str, set[str]] = {
     "analyze": {"help", "model", "data", "output", "stats_cache", "no_stats_cache"},
@@ -118,7 +120,10 @@ def test_every_flag_is_a_config_field(command: str):
         if auto:  # "auto" stands for None; apply's default stays mean (ApplyRunConfig's too)
             assert action.choices[0] == "auto" and NoneType in get_args(info.annotation), action.dest
             assert (action.default == "auto") == (info.default is None), action.dest
-        if action.choices is not None:
+        if action.dest in ENUM_OR_NUMBER:
+            assert enum is ENUM_OR_NUMBER[action.dest] and action.choices is None, action.dest
+            assert [action.type(m.value) for m in enum] == list(enum) and action.type("0.5") == 0.5, action.dest
+        elif action.choices is not None:
             choices = tuple(action.choices)[1:] if auto else tuple(action.choices)
             # a Literal beside the enum adds its values (compress --scheme auto)
             extra = tuple(v for t in types if get_origin(t) is Literal for v in get_args(t))
@@ -127,7 +132,7 @@ def test_every_flag_is_a_config_field(command: str):
             assert enum is None, f"--{action.dest}: {enum} without choices"
         if negated:
             assert types == {bool} and action.default is False and info.default is True, action.dest
-        elif action.type is not None:
+        elif action.type is not None and action.dest not in ENUM_OR_NUMBER:
             assert action.type in types, (action.dest, action.type, types)
         if action.default not in (None, "auto") and not negated:  # None: the handler decides
             default = info.get_default(call_default_factory=True)
@@ -199,7 +204,7 @@ def test_compress_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
         [*head, "--backend", "diagonal", "--merge", "mean", "--top", "3", "--min-distance", "2",
          "--normalized-top", "4", "--per-pattern", "1", "--curvature-samples", "5", "--distill", "cosine",
          "--heal", "2", "--heal-lr", "0.001", "--heal-holdout", "0.3", "--heal-shortlist", "1", "--no-heal-choice",
-         "--choice-holdout", "0.25", "--holdout-samples", "3", "--time-limit", "2.5"],
+         "--choice-holdout", "0.25", "--holdout-samples", "3", "--time-limit", "2.5", "--shrinkage", "0.3"],
         [*head, "--scheme", "basis", "--basis-rank", "2", "--side", "in", "--no-output-weighting"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5"],
         [*head, "--scheme", "auto", "--rank-ratio", "0.5", "--no-predict"],
@@ -217,7 +222,8 @@ def test_analyze_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
     runs = [
         [*head, "--backend", "projected", "--kind", "assignment", "--curvature", "hessian", "--ratio", "0.4",
          "--sketch-rank", "3", "--probes", "5", "--eigensolver", "lanczos", "--oversample", "2",
-         "--sketch-precision", "model", "--bulk", "isotropic", "--targets", "a", "--targets", "b", "--ignore", "c"],
+         "--sketch-precision", "model", "--bulk", "isotropic", "--targets", "a", "--targets", "b", "--ignore", "c",
+         "--shrinkage", "oas"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5", "--side", "in", "--no-output-weighting"],
         [*head, "--scheme", "basis", "--basis-rank", "2"],
     ]

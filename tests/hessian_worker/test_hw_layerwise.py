@@ -9,6 +9,7 @@ from hw_cases import bert_data, mlp_data, tiny_bert, tiny_mlp
 from hessian_worker.curvature.layerwise import (
     LayerwiseCurvature,
     input_covariances,
+    input_moments,
     layerwise_merge,
 )
 from hessian_worker.errors import BackendError
@@ -55,6 +56,12 @@ def test_padding_rows_are_skipped() -> None:
     cov = input_covariances(model, data, [name])[name]
     torch.testing.assert_close(cov, rows.T @ rows / rows.shape[0])
     assert rows.shape[0] == int(sum(m.sum() for m in masks)) < 30
+    # the shrinkage's moments: rows and samples counted, Σ_u ‖X_uᵀX_u‖²_F over each sample's real rows
+    moments = input_moments(model, data, [name], squares=True)[name]
+    torch.testing.assert_close(moments.covariance, cov)
+    assert (moments.rows, moments.units) == (rows.shape[0], 5)
+    per_sample = [x[i][k[i]] for x, k in zip(seen, masks, strict=True) for i in range(len(x))]
+    assert moments.unit_square == pytest.approx(sum(float((s.T @ s).pow(2).sum()) for s in per_sample))
 
 
 def test_closed_form_merge_matches_kronecker_normal_equations() -> None:

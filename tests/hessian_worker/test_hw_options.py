@@ -41,6 +41,7 @@ OLD_PATHS = [
     ("hessian_worker.curvature.projected", "Bulk"),
     ("hessian_worker.curvature.projected", "Eigensolver"),
     ("hessian_worker.curvature.projected", "SketchPrecision"),
+    ("hessian_worker.curvature.shrinkage", "Shrinkage"),  # new with options: where it is used
     ("hessian_worker", "AnalyzeConfig"),
     ("hessian_worker", "Backend"),
     ("hessian_worker", "BasisOptions"),

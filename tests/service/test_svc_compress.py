@@ -77,7 +77,8 @@ FULL = {"model": "m:f", "ratio": 0.7, "backend": "diagonal", "samples": 32, "see
         "time_limit_s": 4,
         "compress": {"out": "/o", "overwrite": True, "top": 5, "min_distance": 2, "per_pattern": 1,
                      "merge": "mean", "distill": "cosine", "heal_steps": 7, "heal_lr": 1e-4,
-                     "heal_holdout": 0.1, "holdout": 6, "curvature_samples": 16, "batch_size": 4}}  # fmt: skip
+                     "heal_holdout": 0.1, "holdout": 6, "curvature_samples": 16, "batch_size": 4,
+                     "shrinkage": "oas"}}  # fmt: skip
 
 
 def test_compress_fields_map_onto_the_pipeline_config():
@@ -85,7 +86,8 @@ def test_compress_fields_map_onto_the_pipeline_config():
     assert fields == {"ratio": 0.7, "backend": "diagonal", "samples": 32, "seed": 3,
                       "time_limit_s": 4, "top": 5, "min_distance": 2, "per_pattern": 1,
                       "merge": "mean", "distill": "cosine", "heal_steps": 7, "heal_lr": 1e-4,
-                      "heal_holdout": 0.1, "holdout": 6, "curvature_samples": 16, "batch_size": 4}  # fmt: skip
+                      "heal_holdout": 0.1, "holdout": 6, "curvature_samples": 16, "batch_size": 4,
+                      "shrinkage": "oas"}  # fmt: skip
     assert CONFIG_FIELDS | {"out", "overwrite"} == set(CompressSpec.model_fields)
     # settings left out are not sent: the worker's CompressConfig defaults apply
     bare = AnalysisSpec.model_validate({"model": "m:f", "compress": {"out": "/o"}})

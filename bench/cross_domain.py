@@ -1,0 +1,305 @@
+"""Cross-domain evaluation: calibrate on one kind of data, evaluate on another, both ways.
+
+A compressed model is judged on the user's data, not on the calibration set. For each model two
+corpora of different kinds (MiniLM: the standard library's docstrings and the bench's general
+prose; the GPT task model: text/data-format modules and systems modules of the standard
+library, see bench/tasks/gpt.SOURCES) give two tasks with their own calibration, validation and
+evaluation splits. Each strategy is calibrated on one corpus (costs, the choice, the merge's
+input covariances) and every plan it makes is scored on both evaluation splits: its own corpus's
+(in-domain) and the other's (cross-domain). Geo is the product's pipeline as bench/evaluate.py
+runs it (the K best plans and the pattern plans, the least validation loss under Geo-Sharing's
+merge); the heuristics get the same merge, so the table compares plans and the merge's shrinkage
+setting (``--shrinkage``, hessian_worker.curvature.shrinkage) is compared across runs.
+
+The domain shift is measured on one evaluation set: cross(A→B) − in(B→B), the cost of having
+calibrated on A rather than on B, both scored on B's evaluation split.
+
+    python bench/cross_domain.py                                   # -> bench/results/eval-cross-domain.*
+    python bench/cross_domain.py --models minilm --budgets 0.67 --shrinkage none ledoit-wolf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bench.evaluate import HEURISTICS, Runner, costs_for, geo_candidates, union, weight_distances
+from bench.tasks.base import Task
+from geoshare.cli.model_flags import shrinkage_setting
+from hessian_worker import AnalyzeConfig
+from hessian_worker.data import load_calibration
+from hessian_worker.merge_rule import default_merge
+from hessian_worker.options import Shrinkage, ShrinkageSetting
+from hessian_worker.pipeline import merge_covariances
+from hessian_worker.tying import curvature_weights
+from solver import SharingPlan, SolveConfig
+from solver.baselines import baseline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOMAINS = {"minilm": ("docstrings", "prose"), "gpt": ("text", "system")}
+STRATEGIES = ["geo", "weight-distance", *HEURISTICS, "random"]
+
+
+def domain_task(model: str, domain: str, seed: int) -> Task:
+    """The model's task with every split drawn from one domain."""
+    if model == "minilm":
+        from bench.tasks.minilm import minilm_task
+
+        return minilm_task(corpus=domain, seed=seed)
+    from bench.tasks.gpt import gpt_task
+
+    return gpt_task(quick=True, source=domain, seed=seed)
+
+
+def label(setting: ShrinkageSetting) -> str:
+    return setting.value if isinstance(setting, Shrinkage) else f"{setting:g}"
+
+
+def plans_of(strategy: str, task: Task, runner: Runner, config: SolveConfig, merge: str,
+             args: argparse.Namespace) -> list[SharingPlan]:
+    """The plan(s) a strategy makes on its calibration task (random: one per seed)."""
+    problem = runner.problem
+    if strategy == "geo":
+        pool, measured = geo_candidates(task, problem, config, runner, merge, args)
+        return [pool[int(np.argmin(measured))]]
+    if strategy == "weight-distance":
+        plans = [baseline(problem, strategy, config, distances=runner.distances)]
+    elif strategy == "random":
+        plans = [baseline(problem, "random", config, seed=s) for s in range(args.random_seeds)]
+    else:
+        plans = [baseline(problem, strategy, config)]
+    return [p for p in plans if p.status.value != "infeasible"]
+
+
+def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int) -> tuple[Runner, str]:
+    """A Runner whose merge is Geo-Sharing's default on the task's calibration + validation data,
+    with input covariances shrunk as ``setting`` says; and that merge's name."""
+    problem = costs_for(task, "exact", seed)
+    names = [layer.name for layer in problem.layers]
+    data = union(task.calibration, task.validation)
+    merge = default_merge(task.model, load_calibration(data, tokenizer=task.tokenizer), names).value
+    quiet = AnalyzeConfig(distill=task.distill, progress=False, shrinkage=setting)
+    diag = covariances = None
+    if merge == "curvature":
+        diag = curvature_weights(task.model, task.calibration, names, quiet, tokenizer=task.tokenizer)
+    else:
+        covariances = merge_covariances(task.model, data, names, quiet, task.tokenizer)
+    runner = Runner(task, None, diag, covariances)
+    runner.quiet = quiet  # the choice's covariances (geo_candidates) are shrunk alike
+    runner.problem, runner.distances = problem, weight_distances(task.model, problem)
+    return runner, merge
+
+
+def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list[dict], out: Path) -> None:
+    """Every (shrinkage, calibration domain, budget, strategy) cell of one model, appended to rows."""
+    tasks = {d: domain_task(model, d, args.seed) for d in DOMAINS[model]}
+    for setting in args.shrinkage:
+        for calibrated_on, task in tasks.items():
+            runner, merge = calibrated_runner(task, setting, args.seed)
+            rhos = list((runner.covariances.intensities if runner.covariances else {}).values())
+            cells = [(r, s) for r in args.budgets for s in args.strategies
+                     if (model, label(setting), calibrated_on, r, s) not in done]
+            for ratio, strategy in tqdm(cells, desc=f"{model} {label(setting)} on {calibrated_on}"):
+                config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
+                plans = plans_of(strategy, task, runner, config, merge, args)
+                if not plans:
+                    continue  # e.g. all-share cannot meet a loose budget
+                scores: dict[str, list[float]] = {d: [] for d in tasks}
+                for plan in plans:
+                    tied = runner.tied(plan, merge)
+                    for domain, other in tasks.items():
+                        scores[domain].append(other.score(tied))
+                for domain in tasks:
+                    rows.append({
+                        "model": model, "shrinkage": label(setting), "calibrated_on": calibrated_on,
+                        "evaluated_on": domain, "ratio": ratio, "strategy": strategy, "merge": merge,
+                        "score": float(np.mean(scores[domain])), "plans": len(plans),
+                        "params_ratio": float(np.mean([p.params.ratio for p in plans])),
+                        "intensity": {"mean": float(np.mean(rhos)), "min": float(np.min(rhos)),
+                                      "max": float(np.max(rhos))} if rhos else None,
+                    })
+                save(rows, args, out)
+
+
+def save(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    result = {"meta": {"command": " ; ".join([*args.earlier, command]),
+                       "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",
+                       "top": args.top, "normalized_top": args.normalized_top, "per_pattern": args.per_pattern,
+                       "random_seeds": args.random_seeds, "choice_holdout": args.choice_holdout,
+                       "seconds": round(args.earlier_seconds + time.perf_counter() - args.started, 1)},
+              "higher_is_better": {"minilm": True, "gpt": False},
+              "metric": {"minilm": "embedding cosine to the original", "gpt": "held-out perplexity"},
+              "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+
+
+def cell(rows: list[dict], **match: Any) -> float | None:
+    hit = [r["score"] for r in rows if all(r[k] == v for k, v in match.items())]
+    return hit[0] if hit else None
+
+
+def shift(rows: list[dict], model: str, setting: str, strategy: str, ratio: float, a: str, b: str) -> float | None:
+    """cross(a→b) − in(b→b): the cost of calibrating on a rather than b, on b's evaluation split."""
+    cross = cell(rows, model=model, shrinkage=setting, strategy=strategy, ratio=ratio, calibrated_on=a, evaluated_on=b)
+    home = cell(rows, model=model, shrinkage=setting, strategy=strategy, ratio=ratio, calibrated_on=b, evaluated_on=b)
+    return None if cross is None or home is None else cross - home
+
+
+def fmt(v: float | None, signed: bool = False) -> str:
+    return "" if v is None else (f"{v:+.4f}" if signed else f"{v:.4g}")
+
+
+def markdown(result: dict) -> str:
+    rows, meta = result["rows"], result["meta"]
+    lines = ["# Cross-domain evaluation", "", f"Command: `{meta['command']}`  ",
+             f"{meta['machine']}; {meta['seconds']} s; zero-shot; geo measures the {meta['top']} best plans, the "
+             f"{meta['normalized_top']} best by size-normalized costs and {meta['per_pattern']} allocations per "
+             f"pattern (choice holdout {meta['choice_holdout']}); random: mean of {meta['random_seeds']} seeds; every "
+             "strategy with Geo-Sharing's merge (the product's default rule) fitted on its calibration domain.", "",
+             "Cells: `A→B` is calibrated on A (costs, choice, merge) and scored on B's evaluation split. "
+             "Shift = cross(A→B) − in(B→B) on the same evaluation split (cosine: negative is a loss; perplexity: "
+             "positive is a loss). Lead = geo's margin over the best heuristic in that cell (positive: geo is ahead).",
+             ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        a, b = DOMAINS[model]
+        higher = result["higher_is_better"][model]
+        mine = [r for r in rows if r["model"] == model]
+        ratios = sorted({r["ratio"] for r in mine}, reverse=True)
+        merge = mine[0]["merge"]
+        lines += [f"## {model}: {result['metric'][model]} ({'higher' if higher else 'lower'} is better; corpora "
+                  f"{a} and {b}; merge {merge})", ""]
+        directions = [(a, a), (a, b), (b, b), (b, a)]
+        for setting in dict.fromkeys(r["shrinkage"] for r in mine):
+            rho = next((r["intensity"] for r in mine if r["shrinkage"] == setting and r["intensity"]), None)
+            note = f" (intensity mean {rho['mean']:.3f}, range {rho['min']:.3f}-{rho['max']:.3f})" if rho else ""
+            lines += [f"### shrinkage {setting}{note}", "",
+                      "| strategy | " + " | ".join(f"{r:g} {x[:4]}→{y[:4]}" for r in ratios for x, y in directions) + " |",
+                      "|---" * (1 + len(ratios) * 4) + "|"]
+            for s in dict.fromkeys(r["strategy"] for r in mine):
+                cells = [fmt(cell(mine, shrinkage=setting, strategy=s, ratio=r, calibrated_on=x, evaluated_on=y))
+                         for r in ratios for x, y in directions]
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += [f"### geo: shift and lead over the best heuristic in each cross-domain cell ({model})", "",
+                  "| shrinkage | ratio | shift on " + b + " | shift on " + a + f" | lead {a}→{b} | lead {b}→{a} |",
+                  "|---|---|---|---|---|---|"]
+        for setting in dict.fromkeys(r["shrinkage"] for r in mine):
+            for r in ratios:
+                leads = []
+                for x, y in ((a, b), (b, a)):
+                    geo = cell(mine, shrinkage=setting, strategy="geo", ratio=r, calibrated_on=x, evaluated_on=y)
+                    others = [v["score"] for v in mine if v["shrinkage"] == setting and v["ratio"] == r
+                              and v["calibrated_on"] == x and v["evaluated_on"] == y and v["strategy"] != "geo"]
+                    best = (max if higher else min)(others) if others else None
+                    leads.append(None if geo is None or best is None else (geo - best if higher else best - geo))
+                lines.append(f"| {setting} | {r:g} | {fmt(shift(mine, model, setting, 'geo', r, a, b), True)} | "
+                             f"{fmt(shift(mine, model, setting, 'geo', r, b, a), True)} | {fmt(leads[0], True)} | "
+                             f"{fmt(leads[1], True)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), dpi=110, squeeze=False)
+    for axrow, model in zip(axes, models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        settings = list(dict.fromkeys(r["shrinkage"] for r in mine))
+        for ax, (home, away) in zip(axrow, [DOMAINS[model], DOMAINS[model][::-1]], strict=True):
+            for i, setting in enumerate(settings):
+                color = f"C{i}"
+                for calibrated_on, style, what in ((home, "-o", "in-domain"), (away, "--s", "cross")):
+                    pts = sorted((r["ratio"], r["score"]) for r in mine if r["shrinkage"] == setting and
+                                 r["strategy"] == "geo" and r["calibrated_on"] == calibrated_on and r["evaluated_on"] == home)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color,
+                            label=f"geo, {what}, shrinkage {setting}")
+                best: dict[float, float] = {}
+                for r in mine:
+                    if r["shrinkage"] == setting and r["strategy"] != "geo" and r["calibrated_on"] == away and \
+                            r["evaluated_on"] == home:
+                        pick = max if result["higher_is_better"][model] else min
+                        best[r["ratio"]] = pick(best.get(r["ratio"], r["score"]), r["score"])
+                pts = sorted(best.items())
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ":", color=color, alpha=0.7,
+                        label=f"best heuristic, cross, shrinkage {setting}")
+            ax.set_title(f"{model}: evaluated on {home}")
+            ax.set_xlabel("share of shareable parameters kept")
+            ax.set_ylabel(result["metric"][model])
+            ax.invert_xaxis()
+            if not result["higher_is_better"][model]:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(out: Path) -> None:
+    result = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", choices=list(DOMAINS), default=list(DOMAINS))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.84, 0.67, 0.5])
+    ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
+    ap.add_argument("--shrinkage", nargs="+", type=shrinkage_setting, default=[AnalyzeConfig().shrinkage],
+                    help="the merge's covariance shrinkage settings to compare (default: the configs' default)")
+    ap.add_argument("--seed", type=int, default=0)
+    # geo's pool and choice: compress's defaults
+    ap.add_argument("--top", type=int, default=16, help="geo: K best plans measured")
+    ap.add_argument("--normalized-top", type=int, default=16, help="geo: K best by size-normalized costs measured")
+    ap.add_argument("--per-pattern", type=int, default=2, help="geo: budget-filling allocations per pattern")
+    ap.add_argument("--random-seeds", type=int, default=3, help="random plans averaged per cell")
+    ap.add_argument("--choice-holdout", type=float, default=0.5,
+                    help="geo: share of the validation split candidates are scored on (compress's choice_holdout)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="keep the cells of --out's json and run the rest")
+    ap.add_argument("--report", action="store_true", help="only rewrite the .md and .png from --out's json")
+    ap.add_argument("--out", default=str(RESULTS / "eval-cross-domain"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.report:
+        write(out)
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.started = time.perf_counter()
+    rows: list[dict] = []
+    args.earlier, args.earlier_seconds = [], 0.0  # the runs a --resume continues
+    if args.resume and out.with_suffix(".json").is_file():
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        rows, args.earlier = earlier["rows"], [earlier["meta"]["command"]]
+        args.earlier_seconds = earlier["meta"]["seconds"]
+    done = {(r["model"], r["shrinkage"], r["calibrated_on"], r["ratio"], r["strategy"]) for r in rows}
+    for model in args.models:
+        run_model(model, args, done, rows, out)
+    save(rows, args, out)
+    write(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The cross-domain evaluation: two corpora per model, disjoint and deterministic splits, and the
+shift and lead figures of its table."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import corpus
+from bench.cross_domain import DOMAINS, markdown, shift
+from bench.tasks import gpt as gpt_mod
+
+
+def test_prose_corpus_is_its_own_domain() -> None:
+    prose, docs = corpus.corpus_sentences("prose"), corpus.corpus_sentences("docstrings")
+    assert len(prose) >= 300 and len(set(prose)) == len(prose)
+    assert not set(prose) & set(docs)
+    # general prose: no code-like tokens, which most docstrings carry
+    def code_like(s: str) -> bool:
+        return any(t in s for t in ("(", "_", "`", "=", "None", "True", "object"))
+    assert sum(map(code_like, prose)) == 0
+    assert sum(map(code_like, docs)) > 0.2 * len(docs)
+    with pytest.raises(ValueError, match="docstrings, prose"):
+        corpus.corpus_sentences("news")
+
+
+@pytest.mark.parametrize("name", corpus.CORPORA)
+def test_corpus_splits_are_disjoint_and_deterministic(name: str) -> None:
+    a, b, c = corpus.splits((16, 64, 128), seed=0, corpus=name)
+    assert (len(a), len(b), len(c)) == (16, 64, 128)
+    assert not (set(a) & set(b) or set(a) & set(c) or set(b) & set(c))
+    assert corpus.splits((16, 64, 128), seed=0, corpus=name) == [a, b, c]
+    assert corpus.splits((16, 64, 128), seed=1, corpus=name) != [a, b, c]
+    # the first splits do not depend on how many more are asked for
+    assert corpus.splits((16, 64), seed=0, corpus=name) == [a, b]
+    with pytest.raises(ValueError, match=f"the {name} corpus has"):
+        corpus.splits((10**6,), corpus=name)
+
+
+def test_gpt_sources_are_disjoint_and_keep_the_held_out_files_held_out() -> None:
+    assert not gpt_mod.SOURCES["text"] & gpt_mod.SOURCES["system"]
+    every = gpt_mod.file_splits()
+    parts = {s: gpt_mod.source_files(s) for s in gpt_mod.SOURCES}
+    for source, split in parts.items():
+        for k, files in split.items():
+            assert files and set(files) <= set(every[k]), (source, k)
+            assert all(gpt_mod.source_of(f) == source for f in files)
+    for k in every:
+        assert not set(parts["text"][k]) & set(parts["system"][k])
+    assert gpt_mod.source_files("text") == parts["text"]  # deterministic
+    with pytest.raises(ValueError, match="text, system"):
+        gpt_mod.source_files("poetry")
+    assert set(DOMAINS["gpt"]) == set(gpt_mod.SOURCES)
+
+
+def _row(cal: str, ev: str, strategy: str, score: float, ratio: float = 0.67) -> dict:
+    return {"model": "minilm", "shrinkage": "none", "calibrated_on": cal, "evaluated_on": ev, "ratio": ratio,
+            "strategy": strategy, "merge": "layerwise", "score": score, "plans": 1, "params_ratio": ratio,
+            "intensity": None}
+
+
+def test_shift_and_lead_in_the_table() -> None:
+    rows = [_row("docstrings", "docstrings", "geo", 0.80), _row("docstrings", "prose", "geo", 0.70),
+            _row("prose", "prose", "geo", 0.75), _row("prose", "docstrings", "geo", 0.78),
+            _row("docstrings", "prose", "sequence", 0.72), _row("prose", "docstrings", "sequence", 0.60),
+            _row("docstrings", "docstrings", "sequence", 0.7), _row("prose", "prose", "sequence", 0.7)]
+    assert shift(rows, "minilm", "none", "geo", 0.67, "docstrings", "prose") == pytest.approx(0.70 - 0.75)
+    assert shift(rows, "minilm", "none", "geo", 0.67, "prose", "docstrings") == pytest.approx(0.78 - 0.80)
+    assert shift(rows, "minilm", "none", "geo", 0.5, "prose", "docstrings") is None
+    meta = {"command": "x", "machine": "m", "seconds": 1, "top": 1, "normalized_top": 1, "per_pattern": 1,
+            "random_seeds": 1, "choice_holdout": 0.5}
+    text = markdown({"meta": meta, "rows": rows, "higher_is_better": {"minilm": True},
+                     "metric": {"minilm": "cosine"}})
+    # shifts -0.05 (on prose) and -0.02 (on docstrings); leads -0.02 (behind sequence) and +0.18
+    assert "| none | 0.67 | -0.0500 | -0.0200 | -0.0200 | +0.1800 |" in text
+
+
+@pytest.mark.slow
+def test_gpt_cells_are_scored_on_both_sources(tmp_path) -> None:
+    """One budget, one heuristic, both calibrations: four cells, each scored on its evaluation
+    split; the tied model is worse than the original everywhere and the json is written."""
+    import argparse
+    import json
+    import time
+
+    from bench.cross_domain import domain_task, run_model
+    from hessian_worker.options import Shrinkage
+
+    args = argparse.Namespace(budgets=[0.67], strategies=["sequence"], shrinkage=[Shrinkage.none], seed=0, top=2,
+                              normalized_top=0, per_pattern=0, random_seeds=1, choice_holdout=0.5,
+                              started=time.perf_counter(), earlier=[], earlier_seconds=0.0)
+    rows: list[dict] = []
+    run_model("gpt", args, set(), rows, tmp_path / "cd")
+    assert {(r["calibrated_on"], r["evaluated_on"]) for r in rows} == {
+        (a, b) for a in DOMAINS["gpt"] for b in DOMAINS["gpt"]}
+    for source in DOMAINS["gpt"]:
+        original = domain_task("gpt", source, 0)
+        base = original.score(original.model)
+        assert all(r["score"] > base for r in rows if r["evaluated_on"] == source)
+    assert json.loads((tmp_path / "cd.json").read_text())["rows"] == rows
