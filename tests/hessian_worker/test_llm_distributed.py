@@ -285,10 +285,12 @@ def test_torchrun_runs_the_cli_as_one_job(llama, tmp_path):
 @pytest.mark.parametrize(("case", "fields"), [
     ("minilm", {"backend": "exact", "samples": 8, "batch_size": 2, "targets": [r"re:.*attention\.self\.query\.weight"]}),
     ("bert", {"backend": "layerwise", "batch_size": 3}),
+    # the Ledoit-Wolf intensity comes from sums over samples too: shrunk after the ranks' sums
+    ("bert", {"backend": "layerwise", "batch_size": 3, "shrinkage": "ledoit-wolf"}),
     ("bert", {"backend": "exact", "batch_size": 3}),
     # assignment: (a, b) and (b, a) take opposite first-order terms, so half the costs stay above 0
     ("bert-task", {"backend": "exact", "curvature": "hessian", "kind": "assignment", "batch_size": 3}),
-], ids=["minilm-exact", "bert-layerwise", "bert-exact-ggn", "bert-task-hessian"])
+], ids=["minilm-exact", "bert-layerwise", "bert-layerwise-shrunk", "bert-exact-ggn", "bert-task-hessian"])
 def test_in_memory_analysis_in_two_processes_gives_the_costs_of_one(tmp_path, case, fields):
     """The in-memory analysis (no streaming) with its batches split over 2 ranks: the forms (and a
     task loss's gradient) are sums over samples, so 2 ranks give one process's costs and plan."""
