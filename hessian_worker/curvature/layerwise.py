@@ -166,14 +166,17 @@ def layerwise_merge(weights: Sequence[Tensor], covs: Sequence[Tensor], *, transp
                     damping: float = 0.01) -> Tensor:
     """Closed form W* = (Σ W_k G_k)(Σ G_k)⁻¹ (W as [out, in]; ``transposed`` for [in, out])."""
     ws = [w.T if transposed else w for w in weights]
-    merged = solve_merge(sum(covs), sum(w @ g for w, g in zip(ws, covs, strict=True)), damping)
+    merged = solve_merge(sum(covs), sum(w @ g for w, g in zip(ws, covs, strict=True)), damping,
+                         mean=sum(ws) / len(ws))
     return merged.T if transposed else merged
 
 
-def solve_merge(g_sum: Tensor, num: Tensor, damping: float = 0.01) -> Tensor:
-    """W* = num (Σ G_k + λI)⁻¹ from the sums Σ G_k and num = Σ W_k G_k (W as [out, in]); λ is
-    ``damping`` times the mean diagonal, so rank-deficient inputs still give one answer."""
+def solve_merge(g_sum: Tensor, num: Tensor, damping: float = 0.01, *, mean: Tensor) -> Tensor:
+    """W* = (num + λW̄)(Σ G_k + λI)⁻¹ from the sums Σ G_k and num = Σ W_k G_k (W as [out, in]) and
+    the members' mean W̄; λ is ``damping`` times the mean diagonal, so rank-deficient inputs still
+    give one answer. The damping pulls toward the mean merge, not toward zero: directions the inputs
+    never excite keep the members' mean, and identical members merge to themselves."""
+    lam = damping * float(g_sum.diagonal().mean().clamp_min(1e-30))
     eye = torch.eye(g_sum.shape[0], dtype=g_sum.dtype, device=g_sum.device)
-    g_sum = g_sum + damping * float(g_sum.diagonal().mean().clamp_min(1e-30)) * eye
     # W* G = num  <=>  G W*ᵀ = numᵀ (G symmetric)
-    return torch.linalg.solve(g_sum, num.T).T
+    return torch.linalg.solve(g_sum + lam * eye, (num + lam * mean.to(num.dtype)).T).T

@@ -65,32 +65,35 @@ def merged_value(names: Sequence[str], weight_of: Callable[[str], Tensor], merge
 def _dense_merge(names: Sequence[str], weight_of: Callable[[str], Tensor], stats: Mapping[str, FactorStats],
                  damping: float) -> Tensor:
     """Whole covariances: accumulated member by member, one solve (the in-memory merge exactly)."""
-    g_sum = num = None
+    g_sum = num = w_sum = None
     for name in names:
         g = covariance(stats[name], None)
         w = weight_of(name).to(device=g.device, dtype=g.dtype)
         g_sum = g if g_sum is None else g_sum + g
         num = w @ g if num is None else num + w @ g
+        w_sum = w if w_sum is None else w_sum + w
         del g, w
-    assert g_sum is not None and num is not None
-    return solve_merge(g_sum, num, damping)
+    assert g_sum is not None and num is not None and w_sum is not None
+    return solve_merge(g_sum, num, damping, mean=w_sum / len(names))
 
 
 def low_rank_merge(weights: Sequence[Tensor], factors: Sequence[InputFactor], damping: float) -> Tensor:
     """W* = (Σ W_k A_k)(Σ A_k + λI)⁻¹ with each A_k = σ_k I + U_k C_k U_kᵀ (C_k = diag(λ_k − σ_k)),
     without forming a d x d matrix: Σ A_k + λI = tI + V C Vᵀ (V = [U_1 … U_m]) is inverted by the
     push-through identity (tI + VCVᵀ)⁻¹ = (I − V (tI + C VᵀV)⁻¹ C Vᵀ) / t, a system of m·rank
-    unknowns. λ is ``damping`` times the mean diagonal of Σ A_k, as in ``solve_merge``."""
+    unknowns. λ is ``damping`` times the mean diagonal of Σ A_k and pulls toward the members' mean,
+    as in ``solve_merge``."""
     dtype = factors[0].vectors.dtype
     dim = factors[0].vectors.shape[0]
     v = torch.cat([f.vectors for f in factors], dim=1)
     c = torch.cat([f.weights for f in factors])
     trace = sum(f.bulk * dim + float(f.weights.sum()) for f in factors)
-    t = sum(f.bulk for f in factors) + damping * max(trace / dim, 1e-30)
+    lam = damping * max(trace / dim, 1e-30)
+    t = sum(f.bulk for f in factors) + lam
     num = None
     for w, f in zip(weights, factors, strict=True):
         w = w.to(device=v.device, dtype=dtype)
-        term = f.bulk * w + ((w @ f.vectors) * f.weights) @ f.vectors.T
+        term = f.bulk * w + ((w @ f.vectors) * f.weights) @ f.vectors.T + (lam / len(weights)) * w
         num = term if num is None else num + term
         del w, term
     assert num is not None

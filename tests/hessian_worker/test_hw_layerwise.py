@@ -89,6 +89,25 @@ def test_closed_form_merge_matches_kronecker_normal_equations() -> None:
     torch.testing.assert_close(layerwise_merge([w.T for w in ws], covs, transposed=True, damping=0.0), merged.T)
 
 
+def test_damping_pulls_toward_the_members_mean_not_zero() -> None:
+    """Rank-deficient inputs (3 rows, 6 inputs): the damped merge is the minimiser of
+    Σ_k tr((W−W_k) G_k (W−W_k)ᵀ) + λ/m Σ_k ‖W−W_k‖², so identical members merge to themselves
+    and unexcited directions keep the mean (damping toward zero shrank them)."""
+    g = torch.Generator().manual_seed(3)
+    out_dim, in_dim, damping = 4, 6, 0.1
+    x = [torch.randn(3, in_dim, generator=g, dtype=torch.float64) for _ in range(2)]
+    covs = [xi.T @ xi / 3 for xi in x]
+    w = torch.randn(out_dim, in_dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(layerwise_merge([w, w.clone()], covs, damping=damping), w)
+    ws = [w, torch.randn(out_dim, in_dim, generator=g, dtype=torch.float64)]
+    lam = damping * float(sum(covs).diagonal().mean())
+    eye = torch.eye(out_dim, dtype=torch.float64)
+    ridge = torch.eye(in_dim, dtype=torch.float64) * lam / len(ws)
+    a = sum(torch.kron(eye, c + ridge) for c in covs)
+    b = sum(torch.kron(eye, c + ridge) @ wk.reshape(-1) for wk, c in zip(ws, covs, strict=True))
+    torch.testing.assert_close(layerwise_merge(ws, covs, damping=damping), torch.linalg.solve(a, b).reshape(out_dim, in_dim))
+
+
 def test_conv1d_quad_is_transposed() -> None:
     from transformers import GPT2Config, GPT2Model
 
