@@ -42,7 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def run_ratio(task: Any, ratio: float, args: argparse.Namespace) -> dict[str, Any]:
     """One auto compress of a copy of the task's model at ``ratio``, and its evaluation."""
     model = copy.deepcopy(task.model)
-    config = CompressConfig(ratio=ratio, scheme="auto", distill=task.distill, top=args.top,
+    config = CompressConfig(ratio=ratio, scheme="auto", predict=True, distill=task.distill, top=args.top,
                             normalized_top=args.top // 2, per_pattern=2, seed=args.seed, device="cpu",
                             progress=False, time_limit_s=args.time_limit)
     t = time.perf_counter()

@@ -90,7 +90,7 @@ class CompressSpec(BaseModel):
     )
     predict: bool | None = Field(
         None, description="Predict every candidate's loss change with the exact GGN beside measuring it (default "
-        "true): the report's candidates[].second_order and spearman.",
+        "false): the report's candidates[].second_order and spearman.",
     )
     rank: int | None = Field(
         None, ge=1, le=1_000_000, description="basis: rank of every family (default: rank_ratio)."

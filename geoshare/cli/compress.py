@@ -68,9 +68,9 @@ def add_commands(subparsers: Any) -> None:
     hide(c.add_argument("--basis-rank", "--rank", dest="basis_rank", type=int, default=None, metavar="R",
                         help="--scheme basis: the basis rank of every family (or --rank-ratio)"), "--rank")
     flags.scheme_options(c, auto=True)
-    c.add_argument("--no-predict", action="store_true",
-                   help="skip the second-order prediction of every candidate (one forward-mode pass each; the "
-                        "report's second_order and spearman)")
+    c.add_argument("--predict", action="store_true",
+                   help="also predict every candidate's loss change to second order (one forward-mode pass each; "
+                        "the report's second_order and spearman: how well predictions rank the candidates)")
     c.set_defaults(func=run, extras=("worker",))
 
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                             holdout=args.holdout_samples, samples=args.samples, batch_size=args.batch_size,
                             time_limit_s=args.time_limit, seed=args.seed, device=args.device, dtype=args.dtype,
                             kfac=flags.kfac_options(args), progress=not args.quiet, scheme=args.scheme,
-                            predict=not args.no_predict, **basis,
+                            predict=args.predict, **basis,
                             **({"shrinkage": args.shrinkage} if args.shrinkage is not None else {}))
     command = args.command_line  # the card's record of this run (geoshare.cli.main): flags given, defaults left out
     if streamed:

@@ -88,12 +88,12 @@ def test_second_order_prediction_is_the_quadratic_model_of_the_loss() -> None:
 def test_report_spearman_is_over_every_candidate() -> None:
     model = rank_one_mlp()
     report = compress(model, _inputs(), CompressConfig(ratio=0.5, scheme="auto", rank=1, top=4, device="cpu",
-                                                      progress=False))
+                                                      progress=False, predict=True))
     pairs = [(c.second_order, c.measured) for c in report.candidates]
     assert all(p is not None for p, _ in pairs)
     assert report.spearman == spearman([p for p, _ in pairs], [m for _, m in pairs])
     quiet = compress(rank_one_mlp(), _inputs(), CompressConfig(ratio=0.5, scheme="basis", rank=1, top=4,
-                                                               device="cpu", progress=False, predict=False))
+                                                               device="cpu", progress=False))
     assert quiet.spearman is None and all(c.second_order is None for c in quiet.candidates)
 
 
@@ -131,7 +131,7 @@ def test_cli_scheme_auto(tmp_path, capsys) -> None:
     common = ["--model", "hw_cases:factory", "--data", str(data), "--dtype", "float64", "--device", "cpu", "--quiet"]
     out = tmp_path / "out"
     assert main(["compress", *common, "--ratio", "0.6", "--scheme", "auto", "--rank-ratio", "0.25", "--top", "2",
-                 "--out", str(out)]) == 0
+                 "--predict", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["scheme"] in {s.value for s in SCHEMES}
     assert {c["scheme"] for c in report["candidates"]} == {s.value for s in SCHEMES}
