@@ -192,6 +192,54 @@ class BasisOptions(BaseModel):
         return value
 
 
+class RelaxedOptions(BaseModel):
+    """Options of the ``relaxed`` sharing scheme (W_ℓ ≈ S_c + A_ℓ·B_ℓ: one tensor per class plus a
+    rank-r correction per member), nested in ``AnalyzeConfig.relaxed``.
+
+    The correction rank of a family is ``rank`` (an int for every family, or ``{family: rank}``),
+    else ``rank_ratio · min(d_out, d_in)`` rounded (at least 1). A class of s members keeps
+    d_out·d_in + s·r·(d_out + d_in) parameters, so at one budget a higher rank leaves fewer classes:
+    with ``max_params_ratio`` set (compress sets it) the ranks are lowered, in one proportion, until
+    one class per family fits the budget, and compress also solves and measures the plans at every
+    share in ``rank_ratios`` (the measured choice then picks the rank, see hessian_worker/relaxed).
+
+    Whitening and ``output_weighting`` are the basis scheme's (the same covariances,
+    basis/scales.py): the costs are predicted loss changes on the tie scheme's scale.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | dict[str, int] | None = Field(
+        None, description="Correction rank for every family, or {family: rank}; None: rank_ratio·min(d_out, d_in).")
+    rank_ratio: float = Field(0.0625, gt=0, le=0.5, description="Default correction rank as a share of min(d_out, d_in).")
+    rank_ratios: list[float] = Field(
+        default_factory=lambda: [0.015625, 0.03125, 0.0625, 0.125, 0.1875, 0.25],
+        description="compress: the correction-rank shares whose optimum plans are also measured ([]: none).")
+    whiten: bool = Field(True, description="Whiten by the layer input covariances (False: plain Frobenius error).")
+    output_weighting: bool = Field(
+        True, description="Scale each layer's input covariance by its output-side curvature ā/2 (diagonal GGN), so "
+        "costs are predicted loss changes; False: every layer's output error counts alike.")
+    damping: float = Field(0.01, gt=0, description="Ridge on the input covariance, as a share of its mean diagonal.")
+    rounds: int = Field(30, ge=0, description="Alternating rounds fitting S_c of a class of three or more members.")
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        ranks = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        bad = [r for r in ranks if r < 1]
+        if bad:
+            raise ValueError(f"relaxed correction ranks must be >= 1, got {bad}")
+        return value
+
+    @field_validator("rank_ratios")
+    @classmethod
+    def _shares(cls, value: list[float]) -> list[float]:
+        bad = [x for x in value if not 0 < x <= 0.5]
+        if bad:
+            raise ValueError(f"relaxed rank_ratios must be in (0, 0.5], got {bad}")
+        return value
+
+
 class KFACOptions(BaseModel):
     """The kfac backend: input factors kept to ``rank`` eigenpairs plus a bulk (None: whole), found
     from a sketch of rank + ``oversample`` columns; the output factor from sampled gradients."""
@@ -253,8 +301,11 @@ class AnalyzeConfig(BaseModel):
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     progress: bool = True
     # basis sharing (hessian_worker/basis): W_l ~ B_c C_l; analyze/apply_plan dispatch on scheme
-    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (shared low-rank basis)")
+    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class), basis (shared low-rank basis) or relaxed "
+                           "(one tensor per class plus a low-rank correction per layer)")
     basis: BasisOptions = Field(default_factory=BasisOptions, description="basis scheme: rank, whitening, correction")
+    relaxed: RelaxedOptions = Field(default_factory=RelaxedOptions,
+                                    description="relaxed scheme: correction ranks, whitening (hessian_worker/relaxed)")
     kfac: KFACOptions = Field(default_factory=KFACOptions, description="kfac backend: factor ranks, output factor")
 
     @model_validator(mode="after")
@@ -328,18 +379,25 @@ class CompressConfig(BaseModel):
                                 "keeps its checkpoint's, auto).")
     kfac: KFACOptions = Field(default_factory=KFACOptions, description="backend kfac: factor ranks and samples.")
     progress: bool = True
-    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (a shared low-rank basis).")
+    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class), basis (a shared low-rank basis) or "
+                           "relaxed (one tensor per class plus a low-rank correction per layer).")
     rank: int | None = Field(None, ge=1, description="basis: rank of every family (default: rank_ratio·min(d_out, d_in)).")
     rank_ratio: float = Field(0.25, gt=0, le=1, description="basis: default rank as a share of min(d_out, d_in).")
     side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
     output_weighting: bool = Field(True, description="basis: weigh each layer's error by its output-side curvature, so costs "
                                    "are predicted loss changes (False: every layer's output error alike).")
+    relaxed: RelaxedOptions | None = Field(None, description="relaxed: correction ranks and whitening (default: "
+                                           "RelaxedOptions() with this config's output_weighting).")
 
     def analyze_config(self, dtype: DType) -> AnalyzeConfig:
-        """The analysis settings of this compress (``dtype`` when none is given)."""
+        """The analysis settings of this compress (``dtype`` when none is given). Under the relaxed
+        scheme the budget goes along (``max_params_ratio``): its correction ranks must leave room
+        for one class per family."""
+        relaxed = self.relaxed or RelaxedOptions(output_weighting=self.output_weighting)
         return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
                              distill=self.distill, device=self.device, progress=self.progress, scheme=self.scheme,
-                             basis=self.basis_options(), kfac=self.kfac, dtype=self.dtype or dtype)
+                             basis=self.basis_options(), relaxed=relaxed, kfac=self.kfac, dtype=self.dtype or dtype,
+                             max_params_ratio=self.ratio if self.scheme is Scheme.relaxed else None)
 
     def basis_options(self) -> BasisOptions:
         return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side,

@@ -96,9 +96,11 @@ def basis_covariances(
     config: AnalyzeConfig,
     *,
     progress: bool = False,
+    output_weighting: bool | None = None,
 ) -> dict[str, Tensor]:
     """The covariances the basis scheme whitens with: each layer's input covariance G_ℓ on ``data``,
-    times its output scale s_ℓ when ``config.basis.output_weighting`` (the default).
+    times its output scale s_ℓ when ``output_weighting`` (default ``config.basis.output_weighting``;
+    the relaxed scheme passes its own).
 
     ``data`` is a prepared Calibration (on the model's device and dtype); costs, re-scoring,
     measuring and apply all take their covariances from here, so one data set and one config give
@@ -108,6 +110,7 @@ def basis_covariances(
         BackendError: a name is not a linear layer's weight.
     """
     covs = input_covariances(model, data, list(names), progress=progress)
-    if not config.basis.output_weighting:
+    weighted = config.basis.output_weighting if output_weighting is None else output_weighting
+    if not weighted:
         return covs
     return scale_covariances(covs, layer_output_scales(model, data, names, covs, config))
