@@ -153,10 +153,13 @@ def basis_classes(plan: SharingPlan, problem: SharingProblem) -> list[list[str]]
 
 
 def split_classes(
-    groups: Sequence[Sequence[str]], coloring: Mapping[str, int], problem: SharingProblem
+    groups: Sequence[Sequence[str]],
+    coloring: Mapping[str, int],
+    problem: SharingProblem,
+    scheme: Scheme = Scheme.basis,
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """(classes of basis families, classes of the other families) of a plan's ``groups`` plus the
-    layers ``coloring`` names outside them (a plan may list only the groups that share).
+    """(classes of ``scheme`` families, classes of the other families) of a plan's ``groups`` plus
+    the layers ``coloring`` names outside them (a plan may list only the groups that share).
 
     Raises:
         PlanError: the plan names layers the problem does not list.
@@ -178,7 +181,7 @@ def split_classes(
     basis, other = [], []
     for group in classes:
         spec = specs.get(family[group[0]])
-        (basis if spec is not None and spec.scheme is Scheme.basis else other).append(group)
+        (basis if spec is not None and spec.scheme is scheme else other).append(group)
     return basis, other
 
 
