@@ -386,14 +386,18 @@ class CompressConfig(BaseModel):
     side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
     output_weighting: bool = Field(True, description="basis: weigh each layer's error by its output-side curvature, so costs "
                                    "are predicted loss changes (False: every layer's output error alike).")
-    relaxed: RelaxedOptions | None = Field(None, description="relaxed: correction ranks and whitening (default: "
-                                           "RelaxedOptions() with this config's output_weighting).")
+    correction_rank: int | None = Field(None, ge=1, description="relaxed: correction rank of every family (default: "
+                                        "relaxed.rank_ratio·min(d_out, d_in)).")
+    relaxed: RelaxedOptions | None = Field(None, description="relaxed: correction ranks, the rank shares also measured, "
+                                           "whitening (default: RelaxedOptions() with this config's output_weighting).")
 
     def analyze_config(self, dtype: DType) -> AnalyzeConfig:
         """The analysis settings of this compress (``dtype`` when none is given). Under the relaxed
         scheme the budget goes along (``max_params_ratio``): its correction ranks must leave room
         for one class per family."""
         relaxed = self.relaxed or RelaxedOptions(output_weighting=self.output_weighting)
+        if self.correction_rank is not None:
+            relaxed = relaxed.model_copy(update={"rank": self.correction_rank})
         return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
                              distill=self.distill, device=self.device, progress=self.progress, scheme=self.scheme,
                              basis=self.basis_options(), relaxed=relaxed, kfac=self.kfac, dtype=self.dtype or dtype,

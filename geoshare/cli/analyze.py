@@ -24,7 +24,8 @@ def add_commands(subparsers: Any) -> None:
                     "sharing each same-family pair from the curvature of the calibration loss.",
         examples=["geoshare analyze --model minilm --data calib.txt --ratio 0.8 -o problem.json",
                   "geoshare analyze --model minilm --backend projected --sketch-rank 16 -o problem.json",
-                  "geoshare analyze --model minilm --scheme basis --rank-ratio 0.4 -o problem.json"])
+                  "geoshare analyze --model minilm --scheme basis --rank-ratio 0.4 -o problem.json",
+                  "geoshare analyze --model minilm --scheme relaxed --correction-rank 24 --ratio 0.5 -o problem.json"])
     flags.model_options(a)
     flags.backend_option(a, "streamed")
     flags.streaming_options(a)
@@ -83,19 +84,21 @@ def run(args: argparse.Namespace) -> int:
 
     sketch_rank, basis_rank = ranks(args)
     basis = flags.basis_options(args, basis_rank)
+    relaxed = flags.relaxed_options(args)
     # exact streams its forward-mode tangents block by block; the full Hessian needs the whole model
     streams = ("kfac", "layerwise") + (("exact",) if args.curvature == "ggn" else ())
-    streamed = is_streamable(args.model) and args.backend in (None, *streams) and not basis
+    streamed = is_streamable(args.model) and args.backend in (None, *streams) and not basis and not relaxed
     backend = args.backend or ("kfac" if streamed else "exact")
     config = AnalyzeConfig(
         backend=backend, kind=args.kind, curvature=args.curvature, samples=args.samples,
         batch_size=args.batch_size, seed=args.seed, max_params_ratio=args.ratio,
-        rank=SKETCH_RANK if basis else sketch_rank,
+        rank=SKETCH_RANK if basis or relaxed else sketch_rank,
         probes=args.probes, memory_limit_gb=args.memory_limit_gb or 4.0, targets=args.targets,
         eigensolver=args.eigensolver, oversample=args.oversample, bulk=args.bulk,
         sketch_precision=args.sketch_precision, kfac=flags.kfac_options(args),
         ignore=args.ignore, device=args.device, dtype=args.dtype or ("auto" if streamed else "float32"),
         progress=not args.quiet, scheme=args.scheme, **({"basis": basis} if basis else {}),
+        **({"relaxed": relaxed} if relaxed else {}),
     )
     if streamed:
         problem = analyze_checkpoint(args.model, args.data, config, memory_limit_gb=args.memory_limit_gb,

@@ -26,7 +26,8 @@ def add_commands(subparsers: Any) -> None:
                     "healed, and saved with report.json and problem.json.",
         examples=["geoshare compress --model minilm --data calib.txt --ratio 0.8 --out out/",
                   "geoshare compress --model minilm --data calib.txt --ratio 0.8 --heal 100 --out out/",
-                  "geoshare compress --model minilm --ratio 0.4 --scheme basis --basis-rank 153 --out out/"])
+                  "geoshare compress --model minilm --ratio 0.4 --scheme basis --basis-rank 153 --out out/",
+                  "geoshare compress --model minilm --ratio 0.5 --scheme relaxed --correction-rank 24 --out out/"])
     flags.model_options(c)
     c.add_argument("--ratio", type=float, required=True, metavar="FRACTION",
                    help="share of the shareable parameters to keep")
@@ -70,6 +71,14 @@ def add_commands(subparsers: Any) -> None:
     c.set_defaults(func=run, extras=("worker",))
 
 
+def _relaxed_fields(relaxed: dict[str, Any]) -> dict[str, Any]:
+    """CompressConfig fields of --scheme relaxed from ``model_flags.relaxed_options``."""
+    fields = {"scheme": "relaxed", "correction_rank": relaxed["rank"], "output_weighting": relaxed["output_weighting"]}
+    if "rank_ratio" in relaxed:
+        fields["relaxed"] = {"rank_ratio": relaxed["rank_ratio"], "output_weighting": relaxed["output_weighting"]}
+    return fields
+
+
 def run(args: argparse.Namespace) -> int:
     from hessian_worker.compress_run import save_compressed_run
     from hessian_worker.distributed import refuse_in_job
@@ -80,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_in_job("geoshare compress")  # the choice, merge, healing and save are not split across processes yet
     basis = flags.basis_options(args, args.basis_rank)
-    streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and not basis
+    relaxed = flags.relaxed_options(args)
+    streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and not basis and not relaxed
     backend = args.backend or ("kfac" if streamed else "exact")
     config = CompressConfig(ratio=args.ratio, backend=backend, merge=None if args.merge == AUTO else args.merge,
                             distill=args.distill, top=args.top, min_distance=args.min_distance,
@@ -91,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                             holdout=args.holdout_samples, samples=args.samples, batch_size=args.batch_size,
                             time_limit_s=args.time_limit, seed=args.seed, device=args.device, dtype=args.dtype,
                             kfac=flags.kfac_options(args), progress=not args.quiet,
-                            **({"scheme": "basis", **basis} if basis else {}))
+                            **({"scheme": "basis", **basis} if basis else {}),
+                            **(_relaxed_fields(relaxed) if relaxed else {}))
     command = args.command_line  # the card's record of this run (geoshare.cli.main): flags given, defaults left out
     if streamed:
         report = compress_checkpoint(args.model, args.data, config, args.out,
