@@ -261,6 +261,22 @@ def test_load_compressed_maps_the_relaxed_layers(relaxed_bert, tmp_path) -> None
     torch.testing.assert_close(loaded(**batch).last_hidden_state, expected, rtol=1e-12, atol=1e-14)
 
 
+def test_dense_export_materializes_the_relaxed_layers(relaxed_bert, tmp_path) -> None:
+    from transformers import BertModel
+
+    from hessian_worker.export import export_dense
+
+    model, plan, _ = relaxed_bert
+    batch = bert_data().batches[0]
+    save_shared(model, plan, tmp_path / "shared")
+    export_dense(tmp_path / "shared", tmp_path / "dense")
+    dense = BertModel.from_pretrained(tmp_path / "dense", attn_implementation="eager").double().eval()
+    torch.testing.assert_close(dense.encoder.layer[1].intermediate.dense.weight,
+                               model.encoder.layer[1].intermediate.dense.weight.detach(), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(dense(**batch).last_hidden_state, model(**batch).last_hidden_state,
+                               rtol=1e-12, atol=1e-13)
+
+
 def test_load_refuses_what_does_not_fit(relaxed_bert, tmp_path) -> None:
     model, plan, _ = relaxed_bert
     save_relaxed(model, plan, tmp_path)
