@@ -85,7 +85,12 @@ class CompressSpec(BaseModel):
     )
     batch_size: int | None = Field(None, gt=0, le=65536)
     scheme: Scheme | None = Field(
-        None, description="tie (one tensor per class; default) or basis (a shared low-rank basis)."
+        None, description="tie (one tensor per class; default), basis (a shared low-rank basis) or relaxed (one "
+        "tensor per class plus a low-rank correction per layer)."
+    )
+    correction_rank: int | None = Field(
+        None, ge=1, le=1_000_000, description="relaxed: correction rank of every family (default 1/16 of "
+        "min(d_out, d_in), lowered until the ratio fits)."
     )
     rank: int | None = Field(
         None, ge=1, le=1_000_000, description="basis: rank of every family (default: rank_ratio)."
@@ -98,7 +103,7 @@ class CompressSpec(BaseModel):
     )
     output_weighting: bool | None = Field(
         None,
-        description="basis: weigh each layer's error by its output-side curvature, so costs are "
+        description="basis and relaxed: weigh each layer's error by its output-side curvature, so costs are "
         "predicted loss changes (default true); false: every layer's output error alike.",
     )
 
