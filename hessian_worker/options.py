@@ -126,6 +126,19 @@ class SideChoice(str, Enum):
 # --- configs ---------------------------------------------------------------------------------
 
 
+def positive_ranks(value: int | dict[str, int] | None, what: str) -> int | dict[str, int] | None:
+    """``value`` (a rank, {family: rank} or None) when every rank is at least 1.
+
+    Raises:
+        ValueError: a rank below 1, named ``what``.
+    """
+    ranks = value.values() if isinstance(value, dict) else [] if value is None else [value]
+    bad = [r for r in ranks if r < 1]
+    if bad:
+        raise ValueError(f"{what} must be >= 1, got {bad}")
+    return value
+
+
 class BasisOptions(BaseModel):
     """Options of the ``basis`` sharing scheme (W_ℓ ≈ B_c·C_ℓ), nested in ``AnalyzeConfig.basis``.
 
@@ -185,11 +198,7 @@ class BasisOptions(BaseModel):
     @field_validator("rank")
     @classmethod
     def _positive_rank(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
-        ranks = value.values() if isinstance(value, dict) else [] if value is None else [value]
-        bad = [r for r in ranks if r < 1]
-        if bad:
-            raise ValueError(f"basis ranks must be >= 1, got {bad}")
-        return value
+        return positive_ranks(value, "basis ranks")
 
 
 class RelaxedOptions(BaseModel):
@@ -225,11 +234,7 @@ class RelaxedOptions(BaseModel):
     @field_validator("rank")
     @classmethod
     def _positive_rank(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
-        ranks = value.values() if isinstance(value, dict) else [] if value is None else [value]
-        bad = [r for r in ranks if r < 1]
-        if bad:
-            raise ValueError(f"relaxed correction ranks must be >= 1, got {bad}")
-        return value
+        return positive_ranks(value, "relaxed correction ranks")
 
     @field_validator("rank_ratios")
     @classmethod

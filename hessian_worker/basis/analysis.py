@@ -192,20 +192,21 @@ def has_basis(problem: SharingProblem | None) -> bool:
     )
 
 
-def rank_of(problem: SharingProblem) -> dict[str, int]:
-    """Layer name -> rank for every layer of a basis family.
+def rank_of(problem: SharingProblem, scheme: Scheme = Scheme.basis) -> dict[str, int]:
+    """Layer name -> rank for every layer of a family of ``scheme`` (basis: its basis rank;
+    relaxed: its correction rank).
 
     Raises:
-        PlanError: a basis family has no rank.
+        PlanError: such a family has no rank.
     """
     specs = problem.families or {}
     out = {}
     for x in problem.layers:
         spec = specs.get(x.family)
-        if spec is not None and spec.scheme is Scheme.basis:
+        if spec is not None and spec.scheme is scheme:
             if spec.rank is None:
                 raise PlanError(
-                    f"family {x.family!r} has scheme 'basis' but no rank; set families[...].rank"
+                    f"family {x.family!r} has scheme {scheme.value!r} but no rank; set families[...].rank"
                 )
             out[x.name] = spec.rank
     return out

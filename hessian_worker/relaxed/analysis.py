@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessian_worker.basis.analysis import rank_of as basis_rank_of
 from hessian_worker.basis.analysis import split_classes
 from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.scales import basis_covariances
@@ -140,12 +141,4 @@ def rank_of(problem: SharingProblem) -> dict[str, int]:
     Raises:
         PlanError: a relaxed family has no rank.
     """
-    specs = problem.families or {}
-    out = {}
-    for x in problem.layers:
-        spec = specs.get(x.family)
-        if spec is not None and spec.scheme is Scheme.relaxed:
-            if spec.rank is None:
-                raise PlanError(f"family {x.family!r} has scheme 'relaxed' but no rank; set families[...].rank")
-            out[x.name] = spec.rank
-    return out
+    return basis_rank_of(problem, Scheme.relaxed)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hessian_worker.basis.modules import dense_weights, module_path
+from hessian_worker.basis.apply import plan_names, plan_unique, tie_other_classes
+from hessian_worker.basis.modules import dense_weights
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import DataSource
 from hessian_worker.errors import PlanError
@@ -24,7 +25,7 @@ from hessian_worker.prepare import prepare
 from hessian_worker.relaxed.analysis import rank_of, relaxed_classes, relaxed_covariances
 from hessian_worker.relaxed.decompose import class_fit, relaxed_error
 from hessian_worker.relaxed.modules import RelaxedLinear, install_class
-from hessian_worker.tying import ApplyReport, apply_tie, unique_params
+from hessian_worker.tying import ApplyReport, unique_params
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
@@ -61,7 +62,7 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
     ranks = rank_of(problem)
     fams_of = {x.name: x.family for x in problem.layers}
     in_relaxed = {n for c in classes for n in c}
-    all_names = _plan_names(plan)
+    all_names = plan_names(plan)
     params = dict(model.named_parameters(remove_duplicate=False))
     original = sum(params[n].numel() for n in all_names if n in params)
     before = unique_params(model)
@@ -72,11 +73,8 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
         if missing:
             raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
 
-    tie_groups = [list(g) for g in plan.groups if g and g[0] not in in_relaxed]
-    if any(len(g) > 1 for g in tie_groups):
-        coloring = {n: c for c, g in enumerate(tie_groups) for n in g}
-        sub = plan.model_copy(update={"groups": tie_groups, "coloring": coloring})
-        apply_tie(model, sub, merge, data=data, config=config, tokenizer=tokenizer, diag=diag)
+    tie_groups = tie_other_classes(model, plan, in_relaxed, merge, data=data, config=config, tokenizer=tokenizer,
+                                   diag=diag)
 
     weights = dense_weights(model, names)
     if covs is None and options.whiten and data is not None and names:
@@ -99,7 +97,7 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
                 error += relaxed_error(ws, factors, cs, damping=options.damping)
             install_class(model, group, factors.shared, factors.left, factors.right)
 
-    shared = _plan_unique(model, all_names)
+    shared = plan_unique(model, all_names, _factors)
     return RelaxedApplyReport(
         merge=merge,
         groups=sum(len(g) > 1 for g in [*classes, *tie_groups]),
@@ -115,24 +113,6 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
     )
 
 
-def _plan_names(plan: SharingPlan) -> list[str]:
-    names = list(plan.coloring)
-    for group in plan.groups:
-        names.extend(n for n in group if n not in plan.coloring)
-    return names
-
-
-def _plan_unique(model: nn.Module, names: list[str]) -> int:
-    """Unique elements behind the plan's layers: S and factors of relaxed layers (each Parameter
-    once), the (possibly tied) weight of the others."""
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters(remove_duplicate=False))
-    seen: dict[int, int] = {}
-    for name in names:
-        module = modules.get(module_path(name)) if name.endswith(".weight") else None
-        if isinstance(module, RelaxedLinear):
-            for p in (module.shared, module.left, module.right):
-                seen[id(p)] = p.numel()
-        elif name in params:
-            seen[id(params[name])] = params[name].numel()
-    return sum(seen.values())
+def _factors(module: nn.Module) -> tuple[nn.Parameter, ...] | None:
+    """A relaxed layer's S and correction factors (None for any other module)."""
+    return (module.shared, module.left, module.right) if isinstance(module, RelaxedLinear) else None

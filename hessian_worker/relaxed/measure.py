@@ -13,17 +13,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from hessian_worker.basis.analysis import split_classes
+from hessian_worker.basis.measure import ClassSubstitutes
 from hessian_worker.basis.modules import dense_weights
 from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.errors import PlanError
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.analysis import rank_of
 from hessian_worker.relaxed.decompose import RelaxedFactors, class_fit
-from solver.schema import Scheme, SharingPlan, SharingProblem
+from solver.schema import Scheme, SharingProblem
 
 
-class RelaxedSubstitutes:
+class RelaxedSubstitutes(ClassSubstitutes):
     """Name -> S_c + A_ℓ B_ℓ (in the parameter's own orientation) for the relaxed classes of a plan.
 
     Args:
@@ -39,6 +39,7 @@ class RelaxedSubstitutes:
     def __init__(self, model: nn.Module, problem: SharingProblem, covs: Mapping[str, Tensor] | None,
                  options: RelaxedOptions) -> None:
         self.problem = problem
+        self.scheme = Scheme.relaxed
         self.ranks = rank_of(problem)
         names = list(self.ranks)
         try:
@@ -55,22 +56,6 @@ class RelaxedSubstitutes:
         self.covs = covs
         self.options = options
         self._cache: dict[tuple[str, ...], RelaxedFactors] = {}
-
-    def split(self, plan: SharingPlan | Sequence[Sequence[str]]) -> tuple[list[list[str]], list[list[str]]]:
-        """(relaxed classes, classes of other families) of a plan or a list of groups."""
-        if isinstance(plan, SharingPlan):
-            return split_classes(plan.groups, plan.coloring, self.problem, Scheme.relaxed)
-        return split_classes(plan, {}, self.problem, Scheme.relaxed)
-
-    def weights_of(self, classes: Sequence[Sequence[str]]) -> dict[str, Tensor]:
-        """The weight of every member of ``classes`` (each a relaxed class; a singleton its own)."""
-        out: dict[str, Tensor] = {}
-        for group in classes:
-            factors = self.factors(group)
-            for i, name in enumerate(group):
-                w = factors.weight(i)
-                out[name] = (w.T if self.transposed[name] else w).contiguous()
-        return out
 
     def factors(self, group: Sequence[str]) -> RelaxedFactors:
         """The class's S and corrections, in the model's dtype (cached)."""
