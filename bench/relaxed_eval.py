@@ -4,9 +4,10 @@ strict tying, shared bases and per-layer SVD, at equal unique-parameter budgets.
 Budgets are shares of the shareable (dense) parameters. For each budget B:
 - ``relaxed-geo``: the product's choice (``compress --scheme relaxed``): output-weighted relaxed costs,
   the candidate pool (K best, size-normalized K best, pattern plans) at the default correction rank
-  (share 1/16 of min(d_out, d_in), lowered until one class per family fits B), plus the solver's
-  optimum at every other share of ``RelaxedOptions.rank_ratios`` that fits; the least loss measured
-  on the validation split.
+  (share 1/16 of min(d_out, d_in), lowered until one class per family fits B), plus the product's
+  extra candidates (relaxed/candidates.py: the solver's optimum at every other share of
+  ``RelaxedOptions.rank_ratios`` that fits, and at per-family ranks); the least loss measured on the
+  validation split.
 - ``relaxed-solver``: the solver's optimum at the default rank (what the costs alone pick).
 - ``relaxed-loop``: one class per family (a looped model, Relaxed Recursive Transformers) at the
   largest correction rank that fits B.
@@ -67,12 +68,12 @@ from hessian_worker.relaxed.analysis import (
     relaxed_problem,
 )
 from hessian_worker.relaxed.apply import apply_relaxed_plan
+from hessian_worker.relaxed.candidates import rank_candidates
 from hessian_worker.relaxed.costs import PairSpectra, family_rank, least_params, ranks_within
 from solver import SharingPlan, SharingProblem, SolveConfig
 from solver.baselines import baseline
 from solver.candidates import candidate_plans
-from solver.errors import BudgetInfeasible
-from solver.planning import plan_from_coloring, solve
+from solver.planning import plan_from_coloring
 from solver.schema import Costs, Layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,21 +146,18 @@ def relaxed_plans(rx: Relaxed, ratio: float, budget: int, config: SolveConfig,
                   top: int) -> dict[str, tuple[SharingPlan, SharingProblem]]:
     """The relaxed rows at one budget (see the module docstring)."""
     main = rx.problem(ranks_within(rx.fam_shapes, rx.sizes, rx.ranks_at(rx.options.rank_ratio), budget))
+    main = main.model_copy(update={"constraints": main.constraints.model_copy(update={"max_params_ratio": ratio})})
     pool = [(p, main) for p in candidate_plans(main, config, top=top, per_pattern=2, normalized_top=top // 2)]
+    # the product's extra candidates: the optimum at every other share and at per-family ranks
+    pool += rank_candidates(rx.task.model, main, config, rx.covs, rx.options, spectra=rx.spectra)
     sequences = []
     for share in rx.options.rank_ratios:
         ranks = rx.ranks_at(share)
         if not rx.fits(ranks, budget):
             continue
-        at = rx.problem(ranks)
-        try:
-            if ranks != {f: s.rank for f, s in main.families.items()}:
-                pool.append((solve(at, config).model_copy(update={"strategy": f"relaxed-rank-{share:g}"}), at))
-            seq = baseline(at, "sequence", config)
-            if seq.status.value != "infeasible":
-                sequences.append((seq.model_copy(update={"strategy": f"sequence-rank-{share:g}"}), at))
-        except BudgetInfeasible:
-            continue
+        seq = baseline(rx.problem(ranks), "sequence", config)
+        if seq.status.value != "infeasible":
+            sequences.append((seq.model_copy(update={"strategy": f"sequence-rank-{share:g}"}), rx.problem(ranks)))
     measured = rx.measure(pool)
     out = {"relaxed-geo": pool[int(np.argmin(measured))], "relaxed-solver": pool[0]}
     if sequences:

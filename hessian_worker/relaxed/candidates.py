@@ -7,12 +7,13 @@ what a high rank forces), so ``compress`` solves the problem again at every shar
 ``RelaxedOptions.rank_ratios`` and measures each optimum: the measured choice picks the rank.
 
 Every problem comes from the same pair spectra (costs.PairSpectra: one eigenproblem per pair gives
-the cost at every rank), so the extra problems cost solver time only.
+the cost at every rank), so the extra problems cost solver time only. One more candidate lets the
+rank differ by family (``mixed_ranks``: coordinate descent on the solver's predicted loss).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
@@ -24,6 +25,8 @@ from solver.errors import BudgetInfeasible, ConstraintInfeasible
 from solver.planning import SolveConfig, solve, with_config
 from solver.schema import SharingPlan, SharingProblem
 
+MIXED = "relaxed-mixed-ranks"  # the strategy name of the per-family ranks of ``mixed_ranks``
+
 
 def rank_label(ratio: float) -> str:
     """The strategy name of the optimum at correction-rank share ``ratio``."""
@@ -31,13 +34,16 @@ def rank_label(ratio: float) -> str:
 
 
 def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConfig | None,
-                    covs: Mapping[str, Tensor] | None, options: RelaxedOptions) -> list[tuple[SharingPlan, SharingProblem]]:
+                    covs: Mapping[str, Tensor] | None, options: RelaxedOptions, *,
+                    spectra: PairSpectra | None = None) -> list[tuple[SharingPlan, SharingProblem]]:
     """(plan, its problem) for every share in ``options.rank_ratios`` whose ranks differ from the
-    problem's and whose one-class-per-family plan fits the budget of ``problem`` under ``config``.
+    problem's and whose one-class-per-family plan fits the budget of ``problem`` under ``config``,
+    and the optimum at per-family ranks (``mixed_ranks``) when it differs from all of those.
 
     Args:
         model: the dense reference model (read, never changed).
         covs: the whitening covariances the problem was analyzed with (None: unwhitened).
+        spectra: the problem's pair spectra when at hand (else computed from ``model`` and ``covs``).
     """
     full = with_config(problem, config)
     budget = full.budget_params()
@@ -49,16 +55,56 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
     fam_shapes, sizes = family_shapes(full, shapes), family_sizes(full)
     own = {x.family: rank[x.name] for x in full.layers}
-    spectra = PairSpectra(full.layers, weights, covs, damping=options.damping)
+    spectra = spectra or PairSpectra(full.layers, weights, covs, damping=options.damping)
+    solved: dict[tuple[tuple[str, int], ...], tuple[SharingPlan, SharingProblem]] = {}
+
+    def optimum(ranks: dict[str, int]) -> tuple[SharingPlan, SharingProblem] | None:
+        """The solver's optimum at ``ranks`` (family -> rank), None when it does not fit (memoized)."""
+        key = tuple(sorted(ranks.items()))
+        if key not in solved:
+            if budget is not None and least_params(fam_shapes, sizes, ranks) > budget:
+                return None
+            at_rank = relaxed_problem(full, spectra, ranks, shapes)
+            try:
+                solved[key] = (solve(at_rank, config), at_rank)
+            except (BudgetInfeasible, ConstraintInfeasible):
+                return None
+        return solved[key]
+
     out = []
-    for ratio in options.rank_ratios:
-        ranks = {fam: family_rank(fam, shape, options, ratio) for fam, shape in fam_shapes.items()}
-        if ranks == own or (budget is not None and least_params(fam_shapes, sizes, ranks) > budget):
-            continue
-        at_rank = relaxed_problem(full, spectra, ranks, shapes)
-        try:
-            plan = solve(at_rank, config)
-        except (BudgetInfeasible, ConstraintInfeasible):
-            continue
-        out.append((plan.model_copy(update={"strategy": rank_label(ratio)}), at_rank))
+    uniform = {ratio: {fam: family_rank(fam, shape, options, ratio) for fam, shape in fam_shapes.items()}
+               for ratio in options.rank_ratios}
+    for ratio, ranks in uniform.items():
+        found = optimum(ranks) if ranks != own else None
+        if found is not None:
+            out.append((found[0].model_copy(update={"strategy": rank_label(ratio)}), found[1]))
+    mixed = mixed_ranks(own, uniform, optimum)
+    if mixed is not None and mixed[1].families is not None and all(
+            {f: s.rank for f, s in mixed[1].families.items()} != r for r in (own, *uniform.values())):
+        out.append((mixed[0].model_copy(update={"strategy": MIXED}), mixed[1]))
     return out
+
+
+def mixed_ranks(own: dict[str, int], uniform: Mapping[float, dict[str, int]],
+                optimum: Callable[[dict[str, int]], tuple[SharingPlan, SharingProblem] | None],
+                rounds: int = 2) -> tuple[SharingPlan, SharingProblem] | None:
+    """Ranks per family by coordinate descent on the solver's objective: from the best uniform
+    ranks, each family in turn takes the rank of every share whose optimum (the other families
+    kept) predicts less loss; ``rounds`` passes over the families. The objective is exact for
+    classes of one and two and the pairwise sum beyond, so the measured choice has the last word."""
+    starts = [found for r in (own, *uniform.values()) if (found := optimum(r)) is not None]
+    if not starts:
+        return None
+    best = min(starts, key=lambda x: x[0].objective if x[0].objective is not None else float("inf"))
+    ranks = {f: s.rank for f, s in (best[1].families or {}).items()}
+    for _ in range(rounds):
+        moved = False
+        for fam in ranks:
+            for option in uniform.values():
+                trial = {**ranks, fam: option[fam]}
+                found = optimum(trial)
+                if found is not None and (found[0].objective or 0.0) < (best[0].objective or 0.0):
+                    best, ranks, moved = found, trial, True
+        if not moved:
+            break
+    return best

@@ -313,3 +313,24 @@ def test_healing_trains_the_shared_tensor_and_keeps_it_one(relaxed_bert) -> None
 def test_scheme_of_a_relaxed_problem(problems) -> None:
     assert scheme_of(problems[1]).name.value == "relaxed"
     assert scheme_for("relaxed").merged_layers(problems[1]) == []
+
+
+def test_mixed_ranks_descends_per_family() -> None:
+    """Coordinate descent on the predicted loss: each family takes the rank that lowers it, within
+    what fits; the start is the best uniform ranks."""
+    from types import SimpleNamespace
+
+    from hessian_worker.relaxed.candidates import mixed_ranks
+
+    loss = {"a": {1: 3.0, 2: 1.0, 4: 2.0}, "b": {1: 1.0, 2: 2.5, 4: 0.5}}
+
+    def optimum(ranks: dict[str, int]):
+        if ranks["a"] + ranks["b"] > 6:  # the budget: a at 4 with b at 4 does not fit
+            return None
+        families = {f: SimpleNamespace(rank=r) for f, r in ranks.items()}
+        return SimpleNamespace(objective=sum(loss[f][r] for f, r in ranks.items())), SimpleNamespace(families=families)
+
+    uniform = {0.25: {"a": 1, "b": 1}, 0.5: {"a": 2, "b": 2}, 1.0: {"a": 4, "b": 4}}
+    plan, problem = mixed_ranks({"a": 1, "b": 1}, uniform, optimum)
+    assert {f: s.rank for f, s in problem.families.items()} == {"a": 2, "b": 4}
+    assert plan.objective == 1.5  # uniform at best: 3.5 (0.5) or 4.0 (0.25)
