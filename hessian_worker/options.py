@@ -229,7 +229,8 @@ class RelaxedOptions(BaseModel):
         True, description="Scale each layer's input covariance by its output-side curvature ā/2 (diagonal GGN), so "
         "costs are predicted loss changes; False: every layer's output error counts alike.")
     damping: float = Field(0.01, gt=0, description="Ridge on the input covariance, as a share of its mean diagonal.")
-    rounds: int = Field(30, ge=0, description="Alternating rounds fitting S_c of a class of three or more members.")
+    rounds: int = Field(20, ge=0, description="L-BFGS iterations fitting S_c of a class of three or more members "
+                        "(hessian_worker/relaxed/decompose.py).")
 
     @field_validator("rank")
     @classmethod
