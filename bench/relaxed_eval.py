@@ -124,8 +124,17 @@ class Relaxed:
         return None
 
     def measure(self, plans: list[tuple[SharingPlan, SharingProblem]]) -> list[float]:
-        return [measure_plans(self.task.model, self.task.validation, [p], self.config, tokenizer=self.task.tokenizer,
-                              problem=prob, covs=self.covs)[0] for p, prob in plans]
+        """Validation losses, the plans of one problem measured together (their class fits are cached)."""
+        out: list[float] = [math.nan] * len(plans)
+        groups: dict[int, list[int]] = {}
+        for i, (_, prob) in enumerate(plans):
+            groups.setdefault(id(prob), []).append(i)
+        for idx in groups.values():
+            values = measure_plans(self.task.model, self.task.validation, [plans[i][0] for i in idx], self.config,
+                                   tokenizer=self.task.tokenizer, problem=plans[idx[0]][1], covs=self.covs)
+            for i, v in zip(idx, values, strict=True):
+                out[i] = v
+        return out
 
 
 def fixed_plan(problem: SharingProblem, size: int | None, strategy: str) -> SharingPlan:
