@@ -35,6 +35,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +185,14 @@ def relaxed_plans(rx: Relaxed, ratio: float, budget: int, config: SolveConfig,
     return out
 
 
-def evaluate_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_task(task: Task, args: argparse.Namespace,
+                  progress: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Every row at every budget on one task; ``progress`` gets the results so far after each budget."""
     t0 = time.perf_counter()
     fams, dense = families_of(task.model)
     names = [x.name for x in discover_layers(task.model)]
     rx = Relaxed(task, args.seed)
+    original = task.score(task.model)
     merge = tie_merge(task, names)
     scorer = Scorer(task, args.heal_steps, args.seed, merge)
     tie = tie_problem(task, args.seed)
@@ -240,8 +244,15 @@ def evaluate_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {task.name} {ratio} {strategy}: {rows[-1]['measured']:.4g} ({rows[-1]['chosen']}, "
                   f"rank {rows[-1]['rank']}, {count / dense:.3f})", file=sys.stderr)
         timings[f"score@{ratio}"] = time.perf_counter() - t
+        if progress is not None:
+            progress(summary(task, original, rows, dense, fams, merge, rx, timings))
+    return summary(task, original, rows, dense, fams, merge, rx, timings)
+
+
+def summary(task: Task, original: float, rows: list[dict[str, Any]], dense: int, fams: dict[str, Any], merge: Any,
+            rx: Relaxed, timings: dict[str, float]) -> dict[str, Any]:
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
-            "original": task.score(task.model), "dense_params": dense,
+            "original": original, "dense_params": dense,
             "families": {k: {"d_out": f.d_out, "d_in": f.d_in, "layers": f.n} for k, f in fams.items()},
             "tie_merge": merge.merge, "rank_ratios": rx.options.rank_ratios,
             "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
@@ -261,7 +272,8 @@ NOTES = [
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = ["# Relaxed sharing (W = S_c + A_l B_l) against fixed groupings, tying, shared bases and SVD", "",
-             f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['seconds']} s; healing "
+             f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['seconds']} s"
+             f"{' (partial: the run goes on)' if meta.get('partial') else ''}; healing "
              f"{meta['heal_steps']} steps; pools: the {meta['top']} best plans + size-normalized best + pattern "
              "plans", "", *NOTES, ""]
     for name, data in result.items():
@@ -342,16 +354,23 @@ def main() -> None:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     result: dict[str, Any] = {}
-    for name in args.tasks:
-        result[name] = evaluate_task(load_task(name, quick=args.quick, seed=args.seed), args)
-    result["meta"] = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                      "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}, "
-                                 f"{args.threads} thread(s)",
-                      "seconds": round(time.perf_counter() - t0, 1), "heal_steps": args.heal_steps, "top": args.top}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
+
+    def write(partial: bool) -> None:
+        """The results so far (after every budget: a long run cut off still leaves its tables)."""
+        result["meta"] = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                          "machine": f"{platform.machine()} python {platform.python_version()} torch "
+                                     f"{torch.__version__}, {args.threads} thread(s)",
+                          "seconds": round(time.perf_counter() - t0, 1), "heal_steps": args.heal_steps,
+                          "top": args.top, "partial": partial}
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(markdown(result))
+
+    for name in args.tasks:
+        result[name] = evaluate_task(load_task(name, quick=args.quick, seed=args.seed), args,
+                                     lambda data, name=name: (result.__setitem__(name, data), write(True)))
+    write(False)
     plot(result, out.with_suffix(".png"))
     print(markdown(result))
 
