@@ -24,8 +24,7 @@ def add_commands(subparsers: Any) -> None:
                     "sharing each same-family pair from the curvature of the calibration loss.",
         examples=["geoshare analyze --model minilm --data calib.txt --ratio 0.8 -o problem.json",
                   "geoshare analyze --model minilm --backend projected --sketch-rank 16 -o problem.json",
-                  "geoshare analyze --model minilm --scheme basis --rank-ratio 0.4 -o problem.json",
-                  "geoshare analyze --model minilm --scheme relaxed --correction-rank 24 --ratio 0.5 -o problem.json"])
+                  "geoshare analyze --model minilm --scheme basis --rank-ratio 0.4 -o problem.json"])
     flags.model_options(a)
     flags.backend_option(a, "streamed")
     flags.streaming_options(a)

@@ -25,9 +25,9 @@ def add_commands(subparsers: Any) -> None:
                     "each measured on the calibration data, the best tied with the default merge, optionally "
                     "healed, and saved with report.json and problem.json.",
         examples=["geoshare compress --model minilm --data calib.txt --ratio 0.8 --out out/",
-                  "geoshare compress --model minilm --data calib.txt --ratio 0.8 --heal 100 --out out/",
                   "geoshare compress --model minilm --ratio 0.4 --scheme basis --basis-rank 153 --out out/",
-                  "geoshare compress --model minilm --ratio 0.5 --scheme relaxed --correction-rank 24 --out out/"])
+                  "geoshare compress --model minilm --data calib.txt --ratio 0.5 --scheme relaxed --correction-rank 24 "
+                  "--heal 100 --out out/"])
     flags.model_options(c)
     c.add_argument("--ratio", type=float, required=True, metavar="FRACTION",
                    help="share of the shareable parameters to keep")
