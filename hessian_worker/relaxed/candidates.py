@@ -7,8 +7,10 @@ what a high rank forces), so ``compress`` solves the problem again at every shar
 ``RelaxedOptions.rank_ratios`` and measures each optimum: the measured choice picks the rank.
 
 Every problem comes from the same pair spectra (costs.PairSpectra: one eigenproblem per pair gives
-the cost at every rank), so the extra problems cost solver time only. One more candidate lets the
-rank differ by family (``mixed_ranks``: coordinate descent on the solver's predicted loss).
+the cost at every rank), so the extra problems cost solver time only. Beside the shares, the optima
+at the largest ranks where 1, 2 or 3 classes per family fill the budget exactly (a looped model's
+rank, and for six-layer families consecutive pairs'), and one candidate lets the rank differ by
+family (``mixed_ranks``: coordinate descent on the solver's predicted loss).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from torch import Tensor, nn
 from hessian_worker.basis.modules import dense_weights
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.analysis import family_shapes, family_sizes, rank_of, relaxed_problem
-from hessian_worker.relaxed.costs import PairSpectra, family_rank, least_params
+from hessian_worker.relaxed.costs import PairSpectra, family_rank, least_params, ranks_within
 from solver.errors import BudgetInfeasible, ConstraintInfeasible
 from solver.planning import SolveConfig, solve, with_config
 from solver.schema import SharingPlan, SharingProblem
 
 MIXED = "relaxed-mixed-ranks"  # the strategy name of the per-family ranks of ``mixed_ranks``
+FILL = "relaxed-fill"  # the optimum at the largest ranks where c classes per family fill the budget
+FILL_CLASSES = (1, 2, 3)
 
 
 def rank_label(ratio: float) -> str:
@@ -72,20 +76,30 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
         return solved[key]
 
     out = []
-    uniform = {ratio: {fam: family_rank(fam, shape, options, ratio) for fam, shape in fam_shapes.items()}
-               for ratio in options.rank_ratios}
-    for ratio, ranks in uniform.items():
-        found = optimum(ranks) if ranks != own else None
+    # the rank shares asked for, and the largest ranks at which c classes per family fill the budget
+    # exactly (c = 1: a looped model's rank; c = n/2: consecutive pairs'), which no fixed share hits
+    levels = {rank_label(ratio): {fam: family_rank(fam, shape, options, ratio) for fam, shape in fam_shapes.items()}
+              for ratio in options.rank_ratios}
+    if budget is not None:
+        widest = {fam: max(1, min(shape) // 2) for fam, shape in fam_shapes.items()}
+        for c in FILL_CLASSES:
+            ranks = ranks_within(fam_shapes, sizes, widest, budget, c)
+            if least_params(fam_shapes, sizes, ranks, c) <= budget:
+                levels.setdefault(f"{FILL}-{c}", ranks)
+    seen = [own]
+    for label, ranks in levels.items():
+        found = optimum(ranks) if ranks not in seen else None
+        seen.append(ranks)
         if found is not None:
-            out.append((found[0].model_copy(update={"strategy": rank_label(ratio)}), found[1]))
-    mixed = mixed_ranks(own, uniform, optimum)
+            out.append((found[0].model_copy(update={"strategy": label}), found[1]))
+    mixed = mixed_ranks(own, levels, optimum)
     if mixed is not None and mixed[1].families is not None and all(
-            {f: s.rank for f, s in mixed[1].families.items()} != r for r in (own, *uniform.values())):
+            {f: s.rank for f, s in mixed[1].families.items()} != r for r in seen):
         out.append((mixed[0].model_copy(update={"strategy": MIXED}), mixed[1]))
     return out
 
 
-def mixed_ranks(own: dict[str, int], uniform: Mapping[float, dict[str, int]],
+def mixed_ranks(own: dict[str, int], uniform: Mapping[str, dict[str, int]],
                 optimum: Callable[[dict[str, int]], tuple[SharingPlan, SharingProblem] | None],
                 rounds: int = 2) -> tuple[SharingPlan, SharingProblem] | None:
     """Ranks per family by coordinate descent on the solver's objective: from the best uniform

@@ -65,20 +65,22 @@ def family_ranks(layers: Sequence[LayerInfo], shapes: Mapping[str, tuple[int, in
     return {fam: family_rank(fam, shape, options, ratio) for fam, shape in fams.items()}
 
 
-def least_params(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int]) -> int:
-    """Unique parameters of the smallest relaxed plan: one class per family, d_out·d_in + s·r·(d_out + d_in)."""
-    return sum(o * i + sizes[f] * ranks[f] * (o + i) for f, (o, i) in shapes.items())
+def least_params(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int],
+                 classes: int = 1) -> int:
+    """Unique parameters of ``classes`` classes per family (at most its size): c·d_out·d_in +
+    s·r·(d_out + d_in); with one class, the least any relaxed plan at ``ranks`` keeps."""
+    return sum(min(classes, sizes[f]) * o * i + sizes[f] * ranks[f] * (o + i) for f, (o, i) in shapes.items())
 
 
 def ranks_within(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int],
-                 budget: int) -> dict[str, int]:
-    """``ranks`` lowered in one proportion (r'_f = max(1, ⌊t·r_f⌋), the largest t ≤ 1) until one
-    class per family fits ``budget``; at rank 1 when nothing fits (the solver then says the budget is
+                 budget: int, classes: int = 1) -> dict[str, int]:
+    """``ranks`` lowered in one proportion (r'_f = max(1, ⌊t·r_f⌋), the largest t ≤ 1) until ``classes``
+    classes per family fit ``budget``; at rank 1 when nothing fits (the solver then says the budget is
     infeasible). ``shapes`` and ``sizes`` are per family."""
     top = max(ranks.values())
     for k in range(top, 0, -1):
         scaled = {f: max(1, r * k // top) for f, r in ranks.items()}
-        if least_params(shapes, sizes, scaled) <= budget:
+        if least_params(shapes, sizes, scaled, classes) <= budget:
             return scaled
     return dict.fromkeys(ranks, 1)
 

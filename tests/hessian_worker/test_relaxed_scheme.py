@@ -330,7 +330,25 @@ def test_mixed_ranks_descends_per_family() -> None:
         families = {f: SimpleNamespace(rank=r) for f, r in ranks.items()}
         return SimpleNamespace(objective=sum(loss[f][r] for f, r in ranks.items())), SimpleNamespace(families=families)
 
-    uniform = {0.25: {"a": 1, "b": 1}, 0.5: {"a": 2, "b": 2}, 1.0: {"a": 4, "b": 4}}
+    uniform = {"r1": {"a": 1, "b": 1}, "r2": {"a": 2, "b": 2}, "r4": {"a": 4, "b": 4}}
     plan, problem = mixed_ranks({"a": 1, "b": 1}, uniform, optimum)
     assert {f: s.rank for f, s in problem.families.items()} == {"a": 2, "b": 4}
     assert plan.objective == 1.5  # uniform at best: 3.5 (0.5) or 4.0 (0.25)
+
+
+def test_fill_ranks_use_the_budget_with_c_classes() -> None:
+    from hessian_worker.relaxed.costs import least_params, ranks_within
+
+    shapes, sizes = {"q": (8, 8), "ffn": (16, 8)}, {"q": 4, "ffn": 4}
+    widest = {"q": 4, "ffn": 4}
+    for budget in (300, 500, 700):
+        for c in (1, 2, 3):
+            ranks = ranks_within(shapes, sizes, widest, budget, c)
+            if least_params(shapes, sizes, ranks, c) > budget:
+                continue  # even rank 1 does not fit
+            # brute force: no larger common rank fits with c classes per family
+            assert ranks["q"] == ranks["ffn"]
+            bigger = {f: ranks[f] + 1 for f in ranks}
+            assert ranks["q"] == 4 or least_params(shapes, sizes, bigger, c) > budget
+            count = sum(min(c, sizes[f]) * o * i + sizes[f] * ranks[f] * (o + i) for f, (o, i) in shapes.items())
+            assert count == least_params(shapes, sizes, ranks, c) <= budget
