@@ -18,7 +18,8 @@ Budgets are shares of the shareable (dense) parameters. For each budget B:
 - ``basis-shared-geo``: shared low-rank bases, the product's choice among the shared plans at the
   consecutive pairs' rank (bench/basis_eval.py's row of that name).
 - ``svd``: every layer its own whitened low-rank factors at the ranks that fill B (no sharing).
-- ``tie``: strict tying, the product's geo plan (bench/basis_eval.py's row).
+- ``tie``: strict tying, the product's geo plan on bench/evaluate.py's exact GGN costs (bench/basis_eval.py's
+  row).
 Every relaxed and basis plan is whitened by the same output-scaled input covariances of the
 calibration split. Each plan is scored zero-shot on the evaluation split (task metric and
 distillation loss) and, with ``--heal-steps``, after the same self-distillation for every strategy.
@@ -52,8 +53,8 @@ from bench.basis_eval import (
     largest_rank,
     tie_choice,
     tie_merge,
-    tie_problem,
 )
+from bench.evaluate import costs_for
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig
 from hessian_worker.basis.modules import dense_weights
@@ -195,7 +196,7 @@ def evaluate_task(task: Task, args: argparse.Namespace,
     original = task.score(task.model)
     merge = tie_merge(task, names)
     scorer = Scorer(task, args.heal_steps, args.seed, merge)
-    tie = tie_problem(task, args.seed)
+    tie = costs_for(task, "exact", args.seed)  # bench/evaluate.py's cached exact GGN costs
     bcfg = basis_config(task, args.seed)
     timings: dict[str, float] = {"setup": time.perf_counter() - t0}
     rows: list[dict[str, Any]] = []
