@@ -57,6 +57,12 @@ _EXPORTS = {
     "apply_basis_plan": "hessian_worker.basis.apply",
     "save_basis": "hessian_worker.basis.io",
     "load_basis": "hessian_worker.basis.io",
+    # the relaxed scheme (one tensor per class plus a low-rank correction per layer)
+    "RelaxedOptions": "hessian_worker.options",
+    "analyze_relaxed": "hessian_worker.relaxed.analysis",
+    "apply_relaxed_plan": "hessian_worker.relaxed.apply",
+    "save_relaxed": "hessian_worker.relaxed.io",
+    "load_relaxed": "hessian_worker.relaxed.io",
 }
 
 __all__ = [
@@ -100,6 +106,11 @@ __all__ = [
     "apply_basis_plan",
     "save_basis",
     "load_basis",
+    "RelaxedOptions",
+    "analyze_relaxed",
+    "apply_relaxed_plan",
+    "save_relaxed",
+    "load_relaxed",
 ]
 
 if TYPE_CHECKING:
@@ -126,9 +137,13 @@ if TYPE_CHECKING:
         HealConfig,
         KFACOptions,
         Merge,
+        RelaxedOptions,
     )
     from hessian_worker.pair_costs import predict_plan_loss
     from hessian_worker.pipeline import CompressReport, compress
+    from hessian_worker.relaxed.analysis import analyze_relaxed
+    from hessian_worker.relaxed.apply import apply_relaxed_plan
+    from hessian_worker.relaxed.io import load_relaxed, save_relaxed
     from hessian_worker.tying import ApplyReport, unique_params
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from hessian_worker.options import DType, HealConfig, Merge
-from solver.schema import SharingPlan, SharingProblem
+from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
 class ApplyRunConfig(BaseModel):
@@ -38,7 +38,7 @@ class ApplyRunConfig(BaseModel):
     heal_lr: float = Field(HealConfig.model_fields["lr"].default, gt=0)
     heal_holdout: float = Field(HealConfig.model_fields["holdout"].default, ge=0, lt=1,
                                 description="Share of the healing samples kept out to keep the best step.")
-    output_weighting: bool = Field(True, description="basis plans: whiten as the problem was analyzed.")
+    output_weighting: bool = Field(True, description="basis and relaxed plans: whiten as the problem was analyzed.")
     samples: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
     seed: int = Field(0, ge=0, le=2**63 - 1)
@@ -84,20 +84,21 @@ def apply_and_save(model_spec: str, plan: SharingPlan, out: str | Path, *, probl
     import copy
 
     from hessian_worker.apply import apply_plan
-    from hessian_worker.basis.analysis import has_basis
     from hessian_worker.data import DEFAULT_SENTENCES, load_calibration
     from hessian_worker.io import save_shared
     from hessian_worker.measure import measure_loss
     from hessian_worker.models import load_model
     from hessian_worker.options import AnalyzeConfig
     from hessian_worker.pair_costs import predict_plan_loss
+    from hessian_worker.schemes import scheme_of
 
     config = config or ApplyRunConfig()
-    basis = has_basis(problem)
+    scheme = scheme_of(problem).name
+    basis = scheme is not Scheme.tie  # a scheme with its own modules: basis or relaxed
     analyze_config = AnalyzeConfig(samples=config.samples, batch_size=config.batch_size, seed=config.seed,
                                    device=config.device, dtype=config.dtype, progress=config.progress,
-                                   scheme="basis" if basis else "tie",
-                                   basis={"output_weighting": config.output_weighting})
+                                   scheme=scheme, basis={"output_weighting": config.output_weighting},
+                                   relaxed={"output_weighting": config.output_weighting})
     loaded = load_model(model_spec)
     model = loaded.model
     if problem is None:
@@ -120,7 +121,7 @@ def apply_and_save(model_spec: str, plan: SharingPlan, out: str | Path, *, probl
         raise ValueError(f"merge {merge.value} needs calibration data: pass --data")
     reference = copy.deepcopy(model)
     report = apply_plan(model, plan, merge, data=fit, config=analyze_config, problem=problem)
-    if basis:  # the exact whitened error of the installed bases (a predicted loss change when output-weighted)
+    if basis:  # the exact whitened error of the installed classes (a predicted loss change when output-weighted)
         predicted = getattr(report, "whitened_error", None)
     healed = None
     if config.heal_steps > 0:

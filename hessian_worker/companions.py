@@ -132,17 +132,20 @@ def write_companions(out: Path, source: Source | None, model_class: str | None) 
 
 
 def describe(plan: Any, aliases: Mapping[str, str], layout: Mapping[str, Mapping[str, Any]] | None,
-             model_class: str, source: Source | None) -> dict[str, Any]:
+             model_class: str, source: Source | None, scheme: str | None = None) -> dict[str, Any]:
     """The manifest fields of plan.json: format, scheme, model class, classes (members and the stored
     tensor they share), layers (the stored tensor each reads; its own ``coef`` under the basis
-    scheme) and the source."""
+    scheme, its own correction factors ``left`` and ``right`` under the relaxed scheme) and the
+    source. ``scheme`` names the scheme whose ``layout`` this is (default: basis with a layout)."""
     layout = layout or {}
+    scheme = scheme or ("basis" if layout else "tie")
+    own = {"basis": ("basis", ("coef",)), "relaxed": ("shared", ("left", "right"))}.get(scheme, ("basis", ("coef",)))
 
     def reads(layer: str) -> dict[str, Any]:
         path = layer.removesuffix(".weight")
         if layer.endswith(".weight") and path in layout:
-            basis = f"{path}.basis"
-            return {"reads": aliases.get(basis, basis), "coef": f"{path}.coef"}
+            stored = f"{path}.{own[0]}"
+            return {"reads": aliases.get(stored, stored), **{part: f"{path}.{part}" for part in own[1]}}
         return {"reads": aliases.get(layer, layer)}
 
     classes, layers = [], {}
@@ -153,7 +156,7 @@ def describe(plan: Any, aliases: Mapping[str, str], layout: Mapping[str, Mapping
     return {
         **(dict(source.kept) if source is not None else {}),
         "format": MANIFEST_FORMAT,
-        "scheme": "basis" if layout else "tie",
+        "scheme": scheme,
         "model_class": model_class,
         "classes": classes,
         "layers": layers,

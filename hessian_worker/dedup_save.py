@@ -41,7 +41,9 @@ def write_shared(model: nn.Module, plan: SharingPlan, directory: str | Path, ext
         storages.add(ptr)
     src = resolve_source(source, model)
     model_class = type(model).__name__
-    extra = {**(extra or {}), **describe(plan, aliases, (extra or {}).get("basis"), model_class, src)}
+    extra = extra or {}
+    scheme = extra.get("scheme")
+    extra = {**extra, **describe(plan, aliases, extra.get(scheme) if scheme else None, model_class, src, scheme)}
     entries = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     # written in state-dict order with a fixed header: the same model gives the same bytes
     write_safetensors(out / WEIGHTS, entries, tensors.__getitem__, tensor_metadata(extra))

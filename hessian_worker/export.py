@@ -102,7 +102,8 @@ def _plan_tensors(skeleton: torch.nn.Module, meta: dict[str, Any],
     from hessian_worker.curvature.layerwise import linear_modules
 
     aliases: dict[str, str] = meta.get("aliases", {})
-    layout: dict[str, dict[str, Any]] = meta.get("basis", {}) if meta.get("scheme") == "basis" else {}
+    scheme = meta.get("scheme")
+    layout: dict[str, dict[str, Any]] = meta.get(scheme, {}) if scheme in ("basis", "relaxed") else {}
     transposed = {name: t for name, (_, t) in linear_modules(skeleton, [f"{p}.weight" for p in layout]).items()}
     tied = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
 
@@ -117,7 +118,13 @@ def _plan_tensors(skeleton: torch.nn.Module, meta: dict[str, Any],
         if source is not None and stored(name) is not None and stored(name) == stored(source):
             continue  # the architecture ties it itself (from_pretrained re-ties it)
         path = name.removesuffix(".weight")
-        if name.endswith(".weight") and path in layout:
+        if name.endswith(".weight") and path in layout and scheme == "relaxed":
+            parts = [stored(f"{path}.{part}") for part in ("shared", "left", "right")]
+            if None in parts:
+                raise PlanError(f"relaxed layer {path!r}: its shared tensor or correction factors are not in the "
+                                "saved tensors")
+            makers[name] = _corrected(reader, *parts, transposed[name], reader.dtypes[parts[0]])
+        elif name.endswith(".weight") and path in layout:
             spec = layout[path]
             basis, coef = stored(f"{path}.basis"), stored(f"{path}.coef")
             if basis is None or coef is None:
@@ -144,6 +151,19 @@ def _product(reader: _Reader, basis: str, coef: str, side: str, transposed: bool
         acc = torch.promote_types(dtype, torch.float32)
         b, c = reader.read(basis).to(acc), reader.read(coef).to(acc)
         w = b @ c if side == "out" else c @ b
+        return (w.T if transposed else w).contiguous().to(dtype)
+
+    return make
+
+
+def _corrected(reader: _Reader, shared: str, left: str, right: str, transposed: bool,
+               dtype: torch.dtype) -> Callable[[], Tensor]:
+    """The dense weight of a relaxed layer: S + A·B, in at least float32, in the stored dtype, [in, out]
+    for a Conv1D."""
+
+    def make() -> Tensor:
+        acc = torch.promote_types(dtype, torch.float32)
+        w = reader.read(shared).to(acc) + reader.read(left).to(acc) @ reader.read(right).to(acc)
         return (w.T if transposed else w).contiguous().to(dtype)
 
     return make

@@ -27,6 +27,10 @@ CARD = "card"  # the plan.json field with the command and the measured figures
 # CompressReport fields worth a line on the card
 _COMPRESS_FIELDS = ("chosen", "merge", "unique_params", "params_ratio", "predicted_loss_change", "measured_loss_change")
 
+# what a class shares, by scheme: in the picture's title and in the card's heading
+SHARED = {"tie": "tensor", "basis": "basis", "relaxed": "tensor (plus a low-rank correction each)"}
+SHARING = {"tie": "weights", "basis": "low-rank bases", "relaxed": "weights with a low-rank correction per layer"}
+
 
 def write_card(out: str | Path, *, report: Mapping[str, Any] | None = None, command: str | None = None,
                evaluation: Mapping[str, Any] | None = None) -> Path:
@@ -53,7 +57,7 @@ def write_card(out: str | Path, *, report: Mapping[str, Any] | None = None, comm
     rows = sharing_rows(meta)
     if rows:
         draw_sharing(rows, folder / PICTURE, title=f"{meta.get('model_class') or 'model'}: layers sharing a "
-                     f"{'basis' if meta.get('scheme') == 'basis' else 'tensor'} have one colour")
+                     f"{SHARED.get(meta.get('scheme') or 'tie', 'tensor')} have one colour")
     (folder / README).write_text(render(meta, folder, picture=bool(rows)), encoding="utf-8")
     return folder / README
 
@@ -169,7 +173,7 @@ def render(meta: Mapping[str, Any], folder: Path, *, picture: bool) -> str:
     classes = [c for c in meta.get("classes") or [] if len(c.get("members") or []) >= 2]
     layers = meta.get("layers") or {}
     lines = ["---", "tags:", "- geoshare", "- parameter-sharing", "---", "",
-             f"# {model_class}, layers sharing {'low-rank bases' if scheme == 'basis' else 'weights'} (Geo-Sharing)", ""]
+             f"# {model_class}, layers sharing {SHARING.get(scheme, 'weights')} (Geo-Sharing)", ""]
     if source.get("model"):
         lines.append(f"Compressed from `{source['model']}`"
                      + "".join(f" ({name}: sha256 `{digest[:16]}…`)" for name, digest in (source.get("sha256") or {}).items())

@@ -65,7 +65,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessian_worker.basis.modules import WEIGHT_SUFFIX, rebuild
+from hessian_worker.basis.modules import WEIGHT_SUFFIX
+from hessian_worker.basis.modules import rebuild as rebuild_basis
 from hessian_worker.companions import (
     CAUSAL_SUFFIXES,
     CONFIG,
@@ -85,6 +86,7 @@ from hessian_worker.companions import (
 )
 from hessian_worker.errors import PlanError
 from hessian_worker.merge import plan_groups
+from hessian_worker.relaxed.modules import rebuild as rebuild_relaxed
 from hessian_worker.shared_params import tie
 from hessian_worker.weights_file import (
     PLAN,
@@ -263,10 +265,11 @@ def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
     if hasattr(model, "tie_weights"):  # the architecture's own ties (skipped with the initialization)
         model.tie_weights()
     rebuilt: set[str] = set()
-    if meta.get("scheme") == "basis":
-        _to_meta(model, meta["basis"])  # the placeholders rebuild makes then take no memory
-        rebuild(model, meta["basis"])
-        rebuilt = {f"{path}{WEIGHT_SUFFIX}" for path in meta["basis"]}
+    scheme = meta.get("scheme")
+    if scheme in _REBUILDERS and scheme in meta:  # a layout of modules the stock architecture lacks
+        _to_meta(model, meta[scheme])  # the placeholders rebuild makes then take no memory
+        _REBUILDERS[scheme](model, meta[scheme])
+        rebuilt = {f"{path}{WEIGHT_SUFFIX}" for path in meta[scheme]}
     params = dict(model.named_parameters(remove_duplicate=False))
     tie(model, plan_groups([g for g in plan.groups if not set(g) & rebuilt], params))
     tensors = read_weights(src)
@@ -295,6 +298,11 @@ def load_mapped(model: Any, src: Path, meta: Mapping[str, Any]) -> Any:
     if hasattr(model, "initialize_weights"):
         model.initialize_weights()
     return plan
+
+
+# scheme -> what rebuilds its saved layout (plan.json's key of the layout is the scheme's name)
+_REBUILDERS: dict[str, Callable[[nn.Module, Mapping[str, Any]], None]] = {
+    "basis": rebuild_basis, "relaxed": rebuild_relaxed}
 
 
 def _to_meta(model: nn.Module, layout: Mapping[str, Any]) -> None:

@@ -143,6 +143,19 @@ class SideChoice(str, Enum):
 # --- configs ---------------------------------------------------------------------------------
 
 
+def positive_ranks(value: int | dict[str, int] | None, what: str) -> int | dict[str, int] | None:
+    """``value`` (a rank, {family: rank} or None) when every rank is at least 1.
+
+    Raises:
+        ValueError: a rank below 1, named ``what``.
+    """
+    ranks = value.values() if isinstance(value, dict) else [] if value is None else [value]
+    bad = [r for r in ranks if r < 1]
+    if bad:
+        raise ValueError(f"{what} must be >= 1, got {bad}")
+    return value
+
+
 class BasisOptions(BaseModel):
     """Options of the ``basis`` sharing scheme (W_ℓ ≈ B_c·C_ℓ), nested in ``AnalyzeConfig.basis``.
 
@@ -202,10 +215,51 @@ class BasisOptions(BaseModel):
     @field_validator("rank")
     @classmethod
     def _positive_rank(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
-        ranks = value.values() if isinstance(value, dict) else [] if value is None else [value]
-        bad = [r for r in ranks if r < 1]
+        return positive_ranks(value, "basis ranks")
+
+
+class RelaxedOptions(BaseModel):
+    """Options of the ``relaxed`` sharing scheme (W_ℓ ≈ S_c + A_ℓ·B_ℓ: one tensor per class plus a
+    rank-r correction per member), nested in ``AnalyzeConfig.relaxed``.
+
+    The correction rank of a family is ``rank`` (an int for every family, or ``{family: rank}``),
+    else ``rank_ratio · min(d_out, d_in)`` rounded (at least 1). A class of s members keeps
+    d_out·d_in + s·r·(d_out + d_in) parameters, so at one budget a higher rank leaves fewer classes:
+    with ``max_params_ratio`` set (compress sets it) the ranks are lowered, in one proportion, until
+    one class per family fits the budget, and compress also solves and measures the plans at every
+    share in ``rank_ratios`` (the measured choice then picks the rank, see hessian_worker/relaxed).
+
+    Whitening and ``output_weighting`` are the basis scheme's (the same covariances,
+    basis/scales.py): the costs are predicted loss changes on the tie scheme's scale.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | dict[str, int] | None = Field(
+        None, description="Correction rank for every family, or {family: rank}; None: rank_ratio·min(d_out, d_in).")
+    rank_ratio: float = Field(0.0625, gt=0, le=0.5, description="Default correction rank as a share of min(d_out, d_in).")
+    rank_ratios: list[float] = Field(
+        default_factory=lambda: [0.015625, 0.03125, 0.0625, 0.125, 0.1875, 0.25],
+        description="compress: the correction-rank shares whose optimum plans are also measured ([]: none).")
+    whiten: bool = Field(True, description="Whiten by the layer input covariances (False: plain Frobenius error).")
+    output_weighting: bool = Field(
+        True, description="Scale each layer's input covariance by its output-side curvature ā/2 (diagonal GGN), so "
+        "costs are predicted loss changes; False: every layer's output error counts alike.")
+    damping: float = Field(0.01, gt=0, description="Ridge on the input covariance, as a share of its mean diagonal.")
+    rounds: int = Field(20, ge=0, description="L-BFGS iterations fitting S_c of a class of three or more members "
+                        "(hessian_worker/relaxed/decompose.py).")
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, value: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        return positive_ranks(value, "relaxed correction ranks")
+
+    @field_validator("rank_ratios")
+    @classmethod
+    def _shares(cls, value: list[float]) -> list[float]:
+        bad = [x for x in value if not 0 < x <= 0.5]
         if bad:
-            raise ValueError(f"basis ranks must be >= 1, got {bad}")
+            raise ValueError(f"relaxed rank_ratios must be in (0, 0.5], got {bad}")
         return value
 
 
@@ -274,8 +328,11 @@ class AnalyzeConfig(BaseModel):
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     progress: bool = True
     # basis sharing (hessian_worker/basis): W_l ~ B_c C_l; analyze/apply_plan dispatch on scheme
-    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class) or basis (shared low-rank basis)")
+    scheme: Scheme = Field(Scheme.tie, description="tie (one tensor per class), basis (shared low-rank basis) or relaxed "
+                           "(one tensor per class plus a low-rank correction per layer)")
     basis: BasisOptions = Field(default_factory=BasisOptions, description="basis scheme: rank, whitening, correction")
+    relaxed: RelaxedOptions = Field(default_factory=RelaxedOptions,
+                                    description="relaxed scheme: correction ranks, whitening (hessian_worker/relaxed)")
     kfac: KFACOptions = Field(default_factory=KFACOptions, description="kfac backend: factor ranks, output factor")
 
     @model_validator(mode="after")
@@ -354,8 +411,8 @@ class CompressConfig(BaseModel):
     kfac: KFACOptions = Field(default_factory=KFACOptions, description="backend kfac: factor ranks and samples.")
     progress: bool = True
     scheme: Scheme | Literal["auto"] = Field(
-        Scheme.tie, description="tie (one tensor per class), basis (a shared low-rank basis), or auto (every scheme at "
-        "the same ratio, measured on the same samples; the least measured loss wins).")
+        Scheme.tie, description="tie (one tensor per class), basis (a shared low-rank basis), relaxed (one tensor per "
+        "class plus a low-rank correction per layer), or auto (every scheme at the same ratio, measured on the same samples; the least measured loss wins).")
     predict: bool = Field(False, description="Also predict every candidate's loss change with the exact GGN on the "
                           "samples it is measured on (one forward-mode pass each): second_order and spearman in the "
                           "report, on one scale for every scheme. Off by default: a diagnostic that made a whole "
@@ -365,17 +422,25 @@ class CompressConfig(BaseModel):
     side: SideChoice = Field(SideChoice.auto, description="basis: shared factor, auto (the larger dimension), out or in.")
     output_weighting: bool = Field(True, description="basis: weigh each layer's error by its output-side curvature, so costs "
                                    "are predicted loss changes (False: every layer's output error alike).")
+    correction_rank: int | None = Field(None, ge=1, description="relaxed: correction rank of every family (default: "
+                                        "relaxed.rank_ratio·min(d_out, d_in)).")
+    relaxed: RelaxedOptions | None = Field(None, description="relaxed: correction ranks, the rank shares also measured, "
+                                           "whitening (default: RelaxedOptions() with this config's output_weighting).")
 
     def analyze_config(self, dtype: DType, scheme: Scheme | None = None) -> AnalyzeConfig:
         """The analysis settings of this compress (``dtype`` when none is given) for ``scheme`` (default:
-        the config's; one of the schemes ``auto`` runs)."""
+        the config's; one of the schemes ``auto`` runs). Under the relaxed scheme the budget goes along
+        (``max_params_ratio``): its correction ranks must leave room for one class per family."""
         if scheme is None and self.scheme == AUTO_SCHEME:
             raise ValueError("scheme='auto' runs several schemes: pass the one to analyze")
+        scheme = Scheme(scheme or self.scheme)
+        relaxed = self.relaxed or RelaxedOptions(output_weighting=self.output_weighting)
+        if self.correction_rank is not None:
+            relaxed = relaxed.model_copy(update={"rank": self.correction_rank})
         return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
-                             distill=self.distill, device=self.device, progress=self.progress,
-                             scheme=scheme or self.scheme,
-                             basis=self.basis_options(), kfac=self.kfac, dtype=self.dtype or dtype,
-                             shrinkage=self.shrinkage)
+                             distill=self.distill, device=self.device, progress=self.progress, scheme=scheme,
+                             basis=self.basis_options(), relaxed=relaxed, kfac=self.kfac, dtype=self.dtype or dtype,
+                             shrinkage=self.shrinkage, max_params_ratio=self.ratio if scheme is Scheme.relaxed else None)
 
     def basis_options(self) -> BasisOptions:
         return BasisOptions(rank=self.rank, rank_ratio=self.rank_ratio, side=self.side,

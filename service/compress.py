@@ -85,12 +85,17 @@ class CompressSpec(BaseModel):
     )
     batch_size: int | None = Field(None, gt=0, le=65536)
     scheme: Scheme | Literal["auto"] | None = Field(
-        None, description="tie (one tensor per class; default), basis (a shared low-rank basis), or auto (every "
+        None, description="tie (one tensor per class; default), basis (a shared low-rank basis), relaxed (one "
+        "tensor per class plus a low-rank correction per layer), or auto (every "
         "scheme at the same ratio, measured on the same samples; the least measured loss wins).",
     )
     predict: bool | None = Field(
         None, description="Predict every candidate's loss change with the exact GGN beside measuring it (default "
         "false): the report's candidates[].second_order and spearman.",
+    )
+    correction_rank: int | None = Field(
+        None, ge=1, le=1_000_000, description="relaxed: correction rank of every family (default 1/16 of "
+        "min(d_out, d_in), lowered until the ratio fits)."
     )
     rank: int | None = Field(
         None, ge=1, le=1_000_000, description="basis: rank of every family (default: rank_ratio)."
@@ -103,7 +108,7 @@ class CompressSpec(BaseModel):
     )
     output_weighting: bool | None = Field(
         None,
-        description="basis: weigh each layer's error by its output-side curvature, so costs are "
+        description="basis and relaxed: weigh each layer's error by its output-side curvature, so costs are "
         "predicted loss changes (default true); false: every layer's output error alike.",
     )
 

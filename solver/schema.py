@@ -71,6 +71,7 @@ class Scheme(str, Enum):
 
     tie = "tie"  # one tensor per class
     basis = "basis"  # one low-rank basis per class, coefficients per member
+    relaxed = "relaxed"  # one tensor per class plus a rank-r correction per member: W_l ~ S_c + A_l B_l
 
 
 class Side(str, Enum):
@@ -145,6 +146,15 @@ class FamilySpec(_Model):
                 "scheme 'basis' needs class_params (the shared basis: d_out*rank, or rank*d_in with "
                 "side 'in') and member_params (each member's coefficients: rank*d_in, or d_out*rank)",
             )
+        if self.scheme is Scheme.relaxed:
+            missing = [f for f in ("rank", "class_params", "member_params") if getattr(self, f) is None]
+            if missing:
+                raise fail(
+                    (missing[0],),
+                    "scheme 'relaxed' needs rank (each member's correction rank r), class_params (the "
+                    "shared tensor S_c: d_out*d_in) and member_params (each member's correction A_l B_l: "
+                    "r*(d_out + d_in)); missing: " + ", ".join(missing),
+                )
         if self.side is not None and self.scheme is not Scheme.basis:
             raise fail(
                 ("side",),

@@ -84,20 +84,22 @@ def run(args: argparse.Namespace) -> int:
 
     sketch_rank, basis_rank = ranks(args)
     basis = flags.basis_options(args, basis_rank)
+    relaxed = flags.relaxed_options(args)
     # exact streams its forward-mode tangents block by block; the full Hessian needs the whole model
     streams = ("kfac", "layerwise") + (("exact",) if args.curvature == "ggn" else ())
-    streamed = is_streamable(args.model) and args.backend in (None, *streams) and not basis
+    streamed = is_streamable(args.model) and args.backend in (None, *streams) and not basis and not relaxed
     backend = args.backend or ("kfac" if streamed else "exact")
     config = AnalyzeConfig(
         backend=backend, kind=args.kind, curvature=args.curvature, samples=args.samples,
         batch_size=args.batch_size, seed=args.seed, max_params_ratio=args.ratio,
-        rank=SKETCH_RANK if basis else sketch_rank,
+        rank=SKETCH_RANK if basis or relaxed else sketch_rank,
         probes=args.probes, memory_limit_gb=args.memory_limit_gb or 4.0, targets=args.targets,
         eigensolver=args.eigensolver, oversample=args.oversample, bulk=args.bulk,
         sketch_precision=args.sketch_precision, kfac=flags.kfac_options(args),
         ignore=args.ignore, device=args.device, dtype=args.dtype or ("auto" if streamed else "float32"),
         progress=not args.quiet, scheme=args.scheme, **({"basis": basis} if basis else {}),
         **({"shrinkage": args.shrinkage} if args.shrinkage is not None else {}),
+        **({"relaxed": relaxed} if relaxed else {}),
     )
     if streamed:
         problem = analyze_checkpoint(args.model, args.data, config, memory_limit_gb=args.memory_limit_gb,

@@ -27,7 +27,7 @@ def add_commands(subparsers: Any) -> None:
     flags.model_options(p)
     p.add_argument("--plan", required=True, metavar="FILE", help="the SharingPlan JSON to apply")
     p.add_argument("--problem", default=None, metavar="FILE",
-                   help="the SharingProblem the plan was solved from; needed for basis plans (ranks, sides)")
+                   help="the SharingProblem the plan was solved from; needed for basis and relaxed plans (ranks, sides)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for model.safetensors + plan.json")
     p.add_argument("--merge", choices=(AUTO, *flags.values(Merge)), default="mean",
                    help="shared value of a class (default mean, as apply always did; auto: compress's rule, "
@@ -40,7 +40,7 @@ def add_commands(subparsers: Any) -> None:
                    help="with --heal: fraction in [0, 1) of the healing samples kept out to keep the best step "
                         "(0: keep the last)")
     p.add_argument("--no-output-weighting", action="store_true",
-                   help="basis plans: whiten as a problem analyzed with --no-output-weighting did")
+                   help="basis and relaxed plans: whiten as a problem analyzed with --no-output-weighting did")
     p.set_defaults(func=run, extras=("worker",))
 
 

@@ -25,8 +25,9 @@ def add_commands(subparsers: Any) -> None:
                     "each measured on the calibration data, the best tied with the default merge, optionally "
                     "healed, and saved with report.json and problem.json.",
         examples=["geoshare compress --model minilm --data calib.txt --ratio 0.8 --out out/",
-                  "geoshare compress --model minilm --ratio 0.4 --scheme basis --basis-rank 153 --out out/",
-                  "geoshare compress --model minilm --data calib.txt --ratio 0.5 --scheme auto --heal 100 --out out/"])
+                  "geoshare compress --model minilm --data calib.txt --ratio 0.5 --scheme auto --heal 100 --out out/",
+                  "geoshare compress --model minilm --data calib.txt --ratio 0.5 --scheme relaxed --correction-rank 24 "
+                  "--heal 100 --out out/"])
     flags.model_options(c)
     c.add_argument("--ratio", type=float, required=True, metavar="FRACTION",
                    help="share of the shareable parameters to keep")
@@ -74,6 +75,14 @@ def add_commands(subparsers: Any) -> None:
     c.set_defaults(func=run, extras=("worker",))
 
 
+def _relaxed_fields(relaxed: dict[str, Any]) -> dict[str, Any]:
+    """CompressConfig fields of --scheme relaxed from ``model_flags.relaxed_options``."""
+    fields = {"correction_rank": relaxed["rank"], "output_weighting": relaxed["output_weighting"]}
+    if "rank_ratio" in relaxed:
+        fields["relaxed"] = {"rank_ratio": relaxed["rank_ratio"], "output_weighting": relaxed["output_weighting"]}
+    return fields
+
+
 def run(args: argparse.Namespace) -> int:
     from hessian_worker.compress_run import save_compressed_run
     from hessian_worker.distributed import is_writer, refuse_in_job
@@ -83,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from hessian_worker.pipeline import compress
 
     basis = flags.basis_options(args, args.basis_rank)
+    relaxed = flags.relaxed_options(args)
     streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and args.scheme == "tie"
     backend = args.backend or ("kfac" if streamed else "exact")
     config = CompressConfig(ratio=args.ratio, backend=backend, merge=None if args.merge == AUTO else args.merge,
@@ -95,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                             time_limit_s=args.time_limit, seed=args.seed, device=args.device, dtype=args.dtype,
                             kfac=flags.kfac_options(args), progress=not args.quiet, scheme=args.scheme,
                             predict=args.predict, **basis,
+                            **(_relaxed_fields(relaxed) if relaxed else {}),
                             **({"shrinkage": args.shrinkage} if args.shrinkage is not None else {}))
     command = args.command_line  # the card's record of this run (geoshare.cli.main): flags given, defaults left out
     if streamed:

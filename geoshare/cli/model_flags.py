@@ -75,20 +75,26 @@ def streaming_options(parser: argparse.ArgumentParser) -> None:
 
 
 def scheme_options(parser: argparse.ArgumentParser, *, auto: bool = False) -> None:
-    """``--scheme`` and the basis scheme's flags (``--basis-rank`` is added by each command); ``auto``
+    """``--scheme`` and the basis and relaxed schemes' flags (``--basis-rank`` is added by each command); ``auto``
     offers ``--scheme auto`` (compress: every scheme at the same ratio, the least measured loss wins)."""
     choices = (*values(Scheme), AUTO_SCHEME) if auto else values(Scheme)
     parser.add_argument("--scheme", choices=choices, default="tie",
-                        help="tie: a class shares one tensor; basis: a class shares a low-rank basis"
+                        help="tie: a class shares one tensor; basis: a class shares a low-rank basis; relaxed: a "
+                             "class shares one tensor and each layer keeps a low-rank correction"
                              + ("; auto: every scheme at the same ratio, measured on the same samples, the least "
                                 "measured loss wins (the basis flags apply to its basis part)" if auto else ""))
     parser.add_argument("--rank-ratio", type=float, default=None, metavar="FRACTION",
-                        help="--scheme basis: rank as a share of min(d_out, d_in) (default 0.25; or --basis-rank)")
+                        help="--scheme basis: rank as a share of min(d_out, d_in) (default 0.25; or --basis-rank); "
+                             "--scheme relaxed: correction rank as a share of it (default 0.0625)")
     parser.add_argument("--side", choices=values(SideChoice), default=None,
                         help="--scheme basis: shared factor (auto: the larger dimension; out: d_out x r; in: r x d_in)")
+    parser.add_argument("--correction-rank", type=int, default=None, metavar="R",
+                        help="--scheme relaxed: the rank r of every layer's own correction A_l B_l beside its class's "
+                             "shared tensor (default: --rank-ratio of min(d_out, d_in)); compress lowers it until the "
+                             "budget fits and also measures the plans at other ranks, e.g. --correction-rank 24")
     parser.add_argument("--no-output-weighting", action="store_true",
-                        help="--scheme basis: count every layer's output error alike (default: weigh it by the "
-                             "layer's output-side curvature, so costs are predicted loss changes)")
+                        help="--scheme basis or relaxed: count every layer's output error alike (default: weigh it "
+                             "by the layer's output-side curvature, so costs are predicted loss changes)")
 
 
 def shrinkage_option(parser: argparse.ArgumentParser) -> None:
@@ -115,9 +121,12 @@ def shrinkage_setting(text: str) -> Shrinkage | float:
 def basis_options(args: argparse.Namespace, rank: int | None) -> dict[str, Any]:
     """BasisOptions fields from the basis rank, --rank-ratio, --side (refused without --scheme basis or auto)."""
     if args.scheme not in ("basis", AUTO_SCHEME):
-        given = [flag for flag, v in (("--basis-rank", rank), ("--rank-ratio", args.rank_ratio),
+        relaxed = args.scheme == "relaxed"  # --rank-ratio and --no-output-weighting are relaxed flags too
+        given = [flag for flag, v in (("--basis-rank", rank),
+                                      ("--rank-ratio", None if relaxed else args.rank_ratio),
                                       ("--side", args.side),
-                                      ("--no-output-weighting", args.no_output_weighting or None)) if v is not None]
+                                      ("--no-output-weighting", None if relaxed else args.no_output_weighting or None))
+                 if v is not None]
         if given:
             verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
             raise ValueError(f"{', '.join(given)} {verb} to --scheme basis only; add --scheme basis or drop {them}")
@@ -126,6 +135,21 @@ def basis_options(args: argparse.Namespace, rank: int | None) -> dict[str, Any]:
         raise ValueError("pass --basis-rank (one rank for every family) or --rank-ratio, not both")
     fields: dict[str, Any] = {"rank": rank, "side": args.side or "auto",
                               "output_weighting": not args.no_output_weighting}
+    if args.rank_ratio is not None:
+        fields["rank_ratio"] = args.rank_ratio
+    return fields
+
+
+def relaxed_options(args: argparse.Namespace) -> dict[str, Any]:
+    """RelaxedOptions fields from --correction-rank, --rank-ratio, --no-output-weighting (the
+    correction rank is refused without --scheme relaxed)."""
+    if args.scheme != "relaxed":
+        if args.correction_rank is not None:
+            raise ValueError("--correction-rank applies to --scheme relaxed only; add --scheme relaxed or drop it")
+        return {}
+    if args.correction_rank is not None and args.rank_ratio is not None:
+        raise ValueError("pass --correction-rank (one rank for every family) or --rank-ratio, not both")
+    fields: dict[str, Any] = {"rank": args.correction_rank, "output_weighting": not args.no_output_weighting}
     if args.rank_ratio is not None:
         fields["rank_ratio"] = args.rank_ratio
     return fields

@@ -153,10 +153,13 @@ def basis_classes(plan: SharingPlan, problem: SharingProblem) -> list[list[str]]
 
 
 def split_classes(
-    groups: Sequence[Sequence[str]], coloring: Mapping[str, int], problem: SharingProblem
+    groups: Sequence[Sequence[str]],
+    coloring: Mapping[str, int],
+    problem: SharingProblem,
+    scheme: Scheme = Scheme.basis,
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """(classes of basis families, classes of the other families) of a plan's ``groups`` plus the
-    layers ``coloring`` names outside them (a plan may list only the groups that share).
+    """(classes of ``scheme`` families, classes of the other families) of a plan's ``groups`` plus
+    the layers ``coloring`` names outside them (a plan may list only the groups that share).
 
     Raises:
         PlanError: the plan names layers the problem does not list.
@@ -178,7 +181,7 @@ def split_classes(
     basis, other = [], []
     for group in classes:
         spec = specs.get(family[group[0]])
-        (basis if spec is not None and spec.scheme is Scheme.basis else other).append(group)
+        (basis if spec is not None and spec.scheme is scheme else other).append(group)
     return basis, other
 
 
@@ -189,20 +192,21 @@ def has_basis(problem: SharingProblem | None) -> bool:
     )
 
 
-def rank_of(problem: SharingProblem) -> dict[str, int]:
-    """Layer name -> rank for every layer of a basis family.
+def rank_of(problem: SharingProblem, scheme: Scheme = Scheme.basis) -> dict[str, int]:
+    """Layer name -> rank for every layer of a family of ``scheme`` (basis: its basis rank;
+    relaxed: its correction rank).
 
     Raises:
-        PlanError: a basis family has no rank.
+        PlanError: such a family has no rank.
     """
     specs = problem.families or {}
     out = {}
     for x in problem.layers:
         spec = specs.get(x.family)
-        if spec is not None and spec.scheme is Scheme.basis:
+        if spec is not None and spec.scheme is scheme:
             if spec.rank is None:
                 raise PlanError(
-                    f"family {x.family!r} has scheme 'basis' but no rank; set families[...].rank"
+                    f"family {x.family!r} has scheme {scheme.value!r} but no rank; set families[...].rank"
                 )
             out[x.name] = spec.rank
     return out

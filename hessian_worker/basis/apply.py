@@ -8,6 +8,7 @@ Classes of ``tie`` families in the same plan go through the ordinary ``tying.app
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -85,7 +86,7 @@ def apply_basis_plan(
     sides = side_of(problem)
     fams_of = {x.name: x.family for x in problem.layers}
     in_basis = {n for c in classes for n in c}
-    all_names = _plan_names(plan)
+    all_names = plan_names(plan)
     params = dict(model.named_parameters(remove_duplicate=False))
     original = sum(params[n].numel() for n in all_names if n in params)
     before = unique_params(model)
@@ -105,11 +106,8 @@ def apply_basis_plan(
         if missing:
             raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
 
-    tie_groups = [list(g) for g in plan.groups if g and g[0] not in in_basis]
-    if any(len(g) > 1 for g in tie_groups):
-        coloring = {n: c for c, g in enumerate(tie_groups) for n in g}
-        sub = plan.model_copy(update={"groups": tie_groups, "coloring": coloring})
-        apply_tie(model, sub, merge, data=data, config=config, tokenizer=tokenizer, diag=diag)
+    tie_groups = tie_other_classes(model, plan, in_basis, merge, data=data, config=config, tokenizer=tokenizer,
+                                   diag=diag)
 
     weights = dense_weights(model, names)
     out_w: dict[str, Tensor] | None = None
@@ -152,7 +150,7 @@ def apply_basis_plan(
             error += whitened_error(ws, factors, cs, damping=options.damping)
         _install(model, group, factors)
 
-    shared = _plan_unique(model, all_names)
+    shared = plan_unique(model, all_names, _factors)
     return BasisApplyReport(
         merge=merge,
         groups=sum(len(g) > 1 for g in [*classes, *tie_groups]),
@@ -187,24 +185,45 @@ def _output_weights(
     return {n: output_weights(diag[n].T if layers[n][1] else diag[n], covs[n]) for n in names}
 
 
-def _plan_names(plan: SharingPlan) -> list[str]:
+def plan_names(plan: SharingPlan) -> list[str]:
+    """Every layer a plan names: its coloring's, then any its groups add."""
     names = list(plan.coloring)
     for group in plan.groups:
         names.extend(n for n in group if n not in plan.coloring)
     return names
 
 
-def _plan_unique(model: nn.Module, names: list[str]) -> int:
-    """Unique elements behind the plan's layers: bases and coefficients of basis layers (each
-    Parameter once), the (possibly tied) weight of the others."""
+def tie_other_classes(model: nn.Module, plan: SharingPlan, own: set[str], merge: Merge, *,
+                      data: DataSource | None, config: AnalyzeConfig, tokenizer: Any | None,
+                      diag: dict[str, Tensor] | None) -> list[list[str]]:
+    """Ties the plan's classes outside ``own`` (the layers a scheme installs itself: those of tie
+    families) with ``tying.apply_tie``; returns those classes."""
+    groups = [list(g) for g in plan.groups if g and g[0] not in own]
+    if any(len(g) > 1 for g in groups):
+        coloring = {n: c for c, g in enumerate(groups) for n in g}
+        sub = plan.model_copy(update={"groups": groups, "coloring": coloring})
+        apply_tie(model, sub, merge, data=data, config=config, tokenizer=tokenizer, diag=diag)
+    return groups
+
+
+def plan_unique(model: nn.Module, names: list[str],
+                factors: Callable[[nn.Module], Sequence[nn.Parameter] | None]) -> int:
+    """Unique elements behind the plan's layers: the Parameters ``factors`` names for a scheme's
+    module (each once), the (possibly tied) weight of the others."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     seen: dict[int, int] = {}
     for name in names:
         module = modules.get(module_path(name)) if name.endswith(".weight") else None
-        if isinstance(module, BasisLinear):
-            for p in (module.basis, module.coef):
+        parts = factors(module) if module is not None else None
+        if parts is not None:
+            for p in parts:
                 seen[id(p)] = p.numel()
         elif name in params:
             seen[id(params[name])] = params[name].numel()
     return sum(seen.values())
+
+
+def _factors(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter] | None:
+    """A basis layer's basis and coefficients (None for any other module)."""
+    return (module.basis, module.coef) if isinstance(module, BasisLinear) else None

@@ -10,6 +10,7 @@ than |S| dense matrices.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +21,42 @@ from hessian_worker.basis.decompose import BasisFactors, shared_basis
 from hessian_worker.basis.modules import dense_weights
 from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.errors import PlanError
-from solver.schema import SharingPlan, SharingProblem
+from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
-class BasisSubstitutes:
+class ClassSubstitutes:
+    """The part every scheme with its own modules shares: split a plan into the scheme's classes and
+    the others, and give each member the weight its class's ``factors(group).weight(i)`` computes
+    (in the parameter's own orientation). Subclasses set ``problem``, ``scheme``, ``transposed``."""
+
+    problem: SharingProblem
+    scheme: Scheme
+    transposed: dict[str, bool]
+
+    def split(
+        self, plan: SharingPlan | Sequence[Sequence[str]]
+    ) -> tuple[list[list[str]], list[list[str]]]:
+        """(this scheme's classes, classes of other families) of a plan or a list of groups."""
+        if isinstance(plan, SharingPlan):
+            return split_classes(plan.groups, plan.coloring, self.problem, self.scheme)
+        return split_classes(plan, {}, self.problem, self.scheme)
+
+    def weights_of(self, classes: Sequence[Sequence[str]]) -> dict[str, Tensor]:
+        """The weight of every member of ``classes`` (each a class of this scheme)."""
+        out: dict[str, Tensor] = {}
+        for group in classes:
+            factors = self.factors(group)
+            for i, name in enumerate(group):
+                w = factors.weight(i)
+                out[name] = (w.T if self.transposed[name] else w).contiguous()
+        return out
+
+    def factors(self, group: Sequence[str]) -> Any:
+        """The class's factors (with ``weight(i)``); each subclass fits its own."""
+        raise NotImplementedError
+
+
+class BasisSubstitutes(ClassSubstitutes):
     """Name -> low-rank weight (in the parameter's own orientation) for the basis classes of a plan.
 
     Args:
@@ -45,6 +78,7 @@ class BasisSubstitutes:
         options: BasisOptions,
     ) -> None:
         self.problem = problem
+        self.scheme = Scheme.basis
         self.ranks = rank_of(problem)
         self.sides = side_of(problem)
         names = list(self.ranks)
@@ -62,24 +96,6 @@ class BasisSubstitutes:
         self.covs = covs
         self.damping = options.damping
         self._cache: dict[tuple[str, ...], BasisFactors] = {}
-
-    def split(
-        self, plan: SharingPlan | Sequence[Sequence[str]]
-    ) -> tuple[list[list[str]], list[list[str]]]:
-        """(basis classes, classes of other families) of a plan or a list of groups."""
-        if isinstance(plan, SharingPlan):
-            return split_classes(plan.groups, plan.coloring, self.problem)
-        return split_classes(plan, {}, self.problem)
-
-    def weights_of(self, classes: Sequence[Sequence[str]]) -> dict[str, Tensor]:
-        """The low-rank weight of every member of ``classes`` (each a basis class)."""
-        out: dict[str, Tensor] = {}
-        for group in classes:
-            factors = self.factors(group)
-            for i, name in enumerate(group):
-                w = factors.weight(i)
-                out[name] = (w.T if self.transposed[name] else w).contiguous()
-        return out
 
     def factors(self, group: Sequence[str]) -> BasisFactors:
         """The class's shared basis and coefficients, in the model's dtype (cached)."""

@@ -97,10 +97,11 @@ def basis_covariances(
     config: AnalyzeConfig,
     *,
     progress: bool = False,
+    output_weighting: bool | None = None,
 ) -> dict[str, Tensor]:
     """The covariances the basis scheme whitens with: each layer's input covariance G_ℓ on ``data``,
-    shrunk as ``config.shrinkage`` says, times its output scale s_ℓ when
-    ``config.basis.output_weighting`` (the default).
+    shrunk as ``config.shrinkage`` says, times its output scale s_ℓ when ``output_weighting``
+    (default ``config.basis.output_weighting``; the relaxed scheme passes its own).
 
     ``data`` is a prepared Calibration (on the model's device and dtype); costs, re-scoring,
     measuring and apply all take their covariances from here, so one data set and one config give
@@ -111,7 +112,8 @@ def basis_covariances(
     """
     moments = input_moments(model, data, list(names), squares=needs_unit_squares(config.shrinkage), progress=progress)
     covs = {n: shrunk_covariance(m, config.shrinkage)[0] for n, m in moments.items()}
-    if not config.basis.output_weighting:
+    weighted = config.basis.output_weighting if output_weighting is None else output_weighting
+    if not weighted:
         return covs
     # the scale is fitted to the measured G (a fact about the curvature), the whitening uses Ĝ
     raw = {n: m.covariance for n, m in moments.items()}

@@ -11,10 +11,12 @@ from torch import nn
 from hessian_worker.errors import PlanError
 from hessian_worker.schemes.base import DataParts, SharingScheme, State, Substitutes
 from hessian_worker.schemes.basis import BasisScheme
+from hessian_worker.schemes.relaxed import RelaxedScheme
 from hessian_worker.schemes.tie import TieScheme
 from solver.schema import Scheme, SharingProblem
 
-SCHEMES: dict[Scheme, SharingScheme] = {Scheme.tie: TieScheme(), Scheme.basis: BasisScheme()}
+SCHEMES: dict[Scheme, SharingScheme] = {Scheme.tie: TieScheme(), Scheme.basis: BasisScheme(),
+                                        Scheme.relaxed: RelaxedScheme()}
 
 
 def scheme_for(name: Scheme | str) -> SharingScheme:

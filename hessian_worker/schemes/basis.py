@@ -30,6 +30,20 @@ from solver.planning import SolveConfig, with_config
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
+def disjoint_parts(fit: Calibration, config: Any) -> DataParts:
+    """Disjoint parts: the curvature subset (default half) for the costs, the whitening and the
+    apply, the rest for the choice. The bases are fitted to the activations of the data they are
+    whitened with (on few samples the inputs span fewer directions than d_in, so the low-rank
+    layers reproduce those samples almost exactly), and measuring candidates there would rank
+    them by that overfit, not by what they keep."""
+    n = fit.num_samples
+    samples = config.curvature_samples or max(1, n // 2)
+    if n < 2 or samples >= n:
+        return DataParts(costs=fit, choice=fit, apply=fit)  # nothing left over: the choice sees them
+    rest, subset = fit.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
+    return DataParts(costs=subset, choice=rest, apply=subset)
+
+
 class BasisScheme:
     name = Scheme.basis
     # healing a shortlist and the layerwise merge's split choice are built for tied tensors
@@ -41,17 +55,7 @@ class BasisScheme:
         return analyze_basis(model, data, config, tokenizer=tokenizer, loss_fn=loss_fn)
 
     def parts(self, fit: Calibration, config: Any) -> DataParts:
-        """Disjoint parts: the curvature subset (default half) for the costs, the whitening and the
-        apply, the rest for the choice. The bases are fitted to the activations of the data they are
-        whitened with (on few samples the inputs span fewer directions than d_in, so the low-rank
-        layers reproduce those samples almost exactly), and measuring candidates there would rank
-        them by that overfit, not by what they keep."""
-        n = fit.num_samples
-        samples = config.curvature_samples or max(1, n // 2)
-        if n < 2 or samples >= n:
-            return DataParts(costs=fit, choice=fit, apply=fit)  # nothing left over: the choice sees them
-        rest, subset = fit.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
-        return DataParts(costs=subset, choice=rest, apply=subset)
+        return disjoint_parts(fit, config)
 
     def merged_layers(self, problem: SharingProblem) -> list[str]:
         in_basis = set(rank_of(problem))

@@ -45,10 +45,15 @@ def test_auto_installs_the_scheme_whose_candidate_loses_least(make, winner) -> N
     config = CompressConfig(ratio=0.5, scheme="auto", rank=1, top=4, merge="mean", device="cpu", progress=False)
     report = compress(model, _inputs(), config)
     assert report.scheme is winner
-    assert {c.scheme for c in report.candidates} == set(SCHEMES)
+    # every scheme ran; one that cannot reach the ratio here (relaxed: one 4x4 class plus four
+    # rank-1 corrections keep 48 of 64 weights) has no candidate and says why
+    assert [s.scheme for s in report.schemes] == list(SCHEMES)
+    assert all(s.candidates > 0 or s.note for s in report.schemes)
+    assert {c.scheme for c in report.candidates} >= {Scheme.tie, Scheme.basis}
     chosen = min(report.candidates, key=lambda c: c.measured)
     assert chosen.scheme is winner and report.chosen == chosen.strategy
-    assert chosen.measured < 1e-9 < min(c.measured for c in report.candidates if c.scheme is not winner)
+    loser = Scheme.basis if winner is Scheme.tie else Scheme.tie
+    assert chosen.measured < 1e-9 < min(c.measured for c in report.candidates if c.scheme is loser)
     # the installed model keeps what the plan says (of the 4·16 shareable weights)
     assert report.params_ratio <= 0.5
     assert unique_params(reference) - unique_params(model) == 64 - report.plan.params.shared
@@ -134,7 +139,9 @@ def test_cli_scheme_auto(tmp_path, capsys) -> None:
                  "--predict", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["scheme"] in {s.value for s in SCHEMES}
-    assert {c["scheme"] for c in report["candidates"]} == {s.value for s in SCHEMES}
+    assert [s["scheme"] for s in report["schemes"]] == [s.value for s in SCHEMES]
+    ran = {s["scheme"] for s in report["schemes"] if s["candidates"]}
+    assert {c["scheme"] for c in report["candidates"]} == ran >= {"tie", "basis"}
     assert report["spearman"] is not None
     with pytest.raises(SystemExit):  # analyze has no auto: it computes one scheme's costs
         main(["analyze", *common, "--scheme", "auto", "-o", str(tmp_path / "p.json")])

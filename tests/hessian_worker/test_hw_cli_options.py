@@ -39,7 +39,7 @@ KFAC = {"kfac_rank": "kfac.rank", "kfac_oversample": "kfac.oversample",
 RENAMED: dict[str, dict[str, str]] = {
     "analyze": {**KFAC, "ratio": "max_params_ratio", "quiet": "!progress", "rank_ratio": "basis.rank_ratio",
                 "side": "basis.side", "no_output_weighting": "!basis.output_weighting", "sketch_rank": "rank",
-                "basis_rank": "basis.rank"},
+                "basis_rank": "basis.rank", "correction_rank": "relaxed.rank"},
     "compress": {**KFAC, "heal": "heal_steps", "no_heal_choice": "!heal_choice", "time_limit": "time_limit_s",
                  "quiet": "!progress", "no_output_weighting": "!output_weighting", "holdout_samples": "holdout",
                  "basis_rank": "rank", "predict": "predict"},
@@ -56,11 +56,12 @@ CLI_ONLY: dict[str, set[str]] = {
     "compress": {"help", "model", "data", "out", "stats_cache", "no_stats_cache", "memory_limit_gb"},
     "apply": {"help", "model", "data", "out", "plan", "problem"},
 }
-# AnalyzeConfig fields with no flag (the Python API's); every CompressConfig field has one
+# AnalyzeConfig fields with no flag (the Python API's); every CompressConfig field has one but the
+# relaxed scheme's nested options (its flags fill correction_rank, output_weighting, relaxed.rank_ratio)
 NO_FLAG: dict[str, set[str]] = {
     "analyze": {"distill", "families", "max_length", "lanczos_iters", "diagonal_method", "chunk",
                 "layerwise_damping"},
-    "compress": set(),
+    "compress": {"relaxed"},
     "apply": set(),
 }
 
@@ -208,6 +209,7 @@ def test_compress_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
         [*head, "--scheme", "basis", "--basis-rank", "2", "--side", "in", "--no-output-weighting"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5"],
         [*head, "--scheme", "auto", "--rank-ratio", "0.5", "--predict"],
+        [*head, "--scheme", "relaxed", "--correction-rank", "3"],
     ]
     checked = set()
     for argv in runs:
@@ -226,12 +228,21 @@ def test_analyze_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
          "--shrinkage", "oas"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5", "--side", "in", "--no-output-weighting"],
         [*head, "--scheme", "basis", "--basis-rank", "2"],
+        [*head, "--scheme", "relaxed", "--correction-rank", "3"],
     ]
     checked = set()
     for argv in runs:
         config, args = _run("analyze", argv)
         checked |= _given(config, args, "analyze")
     assert checked == _config_flags("analyze")
+    # relaxed: --rank-ratio and --no-output-weighting go to the relaxed options
+    config, args = _run("analyze", [*head, "--scheme", "relaxed", "--rank-ratio", "0.1", "--no-output-weighting"])
+    assert config.relaxed.rank_ratio == 0.1 and not config.relaxed.output_weighting and config.relaxed.rank is None
+    config, args = _run("compress", [*COMMON, "--ratio", "0.3", "--out", str(tmp_path), "--scheme", "relaxed",
+                                     "--rank-ratio", "0.1", "--no-output-weighting"])
+    relaxed = config.analyze_config("float32").relaxed
+    assert relaxed.rank_ratio == 0.1 and not relaxed.output_weighting
+    assert config.analyze_config("float32").max_params_ratio == 0.3
     # with --scheme basis the basis rank leaves AnalyzeConfig.rank (the sketch's) at its default
     config, args = _run("analyze", [*head, "--scheme", "basis", "--basis-rank", "2"])
     assert config.basis.rank == 2 and config.rank == AnalyzeConfig.model_fields["rank"].default

@@ -49,6 +49,7 @@ OLD_PATHS = [
     ("hessian_worker", "HealConfig"),
     ("hessian_worker", "KFACOptions"),
     ("hessian_worker", "Merge"),
+    ("hessian_worker", "RelaxedOptions"),
 ]
 
 

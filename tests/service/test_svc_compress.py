@@ -129,8 +129,9 @@ def test_compress_fields_are_accepted_by_compress_config():
     """The worker's CompressConfig takes every field and value the API sends."""
     settable = CONFIG_FIELDS | {"ratio", "backend", "samples", "seed", "time_limit_s"}
     # the worker sets device and progress; dtype and kfac (the kfac backend's options, with the
-    # streamed decoder path) are the CLI's only, as the kfac backend is
-    missing = set(CompressConfig.model_fields) - {"device", "progress", "dtype", "kfac"} - settable
+    # streamed decoder path) are the CLI's only, as the kfac backend is; relaxed (the relaxed
+    # scheme's nested options) is the Python API's, the API sets its correction_rank
+    missing = set(CompressConfig.model_fields) - {"device", "progress", "dtype", "kfac", "relaxed"} - settable
     assert not missing, (
         f"CompressConfig fields the API cannot set: {missing}; mirror them in CompressSpec"
     )
@@ -298,3 +299,12 @@ def test_compress_scheme_auto_and_predict_reach_the_pipeline():
     assert config.scheme == "auto" and config.predict is False
     with pytest.raises(ValueError, match="scheme"):
         AnalysisSpec.model_validate({"model": "m:f", "compress": {"out": "/o", "scheme": "best"}})
+
+
+def test_relaxed_fields_reach_the_relaxed_options():
+    spec = AnalysisSpec.model_validate({"model": "m:f", "ratio": 0.5, "compress": {
+        "out": "/o", "scheme": "relaxed", "correction_rank": 8, "output_weighting": False}})
+    config = CompressConfig.model_validate(compress_config(spec) | {"device": "cpu", "progress": False})
+    analysis = config.analyze_config("float32")
+    assert analysis.scheme.value == "relaxed" and analysis.max_params_ratio == 0.5
+    assert analysis.relaxed.rank == 8 and not analysis.relaxed.output_weighting

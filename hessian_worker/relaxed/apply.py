@@ -1,0 +1,118 @@
+"""apply_relaxed_plan: replace each relaxed class's linear layers by RelaxedLinear modules that share
+ONE S Parameter and keep their own correction factors and bias, in place.
+
+A layer in a class of one keeps its dense weight unchanged (S = W_ℓ, no correction: nothing is lost),
+so it stores d_out·d_in where the solver's accounting counts d_out·d_in + r·(d_out + d_in): the plan's
+unique parameters are at most the solver's count, equal when every class shares. Classes of ``tie``
+families in the same plan go through the ordinary ``tying.apply_tie``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hessian_worker.basis.apply import plan_names, plan_unique, tie_other_classes
+from hessian_worker.basis.modules import dense_weights
+from hessian_worker.config import AnalyzeConfig
+from hessian_worker.data import DataSource
+from hessian_worker.errors import PlanError
+from hessian_worker.merge import Merge
+from hessian_worker.prepare import prepare
+from hessian_worker.relaxed.analysis import rank_of, relaxed_classes, relaxed_covariances
+from hessian_worker.relaxed.decompose import class_fit, relaxed_error
+from hessian_worker.relaxed.modules import RelaxedLinear, install_class
+from hessian_worker.tying import ApplyReport, unique_params
+from solver.schema import Scheme, SharingPlan, SharingProblem
+
+
+class RelaxedApplyReport(ApplyReport):
+    """ApplyReport plus what the relaxed scheme did (``merge`` applies to tie families only)."""
+
+    scheme: Scheme = Scheme.relaxed
+    relaxed_classes: int
+    ranks: dict[str, int]
+    whitened: bool
+    whitened_error: float | None = None
+
+
+def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProblem, merge: Merge | str = Merge.mean,
+                       *, data: DataSource | None = None, config: AnalyzeConfig | None = None,
+                       tokenizer: Any | None = None, covs: dict[str, Tensor] | None = None,
+                       diag: dict[str, Tensor] | None = None) -> RelaxedApplyReport:
+    """Applies ``plan`` in place; correction ranks come from ``problem.families`` (scheme ``relaxed``).
+
+    The classes are fitted under the whitening covariances ``covs`` (name -> G, from
+    ``relaxed_covariances``, e.g. the ones the candidates were measured with), else measured on
+    ``data`` (``config.relaxed.whiten``), else unwhitened; ``whitened_error`` is Σ_class E then (a
+    predicted loss change when output-weighted). ``diag`` passes curvature-merge weights for the
+    classes of ``tie`` families (see tying.apply_tie).
+
+    Raises:
+        PlanError: the plan names unknown or non-linear layers, a rank does not fit, or ``covs``
+            misses a layer.
+    """
+    merge = Merge(merge)
+    config = config or AnalyzeConfig(progress=False, scheme=Scheme.relaxed)
+    options = config.relaxed
+    classes = relaxed_classes(plan, problem)
+    ranks = rank_of(problem)
+    fams_of = {x.name: x.family for x in problem.layers}
+    in_relaxed = {n for c in classes for n in c}
+    all_names = plan_names(plan)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    original = sum(params[n].numel() for n in all_names if n in params)
+    before = unique_params(model)
+    shared_classes = [c for c in classes if len(c) > 1]
+    names = [n for c in shared_classes for n in c]
+    if covs is not None:
+        missing = [n for n in names if n not in covs]
+        if missing:
+            raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
+
+    tie_groups = tie_other_classes(model, plan, in_relaxed, merge, data=data, config=config, tokenizer=tokenizer,
+                                   diag=diag)
+
+    weights = dense_weights(model, names)
+    if covs is None and options.whiten and data is not None and names:
+        here = weights[names[0]]
+        cfg = AnalyzeConfig.model_validate({**config.model_dump(), "device": str(here.device),
+                                            "dtype": "float64" if here.dtype == torch.float64 else "float32"})
+        prep = prepare(model, data, cfg, tokenizer=tokenizer)
+        with torch.no_grad():
+            covs = relaxed_covariances(model, prep.data, names, cfg, progress=config.progress)
+    covs_used = covs if options.whiten else None
+    whitened = covs_used is not None or (options.whiten and not names)  # nothing to fit: nothing lost
+
+    error = 0.0 if whitened else None
+    for group in tqdm(shared_classes, desc="relaxed classes", disable=not config.progress, leave=False):
+        ws = [weights[n] for n in group]
+        cs = [covs_used[n] for n in group] if covs_used is not None else None
+        with torch.no_grad():
+            factors = class_fit(ws, ranks[group[0]], cs, damping=options.damping, rounds=options.rounds).factors
+            if error is not None:
+                error += relaxed_error(ws, factors, cs, damping=options.damping)
+            install_class(model, group, factors.shared, factors.left, factors.right)
+
+    shared = plan_unique(model, all_names, _factors)
+    return RelaxedApplyReport(
+        merge=merge,
+        groups=sum(len(g) > 1 for g in [*classes, *tie_groups]),
+        unique_params_before=before,
+        unique_params_after=unique_params(model),
+        plan_params_original=original,
+        plan_params_shared=shared,
+        ratio=shared / original if original else 1.0,
+        relaxed_classes=len(shared_classes),
+        ranks={fams_of[n]: ranks[n] for n in names},
+        whitened=whitened,
+        whitened_error=error,
+    )
+
+
+def _factors(module: nn.Module) -> tuple[nn.Parameter, ...] | None:
+    """A relaxed layer's S and correction factors (None for any other module)."""
+    return (module.shared, module.left, module.right) if isinstance(module, RelaxedLinear) else None

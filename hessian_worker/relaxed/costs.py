@@ -1,0 +1,117 @@
+"""Costs of the ``relaxed`` scheme: the pair costs the solver reads, and the correction ranks.
+
+- unary u_ℓ = 0: a class of one keeps its dense weight (S = W_ℓ, decompose.py), nothing is lost;
+- pair w_ℓm = E*({ℓ, m}) = Σ_{i>2r} σ_i(D L_H)², the exact joint optimum of the pair (decompose.py:
+  D = W_ℓ − W_m, H the parallel sum of the damped covariances), ≥ 0 by construction.
+
+The solver then scores a class S as Σ_{pairs} w, exact for classes of one and two; for larger
+classes the measured choice decides (as for the other schemes). One pair spectrum gives the cost at
+every correction rank, so ``PairSpectra`` is computed once per analysis and rebuilds the cost
+matrix at any ranks: the candidates at other ranks (candidates.py) cost no new eigenproblem.
+
+Units: those of the covariances (basis/scales.basis_covariances: by default output-scaled, so a
+cost is a predicted loss change on the tie scheme's scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hessian_worker.discovery import LayerInfo
+from hessian_worker.errors import DiscoveryError
+from hessian_worker.options import RelaxedOptions
+from hessian_worker.relaxed.decompose import check_class, pair_spectrum, tail
+
+
+def family_rank(family: str, shape: tuple[int, ...], options: RelaxedOptions, ratio: float | None = None) -> int:
+    """The family's correction rank: ``options.rank`` (int or per family), else
+    round(ratio·min(d_out, d_in)) with ``ratio`` (default ``options.rank_ratio``), at least 1.
+
+    Raises:
+        DiscoveryError: the weight is not 2-D, or the rank is above min(d_out, d_in).
+    """
+    if len(shape) != 2:
+        raise DiscoveryError(f"family {family!r} has {len(shape)}-D weights; the relaxed scheme needs linear "
+                             "(2-D) weights")
+    d_out, d_in = shape
+    if ratio is None and isinstance(options.rank, int):
+        rank = options.rank
+    elif ratio is None and isinstance(options.rank, dict) and family in options.rank:
+        rank = options.rank[family]
+    else:
+        rank = max(1, round((options.rank_ratio if ratio is None else ratio) * min(d_out, d_in)))
+    if rank > min(d_out, d_in):
+        raise DiscoveryError(
+            f"relaxed correction rank {rank} for family {family!r} exceeds min(d_out, d_in) = {min(d_out, d_in)}; "
+            f"pass a smaller rank, or rank={{{family!r}: r}} per family")
+    return rank
+
+
+def family_ranks(layers: Sequence[LayerInfo], shapes: Mapping[str, tuple[int, int]], options: RelaxedOptions,
+                 ratio: float | None = None) -> dict[str, int]:
+    """Family -> correction rank (``ratio``: every family at that share of min(d_out, d_in)).
+
+    Raises:
+        DiscoveryError: a per-family rank names an unknown family, or a rank is too high.
+    """
+    fams = {x.family: shapes[x.name] for x in layers}
+    if isinstance(options.rank, dict):
+        unknown = sorted(set(options.rank) - set(fams))
+        if unknown:
+            raise DiscoveryError(f"relaxed rank names unknown families {unknown}; known: {sorted(fams)}")
+    return {fam: family_rank(fam, shape, options, ratio) for fam, shape in fams.items()}
+
+
+def least_params(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int],
+                 classes: int = 1) -> int:
+    """Unique parameters of ``classes`` classes per family (at most its size): c·d_out·d_in +
+    s·r·(d_out + d_in); with one class, the least any relaxed plan at ``ranks`` keeps."""
+    return sum(min(classes, sizes[f]) * o * i + sizes[f] * ranks[f] * (o + i) for f, (o, i) in shapes.items())
+
+
+def ranks_within(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int],
+                 budget: int, classes: int = 1) -> dict[str, int]:
+    """``ranks`` lowered in one proportion (r'_f = max(1, ⌊t·r_f⌋), the largest t ≤ 1) until ``classes``
+    classes per family fit ``budget``; at rank 1 when nothing fits (the solver then says the budget is
+    infeasible). ``shapes`` and ``sizes`` are per family."""
+    top = max(ranks.values())
+    for k in range(top, 0, -1):
+        scaled = {f: max(1, r * k // top) for f, r in ranks.items()}
+        if least_params(shapes, sizes, scaled, classes) <= budget:
+            return scaled
+    return dict.fromkeys(ranks, 1)
+
+
+class PairSpectra:
+    """σ_i(D L_H)² of every same-family pair of ``layers``: the pair cost at any correction rank."""
+
+    def __init__(self, layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
+                 covs: Mapping[str, Tensor] | None, *, damping: float = 0.01, progress: bool = False) -> None:
+        self.layers = list(layers)
+        fams: dict[str, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            fams.setdefault(layer.family, []).append(i)
+        self.families = fams
+        self.spectra: dict[tuple[int, int], Tensor] = {}
+        total = sum(len(m) * (len(m) - 1) // 2 for m in fams.values())
+        with tqdm(total=total, desc="relaxed costs", disable=not progress, leave=False) as bar:
+            for members in fams.values():
+                names = [self.layers[i].name for i in members]
+                check_class([weights[n] for n in names], 1, None if covs is None else [covs[n] for n in names])
+                for a, i in enumerate(members):
+                    for j in members[a + 1:]:
+                        ci, cj = (None, None) if covs is None else (covs[self.layers[i].name], covs[self.layers[j].name])
+                        self.spectra[(i, j)] = pair_spectrum(weights[self.layers[i].name], weights[self.layers[j].name],
+                                                             ci, cj, damping=damping)
+                        bar.update(1)
+
+    def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]:
+        """(pairwise matrix, unary) at family -> correction rank; None across families, 0 on the diagonal."""
+        n = len(self.layers)
+        matrix: list[list[float | None]] = [[0.0 if i == j else None for j in range(n)] for i in range(n)]
+        for (i, j), spectrum in self.spectra.items():
+            matrix[i][j] = matrix[j][i] = tail(spectrum, ranks[self.layers[i].family])
+        return matrix, [0.0] * n

@@ -1,0 +1,72 @@
+"""RelaxedSubstitutes: the dense weights S_c + A_ℓ B_ℓ a relaxed plan would install, for measuring
+candidate plans by a forward pass without touching the model (``hessian_worker.measure.measure_plans``).
+
+Each class's factors come from the same fit as ``apply_relaxed_plan`` (decompose.class_fit with the
+same covariances, rank, damping and rounds), so the measured loss is the applied model's. Candidates
+share many classes, so fits are cached per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hessian_worker.basis.measure import ClassSubstitutes
+from hessian_worker.basis.modules import dense_weights
+from hessian_worker.curvature.layerwise import linear_modules
+from hessian_worker.errors import PlanError
+from hessian_worker.options import RelaxedOptions
+from hessian_worker.relaxed.analysis import rank_of
+from hessian_worker.relaxed.decompose import RelaxedFactors, class_fit
+from solver.schema import Scheme, SharingProblem
+
+
+class RelaxedSubstitutes(ClassSubstitutes):
+    """Name -> S_c + A_ℓ B_ℓ (in the parameter's own orientation) for the relaxed classes of a plan.
+
+    Args:
+        model: the dense reference model (read once, never changed).
+        problem: the SharingProblem (families with scheme ``relaxed`` and their ranks).
+        covs: name -> whitening covariance; None for the plain Frobenius fit.
+        options: damping and rounds (``whiten`` is decided by passing ``covs`` or not).
+
+    Raises:
+        PlanError: a relaxed layer of the problem is not a linear layer of ``model``, or ``covs`` misses one.
+    """
+
+    def __init__(self, model: nn.Module, problem: SharingProblem, covs: Mapping[str, Tensor] | None,
+                 options: RelaxedOptions) -> None:
+        self.problem = problem
+        self.scheme = Scheme.relaxed
+        self.ranks = rank_of(problem)
+        names = list(self.ranks)
+        try:
+            layers = linear_modules(model, names)
+        except ValueError as exc:
+            raise PlanError(f"relaxed layers do not fit this model: {exc}") from exc
+        self.transposed = {n: t for n, (_, t) in layers.items()}
+        self.dtype = {n: m.weight.dtype for n, (m, _) in layers.items()}
+        self.weights = dense_weights(model, names)
+        if covs is not None:
+            missing = [n for n in names if n not in covs]
+            if missing:
+                raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
+        self.covs = covs
+        self.options = options
+        self._cache: dict[tuple[str, ...], RelaxedFactors] = {}
+
+    def factors(self, group: Sequence[str]) -> RelaxedFactors:
+        """The class's S and corrections, in the model's dtype (cached)."""
+        key = tuple(group)
+        if key not in self._cache:
+            ws = [self.weights[n] for n in group]
+            cs = None if self.covs is None else [self.covs[n] for n in group]
+            with torch.no_grad():
+                f = class_fit(ws, self.ranks[group[0]], cs, damping=self.options.damping,
+                              rounds=self.options.rounds).factors
+            dtype = self.dtype[group[0]]
+            self._cache[key] = RelaxedFactors(f.shared.to(dtype), [a.to(dtype) for a in f.left],
+                                              [b.to(dtype) for b in f.right])
+        return self._cache[key]
