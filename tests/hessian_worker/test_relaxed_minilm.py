@@ -32,7 +32,7 @@ def test_minilm_compress_relaxed_and_load(tmp_path, monkeypatch: pytest.MonkeyPa
                             normalized_top=0, per_pattern=1, relaxed=RelaxedOptions(rank_ratios=[0.03125, 0.125]))
     # two families (query, key) keep the test short (CompressConfig has no targets: discovery takes all)
     acfg = config.analyze_config("float32").model_copy(update={"targets": FAMILIES})
-    monkeypatch.setattr(CompressConfig, "analyze_config", lambda self, dtype: acfg)
+    monkeypatch.setattr(CompressConfig, "analyze_config", lambda self, dtype, scheme=None: acfg)
     report = compress(loaded.model, DEFAULT_SENTENCES, config, tokenizer=loaded.tokenizer)
     assert report.params_ratio <= 0.5 and report.unique_params > 0
     assert {c.strategy for c in report.candidates} >= {"relaxed-rank-0.03125", "relaxed-rank-0.125"}
