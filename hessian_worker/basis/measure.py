@@ -55,6 +55,26 @@ class ClassSubstitutes:
         """The class's factors (with ``weight(i)``); each subclass fits its own."""
         raise NotImplementedError
 
+    def _bind(self, model: nn.Module, names: Sequence[str], covs: Mapping[str, Tensor] | None) -> None:
+        """Resolves the scheme's layers in ``model`` (orientation, dtype, dense weights) and checks
+        ``covs`` covers them.
+
+        Raises:
+            PlanError: a layer is not a linear layer of ``model``, or ``covs`` misses one.
+        """
+        try:
+            layers = linear_modules(model, list(names))
+        except ValueError as exc:
+            raise PlanError(f"{self.scheme.value} layers do not fit this model: {exc}") from exc
+        self.transposed = {n: t for n, (_, t) in layers.items()}
+        self.dtype = {n: m.weight.dtype for n, (m, _) in layers.items()}
+        self.weights = dense_weights(model, list(names))
+        if covs is not None:
+            missing = [n for n in names if n not in covs]
+            if missing:
+                raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
+        self.covs = covs
+
 
 class BasisSubstitutes(ClassSubstitutes):
     """Name -> low-rank weight (in the parameter's own orientation) for the basis classes of a plan.
@@ -81,19 +101,7 @@ class BasisSubstitutes(ClassSubstitutes):
         self.scheme = Scheme.basis
         self.ranks = rank_of(problem)
         self.sides = side_of(problem)
-        names = list(self.ranks)
-        try:
-            layers = linear_modules(model, names)
-        except ValueError as exc:
-            raise PlanError(f"basis layers do not fit this model: {exc}") from exc
-        self.transposed = {n: t for n, (_, t) in layers.items()}
-        self.dtype = {n: m.weight.dtype for n, (m, _) in layers.items()}
-        self.weights = dense_weights(model, names)
-        if covs is not None:
-            missing = [n for n in names if n not in covs]
-            if missing:
-                raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
-        self.covs = covs
+        self._bind(model, list(self.ranks), covs)
         self.damping = options.damping
         self._cache: dict[tuple[str, ...], BasisFactors] = {}
 

@@ -14,9 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from hessian_worker.basis.measure import ClassSubstitutes
-from hessian_worker.basis.modules import dense_weights
-from hessian_worker.curvature.layerwise import linear_modules
-from hessian_worker.errors import PlanError
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.analysis import rank_of
 from hessian_worker.relaxed.decompose import RelaxedFactors, class_fit
@@ -41,19 +38,7 @@ class RelaxedSubstitutes(ClassSubstitutes):
         self.problem = problem
         self.scheme = Scheme.relaxed
         self.ranks = rank_of(problem)
-        names = list(self.ranks)
-        try:
-            layers = linear_modules(model, names)
-        except ValueError as exc:
-            raise PlanError(f"relaxed layers do not fit this model: {exc}") from exc
-        self.transposed = {n: t for n, (_, t) in layers.items()}
-        self.dtype = {n: m.weight.dtype for n, (m, _) in layers.items()}
-        self.weights = dense_weights(model, names)
-        if covs is not None:
-            missing = [n for n in names if n not in covs]
-            if missing:
-                raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
-        self.covs = covs
+        self._bind(model, list(self.ranks), covs)
         self.options = options
         self._cache: dict[tuple[str, ...], RelaxedFactors] = {}
 
