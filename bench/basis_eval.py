@@ -51,12 +51,12 @@ from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
 from hessian_worker.basis.analysis import score_classes, side_of, split_classes
 from hessian_worker.basis.apply import apply_basis_plan
-from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.basis.scales import layer_output_scales, scale_covariances
 from hessian_worker.curvature.layerwise import LayerwiseCurvature, input_covariances
 from hessian_worker.data import load_calibration
 from hessian_worker.discovery import discover_layers
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
 from hessian_worker.prepare import prepare

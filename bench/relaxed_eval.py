@@ -57,9 +57,9 @@ from bench.basis_eval import (
 from bench.evaluate import costs_for
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig
-from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.discovery import discover_layers
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.measure import measure_plans
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.prepare import prepare

@@ -11,7 +11,7 @@ import torch
 
 from hessian_worker.options import AnalyzeConfig, Backend, DType, KFACOptions
 
-__all__ = ["AnalyzeConfig", "Backend", "DType", "KFACOptions", "generator", "torch_device", "torch_dtype"]
+__all__ = ["AnalyzeConfig", "Backend", "DType", "KFACOptions", "config_where", "generator", "torch_device", "torch_dtype"]
 
 
 def torch_dtype(dtype: DType) -> torch.dtype | None:
@@ -29,3 +29,11 @@ def torch_device(config: AnalyzeConfig) -> torch.device:
 def generator(config: AnalyzeConfig) -> torch.Generator:
     """The one seeded source of randomness (CPU, so a seed means the same on every device)."""
     return torch.Generator().manual_seed(config.seed)
+
+
+def config_where(config: AnalyzeConfig, tensor: torch.Tensor) -> AnalyzeConfig:
+    """``config`` on ``tensor``'s device, computing in float64 when it is float64 and float32 otherwise:
+    statistics are measured where the weights already live, never in half precision."""
+    return AnalyzeConfig.model_validate({  # model_copy would skip validation of the enums
+        **config.model_dump(), "device": str(tensor.device),
+        "dtype": "float64" if tensor.dtype == torch.float64 else "float32"})

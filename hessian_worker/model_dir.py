@@ -65,7 +65,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hessian_worker.basis.modules import WEIGHT_SUFFIX
 from hessian_worker.basis.modules import rebuild as rebuild_basis
 from hessian_worker.companions import (
     CAUSAL_SUFFIXES,
@@ -85,6 +84,7 @@ from hessian_worker.companions import (
     write_companions,
 )
 from hessian_worker.errors import PlanError
+from hessian_worker.factored.layers import WEIGHT_SUFFIX
 from hessian_worker.merge import plan_groups
 from hessian_worker.relaxed.modules import rebuild as rebuild_relaxed
 from hessian_worker.shared_params import tie

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from hessian_worker.config import AnalyzeConfig, generator
+from hessian_worker.config import AnalyzeConfig, config_where, generator
 from hessian_worker.curvature.diagonal import estimate_diagonal
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import DataSource
@@ -38,14 +38,6 @@ class ApplyReport(BaseModel):
     ratio: float
 
 
-def _here(model: nn.Module, name: str, config: AnalyzeConfig) -> AnalyzeConfig:
-    """The config with the device and dtype the model already has (measure where it lives)."""
-    here = model.get_parameter(name)
-    return AnalyzeConfig.model_validate({  # model_copy would skip validation of the enums
-        **config.model_dump(), "device": str(here.device),
-        "dtype": "float64" if here.dtype == torch.float64 else "float32"})
-
-
 def curvature_weights(
     model: nn.Module,
     data: DataSource,
@@ -56,7 +48,7 @@ def curvature_weights(
 ) -> dict[str, Tensor]:
     """Per-element diagonal curvature (diagonal GGN by default) of ``names`` on ``data``: the
     weights of the curvature merge. Measured once, it serves every candidate plan and the apply."""
-    config = _here(model, names[0], config or AnalyzeConfig(progress=False))
+    config = config_where(config or AnalyzeConfig(progress=False), model.get_parameter(names[0]))
     prep = prepare(model, data, config, tokenizer=tokenizer)
     obj = Objective(prep.model, prep.data, list(names), config.distill)
     with torch.no_grad():
@@ -64,7 +56,8 @@ def curvature_weights(
                                  generator=generator(config), kind=config.curvature)
 
 
-def _plan_names(plan: SharingPlan) -> list[str]:
+def plan_names(plan: SharingPlan) -> list[str]:
+    """Every layer a plan names: its coloring's, then any its groups add."""
     names = list(plan.coloring)
     for group in plan.groups:
         names.extend(n for n in group if n not in plan.coloring)
@@ -97,7 +90,7 @@ def apply_tie(
     config = config or AnalyzeConfig(progress=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     groups = plan_groups(plan.groups, params)
-    names = _plan_names(plan)
+    names = plan_names(plan)
     original = sum(params[n].numel() for n in names if n in params)
     before = unique_params(model)
     shared_names = [n for g in groups for n in g]
@@ -110,7 +103,7 @@ def apply_tie(
         if merge is Merge.curvature:
             diag = curvature_weights(model, data, shared_names, config, tokenizer=tokenizer)
         else:
-            prep = prepare(model, data, _here(model, shared_names[0], config), tokenizer=tokenizer)
+            prep = prepare(model, data, config_where(config, model.get_parameter(shared_names[0])), tokenizer=tokenizer)
             layerwise = LayerwiseCurvature.collect(model, prep.data, shared_names, shrinkage=config.shrinkage)
     merged: list[Tensor] = []
     with torch.no_grad():

@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from hessian_worker.basis.costs import basis_costs, class_errors, family_ranks, family_sides
-from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import DataSource
 from hessian_worker.discovery import discover_layers
 from hessian_worker.errors import BackendError, PlanError
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.losses import TaskLoss
 from hessian_worker.prepare import prepare
 from solver.schema import (

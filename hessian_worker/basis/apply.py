@@ -8,7 +8,6 @@ Classes of ``tie`` families in the same plan go through the ordinary ``tying.app
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,17 +23,19 @@ from hessian_worker.basis.decompose import (
     shared_basis,
     whitened_error,
 )
-from hessian_worker.basis.modules import BasisLinear, dense_weights, install_class, module_path
+from hessian_worker.basis.modules import BasisLinear, install_class
 from hessian_worker.basis.scales import basis_covariances
-from hessian_worker.config import AnalyzeConfig, generator
+from hessian_worker.config import AnalyzeConfig, config_where, generator
 from hessian_worker.curvature.diagonal import estimate_diagonal
 from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.data import DataSource
 from hessian_worker.errors import PlanError
+from hessian_worker.factored.apply import begin_apply, require_covs
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.merge import Merge
 from hessian_worker.objective import Objective
 from hessian_worker.prepare import prepare
-from hessian_worker.tying import ApplyReport, apply_tie, unique_params
+from hessian_worker.tying import ApplyReport
 from solver.schema import Scheme, SharingPlan, SharingProblem, Side
 
 
@@ -85,11 +86,6 @@ def apply_basis_plan(
     ranks = rank_of(problem)
     sides = side_of(problem)
     fams_of = {x.name: x.family for x in problem.layers}
-    in_basis = {n for c in classes for n in c}
-    all_names = plan_names(plan)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    original = sum(params[n].numel() for n in all_names if n in params)
-    before = unique_params(model)
     names = [n for c in classes for n in c]
     if options.refine_rounds and data is None:
         raise PlanError(
@@ -101,26 +97,14 @@ def apply_basis_plan(
             f"basis refine_rounds > 0 supports side 'out' only; families {inside} share the input "
             "side: set refine_rounds=0, or side='out'"
         )
-    if covs is not None:
-        missing = [n for n in names if n not in covs]
-        if missing:
-            raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
-
-    tie_groups = tie_other_classes(model, plan, in_basis, merge, data=data, config=config, tokenizer=tokenizer,
-                                   diag=diag)
+    require_covs(covs, names)
+    frame = begin_apply(model, plan, set(names), merge, data=data, config=config, tokenizer=tokenizer, diag=diag)
 
     weights = dense_weights(model, names)
     out_w: dict[str, Tensor] | None = None
     needs_covs = covs is None and (options.whiten or options.refine_rounds)
     if data is not None and names and (needs_covs or options.refine_rounds):
-        here = weights[names[0]]
-        cfg = AnalyzeConfig.model_validate(
-            {
-                **config.model_dump(),
-                "device": str(here.device),
-                "dtype": "float64" if here.dtype == torch.float64 else "float32",
-            }
-        )
+        cfg = config_where(config, weights[names[0]])
         prep = prepare(model, data, cfg, tokenizer=tokenizer)
         with torch.no_grad():
             if needs_covs:
@@ -150,15 +134,8 @@ def apply_basis_plan(
             error += whitened_error(ws, factors, cs, damping=options.damping)
         _install(model, group, factors)
 
-    shared = plan_unique(model, all_names, _factors)
     return BasisApplyReport(
-        merge=merge,
-        groups=sum(len(g) > 1 for g in [*classes, *tie_groups]),
-        unique_params_before=before,
-        unique_params_after=unique_params(model),
-        plan_params_original=original,
-        plan_params_shared=shared,
-        ratio=shared / original if original else 1.0,
+        **frame.counts(model, merge, classes, _factors),
         basis_classes=len(classes),
         ranks={fams_of[n]: ranks[n] for n in names},
         sides={fams_of[n]: sides[n] for n in names},
@@ -183,45 +160,6 @@ def _output_weights(
     )
     layers = linear_modules(model, names)
     return {n: output_weights(diag[n].T if layers[n][1] else diag[n], covs[n]) for n in names}
-
-
-def plan_names(plan: SharingPlan) -> list[str]:
-    """Every layer a plan names: its coloring's, then any its groups add."""
-    names = list(plan.coloring)
-    for group in plan.groups:
-        names.extend(n for n in group if n not in plan.coloring)
-    return names
-
-
-def tie_other_classes(model: nn.Module, plan: SharingPlan, own: set[str], merge: Merge, *,
-                      data: DataSource | None, config: AnalyzeConfig, tokenizer: Any | None,
-                      diag: dict[str, Tensor] | None) -> list[list[str]]:
-    """Ties the plan's classes outside ``own`` (the layers a scheme installs itself: those of tie
-    families) with ``tying.apply_tie``; returns those classes."""
-    groups = [list(g) for g in plan.groups if g and g[0] not in own]
-    if any(len(g) > 1 for g in groups):
-        coloring = {n: c for c, g in enumerate(groups) for n in g}
-        sub = plan.model_copy(update={"groups": groups, "coloring": coloring})
-        apply_tie(model, sub, merge, data=data, config=config, tokenizer=tokenizer, diag=diag)
-    return groups
-
-
-def plan_unique(model: nn.Module, names: list[str],
-                factors: Callable[[nn.Module], Sequence[nn.Parameter] | None]) -> int:
-    """Unique elements behind the plan's layers: the Parameters ``factors`` names for a scheme's
-    module (each once), the (possibly tied) weight of the others."""
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters(remove_duplicate=False))
-    seen: dict[int, int] = {}
-    for name in names:
-        module = modules.get(module_path(name)) if name.endswith(".weight") else None
-        parts = factors(module) if module is not None else None
-        if parts is not None:
-            for p in parts:
-                seen[id(p)] = p.numel()
-        elif name in params:
-            seen[id(params[name])] = params[name].numel()
-    return sum(seen.values())
 
 
 def _factors(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter] | None:

@@ -10,18 +10,13 @@ dispatch here on their own.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from hessian_worker.basis.modules import WEIGHT_SUFFIX, basis_layout, rebuild
-from hessian_worker.dedup_save import write_shared
-from hessian_worker.errors import PlanError
-from hessian_worker.merge import plan_groups
-from hessian_worker.shared_params import tie
-from hessian_worker.weights_file import PLAN, WEIGHTS, has_weights, load_tensors
+from hessian_worker.basis.modules import basis_layout, rebuild
+from hessian_worker.factored.io import load_factored, save_factored
 from solver.schema import Scheme, SharingPlan
 
 
@@ -33,8 +28,7 @@ def save_basis(model: nn.Module, plan: SharingPlan, directory: str | Path, *, so
     Returns:
         the directory.
     """
-    return write_shared(model, plan, directory, {"scheme": Scheme.basis.value, "basis": basis_layout(model)},
-                        source=source)
+    return save_factored(model, plan, directory, Scheme.basis, basis_layout(model), source=source)
 
 
 def load_basis(model: nn.Module, directory: str | Path) -> SharingPlan:
@@ -44,21 +38,4 @@ def load_basis(model: nn.Module, directory: str | Path) -> SharingPlan:
     Raises:
         PlanError: the files are missing or not a basis save, or the model does not fit them.
     """
-    src = Path(directory)
-    if not has_weights(src) or not (src / PLAN).is_file():
-        raise PlanError(
-            f"{str(src)!r} needs {WEIGHTS} and {PLAN} (written by save_shared or save_basis)"
-        )
-    meta = json.loads((src / PLAN).read_text(encoding="utf-8"))
-    if meta.get("scheme") != Scheme.basis.value or "basis" not in meta:
-        raise PlanError(f"{str(src / PLAN)!r} is not a basis save; use load_shared")
-    plan = SharingPlan.model_validate(meta["plan"])
-    aliases: dict[str, str] = meta.get("aliases", {})
-    layout = meta["basis"]
-    rebuild(model, layout)
-    basis_names = {f"{path}{WEIGHT_SUFFIX}" for path in layout}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    groups = plan_groups([g for g in plan.groups if not set(g) & basis_names], params)
-    tie(model, groups)
-    load_tensors(model, src, aliases, "load_basis")
-    return plan
+    return load_factored(model, directory, Scheme.basis, rebuild)

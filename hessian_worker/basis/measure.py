@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from hessian_worker.basis.analysis import rank_of, side_of, split_classes
 from hessian_worker.basis.config import BasisOptions
 from hessian_worker.basis.decompose import BasisFactors, shared_basis
-from hessian_worker.basis.modules import dense_weights
 from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.errors import PlanError
+from hessian_worker.factored.apply import require_covs
+from hessian_worker.factored.layers import dense_weights
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
@@ -69,10 +70,7 @@ class ClassSubstitutes:
         self.transposed = {n: t for n, (_, t) in layers.items()}
         self.dtype = {n: m.weight.dtype for n, (m, _) in layers.items()}
         self.weights = dense_weights(model, list(names))
-        if covs is not None:
-            missing = [n for n in names if n not in covs]
-            if missing:
-                raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
+        require_covs(covs, names)
         self.covs = covs
 
 

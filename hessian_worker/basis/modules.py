@@ -13,14 +13,19 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.errors import PlanError
-from solver.schema import Side
+from hessian_worker.factored.layers import (
+    FactoredLinear,
+    factored_layout,
+    has_factored_layers,
+    install_shared,
+    replace_module,
+    saved_layers,
+)
+from solver.schema import Scheme, Side
 
-WEIGHT_SUFFIX = ".weight"
 
-
-class BasisLinear(nn.Module):
+class BasisLinear(FactoredLinear):
     """y = B (C x) + b (side ``out``: B [out, r] shared, C [r, in] own) or y = C (B x) + b (side
     ``in``: B [r, in] shared, C [out, r] own); the bias b is always the layer's own.
 
@@ -52,6 +57,11 @@ class BasisLinear(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = bias
+
+    scheme = Scheme.basis
+
+    def shared_factor(self) -> nn.Parameter:
+        return self.basis
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         """(first, second): x ↦ second·(first·x)."""
@@ -87,45 +97,6 @@ class BasisLinear(nn.Module):
         )
 
 
-def module_path(weight_name: str) -> str:
-    """``blocks.0.fc.weight`` -> ``blocks.0.fc``.
-
-    Raises:
-        PlanError: the name is not a ``.weight``.
-    """
-    if not weight_name.endswith(WEIGHT_SUFFIX):
-        raise PlanError(
-            f"the basis scheme replaces linear layers; {weight_name!r} is not a '.weight'"
-        )
-    return weight_name[: -len(WEIGHT_SUFFIX)]
-
-
-def dense_weights(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
-    """Name -> detached weight as [out, in] (Conv1D transposed), for Linear/Conv1D layers only.
-
-    Raises:
-        PlanError: a name is already a basis layer, or not a linear layer's weight.
-    """
-    modules = dict(model.named_modules())
-    done = [n for n in names if isinstance(modules.get(module_path(n)), BasisLinear)]
-    if done:
-        raise PlanError(f"these layers are already basis layers (apply a plan once): {done[:5]}")
-    try:
-        layers = linear_modules(model, names)
-    except ValueError as exc:
-        raise PlanError(str(exc)) from exc
-    return {n: (m.weight.detach().T if t else m.weight.detach()) for n, (m, t) in layers.items()}
-
-
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Puts ``new`` at ``path`` (a ModuleList index works too) and returns the module it replaced."""
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
-
-
 def install_class(
     model: nn.Module,
     names: Sequence[str],
@@ -137,46 +108,20 @@ def install_class(
 
     The new Parameters take each replaced weight's dtype, device and ``requires_grad``.
     """
-    layers = linear_modules(model, names)
-    first = layers[names[0]][0].weight
-    shared = nn.Parameter(
-        basis.to(dtype=first.dtype, device=first.device).contiguous(),
-        requires_grad=first.requires_grad,
-    )
-    out = []
-    for name, coef in zip(names, coefs, strict=True):
-        module = layers[name][0]
-        own = nn.Parameter(
-            coef.to(dtype=first.dtype, device=first.device).contiguous(),
-            requires_grad=module.weight.requires_grad,
-        )
-        new = BasisLinear(shared, own, module.bias, side=side)
-        replace_module(model, module_path(name), new)
-        out.append(new)
-    return out
+    return install_shared(model, names, basis, [[c] for c in coefs],
+                          lambda b, own, bias: BasisLinear(b, own[0], bias, side=side))
 
 
 def basis_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every BasisLinear as {path: {rank, out, in, bias, side, basis}} with ``basis`` the path of the
     first module holding the same basis Parameter (what a fresh model needs to rebuild the sharing)."""
-    owner: dict[int, str] = {}
-    layout = {}
-    for path, module in model.named_modules():
-        if isinstance(module, BasisLinear):
-            owner.setdefault(id(module.basis), path)
-            layout[path] = {
-                "rank": module.rank,
-                "out": module.out_features,
-                "in": module.in_features,
-                "bias": module.bias is not None,
-                "side": module.side.value,
-                "basis": owner[id(module.basis)],
-            }
-    return layout
+    return factored_layout(model, BasisLinear, "basis", lambda m: {
+        "rank": m.rank, "out": m.out_features, "in": m.in_features, "bias": m.bias is not None,
+        "side": m.side.value})
 
 
 def has_basis_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, BasisLinear) for m in model.modules())
+    return has_factored_layers(model, BasisLinear)
 
 
 def rebuild(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
@@ -187,19 +132,8 @@ def rebuild(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
     Raises:
         PlanError: a path is missing, not a linear layer, or of another shape than saved.
     """
-    names = [f"{path}{WEIGHT_SUFFIX}" for path in layout]
-    try:
-        layers = linear_modules(model, names)
-    except ValueError as exc:
-        raise PlanError(f"saved basis layers do not fit this model: {exc}") from exc
     bases: dict[str, nn.Parameter] = {}
-    for path, spec in layout.items():
-        module, transposed = layers[f"{path}{WEIGHT_SUFFIX}"]
-        w = module.weight.T if transposed else module.weight
-        if tuple(w.shape) != (spec["out"], spec["in"]):
-            raise PlanError(
-                f"{path} is {tuple(w.shape)} here but {(spec['out'], spec['in'])} when saved"
-            )
+    for path, spec, module, w in saved_layers(model, layout, "basis"):
         side = Side(spec.get("side", Side.out.value))
         d_out, d_in, rank = spec["out"], spec["in"], spec["rank"]
         basis_shape, coef_shape = ((d_out, rank), (rank, d_in))

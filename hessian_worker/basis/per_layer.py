@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from hessian_worker.basis.analysis import rank_of
 from hessian_worker.basis.config import BasisOptions
 from hessian_worker.basis.fill import UNIFORM, fill_plan
-from hessian_worker.basis.modules import dense_weights
+from hessian_worker.factored.layers import dense_weights
 from solver.planning import SolveConfig, plan_from_coloring, with_config
 from solver.schema import SharingPlan, SharingProblem
 

@@ -16,12 +16,12 @@ from torch import Tensor, nn
 
 from hessian_worker.basis.analysis import rank_of as basis_rank_of
 from hessian_worker.basis.analysis import split_classes
-from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.data import Calibration, DataSource
 from hessian_worker.discovery import discover_layers
 from hessian_worker.errors import BackendError, PlanError
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.losses import TaskLoss
 from hessian_worker.prepare import prepare
 from hessian_worker.relaxed.costs import PairSpectra, family_ranks, ranks_within

@@ -15,17 +15,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hessian_worker.basis.apply import plan_names, plan_unique, tie_other_classes
-from hessian_worker.basis.modules import dense_weights
-from hessian_worker.config import AnalyzeConfig
+from hessian_worker.config import AnalyzeConfig, config_where
 from hessian_worker.data import DataSource
-from hessian_worker.errors import PlanError
+from hessian_worker.factored.apply import begin_apply, require_covs
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.merge import Merge
 from hessian_worker.prepare import prepare
 from hessian_worker.relaxed.analysis import rank_of, relaxed_classes, relaxed_covariances
 from hessian_worker.relaxed.decompose import class_fit, relaxed_error
 from hessian_worker.relaxed.modules import RelaxedLinear, install_class
-from hessian_worker.tying import ApplyReport, unique_params
+from hessian_worker.tying import ApplyReport
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
@@ -61,26 +60,15 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
     classes = relaxed_classes(plan, problem)
     ranks = rank_of(problem)
     fams_of = {x.name: x.family for x in problem.layers}
-    in_relaxed = {n for c in classes for n in c}
-    all_names = plan_names(plan)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    original = sum(params[n].numel() for n in all_names if n in params)
-    before = unique_params(model)
     shared_classes = [c for c in classes if len(c) > 1]
     names = [n for c in shared_classes for n in c]
-    if covs is not None:
-        missing = [n for n in names if n not in covs]
-        if missing:
-            raise PlanError(f"covs lacks the input covariances of {missing[:5]}")
-
-    tie_groups = tie_other_classes(model, plan, in_relaxed, merge, data=data, config=config, tokenizer=tokenizer,
-                                   diag=diag)
+    require_covs(covs, names)
+    frame = begin_apply(model, plan, {n for c in classes for n in c}, merge, data=data, config=config,
+                        tokenizer=tokenizer, diag=diag)
 
     weights = dense_weights(model, names)
     if covs is None and options.whiten and data is not None and names:
-        here = weights[names[0]]
-        cfg = AnalyzeConfig.model_validate({**config.model_dump(), "device": str(here.device),
-                                            "dtype": "float64" if here.dtype == torch.float64 else "float32"})
+        cfg = config_where(config, weights[names[0]])
         prep = prepare(model, data, cfg, tokenizer=tokenizer)
         with torch.no_grad():
             covs = relaxed_covariances(model, prep.data, names, cfg, progress=config.progress)
@@ -97,15 +85,8 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
                 error += relaxed_error(ws, factors, cs, damping=options.damping)
             install_class(model, group, factors.shared, factors.left, factors.right)
 
-    shared = plan_unique(model, all_names, _factors)
     return RelaxedApplyReport(
-        merge=merge,
-        groups=sum(len(g) > 1 for g in [*classes, *tie_groups]),
-        unique_params_before=before,
-        unique_params_after=unique_params(model),
-        plan_params_original=original,
-        plan_params_shared=shared,
-        ratio=shared / original if original else 1.0,
+        **frame.counts(model, merge, classes, _factors),
         relaxed_classes=len(shared_classes),
         ranks={fams_of[n]: ranks[n] for n in names},
         whitened=whitened,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
-from hessian_worker.basis.modules import dense_weights
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.analysis import family_shapes, family_sizes, rank_of, relaxed_problem
 from hessian_worker.relaxed.costs import PairSpectra, family_rank, least_params, ranks_within

@@ -10,22 +10,14 @@ rebuilt and loaded bit-exactly. ``save_shared``/``load_shared`` dispatch here on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from hessian_worker.basis.modules import WEIGHT_SUFFIX
-from hessian_worker.dedup_save import write_shared
-from hessian_worker.errors import PlanError
-from hessian_worker.merge import plan_groups
+from hessian_worker.factored.io import load_factored, save_factored
 from hessian_worker.relaxed.modules import rebuild, relaxed_layout
-from hessian_worker.shared_params import tie
-from hessian_worker.weights_file import PLAN, WEIGHTS, has_weights, load_tensors
 from solver.schema import Scheme, SharingPlan
-
-LAYOUT = Scheme.relaxed.value  # plan.json's key of the layout
 
 
 def save_relaxed(model: nn.Module, plan: SharingPlan, directory: str | Path, *, source: Any = None) -> Path:
@@ -36,8 +28,7 @@ def save_relaxed(model: nn.Module, plan: SharingPlan, directory: str | Path, *, 
     Returns:
         the directory.
     """
-    return write_shared(model, plan, directory, {"scheme": Scheme.relaxed.value, LAYOUT: relaxed_layout(model)},
-                        source=source)
+    return save_factored(model, plan, directory, Scheme.relaxed, relaxed_layout(model), source=source)
 
 
 def load_relaxed(model: nn.Module, directory: str | Path) -> SharingPlan:
@@ -47,17 +38,4 @@ def load_relaxed(model: nn.Module, directory: str | Path) -> SharingPlan:
     Raises:
         PlanError: the files are missing or not a relaxed save, or the model does not fit them.
     """
-    src = Path(directory)
-    if not has_weights(src) or not (src / PLAN).is_file():
-        raise PlanError(f"{str(src)!r} needs {WEIGHTS} and {PLAN} (written by save_shared or save_relaxed)")
-    meta = json.loads((src / PLAN).read_text(encoding="utf-8"))
-    if meta.get("scheme") != Scheme.relaxed.value or LAYOUT not in meta:
-        raise PlanError(f"{str(src / PLAN)!r} is not a relaxed save; use load_shared")
-    plan = SharingPlan.model_validate(meta["plan"])
-    layout = meta[LAYOUT]
-    rebuild(model, layout)
-    rebuilt = {f"{path}{WEIGHT_SUFFIX}" for path in layout}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tie(model, plan_groups([g for g in plan.groups if not set(g) & rebuilt], params))
-    load_tensors(model, src, meta.get("aliases", {}), "load_relaxed")
-    return plan
+    return load_factored(model, directory, Scheme.relaxed, rebuild)

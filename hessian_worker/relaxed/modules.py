@@ -14,12 +14,19 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hessian_worker.basis.modules import WEIGHT_SUFFIX, module_path, replace_module
-from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.errors import PlanError
+from hessian_worker.factored.layers import (
+    FactoredLinear,
+    factored_layout,
+    has_factored_layers,
+    install_shared,
+    replace_module,
+    saved_layers,
+)
+from solver.schema import Scheme
 
 
-class RelaxedLinear(nn.Module):
+class RelaxedLinear(FactoredLinear):
     """y = S x + A (B x) + b: S [out, in] shared by the class, A [out, r] and B [r, in] the layer's
     own correction, the bias b the layer's own.
 
@@ -43,6 +50,11 @@ class RelaxedLinear(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = bias
+
+    scheme = Scheme.relaxed
+
+    def shared_factor(self) -> nn.Parameter:
+        return self.shared
 
     @property
     def in_features(self) -> int:
@@ -70,7 +82,7 @@ class RelaxedLinear(nn.Module):
 
 
 def has_relaxed_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, RelaxedLinear) for m in model.modules())
+    return has_factored_layers(model, RelaxedLinear)
 
 
 def install_class(model: nn.Module, names: Sequence[str], shared: Tensor, left: Sequence[Tensor],
@@ -79,35 +91,15 @@ def install_class(model: nn.Module, names: Sequence[str], shared: Tensor, left: 
 
     The new Parameters take each replaced weight's dtype, device and ``requires_grad``.
     """
-    layers = linear_modules(model, names)
-    first = layers[names[0]][0].weight
-    common = nn.Parameter(shared.to(dtype=first.dtype, device=first.device).contiguous(),
-                          requires_grad=first.requires_grad)
-    out = []
-    for name, a, b in zip(names, left, right, strict=True):
-        module = layers[name][0]
-
-        def own(t: Tensor, module: nn.Module = module) -> nn.Parameter:
-            return nn.Parameter(t.to(dtype=first.dtype, device=first.device).contiguous(),
-                                requires_grad=module.weight.requires_grad)
-
-        new = RelaxedLinear(common, own(a), own(b), module.bias)
-        replace_module(model, module_path(name), new)
-        out.append(new)
-    return out
+    return install_shared(model, names, shared, list(zip(left, right, strict=True)),
+                          lambda s, own, bias: RelaxedLinear(s, own[0], own[1], bias))
 
 
 def relaxed_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every RelaxedLinear as {path: {rank, out, in, bias, shared}} with ``shared`` the path of the
     first module holding the same S Parameter (what a fresh model needs to rebuild the sharing)."""
-    owner: dict[int, str] = {}
-    layout = {}
-    for path, module in model.named_modules():
-        if isinstance(module, RelaxedLinear):
-            owner.setdefault(id(module.shared), path)
-            layout[path] = {"rank": module.rank, "out": module.out_features, "in": module.in_features,
-                            "bias": module.bias is not None, "shared": owner[id(module.shared)]}
-    return layout
+    return factored_layout(model, RelaxedLinear, "shared", lambda m: {
+        "rank": m.rank, "out": m.out_features, "in": m.in_features, "bias": m.bias is not None})
 
 
 def rebuild(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
@@ -117,18 +109,9 @@ def rebuild(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
     Raises:
         PlanError: a path is missing, not a linear layer, or of another shape than saved.
     """
-    names = [f"{path}{WEIGHT_SUFFIX}" for path in layout]
-    try:
-        layers = linear_modules(model, names)
-    except ValueError as exc:
-        raise PlanError(f"saved relaxed layers do not fit this model: {exc}") from exc
     shared: dict[str, nn.Parameter] = {}
-    for path, spec in layout.items():
-        module, transposed = layers[f"{path}{WEIGHT_SUFFIX}"]
-        w = module.weight.T if transposed else module.weight
+    for path, spec, module, w in saved_layers(model, layout, "relaxed"):
         d_out, d_in, rank = spec["out"], spec["in"], spec["rank"]
-        if tuple(w.shape) != (d_out, d_in):
-            raise PlanError(f"{path} is {tuple(w.shape)} here but {(d_out, d_in)} when saved")
         key = spec["shared"]
         if key not in shared:
             shared[key] = nn.Parameter(w.new_zeros(d_out, d_in), requires_grad=w.requires_grad)

@@ -15,12 +15,13 @@ from hessian_worker.basis.apply import apply_basis_plan
 from hessian_worker.basis.fill import ALLOCATED, UNIFORM, basis_budget_note, fill_plan
 from hessian_worker.basis.io import load_basis, save_basis
 from hessian_worker.basis.measure import BasisSubstitutes
-from hessian_worker.basis.modules import dense_weights, has_basis_layers
+from hessian_worker.basis.modules import has_basis_layers
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, DataSource
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.losses import TaskLoss
 from hessian_worker.merge import Merge
 from hessian_worker.prepare import Prepared, prepare

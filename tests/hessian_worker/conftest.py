@@ -54,3 +54,11 @@ def bert_query_obj() -> Objective:
     model = tiny_bert()
     names = [x.name for x in discover_layers(model, targets=["re:.*query.weight"])]
     return Objective(model, bert_data(), names)
+
+
+@pytest.fixture
+def factory_cli(tmp_path) -> list[str]:
+    """CLI flags for hw_cases:factory (three 4x4 layers) on 16 float64 calibration rows saved to disk."""
+    data = tmp_path / "calib.pt"
+    torch.save(torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), data)
+    return ["--model", "hw_cases:factory", "--data", str(data), "--dtype", "float64", "--device", "cpu", "--quiet"]

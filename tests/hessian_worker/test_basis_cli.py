@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 from hw_cases import factory
 
 from geoshare.cli import main
@@ -16,16 +14,9 @@ from hessian_worker.tying import unique_params
 from solver.schema import SharingPlan, SharingProblem, Side
 
 
-@pytest.fixture
-def common(tmp_path) -> list[str]:
-    data = tmp_path / "calib.pt"
-    torch.save(torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), data)
-    return ["--model", "hw_cases:factory", "--data", str(data), "--dtype", "float64", "--device", "cpu", "--quiet"]
-
-
-def test_analyze_solve_apply_load(tmp_path, common, capsys) -> None:
+def test_analyze_solve_apply_load(tmp_path, factory_cli, capsys) -> None:
     problem_path, plan_path, out = tmp_path / "problem.json", tmp_path / "plan.json", tmp_path / "out"
-    assert main(["analyze", *common, "--scheme", "basis", "--rank", "1", "-o", str(problem_path)]) == 0
+    assert main(["analyze", *factory_cli, "--scheme", "basis", "--rank", "1", "-o", str(problem_path)]) == 0
     problem = SharingProblem.model_validate_json(problem_path.read_text())
     spec = problem.families["fc.weight"]
     assert (spec.scheme.value, spec.rank, spec.side, spec.class_params, spec.member_params) == (
@@ -38,10 +29,10 @@ def test_analyze_solve_apply_load(tmp_path, common, capsys) -> None:
     capsys.readouterr()
 
     # without the problem the plan cannot be applied right: a clear error, nothing written
-    rc = main(["apply", *common, "--plan", str(plan_path), "--out", str(out)])
+    rc = main(["apply", *factory_cli, "--plan", str(plan_path), "--out", str(out)])
     assert rc == 2 and "--problem" in capsys.readouterr().err and not out.exists()
 
-    rc = main(["apply", *common, "--plan", str(plan_path), "--problem", str(problem_path), "--out", str(out)])
+    rc = main(["apply", *factory_cli, "--plan", str(plan_path), "--problem", str(problem_path), "--out", str(out)])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["scheme"] == "basis" and report["sides"] == {"fc.weight": "out"}
@@ -60,38 +51,38 @@ def test_analyze_solve_apply_load(tmp_path, common, capsys) -> None:
     assert before - unique_params(model) == 48 - plan.params.shared
 
 
-def test_side_and_rank_ratio_options(tmp_path, common, capsys) -> None:
+def test_side_and_rank_ratio_options(tmp_path, factory_cli, capsys) -> None:
     path = tmp_path / "problem.json"
-    args = ["analyze", *common, "--scheme", "basis", "--rank-ratio", "0.5", "--side", "in", "-o", str(path)]
+    args = ["analyze", *factory_cli, "--scheme", "basis", "--rank-ratio", "0.5", "--side", "in", "-o", str(path)]
     assert main(args) == 0
     spec = SharingProblem.model_validate_json(path.read_text()).families["fc.weight"]
     assert (spec.rank, spec.side, spec.class_params, spec.member_params) == (2, Side.in_, 8, 8)
     capsys.readouterr()
-    assert main(["analyze", *common, "--side", "in", "-o", str(path)]) == 2
+    assert main(["analyze", *factory_cli, "--side", "in", "-o", str(path)]) == 2
     assert "--scheme basis" in capsys.readouterr().err
-    assert main(["analyze", *common, "--scheme", "basis", "--rank", "1", "--rank-ratio", "0.5", "-o", str(path)]) == 2
+    assert main(["analyze", *factory_cli, "--scheme", "basis", "--rank", "1", "--rank-ratio", "0.5", "-o", str(path)]) == 2
     assert "not both" in capsys.readouterr().err
-    assert main(["compress", *common, "--ratio", "0.5", "--rank", "1", "--out", str(tmp_path / "o")]) == 2
+    assert main(["compress", *factory_cli, "--ratio", "0.5", "--rank", "1", "--out", str(tmp_path / "o")]) == 2
     assert "--scheme basis" in capsys.readouterr().err
 
 
-def test_output_weighting_can_be_turned_off(tmp_path, common, capsys) -> None:
+def test_output_weighting_can_be_turned_off(tmp_path, factory_cli, capsys) -> None:
     costs = []
     for i, flag in enumerate(([], ["--no-output-weighting"])):
         path = tmp_path / f"problem{i}.json"
-        assert main(["analyze", *common, "--scheme", "basis", "--rank", "1", *flag, "-o", str(path)]) == 0
+        assert main(["analyze", *factory_cli, "--scheme", "basis", "--rank", "1", *flag, "-o", str(path)]) == 0
         costs.append(SharingProblem.model_validate_json(path.read_text()).costs.unary)
     # output-weighted costs are loss changes: another scale per layer, not one factor for all
     ratios = [a / b for a, b in zip(costs[0], costs[1], strict=True)]
     assert max(ratios) > 1.5 * min(ratios)
     capsys.readouterr()
-    assert main(["analyze", *common, "--no-output-weighting", "-o", str(tmp_path / "p.json")]) == 2
+    assert main(["analyze", *factory_cli, "--no-output-weighting", "-o", str(tmp_path / "p.json")]) == 2
     assert "--scheme basis" in capsys.readouterr().err
 
 
-def test_compress_with_shared_bases(tmp_path, common, capsys) -> None:
+def test_compress_with_shared_bases(tmp_path, factory_cli, capsys) -> None:
     out = tmp_path / "out"
-    args = ["compress", *common, "--ratio", "0.6", "--scheme", "basis", "--rank", "1", "--top", "4",
+    args = ["compress", *factory_cli, "--ratio", "0.6", "--scheme", "basis", "--rank", "1", "--top", "4",
             "--out", str(out)]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)

@@ -23,10 +23,10 @@ from hessian_worker.basis.fill import (
     greedy_ranks,
     uniform_start,
 )
-from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.per_layer import STRATEGY, per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.measure import measure_loss, measure_plans
 from solver import SolveConfig
 from solver.candidates import candidate_plans

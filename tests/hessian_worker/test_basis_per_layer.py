@@ -13,10 +13,11 @@ from hessian_worker.analysis import analyze
 from hessian_worker.basis.analysis import score_classes, side_of
 from hessian_worker.basis.apply import apply_basis_plan
 from hessian_worker.basis.fill import ALLOCATED, UNIFORM, family_costs, fill_plan, uniform_start
-from hessian_worker.basis.modules import BasisLinear, dense_weights
+from hessian_worker.basis.modules import BasisLinear
 from hessian_worker.basis.per_layer import STRATEGY, per_layer_candidate
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.pipeline import CompressConfig, compress
 from hessian_worker.tying import unique_params

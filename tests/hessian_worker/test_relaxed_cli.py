@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from hw_cases import factory
 
@@ -16,16 +15,9 @@ from hessian_worker.tying import unique_params
 from solver.schema import SharingPlan, SharingProblem
 
 
-@pytest.fixture
-def common(tmp_path) -> list[str]:
-    data = tmp_path / "calib.pt"
-    torch.save(torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64), data)
-    return ["--model", "hw_cases:factory", "--data", str(data), "--dtype", "float64", "--device", "cpu", "--quiet"]
-
-
-def test_analyze_solve_apply_load(tmp_path, common, capsys) -> None:
+def test_analyze_solve_apply_load(tmp_path, factory_cli, capsys) -> None:
     problem_path, plan_path, out = tmp_path / "problem.json", tmp_path / "plan.json", tmp_path / "out"
-    assert main(["analyze", *common, "--scheme", "relaxed", "--correction-rank", "1", "-o", str(problem_path)]) == 0
+    assert main(["analyze", *factory_cli, "--scheme", "relaxed", "--correction-rank", "1", "-o", str(problem_path)]) == 0
     problem = SharingProblem.model_validate_json(problem_path.read_text())
     spec = problem.families["fc.weight"]
     assert (spec.scheme.value, spec.rank, spec.class_params, spec.member_params) == ("relaxed", 1, 16, 8)
@@ -34,9 +26,9 @@ def test_analyze_solve_apply_load(tmp_path, common, capsys) -> None:
     assert plan.params.shared == 16 + 3 * 8  # one class of three: the only plan within 43
     capsys.readouterr()
 
-    rc = main(["apply", *common, "--plan", str(plan_path), "--out", str(out)])  # no problem: refused
+    rc = main(["apply", *factory_cli, "--plan", str(plan_path), "--out", str(out)])  # no problem: refused
     assert rc == 2 and "--problem" in capsys.readouterr().err and not out.exists()
-    rc = main(["apply", *common, "--plan", str(plan_path), "--problem", str(problem_path), "--out", str(out)])
+    rc = main(["apply", *factory_cli, "--plan", str(plan_path), "--problem", str(problem_path), "--out", str(out)])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["scheme"] == "relaxed" and report["ranks"] == {"fc.weight": 1}
@@ -53,9 +45,9 @@ def test_analyze_solve_apply_load(tmp_path, common, capsys) -> None:
     assert before - unique_params(model) == 48 - plan.params.shared
 
 
-def test_compress_with_relaxed_sharing(tmp_path, common, capsys) -> None:
+def test_compress_with_relaxed_sharing(tmp_path, factory_cli, capsys) -> None:
     out = tmp_path / "out"
-    args = ["compress", *common, "--ratio", "0.9", "--scheme", "relaxed", "--correction-rank", "1", "--top", "4",
+    args = ["compress", *factory_cli, "--ratio", "0.9", "--scheme", "relaxed", "--correction-rank", "1", "--top", "4",
             "--out", str(out)]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
@@ -73,14 +65,14 @@ def test_compress_with_relaxed_sharing(tmp_path, common, capsys) -> None:
         assert 0 < float((model(x) - reference(x)).abs().max()) < 1.0
 
 
-def test_correction_rank_needs_the_relaxed_scheme(common, capsys, tmp_path) -> None:
-    rc = main(["analyze", *common, "--correction-rank", "2", "-o", str(tmp_path / "p.json")])
+def test_correction_rank_needs_the_relaxed_scheme(factory_cli, capsys, tmp_path) -> None:
+    rc = main(["analyze", *factory_cli, "--correction-rank", "2", "-o", str(tmp_path / "p.json")])
     assert rc == 2 and "--scheme relaxed" in capsys.readouterr().err
-    rc = main(["analyze", *common, "--scheme", "relaxed", "--correction-rank", "2", "--rank-ratio", "0.1",
+    rc = main(["analyze", *factory_cli, "--scheme", "relaxed", "--correction-rank", "2", "--rank-ratio", "0.1",
                "-o", str(tmp_path / "p.json")])
     assert rc == 2 and "not both" in capsys.readouterr().err
     # --rank-ratio and --no-output-weighting are the relaxed scheme's too
-    assert main(["analyze", *common, "--scheme", "relaxed", "--rank-ratio", "0.5", "--no-output-weighting",
+    assert main(["analyze", *factory_cli, "--scheme", "relaxed", "--rank-ratio", "0.5", "--no-output-weighting",
                  "-o", str(tmp_path / "p.json")]) == 0
     problem = SharingProblem.model_validate_json((tmp_path / "p.json").read_text())
     assert problem.families["fc.weight"].rank == 2
