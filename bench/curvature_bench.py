@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from bench.corpus import split
-from bench.evaluate import spearman
 from hessian_worker import AnalyzeConfig, analyze, load_model
 from hessian_worker.curvature.projected import native_bfloat16
+from hessian_worker.ranking import spearman
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS: dict[str, dict] = {

@@ -48,6 +48,7 @@ from hessian_worker.data import holdout_size, load_calibration
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
 from hessian_worker.pipeline import merge_covariances
+from hessian_worker.ranking import spearman
 from hessian_worker.tying import curvature_weights
 from solver import SharingPlan, SharingProblem, SolveConfig, solve
 from solver.baselines import baseline
@@ -179,22 +180,6 @@ def geo_healed(task: Task, pool: list[SharingPlan], measured: list[float], runne
                            layerwise=runner.covariances)
     model = choice.model.eval()
     return choice.plan, {"healed": (task.score(model), runner.loss(model))}
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-
-    def ranks(v: list[float]) -> np.ndarray:
-        a = np.asarray(v, dtype=float)
-        order = a.argsort(kind="stable")
-        r = np.empty(len(a))
-        r[order] = np.arange(len(a), dtype=float)
-        for value in np.unique(a):
-            tie = a == value
-            r[tie] = r[tie].mean()
-        return r
-
-    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
 
 
 def rank_agreement(problems: dict[str, SharingProblem], runner: Runner, n: int, seed: int) -> dict:

@@ -7,7 +7,7 @@ costs, batch size 8, the task's ``distill`` loss, seed 0), in one run:
   one; the rounds interleave the variants, so a slow spell of the shared machine falls on all of
   them alike) and its ratio to exact's,
 - the Spearman rank correlation of its pair costs with exact's, over all same-family pairs and per
-  family (bench/evaluate.py's ``spearman``).
+  family (hessian_worker.ranking's ``spearman``).
 
 Variants: exact (the reference: one forward-mode GGN quadratic form per pair), kfac with the whole
 input factor (``rank=None``) and with the default rank 64 (+64 oversampled sketch columns), both
@@ -48,9 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from bench.evaluate import spearman
 from bench.tasks.base import Task
 from hessian_worker import AnalyzeConfig, analyze
+from hessian_worker.ranking import spearman
 from solver import SharingProblem
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from bench.evaluate import costs_for, spearman, union
+from bench.evaluate import costs_for, union
 from bench.tasks import load_task
 from hessian_worker import AnalyzeConfig
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.measure import measure_plans
 from hessian_worker.prepare import prepare
+from hessian_worker.ranking import spearman
 from solver import SolveConfig
 from solver.candidates import candidate_plans
 
