@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from enum import Enum
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from hessian_worker.options import Backend as WorkerBackend
+from hessian_worker.options import Backend  # the worker's backends, kfac included
 from service.compress import CompressReport, CompressSpec
 from service.problems import ProblemDetail
 from service.states import JobState
@@ -72,13 +71,6 @@ class FrontierJob(_JobView):
     def of(cls, job: Job) -> FrontierJob:
         front = Frontier.model_validate_json(job.result) if job.result else None
         return cls(frontier=front, **_common(job, "/v1/frontiers", events=False))
-
-
-# the worker's backends but kfac, which the API has never offered (its values stay the four it had);
-# the CLI's `geoshare analyze` and `compress` take it
-Backend = Enum("Backend", {b.name: b.value for b in WorkerBackend if b is not WorkerBackend.kfac},
-               type=str, module=__name__)
-Backend.__doc__ = "Curvature backends of hessian_worker (hessian_worker.options.Backend) that the API accepts."
 
 
 class AnalysisSpec(_Request):

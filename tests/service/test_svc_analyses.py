@@ -153,3 +153,38 @@ def test_worker_real_cpu_analysis(server, api, tmp_path: Path):
     final = api.wait_analysis(job["id"], timeout=60)
     assert final["state"] == "succeeded", final.get("error")
     assert len(final["problem"]["layers"]) >= 4 and final["plan"]["params"]["ratio"] <= 0.75
+
+
+def test_worker_streams_a_decoder_checkpoint_with_the_kfac_backend(server, api, tmp_path: Path):
+    """backend kfac over the API: the worker streams a LLaMA checkpoint block by block, and the costs
+    are those `analyze_checkpoint` computes on this machine with the same settings."""
+    torch = pytest.importorskip("torch")
+    from hessian_worker import AnalyzeConfig
+    from hessian_worker.llm import analyze_checkpoint
+    from hessian_worker.llm.synthetic import (
+        SHAPES,
+        decoder_config,
+        random_tokens,
+        write_random_checkpoint,
+    )
+
+    llama = tmp_path / "llama"
+    write_random_checkpoint(decoder_config("llama", **SHAPES["tiny"]), llama, dtype=torch.float32, std=0.2)
+    calib = llama / "calib.pt"
+    torch.save(random_tokens(SHAPES["tiny"]["vocab_size"], 8, 12, seed=1), calib)
+    job = api.submit_analysis({"model": str(llama), "data": str(calib), "backend": "kfac", "ratio": 0.7,
+                               "seed": 3, "time_limit_s": 5})
+    assert job["spec"]["backend"] == "kfac"
+    assert run_worker(server.url, poll_s=0.1, max_jobs=1, device="cpu") == 1
+    final = api.wait_analysis(job["id"], timeout=120)
+    assert final["state"] == "succeeded", final.get("error")
+    got = SharingProblem.model_validate(final["problem"])
+    assert got.source["streamed"] is True and got.source["backend"] == "kfac"
+    here = analyze_checkpoint(llama, str(calib), AnalyzeConfig(backend="kfac", seed=3, max_params_ratio=0.7,
+                                                               device="cpu", progress=False))
+    assert [x.name for x in got.layers] == [x.name for x in here.layers]
+    pairs = [(i, j) for i, row in enumerate(here.costs.matrix) for j, v in enumerate(row) if v is not None]
+    assert pairs and all(got.costs.matrix[i][j] is not None for i, j in pairs)
+    assert [got.costs.matrix[i][j] for i, j in pairs] == pytest.approx([here.costs.matrix[i][j] for i, j in pairs],
+                                                                       rel=1e-6)
+    assert final["plan"]["params"]["ratio"] <= 0.7
