@@ -34,7 +34,12 @@ from bench.corpus import corpus_sentences, splits
 from bench.cross_domain import DOMAINS, calibrated_runner, domain_task, plans_of
 from bench.evaluate import union
 from hessian_worker import AnalyzeConfig, apply_plan
-from hessian_worker.curvature.layerwise import LayerwiseCurvature, SecondMoments, input_moments, linear_modules
+from hessian_worker.curvature.layerwise import (
+    LayerwiseCurvature,
+    SecondMoments,
+    input_moments,
+    linear_modules,
+)
 from hessian_worker.curvature.shrinkage import shrink
 from hessian_worker.options import Shrinkage
 from hessian_worker.prepare import prepare
@@ -53,9 +58,19 @@ def moments_of(task, sentences: list[str], names: list[str]) -> dict[str, Second
         return input_moments(prep.model, prep.data, names)
 
 
-def curvature(model: torch.nn.Module, moments: dict[str, SecondMoments], rho: float) -> LayerwiseCurvature:
+def shrink_to_diagonal(cov: torch.Tensor, rho: float) -> torch.Tensor:
+    """(1 − ρ) G + ρ diag(G): keeps every input's variance, pulls the correlations to zero."""
+    out = (1.0 - rho) * cov
+    out.diagonal().add_(rho * cov.diagonal())
+    return out
+
+
+def curvature(model: torch.nn.Module, moments: dict[str, SecondMoments], rho: float,
+              target: str = "identity") -> LayerwiseCurvature:
+    """The layerwise merge's covariances, shrunk by ρ toward tr(G)/d·I or toward diag(G)."""
     layers = linear_modules(model, list(moments))
-    return LayerwiseCurvature({n: shrink(m.covariance.clone(), rho) for n, m in moments.items()},
+    pull = shrink if target == "identity" else shrink_to_diagonal
+    return LayerwiseCurvature({n: pull(m.covariance.clone(), rho) for n, m in moments.items()},
                               {n: t for n, (_, t) in layers.items()}, {n: rho for n in moments})
 
 
@@ -95,7 +110,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "cross_domain_diagnosis"))
+    ap.add_argument("--more", action="store_true", help="keep --out's plans and results; add the diagonal-target "
+                    "shrinkage and the merge fitted on both domains' rows")
     args = ap.parse_args()
+    if args.more:
+        more_levers(args)
+        return
     args.random_seeds = 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -145,8 +165,8 @@ def main() -> None:
             room = len(corpus_sentences(a)) - 16 - 64 - 128
             for n in args.extra:
                 n = min(n, room)
-                more = splits((16, 64, 128, n), args.seed, a)[3]
-                data = fit_data[a] + more
+                extra = splits((16, 64, 128, n), args.seed, a)[3]
+                data = fit_data[a] + extra
                 m = moments_of(tasks[a], data, names)
                 levers["extra"][a][str(n)] = {e: score(tasks[e], plans[a], curvature(tasks[a].model, m, 0.0), data)
                                               for e in doms}
@@ -156,6 +176,45 @@ def main() -> None:
         out["meta"]["seconds"] = round(time.perf_counter() - started, 1)
         Path(args.out).with_suffix(".json").write_text(json.dumps(out, indent=1))
     print(f"{time.perf_counter() - started:.0f} s")
+
+
+DIAGONAL_RHOS = [0.1, 0.3, 0.5, 0.7, 1.0]
+
+
+def more_levers(args: argparse.Namespace) -> None:
+    """Levers on --out's plans: shrinkage toward diag(G), and the merge fitted on both domains (a ceiling)."""
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    path = Path(args.out).with_suffix(".json")
+    out = json.loads(path.read_text())
+    doms = DOMAINS[args.model]
+    tasks = {d: domain_task(args.model, d, args.seed) for d in doms}
+    names = None
+    fit: dict = {}
+    for ratio, per in out["ratios"].items():
+        plans = {d: SharingPlan.model_validate(p) for d, p in per["plans"].items()}
+        if names is None:
+            from bench.evaluate import costs_for
+            names = [layer.name for layer in costs_for(tasks[doms[0]], "exact", args.seed).layers]
+            fit = {d: moments_of(tasks[d], union(tasks[d].calibration, tasks[d].validation), names) for d in doms}
+            both = {n: SecondMoments(fit[doms[0]][n].total + fit[doms[1]][n].total,
+                                     fit[doms[0]][n].rows + fit[doms[1]][n].rows) for n in names}
+        data = {d: union(tasks[d].calibration, tasks[d].validation) for d in doms}
+        levers = per["levers"]
+        levers["diagonal"] = {}
+        levers["both"] = {}
+        for a in doms:
+            levers["diagonal"][a] = {f"{r:g}": {e: score(tasks[e], plans[a], curvature(tasks[a].model, fit[a], r,
+                                                                                       "diagonal"), data[a])
+                                                for e in doms} for r in DIAGONAL_RHOS}
+            print(ratio, a, "diagonal", levers["diagonal"][a], flush=True)
+            levers["both"][a] = {e: score(tasks[e], plans[a], curvature(tasks[a].model, both, 0.0), data[a])
+                                 for e in doms}
+            print(ratio, a, "both", levers["both"][a], flush=True)
+        out["meta"]["command"] += " ; " + " ".join([Path(sys.executable).name, *sys.argv])
+        out["meta"]["seconds"] += round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        path.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
