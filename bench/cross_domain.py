@@ -34,11 +34,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.evaluate import HEURISTICS, Runner, costs_for, geo_candidates, union, weight_distances
+from bench.evaluate import (
+    HEURISTICS,
+    Runner,
+    choice_data,
+    costs_for,
+    geo_candidates,
+    union,
+    weight_distances,
+)
 from bench.tasks.base import Task
 from geoshare.cli.model_flags import shrinkage_setting
 from hessian_worker import AnalyzeConfig
 from hessian_worker.data import load_calibration
+from hessian_worker.intensity_choice import choose_intensity, with_intensity
 from hessian_worker.merge_rule import default_merge
 from hessian_worker.options import Shrinkage, ShrinkageSetting
 from hessian_worker.pipeline import merge_covariances
@@ -101,6 +110,23 @@ def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int) -> tuple
     return runner, merge
 
 
+def merges_of(plans: list[SharingPlan], task: Task, runner: Runner, merge: str, setting: ShrinkageSetting,
+              args: argparse.Namespace) -> tuple[list, list[float] | None]:
+    """Each plan's layerwise covariances (None: the runner's) and, with shrinkage 'held-out', the
+    intensity compress would choose for it (hessian_worker.intensity_choice) on the choice's held-out
+    part of the validation split, applied to the runner's covariances."""
+    if setting is not Shrinkage.held_out or merge != "layerwise" or runner.covariances is None:
+        return [None] * len(plans), None
+    if getattr(runner, "choice", None) is None:
+        runner.choice = choice_data(task, runner.problem, runner, merge, args.choice_holdout)
+    score_data, fitted = runner.choice
+    if fitted is runner.covariances:  # no held-out samples: nothing to choose on
+        return [None] * len(plans), None
+    rhos = [choose_intensity(task.model, score_data, p, fitted, runner.quiet, tokenizer=task.tokenizer).intensity
+            for p in plans]
+    return [with_intensity(runner.covariances, r) for r in rhos], rhos
+
+
 def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list[dict], out: Path) -> None:
     """Every (shrinkage, calibration domain, budget, strategy) cell of one model, appended to rows."""
     tasks = {d: domain_task(model, d, args.seed) for d in DOMAINS[model]}
@@ -116,8 +142,9 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
                 if not plans:
                     continue  # e.g. all-share cannot meet a loose budget
                 scores: dict[str, list[float]] = {d: [] for d in tasks}
-                for plan in plans:
-                    tied = runner.tied(plan, merge)
+                merges, chosen = merges_of(plans, task, runner, merge, setting, args)
+                for plan, layerwise in zip(plans, merges, strict=True):
+                    tied = runner.tied(plan, merge, layerwise)
                     for domain, other in tasks.items():
                         scores[domain].append(other.score(tied))
                 for domain in tasks:
@@ -126,10 +153,16 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
                         "evaluated_on": domain, "ratio": ratio, "strategy": strategy, "merge": merge,
                         "score": float(np.mean(scores[domain])), "plans": len(plans),
                         "params_ratio": float(np.mean([p.params.ratio for p in plans])),
-                        "intensity": {"mean": float(np.mean(rhos)), "min": float(np.min(rhos)),
-                                      "max": float(np.max(rhos))} if rhos else None,
+                        "intensity": summary(chosen if chosen is not None else rhos),
                     })
                 save(rows, args, out)
+
+
+def summary(rhos: list[float]) -> dict[str, float] | None:
+    """Mean, min and max of the intensities a cell's merges used."""
+    if not rhos:
+        return None
+    return {"mean": float(np.mean(rhos)), "min": float(np.min(rhos)), "max": float(np.max(rhos))}
 
 
 def save(rows: list[dict], args: argparse.Namespace, out: Path) -> None:

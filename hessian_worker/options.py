@@ -126,6 +126,9 @@ class Shrinkage(str, Enum):
     none = "none"
     ledoit_wolf = "ledoit-wolf"  # intensity from the spread of the samples' contributions
     oas = "oas"  # Oracle-Approximating Shrinkage, Gaussian samples
+    # compress: the layerwise merge's ρ of least loss on the choice's held-out samples
+    # (hessian_worker.intensity_choice); none where nothing is measured (costs, whitening, apply)
+    held_out = "held-out"
 
 
 # an estimator, or the intensity itself (0: the sample covariance, 1: its scaled identity)
