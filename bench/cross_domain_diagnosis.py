@@ -110,11 +110,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "cross_domain_diagnosis"))
+    ap.add_argument("--report", action="store_true", help="only rewrite the .md from --out's json")
     ap.add_argument("--more", action="store_true", help="keep --out's plans and results; add the diagonal-target "
                     "shrinkage and the merge fitted on both domains' rows")
     args = ap.parse_args()
     if args.more:
         more_levers(args)
+    if args.more or args.report:
+        write(Path(args.out))
         return
     args.random_seeds = 1
     torch.set_num_threads(args.threads)
@@ -176,6 +179,65 @@ def main() -> None:
         out["meta"]["seconds"] = round(time.perf_counter() - started, 1)
         Path(args.out).with_suffix(".json").write_text(json.dumps(out, indent=1))
     print(f"{time.perf_counter() - started:.0f} s")
+    write(Path(args.out))
+
+
+def markdown(out: dict) -> str:
+    """The study's tables: decomposition, coverage, levers (cosine on each evaluation split)."""
+    meta = out["meta"]
+    doms = list(meta["sentences"])
+    a, b = doms
+    lines = ["# MiniLM cross-domain shift: plan or merge, and the merge's levers", "",
+             f"Command: `{meta['command']}`  ", f"{meta['seconds']} s on the shared 2-core machine (one thread; "
+             "other jobs running). Geo's plan per domain as bench/cross_domain.py makes it (shrinkage none; 8 best, 8 "
+             f"normalized, 2 per pattern, choice holdout 0.5); merge fitted on calibration + validation "
+             f"({meta['sentences'][a]} sentences per domain; corpora hold {meta['corpus_size']}). Scores: embedding "
+             "cosine to the original on each domain's 64 evaluation sentences.", "",
+             "## Decomposition of the shift cross(A→B) − in(B→B)", "",
+             "plan part: plan chosen on A, merge fitted on B; merge part: plan chosen on B, merge fitted on A "
+             "(both scored on B).", "",
+             "| ratio | A→B | in(B→B) | cross(A→B) | shift | plan part | merge part |", "|---|---|---|---|---|---|---|"]
+    for ratio, per in out["ratios"].items():
+        g = per["grid"]
+        for x, y in ((a, b), (b, a)):
+            home = g[f"{y}|{y}|{y}"]
+            lines.append(f"| {ratio} | {x}→{y} | {home:.4f} | {g[f'{x}|{x}|{y}']:.4f} | "
+                         f"{g[f'{x}|{x}|{y}'] - home:+.4f} | {g[f'{x}|{y}|{y}'] - home:+.4f} | "
+                         f"{g[f'{y}|{x}|{y}'] - home:+.4f} |")
+    lines += ["", "## Coverage of the input covariances (mean over layers of each width)", "",
+              "rows: calibration rows (tokens); low dims: eigenvalues of G_fit below 1% of their mean; energy: share "
+              "of tr(G) of an evaluation split's inputs in those directions.", "",
+              "| fitted on → evaluated on | width | rows | numerical rank | low dims | own energy there | "
+              "other split's energy there |", "|---|---|---|---|---|---|---|"]
+    for key, per in out["coverage"].items():
+        for width, c in per.items():
+            lines.append(f"| {key} | {width} | {c['rows']:.0f} | {c['rank']:.1f} | {c['low_dims']:.1f} | "
+                         f"{c['own_low_energy']:.4f} | {c['other_low_energy']:.4f} |")
+    titles = {"rho": "ρ toward tr(G)/d·I", "damping": "damping", "diagonal": "ρ toward diag(G)",
+              "extra": "+ sentences"}
+    for ratio, per in out["ratios"].items():
+        lev = per["levers"]
+        lines += ["", f"## Levers at {ratio} (plans fixed; cells: in-domain / cross-domain cosine)", ""]
+        for cal in doms:
+            other = b if cal == a else a
+            lines += [f"calibrated on {cal}: in = on {cal}, cross = on {other}. damping: the merge's ridge as a share "
+                      "of mean diag(G), toward the members' mean (default 0.01); + sentences: more same-domain "
+                      "sentences in the merge's rows.", "",
+                      "| lever | value | in | cross |", "|---|---|---|---|"]
+            for kind, title in titles.items():
+                for value, sc in lev.get(kind, {}).get(cal, {}).items():
+                    lines.append(f"| {title} | {value} | {sc[cal]:.4f} | {sc[other]:.4f} |")
+            if "both" in lev:
+                sc = lev["both"][cal]
+                lines.append(f"| merge fitted on both domains' rows | | {sc[cal]:.4f} | {sc[other]:.4f} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write(out: Path) -> None:
+    result = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
 
 
 DIAGONAL_RHOS = [0.1, 0.3, 0.5, 0.7, 1.0]
@@ -191,6 +253,7 @@ def more_levers(args: argparse.Namespace) -> None:
     tasks = {d: domain_task(args.model, d, args.seed) for d in doms}
     names = None
     fit: dict = {}
+    out["meta"]["command"] += " ; " + " ".join([Path(sys.executable).name, *sys.argv])
     for ratio, per in out["ratios"].items():
         plans = {d: SharingPlan.model_validate(p) for d, p in per["plans"].items()}
         if names is None:
@@ -211,7 +274,6 @@ def more_levers(args: argparse.Namespace) -> None:
             levers["both"][a] = {e: score(tasks[e], plans[a], curvature(tasks[a].model, both, 0.0), data[a])
                                  for e in doms}
             print(ratio, a, "both", levers["both"][a], flush=True)
-        out["meta"]["command"] += " ; " + " ".join([Path(sys.executable).name, *sys.argv])
         out["meta"]["seconds"] += round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         path.write_text(json.dumps(out, indent=1))
