@@ -326,7 +326,8 @@ class AnalyzeConfig(BaseModel):
     shrinkage: ShrinkageSetting = Field(
         Shrinkage.none, description="Input covariances of the layerwise merge and costs and of the basis whitening: "
         "shrunk toward tr(G)/d·I by an intensity estimated from the data (ledoit-wolf, oas), fixed (a number in "
-        "[0, 1]), or not (none).")
+        "[0, 1]), or not (none); held-out: compress chooses the layerwise merge's intensity by its loss on held-out "
+        "samples (hessian_worker.intensity_choice), none elsewhere.")
     dtype: DType = DType.float32
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     progress: bool = True
@@ -401,7 +402,9 @@ class CompressConfig(BaseModel):
     shrinkage: ShrinkageSetting = Field(AnalyzeConfig.model_fields["shrinkage"].default, description="Input "
                                         "covariances of the layerwise merge and costs and of the basis whitening: "
                                         "shrunk toward tr(G)/d·I by an estimated intensity (ledoit-wolf, oas), a "
-                                        "fixed one (a number in [0, 1]) or not (none).")
+                                        "fixed one (a number in [0, 1]) or not (none); held-out: the layerwise "
+                                        "merge's intensity of least loss on the choice's held-out samples, among "
+                                        "0-0.4 (none elsewhere).")
     holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
     samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
     curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")
