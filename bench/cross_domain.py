@@ -45,7 +45,7 @@ from bench.evaluate import (
 )
 from bench.tasks.base import Task
 from geoshare.cli.model_flags import shrinkage_setting
-from hessian_worker import AnalyzeConfig
+from hessian_worker import AnalyzeConfig, CompressConfig
 from hessian_worker.data import load_calibration
 from hessian_worker.intensity_choice import choose_intensity, with_intensity
 from hessian_worker.merge_rule import default_merge
@@ -299,8 +299,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=list(DOMAINS), default=list(DOMAINS))
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.84, 0.67, 0.5])
     ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
-    ap.add_argument("--shrinkage", nargs="+", type=shrinkage_setting, default=[AnalyzeConfig().shrinkage],
-                    help="the merge's covariance shrinkage settings to compare (default: the configs' default)")
+    ap.add_argument("--shrinkage", nargs="+", type=shrinkage_setting, default=[CompressConfig.model_fields["shrinkage"].default],
+                    help="the merge's covariance shrinkage settings to compare (default: compress's default)")
     ap.add_argument("--seed", type=int, default=0)
     # geo's pool and choice: compress's defaults
     ap.add_argument("--top", type=int, default=16, help="geo: K best plans measured")

@@ -399,7 +399,9 @@ class CompressConfig(BaseModel):
                                   "the candidates are scored on, kept out of the covariances they are merged with "
                                   "(scored where it was fitted, the merge flatters the plans it overfits). 0: score "
                                   "on every choice sample.")
-    shrinkage: ShrinkageSetting = Field(AnalyzeConfig.model_fields["shrinkage"].default, description="Input "
+    # held-out: on MiniLM it raised the embedding cosine in and across domains, on the GPT it chose
+    # 0 everywhere (= none); docs/design.md §Covariance shrinkage, bench/results/eval-cross-domain.md
+    shrinkage: ShrinkageSetting = Field(Shrinkage.held_out, description="Input "
                                         "covariances of the layerwise merge and costs and of the basis whitening: "
                                         "shrunk toward tr(G)/d·I by an estimated intensity (ledoit-wolf, oas), a "
                                         "fixed one (a number in [0, 1]) or not (none); held-out: the layerwise "
