@@ -75,6 +75,9 @@ def label(setting: ShrinkageSetting) -> str:
     return setting.value if isinstance(setting, Shrinkage) else f"{setting:g}"
 
 
+PLOTTED = ("none", label(CompressConfig.model_fields["shrinkage"].default))  # the .png's settings
+
+
 def plans_of(strategy: str, task: Task, runner: Runner, config: SolveConfig, merge: str,
              args: argparse.Namespace) -> list[SharingPlan]:
     """The plan(s) a strategy makes on its calibration task (random: one per seed)."""
@@ -198,7 +201,8 @@ def fmt(v: float | None, signed: bool = False) -> str:
 def markdown(result: dict) -> str:
     rows, meta = result["rows"], result["meta"]
     lines = ["# Cross-domain evaluation", "", f"Command: `{meta['command']}`  ",
-             f"{meta['machine']}; {meta['seconds']} s; zero-shot; geo measures the {meta['top']} best plans, the "
+             f"{meta['machine']}; {meta['seconds']} s (the runs above together, on a shared 2-core machine with "
+             f"other jobs running); zero-shot; geo measures the {meta['top']} best plans, the "
              f"{meta['normalized_top']} best by size-normalized costs and {meta['per_pattern']} allocations per "
              f"pattern (choice holdout {meta['choice_holdout']}); random: mean of {meta['random_seeds']} seeds; every "
              "strategy with Geo-Sharing's merge (the product's default rule) fitted on its calibration domain.", "",
@@ -256,7 +260,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), dpi=110, squeeze=False)
     for axrow, model in zip(axes, models, strict=True):
         mine = [r for r in rows if r["model"] == model]
-        settings = list(dict.fromkeys(r["shrinkage"] for r in mine))
+        # none and compress's default (the .md has every setting): more lines would hide them
+        settings = [s for s in dict.fromkeys(r["shrinkage"] for r in mine) if s in PLOTTED]
         for ax, (home, away) in zip(axrow, [DOMAINS[model], DOMAINS[model][::-1]], strict=True):
             for i, setting in enumerate(settings):
                 color = f"C{i}"
@@ -299,7 +304,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=list(DOMAINS), default=list(DOMAINS))
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.84, 0.67, 0.5])
     ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
-    ap.add_argument("--shrinkage", nargs="+", type=shrinkage_setting, default=[CompressConfig.model_fields["shrinkage"].default],
+    ap.add_argument("--shrinkage", nargs="+", type=shrinkage_setting,
+                    default=[CompressConfig.model_fields["shrinkage"].default],
                     help="the merge's covariance shrinkage settings to compare (default: compress's default)")
     ap.add_argument("--seed", type=int, default=0)
     # geo's pool and choice: compress's defaults
