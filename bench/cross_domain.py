@@ -94,9 +94,12 @@ def plans_of(strategy: str, task: Task, runner: Runner, config: SolveConfig, mer
     return [p for p in plans if p.status.value != "infeasible"]
 
 
-def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int) -> tuple[Runner, str]:
+def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int,
+                      choice_holdout: float = 0.5) -> tuple[Runner, str]:
     """A Runner whose merge is Geo-Sharing's default on the task's calibration + validation data,
-    with input covariances shrunk as ``setting`` says; and that merge's name."""
+    with input covariances shrunk as ``setting`` says; and that merge's name. With 'held-out' and
+    the layerwise merge, ``runner.choice`` holds the choice's (score samples, fitted covariances)
+    the intensity is chosen on (None otherwise, or without held-out samples)."""
     problem = costs_for(task, "exact", seed)
     names = [layer.name for layer in problem.layers]
     data = union(task.calibration, task.validation)
@@ -110,21 +113,20 @@ def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int) -> tuple
     runner = Runner(task, None, diag, covariances)
     runner.quiet = quiet  # the choice's covariances (geo_candidates) are shrunk alike
     runner.problem, runner.distances = problem, weight_distances(task.model, problem)
+    runner.choice = None
+    if setting is Shrinkage.held_out and merge == "layerwise":
+        score_data, fitted = choice_data(task, problem, runner, merge, choice_holdout)
+        runner.choice = None if fitted is covariances else (score_data, fitted)
     return runner, merge
 
 
-def merges_of(plans: list[SharingPlan], task: Task, runner: Runner, merge: str, setting: ShrinkageSetting,
-              args: argparse.Namespace) -> tuple[list, list[float] | None]:
+def merges_of(plans: list[SharingPlan], task: Task, runner: Runner) -> tuple[list, list[float] | None]:
     """Each plan's layerwise covariances (None: the runner's) and, with shrinkage 'held-out', the
     intensity compress would choose for it (hessian_worker.intensity_choice) on the choice's held-out
     part of the validation split, applied to the runner's covariances."""
-    if setting is not Shrinkage.held_out or merge != "layerwise" or runner.covariances is None:
+    if runner.choice is None:
         return [None] * len(plans), None
-    if getattr(runner, "choice", None) is None:
-        runner.choice = choice_data(task, runner.problem, runner, merge, args.choice_holdout)
     score_data, fitted = runner.choice
-    if fitted is runner.covariances:  # no held-out samples: nothing to choose on
-        return [None] * len(plans), None
     rhos = [choose_intensity(task.model, score_data, p, fitted, runner.quiet, tokenizer=task.tokenizer).intensity
             for p in plans]
     return [with_intensity(runner.covariances, r) for r in rhos], rhos
@@ -135,7 +137,7 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
     tasks = {d: domain_task(model, d, args.seed) for d in DOMAINS[model]}
     for setting in args.shrinkage:
         for calibrated_on, task in tasks.items():
-            runner, merge = calibrated_runner(task, setting, args.seed)
+            runner, merge = calibrated_runner(task, setting, args.seed, args.choice_holdout)
             rhos = list((runner.covariances.intensities if runner.covariances else {}).values())
             cells = [(r, s) for r in args.budgets for s in args.strategies
                      if (model, label(setting), calibrated_on, r, s) not in done]
@@ -145,7 +147,7 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
                 if not plans:
                     continue  # e.g. all-share cannot meet a loose budget
                 scores: dict[str, list[float]] = {d: [] for d in tasks}
-                merges, chosen = merges_of(plans, task, runner, merge, setting, args)
+                merges, chosen = merges_of(plans, task, runner)
                 for plan, layerwise in zip(plans, merges, strict=True):
                     tied = runner.tied(plan, merge, layerwise)
                     for domain, other in tasks.items():
