@@ -34,11 +34,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.evaluate import HEURISTICS, Runner, costs_for, geo_candidates, union, weight_distances
+from bench.evaluate import (
+    HEURISTICS,
+    Runner,
+    choice_data,
+    costs_for,
+    geo_candidates,
+    union,
+    weight_distances,
+)
 from bench.tasks.base import Task
 from geoshare.cli.model_flags import shrinkage_setting
-from hessian_worker import AnalyzeConfig
+from hessian_worker import AnalyzeConfig, CompressConfig
 from hessian_worker.data import load_calibration
+from hessian_worker.intensity_choice import choose_intensity, with_intensity
 from hessian_worker.merge_rule import default_merge
 from hessian_worker.options import Shrinkage, ShrinkageSetting
 from hessian_worker.pipeline import merge_covariances
@@ -66,6 +75,9 @@ def label(setting: ShrinkageSetting) -> str:
     return setting.value if isinstance(setting, Shrinkage) else f"{setting:g}"
 
 
+PLOTTED = ("none", label(CompressConfig.model_fields["shrinkage"].default))  # the .png's settings
+
+
 def plans_of(strategy: str, task: Task, runner: Runner, config: SolveConfig, merge: str,
              args: argparse.Namespace) -> list[SharingPlan]:
     """The plan(s) a strategy makes on its calibration task (random: one per seed)."""
@@ -82,9 +94,12 @@ def plans_of(strategy: str, task: Task, runner: Runner, config: SolveConfig, mer
     return [p for p in plans if p.status.value != "infeasible"]
 
 
-def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int) -> tuple[Runner, str]:
+def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int,
+                      choice_holdout: float = 0.5) -> tuple[Runner, str]:
     """A Runner whose merge is Geo-Sharing's default on the task's calibration + validation data,
-    with input covariances shrunk as ``setting`` says; and that merge's name."""
+    with input covariances shrunk as ``setting`` says; and that merge's name. With 'held-out' and
+    the layerwise merge, ``runner.choice`` holds the choice's (score samples, fitted covariances)
+    the intensity is chosen on (None otherwise, or without held-out samples)."""
     problem = costs_for(task, "exact", seed)
     names = [layer.name for layer in problem.layers]
     data = union(task.calibration, task.validation)
@@ -98,7 +113,23 @@ def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int) -> tuple
     runner = Runner(task, None, diag, covariances)
     runner.quiet = quiet  # the choice's covariances (geo_candidates) are shrunk alike
     runner.problem, runner.distances = problem, weight_distances(task.model, problem)
+    runner.choice = None
+    if setting is Shrinkage.held_out and merge == "layerwise":
+        score_data, fitted = choice_data(task, problem, runner, merge, choice_holdout)
+        runner.choice = None if fitted is covariances else (score_data, fitted)
     return runner, merge
+
+
+def merges_of(plans: list[SharingPlan], task: Task, runner: Runner) -> tuple[list, list[float] | None]:
+    """Each plan's layerwise covariances (None: the runner's) and, with shrinkage 'held-out', the
+    intensity compress would choose for it (hessian_worker.intensity_choice) on the choice's held-out
+    part of the validation split, applied to the runner's covariances."""
+    if runner.choice is None:
+        return [None] * len(plans), None
+    score_data, fitted = runner.choice
+    rhos = [choose_intensity(task.model, score_data, p, fitted, runner.quiet, tokenizer=task.tokenizer).intensity
+            for p in plans]
+    return [with_intensity(runner.covariances, r) for r in rhos], rhos
 
 
 def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list[dict], out: Path) -> None:
@@ -106,7 +137,7 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
     tasks = {d: domain_task(model, d, args.seed) for d in DOMAINS[model]}
     for setting in args.shrinkage:
         for calibrated_on, task in tasks.items():
-            runner, merge = calibrated_runner(task, setting, args.seed)
+            runner, merge = calibrated_runner(task, setting, args.seed, args.choice_holdout)
             rhos = list((runner.covariances.intensities if runner.covariances else {}).values())
             cells = [(r, s) for r in args.budgets for s in args.strategies
                      if (model, label(setting), calibrated_on, r, s) not in done]
@@ -116,8 +147,9 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
                 if not plans:
                     continue  # e.g. all-share cannot meet a loose budget
                 scores: dict[str, list[float]] = {d: [] for d in tasks}
-                for plan in plans:
-                    tied = runner.tied(plan, merge)
+                merges, chosen = merges_of(plans, task, runner)
+                for plan, layerwise in zip(plans, merges, strict=True):
+                    tied = runner.tied(plan, merge, layerwise)
                     for domain, other in tasks.items():
                         scores[domain].append(other.score(tied))
                 for domain in tasks:
@@ -126,10 +158,16 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
                         "evaluated_on": domain, "ratio": ratio, "strategy": strategy, "merge": merge,
                         "score": float(np.mean(scores[domain])), "plans": len(plans),
                         "params_ratio": float(np.mean([p.params.ratio for p in plans])),
-                        "intensity": {"mean": float(np.mean(rhos)), "min": float(np.min(rhos)),
-                                      "max": float(np.max(rhos))} if rhos else None,
+                        "intensity": summary(chosen if chosen is not None else rhos),
                     })
                 save(rows, args, out)
+
+
+def summary(rhos: list[float]) -> dict[str, float] | None:
+    """Mean, min and max of the intensities a cell's merges used."""
+    if not rhos:
+        return None
+    return {"mean": float(np.mean(rhos)), "min": float(np.min(rhos)), "max": float(np.max(rhos))}
 
 
 def save(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
@@ -165,7 +203,8 @@ def fmt(v: float | None, signed: bool = False) -> str:
 def markdown(result: dict) -> str:
     rows, meta = result["rows"], result["meta"]
     lines = ["# Cross-domain evaluation", "", f"Command: `{meta['command']}`  ",
-             f"{meta['machine']}; {meta['seconds']} s; zero-shot; geo measures the {meta['top']} best plans, the "
+             f"{meta['machine']}; {meta['seconds']} s (the runs above together, on a shared 2-core machine with "
+             f"other jobs running); zero-shot; geo measures the {meta['top']} best plans, the "
              f"{meta['normalized_top']} best by size-normalized costs and {meta['per_pattern']} allocations per "
              f"pattern (choice holdout {meta['choice_holdout']}); random: mean of {meta['random_seeds']} seeds; every "
              "strategy with Geo-Sharing's merge (the product's default rule) fitted on its calibration domain.", "",
@@ -223,7 +262,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), dpi=110, squeeze=False)
     for axrow, model in zip(axes, models, strict=True):
         mine = [r for r in rows if r["model"] == model]
-        settings = list(dict.fromkeys(r["shrinkage"] for r in mine))
+        # none and compress's default (the .md has every setting): more lines would hide them
+        settings = [s for s in dict.fromkeys(r["shrinkage"] for r in mine) if s in PLOTTED]
         for ax, (home, away) in zip(axrow, [DOMAINS[model], DOMAINS[model][::-1]], strict=True):
             for i, setting in enumerate(settings):
                 color = f"C{i}"
@@ -266,8 +306,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=list(DOMAINS), default=list(DOMAINS))
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.84, 0.67, 0.5])
     ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
-    ap.add_argument("--shrinkage", nargs="+", type=shrinkage_setting, default=[AnalyzeConfig().shrinkage],
-                    help="the merge's covariance shrinkage settings to compare (default: the configs' default)")
+    ap.add_argument("--shrinkage", nargs="+", type=shrinkage_setting,
+                    default=[CompressConfig.model_fields["shrinkage"].default],
+                    help="the merge's covariance shrinkage settings to compare (default: compress's default)")
     ap.add_argument("--seed", type=int, default=0)
     # geo's pool and choice: compress's defaults
     ap.add_argument("--top", type=int, default=16, help="geo: K best plans measured")

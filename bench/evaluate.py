@@ -130,10 +130,11 @@ class Runner:
         self.quiet = AnalyzeConfig(distill=task.distill, progress=False)
         self.data = union(task.calibration, task.validation)  # healing and the layerwise merge
 
-    def tied(self, plan: SharingPlan, merge: str) -> torch.nn.Module:
+    def tied(self, plan: SharingPlan, merge: str, layerwise: LayerwiseCurvature | None = None) -> torch.nn.Module:
+        """A tied copy of the model; ``layerwise`` replaces the runner's covariances."""
         model = copy.deepcopy(self.task.model)
-        apply_plan(model, plan, merge, diag=self.diag, layerwise=self.covariances, data=self.data, config=self.quiet,
-                   tokenizer=self.task.tokenizer)
+        apply_plan(model, plan, merge, diag=self.diag, layerwise=layerwise or self.covariances, data=self.data,
+                   config=self.quiet, tokenizer=self.task.tokenizer)
         return model.eval()
 
     def loss(self, model: torch.nn.Module) -> float:
@@ -150,6 +151,20 @@ class Runner:
         return out
 
 
+def choice_data(task: Task, problem: SharingProblem, runner: Runner, merge: str,
+                holdout: float) -> tuple[Any, LayerwiseCurvature | None]:
+    """(samples the choice scores on, the layerwise covariances it merges with), as compress's
+    ``choice_holdout`` splits them: with the layerwise merge, calibration + the first part of
+    validation fit the covariances and the rest of validation is scored on."""
+    held = holdout_size(holdout, len(task.validation))
+    if merge != "layerwise" or not held:
+        return task.validation, runner.covariances
+    cut = len(task.validation) - held
+    return task.validation[cut:], merge_covariances(task.model, union(task.calibration, task.validation[:cut]),
+                                                    [layer.name for layer in problem.layers], runner.quiet,
+                                                    task.tokenizer)
+
+
 def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, runner: Runner, merge: str,
                    args: argparse.Namespace) -> tuple[list[SharingPlan], list[float]]:
     """The product's pool, the K best plans (plain and size-normalized) and the pattern plans, with
@@ -158,13 +173,7 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
     As compress does (``choice_holdout``): with the layerwise merge, the candidates are merged with
     the covariances of calibration + the first part of validation and scored on the rest of it."""
     pool = candidate_plans(problem, config, top=args.top, per_pattern=args.per_pattern, normalized_top=args.normalized_top)
-    score_data, covariances = task.validation, runner.covariances
-    held = holdout_size(args.choice_holdout, len(task.validation))
-    if merge == "layerwise" and held:
-        cut = len(task.validation) - held
-        score_data = task.validation[cut:]
-        covariances = merge_covariances(task.model, union(task.calibration, task.validation[:cut]),
-                                        [layer.name for layer in problem.layers], runner.quiet, task.tokenizer)
+    score_data, covariances = choice_data(task, problem, runner, merge, args.choice_holdout)
     measured = measure_plans(task.model, score_data, pool, runner.quiet, merge=merge, tokenizer=task.tokenizer,
                              diag=runner.diag, layerwise=covariances)
     return pool, measured

@@ -126,6 +126,9 @@ class Shrinkage(str, Enum):
     none = "none"
     ledoit_wolf = "ledoit-wolf"  # intensity from the spread of the samples' contributions
     oas = "oas"  # Oracle-Approximating Shrinkage, Gaussian samples
+    # compress: the layerwise merge's ρ of least loss on the choice's held-out samples
+    # (hessian_worker.intensity_choice); none where nothing is measured (costs, whitening, apply)
+    held_out = "held-out"
 
 
 # an estimator, or the intensity itself (0: the sample covariance, 1: its scaled identity)
@@ -323,7 +326,8 @@ class AnalyzeConfig(BaseModel):
     shrinkage: ShrinkageSetting = Field(
         Shrinkage.none, description="Input covariances of the layerwise merge and costs and of the basis whitening: "
         "shrunk toward tr(G)/d·I by an intensity estimated from the data (ledoit-wolf, oas), fixed (a number in "
-        "[0, 1]), or not (none).")
+        "[0, 1]), or not (none); held-out: compress chooses the layerwise merge's intensity by its loss on held-out "
+        "samples (hessian_worker.intensity_choice), none elsewhere.")
     dtype: DType = DType.float32
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     progress: bool = True
@@ -395,10 +399,14 @@ class CompressConfig(BaseModel):
                                   "the candidates are scored on, kept out of the covariances they are merged with "
                                   "(scored where it was fitted, the merge flatters the plans it overfits). 0: score "
                                   "on every choice sample.")
-    shrinkage: ShrinkageSetting = Field(AnalyzeConfig.model_fields["shrinkage"].default, description="Input "
+    # held-out: on MiniLM it raised the embedding cosine in and across domains, on the GPT it chose
+    # 0 everywhere (= none); docs/design.md §Covariance shrinkage, bench/results/eval-cross-domain.md
+    shrinkage: ShrinkageSetting = Field(Shrinkage.held_out, description="Input "
                                         "covariances of the layerwise merge and costs and of the basis whitening: "
                                         "shrunk toward tr(G)/d·I by an estimated intensity (ledoit-wolf, oas), a "
-                                        "fixed one (a number in [0, 1]) or not (none).")
+                                        "fixed one (a number in [0, 1]) or not (none); held-out: the layerwise "
+                                        "merge's intensity of least loss on the choice's held-out samples, among "
+                                        "0-0.4 (none elsewhere).")
     holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
     samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
     curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")

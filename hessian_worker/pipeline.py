@@ -12,7 +12,10 @@ Curvature costs are the expensive part, so they may use a subset of the calibrat
 (``curvature_samples``); the measured choice uses all of them. With the layerwise merge, whose
 covariances are fitted to data, each candidate is merged with the covariances of one part of the
 choice samples and scored on the other (``choice_holdout``), so the choice does not favour the plans
-the merge overfits; the final tie uses the covariances of all of them.
+the merge overfits; the final tie uses the covariances of all of them. With ``shrinkage='held-out'``
+the chosen plan is then measured on the same held-out samples with those covariances shrunk by each
+intensity of a short grid, and the final tie uses the intensity of least loss
+(hessian_worker.intensity_choice).
 
 With ``scheme='basis'`` the same chain shares low-rank bases instead of whole tensors: basis
 costs (layerwise, whitened, output-weighted into predicted loss changes), the same candidate pool
@@ -49,9 +52,18 @@ from hessian_worker.data import Calibration, DataSource, holdout_size, load_cali
 from hessian_worker.distributed import refuse_in_job
 from hessian_worker.errors import GeoShareError
 from hessian_worker.healing import HealReport, heal
+from hessian_worker.intensity_choice import IntensityChoice, choose_intensity, with_intensity
 from hessian_worker.measure import measure_and_predict, measure_loss, measure_plans
 from hessian_worker.merge_rule import default_merge
-from hessian_worker.options import AUTO_SCHEME, Backend, CompressConfig, DType, HealConfig, Merge
+from hessian_worker.options import (
+    AUTO_SCHEME,
+    Backend,
+    CompressConfig,
+    DType,
+    HealConfig,
+    Merge,
+    Shrinkage,
+)
 from hessian_worker.prepare import prepare
 from hessian_worker.ranking import spearman
 from hessian_worker.schemes import SCHEMES, DataParts, SharingScheme, State, scheme_for
@@ -118,6 +130,11 @@ class CompressReport(BaseModel):
                                                 "Spearman and why it falls short of the ratio, if it does.")
     spearman: float | None = Field(None, description="Spearman of the candidates' second_order predictions against "
                                    "their measured losses, over every candidate of every scheme.")
+    shrinkage_intensity: float | None = Field(None, description="With shrinkage 'held-out' and the layerwise merge: "
+                                              "the intensity the installed merge's covariances were shrunk by, of least "
+                                              "loss on the choice's held-out samples (None: not chosen).")
+    shrinkage_losses: dict[str, float] | None = Field(None, description="With shrinkage_intensity: the chosen plan's "
+                                                      "loss on those samples at each intensity tried.")
 
 
 @dataclass
@@ -136,6 +153,7 @@ class SchemeRun:
     pool: int  # how many of them are the solver's
     measured: list[float]
     predicted: list[float | None]
+    intensity: IntensityChoice | None = None  # shrinkage 'held-out': the layerwise merge's measured choice
 
     def best(self) -> int:
         return min(range(len(self.measured)), key=lambda i: (self.measured[i], i))
@@ -208,6 +226,8 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
         scheme=run.scheme.name,
         schemes=[_summary(r, config.ratio) for r in runs] + skipped,
         spearman=_spearman(candidates),
+        shrinkage_intensity=run.intensity.intensity if run.intensity else None,
+        shrinkage_losses={f"{r:g}": v for r, v in run.intensity.losses.items()} if run.intensity else None,
     )
 
 
@@ -280,9 +300,16 @@ def run_scheme(scheme: SharingScheme, model: nn.Module, fit: Calibration, config
         raise infeasible
     outcomes = _measure(model, score_data, candidates, acfg, config.predict, merge=merge, tokenizer=tokenizer,
                         diag=diag, covs=state, layerwise=scoring or layerwise)
-    return SchemeRun(scheme=scheme, parts=parts, problem=problem, config=acfg, merge=merge, state=state, diag=diag,
-                     layerwise=layerwise, candidates=candidates, pool=len(spent),
-                     measured=[m for m, _ in outcomes], predicted=[p for _, p in outcomes])
+    run = SchemeRun(scheme=scheme, parts=parts, problem=problem, config=acfg, merge=merge, state=state, diag=diag,
+                    layerwise=layerwise, candidates=candidates, pool=len(spent),
+                    measured=[m for m, _ in outcomes], predicted=[p for _, p in outcomes])
+    if config.shrinkage is Shrinkage.held_out and layerwise is not None and scoring is not None:
+        # the winner's merge at each intensity, on the samples the candidates were scored on
+        plan, plan_problem = candidates[run.best()]
+        run.intensity = choose_intensity(model, score_data, plan, scoring, quiet, tokenizer=tokenizer,
+                                         problem=plan_problem, diag=diag, covs=state)
+        run.layerwise = with_intensity(layerwise, run.intensity.intensity)
+    return run
 
 
 def _measure(model: nn.Module, data: Calibration, candidates: list[tuple[SharingPlan, SharingProblem]],

@@ -116,7 +116,8 @@ class CompressSpec(BaseModel):
         None,
         description="Input covariances of the layerwise merge and costs and of the basis whitening: shrunk "
         "toward tr(G)/d·I by an intensity estimated from the data (ledoit-wolf, oas), a fixed intensity (a "
-        "number in [0, 1]) or not (none); default: the pipeline's.",
+        "number in [0, 1]) or not (none); held-out: the layerwise merge's intensity of least loss on the "
+        "choice's held-out samples (none elsewhere); default: the pipeline's.",
     )
 
     @field_validator("out")

@@ -102,7 +102,9 @@ def shrinkage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shrinkage", type=shrinkage_setting, default=None, metavar="|".join(values(Shrinkage)) + "|RHO",
                         help="input covariances of the layerwise merge and costs (and the basis whitening): shrunk "
                              "toward a scaled identity by an intensity estimated from the data (ledoit-wolf, oas), a "
-                             "fixed intensity RHO in [0, 1], or not (none); default: the configs' default")
+                             "fixed intensity RHO in [0, 1], or not (none); held-out (compress): the layerwise "
+                             "merge's intensity of least loss on the choice's held-out samples; default: the "
+                             "configs' default")
 
 
 def shrinkage_setting(text: str) -> Shrinkage | float:

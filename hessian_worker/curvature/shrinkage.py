@@ -18,6 +18,8 @@ supports. ρ comes from the data:
 - ``oas``: Oracle-Approximating Shrinkage (Chen et al. 2010) for Gaussian samples, with n = U,
   ρ = min(1, ((1 − 2/d) tr G² + tr² G) / ((U + 1 − 2/d)(tr G² − tr² G/d))).
 - a number in [0, 1]: that ρ for every layer.
+- ``held-out``: ρ = 0 here; compress measures the layerwise merge at a few intensities on the
+  choice's held-out samples and installs the best (hessian_worker.intensity_choice).
 
 Everything is computed in float64 (the sums of fourth powers overflow float32 precision first).
 """
@@ -87,11 +89,13 @@ def oas_intensity(cov: Tensor, samples: int) -> float:
 def intensity(moments: SecondMoments, setting: ShrinkageSetting) -> float:
     """ρ for one layer under ``setting`` (an estimator or a fixed number)."""
     if isinstance(setting, Shrinkage):
-        if setting is Shrinkage.none:
+        if setting in (Shrinkage.none, Shrinkage.held_out):  # held-out: chosen later, by measurement
             return 0.0
         if setting is Shrinkage.ledoit_wolf:
             return ledoit_wolf_intensity(moments)
-        return oas_intensity(moments.covariance, moments.units)
+        if setting is Shrinkage.oas:
+            return oas_intensity(moments.covariance, moments.units)
+        raise ValueError(f"no intensity rule for shrinkage {setting.value!r}")
     return float(setting)
 
 

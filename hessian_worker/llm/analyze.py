@@ -371,7 +371,7 @@ def check_streamed_backend(config: AnalyzeConfig) -> None:
         raise BackendError(f"backend={config.backend.value!r} needs the whole model in memory; a streamed decoder "
                            "is priced by backend='kfac' (sampled output gradients, loss units) or 'layerwise' "
                            "(and analysed by 'exact' too, a forward per pair)")
-    if config.shrinkage not in (Shrinkage.none, 0.0):
+    if config.shrinkage not in (Shrinkage.none, Shrinkage.held_out, 0.0):  # held-out: chosen by compress's choice
         raise BackendError(f"shrinkage={_setting(config.shrinkage)!r}: a streamed decoder's costs and merge use its "
                            "K-FAC input sums (a sketch's top eigenpairs plus the mean of the rest, itself a shrinkage "
                            "of the spectrum's tail), which are not shrunk further yet; pass --shrinkage none")

@@ -75,17 +75,20 @@ def test_shift_and_lead_in_the_table() -> None:
 
 
 @pytest.mark.slow
-def test_gpt_cells_are_scored_on_both_sources(tmp_path) -> None:
+@pytest.mark.parametrize("setting", ["none", "held-out"])
+def test_gpt_cells_are_scored_on_both_sources(tmp_path, setting: str) -> None:
     """One budget, one heuristic, both calibrations: four cells, each scored on its evaluation
-    split; the tied model is worse than the original everywhere and the json is written."""
+    split; the tied model is worse than the original everywhere and the json is written. With
+    held-out, each cell records the intensity chosen for its plan, one of the grid's."""
     import argparse
     import json
     import time
 
     from bench.cross_domain import domain_task, run_model
+    from hessian_worker.intensity_choice import INTENSITIES
     from hessian_worker.options import Shrinkage
 
-    args = argparse.Namespace(budgets=[0.67], strategies=["sequence"], shrinkage=[Shrinkage.none], seed=0, top=2,
+    args = argparse.Namespace(budgets=[0.67], strategies=["sequence"], shrinkage=[Shrinkage(setting)], seed=0, top=2,
                               normalized_top=0, per_pattern=0, random_seeds=1, choice_holdout=0.5,
                               started=time.perf_counter(), earlier=[], earlier_seconds=0.0)
     rows: list[dict] = []
@@ -96,4 +99,7 @@ def test_gpt_cells_are_scored_on_both_sources(tmp_path) -> None:
         original = domain_task("gpt", source, 0)
         base = original.score(original.model)
         assert all(r["score"] > base for r in rows if r["evaluated_on"] == source)
+    for r in rows:
+        assert r["shrinkage"] == setting and r["intensity"]["min"] == r["intensity"]["max"]
+        assert r["intensity"]["mean"] in (INTENSITIES if setting == "held-out" else (0.0,))
     assert json.loads((tmp_path / "cd.json").read_text())["rows"] == rows

@@ -75,8 +75,10 @@ def test_streamed_exact_costs_equal_the_in_memory_exact_backend(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_streamed_compress_is_the_in_memory_pipeline(name, tmp_path: Path):
     model, data, tokenizer, blocks_of = MODELS[name]()
+    # shrinkage none: the streamed path merges with its K-FAC sums and chooses no intensity (held-out is none there)
     config = CompressConfig(ratio=0.7, backend="kfac", merge="layerwise", dtype="float64", batch_size=4, samples=16,
-                            progress=False, device="cpu", kfac={"rank": None}, top=3, normalized_top=2, per_pattern=1)
+                            progress=False, device="cpu", kfac={"rank": None}, top=3, normalized_top=2, per_pattern=1,
+                            shrinkage="none")
     reference = copy.deepcopy(model)
     streamed = compress_blocks(blocks_of(model), data, config, tmp_path / "streamed", tokenizer=tokenizer)
     for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True):

@@ -45,9 +45,10 @@ def _write(folder: Path, arch: str, *, padded: bool = False, dtype: torch.dtype 
 
 
 def _config(**fields) -> CompressConfig:
+    # shrinkage none: the streamed path chooses no intensity (held-out, the default, is none there)
     base = {"ratio": 0.7, "backend": "kfac", "merge": "layerwise", "dtype": "float64", "batch_size": 4,
             "progress": False, "device": "cpu", "kfac": {"rank": None}, "top": 4, "normalized_top": 2,
-            "per_pattern": 1}
+            "per_pattern": 1, "shrinkage": "none"}
     return CompressConfig(**{**base, **fields})
 
 
