@@ -116,14 +116,7 @@ class Relaxed:
         return least_params(self.fam_shapes, self.sizes, ranks) <= budget
 
     def largest(self, budget: int, classes: dict[str, int]) -> dict[str, int] | None:
-        """The largest uniform-share ranks with ``classes`` classes per family within ``budget``."""
-        top = max(min(s) for s in self.fam_shapes.values()) // 2
-        for k in range(top, 0, -1):
-            ranks = {f: max(1, min(min(s) // 2, k * min(s) // (2 * top))) for f, s in self.fam_shapes.items()}
-            count = sum(classes[f] * o * i + self.sizes[f] * ranks[f] * (o + i) for f, (o, i) in self.fam_shapes.items())
-            if count <= budget:
-                return ranks
-        return None
+        return largest_relaxed_ranks(self.fam_shapes, self.sizes, budget, classes)
 
     def measure(self, plans: list[tuple[SharingPlan, SharingProblem]]) -> list[float]:
         """Validation losses, the plans of one problem measured together (their class fits are cached)."""
@@ -137,6 +130,18 @@ class Relaxed:
             for i, v in zip(idx, values, strict=True):
                 out[i] = v
         return out
+
+
+def largest_relaxed_ranks(fam_shapes: dict[str, tuple[int, int]], sizes: dict[str, int], budget: int,
+                          classes: dict[str, int]) -> dict[str, int] | None:
+    """The largest uniform-share ranks with ``classes`` classes per family within ``budget``."""
+    top = max(min(s) for s in fam_shapes.values()) // 2
+    for k in range(top, 0, -1):
+        ranks = {f: max(1, min(min(s) // 2, k * min(s) // (2 * top))) for f, s in fam_shapes.items()}
+        count = sum(classes[f] * o * i + sizes[f] * ranks[f] * (o + i) for f, (o, i) in fam_shapes.items())
+        if count <= budget:
+            return ranks
+    return None
 
 
 def fixed_plan(problem: SharingProblem, size: int | None, strategy: str) -> SharingPlan:
