@@ -31,6 +31,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from hessian_worker.relaxed.analysis import (
 )
 from hessian_worker.relaxed.apply import apply_relaxed_plan
 from hessian_worker.relaxed.costs import PairSpectra, family_rank, ranks_within
+from hessian_worker.relaxed.holdout import cross_fitted_covariances
 from solver import SharingProblem, SolveConfig
 from solver.planning import solve
 from solver.schema import Costs, Layer
@@ -75,10 +77,13 @@ class Setting:
     calibration: int = 16
     shrinkage: str | float = "none"
     damping: float = 0.01
+    crossfit: bool = False  # the product's default: each family's intensity chosen by cross-fitting
 
 
 SETTINGS = {
     "base": Setting("base"),
+    "crossfit": Setting("crossfit", crossfit=True),
+    "n128-crossfit": Setting("n128-crossfit", calibration=128, crossfit=True),
     "ledoit-wolf": Setting("ledoit-wolf", shrinkage="ledoit-wolf"),
     "oas": Setting("oas", shrinkage="oas"),
     "damping-0.1": Setting("damping-0.1", damping=0.1),
@@ -114,7 +119,8 @@ def covariances(task: Task, data: list[str], names: list[str], config: AnalyzeCo
     return covs
 
 
-def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
+def run(task: Task, args: argparse.Namespace, rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """Appends each setting's rows to ``rows`` (settings already there are skipped), yielding after each."""
     fams, dense = families_of(task.model)
     layers = discover_layers(task.model)
     names = [x.name for x in layers]
@@ -124,7 +130,8 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     assert calib == task.calibration and evaluation == task.evaluation and validation == task.validation
     weights = {n: w.to(DTYPE) for n, w in dense_weights(task.model, names).items()}
     shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
-    plain = AnalyzeConfig(scheme="relaxed", distill=task.distill, seed=args.seed, progress=False)
+    plain = AnalyzeConfig(scheme="relaxed", distill=task.distill, seed=args.seed, progress=False,
+                          relaxed={"shrinkage": []})
     t = time.perf_counter()
     held_covs = covariances(task, held, names, plain)
     eval_covs = covariances(task, evaluation, names, plain)
@@ -132,13 +139,23 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     bproblem = basis_problem(task, largest_rank(fams, budget), fams, args.seed, weighting=True)
     config = SolveConfig(max_params_ratio=args.budget, time_limit_s=10, seed=args.seed)
     options = RelaxedOptions()
-    rows = []
     for key in args.settings:
+        if any(r["setting"] == key for r in rows):
+            continue
         s = SETTINGS[key]
         t = time.perf_counter()
+        relaxed: dict[str, Any] = {"damping": s.damping} if s.crossfit else {"damping": s.damping, "shrinkage": []}
         cfg = AnalyzeConfig(scheme="relaxed", distill=task.distill, seed=args.seed, progress=False,
-                            shrinkage=s.shrinkage, relaxed={"damping": s.damping}, basis={"damping": s.damping})
-        covs = covariances(task, calib + extra[: s.calibration - 16], names, cfg)
+                            shrinkage=s.shrinkage, relaxed=relaxed, basis={"damping": s.damping})
+        data = calib + extra[: s.calibration - 16]
+        if s.crossfit:
+            prep = prepare(copy.deepcopy(task.model), data, cfg, tokenizer=task.tokenizer)
+            with torch.no_grad():
+                fitted = cross_fitted_covariances(prep.model, prep.data, names, cfg)
+            covs, chosen = fitted.covs, {f: c[0] for f, c in fitted.chosen.items()}
+            print(f"  {key}: chosen intensities {chosen}", file=sys.stderr)
+        else:
+            covs, chosen = covariances(task, data, names, cfg), {}
         spectra = PairSpectra(layers, weights, covs, damping=s.damping)
         matrix, unary = spectra.costs({x.family: 1 for x in layers})
         base = SharingProblem(layers=[Layer(name=x.name, family=x.family, params=x.params, index=x.index)
@@ -167,7 +184,7 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
             model.eval()
             delta = {n: w - weights[n] for n, w in effective_weights(model, names).items()}
             row = {"setting": key, "strategy": strategy, "calibration": s.calibration, "shrinkage": s.shrinkage,
-                   "damping": s.damping, "params_ratio": report.plan_params_shared / dense,
+                   "damping": s.damping, "chosen": chosen, "params_ratio": report.plan_params_shared / dense,
                    "objective": plan.objective,
                    "in_sample": quadratic(delta, covs, s.damping),
                    "held_out": quadratic(delta, held_covs, None),
@@ -196,6 +213,8 @@ def markdown(result: dict[str, Any]) -> str:
              "| setting | strategy | params ratio | in-sample | held-out | eval-cov | measured | metric |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if r.get("chosen") and r["strategy"] == "relaxed-loop":
+            lines.append(f"| {r['setting']} | chosen ρ per family: {r['chosen']} | | | | | | |")
         lines.append(f"| {r['setting']} | {r['strategy']} | {r['params_ratio']:.3f} | {r['in_sample']:.4g} | "
                      f"{r['held_out']:.4g} | {r['eval_cov']:.4g} | {r['measured']:.4g} | {r['metric']:.4g} |")
     return "\n".join(lines) + "\n"
@@ -208,6 +227,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "relaxed-generalization"))
+    ap.add_argument("--resume", action="store_true", help="keep the settings already in the .json, run the rest")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -225,8 +245,10 @@ def main() -> None:
         out.with_suffix(".md").write_text(markdown(result))
 
     rows: list[dict[str, Any]] = []
-    for rows in run(task, args):
-        write(rows, True)
+    if args.resume and out.with_suffix(".json").is_file():
+        rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    for done in run(task, args, rows):
+        write(done, True)
     write(rows, False)
 
 

@@ -30,16 +30,21 @@ one SVD per pair for every rank, as the in-sample spectrum (n_i = 1 when B = G̃
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from hessian_worker.basis.decompose import DTYPE, damped, lapack_threads, whitening
+from hessian_worker.basis.modules import dense_weights
+from hessian_worker.basis.scales import layer_output_scales
+from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import input_moments
 from hessian_worker.curvature.shrinkage import SecondMoments, shrink
 from hessian_worker.data import Calibration
-from hessian_worker.discovery import LayerInfo
+from hessian_worker.discovery import LayerInfo, discover_layers
 from hessian_worker.errors import DataError
+from hessian_worker.relaxed.costs import family_ranks
 from hessian_worker.relaxed.decompose import parallel_sum
 
 # the shrinkage intensities tried by default (ρ/(1 − ρ) is the equivalent extra damping)
@@ -147,3 +152,47 @@ def choose_intensities(
             errors[rho] = total
         out[fam] = (min(errors, key=errors.__getitem__), errors)
     return out
+
+
+@dataclass
+class CrossFitted:
+    """The whitening covariances (name -> s_ℓ·shrink(G_ℓ, ρ_f)) and, per family, the chosen ρ_f
+    with the cross-fitted error of every intensity tried."""
+
+    covs: dict[str, Tensor]
+    chosen: dict[str, tuple[float, dict[float, float]]]
+
+
+def cross_fitted_covariances(model: nn.Module, data: Calibration, names: Sequence[str], config: AnalyzeConfig, *,
+                             progress: bool = False) -> CrossFitted:
+    """The relaxed whitening with each family's shrinkage chosen by cross-fitting (module docstring):
+    ``config.relaxed.shrinkage`` are the intensities tried, the pairs are each family's consecutive
+    layers among ``names`` at the family's correction rank (``config.relaxed``: rank or rank_ratio;
+    the budget's lowering is not applied, so analysis, measuring and apply choose alike). Output
+    scales (``config.relaxed.output_weighting``) are fitted once on all of ``data`` and weigh both
+    folds, so the held-out errors are on the costs' scale. ``config.shrinkage`` does not apply.
+
+    Raises:
+        DataError: fewer than two calibration samples.
+        BackendError: a name is not a linear layer's weight.
+    """
+    options = config.relaxed
+    names = list(names)
+    found = {x.name: x for x in discover_layers(model, config.targets, config.ignore, config.families)}
+    # a layer discovery does not list is its own family (no pair: ρ = 0)
+    layers = [found.get(n) or LayerInfo(name=n, family=n, index=i, shape=()) for i, n in enumerate(names)]
+    moments = input_moments(model, data, names, progress=progress)
+    raw = {n: m.covariance for n, m in moments.items()}
+    scales = (layer_output_scales(model, data, names, raw, config) if options.output_weighting
+              else dict.fromkeys(names, 1.0))
+    first, second = fold_moments(model, data, names)
+    folds = ({n: m.covariance * scales[n] for n, m in first.items()},
+             {n: m.covariance * scales[n] for n, m in second.items()})
+    weights = dense_weights(model, names)
+    shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
+    ranks = family_ranks(layers, shapes, options)
+    chosen = choose_intensities(weights, folds, consecutive_pairs(layers, names), ranks,
+                                intensities=options.shrinkage, damping=options.damping)
+    family = {x.name: x.family for x in layers}
+    covs = {n: shrink(raw[n], chosen.get(family[n], (0.0, {}))[0]) * scales[n] for n in names}
+    return CrossFitted(covs, chosen)
