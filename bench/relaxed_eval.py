@@ -21,7 +21,8 @@ Budgets are shares of the shareable (dense) parameters. For each budget B:
 - ``tie``: strict tying, the product's geo plan on bench/evaluate.py's exact GGN costs (bench/basis_eval.py's
   row).
 Every relaxed and basis plan is whitened by the same output-scaled input covariances of the
-calibration split. Each plan is scored zero-shot on the evaluation split (task metric and
+calibration split, the relaxed scheme's (by default each family's shrinkage chosen by cross-fitting,
+hessian_worker/relaxed/holdout.py). Each plan is scored zero-shot on the evaluation split (task metric and
 distillation loss) and, with ``--heal-steps``, after the same self-distillation for every strategy.
 
     python bench/relaxed_eval.py --tasks minilm --budgets 0.8 0.67 0.5 0.4
@@ -72,6 +73,7 @@ from hessian_worker.relaxed.analysis import (
 from hessian_worker.relaxed.apply import apply_relaxed_plan
 from hessian_worker.relaxed.candidates import rank_candidates
 from hessian_worker.relaxed.costs import PairSpectra, family_rank, least_params, ranks_within
+from hessian_worker.relaxed.holdout import cross_fitted_covariances
 from solver import SharingPlan, SharingProblem, SolveConfig
 from solver.baselines import baseline
 from solver.candidates import candidate_plans
@@ -94,8 +96,14 @@ class Relaxed:
         layers = discover_layers(prep.model)
         names = [x.name for x in layers]
         t = time.perf_counter()
+        self.shrinkage: dict[str, float] = {}
         with torch.no_grad():
-            self.covs = relaxed_covariances(prep.model, prep.data, names, self.config)
+            if self.options.shrinkage:  # the product's default: intensities chosen by cross-fitting
+                fitted = cross_fitted_covariances(prep.model, prep.data, names, self.config)
+                self.covs = fitted.covs
+                self.shrinkage = {f: c[0] for f, c in fitted.chosen.items()}
+            else:
+                self.covs = relaxed_covariances(prep.model, prep.data, names, self.config)
             weights = dense_weights(task.model, names)
             self.spectra = PairSpectra(layers, weights, self.covs)
         print(f"  {task.name}: relaxed covariances and pair spectra in {time.perf_counter() - t:.1f} s",
@@ -260,7 +268,7 @@ def summary(task: Task, original: float, rows: list[dict[str, Any]], dense: int,
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
             "original": original, "dense_params": dense,
             "families": {k: {"d_out": f.d_out, "d_in": f.d_in, "layers": f.n} for k, f in fams.items()},
-            "tie_merge": merge.merge, "rank_ratios": rx.options.rank_ratios,
+            "tie_merge": merge.merge, "rank_ratios": rx.options.rank_ratios, "shrinkage": rx.shrinkage,
             "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
@@ -272,6 +280,8 @@ NOTES = [
     "`relaxed-geo` is the product's measured choice (chosen: the candidate's name; relaxed-rank-x:",
     "the optimum at correction-rank share x). The fixed groupings take the largest rank that fits;",
     "`relaxed-sequence` its best share on the validation split. Timings on the shared 2-core machine.",
+    "Every relaxed, basis and svd row whitens with the same covariances: the relaxed scheme's, each",
+    "family's shrinkage intensity chosen by cross-fitting (hessian_worker/relaxed/holdout.py).",
 ]
 
 
@@ -292,6 +302,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"## {name}: {data['metric']} ({better} is better; original {data['original']:.4g})", "",
                   f"{data['dense_params']} shareable params; families: {fams}. Splits: {data['splits']}. "
                   f"Tie merge: {data['tie_merge']}. Rank shares tried: {data['rank_ratios']}. "
+                  f"Whitening shrinkage per family (cross-fitted): {data.get('shrinkage', {})}. "
                   f"Seconds: {data['seconds']}.", ""]
         for regime in sorted({r["regime"] for r in rows}, reverse=True):
             lines += [f"### {regime}: metric (distillation loss on the evaluation split)", "",
