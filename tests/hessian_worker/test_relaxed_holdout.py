@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hw_cases import TinyMLP, mlp_data
 
+from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.shrinkage import shrink
 from hessian_worker.data import Calibration
-from hessian_worker.discovery import LayerInfo
+from hessian_worker.discovery import LayerInfo, discover_layers
 from hessian_worker.errors import DataError
+from hessian_worker.prepare import prepare
+from hessian_worker.relaxed.analysis import relaxed_covariances
 from hessian_worker.relaxed.decompose import pair_fit, pair_spectrum, tail
 from hessian_worker.relaxed.holdout import (
     choose_intensities,
     consecutive_pairs,
+    cross_fitted_covariances,
     halves,
     heldout_error,
     heldout_pair_error,
@@ -103,3 +108,29 @@ def test_halves_split_every_batch_and_refuse_one_sample() -> None:
     assert [t["x"].flatten().tolist() for t in b.batches] == [[1, 3]]
     with pytest.raises(DataError, match="two calibration samples"):
         halves(Calibration([{"x": torch.zeros(1, 1)}]))
+
+
+def test_cross_fitted_whitening_is_the_output_scaled_covariance_shrunk_by_the_chosen_intensity() -> None:
+    torch.manual_seed(0)
+    model = TinyMLP(depth=4).double().eval()
+
+    def config(grid: list[float]) -> AnalyzeConfig:
+        return AnalyzeConfig(scheme="relaxed", relaxed={"rank": 1, "shrinkage": grid}, dtype="float64",
+                             device="cpu", progress=False)
+
+    prep = prepare(model, mlp_data(n=6, batch=3), config([]))
+    names = [x.name for x in discover_layers(prep.model)]
+    plain = relaxed_covariances(prep.model, prep.data, names, config([]))
+    fitted = cross_fitted_covariances(prep.model, prep.data, names, config([0.0, 0.5, 0.9]))
+    family = {x.name: x.family for x in discover_layers(prep.model)}
+    assert set(fitted.chosen) == set(family.values())
+    for fam, (rho, errors) in fitted.chosen.items():
+        assert set(errors) == {0.0, 0.5, 0.9}
+        assert errors[rho] == min(errors.values())
+    for n in names:
+        rho = fitted.chosen[family[n]][0]
+        torch.testing.assert_close(fitted.covs[n], shrink(plain[n], rho), rtol=1e-12, atol=1e-14)
+    # the grid {0} is the unshrunk whitening; relaxed_covariances takes the cross-fitted path
+    same = relaxed_covariances(prep.model, prep.data, names, config([0.0]))
+    for n in names:
+        torch.testing.assert_close(same[n], plain[n], rtol=1e-12, atol=1e-14)
