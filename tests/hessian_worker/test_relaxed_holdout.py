@@ -124,7 +124,7 @@ def test_cross_fitted_whitening_is_the_output_scaled_covariance_shrunk_by_the_ch
     fitted = cross_fitted_covariances(prep.model, prep.data, names, config([0.0, 0.5, 0.9]))
     family = {x.name: x.family for x in discover_layers(prep.model)}
     assert set(fitted.chosen) == set(family.values())
-    for fam, (rho, errors) in fitted.chosen.items():
+    for rho, errors in fitted.chosen.values():
         assert set(errors) == {0.0, 0.5, 0.9}
         assert errors[rho] == min(errors.values())
     for n in names:
