@@ -200,7 +200,8 @@ def relaxed_plans(rx: Relaxed, ratio: float, budget: int, config: SolveConfig,
 
 
 def evaluate_task(task: Task, args: argparse.Namespace,
-                  progress: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+                  progress: Callable[[dict[str, Any]], Any] | None = None,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every row at every budget on one task; ``progress`` gets the results so far after each budget."""
     t0 = time.perf_counter()
     fams, dense = families_of(task.model)
@@ -211,9 +212,11 @@ def evaluate_task(task: Task, args: argparse.Namespace,
     scorer = Scorer(task, args.heal_steps, args.seed, merge)
     tie = costs_for(task, "exact", args.seed)  # bench/evaluate.py's cached exact GGN costs
     bcfg = basis_config(task, args.seed)
-    timings: dict[str, float] = {"setup": time.perf_counter() - t0}
-    rows: list[dict[str, Any]] = []
+    timings: dict[str, float] = {**(previous or {}).get("seconds", {}), "setup": time.perf_counter() - t0}
+    rows: list[dict[str, Any]] = list((previous or {}).get("results", []))  # --resume: budgets done before
     for ratio in args.budgets:
+        if any(r["ratio"] == ratio for r in rows):
+            continue
         budget = math.floor(ratio * dense + 1e-9)
         config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
         t = time.perf_counter()
@@ -288,7 +291,7 @@ NOTES = [
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = ["# Relaxed sharing (W = S_c + A_l B_l) against fixed groupings, tying, shared bases and SVD", "",
-             f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['seconds']} s"
+             *[f"Command: `{c}`  " for c in meta.get("commands", [meta["command"]])], f"{meta['machine']}; {meta['seconds']} s"
              f"{' (partial: the run goes on)' if meta.get('partial') else ''}; healing "
              f"{meta['heal_steps']} steps; pools: the {meta['top']} best plans + size-normalized best + pattern "
              "plans", "", *NOTES, ""]
@@ -366,17 +369,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--out", default=str(RESULTS / "eval-relaxed"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the tasks and budgets already in the .json (same settings), run the rest")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     result: dict[str, Any] = {}
+    if args.resume and Path(args.out).with_suffix(".json").is_file():
+        result = json.loads(Path(args.out).with_suffix(".json").read_text())
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    commands = [*result.get("meta", {}).get("commands", []), command]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write(partial: bool) -> None:
         """The results so far (after every budget: a long run cut off still leaves its tables)."""
-        result["meta"] = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+        result["meta"] = {"command": command, "commands": commands,
                           "machine": f"{platform.machine()} python {platform.python_version()} torch "
                                      f"{torch.__version__}, {args.threads} thread(s)",
                           "seconds": round(time.perf_counter() - t0, 1), "heal_steps": args.heal_steps,
@@ -386,7 +395,8 @@ def main() -> None:
 
     for name in args.tasks:
         result[name] = evaluate_task(load_task(name, quick=args.quick, seed=args.seed), args,
-                                     lambda data, name=name: (result.__setitem__(name, data), write(True)))
+                                     lambda data, name=name: (result.__setitem__(name, data), write(True)),
+                                     previous=result.get(name))
     write(False)
     plot(result, out.with_suffix(".png"))
     print(markdown(result))
