@@ -101,7 +101,7 @@ class Relaxed:
             if self.options.shrinkage:  # the product's default: intensities chosen by cross-fitting
                 fitted = cross_fitted_covariances(prep.model, prep.data, names, self.config)
                 self.covs = fitted.covs
-                self.shrinkage = {f: c[0] for f, c in fitted.chosen.items()}
+                self.shrinkage = {f: round(r, 4) for f, r in fitted.intensity.items()}
             else:
                 self.covs = relaxed_covariances(prep.model, prep.data, names, self.config)
             weights = dense_weights(task.model, names)

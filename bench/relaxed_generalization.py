@@ -84,6 +84,7 @@ SETTINGS = {
     "base": Setting("base"),
     "crossfit": Setting("crossfit", crossfit=True),
     "n128-crossfit": Setting("n128-crossfit", calibration=128, crossfit=True),
+    "crossfit-halved": Setting("crossfit-halved", crossfit=True),
     "ledoit-wolf": Setting("ledoit-wolf", shrinkage="ledoit-wolf"),
     "oas": Setting("oas", shrinkage="oas"),
     "damping-0.1": Setting("damping-0.1", damping=0.1),
@@ -152,7 +153,7 @@ def run(task: Task, args: argparse.Namespace, rows: list[dict[str, Any]]) -> Ite
             prep = prepare(copy.deepcopy(task.model), data, cfg, tokenizer=task.tokenizer)
             with torch.no_grad():
                 fitted = cross_fitted_covariances(prep.model, prep.data, names, cfg)
-            covs, chosen = fitted.covs, {f: c[0] for f, c in fitted.chosen.items()}
+            covs, chosen = fitted.covs, {f: round(r, 4) for f, r in fitted.intensity.items()}
             print(f"  {key}: chosen intensities {chosen}", file=sys.stderr)
         else:
             covs, chosen = covariances(task, data, names, cfg), {}

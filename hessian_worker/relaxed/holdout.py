@@ -10,7 +10,9 @@ plans lose to plain per-layer SVD, which overfits less. Shrinking G toward μI (
 curvature/shrinkage.py) regularizes the fit; how much is a fact about the data, so it is chosen by
 cross-fitting: the calibration samples are split in two halves A and B, pairs are fitted on one
 half's shrunk covariances and scored under the other half's raw ones (an unbiased estimate of the
-error on new inputs), both ways, and the intensity with the least held-out error wins.
+error on new inputs), both ways, and the intensity with the least held-out error wins; it was
+chosen for half the samples, so it is carried to all of them on the ridge scale
+(``full_data_intensity``: measured on MiniLM, the halves' choice applied as is over-shrinks).
 
 The held-out error of a pair fit has a closed form. With the fit's damped covariances G̃₁, G̃₂,
 T = (G̃₁ + G̃₂)⁻¹ and the pair residual R = D − E (D = W₁ − W₂, E = Δ₁ − Δ₂), the S-step gives
@@ -154,21 +156,33 @@ def choose_intensities(
     return out
 
 
+def full_data_intensity(rho: float, fold_units: float, units: float) -> float:
+    """The intensity for all ``units`` samples equivalent to ``rho`` chosen on folds of ``fold_units``:
+    on the ridge scale λ = ρ/(1 − ρ) (Ĝ ∝ G + λμI) the shrinkage a covariance estimate needs falls
+    as 1/U (Ledoit–Wolf's β̄² ∝ 1/U), so λ is scaled by fold_units/units (½ for halves)."""
+    if rho <= 0.0 or units <= 0:
+        return max(rho, 0.0)
+    ridge = rho / (1.0 - rho) * min(1.0, fold_units / units)
+    return ridge / (1.0 + ridge)
+
+
 @dataclass
 class CrossFitted:
-    """The whitening covariances (name -> s_ℓ·shrink(G_ℓ, ρ_f)) and, per family, the chosen ρ_f
-    with the cross-fitted error of every intensity tried."""
+    """The whitening covariances (name -> s_ℓ·shrink(G_ℓ, ρ_f)), each family's applied intensity ρ_f,
+    and the cross-fitted error of every intensity tried on the halves (family -> (argmin, ρ -> error))."""
 
     covs: dict[str, Tensor]
-    chosen: dict[str, tuple[float, dict[float, float]]]
+    intensity: dict[str, float]
+    folds: dict[str, tuple[float, dict[float, float]]]
 
 
 def cross_fitted_covariances(model: nn.Module, data: Calibration, names: Sequence[str], config: AnalyzeConfig, *,
                              progress: bool = False) -> CrossFitted:
     """The relaxed whitening with each family's shrinkage chosen by cross-fitting (module docstring):
-    ``config.relaxed.shrinkage`` are the intensities tried, the pairs are each family's consecutive
-    layers among ``names`` at the family's correction rank (``config.relaxed``: rank or rank_ratio;
-    the budget's lowering is not applied, so analysis, measuring and apply choose alike). Output
+    ``config.relaxed.shrinkage`` are the intensities tried on the halves, the pairs are each family's
+    consecutive layers among ``names`` at the family's correction rank (``config.relaxed``: rank or
+    rank_ratio; the budget's lowering is not applied, so analysis, measuring and apply choose
+    alike), and the half-data choice is carried to all the data by ``full_data_intensity``. Output
     scales (``config.relaxed.output_weighting``) are fitted once on all of ``data`` and weigh both
     folds, so the held-out errors are on the costs' scale. ``config.shrinkage`` does not apply.
 
@@ -194,5 +208,10 @@ def cross_fitted_covariances(model: nn.Module, data: Calibration, names: Sequenc
     chosen = choose_intensities(weights, folds, consecutive_pairs(layers, names), ranks,
                                 intensities=options.shrinkage, damping=options.damping)
     family = {x.name: x.family for x in layers}
-    covs = {n: shrink(raw[n], chosen.get(family[n], (0.0, {}))[0]) * scales[n] for n in names}
-    return CrossFitted(covs, chosen)
+    units = {n: (moments[n].units, 0.5 * (first[n].units + second[n].units)) for n in names}
+    intensity: dict[str, float] = {}
+    for n in names:  # the units are the samples, alike for every layer of a family
+        intensity.setdefault(family[n], full_data_intensity(chosen.get(family[n], (0.0, {}))[0], units[n][1],
+                                                            units[n][0]))
+    covs = {n: shrink(raw[n], intensity[family[n]]) * scales[n] for n in names}
+    return CrossFitted(covs, intensity, chosen)

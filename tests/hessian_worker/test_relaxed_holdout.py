@@ -19,6 +19,7 @@ from hessian_worker.relaxed.holdout import (
     choose_intensities,
     consecutive_pairs,
     cross_fitted_covariances,
+    full_data_intensity,
     halves,
     heldout_error,
     heldout_pair_error,
@@ -123,14 +124,23 @@ def test_cross_fitted_whitening_is_the_output_scaled_covariance_shrunk_by_the_ch
     plain = relaxed_covariances(prep.model, prep.data, names, config([]))
     fitted = cross_fitted_covariances(prep.model, prep.data, names, config([0.0, 0.5, 0.9]))
     family = {x.name: x.family for x in discover_layers(prep.model)}
-    assert set(fitted.chosen) == set(family.values())
-    for rho, errors in fitted.chosen.values():
+    assert set(fitted.folds) == set(fitted.intensity) == set(family.values())
+    for fam, (rho, errors) in fitted.folds.items():
         assert set(errors) == {0.0, 0.5, 0.9}
         assert errors[rho] == min(errors.values())
+        # 6 samples, folds of 3: the ridge λ = ρ/(1 − ρ) halves
+        assert fitted.intensity[fam] == pytest.approx(rho / (2 - rho) if rho else 0.0, rel=1e-12)
     for n in names:
-        rho = fitted.chosen[family[n]][0]
-        torch.testing.assert_close(fitted.covs[n], shrink(plain[n], rho), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(fitted.covs[n], shrink(plain[n], fitted.intensity[family[n]]), rtol=1e-12,
+                                   atol=1e-14)
     # the grid {0} is the unshrunk whitening; relaxed_covariances takes the cross-fitted path
     same = relaxed_covariances(prep.model, prep.data, names, config([0.0]))
     for n in names:
         torch.testing.assert_close(same[n], plain[n], rtol=1e-12, atol=1e-14)
+
+
+def test_full_data_intensity_scales_the_ridge_by_the_sample_ratio() -> None:
+    # Ĝ = (1 − ρ)G + ρμI ∝ G + λμI, λ = ρ/(1 − ρ): halves at ρ = 0.5 (λ = 1) -> λ = 0.5 -> ρ = 1/3
+    assert full_data_intensity(0.5, 8, 16) == pytest.approx(1 / 3)
+    assert full_data_intensity(0.0, 8, 16) == 0.0
+    assert full_data_intensity(0.4, 16, 16) == pytest.approx(0.4)
