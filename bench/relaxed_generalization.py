@@ -206,11 +206,14 @@ def run(task: Task, args: argparse.Namespace, rows: list[dict[str, Any]]) -> Ite
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = ["# Relaxed and basis costs in and out of sample (MiniLM)", "",
-             f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['seconds']} s"
+             *[f"Command: `{c}`  " for c in meta.get("commands", [meta["command"]])], f"{meta['machine']}; {meta['seconds']} s"
              f"{' (partial)' if meta['partial'] else ''}; budget {meta['budget']}", "",
              "in-sample: Σ tr(δ G̃_fit δᵀ) under the fitted (damped, shrunk) covariances; held-out: under 128 "
              "other sentences' covariances; eval-cov: under the evaluation split's; measured: distillation loss on "
-             "the evaluation split (64 sentences); metric: embedding cosine. All covariances output-scaled.", "",
+             "the evaluation split (64 sentences); metric: embedding cosine. All covariances output-scaled. "
+             "Settings: calibration sentences (n128: 128), shrinkage (oas, ledoit-wolf), damping; crossfit: the "
+             "product's default (relaxed/holdout.py), crossfit-as-is: the halves' choice applied without carrying it "
+             "to all samples (the code before full_data_intensity).", "",
              "| setting | strategy | params ratio | in-sample | held-out | eval-cov | measured | metric |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -237,7 +240,7 @@ def main() -> None:
     task = load_task("minilm", seed=args.seed)
 
     def write(rows: list[dict[str, Any]], partial: bool) -> None:
-        result = {"meta": {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+        result = {"meta": {"command": commands[-1], "commands": commands,
                            "machine": f"{platform.machine()} python {platform.python_version()} torch "
                                       f"{torch.__version__}, {args.threads} thread(s), shared 2-core machine",
                            "seconds": round(time.perf_counter() - t0, 1), "budget": args.budget,
@@ -246,8 +249,10 @@ def main() -> None:
         out.with_suffix(".md").write_text(markdown(result))
 
     rows: list[dict[str, Any]] = []
+    commands = [" ".join([Path(sys.executable).name, *sys.argv])]
     if args.resume and out.with_suffix(".json").is_file():
-        rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+        before = json.loads(out.with_suffix(".json").read_text())
+        rows, commands = before["rows"], [*before["meta"].get("commands", [before["meta"]["command"]]), *commands]
     for done in run(task, args, rows):
         write(done, True)
     write(rows, False)
