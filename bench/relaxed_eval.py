@@ -18,6 +18,7 @@ Budgets are shares of the shareable (dense) parameters. For each budget B:
 - ``basis-shared-geo``: shared low-rank bases, the product's choice among the shared plans at the
   consecutive pairs' rank (bench/basis_eval.py's row of that name).
 - ``svd``: every layer its own whitened low-rank factors at the ranks that fill B (no sharing).
+  ``svd-unshrunk``: the same under the unshrunk covariances (the basis scheme's own whitening).
 - ``tie``: strict tying, the product's geo plan on bench/evaluate.py's exact GGN costs (bench/basis_eval.py's
   row).
 Every relaxed and basis plan is whitened by the same output-scaled input covariances of the
@@ -82,7 +83,7 @@ from solver.schema import Costs, Layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ["relaxed-geo", "relaxed-solver", "relaxed-loop", "relaxed-pairs", "relaxed-sequence", "basis-shared-geo",
-        "svd", "tie"]
+        "svd", "svd-unshrunk", "tie"]
 
 
 class Relaxed:
@@ -98,12 +99,15 @@ class Relaxed:
         t = time.perf_counter()
         self.shrinkage: dict[str, float] = {}
         with torch.no_grad():
+            # unshrunk: the basis scheme's own whitening (AnalyzeConfig.shrinkage none), for the svd-unshrunk row
+            plain = self.config.model_copy(update={"relaxed": self.options.model_copy(update={"shrinkage": []})})
+            self.plain_covs = relaxed_covariances(prep.model, prep.data, names, plain)
             if self.options.shrinkage:  # the product's default: intensities chosen by cross-fitting
                 fitted = cross_fitted_covariances(prep.model, prep.data, names, self.config)
                 self.covs = fitted.covs
                 self.shrinkage = {f: round(r, 4) for f, r in fitted.intensity.items()}
             else:
-                self.covs = relaxed_covariances(prep.model, prep.data, names, self.config)
+                self.covs = self.plain_covs
             weights = dense_weights(task.model, names)
             self.spectra = PairSpectra(layers, weights, self.covs)
         print(f"  {task.name}: relaxed covariances and pair spectra in {time.perf_counter() - t:.1f} s",
@@ -234,6 +238,9 @@ def evaluate_task(task: Task, args: argparse.Namespace,
             alone = per_layer_candidate(task.model, bproblem, config, rx.covs)
             if alone is not None:
                 plans["svd"] = ("basis", *alone)
+            plain = per_layer_candidate(task.model, bproblem, config, rx.plain_covs)
+            if plain is not None and rx.plain_covs is not rx.covs:
+                plans["svd-unshrunk"] = ("basis-unshrunk", *plain)
         except ValueError as exc:
             print(f"  {task.name} {ratio} basis: {exc}", file=sys.stderr)
         try:
@@ -247,8 +254,8 @@ def evaluate_task(task: Task, args: argparse.Namespace,
                 model = copy.deepcopy(task.model)
                 report = apply_relaxed_plan(model, plan, prob, config=rx.config, covs=rx.covs)
                 model, count = model.eval(), report.plan_params_shared
-            elif scheme == "basis":
-                model, count = scorer.basis_model(plan, prob, rx.covs)
+            elif scheme.startswith("basis"):
+                model, count = scorer.basis_model(plan, prob, rx.plain_covs if scheme == "basis-unshrunk" else rx.covs)
             else:
                 model, count = scorer.tie_model(plan)
             assert count <= budget, (strategy, count, budget)
@@ -284,7 +291,8 @@ NOTES = [
     "the optimum at correction-rank share x). The fixed groupings take the largest rank that fits;",
     "`relaxed-sequence` its best share on the validation split. Timings on the shared 2-core machine.",
     "Every relaxed, basis and svd row whitens with the same covariances: the relaxed scheme's, each",
-    "family's shrinkage intensity chosen by cross-fitting (hessian_worker/relaxed/holdout.py).",
+    "family's shrinkage intensity chosen by cross-fitting (hessian_worker/relaxed/holdout.py);",
+    "`svd-unshrunk` whitens with the unshrunk covariances (the basis scheme's own).",
 ]
 
 
