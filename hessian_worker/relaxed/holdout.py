@@ -186,8 +186,9 @@ def cross_fitted_covariances(model: nn.Module, data: Calibration, names: Sequenc
     scales (``config.relaxed.output_weighting``) are fitted once on all of ``data`` and weigh both
     folds, so the held-out errors are on the costs' scale. ``config.shrinkage`` does not apply.
 
+    With one calibration sample there is nothing to hold out: no shrinkage.
+
     Raises:
-        DataError: fewer than two calibration samples.
         BackendError: a name is not a linear layer's weight.
     """
     options = config.relaxed
@@ -199,6 +200,10 @@ def cross_fitted_covariances(model: nn.Module, data: Calibration, names: Sequenc
     raw = {n: m.covariance for n, m in moments.items()}
     scales = (layer_output_scales(model, data, names, raw, config) if options.output_weighting
               else dict.fromkeys(names, 1.0))
+    if data.num_samples < 2:  # nothing to hold out: the sample covariance, unshrunk
+        fams = {x.family for x in layers}
+        return CrossFitted({n: raw[n] * scales[n] for n in names}, dict.fromkeys(fams, 0.0),
+                           {f: (0.0, {}) for f in fams})
     first, second = fold_moments(model, data, names)
     folds = ({n: m.covariance * scales[n] for n, m in first.items()},
              {n: m.covariance * scales[n] for n, m in second.items()})

@@ -144,3 +144,17 @@ def test_full_data_intensity_scales_the_ridge_by_the_sample_ratio() -> None:
     assert full_data_intensity(0.5, 8, 16) == pytest.approx(1 / 3)
     assert full_data_intensity(0.0, 8, 16) == 0.0
     assert full_data_intensity(0.4, 16, 16) == pytest.approx(0.4)
+
+
+def test_one_calibration_sample_leaves_the_whitening_unshrunk() -> None:
+    torch.manual_seed(0)
+    model = TinyMLP(depth=2).double().eval()
+    config = AnalyzeConfig(scheme="relaxed", relaxed={"rank": 1}, dtype="float64", device="cpu", progress=False)
+    prep = prepare(model, mlp_data(n=1, batch=1), config)
+    names = [x.name for x in discover_layers(prep.model)]
+    fitted = cross_fitted_covariances(prep.model, prep.data, names, config)
+    plain = relaxed_covariances(prep.model, prep.data, names,
+                                config.model_copy(update={"relaxed": config.relaxed.model_copy(update={"shrinkage": []})}))
+    assert set(fitted.intensity.values()) == {0.0}
+    for n in names:
+        torch.testing.assert_close(fitted.covs[n], plain[n], rtol=1e-12, atol=1e-14)
