@@ -49,9 +49,6 @@ from hessian_worker.errors import DataError
 from hessian_worker.relaxed.costs import family_ranks
 from hessian_worker.relaxed.decompose import parallel_sum
 
-# the shrinkage intensities tried by default (ρ/(1 − ρ) is the equivalent extra damping)
-INTENSITIES = (0.0, 0.03, 0.1, 0.2, 0.4)
-
 
 def heldout_pair_terms(w1: Tensor, w2: Tensor, fit1: Tensor, fit2: Tensor, test1: Tensor, test2: Tensor, *,
                        damping: float = 0.01) -> tuple[Tensor, Tensor]:
@@ -88,7 +85,8 @@ def heldout_error(weights: Mapping[str, Tensor], fitted: Mapping[str, Tensor], c
 
 
 def halves(data: Calibration) -> tuple[Calibration, Calibration]:
-    """The calibration samples split in two (even and odd rows of every batch).
+    """The calibration samples split in two, alternating over all samples in order (so batches of
+    one sample split too).
 
     Raises:
         DataError: fewer than two samples.
@@ -96,11 +94,13 @@ def halves(data: Calibration) -> tuple[Calibration, Calibration]:
     if data.num_samples < 2:
         raise DataError("choosing the relaxed shrinkage by cross-fitting needs at least two calibration samples")
     parts: tuple[list, list] = ([], [])
-    for batch in data.batches:
+    start = 0
+    for batch, size in zip(data.batches, data.sizes, strict=True):
         for k, part in enumerate(parts):
-            rows = {key: v[k::2] for key, v in batch.items()}
-            if next(iter(rows.values())).shape[0]:
-                part.append(rows)
+            first = (k - start) % 2  # the first row of this batch whose overall index has parity k
+            if first < size:
+                part.append({key: v[first::2] for key, v in batch.items()})
+        start += size
     return Calibration(parts[0]), Calibration(parts[1])
 
 
@@ -128,7 +128,7 @@ def choose_intensities(
     pairs: Mapping[str, Sequence[tuple[str, str]]],
     ranks: Mapping[str, int],
     *,
-    intensities: Sequence[float] = INTENSITIES,
+    intensities: Sequence[float],
     damping: float = 0.01,
 ) -> dict[str, tuple[float, dict[float, float]]]:
     """Family -> (the intensity ρ with the least cross-fitted error, ρ -> that error).

@@ -102,11 +102,15 @@ def test_consecutive_pairs_by_index_within_names() -> None:
     assert pairs == {"f": [("l0", "l1"), ("l3", "l4")], "g": [("l5", "l6")]}
 
 
-def test_halves_split_every_batch_and_refuse_one_sample() -> None:
-    data = Calibration([{"x": torch.arange(5).view(5, 1)}, {"x": torch.arange(5, 6).view(1, 1)}])
+def test_halves_alternate_over_all_samples_and_refuse_one_sample() -> None:
+    data = Calibration([{"x": torch.arange(5).view(5, 1)}, {"x": torch.arange(5, 6).view(1, 1)},
+                        {"x": torch.arange(6, 7).view(1, 1)}])
     a, b = halves(data)
-    assert [t["x"].flatten().tolist() for t in a.batches] == [[0, 2, 4], [5]]
-    assert [t["x"].flatten().tolist() for t in b.batches] == [[1, 3]]
+    assert [t["x"].flatten().tolist() for t in a.batches] == [[0, 2, 4], [6]]
+    assert [t["x"].flatten().tolist() for t in b.batches] == [[1, 3], [5]]
+    ones = Calibration([{"x": torch.full((1, 1), i)} for i in range(3)])  # batches of one sample
+    a, b = halves(ones)
+    assert [int(t["x"]) for t in a.batches] == [0, 2] and [int(t["x"]) for t in b.batches] == [1]
     with pytest.raises(DataError, match="two calibration samples"):
         halves(Calibration([{"x": torch.zeros(1, 1)}]))
 
