@@ -18,10 +18,12 @@ Budgets are shares of the shareable (dense) parameters. For each budget B:
 - ``basis-shared-geo``: shared low-rank bases, the product's choice among the shared plans at the
   consecutive pairs' rank (bench/basis_eval.py's row of that name).
 - ``svd``: every layer its own whitened low-rank factors at the ranks that fill B (no sharing).
+  ``svd-unshrunk``: the same under the unshrunk covariances (the basis scheme's own whitening).
 - ``tie``: strict tying, the product's geo plan on bench/evaluate.py's exact GGN costs (bench/basis_eval.py's
   row).
 Every relaxed and basis plan is whitened by the same output-scaled input covariances of the
-calibration split. Each plan is scored zero-shot on the evaluation split (task metric and
+calibration split, the relaxed scheme's (by default each family's shrinkage chosen by cross-fitting,
+hessian_worker/relaxed/holdout.py). Each plan is scored zero-shot on the evaluation split (task metric and
 distillation loss) and, with ``--heal-steps``, after the same self-distillation for every strategy.
 
     python bench/relaxed_eval.py --tasks minilm --budgets 0.8 0.67 0.5 0.4
@@ -72,6 +74,7 @@ from hessian_worker.relaxed.analysis import (
 from hessian_worker.relaxed.apply import apply_relaxed_plan
 from hessian_worker.relaxed.candidates import rank_candidates
 from hessian_worker.relaxed.costs import PairSpectra, family_rank, least_params, ranks_within
+from hessian_worker.relaxed.holdout import cross_fitted_covariances
 from solver import SharingPlan, SharingProblem, SolveConfig
 from solver.baselines import baseline
 from solver.candidates import candidate_plans
@@ -80,7 +83,7 @@ from solver.schema import Costs, Layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ["relaxed-geo", "relaxed-solver", "relaxed-loop", "relaxed-pairs", "relaxed-sequence", "basis-shared-geo",
-        "svd", "tie"]
+        "svd", "svd-unshrunk", "tie"]
 
 
 class Relaxed:
@@ -94,8 +97,17 @@ class Relaxed:
         layers = discover_layers(prep.model)
         names = [x.name for x in layers]
         t = time.perf_counter()
+        self.shrinkage: dict[str, float] = {}
         with torch.no_grad():
-            self.covs = relaxed_covariances(prep.model, prep.data, names, self.config)
+            # unshrunk: the basis scheme's own whitening (AnalyzeConfig.shrinkage none), for the svd-unshrunk row
+            plain = self.config.model_copy(update={"relaxed": self.options.model_copy(update={"shrinkage": []})})
+            self.plain_covs = relaxed_covariances(prep.model, prep.data, names, plain)
+            if self.options.shrinkage:  # the product's default: intensities chosen by cross-fitting
+                fitted = cross_fitted_covariances(prep.model, prep.data, names, self.config)
+                self.covs = fitted.covs
+                self.shrinkage = {f: round(r, 4) for f, r in fitted.intensity.items()}
+            else:
+                self.covs = self.plain_covs
             weights = dense_weights(task.model, names)
             self.spectra = PairSpectra(layers, weights, self.covs)
         print(f"  {task.name}: relaxed covariances and pair spectra in {time.perf_counter() - t:.1f} s",
@@ -116,14 +128,7 @@ class Relaxed:
         return least_params(self.fam_shapes, self.sizes, ranks) <= budget
 
     def largest(self, budget: int, classes: dict[str, int]) -> dict[str, int] | None:
-        """The largest uniform-share ranks with ``classes`` classes per family within ``budget``."""
-        top = max(min(s) for s in self.fam_shapes.values()) // 2
-        for k in range(top, 0, -1):
-            ranks = {f: max(1, min(min(s) // 2, k * min(s) // (2 * top))) for f, s in self.fam_shapes.items()}
-            count = sum(classes[f] * o * i + self.sizes[f] * ranks[f] * (o + i) for f, (o, i) in self.fam_shapes.items())
-            if count <= budget:
-                return ranks
-        return None
+        return largest_relaxed_ranks(self.fam_shapes, self.sizes, budget, classes)
 
     def measure(self, plans: list[tuple[SharingPlan, SharingProblem]]) -> list[float]:
         """Validation losses, the plans of one problem measured together (their class fits are cached)."""
@@ -137,6 +142,18 @@ class Relaxed:
             for i, v in zip(idx, values, strict=True):
                 out[i] = v
         return out
+
+
+def largest_relaxed_ranks(fam_shapes: dict[str, tuple[int, int]], sizes: dict[str, int], budget: int,
+                          classes: dict[str, int]) -> dict[str, int] | None:
+    """The largest uniform-share ranks with ``classes`` classes per family within ``budget``."""
+    top = max(min(s) for s in fam_shapes.values()) // 2
+    for k in range(top, 0, -1):
+        ranks = {f: max(1, min(min(s) // 2, k * min(s) // (2 * top))) for f, s in fam_shapes.items()}
+        count = sum(classes[f] * o * i + sizes[f] * ranks[f] * (o + i) for f, (o, i) in fam_shapes.items())
+        if count <= budget:
+            return ranks
+    return None
 
 
 def fixed_plan(problem: SharingProblem, size: int | None, strategy: str) -> SharingPlan:
@@ -187,7 +204,8 @@ def relaxed_plans(rx: Relaxed, ratio: float, budget: int, config: SolveConfig,
 
 
 def evaluate_task(task: Task, args: argparse.Namespace,
-                  progress: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+                  progress: Callable[[dict[str, Any]], Any] | None = None,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every row at every budget on one task; ``progress`` gets the results so far after each budget."""
     t0 = time.perf_counter()
     fams, dense = families_of(task.model)
@@ -198,9 +216,11 @@ def evaluate_task(task: Task, args: argparse.Namespace,
     scorer = Scorer(task, args.heal_steps, args.seed, merge)
     tie = costs_for(task, "exact", args.seed)  # bench/evaluate.py's cached exact GGN costs
     bcfg = basis_config(task, args.seed)
-    timings: dict[str, float] = {"setup": time.perf_counter() - t0}
-    rows: list[dict[str, Any]] = []
+    timings: dict[str, float] = {**(previous or {}).get("seconds", {}), "setup": time.perf_counter() - t0}
+    rows: list[dict[str, Any]] = list((previous or {}).get("results", []))  # --resume: budgets done before
     for ratio in args.budgets:
+        if any(r["ratio"] == ratio for r in rows):
+            continue
         budget = math.floor(ratio * dense + 1e-9)
         config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
         t = time.perf_counter()
@@ -218,6 +238,9 @@ def evaluate_task(task: Task, args: argparse.Namespace,
             alone = per_layer_candidate(task.model, bproblem, config, rx.covs)
             if alone is not None:
                 plans["svd"] = ("basis", *alone)
+            plain = per_layer_candidate(task.model, bproblem, config, rx.plain_covs)
+            if plain is not None and rx.plain_covs is not rx.covs:
+                plans["svd-unshrunk"] = ("basis-unshrunk", *plain)
         except ValueError as exc:
             print(f"  {task.name} {ratio} basis: {exc}", file=sys.stderr)
         try:
@@ -231,8 +254,8 @@ def evaluate_task(task: Task, args: argparse.Namespace,
                 model = copy.deepcopy(task.model)
                 report = apply_relaxed_plan(model, plan, prob, config=rx.config, covs=rx.covs)
                 model, count = model.eval(), report.plan_params_shared
-            elif scheme == "basis":
-                model, count = scorer.basis_model(plan, prob, rx.covs)
+            elif scheme.startswith("basis"):
+                model, count = scorer.basis_model(plan, prob, rx.plain_covs if scheme == "basis-unshrunk" else rx.covs)
             else:
                 model, count = scorer.tie_model(plan)
             assert count <= budget, (strategy, count, budget)
@@ -255,7 +278,7 @@ def summary(task: Task, original: float, rows: list[dict[str, Any]], dense: int,
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
             "original": original, "dense_params": dense,
             "families": {k: {"d_out": f.d_out, "d_in": f.d_in, "layers": f.n} for k, f in fams.items()},
-            "tie_merge": merge.merge, "rank_ratios": rx.options.rank_ratios,
+            "tie_merge": merge.merge, "rank_ratios": rx.options.rank_ratios, "shrinkage": rx.shrinkage,
             "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
@@ -267,13 +290,16 @@ NOTES = [
     "`relaxed-geo` is the product's measured choice (chosen: the candidate's name; relaxed-rank-x:",
     "the optimum at correction-rank share x). The fixed groupings take the largest rank that fits;",
     "`relaxed-sequence` its best share on the validation split. Timings on the shared 2-core machine.",
+    "Every relaxed, basis and svd row whitens with the same covariances: the relaxed scheme's, each",
+    "family's shrinkage intensity chosen by cross-fitting (hessian_worker/relaxed/holdout.py);",
+    "`svd-unshrunk` whitens with the unshrunk covariances (the basis scheme's own).",
 ]
 
 
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = ["# Relaxed sharing (W = S_c + A_l B_l) against fixed groupings, tying, shared bases and SVD", "",
-             f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['seconds']} s"
+             *[f"Command: `{c}`  " for c in meta.get("commands", [meta["command"]])], f"{meta['machine']}; {meta['seconds']} s"
              f"{' (partial: the run goes on)' if meta.get('partial') else ''}; healing "
              f"{meta['heal_steps']} steps; pools: the {meta['top']} best plans + size-normalized best + pattern "
              "plans", "", *NOTES, ""]
@@ -287,6 +313,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"## {name}: {data['metric']} ({better} is better; original {data['original']:.4g})", "",
                   f"{data['dense_params']} shareable params; families: {fams}. Splits: {data['splits']}. "
                   f"Tie merge: {data['tie_merge']}. Rank shares tried: {data['rank_ratios']}. "
+                  f"Whitening shrinkage per family (cross-fitted): {data.get('shrinkage', {})}. "
                   f"Seconds: {data['seconds']}.", ""]
         for regime in sorted({r["regime"] for r in rows}, reverse=True):
             lines += [f"### {regime}: metric (distillation loss on the evaluation split)", "",
@@ -350,17 +377,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--out", default=str(RESULTS / "eval-relaxed"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the tasks and budgets already in the .json (same settings), run the rest")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     result: dict[str, Any] = {}
+    if args.resume and Path(args.out).with_suffix(".json").is_file():
+        result = json.loads(Path(args.out).with_suffix(".json").read_text())
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    commands = [*result.get("meta", {}).get("commands", []), command]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write(partial: bool) -> None:
         """The results so far (after every budget: a long run cut off still leaves its tables)."""
-        result["meta"] = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+        result["meta"] = {"command": command, "commands": commands,
                           "machine": f"{platform.machine()} python {platform.python_version()} torch "
                                      f"{torch.__version__}, {args.threads} thread(s)",
                           "seconds": round(time.perf_counter() - t0, 1), "heal_steps": args.heal_steps,
@@ -370,7 +403,8 @@ def main() -> None:
 
     for name in args.tasks:
         result[name] = evaluate_task(load_task(name, quick=args.quick, seed=args.seed), args,
-                                     lambda data, name=name: (result.__setitem__(name, data), write(True)))
+                                     lambda data, name=name: (result.__setitem__(name, data), write(True)),
+                                     previous=result.get(name))
     write(False)
     plot(result, out.with_suffix(".png"))
     print(markdown(result))

@@ -249,6 +249,11 @@ class RelaxedOptions(BaseModel):
         True, description="Scale each layer's input covariance by its output-side curvature ā/2 (diagonal GGN), so "
         "costs are predicted loss changes; False: every layer's output error counts alike.")
     damping: float = Field(0.01, gt=0, description="Ridge on the input covariance, as a share of its mean diagonal.")
+    shrinkage: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.03, 0.1, 0.2, 0.4],
+        description="Whitening covariances shrunk toward tr(G)/d·I by the intensity of this list with the least "
+        "cross-fitted held-out error, per family (hessian_worker/relaxed/holdout.py); []: AnalyzeConfig.shrinkage "
+        "as for the basis scheme.")
     rounds: int = Field(20, ge=0, description="L-BFGS iterations fitting S_c of a class of three or more members "
                         "(hessian_worker/relaxed/decompose.py).")
 

@@ -25,6 +25,7 @@ from hessian_worker.factored.layers import dense_weights
 from hessian_worker.losses import TaskLoss
 from hessian_worker.prepare import prepare
 from hessian_worker.relaxed.costs import PairSpectra, family_ranks, ranks_within
+from hessian_worker.relaxed.holdout import cross_fitted_covariances
 from solver.schema import (
     Constraints,
     CostKind,
@@ -40,11 +41,15 @@ from solver.schema import (
 
 def relaxed_covariances(model: nn.Module, data: Calibration, names: Sequence[str], config: AnalyzeConfig, *,
                         progress: bool = False) -> dict[str, Tensor] | None:
-    """The whitening covariances of ``names`` on prepared ``data`` (the basis scheme's, output-scaled
-    unless ``config.relaxed.output_weighting`` is off); None when ``config.relaxed.whiten`` is off."""
+    """The whitening covariances of ``names`` on prepared ``data``: output-scaled unless
+    ``config.relaxed.output_weighting`` is off, shrunk by the cross-fitted intensity of
+    ``config.relaxed.shrinkage`` per family (holdout.py), or with that list empty the basis scheme's
+    (``config.shrinkage``); None when ``config.relaxed.whiten`` is off."""
     options = config.relaxed
     if not options.whiten:
         return None
+    if options.shrinkage:
+        return cross_fitted_covariances(model, data, names, config, progress=progress).covs
     return basis_covariances(model, data, list(names), config, progress=progress,
                              output_weighting=options.output_weighting)
 

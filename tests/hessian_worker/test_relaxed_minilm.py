@@ -49,5 +49,8 @@ def test_minilm_compress_relaxed_and_load(tmp_path, monkeypatch: pytest.MonkeyPa
         assert torch.equal(t, saved[name]), name
     batch = load_calibration(DEFAULT_SENTENCES[:3], tokenizer=loaded.tokenizer, batch_size=3).batches[0]
     with torch.no_grad():
+        # the weights are bit-exact (above); the loaded tensors are memory-mapped at unaligned offsets, so
+        # a BLAS kernel may round differently, and through six float32 layers one element in 16128 moved
+        # by 2.3e-5 (docs/design.md, saving and loading)
         torch.testing.assert_close(again(**batch).last_hidden_state, loaded.model(**batch).last_hidden_state,
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-4, atol=1e-4)
