@@ -48,9 +48,9 @@ from bench.tasks import Task, load_task
 from hessian_worker import AnalyzeConfig, measure_loss
 from hessian_worker.basis.apply import apply_basis_plan
 from hessian_worker.basis.decompose import DTYPE, damped
-from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.discovery import discover_layers
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.prepare import prepare
 from hessian_worker.relaxed.analysis import (

@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 
 from hessian_worker.basis.decompose import DTYPE, damped, lapack_threads, whitening
-from hessian_worker.basis.modules import dense_weights
 from hessian_worker.basis.scales import layer_output_scales
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.layerwise import input_moments
@@ -46,6 +45,7 @@ from hessian_worker.curvature.shrinkage import SecondMoments, shrink
 from hessian_worker.data import Calibration
 from hessian_worker.discovery import LayerInfo, discover_layers
 from hessian_worker.errors import DataError
+from hessian_worker.factored.layers import dense_weights
 from hessian_worker.relaxed.costs import family_ranks
 from hessian_worker.relaxed.decompose import parallel_sum
 
