@@ -14,8 +14,13 @@ setting (``--shrinkage``, hessian_worker.curvature.shrinkage) is compared across
 The domain shift is measured on one evaluation set: cross(A→B) − in(B→B), the cost of having
 calibrated on A rather than on B, both scored on B's evaluation split.
 
+With ``--heal-steps N`` each cell is also healed: the strategy's tied model (geo: its zero-shot
+choice) is healed on its calibration domain as bench/evaluate.py heals every strategy, and the one
+healed model is scored on both evaluation splits; healed cells are kept apart from the zero-shot ones.
+
     python bench/cross_domain.py                                   # -> bench/results/eval-cross-domain.*
     python bench/cross_domain.py --models minilm --budgets 0.67 --shrinkage none ledoit-wolf
+    python bench/cross_domain.py --resume --models minilm --budgets 0.67 --heal-steps 100
 """
 
 from __future__ import annotations
@@ -40,12 +45,13 @@ from bench.evaluate import (
     choice_data,
     costs_for,
     geo_candidates,
+    healing,
     union,
     weight_distances,
 )
 from bench.tasks.base import Task
 from geoshare.cli.model_flags import shrinkage_setting
-from hessian_worker import AnalyzeConfig, CompressConfig
+from hessian_worker import AnalyzeConfig, CompressConfig, HealConfig
 from hessian_worker.data import load_calibration
 from hessian_worker.intensity_choice import choose_intensity, with_intensity
 from hessian_worker.merge_rule import default_merge
@@ -132,35 +138,62 @@ def merges_of(plans: list[SharingPlan], task: Task, runner: Runner) -> tuple[lis
     return [with_intensity(runner.covariances, r) for r in rhos], rhos
 
 
-def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list[dict], out: Path) -> None:
-    """Every (shrinkage, calibration domain, budget, strategy) cell of one model, appended to rows."""
+def done_key(row: dict) -> tuple:
+    """What identifies a cell in --resume: healed cells by their steps too."""
+    key = (row["model"], row["shrinkage"], row["calibrated_on"], row["ratio"], row["strategy"])
+    return key if "heal_steps" not in row else ("healed", row["heal_steps"], *key)
+
+
+def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list[dict], out: Path,
+              healed: list[dict] | None = None) -> None:
+    """Every (shrinkage, calibration domain, budget, strategy) cell of one model, appended to rows;
+    with ``args.heal_steps``, each cell healed too, appended to ``healed``."""
+    healed = [] if healed is None else healed
     tasks = {d: domain_task(model, d, args.seed) for d in DOMAINS[model]}
     for setting in args.shrinkage:
         for calibrated_on, task in tasks.items():
+            heal = healing(task, args.heal_steps, args.heal_holdout)
+            extra = {} if heal is None else {"heal_steps": heal.steps, "heal_holdout": heal.holdout}
+            todo = {}  # cell -> the regimes still to measure, and the list their rows go to
+            for r in args.budgets:
+                for s in args.strategies:
+                    row = {"model": model, "shrinkage": label(setting), "calibrated_on": calibrated_on, "ratio": r,
+                           "strategy": s}
+                    regimes = [(name, target) for name, target, key in (
+                        ("zero-shot", rows, done_key(row)), ("healed", healed, done_key({**row, **extra})))
+                        if key not in done and (name == "zero-shot" or heal is not None)]
+                    if regimes:
+                        todo[(r, s)] = regimes
+            if not todo:
+                continue
             runner, merge = calibrated_runner(task, setting, args.seed, args.choice_holdout)
+            runner.heal = heal
             rhos = list((runner.covariances.intensities if runner.covariances else {}).values())
-            cells = [(r, s) for r in args.budgets for s in args.strategies
-                     if (model, label(setting), calibrated_on, r, s) not in done]
-            for ratio, strategy in tqdm(cells, desc=f"{model} {label(setting)} on {calibrated_on}"):
+            for (ratio, strategy), regimes in tqdm(todo.items(), desc=f"{model} {label(setting)} on {calibrated_on}"):
                 config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
                 plans = plans_of(strategy, task, runner, config, merge, args)
                 if not plans:
                     continue  # e.g. all-share cannot meet a loose budget
-                scores: dict[str, list[float]] = {d: [] for d in tasks}
+                scores = {name: {d: [] for d in tasks} for name, _ in regimes}
                 merges, chosen = merges_of(plans, task, runner)
                 for plan, layerwise in zip(plans, merges, strict=True):
                     tied = runner.tied(plan, merge, layerwise)
-                    for domain, other in tasks.items():
-                        scores[domain].append(other.score(tied))
-                for domain in tasks:
-                    rows.append({
-                        "model": model, "shrinkage": label(setting), "calibrated_on": calibrated_on,
-                        "evaluated_on": domain, "ratio": ratio, "strategy": strategy, "merge": merge,
-                        "score": float(np.mean(scores[domain])), "plans": len(plans),
-                        "params_ratio": float(np.mean([p.params.ratio for p in plans])),
-                        "intensity": summary(chosen if chosen is not None else rhos),
-                    })
-                save(rows, args, out)
+                    for name, _ in regimes:  # zero-shot first: healing changes the model in place
+                        if name == "healed":
+                            tied = runner.healed(tied)
+                        for domain, other in tasks.items():
+                            scores[name][domain].append(other.score(tied))
+                for name, target in regimes:
+                    for domain in tasks:
+                        target.append({
+                            "model": model, "shrinkage": label(setting), "calibrated_on": calibrated_on,
+                            "evaluated_on": domain, "ratio": ratio, "strategy": strategy, "merge": merge,
+                            "score": float(np.mean(scores[name][domain])), "plans": len(plans),
+                            "params_ratio": float(np.mean([p.params.ratio for p in plans])),
+                            "intensity": summary(chosen if chosen is not None else rhos),
+                            **(extra if name == "healed" else {}),
+                        })
+                save(rows, args, out, healed)
 
 
 def summary(rhos: list[float]) -> dict[str, float] | None:
@@ -170,7 +203,7 @@ def summary(rhos: list[float]) -> dict[str, float] | None:
     return {"mean": float(np.mean(rhos)), "min": float(np.min(rhos)), "max": float(np.max(rhos))}
 
 
-def save(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
+def save(rows: list[dict], args: argparse.Namespace, out: Path, healed: list[dict] | None = None) -> None:
     command = " ".join([Path(sys.executable).name, *sys.argv])
     result = {"meta": {"command": " ; ".join([*args.earlier, command]),
                        "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}",
@@ -180,6 +213,8 @@ def save(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
               "higher_is_better": {"minilm": True, "gpt": False},
               "metric": {"minilm": "embedding cosine to the original", "gpt": "held-out perplexity"},
               "rows": rows}
+    if healed:
+        result["healed"] = healed  # the healed cells, each with its heal_steps and heal_holdout
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
 
@@ -200,8 +235,48 @@ def fmt(v: float | None, signed: bool = False) -> str:
     return "" if v is None else (f"{v:+.4f}" if signed else f"{v:.4g}")
 
 
+def score_tables(mine: list[dict], ratios: list[float], directions: list[tuple[str, str]], title: str) -> list[str]:
+    """One table of scores per shrinkage setting: a row per strategy, a column per (ratio, direction);
+    ``title`` is the heading's start."""
+    lines: list[str] = []
+    for setting in dict.fromkeys(r["shrinkage"] for r in mine):
+        rho = next((r["intensity"] for r in mine if r["shrinkage"] == setting and r["intensity"]), None)
+        note = f" (intensity mean {rho['mean']:.3f}, range {rho['min']:.3f}-{rho['max']:.3f})" if rho else ""
+        lines += [f"### {title}{setting}{note}", "",
+                  "| strategy | " + " | ".join(f"{r:g} {x[:4]}→{y[:4]}" for r in ratios for x, y in directions) + " |",
+                  "|---" * (1 + len(ratios) * 4) + "|"]
+        for s in dict.fromkeys(r["strategy"] for r in mine):
+            cells = [fmt(cell(mine, shrinkage=setting, strategy=s, ratio=r, calibrated_on=x, evaluated_on=y))
+                     for r in ratios for x, y in directions]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def lead_table(mine: list[dict], model: str, ratios: list[float], higher: bool, title: str) -> list[str]:
+    """Geo's shift both ways and its lead over the best heuristic in each cross-domain cell."""
+    a, b = DOMAINS[model]
+    lines = [f"### {title} ({model})", "",
+             "| shrinkage | ratio | shift on " + b + " | shift on " + a + f" | lead {a}→{b} | lead {b}→{a} |",
+             "|---|---|---|---|---|---|"]
+    for setting in dict.fromkeys(r["shrinkage"] for r in mine):
+        for r in ratios:
+            leads = []
+            for x, y in ((a, b), (b, a)):
+                geo = cell(mine, shrinkage=setting, strategy="geo", ratio=r, calibrated_on=x, evaluated_on=y)
+                others = [v["score"] for v in mine if v["shrinkage"] == setting and v["ratio"] == r
+                          and v["calibrated_on"] == x and v["evaluated_on"] == y and v["strategy"] != "geo"]
+                best = (max if higher else min)(others) if others else None
+                leads.append(None if geo is None or best is None else (geo - best if higher else best - geo))
+            lines.append(f"| {setting} | {r:g} | {fmt(shift(mine, model, setting, 'geo', r, a, b), True)} | "
+                         f"{fmt(shift(mine, model, setting, 'geo', r, b, a), True)} | {fmt(leads[0], True)} | "
+                         f"{fmt(leads[1], True)} |")
+    return [*lines, ""]
+
+
 def markdown(result: dict) -> str:
     rows, meta = result["rows"], result["meta"]
+    healed = result.get("healed", [])
     lines = ["# Cross-domain evaluation", "", f"Command: `{meta['command']}`  ",
              f"{meta['machine']}; {meta['seconds']} s (the runs above together, on a shared 2-core machine with "
              f"other jobs running); zero-shot; geo measures the {meta['top']} best plans, the "
@@ -212,42 +287,32 @@ def markdown(result: dict) -> str:
              "Shift = cross(A→B) − in(B→B) on the same evaluation split (cosine: negative is a loss; perplexity: "
              "positive is a loss). Lead = geo's margin over the best heuristic in that cell (positive: geo is ahead).",
              ""]
-    for model in dict.fromkeys(r["model"] for r in rows):
+    if healed:
+        lines += ["Healed cells (their own tables after each model's zero-shot ones): each strategy's tied model "
+                  "(geo: its zero-shot choice, not bench/evaluate.py's healed shortlist) healed on its calibration "
+                  "domain's calibration + validation data as bench/evaluate.py heals every strategy (the task's "
+                  "learning rate and distillation loss, the best of every "
+                  f"{HealConfig().check_every} steps on a held-out share of that data); the one healed model gives "
+                  "both A→A and A→B.", ""]
+    for model in dict.fromkeys(r["model"] for r in [*rows, *healed]):
         a, b = DOMAINS[model]
         higher = result["higher_is_better"][model]
         mine = [r for r in rows if r["model"] == model]
         ratios = sorted({r["ratio"] for r in mine}, reverse=True)
-        merge = mine[0]["merge"]
+        merge = (mine or [r for r in healed if r["model"] == model])[0]["merge"]
         lines += [f"## {model}: {result['metric'][model]} ({'higher' if higher else 'lower'} is better; corpora "
                   f"{a} and {b}; merge {merge})", ""]
         directions = [(a, a), (a, b), (b, b), (b, a)]
-        for setting in dict.fromkeys(r["shrinkage"] for r in mine):
-            rho = next((r["intensity"] for r in mine if r["shrinkage"] == setting and r["intensity"]), None)
-            note = f" (intensity mean {rho['mean']:.3f}, range {rho['min']:.3f}-{rho['max']:.3f})" if rho else ""
-            lines += [f"### shrinkage {setting}{note}", "",
-                      "| strategy | " + " | ".join(f"{r:g} {x[:4]}→{y[:4]}" for r in ratios for x, y in directions) + " |",
-                      "|---" * (1 + len(ratios) * 4) + "|"]
-            for s in dict.fromkeys(r["strategy"] for r in mine):
-                cells = [fmt(cell(mine, shrinkage=setting, strategy=s, ratio=r, calibrated_on=x, evaluated_on=y))
-                         for r in ratios for x, y in directions]
-                lines.append(f"| {s} | " + " | ".join(cells) + " |")
-            lines.append("")
-        lines += [f"### geo: shift and lead over the best heuristic in each cross-domain cell ({model})", "",
-                  "| shrinkage | ratio | shift on " + b + " | shift on " + a + f" | lead {a}→{b} | lead {b}→{a} |",
-                  "|---|---|---|---|---|---|"]
-        for setting in dict.fromkeys(r["shrinkage"] for r in mine):
-            for r in ratios:
-                leads = []
-                for x, y in ((a, b), (b, a)):
-                    geo = cell(mine, shrinkage=setting, strategy="geo", ratio=r, calibrated_on=x, evaluated_on=y)
-                    others = [v["score"] for v in mine if v["shrinkage"] == setting and v["ratio"] == r
-                              and v["calibrated_on"] == x and v["evaluated_on"] == y and v["strategy"] != "geo"]
-                    best = (max if higher else min)(others) if others else None
-                    leads.append(None if geo is None or best is None else (geo - best if higher else best - geo))
-                lines.append(f"| {setting} | {r:g} | {fmt(shift(mine, model, setting, 'geo', r, a, b), True)} | "
-                             f"{fmt(shift(mine, model, setting, 'geo', r, b, a), True)} | {fmt(leads[0], True)} | "
-                             f"{fmt(leads[1], True)} |")
-        lines.append("")
+        lines += score_tables(mine, ratios, directions, "shrinkage ")
+        lines += lead_table(mine, model, ratios, higher,
+                            "geo: shift and lead over the best heuristic in each cross-domain cell")
+        for steps, holdout in dict.fromkeys((r["heal_steps"], r["heal_holdout"]) for r in healed if r["model"] == model):
+            cells = [r for r in healed if r["model"] == model and r["heal_steps"] == steps]
+            kept = sorted({r["ratio"] for r in cells}, reverse=True)
+            what = f"healed {steps} steps (held-out {holdout:g})"
+            lines += score_tables(cells, kept, directions, f"{what}, shrinkage ")
+            lines += lead_table(cells, model, kept, higher,
+                                f"geo {what}: shift and lead over the best healed heuristic in each cross-domain cell")
     return "\n".join(lines)
 
 
@@ -258,12 +323,14 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    healed = [{**r, "shrinkage": f"{r['shrinkage']}, healed {r['heal_steps']}"} for r in result.get("healed", [])
+              if r["shrinkage"] in PLOTTED]
+    models = list(dict.fromkeys(r["model"] for r in [*rows, *healed]))
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.2 * len(models)), dpi=110, squeeze=False)
     for axrow, model in zip(axes, models, strict=True):
-        mine = [r for r in rows if r["model"] == model]
-        # none and compress's default (the .md has every setting): more lines would hide them
-        settings = [s for s in dict.fromkeys(r["shrinkage"] for r in mine) if s in PLOTTED]
+        mine = [r for r in [*rows, *healed] if r["model"] == model]
+        # none and compress's default, zero-shot and healed (the .md has every setting): more would hide them
+        settings = [s for s in dict.fromkeys(r["shrinkage"] for r in mine) if s.split(",")[0] in PLOTTED]
         for ax, (home, away) in zip(axrow, [DOMAINS[model], DOMAINS[model][::-1]], strict=True):
             for i, setting in enumerate(settings):
                 color = f"C{i}"
@@ -317,6 +384,11 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=3, help="random plans averaged per cell")
     ap.add_argument("--choice-holdout", type=float, default=0.5,
                     help="geo: share of the validation split candidates are scored on (compress's choice_holdout)")
+    ap.add_argument("--heal-steps", type=int, default=0,
+                    help="also heal every cell this many steps on its calibration domain (bench/evaluate.py's healing; "
+                         "its full run: 100); 0: zero-shot only")
+    ap.add_argument("--heal-holdout", type=float, default=HealConfig().holdout,
+                    help="share of the healing data kept out to pick the best check (as bench/evaluate.py)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="keep the cells of --out's json and run the rest")
     ap.add_argument("--report", action="store_true", help="only rewrite the .md and .png from --out's json")
@@ -330,15 +402,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
     args.started = time.perf_counter()
     rows: list[dict] = []
+    healed: list[dict] = []
     args.earlier, args.earlier_seconds = [], 0.0  # the runs a --resume continues
     if args.resume and out.with_suffix(".json").is_file():
         earlier = json.loads(out.with_suffix(".json").read_text())
         rows, args.earlier = earlier["rows"], [earlier["meta"]["command"]]
+        healed = earlier.get("healed", [])
         args.earlier_seconds = earlier["meta"]["seconds"]
-    done = {(r["model"], r["shrinkage"], r["calibrated_on"], r["ratio"], r["strategy"]) for r in rows}
+    done = {done_key(r) for r in [*rows, *healed]}
     for model in args.models:
-        run_model(model, args, done, rows, out)
-    save(rows, args, out)
+        run_model(model, args, done, rows, out, healed)
+    save(rows, args, out, healed)
     write(out)
 
 

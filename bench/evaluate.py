@@ -121,6 +121,14 @@ def union(a: Any, b: Any) -> Any:
     return a + b if isinstance(a, list) else torch.cat([a, b])
 
 
+def healing(task: Task, steps: int, holdout: float) -> HealConfig | None:
+    """The healing every strategy gets on a task (its learning rate and distillation loss, the best
+    check on a held-out ``holdout`` of the data); None for 0 steps (zero-shot only)."""
+    if not steps:
+        return None
+    return HealConfig(steps=steps, lr=task.heal_lr, distill=task.distill, holdout=holdout, progress=False)
+
+
 class Runner:
     """Ties plans into copies of a task's model and scores them, zero-shot and healed."""
 
@@ -145,10 +153,16 @@ class Runner:
         model = self.tied(plan, merge)
         out = {"zero-shot": (self.task.score(model), self.loss(model))}
         if self.heal is not None and healed:
-            heal(model, self.task.model, self.data, self.heal, tokenizer=self.task.tokenizer)
-            model.eval()
+            model = self.healed(model)
             out["healed"] = (self.task.score(model), self.loss(model))
         return out
+
+    def healed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` (a tied copy) healed in place against the original on the calibration +
+        validation data, as every strategy is healed."""
+        assert self.heal is not None
+        heal(model, self.task.model, self.data, self.heal, tokenizer=self.task.tokenizer)
+        return model.eval()
 
 
 def choice_data(task: Task, problem: SharingProblem, runner: Runner, merge: str,
@@ -223,8 +237,7 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
         diag = curvature_weights(task.model, task.calibration, names_all, quiet, tokenizer=task.tokenizer)
     else:
         covariances = merge_covariances(task.model, data, names_all, quiet, task.tokenizer)
-    heal_config = HealConfig(steps=args.heal_steps, lr=task.heal_lr, distill=task.distill, holdout=args.heal_holdout,
-                             progress=False) if args.heal_steps else None
+    heal_config = healing(task, args.heal_steps, args.heal_holdout)
     runner = Runner(task, heal_config, diag, covariances)
     distances = weight_distances(task.model, yardstick)
     names = ["geo", "geo-solver", *(f"geo-{b}" for b in backends if b != "exact")]

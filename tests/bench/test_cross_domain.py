@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import corpus
-from bench.cross_domain import DOMAINS, markdown, shift
+from bench.cross_domain import DOMAINS, done_key, markdown, shift
 from bench.tasks import gpt as gpt_mod
 
 
@@ -72,14 +72,30 @@ def test_shift_and_lead_in_the_table() -> None:
                      "metric": {"minilm": "cosine"}})
     # shifts -0.05 (on prose) and -0.02 (on docstrings); leads -0.02 (behind sequence) and +0.18
     assert "| none | 0.67 | -0.0500 | -0.0200 | -0.0200 | +0.1800 |" in text
+    assert "healed" not in text
+
+    # healed cells: their own tables and shift/lead, the zero-shot text kept as it was
+    heal = {"heal_steps": 100, "heal_holdout": 0.2}
+    healed = [{**r, **heal, "score": r["score"] + 0.1 * (r["strategy"] == "geo")} for r in rows]
+    both = markdown({"meta": meta, "rows": rows, "healed": healed, "higher_is_better": {"minilm": True},
+                     "metric": {"minilm": "cosine"}})
+    assert both.startswith(text.split("## minilm")[0].rstrip("\n"))
+    assert text.split("## minilm")[1] in both
+    assert "### healed 100 steps (held-out 0.2), shrinkage none" in both
+    # healed geo +0.1 on every cell: shifts unchanged, leads +0.08 and +0.28
+    assert "| none | 0.67 | -0.0500 | -0.0200 | +0.0800 | +0.2800 |" in both
+    # --resume tells a healed cell from its zero-shot one, and heal lengths apart
+    assert len({done_key(r) for r in rows + healed}) == 2 * len({done_key(r) for r in rows})
+    assert done_key(healed[0]) != done_key({**healed[0], "heal_steps": 10})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", ["none", "held-out"])
-def test_gpt_cells_are_scored_on_both_sources(tmp_path, setting: str) -> None:
+@pytest.mark.parametrize(("setting", "heal_steps"), [("none", 4), ("held-out", 0)])
+def test_gpt_cells_are_scored_on_both_sources(tmp_path, setting: str, heal_steps: int) -> None:
     """One budget, one heuristic, both calibrations: four cells, each scored on its evaluation
     split; the tied model is worse than the original everywhere and the json is written. With
-    held-out, each cell records the intensity chosen for its plan, one of the grid's."""
+    held-out, each cell records the intensity chosen for its plan, one of the grid's. Healed, the
+    four cells again, from healed models: better than zero-shot on their calibration domain."""
     import argparse
     import json
     import time
@@ -90,9 +106,11 @@ def test_gpt_cells_are_scored_on_both_sources(tmp_path, setting: str) -> None:
 
     args = argparse.Namespace(budgets=[0.67], strategies=["sequence"], shrinkage=[Shrinkage(setting)], seed=0, top=2,
                               normalized_top=0, per_pattern=0, random_seeds=1, choice_holdout=0.5,
+                              heal_steps=heal_steps, heal_holdout=0.2,
                               started=time.perf_counter(), earlier=[], earlier_seconds=0.0)
     rows: list[dict] = []
-    run_model("gpt", args, set(), rows, tmp_path / "cd")
+    healed: list[dict] = []
+    run_model("gpt", args, set(), rows, tmp_path / "cd", healed)
     assert {(r["calibrated_on"], r["evaluated_on"]) for r in rows} == {
         (a, b) for a in DOMAINS["gpt"] for b in DOMAINS["gpt"]}
     for source in DOMAINS["gpt"]:
@@ -102,4 +120,14 @@ def test_gpt_cells_are_scored_on_both_sources(tmp_path, setting: str) -> None:
     for r in rows:
         assert r["shrinkage"] == setting and r["intensity"]["min"] == r["intensity"]["max"]
         assert r["intensity"]["mean"] in (INTENSITIES if setting == "held-out" else (0.0,))
-    assert json.loads((tmp_path / "cd.json").read_text())["rows"] == rows
+    saved = json.loads((tmp_path / "cd.json").read_text())
+    assert saved["rows"] == rows
+    if not heal_steps:
+        assert not healed and "healed" not in saved
+        return
+    assert saved["healed"] == healed
+    assert [done_key(r)[2:] for r in healed] == [done_key(r) for r in rows]
+    assert all(r["heal_steps"] == heal_steps for r in healed)
+    for h, z in zip(healed, rows, strict=True):
+        if h["calibrated_on"] == h["evaluated_on"]:
+            assert h["score"] < z["score"], (h, z)  # perplexity: healing on its own domain helps there
