@@ -48,7 +48,8 @@ from hessian_worker.basis.decompose import (
 )
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.errors import DiscoveryError
-from solver.schema import Side
+from hessian_worker.factored.layers import require_known_families
+from solver.schema import Scheme, Side
 
 # a negative pair cost within this share of the pair's energy ‖M‖² is round-off
 NOISE_TOL = 1e-9
@@ -222,12 +223,7 @@ def family_ranks(
         DiscoveryError: a per-family rank names an unknown family, or a rank is too high.
     """
     fams = {x.family: shapes[x.name] for x in layers}
-    if isinstance(options.rank, dict):
-        unknown = sorted(set(options.rank) - set(fams))
-        if unknown:
-            raise DiscoveryError(
-                f"basis rank names unknown families {unknown}; known: {sorted(fams)}"
-            )
+    require_known_families(options.rank, fams, Scheme.basis)
     return {fam: family_rank(fam, shape, options) for fam, shape in fams.items()}
 
 

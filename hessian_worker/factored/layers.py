@@ -8,13 +8,13 @@ Parameter it holds) is what a fresh copy of the original architecture needs to r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from hessian_worker.curvature.layerwise import linear_modules
-from hessian_worker.errors import PlanError
+from hessian_worker.errors import DiscoveryError, PlanError
 from solver.schema import Scheme
 
 WEIGHT_SUFFIX = ".weight"
@@ -133,3 +133,11 @@ def saved_layers(model: nn.Module, layout: Mapping[str, Mapping[str, Any]],
 
 def has_factored_layers(model: nn.Module, kind: type[FactoredLinear] = FactoredLinear) -> bool:
     return any(isinstance(m, kind) for m in model.modules())
+
+
+def require_known_families(rank: object, known: Collection[str], scheme: Scheme) -> None:
+    """Raises DiscoveryError when a per-family rank setting (a dict) names a family not in ``known``."""
+    if isinstance(rank, Mapping):
+        unknown = sorted(set(rank) - set(known))
+        if unknown:
+            raise DiscoveryError(f"{scheme.value} rank names unknown families {unknown}; known: {sorted(known)}")

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.errors import DiscoveryError
+from hessian_worker.factored.layers import require_known_families
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.decompose import check_class, pair_spectrum, tail
+from solver.schema import Scheme
 
 
 def family_rank(family: str, shape: tuple[int, ...], options: RelaxedOptions, ratio: float | None = None) -> int:
@@ -58,10 +60,7 @@ def family_ranks(layers: Sequence[LayerInfo], shapes: Mapping[str, tuple[int, in
         DiscoveryError: a per-family rank names an unknown family, or a rank is too high.
     """
     fams = {x.family: shapes[x.name] for x in layers}
-    if isinstance(options.rank, dict):
-        unknown = sorted(set(options.rank) - set(fams))
-        if unknown:
-            raise DiscoveryError(f"relaxed rank names unknown families {unknown}; known: {sorted(fams)}")
+    require_known_families(options.rank, fams, Scheme.relaxed)
     return {fam: family_rank(fam, shape, options, ratio) for fam, shape in fams.items()}
 
 
