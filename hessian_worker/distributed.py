@@ -10,7 +10,8 @@ agree with one process up to rounding.
 Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set) the first analysis joins the
 group itself: gloo on CPU, NCCL on CUDA, with a timeout (``GEOSHARE_DIST_TIMEOUT`` seconds). A
 group the caller initialized is used as it is. With neither, ``join`` returns None and nothing
-here runs.
+here runs. A group started here is destroyed at exit (``leave``): gloo's threads outliving the
+interpreter abort the process (SIGABRT) after its work is done.
 
 Failures: local work runs inside ``step``; at its end every rank says whether it failed, over a
 gloo group (the default one, or one made beside NCCL), so an error on one rank ends the job on
@@ -19,6 +20,7 @@ every rank with that rank's message, and a rank that died or hangs ends it at th
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -160,6 +162,7 @@ def join(device: torch.device | str) -> Group | None:
             raise DistributedError(f"rank {os.environ['RANK']}: cannot join the {backend} group at "
                                    f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
                                    f"{limit.total_seconds():.0f} s ({exc})") from exc
+        atexit.register(leave)
     world = dist.group.WORLD
     if _JOINED and _JOINED[0][0] is world:
         return _JOINED[0][1]
@@ -173,6 +176,16 @@ def join(device: torch.device | str) -> Group | None:
     _JOINED[:] = [(world, group)]
     log.info("rank %d of %d (%s)", group.rank, group.world_size, backend)
     return group
+
+
+def leave() -> None:
+    """Destroys the group ``join`` started, while the interpreter is whole: a gloo group left to
+    interpreter shutdown can abort the process ("terminate called without an active exception",
+    pytorch/pytorch#190489) after its work is done. Local (no collective), so a rank whose peers
+    died leaves too. A no-op when no group is up."""
+    _JOINED.clear()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
