@@ -412,6 +412,9 @@ class CompressConfig(BaseModel):
                                         "fixed one (a number in [0, 1]) or not (none); held-out: the layerwise "
                                         "merge's intensity of least loss on the choice's held-out samples, among "
                                         "0-0.4 (none elsewhere).")
+    refit: bool = Field(True, description="basis, relaxed: fit the chosen plan on every sample not held out (the "
+                        "candidates are fitted on the curvature part and measured on the rest); False: install the "
+                        "fit the choice measured.")
     holdout: int | None = Field(None, ge=1, description="Samples held out for the measured figure (default: a quarter).")
     samples: int | None = Field(None, gt=0, description="Calibration samples read (default: all).")
     curvature_samples: int | None = Field(None, gt=0, description="Of those, the ones the curvature costs use (default: all; basis: half, the choice gets the rest).")

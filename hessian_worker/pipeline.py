@@ -203,7 +203,8 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
         plan, plan_problem = healed_choice.plan, run.problem
     reference = copy.deepcopy(model)
     report = run.scheme.apply(model, plan, plan_problem, run.merge, data=run.parts.apply, config=quiet,
-                              tokenizer=tokenizer, state=run.state, diag=run.diag, layerwise=run.layerwise)
+                              tokenizer=tokenizer, state=final_state(run, model, plan_problem, quiet, tokenizer),
+                              diag=run.diag, layerwise=run.layerwise)
     healed = None
     if healed_choice is not None:  # the winner was healed in the choice, exactly as below: take its weights
         model.load_state_dict(healed_choice.model.state_dict())
@@ -229,6 +230,16 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
         shrinkage_intensity=run.intensity.intensity if run.intensity else None,
         shrinkage_losses={f"{r:g}": v for r, v in run.intensity.losses.items()} if run.intensity else None,
     )
+
+
+def final_state(run: SchemeRun, model: nn.Module, problem: SharingProblem, config: AnalyzeConfig,
+                tokenizer: Any | None) -> State:
+    """The chosen plan's fitting state: the candidates' own when the apply part is the costs part,
+    else measured again on the apply part (a factored scheme's refit on every sample not held out;
+    bench/results/refit.md)."""
+    if run.state is None or run.parts.apply is run.parts.costs:
+        return run.state
+    return run.scheme.state(model, run.parts.apply, problem, config, tokenizer)
 
 
 def schemes_of(config: CompressConfig) -> list[SharingScheme]:

@@ -77,6 +77,10 @@ class CompressSpec(BaseModel):
         None, ge=0, lt=1, description="Layerwise merge: share of the choice samples candidates are scored on, kept "
         "out of the covariances they are merged with (0.5; 0: score on all).",
     )
+    refit: bool | None = Field(
+        None, description="basis and relaxed: fit the chosen plan on every sample not held out (default true); "
+        "false: install the fit the choice measured (on the curvature part).",
+    )
     holdout: int | None = Field(
         None, ge=1, description="Samples held out for the measured figure (default: a quarter)."
     )

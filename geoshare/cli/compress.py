@@ -60,6 +60,9 @@ def add_commands(subparsers: Any) -> None:
                    help="with --heal: best zero-shot candidates healed in the choice, besides each pattern's best")
     c.add_argument("--no-heal-choice", action="store_true",
                    help="with --heal: keep the zero-shot winner instead of healing a shortlist to choose")
+    c.add_argument("--no-refit", action="store_true",
+                   help="basis, relaxed: install the chosen plan as fitted for the choice (on the curvature part), "
+                        "not refitted on every sample not held out")
     c.add_argument("--choice-holdout", type=float, default=0.5, metavar="FRACTION",
                    help="layerwise merge: fraction in [0, 1) of the choice samples candidates are scored on, kept "
                         "out of the covariances they are merged with (0: score on all)")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                             per_pattern=args.per_pattern, normalized_top=args.normalized_top,
                             curvature_samples=args.curvature_samples, heal_steps=args.heal, heal_lr=args.heal_lr,
                             heal_holdout=args.heal_holdout, heal_choice=not args.no_heal_choice,
-                            heal_shortlist=args.heal_shortlist, choice_holdout=args.choice_holdout,
+                            heal_shortlist=args.heal_shortlist, choice_holdout=args.choice_holdout, refit=not args.no_refit,
                             holdout=args.holdout_samples, samples=args.samples, batch_size=args.batch_size,
                             time_limit_s=args.time_limit, seed=args.seed, device=args.device, dtype=args.dtype,
                             kfac=flags.kfac_options(args), progress=not args.quiet, scheme=args.scheme,

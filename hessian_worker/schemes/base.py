@@ -37,7 +37,7 @@ class DataParts:
 
     costs: Calibration  # the curvature costs, and what the scheme measures once (its State)
     choice: Calibration  # the candidates' measured losses
-    apply: Calibration  # the final apply's data-dependent merge
+    apply: Calibration  # the final apply's data-dependent merge, and a factored scheme's final fit
 
 
 class Substitutes(Protocol):

@@ -32,17 +32,19 @@ from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
 def disjoint_parts(fit: Calibration, config: Any) -> DataParts:
-    """Disjoint parts: the curvature subset (default half) for the costs, the whitening and the
-    apply, the rest for the choice. The bases are fitted to the activations of the data they are
-    whitened with (on few samples the inputs span fewer directions than d_in, so the low-rank
-    layers reproduce those samples almost exactly), and measuring candidates there would rank
-    them by that overfit, not by what they keep."""
+    """Disjoint parts: the curvature subset (default half) for the costs and the whitening the
+    candidates are fitted with, the rest for the choice; the chosen plan is then fitted on every
+    sample (``config.refit``; else on the subset, as measured). The bases are fitted to the
+    activations of the data they are whitened with (on few samples the inputs span fewer
+    directions than d_in, so the low-rank layers reproduce those samples almost exactly), and
+    measuring candidates there would rank them by that overfit, not by what they keep; once the
+    choice is made, more samples only make the fit generalize better."""
     n = fit.num_samples
     samples = config.curvature_samples or max(1, n // 2)
     if n < 2 or samples >= n:
         return DataParts(costs=fit, choice=fit, apply=fit)  # nothing left over: the choice sees them
     rest, subset = fit.split(samples, seed=config.seed + 1, batch_size=config.batch_size)
-    return DataParts(costs=subset, choice=rest, apply=subset)
+    return DataParts(costs=subset, choice=rest, apply=fit if config.refit else subset)
 
 
 class BasisScheme:
