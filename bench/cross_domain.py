@@ -42,22 +42,15 @@ from tqdm import tqdm
 from bench.evaluate import (
     HEURISTICS,
     Runner,
-    choice_data,
-    costs_for,
+    calibrated_runner,
     geo_candidates,
     healing,
-    union,
-    weight_distances,
+    label,
+    merges_of,
 )
 from bench.tasks.base import Task
 from geoshare.cli.model_flags import shrinkage_setting
-from hessian_worker import AnalyzeConfig, CompressConfig, HealConfig
-from hessian_worker.data import load_calibration
-from hessian_worker.intensity_choice import choose_intensity, with_intensity
-from hessian_worker.merge_rule import default_merge
-from hessian_worker.options import Shrinkage, ShrinkageSetting
-from hessian_worker.pipeline import merge_covariances
-from hessian_worker.tying import curvature_weights
+from hessian_worker import CompressConfig, HealConfig
 from solver import SharingPlan, SolveConfig
 from solver.baselines import baseline
 
@@ -77,10 +70,6 @@ def domain_task(model: str, domain: str, seed: int) -> Task:
     return gpt_task(quick=True, source=domain, seed=seed)
 
 
-def label(setting: ShrinkageSetting) -> str:
-    return setting.value if isinstance(setting, Shrinkage) else f"{setting:g}"
-
-
 PLOTTED = ("none", label(CompressConfig.model_fields["shrinkage"].default))  # the .png's settings
 
 
@@ -98,44 +87,6 @@ def plans_of(strategy: str, task: Task, runner: Runner, config: SolveConfig, mer
     else:
         plans = [baseline(problem, strategy, config)]
     return [p for p in plans if p.status.value != "infeasible"]
-
-
-def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int,
-                      choice_holdout: float = 0.5) -> tuple[Runner, str]:
-    """A Runner whose merge is Geo-Sharing's default on the task's calibration + validation data,
-    with input covariances shrunk as ``setting`` says; and that merge's name. With 'held-out' and
-    the layerwise merge, ``runner.choice`` holds the choice's (score samples, fitted covariances)
-    the intensity is chosen on (None otherwise, or without held-out samples)."""
-    problem = costs_for(task, "exact", seed)
-    names = [layer.name for layer in problem.layers]
-    data = union(task.calibration, task.validation)
-    merge = default_merge(task.model, load_calibration(data, tokenizer=task.tokenizer), names).value
-    quiet = AnalyzeConfig(distill=task.distill, progress=False, shrinkage=setting)
-    diag = covariances = None
-    if merge == "curvature":
-        diag = curvature_weights(task.model, task.calibration, names, quiet, tokenizer=task.tokenizer)
-    else:
-        covariances = merge_covariances(task.model, data, names, quiet, task.tokenizer)
-    runner = Runner(task, None, diag, covariances)
-    runner.quiet = quiet  # the choice's covariances (geo_candidates) are shrunk alike
-    runner.problem, runner.distances = problem, weight_distances(task.model, problem)
-    runner.choice = None
-    if setting is Shrinkage.held_out and merge == "layerwise":
-        score_data, fitted = choice_data(task, problem, runner, merge, choice_holdout)
-        runner.choice = None if fitted is covariances else (score_data, fitted)
-    return runner, merge
-
-
-def merges_of(plans: list[SharingPlan], task: Task, runner: Runner) -> tuple[list, list[float] | None]:
-    """Each plan's layerwise covariances (None: the runner's) and, with shrinkage 'held-out', the
-    intensity compress would choose for it (hessian_worker.intensity_choice) on the choice's held-out
-    part of the validation split, applied to the runner's covariances."""
-    if runner.choice is None:
-        return [None] * len(plans), None
-    score_data, fitted = runner.choice
-    rhos = [choose_intensity(task.model, score_data, p, fitted, runner.quiet, tokenizer=task.tokenizer).intensity
-            for p in plans]
-    return [with_intensity(runner.covariances, r) for r in rhos], rhos
 
 
 def done_key(row: dict) -> tuple:

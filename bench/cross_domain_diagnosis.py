@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from bench.corpus import corpus_sentences, splits
-from bench.cross_domain import DOMAINS, calibrated_runner, domain_task, plans_of
-from bench.evaluate import union
+from bench.cross_domain import DOMAINS, domain_task, plans_of
+from bench.evaluate import calibrated_runner, union
 from hessian_worker import AnalyzeConfig, apply_plan
 from hessian_worker.curvature.layerwise import (
     LayerwiseCurvature,

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from tqdm import tqdm
 EVALUATE = Path(__file__).resolve().parent / "evaluate.py"
 WEIGHT = {"minilm": 3, "gpt": 2, "digits": 1}  # relative time per budget, for the order only
 PASSED = ("seed", "top", "normalized_top", "per_pattern", "random_seeds", "heal_steps", "heal_shortlist", "heal_holdout",
-          "choice_holdout")  # options every unit gets as given
+          "choice_holdout", "shrinkage")  # options every unit gets as given
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def common_options(args: argparse.Namespace) -> list[str]:
     """The options that every unit takes as given (the unit sets tasks, budgets and threads)."""
     out = ["--quick"] if args.quick else []
     for name in PASSED:
-        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        value = getattr(args, name)
+        out += [f"--{name.replace('_', '-')}", str(value.value if isinstance(value, Enum) else value)]
     if args.strategies:
         out += ["--strategies", *args.strategies]
     return out

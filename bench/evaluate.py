@@ -41,12 +41,23 @@ from tqdm import tqdm
 
 from bench.eval_jobs import common_options, plan_units, run_parallel
 from bench.tasks import TASKS, Task, load_task
-from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
+from geoshare.cli.model_flags import shrinkage_setting
+from hessian_worker import (
+    AnalyzeConfig,
+    CompressConfig,
+    HealConfig,
+    analyze,
+    apply_plan,
+    heal,
+    measure_loss,
+)
 from hessian_worker.choose import choose_healed
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import holdout_size, load_calibration
+from hessian_worker.intensity_choice import choose_intensity, with_intensity
 from hessian_worker.measure import measure_plans
 from hessian_worker.merge_rule import default_merge
+from hessian_worker.options import Shrinkage, ShrinkageSetting
 from hessian_worker.pipeline import merge_covariances
 from hessian_worker.ranking import spearman
 from hessian_worker.tying import curvature_weights
@@ -130,13 +141,21 @@ def healing(task: Task, steps: int, holdout: float) -> HealConfig | None:
 
 
 class Runner:
-    """Ties plans into copies of a task's model and scores them, zero-shot and healed."""
+    """Ties plans into copies of a task's model and scores them, zero-shot and healed.
+
+    ``quiet`` carries the shrinkage setting of the merge's covariances; ``choice`` (shrinkage
+    'held-out', layerwise merge): the (score samples, covariances fitted on other samples) a plan's
+    intensity is chosen on (``merges_of``)."""
 
     def __init__(self, task: Task, heal: HealConfig | None, diag: dict[str, torch.Tensor] | None,
-                 covariances: LayerwiseCurvature | None) -> None:
+                 covariances: LayerwiseCurvature | None, *, quiet: AnalyzeConfig | None = None,
+                 problem: SharingProblem | None = None) -> None:
         self.task, self.heal, self.diag, self.covariances = task, heal, diag, covariances
-        self.quiet = AnalyzeConfig(distill=task.distill, progress=False)
+        self.quiet = quiet or AnalyzeConfig(distill=task.distill, progress=False)
         self.data = union(task.calibration, task.validation)  # healing and the layerwise merge
+        self.problem = problem
+        self.distances = weight_distances(task.model, problem) if problem is not None else None
+        self.choice: tuple[Any, LayerwiseCurvature] | None = None
 
     def tied(self, plan: SharingPlan, merge: str, layerwise: LayerwiseCurvature | None = None) -> torch.nn.Module:
         """A tied copy of the model; ``layerwise`` replaces the runner's covariances."""
@@ -148,9 +167,11 @@ class Runner:
     def loss(self, model: torch.nn.Module) -> float:
         return measure_loss(model, self.task.model, self.task.evaluation, self.quiet, tokenizer=self.task.tokenizer)
 
-    def measure(self, plan: SharingPlan, merge: str, healed: bool = True) -> dict[str, tuple[float, float]]:
-        """{regime: (metric, loss change on the evaluation split)}; healed only with a heal config."""
-        model = self.tied(plan, merge)
+    def measure(self, plan: SharingPlan, merge: str, healed: bool = True,
+                layerwise: LayerwiseCurvature | None = None) -> dict[str, tuple[float, float]]:
+        """{regime: (metric, loss change on the evaluation split)}; healed only with a heal config;
+        ``layerwise`` replaces the runner's covariances."""
+        model = self.tied(plan, merge, layerwise)
         out = {"zero-shot": (self.task.score(model), self.loss(model))}
         if self.heal is not None and healed:
             model = self.healed(model)
@@ -163,6 +184,46 @@ class Runner:
         assert self.heal is not None
         heal(model, self.task.model, self.data, self.heal, tokenizer=self.task.tokenizer)
         return model.eval()
+
+
+def label(setting: ShrinkageSetting) -> str:
+    """A shrinkage setting as the tables write it."""
+    return setting.value if isinstance(setting, Shrinkage) else f"{setting:g}"
+
+
+def calibrated_runner(task: Task, setting: ShrinkageSetting, seed: int,
+                      choice_holdout: float = 0.5) -> tuple[Runner, str]:
+    """A Runner whose merge is Geo-Sharing's default on the task's calibration + validation data,
+    with input covariances shrunk as ``setting`` says; and that merge's name. With 'held-out' and
+    the layerwise merge, ``runner.choice`` holds the choice's (score samples, fitted covariances)
+    the intensity is chosen on (None otherwise, or without held-out samples)."""
+    problem = costs_for(task, "exact", seed)
+    names = [layer.name for layer in problem.layers]
+    data = union(task.calibration, task.validation)
+    merge = default_merge(task.model, load_calibration(data, tokenizer=task.tokenizer), names).value
+    quiet = AnalyzeConfig(distill=task.distill, progress=False, shrinkage=setting)
+    diag = covariances = None
+    if merge == "curvature":
+        diag = curvature_weights(task.model, task.calibration, names, quiet, tokenizer=task.tokenizer)
+    else:
+        covariances = merge_covariances(task.model, data, names, quiet, task.tokenizer)
+    runner = Runner(task, None, diag, covariances, quiet=quiet, problem=problem)  # the choice's covariances alike
+    if setting is Shrinkage.held_out and merge == "layerwise":
+        score_data, fitted = choice_data(task, problem, runner, merge, choice_holdout)
+        runner.choice = None if fitted is covariances else (score_data, fitted)
+    return runner, merge
+
+
+def merges_of(plans: list[SharingPlan], task: Task, runner: Runner) -> tuple[list, list[float] | None]:
+    """Each plan's layerwise covariances (None: the runner's) and, with shrinkage 'held-out', the
+    intensity compress would choose for it (hessian_worker.intensity_choice) on the choice's held-out
+    part of the validation split, applied to the runner's covariances."""
+    if runner.choice is None:
+        return [None] * len(plans), None
+    score_data, fitted = runner.choice
+    rhos = [choose_intensity(task.model, score_data, p, fitted, runner.quiet, tokenizer=task.tokenizer).intensity
+            for p in plans]
+    return [with_intensity(runner.covariances, r) for r in rhos], rhos
 
 
 def choice_data(task: Task, problem: SharingProblem, runner: Runner, merge: str,
@@ -194,13 +255,16 @@ def geo_candidates(task: Task, problem: SharingProblem, config: SolveConfig, run
 
 
 def geo_healed(task: Task, pool: list[SharingPlan], measured: list[float], runner: Runner, merge: str,
-               args: argparse.Namespace) -> tuple[SharingPlan, dict[str, tuple[float, float]]]:
+               args: argparse.Namespace, layerwise: LayerwiseCurvature | None = None,
+               ) -> tuple[SharingPlan, dict[str, tuple[float, float]]]:
     """The product's choice when it heals (choose_healed): the shortlist healed as every strategy is,
-    compared on the validation split; the winner's healed model is scored on the evaluation split."""
+    compared on the validation split; the winner's healed model is scored on the evaluation split.
+    ``layerwise``: the merge's covariances as the zero-shot winner's intensity shrank them (compress
+    heals its shortlist with those), else the runner's."""
     assert runner.heal is not None
     choice = choose_healed(task.model, pool, measured, runner.data, task.validation, runner.heal, runner.quiet,
                            best=args.heal_shortlist, merge=merge, tokenizer=task.tokenizer, diag=runner.diag,
-                           layerwise=runner.covariances)
+                           layerwise=layerwise or runner.covariances)
     model = choice.model.eval()
     return choice.plan, {"healed": (task.score(model), runner.loss(model))}
 
@@ -227,19 +291,10 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
     """Every strategy at every budget on one task: the rows of eval.json and the rank agreement."""
     problems = {b: costs_for(task, b, args.seed) for b in backends}
     yardstick = problems["exact"]  # predicted figures and the baselines' class allocation
-    names_all = [layer.name for layer in yardstick.layers]
-    data = union(task.calibration, task.validation)
-    geo_merge = default_merge(task.model, load_calibration(data, tokenizer=task.tokenizer), names_all).value
     # the merge's curvature, measured once and shared by the choice and every tie
-    quiet = AnalyzeConfig(distill=task.distill, progress=False)
-    diag = covariances = None
-    if geo_merge == "curvature":
-        diag = curvature_weights(task.model, task.calibration, names_all, quiet, tokenizer=task.tokenizer)
-    else:
-        covariances = merge_covariances(task.model, data, names_all, quiet, task.tokenizer)
-    heal_config = healing(task, args.heal_steps, args.heal_holdout)
-    runner = Runner(task, heal_config, diag, covariances)
-    distances = weight_distances(task.model, yardstick)
+    runner, geo_merge = calibrated_runner(task, args.shrinkage, args.seed, args.choice_holdout)
+    heal_config = runner.heal = healing(task, args.heal_steps, args.heal_holdout)
+    distances = runner.distances
     names = ["geo", "geo-solver", *(f"geo-{b}" for b in backends if b != "exact")]
     strategies = [*names, "weight-distance", *HEURISTICS, *(f"{h}+geo-merge" for h in GEO_MERGED), "random"]
     if args.strategies:
@@ -252,12 +307,10 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
         config = SolveConfig(max_params_ratio=ratio, time_limit_s=10, seed=args.seed)
         merge = geo_merge if strategy == "geo" or strategy.endswith("+geo-merge") else "mean"
         base = strategy.removesuffix("+geo-merge")
-        healed_choice = None
+        healed_choice, pool = None, None
         if strategy == "geo":
             pool, pool_measured = geo_candidates(task, yardstick, config, runner, geo_merge, args)
             plans = [pool[int(np.argmin(pool_measured))]]
-            if heal_config is not None:
-                healed_choice = geo_healed(task, pool, pool_measured, runner, geo_merge, args)
         elif strategy.startswith("geo"):
             backend = "exact" if strategy == "geo-solver" else strategy.removeprefix("geo-")
             plans = [solve(problems[backend], config)]
@@ -270,7 +323,12 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
         plans = [p for p in plans if p.status.value != "infeasible"]
         if not plans:
             continue  # e.g. all-share cannot meet a loose budget exactly and is not reported there
-        measured = [runner.measure(p, merge, healed=healed_choice is None) for p in plans]
+        # Geo-Sharing's merge as compress installs it: with shrinkage 'held-out', each plan's intensity
+        merges, rhos = merges_of(plans, task, runner) if merge == geo_merge else ([None] * len(plans), None)
+        if pool is not None and heal_config is not None:
+            healed_choice = geo_healed(task, pool, pool_measured, runner, geo_merge, args, merges[0])
+        measured = [runner.measure(p, merge, healed=healed_choice is None, layerwise=m)
+                    for p, m in zip(plans, merges, strict=True)]
         if healed_choice is not None:
             measured[0].update(healed_choice[1])
         for regime in measured[0]:
@@ -287,12 +345,13 @@ def evaluate_task(task: Task, args: argparse.Namespace, budgets: list[float], ba
                 "unique_params": int(np.mean([p.params.shared for p in scored])),
                 "params_ratio": float(np.mean([p.params.ratio for p in scored])),
                 "chosen": (chosen.strategy or "optimum") if strategy == "geo" else None,
+                "intensity": float(np.mean(rhos)) if rhos else None,
             })
     # --rank-plans 0 (a run of some budgets only, combined later): no rank agreement, so a combine keeps another run's
     agreement = {"rank_agreement": rank_agreement(problems, runner, args.rank_plans, args.seed)} if args.rank_plans else {}
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "results": rows,
             "heal_steps": args.heal_steps, "heal_holdout": args.heal_holdout, "random_seeds": args.random_seeds,
-            **agreement, "merge": geo_merge, "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
+            **agreement, "merge": geo_merge, "shrinkage": label(args.shrinkage), "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
             "original": task.score(task.model)}
 
 
@@ -313,6 +372,10 @@ def main() -> None:
     ap.add_argument("--choice-holdout", type=float, default=0.5,
                     help="geo, layerwise merge: share of the validation split candidates are scored on, kept out of "
                          "the covariances they are merged with (compress's choice_holdout; 0: score on all of it)")
+    ap.add_argument("--shrinkage", type=shrinkage_setting, default=CompressConfig.model_fields["shrinkage"].default,
+                    metavar="SETTING", help="Geo-Sharing's merge: the covariances' shrinkage as compress takes it "
+                    "(none|ledoit-wolf|oas|held-out|RHO; default compress's: held-out, each plan's intensity of least "
+                    "loss on the choice's held-out samples)")
     ap.add_argument("--heal-holdout", type=float, default=HealConfig().holdout,
                     help="share of the healing data every strategy's heal keeps out to pick its best step (step 0 "
                          "included); 0: heal on all, keep the last step")
@@ -416,6 +479,12 @@ def _cell(row: dict) -> tuple[float, str, str]:
     return row["ratio"], row["regime"], row["strategy"]
 
 
+def _intensities(rows: list[dict]) -> str:
+    """The range of the intensities the held-out choice picked ('' when none was chosen)."""
+    rhos = [r["intensity"] for r in rows if r.get("intensity") is not None]
+    return f" (chosen intensities {min(rhos):g}-{max(rhos):g})" if rhos else ""
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = ["# Evaluation", "", f"Command: `{meta['command']}`  ",
@@ -432,7 +501,8 @@ def markdown(result: dict) -> str:
         splits = data["splits"]
         lines += [f"## {model}: {data['metric']} ({better} is better; original {data['original']:.4g}; "
                   f"{splits['calibration']} calibration / {splits['validation']} validation / "
-                  f"{splits['evaluation']} evaluation samples; Geo-Sharing's merge: {data.get('merge')}; "
+                  f"{splits['evaluation']} evaluation samples; Geo-Sharing's merge: {data.get('merge')}, its "
+                  f"covariances' shrinkage {data.get('shrinkage', 'none')}{_intensities(rows)}; "
                   f"healing {data.get('heal_steps', meta['heal_steps'])} steps, keeping the best of every "
                   f"{HealConfig().check_every} on a held-out {data.get('heal_holdout', meta.get('heal_holdout', 0))} "
                   f"of its data; random: mean of "

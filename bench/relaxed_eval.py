@@ -23,7 +23,10 @@ Budgets are shares of the shareable (dense) parameters. For each budget B:
   row).
 Every relaxed and basis plan is whitened by the same output-scaled input covariances of the
 calibration split, the relaxed scheme's (by default each family's shrinkage chosen by cross-fitting,
-hessian_worker/relaxed/holdout.py). Each plan is scored zero-shot on the evaluation split (task metric and
+hessian_worker/relaxed/holdout.py): the candidates are fitted with them and measured on the validation
+split. The chosen plans are then fitted again, as ``compress`` does (``refit``), with the same
+covariances of calibration + validation, the samples the tie row's layerwise merge uses; ``--no-refit``
+installs the fits the choice measured. Each plan is scored zero-shot on the evaluation split (task metric and
 distillation loss) and, with ``--heal-steps``, after the same self-distillation for every strategy.
 
     python bench/relaxed_eval.py --tasks minilm --budgets 0.8 0.67 0.5 0.4
@@ -56,7 +59,7 @@ from bench.basis_eval import (
     tie_choice,
     tie_merge,
 )
-from bench.evaluate import costs_for
+from bench.evaluate import costs_for, union
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig
 from hessian_worker.basis.per_layer import per_layer_candidate
@@ -89,25 +92,19 @@ ROWS = ["relaxed-geo", "relaxed-solver", "relaxed-loop", "relaxed-pairs", "relax
 class Relaxed:
     """One task's relaxed problem at any correction ranks: the pair spectra, measured once."""
 
-    def __init__(self, task: Task, seed: int) -> None:
+    def __init__(self, task: Task, seed: int, refit: bool = True) -> None:
         self.task = task
         self.config = AnalyzeConfig(scheme="relaxed", distill=task.distill, seed=seed, progress=False)
         self.options = RelaxedOptions()
-        prep = prepare(copy.deepcopy(task.model), task.calibration, self.config, tokenizer=task.tokenizer)
-        layers = discover_layers(prep.model)
+        layers = discover_layers(task.model)
         names = [x.name for x in layers]
         t = time.perf_counter()
-        self.shrinkage: dict[str, float] = {}
+        self.covs, self.plain_covs, self.shrinkage = self.whitening(task.calibration, names)
+        # the chosen plans' final fits: on calibration + validation (compress's refit), else the choice's
+        self.final_covs, self.final_plain_covs, self.final_shrinkage = (
+            self.whitening(union(task.calibration, task.validation), names) if refit
+            else (self.covs, self.plain_covs, self.shrinkage))
         with torch.no_grad():
-            # unshrunk: the basis scheme's own whitening (AnalyzeConfig.shrinkage none), for the svd-unshrunk row
-            plain = self.config.model_copy(update={"relaxed": self.options.model_copy(update={"shrinkage": []})})
-            self.plain_covs = relaxed_covariances(prep.model, prep.data, names, plain)
-            if self.options.shrinkage:  # the product's default: intensities chosen by cross-fitting
-                fitted = cross_fitted_covariances(prep.model, prep.data, names, self.config)
-                self.covs = fitted.covs
-                self.shrinkage = {f: round(r, 4) for f, r in fitted.intensity.items()}
-            else:
-                self.covs = self.plain_covs
             weights = dense_weights(task.model, names)
             self.spectra = PairSpectra(layers, weights, self.covs)
         print(f"  {task.name}: relaxed covariances and pair spectra in {time.perf_counter() - t:.1f} s",
@@ -117,6 +114,19 @@ class Relaxed:
         self.base = SharingProblem(layers=[Layer(name=x.name, family=x.family, params=x.params, index=x.index)
                                            for x in layers], costs=Costs(matrix=matrix, unary=unary))
         self.fam_shapes, self.sizes = family_shapes(self.base, self.shapes), family_sizes(self.base)
+
+    def whitening(self, data: Any, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                               dict[str, float]]:
+        """(the relaxed scheme's covariances, the unshrunk ones, each family's cross-fitted intensity) on ``data``."""
+        prep = prepare(copy.deepcopy(self.task.model), data, self.config, tokenizer=self.task.tokenizer)
+        with torch.no_grad():
+            # unshrunk: the basis scheme's own whitening (AnalyzeConfig.shrinkage none), for the svd-unshrunk row
+            plain = self.config.model_copy(update={"relaxed": self.options.model_copy(update={"shrinkage": []})})
+            plain_covs = relaxed_covariances(prep.model, prep.data, names, plain)
+            if not self.options.shrinkage:
+                return plain_covs, plain_covs, {}
+            fitted = cross_fitted_covariances(prep.model, prep.data, names, self.config)  # the product's default
+            return fitted.covs, plain_covs, {f: round(r, 4) for f, r in fitted.intensity.items()}
 
     def ranks_at(self, share: float) -> dict[str, int]:
         return {f: family_rank(f, s, self.options, share) for f, s in self.fam_shapes.items()}
@@ -210,7 +220,7 @@ def evaluate_task(task: Task, args: argparse.Namespace,
     t0 = time.perf_counter()
     fams, dense = families_of(task.model)
     names = [x.name for x in discover_layers(task.model)]
-    rx = Relaxed(task, args.seed)
+    rx = Relaxed(task, args.seed, refit=not args.no_refit)
     original = task.score(task.model)
     merge = tie_merge(task, names)
     scorer = Scorer(task, args.heal_steps, args.seed, merge)
@@ -252,10 +262,11 @@ def evaluate_task(task: Task, args: argparse.Namespace,
         for strategy, (scheme, plan, prob) in plans.items():
             if scheme == "relaxed":
                 model = copy.deepcopy(task.model)
-                report = apply_relaxed_plan(model, plan, prob, config=rx.config, covs=rx.covs)
+                report = apply_relaxed_plan(model, plan, prob, config=rx.config, covs=rx.final_covs)
                 model, count = model.eval(), report.plan_params_shared
             elif scheme.startswith("basis"):
-                model, count = scorer.basis_model(plan, prob, rx.plain_covs if scheme == "basis-unshrunk" else rx.covs)
+                model, count = scorer.basis_model(plan, prob, rx.final_plain_covs if scheme == "basis-unshrunk"
+                                                  else rx.final_covs)
             else:
                 model, count = scorer.tie_model(plan)
             assert count <= budget, (strategy, count, budget)
@@ -279,6 +290,7 @@ def summary(task: Task, original: float, rows: list[dict[str, Any]], dense: int,
             "original": original, "dense_params": dense,
             "families": {k: {"d_out": f.d_out, "d_in": f.d_in, "layers": f.n} for k, f in fams.items()},
             "tie_merge": merge.merge, "rank_ratios": rx.options.rank_ratios, "shrinkage": rx.shrinkage,
+            "final_shrinkage": rx.final_shrinkage,
             "splits": {k: len(getattr(task, k)) for k in ("calibration", "validation", "evaluation")},
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
@@ -302,7 +314,8 @@ def markdown(result: dict[str, Any]) -> str:
              *[f"Command: `{c}`  " for c in meta.get("commands", [meta["command"]])], f"{meta['machine']}; {meta['seconds']} s"
              f"{' (partial: the run goes on)' if meta.get('partial') else ''}; healing "
              f"{meta['heal_steps']} steps; pools: the {meta['top']} best plans + size-normalized best + pattern "
-             "plans", "", *NOTES, ""]
+             f"plans; chosen plans refitted on calibration + validation: {'yes' if meta.get('refit') else 'no'}",
+             "", *NOTES, ""]
     for name, data in result.items():
         if name == "meta":
             continue
@@ -313,7 +326,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"## {name}: {data['metric']} ({better} is better; original {data['original']:.4g})", "",
                   f"{data['dense_params']} shareable params; families: {fams}. Splits: {data['splits']}. "
                   f"Tie merge: {data['tie_merge']}. Rank shares tried: {data['rank_ratios']}. "
-                  f"Whitening shrinkage per family (cross-fitted): {data.get('shrinkage', {})}. "
+                  f"Whitening shrinkage per family (cross-fitted): {data.get('shrinkage', {})}"
+                  + (f"; of the refits: {data['final_shrinkage']}. " if data.get("final_shrinkage") is not None
+                     and meta.get("refit") else ". ") +
                   f"Seconds: {data['seconds']}.", ""]
         for regime in sorted({r["regime"] for r in rows}, reverse=True):
             lines += [f"### {regime}: metric (distillation loss on the evaluation split)", "",
@@ -377,6 +392,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--out", default=str(RESULTS / "eval-relaxed"))
+    ap.add_argument("--no-refit", action="store_true",
+                    help="install the fits the choice measured (calibration only), not refitted on calibration + validation")
     ap.add_argument("--resume", action="store_true",
                     help="keep the tasks and budgets already in the .json (same settings), run the rest")
     args = ap.parse_args()
@@ -386,6 +403,9 @@ def main() -> None:
     result: dict[str, Any] = {}
     if args.resume and Path(args.out).with_suffix(".json").is_file():
         result = json.loads(Path(args.out).with_suffix(".json").read_text())
+        if result.get("meta", {}).get("refit", False) != (not args.no_refit):  # results before refit: off
+            sys.exit(f"{args.out}.json was made with refit {'on' if result['meta'].get('refit') else 'off'}: resume "
+                     f"it {'without' if result['meta'].get('refit') else 'with'} --no-refit, or write to another --out")
     command = " ".join([Path(sys.executable).name, *sys.argv])
     commands = [*result.get("meta", {}).get("commands", []), command]
     out = Path(args.out)
@@ -397,7 +417,7 @@ def main() -> None:
                           "machine": f"{platform.machine()} python {platform.python_version()} torch "
                                      f"{torch.__version__}, {args.threads} thread(s)",
                           "seconds": round(time.perf_counter() - t0, 1), "heal_steps": args.heal_steps,
-                          "top": args.top, "partial": partial}
+                          "top": args.top, "refit": not args.no_refit, "partial": partial}
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         out.with_suffix(".md").write_text(markdown(result))
 
