@@ -14,6 +14,10 @@ setting (``--shrinkage``, hessian_worker.curvature.shrinkage) is compared across
 The domain shift is measured on one evaluation set: cross(A→B) − in(B→B), the cost of having
 calibrated on A rather than on B, both scored on B's evaluation split.
 
+With ``--mixed`` a third calibration joins: ``mixed``, half of each corpus's calibration and
+validation splits (the same sizes as one corpus's), scored on both evaluation splits; its shift,
+mixed(→B) − in(B→B), is what calibrating on data that covers both uses costs on each.
+
 With ``--heal-steps N`` each cell is also healed: the strategy's tied model (geo: its zero-shot
 choice) is healed on its calibration domain as bench/evaluate.py heals every strategy, and the one
 healed model is scored on both evaluation splits; healed cells are kept apart from the zero-shot ones.
@@ -21,11 +25,13 @@ healed model is scored on both evaluation splits; healed cells are kept apart fr
     python bench/cross_domain.py                                   # -> bench/results/eval-cross-domain.*
     python bench/cross_domain.py --models minilm --budgets 0.67 --shrinkage none ledoit-wolf
     python bench/cross_domain.py --resume --models minilm --budgets 0.67 --heal-steps 100
+    python bench/cross_domain.py --resume --mixed          # adds the mixed-calibration cells
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -47,6 +53,7 @@ from bench.evaluate import (
     healing,
     label,
     merges_of,
+    union,
 )
 from bench.tasks.base import Task
 from geoshare.cli.model_flags import shrinkage_setting
@@ -57,6 +64,22 @@ from solver.baselines import baseline
 RESULTS = Path(__file__).resolve().parent / "results"
 DOMAINS = {"minilm": ("docstrings", "prose"), "gpt": ("text", "system")}
 STRATEGIES = ["geo", "weight-distance", *HEURISTICS, "random"]
+
+
+MIXED = "mixed"  # the calibration on half of each corpus
+
+
+def mixed_task(model: str, tasks: dict[str, Task]) -> Task:
+    """The model's task calibrated on both corpora: the first half of each one's calibration and
+    validation splits (together the size of one's); its evaluation split is the first corpus's (the
+    cells score every plan on each corpus's own)."""
+    a, b = (tasks[d] for d in DOMAINS[model])
+
+    def halves(x: Any, y: Any) -> Any:
+        return union(x[:len(x) // 2], y[:len(y) - len(y) // 2])
+
+    return dataclasses.replace(a, name=f"{model}-{MIXED}", calibration=halves(a.calibration, b.calibration),
+                               validation=halves(a.validation, b.validation))
 
 
 def domain_task(model: str, domain: str, seed: int) -> Task:
@@ -101,8 +124,9 @@ def run_model(model: str, args: argparse.Namespace, done: set[tuple], rows: list
     with ``args.heal_steps``, each cell healed too, appended to ``healed``."""
     healed = [] if healed is None else healed
     tasks = {d: domain_task(model, d, args.seed) for d in DOMAINS[model]}
+    calibrations = {**tasks, MIXED: mixed_task(model, tasks)} if args.mixed else tasks
     for setting in args.shrinkage:
-        for calibrated_on, task in tasks.items():
+        for calibrated_on, task in calibrations.items():
             heal = healing(task, args.heal_steps, args.heal_holdout)
             extra = {} if heal is None else {"heal_steps": heal.steps, "heal_holdout": heal.holdout}
             todo = {}  # cell -> the regimes still to measure, and the list their rows go to
@@ -204,23 +228,26 @@ def score_tables(mine: list[dict], ratios: list[float], directions: list[tuple[s
     return lines
 
 
-def lead_table(mine: list[dict], model: str, ratios: list[float], higher: bool, title: str) -> list[str]:
-    """Geo's shift both ways and its lead over the best heuristic in each cross-domain cell."""
+def lead_table(mine: list[dict], model: str, ratios: list[float], higher: bool, title: str,
+               via: str | None = None) -> list[str]:
+    """Geo's shift on each corpus and its lead over the best heuristic in each cell calibrated on the
+    other corpus (``via``: on that calibration instead, e.g. the mixed one)."""
     a, b = DOMAINS[model]
+    x_to = {b: via or a, a: via or b}  # the calibration whose cells are scored on each corpus
     lines = [f"### {title} ({model})", "",
-             "| shrinkage | ratio | shift on " + b + " | shift on " + a + f" | lead {a}→{b} | lead {b}→{a} |",
+             "| shrinkage | ratio | shift on " + b + " | shift on " + a + f" | lead {x_to[b]}→{b} | lead {x_to[a]}→{a} |",
              "|---|---|---|---|---|---|"]
     for setting in dict.fromkeys(r["shrinkage"] for r in mine):
         for r in ratios:
             leads = []
-            for x, y in ((a, b), (b, a)):
+            for x, y in ((x_to[b], b), (x_to[a], a)):
                 geo = cell(mine, shrinkage=setting, strategy="geo", ratio=r, calibrated_on=x, evaluated_on=y)
                 others = [v["score"] for v in mine if v["shrinkage"] == setting and v["ratio"] == r
                           and v["calibrated_on"] == x and v["evaluated_on"] == y and v["strategy"] != "geo"]
                 best = (max if higher else min)(others) if others else None
                 leads.append(None if geo is None or best is None else (geo - best if higher else best - geo))
-            lines.append(f"| {setting} | {r:g} | {fmt(shift(mine, model, setting, 'geo', r, a, b), True)} | "
-                         f"{fmt(shift(mine, model, setting, 'geo', r, b, a), True)} | {fmt(leads[0], True)} | "
+            lines.append(f"| {setting} | {r:g} | {fmt(shift(mine, model, setting, 'geo', r, x_to[b], b), True)} | "
+                         f"{fmt(shift(mine, model, setting, 'geo', r, x_to[a], a), True)} | {fmt(leads[0], True)} | "
                          f"{fmt(leads[1], True)} |")
     return [*lines, ""]
 
@@ -254,9 +281,15 @@ def markdown(result: dict) -> str:
         lines += [f"## {model}: {result['metric'][model]} ({'higher' if higher else 'lower'} is better; corpora "
                   f"{a} and {b}; merge {merge})", ""]
         directions = [(a, a), (a, b), (b, b), (b, a)]
-        lines += score_tables(mine, ratios, directions, "shrinkage ")
-        lines += lead_table(mine, model, ratios, higher,
+        single = [r for r in mine if r["calibrated_on"] != MIXED]
+        lines += score_tables(single, ratios, directions, "shrinkage ")
+        lines += lead_table(single, model, ratios, higher,
                             "geo: shift and lead over the best heuristic in each cross-domain cell")
+        if any(r["calibrated_on"] == MIXED for r in mine):
+            lines += score_tables(mine, ratios, [(a, a), (MIXED, a), (b, b), (MIXED, b)],
+                                  "calibrated on both corpora (mixed) beside in-domain, shrinkage ")
+            lines += lead_table(mine, model, ratios, higher, "geo calibrated on both corpora: shift and lead over "
+                                "the best heuristic in each mixed cell", via=MIXED)
         for steps, holdout in dict.fromkeys((r["heal_steps"], r["heal_holdout"]) for r in healed if r["model"] == model):
             cells = [r for r in healed if r["model"] == model and r["heal_steps"] == steps]
             kept = sorted({r["ratio"] for r in cells}, reverse=True)
@@ -340,6 +373,8 @@ def main() -> None:
                          "its full run: 100); 0: zero-shot only")
     ap.add_argument("--heal-holdout", type=float, default=HealConfig().holdout,
                     help="share of the healing data kept out to pick the best check (as bench/evaluate.py)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="also calibrate on half of each corpus (the calibration 'mixed'), scored on both")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="keep the cells of --out's json and run the rest")
     ap.add_argument("--report", action="store_true", help="only rewrite the .md and .png from --out's json")

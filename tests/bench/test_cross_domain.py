@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench import corpus
-from bench.cross_domain import DOMAINS, done_key, markdown, shift
+from bench.cross_domain import DOMAINS, MIXED, done_key, markdown, mixed_task, shift
 from bench.tasks import gpt as gpt_mod
 
 
@@ -106,7 +106,7 @@ def test_gpt_cells_are_scored_on_both_sources(tmp_path, setting: str, heal_steps
 
     args = argparse.Namespace(budgets=[0.67], strategies=["sequence"], shrinkage=[Shrinkage(setting)], seed=0, top=2,
                               normalized_top=0, per_pattern=0, random_seeds=1, choice_holdout=0.5,
-                              heal_steps=heal_steps, heal_holdout=0.2,
+                              heal_steps=heal_steps, heal_holdout=0.2, mixed=False,
                               started=time.perf_counter(), earlier=[], earlier_seconds=0.0)
     rows: list[dict] = []
     healed: list[dict] = []
@@ -131,3 +131,35 @@ def test_gpt_cells_are_scored_on_both_sources(tmp_path, setting: str, heal_steps
     for h, z in zip(healed, rows, strict=True):
         if h["calibrated_on"] == h["evaluated_on"]:
             assert h["score"] < z["score"], (h, z)  # perplexity: healing on its own domain helps there
+
+
+def test_mixed_calibration_takes_half_of_each_corpus_and_gets_its_own_tables() -> None:
+    import torch
+
+    from bench.tasks.base import Task
+
+    def task(name: str, calibration, validation) -> Task:
+        return Task(name=name, metric="cosine", higher_is_better=True, model=torch.nn.Linear(1, 1), tokenizer=None,
+                    distill="cosine", calibration=calibration, validation=validation, evaluation=[f"{name} eval"],
+                    score=lambda m: 0.0)
+
+    docs = task("minilm", [f"d{i}" for i in range(16)], [f"dv{i}" for i in range(7)])
+    prose = task("minilm-prose", [f"p{i}" for i in range(16)], [f"pv{i}" for i in range(7)])
+    mixed = mixed_task("minilm", {"docstrings": docs, "prose": prose})
+    assert mixed.name == "minilm-mixed"  # its own cost cache
+    assert mixed.calibration == [f"d{i}" for i in range(8)] + [f"p{i}" for i in range(8)]
+    assert mixed.validation == ["dv0", "dv1", "dv2", "pv0", "pv1", "pv2", "pv3"]  # the size of one corpus's
+    windows = mixed_task("gpt", {"text": task("gpt-text", torch.zeros(4, 3), torch.zeros(6, 3)),
+                                 "system": task("gpt-system", torch.ones(4, 3), torch.ones(6, 3))})
+    assert windows.calibration.tolist() == [[0.0] * 3] * 2 + [[1.0] * 3] * 2  # token windows: stacked
+
+    rows = [_row("docstrings", "docstrings", "geo", 0.80), _row("prose", "prose", "geo", 0.75),
+            _row(MIXED, "docstrings", "geo", 0.79), _row(MIXED, "prose", "geo", 0.73),
+            _row(MIXED, "docstrings", "sequence", 0.70), _row(MIXED, "prose", "sequence", 0.74)]
+    meta = {"command": "x", "machine": "m", "seconds": 1, "top": 1, "normalized_top": 1, "per_pattern": 1,
+            "random_seeds": 1, "choice_holdout": 0.5}
+    text = markdown({"meta": meta, "rows": rows, "higher_is_better": {"minilm": True}, "metric": {"minilm": "cosine"}})
+    assert "calibrated on both corpora (mixed) beside in-domain, shrinkage none" in text
+    # shifts mixed→prose 0.73-0.75, mixed→docstrings 0.79-0.80; leads -0.01 (behind sequence) and +0.09
+    assert "| lead mixed→prose | lead mixed→docstrings |" in text
+    assert "| none | 0.67 | -0.0200 | -0.0100 | -0.0100 | +0.0900 |" in text
