@@ -285,10 +285,12 @@ def markdown(result: dict) -> str:
         lines += score_tables(single, ratios, directions, "shrinkage ")
         lines += lead_table(single, model, ratios, higher,
                             "geo: shift and lead over the best heuristic in each cross-domain cell")
-        if any(r["calibrated_on"] == MIXED for r in mine):
-            lines += score_tables(mine, ratios, [(a, a), (MIXED, a), (b, b), (MIXED, b)],
+        settings = {r["shrinkage"] for r in mine if r["calibrated_on"] == MIXED}
+        if settings:
+            mixed = [r for r in mine if r["shrinkage"] in settings]
+            lines += score_tables(mixed, ratios, [(a, a), (MIXED, a), (b, b), (MIXED, b)],
                                   "calibrated on both corpora (mixed) beside in-domain, shrinkage ")
-            lines += lead_table(mine, model, ratios, higher, "geo calibrated on both corpora: shift and lead over "
+            lines += lead_table(mixed, model, ratios, higher, "geo calibrated on both corpora: shift and lead over "
                                 "the best heuristic in each mixed cell", via=MIXED)
         for steps, holdout in dict.fromkeys((r["heal_steps"], r["heal_holdout"]) for r in healed if r["model"] == model):
             cells = [r for r in healed if r["model"] == model and r["heal_steps"] == steps]
