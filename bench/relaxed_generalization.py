@@ -15,6 +15,15 @@ For every setting (calibration size, shrinkage, damping) this fits the same plan
   predicts for exactly the data measured: its gap to ``measured`` is the Taylor model's, not the fit's);
 - ``measured``: the distillation loss on the evaluation split, and the task metric.
 
+With ``--curvature`` each plan's perturbation is also priced on the evaluation split under finer
+curvature models, to tell where a ranking error comes from (costs vs measured):
+
+- ``iso``: Σ_ℓ ½ ā_ℓ tr(δ_ℓ G_ℓ δ_ℓᵀ), the schemes' model (K-FAC's A_ℓ ≈ ā_ℓ·I, basis/scales.py);
+- ``diag``: Σ_ℓ ½ Σ_o a_ℓo (δ_ℓ G_ℓ δ_ℓᵀ)_oo, a per-output-channel A_ℓ = diag(a_ℓ) (the least-squares
+  fit to the diagonal GGN, decompose.output_weights, before its mean is taken);
+- ``block``: Σ_ℓ ½ δ_ℓᵀ GGN_ℓℓ δ_ℓ, the exact GGN's diagonal blocks (no approximation within a layer);
+- ``ggn``: ½ δᵀ GGN δ, the exact GGN with every cross-layer term (the second-order model itself).
+
 Plans at budget B: ``relaxed-loop`` (one class per family at the largest correction rank that fits),
 ``relaxed-solver`` (the solver's optimum at the default rank under this setting's costs), ``svd``
 (per-layer whitened SVD filling B), ``basis-pairs`` (consecutive pairs share a basis).
@@ -47,12 +56,17 @@ from bench.relaxed_eval import fixed_plan, largest_relaxed_ranks
 from bench.tasks import Task, load_task
 from hessian_worker import AnalyzeConfig, measure_loss
 from hessian_worker.basis.apply import apply_basis_plan
-from hessian_worker.basis.decompose import DTYPE, damped
+from hessian_worker.basis.decompose import DTYPE, damped, output_weights
 from hessian_worker.basis.per_layer import per_layer_candidate
+from hessian_worker.config import generator
+from hessian_worker.curvature.diagonal import estimate_diagonal
+from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.discovery import discover_layers
 from hessian_worker.factored.layers import dense_weights
+from hessian_worker.objective import Objective
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.prepare import prepare
+from hessian_worker.ranking import spearman
 from hessian_worker.relaxed.analysis import (
     family_shapes,
     family_sizes,
@@ -67,6 +81,7 @@ from solver.planning import solve
 from solver.schema import Costs, Layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PRICES = ("iso", "diag", "block", "ggn")  # --curvature's columns
 
 
 @dataclass
@@ -112,6 +127,43 @@ def quadratic(delta: dict[str, Tensor], covs: dict[str, Tensor], damping: float 
     return total
 
 
+@dataclass
+class Pricing:
+    """The evaluation split's curvature models (``--curvature``): its raw input covariances, each
+    layer's per-output-channel weights a_ℓ, and the exact GGN's quadratic form."""
+
+    covs: dict[str, Tensor]
+    out_weights: dict[str, Tensor]
+    exact: ExactCurvature
+    dtype: torch.dtype
+
+    @classmethod
+    def on(cls, task: Task, data: list[str], names: list[str], seed: int) -> Pricing:
+        config = AnalyzeConfig(scheme="relaxed", distill=task.distill, seed=seed, progress=False,
+                               relaxed={"shrinkage": [], "output_weighting": False})
+        prep = prepare(copy.deepcopy(task.model), data, config, tokenizer=task.tokenizer)
+        obj = Objective(prep.model, prep.data, names, config.distill)
+        with torch.no_grad():
+            covs = relaxed_covariances(prep.model, prep.data, names, config)
+            diag = estimate_diagonal(obj, config.diagonal_method, probes=config.probes, generator=generator(config),
+                                     kind=config.curvature)
+        assert covs is not None
+        return cls(covs, {n: output_weights(diag[n], covs[n]) for n in names}, ExactCurvature(obj, chunk=1),
+                   next(prep.model.parameters()).dtype)
+
+    def prices(self, delta: dict[str, Tensor]) -> dict[str, float]:
+        """iso, diag, block and ggn of the perturbation ``delta`` (name -> [out, in])."""
+        iso = diag = block = 0.0
+        for n, d in delta.items():
+            out_err = ((d @ self.covs[n].to(DTYPE)) * d).sum(dim=1)  # (δ G δᵀ)_oo
+            a = self.out_weights[n]
+            iso += 0.5 * float(a.mean()) * float(out_err.sum())
+            diag += 0.5 * float((a * out_err).sum())
+            block += 0.5 * float(self.exact.quad({n: d.to(self.dtype)[None]})[0])
+        ggn = 0.5 * float(self.exact.quad({n: d.to(self.dtype)[None] for n, d in delta.items()})[0])
+        return {"iso": iso, "diag": diag, "block": block, "ggn": ggn}
+
+
 def covariances(task: Task, data: list[str], names: list[str], config: AnalyzeConfig) -> dict[str, Tensor]:
     prep = prepare(copy.deepcopy(task.model), data, config, tokenizer=task.tokenizer)
     with torch.no_grad():
@@ -136,6 +188,7 @@ def run(task: Task, args: argparse.Namespace, rows: list[dict[str, Any]]) -> Ite
     t = time.perf_counter()
     held_covs = covariances(task, held, names, plain)
     eval_covs = covariances(task, evaluation, names, plain)
+    pricing = Pricing.on(task, evaluation, names, args.seed) if args.curvature else None
     print(f"held-out and evaluation covariances in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     bproblem = basis_problem(task, largest_rank(fams, budget), fams, args.seed, weighting=True)
     config = SolveConfig(max_params_ratio=args.budget, time_limit_s=10, seed=args.seed)
@@ -194,11 +247,13 @@ def run(task: Task, args: argparse.Namespace, rows: list[dict[str, Any]]) -> Ite
                                             AnalyzeConfig(distill=task.distill, progress=False),
                                             tokenizer=task.tokenizer),
                    "metric": task.score(model)}
+            if pricing is not None:
+                row.update(pricing.prices(delta))
             assert report.plan_params_shared <= budget, (strategy, report.plan_params_shared, budget)
             rows.append(row)
             print(f"  {key} {strategy}: in {row['in_sample']:.4g} held {row['held_out']:.4g} eval-cov "
-                  f"{row['eval_cov']:.4g} measured {row['measured']:.4g} metric {row['metric']:.4g}",
-                  file=sys.stderr)
+                  f"{row['eval_cov']:.4g} measured {row['measured']:.4g} metric {row['metric']:.4g}"
+                  + "".join(f" {k} {row[k]:.4g}" for k in PRICES if k in row), file=sys.stderr)
         print(f"{key} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         yield rows
 
@@ -221,6 +276,26 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['setting']} | chosen ρ per family: {r['chosen']} | | | | | | |")
         lines.append(f"| {r['setting']} | {r['strategy']} | {r['params_ratio']:.3f} | {r['in_sample']:.4g} | "
                      f"{r['held_out']:.4g} | {r['eval_cov']:.4g} | {r['measured']:.4g} | {r['metric']:.4g} |")
+    priced = [r for r in result["rows"] if all(k in r for k in PRICES)]
+    if priced:
+        lines += ["", "## The same perturbations under finer curvature models (evaluation split)", "",
+                  "iso: per-layer K-FAC with A = ā·I (the schemes' costs); diag: A = diag(a), per output channel; "
+                  "block: the exact GGN's per-layer blocks; ggn: the exact GGN, cross-layer terms too; measured: "
+                  "the distillation loss. Spearman over each setting's plans against measured in the last rows.", "",
+                  "| setting | strategy | iso | diag | block | ggn | measured |", "|---|---|---|---|---|---|---|"]
+        for r in priced:
+            lines.append(f"| {r['setting']} | {r['strategy']} | " + " | ".join(f"{r[k]:.4g}" for k in PRICES)
+                         + f" | {r['measured']:.4g} |")
+        lines += ["", "| setting | plans | " + " | ".join(f"Spearman {k}" for k in PRICES) + " |",
+                  "|---" * (2 + len(PRICES)) + "|"]
+        for setting in dict.fromkeys(r["setting"] for r in priced):
+            mine = [r for r in priced if r["setting"] == setting]
+            measured = [r["measured"] for r in mine]
+            lines.append(f"| {setting} | {len(mine)} | " + " | ".join(
+                f"{spearman([r[k] for r in mine], measured):+.2f}" for k in PRICES) + " |")
+        every = [r["measured"] for r in priced]
+        lines.append(f"| all | {len(priced)} | " + " | ".join(
+            f"{spearman([r[k] for r in priced], every):+.2f}" for k in PRICES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +307,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "relaxed-generalization"))
     ap.add_argument("--resume", action="store_true", help="keep the settings already in the .json, run the rest")
+    ap.add_argument("--curvature", action="store_true",
+                    help="also price each perturbation under iso, diag, block and exact GGN curvature on the evaluation split")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

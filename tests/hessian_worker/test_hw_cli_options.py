@@ -42,7 +42,7 @@ RENAMED: dict[str, dict[str, str]] = {
                 "basis_rank": "basis.rank", "correction_rank": "relaxed.rank"},
     "compress": {**KFAC, "heal": "heal_steps", "no_heal_choice": "!heal_choice", "time_limit": "time_limit_s",
                  "quiet": "!progress", "no_output_weighting": "!output_weighting", "holdout_samples": "holdout",
-                 "basis_rank": "rank", "predict": "predict"},
+                 "basis_rank": "rank", "predict": "predict", "no_refit": "!refit"},
     "apply": {"heal": "heal_steps", "quiet": "!progress", "no_output_weighting": "!output_weighting",
               "holdout_samples": "holdout"},
 }
@@ -206,7 +206,7 @@ def test_compress_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
          "--normalized-top", "4", "--per-pattern", "1", "--curvature-samples", "5", "--distill", "cosine",
          "--heal", "2", "--heal-lr", "0.001", "--heal-holdout", "0.3", "--heal-shortlist", "1", "--no-heal-choice",
          "--choice-holdout", "0.25", "--holdout-samples", "3", "--time-limit", "2.5", "--shrinkage", "0.3"],
-        [*head, "--scheme", "basis", "--basis-rank", "2", "--side", "in", "--no-output-weighting"],
+        [*head, "--scheme", "basis", "--basis-rank", "2", "--side", "in", "--no-output-weighting", "--no-refit"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5"],
         [*head, "--scheme", "auto", "--rank-ratio", "0.5", "--predict"],
         [*head, "--scheme", "relaxed", "--correction-rank", "3"],
