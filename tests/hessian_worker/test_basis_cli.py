@@ -114,7 +114,9 @@ def test_compress_measures_basis_candidates_on_samples_the_bases_did_not_see() -
     rows = {tuple(r.tolist()) for r in parts.costs.rows()["input"]}
     others = {tuple(r.tolist()) for r in parts.choice.rows()["input"]}
     assert len(rows) == len(others) == 5 and not rows & others
-    assert parts.apply is parts.costs  # the bases are applied with the covariances they were whitened by
+    assert parts.apply is fit  # the chosen plan is fitted again on every sample (refit)
+    unrefitted = scheme_for("basis").parts(fit, CompressConfig(ratio=0.5, scheme="basis", refit=False))
+    assert unrefitted.apply is unrefitted.costs  # else applied with the covariances the candidates were fitted by
     parts = scheme_for("basis").parts(fit, CompressConfig(ratio=0.5, scheme="basis", curvature_samples=3))
     assert (parts.costs.num_samples, parts.choice.num_samples) == (3, 7)
     parts = scheme_for("tie").parts(fit, CompressConfig(ratio=0.5))  # tie: all of fit for the choice
