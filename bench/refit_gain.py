@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil
 import torch
 
 from bench.evaluate import union
@@ -56,7 +56,7 @@ def run_pair(task: Any, scheme: str, ratio: float, args: argparse.Namespace) -> 
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = ["# Refitting the chosen plan on every sample (compress `refit`)", "", f"Command: `{meta['command']}`  ",
-             f"{meta['machine']}; {meta['seconds']} s; peak RSS {meta['peak_rss_gb']:.2f} GB. Data: each task's "
+             f"{meta['machine']}; {meta['seconds']} s; peak RSS {meta['peak_rss_gb']:.2f} GiB. Data: each task's "
              "calibration + validation splits (a quarter held out for the held-out loss, the rest split in halves: "
              "costs and candidate fits / choice); score and distillation loss on its evaluation split. Same choice "
              "both ways.", "",
@@ -70,7 +70,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{off['eval_loss']:.4f} / {on['eval_loss']:.4f} | "
                      f"{off['held_out_loss']:.4f} / {on['held_out_loss']:.4f} | {off['seconds']} / {on['seconds']} | "
                      f"{on['chosen']} |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines + ["", *([meta["note"], ""] if meta.get("note") else [])])
 
 
 def main() -> None:
@@ -97,9 +97,13 @@ def main() -> None:
                        "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}, "
                                   f"{args.threads} thread(s)",
                        "seconds": round(time.perf_counter() - t0, 1),
-                       "peak_rss_gb": psutil.Process().memory_info().rss / 2**30},
+                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},  # KiB on Linux
               "metrics": metrics, "higher_is_better": higher, "rows": rows}
     out = Path(args.out)
+    write(result, out)
+
+
+def write(result: dict[str, Any], out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
