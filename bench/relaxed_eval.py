@@ -66,9 +66,10 @@ from hessian_worker.basis.per_layer import per_layer_candidate
 from hessian_worker.discovery import discover_layers
 from hessian_worker.factored.layers import dense_weights
 from hessian_worker.measure import measure_plans
-from hessian_worker.options import RelaxedOptions
+from hessian_worker.options import RelaxedPricing
 from hessian_worker.prepare import prepare
 from hessian_worker.relaxed.analysis import (
+    candidate_pricer,
     family_shapes,
     family_sizes,
     relaxed_covariances,
@@ -76,7 +77,7 @@ from hessian_worker.relaxed.analysis import (
 )
 from hessian_worker.relaxed.apply import apply_relaxed_plan
 from hessian_worker.relaxed.candidates import rank_candidates
-from hessian_worker.relaxed.costs import PairSpectra, family_rank, least_params, ranks_within
+from hessian_worker.relaxed.costs import PairPricer, family_rank, least_params, ranks_within
 from hessian_worker.relaxed.holdout import cross_fitted_covariances
 from solver import SharingPlan, SharingProblem, SolveConfig
 from solver.baselines import baseline
@@ -92,10 +93,11 @@ ROWS = ["relaxed-geo", "relaxed-solver", "relaxed-loop", "relaxed-pairs", "relax
 class Relaxed:
     """One task's relaxed problem at any correction ranks: the pair spectra, measured once."""
 
-    def __init__(self, task: Task, seed: int, refit: bool = True) -> None:
+    def __init__(self, task: Task, seed: int, refit: bool = True, pricing: str = "kronecker") -> None:
         self.task = task
-        self.config = AnalyzeConfig(scheme="relaxed", distill=task.distill, seed=seed, progress=False)
-        self.options = RelaxedOptions()
+        self.config = AnalyzeConfig(scheme="relaxed", distill=task.distill, seed=seed, progress=False,
+                                    relaxed={"pricing": pricing})
+        self.options = self.config.relaxed
         layers = discover_layers(task.model)
         names = [x.name for x in layers]
         t = time.perf_counter()
@@ -106,11 +108,14 @@ class Relaxed:
             else (self.covs, self.plain_covs, self.shrinkage))
         with torch.no_grad():
             weights = dense_weights(task.model, names)
-            self.spectra = PairSpectra(layers, weights, self.covs)
-        print(f"  {task.name}: relaxed covariances and pair spectra in {time.perf_counter() - t:.1f} s",
-              file=sys.stderr)
+        # the product's pair costs (RelaxedOptions.pricing) on the calibration split, what the covariances saw
+        self.spectra: PairPricer = candidate_pricer(task.model, task.calibration, SharingProblem(
+            layers=[Layer(name=x.name, family=x.family, params=x.params, index=x.index) for x in layers],
+            costs=Costs(matrix=[[0.0]])), self.covs, self.config, task.tokenizer)
         self.shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
         matrix, unary = self.spectra.costs({x.family: 1 for x in layers})
+        print(f"  {task.name}: relaxed covariances and pair costs ({pricing}) in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr)
         self.base = SharingProblem(layers=[Layer(name=x.name, family=x.family, params=x.params, index=x.index)
                                            for x in layers], costs=Costs(matrix=matrix, unary=unary))
         self.fam_shapes, self.sizes = family_shapes(self.base, self.shapes), family_sizes(self.base)
@@ -220,7 +225,7 @@ def evaluate_task(task: Task, args: argparse.Namespace,
     t0 = time.perf_counter()
     fams, dense = families_of(task.model)
     names = [x.name for x in discover_layers(task.model)]
-    rx = Relaxed(task, args.seed, refit=not args.no_refit)
+    rx = Relaxed(task, args.seed, refit=not args.no_refit, pricing=args.pricing)
     original = task.score(task.model)
     merge = tie_merge(task, names)
     scorer = Scorer(task, args.heal_steps, args.seed, merge)
@@ -314,7 +319,8 @@ def markdown(result: dict[str, Any]) -> str:
              *[f"Command: `{c}`  " for c in meta.get("commands", [meta["command"]])], f"{meta['machine']}; {meta['seconds']} s"
              f"{' (partial: the run goes on)' if meta.get('partial') else ''}; healing "
              f"{meta['heal_steps']} steps; pools: the {meta['top']} best plans + size-normalized best + pattern "
-             f"plans; chosen plans refitted on calibration + validation: {'yes' if meta.get('refit') else 'no'}",
+             f"plans; chosen plans refitted on calibration + validation: {'yes' if meta.get('refit') else 'no'}; "
+             f"relaxed pair costs priced by {meta.get('pricing', 'kronecker')}",
              "", *NOTES, ""]
     for name, data in result.items():
         if name == "meta":
@@ -394,6 +400,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "eval-relaxed"))
     ap.add_argument("--no-refit", action="store_true",
                     help="install the fits the choice measured (calibration only), not refitted on calibration + validation")
+    ap.add_argument("--pricing", choices=[p.value for p in RelaxedPricing], default=RelaxedPricing.kronecker.value,
+                    help="how the relaxed rows' pair residuals are priced (RelaxedOptions.pricing)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the tasks and budgets already in the .json (same settings), run the rest")
     args = ap.parse_args()
@@ -406,6 +414,9 @@ def main() -> None:
         if result.get("meta", {}).get("refit", False) != (not args.no_refit):  # results before refit: off
             sys.exit(f"{args.out}.json was made with refit {'on' if result['meta'].get('refit') else 'off'}: resume "
                      f"it {'without' if result['meta'].get('refit') else 'with'} --no-refit, or write to another --out")
+        made = result.get("meta", {}).get("pricing", RelaxedPricing.kronecker.value)  # results before pricing: kronecker
+        if made != args.pricing:
+            sys.exit(f"{args.out}.json was made with --pricing {made}: resume it with that, or write to another --out")
     command = " ".join([Path(sys.executable).name, *sys.argv])
     commands = [*result.get("meta", {}).get("commands", []), command]
     out = Path(args.out)
@@ -417,7 +428,7 @@ def main() -> None:
                           "machine": f"{platform.machine()} python {platform.python_version()} torch "
                                      f"{torch.__version__}, {args.threads} thread(s)",
                           "seconds": round(time.perf_counter() - t0, 1), "heal_steps": args.heal_steps,
-                          "top": args.top, "refit": not args.no_refit, "partial": partial}
+                          "top": args.top, "refit": not args.no_refit, "pricing": args.pricing, "partial": partial}
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         out.with_suffix(".md").write_text(markdown(result))
 

@@ -135,6 +135,16 @@ class Shrinkage(str, Enum):
 ShrinkageSetting = Union[Shrinkage, Annotated[float, Field(ge=0.0, le=1.0)]]  # noqa: UP007 - a runtime alias
 
 
+class RelaxedPricing(str, Enum):
+    """How the relaxed scheme prices each pair's residual (hessian_worker/relaxed): ``kronecker`` by
+    the whitening covariances with one output scale per layer (one eigenproblem per pair gives every
+    rank; cheap at any size), ``exact`` by the exact GGN's per-layer blocks (two forward-mode passes
+    over the costs' data per pair and rank; ranks plans as measured, bench/results/relaxed-ranking.md)."""
+
+    kronecker = "kronecker"
+    exact = "exact"
+
+
 class SideChoice(str, Enum):
     """Which factor a class shares: ``auto`` picks per family the side that saves more."""
 
@@ -254,6 +264,9 @@ class RelaxedOptions(BaseModel):
         description="Whitening covariances shrunk toward tr(G)/d·I by the intensity of this list with the least "
         "cross-fitted held-out error, per family (hessian_worker/relaxed/holdout.py); []: AnalyzeConfig.shrinkage "
         "as for the basis scheme.")
+    pricing: RelaxedPricing = Field(
+        RelaxedPricing.kronecker, description="How pair residuals are priced: kronecker (input covariances, one "
+        "output scale per layer) or exact (the exact GGN's per-layer blocks; costlier, see RelaxedPricing).")
     rounds: int = Field(20, ge=0, description="L-BFGS iterations fitting S_c of a class of three or more members "
                         "(hessian_worker/relaxed/decompose.py).")
 
@@ -440,6 +453,9 @@ class CompressConfig(BaseModel):
                                    "are predicted loss changes (False: every layer's output error alike).")
     correction_rank: int | None = Field(None, ge=1, description="relaxed: correction rank of every family (default: "
                                         "relaxed.rank_ratio·min(d_out, d_in)).")
+    relaxed_pricing: RelaxedPricing | None = Field(
+        None, description="relaxed: how pair residuals are priced, kronecker or exact (default: relaxed.pricing, "
+        "kronecker; see RelaxedPricing).")
     relaxed: RelaxedOptions | None = Field(None, description="relaxed: correction ranks, the rank shares also measured, "
                                            "whitening (default: RelaxedOptions() with this config's output_weighting).")
 
@@ -453,6 +469,8 @@ class CompressConfig(BaseModel):
         relaxed = self.relaxed or RelaxedOptions(output_weighting=self.output_weighting)
         if self.correction_rank is not None:
             relaxed = relaxed.model_copy(update={"rank": self.correction_rank})
+        if self.relaxed_pricing is not None:
+            relaxed = relaxed.model_copy(update={"pricing": self.relaxed_pricing})
         return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
                              distill=self.distill, device=self.device, progress=self.progress, scheme=scheme,
                              basis=self.basis_options(), relaxed=relaxed, kfac=self.kfac, dtype=self.dtype or dtype,

@@ -306,7 +306,8 @@ def run_scheme(scheme: SharingScheme, model: nn.Module, fit: Calibration, config
     # what the scheme measures once for every candidate and the final apply (basis: the whitening)
     state = scheme.state(model, parts.costs, problem, quiet, tokenizer)
     spent = scheme.spend(model, pool, problem, solve_config, state, acfg)
-    candidates = spent + scheme.extra_candidates(model, problem, solve_config, state, acfg)
+    candidates = spent + scheme.extra_candidates(model, problem, solve_config, state, acfg, data=parts.costs,
+                                                 tokenizer=tokenizer)
     if not candidates and infeasible is not None:
         raise infeasible
     outcomes = _measure(model, score_data, candidates, acfg, config.predict, merge=merge, tokenizer=tokenizer,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from hessian_worker.options import CompressConfig, DistillLoss, Merge, ShrinkageSetting, SideChoice
+from hessian_worker.options import CompressConfig, DistillLoss, Merge, RelaxedPricing, ShrinkageSetting, SideChoice
 from solver import SharingPlan, SharingProblem
 from solver.schema import Scheme
 
@@ -100,6 +100,10 @@ class CompressSpec(BaseModel):
     correction_rank: int | None = Field(
         None, ge=1, le=1_000_000, description="relaxed: correction rank of every family (default 1/16 of "
         "min(d_out, d_in), lowered until the ratio fits)."
+    )
+    relaxed_pricing: RelaxedPricing | None = Field(
+        None, description="relaxed: price each pair's residual by the input covariances with one output scale per "
+        "layer (kronecker; default) or by the exact GGN's per-layer blocks (exact: costlier, ranks plans as measured)."
     )
     rank: int | None = Field(
         None, ge=1, le=1_000_000, description="basis: rank of every family (default: rank_ratio)."

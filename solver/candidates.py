@@ -205,7 +205,7 @@ def candidate_plans(
     if normalized_top:
         plans += top_plans(problem, normalized_top, config, min_distance=min_distance, optimum=plans[0], normalized=True)
     plans += pattern_plans(problem, config, patterns=patterns, per_pattern=per_pattern)
-    return _distinct(plans)
+    return distinct_plans(plans)
 
 
 def solve_with_alternatives(
@@ -236,7 +236,7 @@ def solve_with_alternatives(
         head = head.model_copy(update={"bound": plan.bound, "gap": gap, "families": None})
     patterns = pattern_plans(problem, per_pattern=1, deadline=deadline)
     pattern_cut = deadline.expired()  # checked before each pattern: an expired clock may have skipped some
-    alternatives = _distinct([head, *best[1:], *patterns])[1:]
+    alternatives = distinct_plans([head, *best[1:], *patterns])[1:]
     update: dict = {"alternatives": alternatives}
     if cut or deadline.expired():  # the clock shaped the alternatives: not reproducible, maybe not all
         update["solver"] = head.solver.model_copy(update={"time_limit_hit": True})
@@ -248,7 +248,7 @@ def solve_with_alternatives(
     return head.model_copy(update=update)
 
 
-def _distinct(plans: Sequence[SharingPlan]) -> list[SharingPlan]:
+def distinct_plans(plans: Sequence[SharingPlan]) -> list[SharingPlan]:
     """The plans in order, each partition of the layers kept once (its first plan)."""
     seen: set[tuple[tuple[str, ...], ...]] = set()
     out = []
@@ -292,4 +292,5 @@ def _family_labels(problem: SharingProblem, fams: Sequence[FamilyInstance], colo
     return [canonical(np.array([coloring[problem.layers[g].name] for g in fam.layer_ids], dtype=int)) for fam in fams]
 
 
-__all__ = ["candidate_plans", "top_plans", "pattern_plans", "solve_with_alternatives", "DEFAULT_PATTERNS"]
+__all__ = ["candidate_plans", "top_plans", "pattern_plans", "distinct_plans", "solve_with_alternatives",
+           "DEFAULT_PATTERNS"]

@@ -81,6 +81,8 @@ def add_commands(subparsers: Any) -> None:
 def _relaxed_fields(relaxed: dict[str, Any]) -> dict[str, Any]:
     """CompressConfig fields of --scheme relaxed from ``model_flags.relaxed_options``."""
     fields = {"correction_rank": relaxed["rank"], "output_weighting": relaxed["output_weighting"]}
+    if "pricing" in relaxed:
+        fields["relaxed_pricing"] = relaxed["pricing"]
     if "rank_ratio" in relaxed:
         fields["relaxed"] = {"rank_ratio": relaxed["rank_ratio"], "output_weighting": relaxed["output_weighting"]}
     return fields

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from geoshare.cli.help import hide
-from hessian_worker.options import AUTO_SCHEME, Backend, DType, OutputFactor, Shrinkage, SideChoice
+from hessian_worker.options import AUTO_SCHEME, Backend, DType, OutputFactor, RelaxedPricing, Shrinkage, SideChoice
 from solver.schema import Scheme
 
 
@@ -92,6 +92,10 @@ def scheme_options(parser: argparse.ArgumentParser, *, auto: bool = False) -> No
                         help="--scheme relaxed: the rank r of every layer's own correction A_l B_l beside its class's "
                              "shared tensor (default: --rank-ratio of min(d_out, d_in)); compress lowers it until the "
                              "budget fits and also measures the plans at other ranks, e.g. --correction-rank 24")
+    parser.add_argument("--relaxed-pricing", choices=values(RelaxedPricing), default=None,
+                        help="--scheme relaxed: price each pair's residual by the input covariances with one output "
+                             "scale per layer (kronecker, default: cheap at any size) or by the exact GGN's per-layer "
+                             "blocks (exact: two forward-mode passes per pair and rank; ranks plans as measured)")
     parser.add_argument("--no-output-weighting", action="store_true",
                         help="--scheme basis or relaxed: count every layer's output error alike (default: weigh it "
                              "by the layer's output-side curvature, so costs are predicted loss changes)")
@@ -143,17 +147,22 @@ def basis_options(args: argparse.Namespace, rank: int | None) -> dict[str, Any]:
 
 
 def relaxed_options(args: argparse.Namespace) -> dict[str, Any]:
-    """RelaxedOptions fields from --correction-rank, --rank-ratio, --no-output-weighting (the
-    correction rank is refused without --scheme relaxed)."""
+    """RelaxedOptions fields from --correction-rank, --rank-ratio, --relaxed-pricing,
+    --no-output-weighting (the correction rank and the pricing are refused without --scheme relaxed)."""
     if args.scheme != "relaxed":
-        if args.correction_rank is not None:
-            raise ValueError("--correction-rank applies to --scheme relaxed only; add --scheme relaxed or drop it")
+        given = [flag for flag, v in (("--correction-rank", args.correction_rank),
+                                      ("--relaxed-pricing", args.relaxed_pricing)) if v is not None]
+        if given:
+            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            raise ValueError(f"{', '.join(given)} {verb} to --scheme relaxed only; add --scheme relaxed or drop {them}")
         return {}
     if args.correction_rank is not None and args.rank_ratio is not None:
         raise ValueError("pass --correction-rank (one rank for every family) or --rank-ratio, not both")
     fields: dict[str, Any] = {"rank": args.correction_rank, "output_weighting": not args.no_output_weighting}
     if args.rank_ratio is not None:
         fields["rank_ratio"] = args.rank_ratio
+    if args.relaxed_pricing is not None:
+        fields["pricing"] = args.relaxed_pricing
     return fields
 
 

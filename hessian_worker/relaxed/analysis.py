@@ -1,9 +1,11 @@
 """analyze_relaxed(model, data, config) -> SharingProblem for the ``relaxed`` scheme, and the plan
 helpers every step shares (which classes are relaxed, each layer's correction rank).
 
-The curvature is the basis scheme's: input covariances from one streaming forward pass, scaled per
-layer by its output-side curvature (basis/scales.py), so the costs are predicted loss changes;
-``config.backend`` does not apply (it stays the tie scheme's choice).
+The fits are whitened by the basis scheme's curvature: input covariances from one streaming forward
+pass, scaled per layer by its output-side curvature (basis/scales.py), so the costs are predicted
+loss changes. They are priced by that same Kronecker model, or with ``config.relaxed.pricing =
+exact`` by the exact GGN's per-layer blocks (exact_costs.py); ``config.backend`` does not apply (it
+stays the tie scheme's choice).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from hessian_worker.basis.analysis import rank_of as basis_rank_of
 from hessian_worker.basis.analysis import split_classes
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
+from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.data import Calibration, DataSource
-from hessian_worker.discovery import discover_layers
+from hessian_worker.discovery import LayerInfo, discover_layers
 from hessian_worker.errors import BackendError, PlanError
 from hessian_worker.factored.layers import dense_weights
 from hessian_worker.losses import TaskLoss
+from hessian_worker.objective import Objective
+from hessian_worker.options import RelaxedPricing
 from hessian_worker.prepare import prepare
-from hessian_worker.relaxed.costs import PairSpectra, family_ranks, ranks_within
+from hessian_worker.relaxed.costs import PairPricer, PairSpectra, family_ranks, ranks_within
+from hessian_worker.relaxed.exact_costs import ExactPairCosts
 from hessian_worker.relaxed.holdout import cross_fitted_covariances
 from solver.schema import (
     Constraints,
@@ -83,7 +89,7 @@ def analyze_relaxed(model: nn.Module | str, data: DataSource, config: AnalyzeCon
         except PlanError as exc:
             raise BackendError(f"{exc}; the relaxed scheme needs linear layers") from exc
         covs = relaxed_covariances(prep.model, prep.data, names, config, progress=config.progress)
-        spectra = PairSpectra(layers, weights, covs, damping=config.relaxed.damping, progress=config.progress)
+        spectra = pair_pricer(prep.model, prep.data, layers, weights, covs, config)
     shapes = {x.name: (int(weights[x.name].shape[0]), int(weights[x.name].shape[1])) for x in layers}
     ranks = family_ranks(layers, shapes, config.relaxed)
     matrix, unary = spectra.costs(ranks)
@@ -99,6 +105,29 @@ def analyze_relaxed(model: nn.Module | str, data: DataSource, config: AnalyzeCon
     return relaxed_problem(base, spectra, ranks, shapes)
 
 
+def pair_pricer(model: nn.Module, data: Calibration, layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
+                covs: Mapping[str, Tensor] | None, config: AnalyzeConfig) -> PairPricer:
+    """The pair costs ``config.relaxed.pricing`` asks for, of the (prepared) ``model`` on prepared
+    ``data``: fits whitened by ``covs`` either way, priced by them (kronecker) or by the exact GGN's
+    per-layer blocks on ``data`` (exact)."""
+    options = config.relaxed
+    if options.pricing is RelaxedPricing.exact:
+        objective = Objective(model, data, [x.name for x in layers], config.distill)
+        curvature = ExactCurvature(objective, config.curvature, chunk=config.chunk)
+        return ExactPairCosts(layers, weights, covs, curvature, damping=options.damping, progress=config.progress)
+    return PairSpectra(layers, weights, covs, damping=options.damping, progress=config.progress)
+
+
+def candidate_pricer(model: nn.Module, data: Calibration, problem: SharingProblem, covs: Mapping[str, Tensor] | None,
+                     config: AnalyzeConfig, tokenizer: Any | None = None) -> PairPricer:
+    """``pair_pricer`` of ``problem``'s layers on raw ``data`` (prepared here): the costs of the
+    plans at other ranks, priced as ``analyze_relaxed`` priced the problem's."""
+    prep = prepare(model, data, config, tokenizer=tokenizer)
+    with torch.no_grad():
+        weights = dense_weights(prep.model, [x.name for x in problem.layers])
+    return pair_pricer(prep.model, prep.data, problem.layers, weights, covs, config)
+
+
 def family_shapes(problem: SharingProblem, shapes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
     """Family -> (d_out, d_in) from layer name -> shape."""
     return {x.family: shapes[x.name] for x in problem.layers}
@@ -112,7 +141,7 @@ def family_sizes(problem: SharingProblem) -> dict[str, int]:
     return sizes
 
 
-def relaxed_problem(problem: SharingProblem, spectra: PairSpectra, ranks: Mapping[str, int],
+def relaxed_problem(problem: SharingProblem, spectra: PairPricer, ranks: Mapping[str, int],
                     shapes: Mapping[str, tuple[int, int]]) -> SharingProblem:
     """``problem`` (its layers, constraints and options) with every family relaxed at ``ranks``
     (family -> correction rank) and the pair costs at those ranks."""

@@ -11,6 +11,12 @@ the cost at every rank), so the extra problems cost solver time only. Beside the
 at the largest ranks where 1, 2 or 3 classes per family fill the budget exactly (a looped model's
 rank, and for six-layer families consecutive pairs'), and one candidate lets the rank differ by
 family (``mixed_ranks``: coordinate descent on the solver's predicted loss).
+
+At those filling ranks the fixed groupings of the literature join too (``FILL_PATTERNS``: contiguous
+runs as in a looped model, adjacent pairs as in DeltaLLM): the pair costs price a class of three or
+more only as the sum of its pairs, so the solver's optimum at a rank can miss the grouping that
+measures best there (MiniLM at 0.8: consecutive pairs at the 3-class rank 0.9284 cosine, the
+solver's optimum at the same rank lower; bench/results/eval-relaxed-refit.md).
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from torch import Tensor, nn
 from hessian_worker.factored.layers import dense_weights
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.analysis import family_shapes, family_sizes, rank_of, relaxed_problem
-from hessian_worker.relaxed.costs import PairSpectra, family_rank, least_params, ranks_within
+from hessian_worker.relaxed.costs import (
+    PairPricer,
+    PairSpectra,
+    family_rank,
+    least_params,
+    ranks_within,
+)
+from solver.baselines import Strategy
+from solver.candidates import distinct_plans, pattern_plans
 from solver.errors import BudgetInfeasible, ConstraintInfeasible
 from solver.planning import SolveConfig, solve, with_config
 from solver.schema import SharingPlan, SharingProblem
@@ -30,6 +44,7 @@ from solver.schema import SharingPlan, SharingProblem
 MIXED = "relaxed-mixed-ranks"  # the strategy name of the per-family ranks of ``mixed_ranks``
 FILL = "relaxed-fill"  # the optimum at the largest ranks where c classes per family fill the budget
 FILL_CLASSES = (1, 2, 3)
+FILL_PATTERNS = (Strategy.adjacent_pairs, Strategy.sequence)  # the fixed groupings measured at the filling ranks
 
 
 def rank_label(ratio: float) -> str:
@@ -39,7 +54,7 @@ def rank_label(ratio: float) -> str:
 
 def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConfig | None,
                     covs: Mapping[str, Tensor] | None, options: RelaxedOptions, *,
-                    spectra: PairSpectra | None = None) -> list[tuple[SharingPlan, SharingProblem]]:
+                    spectra: PairPricer | None = None) -> list[tuple[SharingPlan, SharingProblem]]:
     """(plan, its problem) for every share in ``options.rank_ratios`` whose ranks differ from the
     problem's and whose one-class-per-family plan fits the budget of ``problem`` under ``config``,
     and the optimum at per-family ranks (``mixed_ranks``) when it differs from all of those.
@@ -47,7 +62,7 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     Args:
         model: the dense reference model (read, never changed).
         covs: the whitening covariances the problem was analyzed with (None: unwhitened).
-        spectra: the problem's pair spectra when at hand (else computed from ``model`` and ``covs``).
+        spectra: the problem's pair costs when at hand (else the Kronecker spectra of ``model`` and ``covs``).
     """
     full = with_config(problem, config)
     budget = full.budget_params()
@@ -92,11 +107,22 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
         seen.append(ranks)
         if found is not None:
             out.append((found[0].model_copy(update={"strategy": label}), found[1]))
+            if label.startswith(FILL):
+                out += fill_patterns(found, label, config)
     mixed = mixed_ranks(own, levels, optimum)
     if mixed is not None and mixed[1].families is not None and all(
             {f: s.rank for f, s in mixed[1].families.items()} != r for r in seen):
         out.append((mixed[0].model_copy(update={"strategy": MIXED}), mixed[1]))
     return out
+
+
+def fill_patterns(optimum: tuple[SharingPlan, SharingProblem], label: str,
+                  config: SolveConfig | None) -> list[tuple[SharingPlan, SharingProblem]]:
+    """The ``FILL_PATTERNS`` plans on the problem of ``optimum`` (its filling ranks), named
+    ``{label}-{pattern}``; those with the optimum's classes, or another pattern's, are left out."""
+    plan, problem = optimum
+    found = distinct_plans([plan, *pattern_plans(problem, config, patterns=FILL_PATTERNS)])[1:]
+    return [(p.model_copy(update={"strategy": f"{label}-{p.strategy}"}), problem) for p in found]
 
 
 def mixed_ranks(own: dict[str, int], uniform: Mapping[str, dict[str, int]],

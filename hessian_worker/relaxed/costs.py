@@ -16,6 +16,7 @@ cost is a predicted loss change on the tie scheme's scale).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -82,6 +83,14 @@ def ranks_within(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int]
         if least_params(shapes, sizes, scaled, classes) <= budget:
             return scaled
     return dict.fromkeys(ranks, 1)
+
+
+class PairPricer(Protocol):
+    """Pair costs of same-family layers at any correction ranks (PairSpectra; exact_costs.ExactPairCosts)."""
+
+    layers: list[LayerInfo]
+
+    def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]: ...
 
 
 class PairSpectra:

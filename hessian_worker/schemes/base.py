@@ -83,8 +83,10 @@ class SharingScheme(Protocol):
         ...
 
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
-                         config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
-        """Plans measured beside the solver's at the same budget, each with its own problem."""
+                         config: AnalyzeConfig, *, data: Calibration | None = None,
+                         tokenizer: Any | None = None) -> list[tuple[SharingPlan, SharingProblem]]:
+        """Plans measured beside the solver's at the same budget, each with its own problem (``data``:
+        the costs' samples, what ``state`` was measured on, for a scheme that prices more plans)."""
         ...
 
     def spend(self, model: nn.Module, plans: Sequence[SharingPlan], problem: SharingProblem, solve: SolveConfig,

@@ -83,7 +83,8 @@ class BasisScheme:
         return BasisSubstitutes(prep.model, problem, covs if config.basis.whiten else None, config.basis)
 
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
-                         config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
+                         config: AnalyzeConfig, *, data: Calibration | None = None,
+                         tokenizer: Any | None = None) -> list[tuple[SharingPlan, SharingProblem]]:
         """Plain per-layer SVD at the ranks that spend the same budget, so the choice never loses to
         it: at the problem's rank proportions, and at the ranks the cost model allocates (basis.fill)."""
         covs = dict(state) if state is not None else None

@@ -15,8 +15,14 @@ from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, DataSource
 from hessian_worker.losses import TaskLoss
 from hessian_worker.merge import Merge
+from hessian_worker.options import RelaxedPricing
 from hessian_worker.prepare import Prepared, prepare
-from hessian_worker.relaxed.analysis import analyze_relaxed, rank_of, relaxed_covariances
+from hessian_worker.relaxed.analysis import (
+    analyze_relaxed,
+    candidate_pricer,
+    rank_of,
+    relaxed_covariances,
+)
 from hessian_worker.relaxed.apply import apply_relaxed_plan
 from hessian_worker.relaxed.candidates import rank_candidates
 from hessian_worker.relaxed.io import load_relaxed, save_relaxed
@@ -66,9 +72,19 @@ class RelaxedScheme:
         return RelaxedSubstitutes(prep.model, problem, covs, config.relaxed)
 
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
-                         config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
-        """The optimum at every other correction-rank share of ``config.relaxed.rank_ratios``."""
-        return rank_candidates(model, problem, solve, dict(state) if state is not None else None, config.relaxed)
+                         config: AnalyzeConfig, *, data: Calibration | None = None,
+                         tokenizer: Any | None = None) -> list[tuple[SharingPlan, SharingProblem]]:
+        """The optimum at every other correction-rank share of ``config.relaxed.rank_ratios`` and at
+        the budget-filling ranks (relaxed/candidates.py), priced as ``config.relaxed.pricing`` says
+        (exact pricing reads ``data``, the costs' samples)."""
+        covs = dict(state) if state is not None else None
+        if config.relaxed.pricing is RelaxedPricing.exact and data is None:
+            raise ValueError("exact relaxed pricing prices the candidates at other ranks on the costs' samples; "
+                             "pass data=")
+        pricer = None
+        if data is not None and config.relaxed.pricing is RelaxedPricing.exact:
+            pricer = candidate_pricer(model, data, problem, covs, config, tokenizer)
+        return rank_candidates(model, problem, solve, covs, config.relaxed, spectra=pricer)
 
     def spend(self, model: nn.Module, plans: Sequence[SharingPlan], problem: SharingProblem, solve: SolveConfig,
               state: State, config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:

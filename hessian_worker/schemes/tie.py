@@ -51,7 +51,8 @@ class TieScheme:
         return None
 
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,
-                         config: AnalyzeConfig) -> list[tuple[SharingPlan, SharingProblem]]:
+                         config: AnalyzeConfig, *, data: Calibration | None = None,
+                         tokenizer: Any | None = None) -> list[tuple[SharingPlan, SharingProblem]]:
         return []
 
     def spend(self, model: nn.Module, plans: Sequence[SharingPlan], problem: SharingProblem, solve: SolveConfig,

@@ -39,7 +39,8 @@ KFAC = {"kfac_rank": "kfac.rank", "kfac_oversample": "kfac.oversample",
 RENAMED: dict[str, dict[str, str]] = {
     "analyze": {**KFAC, "ratio": "max_params_ratio", "quiet": "!progress", "rank_ratio": "basis.rank_ratio",
                 "side": "basis.side", "no_output_weighting": "!basis.output_weighting", "sketch_rank": "rank",
-                "basis_rank": "basis.rank", "correction_rank": "relaxed.rank"},
+                "basis_rank": "basis.rank", "correction_rank": "relaxed.rank",
+                "relaxed_pricing": "relaxed.pricing"},
     "compress": {**KFAC, "heal": "heal_steps", "no_heal_choice": "!heal_choice", "time_limit": "time_limit_s",
                  "quiet": "!progress", "no_output_weighting": "!output_weighting", "holdout_samples": "holdout",
                  "basis_rank": "rank", "predict": "predict", "no_refit": "!refit"},
@@ -209,7 +210,7 @@ def test_compress_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
         [*head, "--scheme", "basis", "--basis-rank", "2", "--side", "in", "--no-output-weighting", "--no-refit"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5"],
         [*head, "--scheme", "auto", "--rank-ratio", "0.5", "--predict"],
-        [*head, "--scheme", "relaxed", "--correction-rank", "3"],
+        [*head, "--scheme", "relaxed", "--correction-rank", "3", "--relaxed-pricing", "exact"],
     ]
     checked = set()
     for argv in runs:
@@ -228,7 +229,7 @@ def test_analyze_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
          "--shrinkage", "oas"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5", "--side", "in", "--no-output-weighting"],
         [*head, "--scheme", "basis", "--basis-rank", "2"],
-        [*head, "--scheme", "relaxed", "--correction-rank", "3"],
+        [*head, "--scheme", "relaxed", "--correction-rank", "3", "--relaxed-pricing", "exact"],
     ]
     checked = set()
     for argv in runs:

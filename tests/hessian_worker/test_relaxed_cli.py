@@ -77,3 +77,17 @@ def test_correction_rank_needs_the_relaxed_scheme(factory_cli, capsys, tmp_path)
     problem = SharingProblem.model_validate_json((tmp_path / "p.json").read_text())
     assert problem.families["fc.weight"].rank == 2
     assert problem.source["relaxed"]["output_weighting"] is False
+
+
+def test_relaxed_pricing_flag(factory_cli, capsys, tmp_path) -> None:
+    rc = main(["analyze", *factory_cli, "--relaxed-pricing", "exact", "-o", str(tmp_path / "p.json")])
+    assert rc == 2 and "--relaxed-pricing applies to --scheme relaxed only" in capsys.readouterr().err
+    costs = {}
+    for pricing in ("kronecker", "exact"):
+        path = tmp_path / f"{pricing}.json"
+        assert main(["analyze", *factory_cli, "--scheme", "relaxed", "--correction-rank", "1", "--relaxed-pricing",
+                     pricing, "-o", str(path)]) == 0
+        problem = SharingProblem.model_validate_json(path.read_text())
+        assert problem.source["relaxed"]["pricing"] == pricing
+        costs[pricing] = problem.costs.matrix
+    assert costs["kronecker"] != costs["exact"]  # same fits, another price

@@ -188,6 +188,37 @@ def test_rank_candidates_fit_the_budget() -> None:
     assert at_rank.costs.matrix[0][1] <= problem.costs.matrix[0][1]  # a higher rank loses less per pair
 
 
+def test_fixed_groupings_join_at_the_filling_ranks() -> None:
+    """At the ranks where c classes per family fill the budget, the adjacent pairs and contiguous
+    runs are measured beside the solver's optimum (each partition once per rank)."""
+    def six() -> TinyMLP:
+        torch.manual_seed(0)
+        return TinyMLP(width=16, depth=6).double().eval()
+
+    # 16x16 layers, 6 of them (1536): at 0.8 (1228) 3 classes fill at rank 2 (768 + 6*2*32 = 1152),
+    # 2 classes at rank 3 (512 + 576), 1 class at rank 5 (256 + 960)
+    problem = analyze(six(), mlp_data(), cfg(1, max_params_ratio=0.8))
+    options = cfg(1).relaxed.model_copy(update={"rank_ratios": [0.0625]})  # rank 1: the problem's own
+    covs = scheme_for("relaxed").state(six(), mlp_data(), problem, cfg(1))
+    extra = rank_candidates(six(), problem, SolveConfig(max_params_ratio=0.8), covs, options)
+    by_rank: dict[int, list[frozenset]] = {}
+    for plan, at_rank in extra:
+        assert plan.params.shared <= 0.8 * 1536
+        classes: dict[int, set[int]] = {}
+        for name, color in plan.coloring.items():
+            classes.setdefault(color, set()).add(int(name.split(".")[1]))
+        by_rank.setdefault(at_rank.families[FC].rank, []).append(frozenset(map(frozenset, classes.values())))
+    assert sorted(by_rank) == [2, 3, 5]
+    for partitions in by_rank.values():
+        assert len(partitions) == len(set(partitions))  # each partition once
+    pairs = frozenset(map(frozenset, ({0, 1}, {2, 3}, {4, 5})))
+    halves = frozenset(map(frozenset, ({0, 1, 2}, {3, 4, 5})))
+    assert pairs in by_rank[2] and halves in by_rank[3]
+    names = {p.strategy for p, _ in extra}
+    assert names <= {"relaxed-fill-1", "relaxed-fill-2", "relaxed-fill-3", "relaxed-mixed-ranks",
+                     "relaxed-fill-2-sequence", "relaxed-fill-3-adjacent-pairs", "relaxed-fill-3-sequence"}
+
+
 def test_budget_lowers_the_rank_until_one_class_per_family_fits() -> None:
     problem = analyze(deep_mlp(), mlp_data(), cfg(2, max_params_ratio=0.5))
     # rank 2: one class of 4 keeps 16 + 4*2*8 = 80 > 32; rank 1: 16 + 32 = 48 > 32 still: rank 1, infeasible

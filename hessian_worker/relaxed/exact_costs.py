@@ -1,0 +1,98 @@
+"""Relaxed pair costs priced by the exact GGN's per-layer blocks (``RelaxedOptions.pricing = exact``).
+
+The Kronecker price (costs.py) of a pair's residual δ_ℓ is tr(δ_ℓ G̃_ℓ δ_ℓᵀ): the layer's input
+covariance with one output-side scale. The residual the closed form leaves is exactly what that
+price cannot see (the directions the whitened SVD kept are the cheap ones *under that model*), so
+the solver steers into its blind spot: on MiniLM its relaxed optimum is the worst relaxed plan
+measured, and the plans' Kronecker prices rank against their measured losses with Spearman −0.4 to
+−0.8, the exact per-layer blocks with +0.8 to +1.0 (bench/results/relaxed-ranking.md).
+
+Here the fit stays the whitened closed form (decompose.pair_fit, what apply installs); only its
+price changes, to the second-order loss change of its residual under the exact GGN with the
+cross-layer terms left out (they couple layers of different classes, which pairwise costs cannot
+hold, and price 1.6-2x the measured loss):
+
+    w_ℓm(r) = ½ δ_ℓᵀ GGN_ℓℓ δ_ℓ + ½ δ_mᵀ GGN_mm δ_m,   δ = S + A B − W at correction rank r.
+
+Each form is one forward-mode pass over the pricing data (functional.ggn_quad_form), a layer's
+residuals batched under vmap; costs are cached per rank, so the candidates at other ranks
+(candidates.py) add forms only for the ranks they ask for. That is 2·(pairs) forms per rank: cheap
+on models the size of MiniLM, and the reason this is not the default for LLMs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hessian_worker.curvature.exact import ExactCurvature
+from hessian_worker.discovery import LayerInfo
+from hessian_worker.relaxed.decompose import check_class, pair_fit
+
+
+class ExactPairCosts:
+    """Pair costs of same-family ``layers`` at any correction ranks, priced by ``curvature``
+    (an exact GGN on the pricing data, over the parameters named by the layers)."""
+
+    def __init__(self, layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
+                 covs: Mapping[str, Tensor] | None, curvature: ExactCurvature, *, damping: float = 0.01,
+                 progress: bool = False) -> None:
+        self.layers = list(layers)
+        self.weights = weights
+        self.covs = covs
+        self.curvature = curvature
+        self.damping = damping
+        self.progress = progress
+        self.pairs: list[tuple[int, int]] = []
+        fams: dict[str, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            fams.setdefault(layer.family, []).append(i)
+        for members in fams.values():
+            names = [self.layers[i].name for i in members]
+            check_class([weights[n] for n in names], 1, None if covs is None else [covs[n] for n in names])
+            self.pairs += [(i, j) for a, i in enumerate(members) for j in members[a + 1:]]
+        self._priced: dict[tuple[int, int, int], float] = {}  # (i, j, rank) -> cost
+
+    def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]:
+        """(pairwise matrix, unary) at family -> correction rank; None across families, 0 on the diagonal."""
+        todo = [(i, j, ranks[self.layers[i].family]) for i, j in self.pairs
+                if (i, j, ranks[self.layers[i].family]) not in self._priced]
+        if todo:
+            self._price(todo)
+        n = len(self.layers)
+        matrix: list[list[float | None]] = [[0.0 if i == j else None for j in range(n)] for i in range(n)]
+        for i, j in self.pairs:
+            matrix[i][j] = matrix[j][i] = self._priced[(i, j, ranks[self.layers[i].family])]
+        return matrix, [0.0] * n
+
+    def _price(self, todo: Sequence[tuple[int, int, int]]) -> None:
+        """Fits every (pair, rank) of ``todo`` and prices both residuals, one batch of forms per layer."""
+        residuals: dict[int, list[Tensor]] = {}  # layer -> its residuals, in todo order
+        with torch.no_grad():
+            for i, j, rank in todo:
+                for layer, residual in zip((i, j), self.residuals(i, j, rank), strict=True):
+                    residuals.setdefault(layer, []).append(residual)
+        forms: dict[int, list[float]] = {}
+        with tqdm(total=sum(len(r) for r in residuals.values()), desc="relaxed exact costs",
+                  disable=not self.progress, leave=False) as bar:
+            for layer, deltas in residuals.items():
+                ref = self.curvature.obj.params0[self.layers[layer].name]
+                values = self.curvature.quad({self.layers[layer].name: torch.stack(deltas).to(ref)})
+                forms[layer] = [0.5 * float(v) for v in values]
+                bar.update(len(deltas))
+        taken = dict.fromkeys(forms, 0)
+        for i, j, rank in todo:
+            self._priced[(i, j, rank)] = forms[i][taken[i]] + forms[j][taken[j]]
+            taken[i] += 1
+            taken[j] += 1
+
+    def residuals(self, i: int, j: int, rank: int) -> tuple[Tensor, Tensor]:
+        """(δ_i, δ_j): what the pair's whitened closed form at ``rank`` leaves of layers i and j."""
+        a, b = self.layers[i].name, self.layers[j].name
+        fit = pair_fit(self.weights[a], self.weights[b], rank, None if self.covs is None else self.covs[a],
+                       None if self.covs is None else self.covs[b], damping=self.damping)
+        return (fit.weight(0) - self.weights[a].to(fit.shared.dtype),
+                fit.weight(1) - self.weights[b].to(fit.shared.dtype))

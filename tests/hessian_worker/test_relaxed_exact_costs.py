@@ -1,0 +1,75 @@
+"""Relaxed pair costs priced by the exact GGN's per-layer blocks, against a dense float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hw_cases import TinyMLP, dense_ggn, mlp_data, quad_dense
+
+from hessian_worker.analysis import analyze
+from hessian_worker.config import AnalyzeConfig
+from hessian_worker.objective import Objective
+from hessian_worker.prepare import prepare
+from hessian_worker.relaxed.analysis import relaxed_covariances
+from hessian_worker.relaxed.decompose import pair_fit
+from hessian_worker.schemes import scheme_for
+from solver import SolveConfig
+
+
+def model() -> TinyMLP:
+    torch.manual_seed(0)
+    return TinyMLP(width=6, depth=4).double().eval()
+
+
+def cfg(pricing: str, **more) -> AnalyzeConfig:
+    return AnalyzeConfig(scheme="relaxed", relaxed={"rank": 1, "pricing": pricing, "shrinkage": [], **more},
+                         dtype="float64", device="cpu", progress=False)
+
+
+def reference(problem, config: AnalyzeConfig) -> dict[tuple[int, int], float]:
+    """½ δ_iᵀ G_ii δ_i + ½ δ_jᵀ G_jj δ_j per pair, G the GGN built densely by autograd, δ the pair's
+    whitened closed form at the problem's rank."""
+    prep = prepare(model(), mlp_data(), config)
+    names = [x.name for x in problem.layers]
+    obj = Objective(prep.model, prep.data, names, config.distill)
+    ggn = dense_ggn(obj)
+    with torch.no_grad():
+        covs = relaxed_covariances(prep.model, prep.data, names, config)
+    weights = dict(prep.model.named_parameters())
+    out = {}
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            b = names[j]
+            rank = problem.families[problem.layers[i].family].rank
+            fit = pair_fit(weights[a].detach(), weights[b].detach(), rank, covs[a], covs[b])
+            da, db = fit.weight(0) - weights[a].detach(), fit.weight(1) - weights[b].detach()
+            out[(i, j)] = 0.5 * float(quad_dense(ggn, obj, {a: da[None]})[0] + quad_dense(ggn, obj, {b: db[None]})[0])
+    return out
+
+
+def test_exact_pricing_is_the_dense_ggn_blocks_of_each_pairs_residual() -> None:
+    config = cfg("exact")
+    problem = analyze(model(), mlp_data(), config)
+    expected = reference(problem, config)
+    assert len(expected) == 6  # four layers of one family
+    for (i, j), value in expected.items():
+        assert problem.costs.matrix[i][j] == pytest.approx(value, rel=1e-9)
+        assert problem.costs.matrix[j][i] == problem.costs.matrix[i][j]
+    kron = analyze(model(), mlp_data(), cfg("kronecker"))
+    # the same fits, another price: the Kronecker model's differs
+    assert any(abs(kron.costs.matrix[i][j] - v) > 1e-3 * v for (i, j), v in expected.items())
+
+
+def test_candidates_at_other_ranks_are_priced_exactly_on_the_costs_data() -> None:
+    config = cfg("exact", rank_ratios=[0.34])  # rank 2 of 6
+    problem = analyze(model(), mlp_data(), config.model_copy(update={"max_params_ratio": 0.95}))
+    scheme = scheme_for("relaxed")
+    state = scheme.state(model(), mlp_data(), problem, config)
+    with pytest.raises(ValueError, match="data="):
+        scheme.extra_candidates(model(), problem, SolveConfig(max_params_ratio=0.95), state, config)
+    extra = scheme.extra_candidates(model(), problem, SolveConfig(max_params_ratio=0.95), state, config,
+                                    data=mlp_data())
+    at_two = [p for _, p in extra if p.families[problem.layers[0].family].rank == 2]
+    assert at_two
+    for (i, j), value in reference(at_two[0], config).items():
+        assert at_two[0].costs.matrix[i][j] == pytest.approx(value, rel=1e-9)
