@@ -109,9 +109,8 @@ class Relaxed:
         with torch.no_grad():
             weights = dense_weights(task.model, names)
         # the product's pair costs (RelaxedOptions.pricing) on the calibration split, what the covariances saw
-        self.spectra: PairPricer = candidate_pricer(task.model, task.calibration, SharingProblem(
-            layers=[Layer(name=x.name, family=x.family, params=x.params, index=x.index) for x in layers],
-            costs=Costs(matrix=[[0.0]])), self.covs, self.config, task.tokenizer)
+        self.spectra: PairPricer = candidate_pricer(task.model, task.calibration, layers, self.covs, self.config,
+                                                    task.tokenizer)
         self.shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
         matrix, unary = self.spectra.costs({x.family: 1 for x in layers})
         print(f"  {task.name}: relaxed covariances and pair costs ({pricing}) in {time.perf_counter() - t:.1f} s",

@@ -105,7 +105,7 @@ def analyze_relaxed(model: nn.Module | str, data: DataSource, config: AnalyzeCon
     return relaxed_problem(base, spectra, ranks, shapes)
 
 
-def pair_pricer(model: nn.Module, data: Calibration, layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
+def pair_pricer(model: nn.Module, data: Calibration, layers: Sequence[LayerInfo | Layer], weights: Mapping[str, Tensor],
                 covs: Mapping[str, Tensor] | None, config: AnalyzeConfig) -> PairPricer:
     """The pair costs ``config.relaxed.pricing`` asks for, of the (prepared) ``model`` on prepared
     ``data``: fits whitened by ``covs`` either way, priced by them (kronecker) or by the exact GGN's
@@ -118,14 +118,14 @@ def pair_pricer(model: nn.Module, data: Calibration, layers: Sequence[LayerInfo]
     return PairSpectra(layers, weights, covs, damping=options.damping, progress=config.progress)
 
 
-def candidate_pricer(model: nn.Module, data: Calibration, problem: SharingProblem, covs: Mapping[str, Tensor] | None,
-                     config: AnalyzeConfig, tokenizer: Any | None = None) -> PairPricer:
-    """``pair_pricer`` of ``problem``'s layers on raw ``data`` (prepared here): the costs of the
+def candidate_pricer(model: nn.Module, data: Calibration, layers: Sequence[LayerInfo | Layer],
+                     covs: Mapping[str, Tensor] | None, config: AnalyzeConfig, tokenizer: Any | None = None) -> PairPricer:
+    """``pair_pricer`` of ``layers`` (a problem's) on raw ``data`` (prepared here): the costs of the
     plans at other ranks, priced as ``analyze_relaxed`` priced the problem's."""
     prep = prepare(model, data, config, tokenizer=tokenizer)
     with torch.no_grad():
-        weights = dense_weights(prep.model, [x.name for x in problem.layers])
-    return pair_pricer(prep.model, prep.data, problem.layers, weights, covs, config)
+        weights = dense_weights(prep.model, [x.name for x in layers])
+    return pair_pricer(prep.model, prep.data, layers, weights, covs, config)
 
 
 def family_shapes(problem: SharingProblem, shapes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:

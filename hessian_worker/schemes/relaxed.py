@@ -83,7 +83,7 @@ class RelaxedScheme:
                              "pass data=")
         pricer = None
         if data is not None and config.relaxed.pricing is RelaxedPricing.exact:
-            pricer = candidate_pricer(model, data, problem, covs, config, tokenizer)
+            pricer = candidate_pricer(model, data, problem.layers, covs, config, tokenizer)
         return rank_candidates(model, problem, solve, covs, config.relaxed, spectra=pricer)
 
     def spend(self, model: nn.Module, plans: Sequence[SharingPlan], problem: SharingProblem, solve: SolveConfig,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hw_cases import factory
 
@@ -45,10 +46,11 @@ def test_analyze_solve_apply_load(tmp_path, factory_cli, capsys) -> None:
     assert before - unique_params(model) == 48 - plan.params.shared
 
 
-def test_compress_with_relaxed_sharing(tmp_path, factory_cli, capsys) -> None:
+@pytest.mark.parametrize("pricing", ["kronecker", "exact"])
+def test_compress_with_relaxed_sharing(tmp_path, factory_cli, capsys, pricing: str) -> None:
     out = tmp_path / "out"
     args = ["compress", *factory_cli, "--ratio", "0.9", "--scheme", "relaxed", "--correction-rank", "1", "--top", "4",
-            "--out", str(out)]
+            "--relaxed-pricing", pricing, "--out", str(out)]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["params_ratio"] <= 0.9 and report["measured_loss_change"] > 0
@@ -56,6 +58,7 @@ def test_compress_with_relaxed_sharing(tmp_path, factory_cli, capsys) -> None:
     assert chosen["measured"] == min(c["measured"] for c in report["candidates"])
     problem = SharingProblem.model_validate_json((out / "problem.json").read_text())
     assert problem.families["fc.weight"].scheme.value == "relaxed"
+    assert problem.source["relaxed"]["pricing"] == pricing
     model = factory()  # a module:factory model has no config.json: load_shared into a fresh one
     load_shared(model, out)
     assert all(isinstance(model.blocks[i].fc, RelaxedLinear) for i in range(3))
