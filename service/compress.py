@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from hessian_worker.options import CompressConfig, DistillLoss, Merge, RelaxedPricing, ShrinkageSetting, SideChoice
+from hessian_worker.options import (
+    CompressConfig,
+    DistillLoss,
+    Merge,
+    RelaxedPricing,
+    ShrinkageSetting,
+    SideChoice,
+)
 from solver import SharingPlan, SharingProblem
 from solver.schema import Scheme
 

@@ -14,7 +14,15 @@ from enum import Enum
 from typing import Any
 
 from geoshare.cli.help import hide
-from hessian_worker.options import AUTO_SCHEME, Backend, DType, OutputFactor, RelaxedPricing, Shrinkage, SideChoice
+from hessian_worker.options import (
+    AUTO_SCHEME,
+    Backend,
+    DType,
+    OutputFactor,
+    RelaxedPricing,
+    Shrinkage,
+    SideChoice,
+)
 from solver.schema import Scheme
 
 
