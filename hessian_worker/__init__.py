@@ -59,6 +59,7 @@ _EXPORTS = {
     "load_basis": "hessian_worker.basis.io",
     # the relaxed scheme (one tensor per class plus a low-rank correction per layer)
     "RelaxedOptions": "hessian_worker.options",
+    "RelaxedPricing": "hessian_worker.options",
     "analyze_relaxed": "hessian_worker.relaxed.analysis",
     "apply_relaxed_plan": "hessian_worker.relaxed.apply",
     "save_relaxed": "hessian_worker.relaxed.io",
@@ -107,6 +108,7 @@ __all__ = [
     "save_basis",
     "load_basis",
     "RelaxedOptions",
+    "RelaxedPricing",
     "analyze_relaxed",
     "apply_relaxed_plan",
     "save_relaxed",
@@ -138,6 +140,7 @@ if TYPE_CHECKING:
         KFACOptions,
         Merge,
         RelaxedOptions,
+        RelaxedPricing,
     )
     from hessian_worker.pair_costs import predict_plan_loss
     from hessian_worker.pipeline import CompressReport, compress

@@ -50,6 +50,7 @@ OLD_PATHS = [
     ("hessian_worker", "KFACOptions"),
     ("hessian_worker", "Merge"),
     ("hessian_worker", "RelaxedOptions"),
+    ("hessian_worker", "RelaxedPricing"),  # new with options
 ]
 
 
