@@ -78,11 +78,11 @@ class RelaxedScheme:
         the budget-filling ranks (relaxed/candidates.py), priced as ``config.relaxed.pricing`` says
         (exact pricing reads ``data``, the costs' samples)."""
         covs = dict(state) if state is not None else None
-        if config.relaxed.pricing is RelaxedPricing.exact and data is None:
-            raise ValueError("exact relaxed pricing prices the candidates at other ranks on the costs' samples; "
-                             "pass data=")
-        pricer = None
-        if data is not None and config.relaxed.pricing is RelaxedPricing.exact:
+        pricer = None  # kronecker: rank_candidates computes the spectra from the covariances
+        if config.relaxed.pricing is RelaxedPricing.exact:
+            if data is None:
+                raise ValueError("exact relaxed pricing prices the candidates at other ranks on the costs' samples; "
+                                 "pass data=")
             pricer = candidate_pricer(model, data, problem.layers, covs, config, tokenizer)
         return rank_candidates(model, problem, solve, covs, config.relaxed, spectra=pricer)
 
