@@ -70,17 +70,17 @@ class ExactPairCosts:
 
     def _price(self, todo: Sequence[tuple[int, int, int]]) -> None:
         """Fits every (pair, rank) of ``todo`` and prices both residuals, one batch of forms per layer."""
-        residuals: dict[int, list[Tensor]] = {}  # layer -> its residuals, in todo order
+        residuals: dict[int, list[Tensor]] = {}  # layer -> its residuals, in todo order, as the model holds it
         with torch.no_grad():
             for i, j, rank in todo:
                 for layer, residual in zip((i, j), self.residuals(i, j, rank), strict=True):
-                    residuals.setdefault(layer, []).append(residual)
+                    ref = self.curvature.obj.params0[self.layers[layer].name]
+                    residuals.setdefault(layer, []).append(residual.to(ref))
         forms: dict[int, list[float]] = {}
         with tqdm(total=sum(len(r) for r in residuals.values()), desc="relaxed exact costs",
                   disable=not self.progress, leave=False) as bar:
             for layer, deltas in residuals.items():
-                ref = self.curvature.obj.params0[self.layers[layer].name]
-                values = self.curvature.quad({self.layers[layer].name: torch.stack(deltas).to(ref)})
+                values = self.curvature.quad({self.layers[layer].name: torch.stack(deltas)})
                 forms[layer] = [0.5 * float(v) for v in values]
                 bar.update(len(deltas))
         taken = dict.fromkeys(forms, 0)
