@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -85,17 +86,17 @@ def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = ["# Relaxed pair costs: Kronecker against exact per-layer GGN pricing, the solver's optimum at one rank",
              "", f"Command: `{meta['command']}`  ", f"{meta['machine']}; {meta['seconds']} s; peak RSS "
-             "in the log (`/usr/bin/time -v`)", "",
+             f"{meta['peak_rss_gb']} GB", "",
              "Same whitening, fits, budget and correction rank per row pair; only each pair residual's price "
              "differs. validation: the distillation loss the product's choice reads; evaluation: the task "
              "metric after the refit on calibration + validation (higher is better for MiniLM's cosine); "
              "pricing s: the exact forms of that rank level (0 where an earlier level or budget priced them).", "",
-             "| task | budget | level | rank | pricing | classes | params ratio | validation loss | evaluation |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| task | budget | level | rank | pricing | classes | params ratio | validation loss | evaluation | pricing s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['task']} | {r['ratio']} | {r['level']} | {'/'.join(map(str, r['ranks']))} | "
                      f"{r['pricing']} | {r['classes']} | {r['params_ratio']:.3f} | {r['validation_loss']:.4f} | "
-                     f"{r['evaluation']:.4f} |")
+                     f"{r['evaluation']:.4f} | {r['pricing_s']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +115,9 @@ def main() -> None:
     result = {"meta": {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                        "machine": f"{platform.machine()} python {platform.python_version()} torch "
                                   f"{torch.__version__}, {args.threads} thread(s)",
-                       "seconds": round(time.perf_counter() - t0, 1)}, "rows": rows}
+                       "seconds": round(time.perf_counter() - t0, 1),
+                       "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)},
+              "rows": rows}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))

@@ -15,8 +15,9 @@ family (``mixed_ranks``: coordinate descent on the solver's predicted loss).
 At those filling ranks the fixed groupings of the literature join too (``FILL_PATTERNS``: contiguous
 runs as in a looped model, adjacent pairs as in DeltaLLM): the pair costs price a class of three or
 more only as the sum of its pairs, so the solver's optimum at a rank can miss the grouping that
-measures best there (MiniLM at 0.8: consecutive pairs at the 3-class rank 0.9284 cosine, the
-solver's optimum at the same rank lower; bench/results/eval-relaxed-refit.md).
+measures best there (MiniLM at 0.8, Kronecker-priced: consecutive pairs at the 3-class rank 0.9284
+cosine, the solver's optimum at that rank 0.9025; bench/results/eval-relaxed-refit.md and
+relaxed-pricing.md).
 """
 
 from __future__ import annotations
