@@ -77,7 +77,13 @@ from hessian_worker.relaxed.analysis import (
 )
 from hessian_worker.relaxed.apply import apply_relaxed_plan
 from hessian_worker.relaxed.candidates import rank_candidates
-from hessian_worker.relaxed.costs import PairPricer, family_rank, least_params, ranks_within
+from hessian_worker.relaxed.costs import (
+    PairPricer,
+    family_rank,
+    least_params,
+    pair_matrix,
+    ranks_within,
+)
 from hessian_worker.relaxed.holdout import cross_fitted_covariances
 from solver import SharingPlan, SharingProblem, SolveConfig
 from solver.baselines import baseline
@@ -112,9 +118,9 @@ class Relaxed:
         self.spectra: PairPricer = candidate_pricer(task.model, task.calibration, layers, self.covs, self.config,
                                                     task.tokenizer)
         self.shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
-        matrix, unary = self.spectra.costs({x.family: 1 for x in layers})
-        print(f"  {task.name}: relaxed covariances and pair costs ({pricing}) in {time.perf_counter() - t:.1f} s",
-              file=sys.stderr)
+        matrix, unary = pair_matrix(len(layers), {})  # the layers alone: self.problem prices at the ranks asked for
+        print(f"  {task.name}: relaxed covariances and pair pricer ({pricing}; exact prices each rank when first "
+              f"asked) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         self.base = SharingProblem(layers=[Layer(name=x.name, family=x.family, params=x.params, index=x.index)
                                            for x in layers], costs=Costs(matrix=matrix, unary=unary))
         self.fam_shapes, self.sizes = family_shapes(self.base, self.shapes), family_sizes(self.base)

@@ -33,8 +33,8 @@ from bench.tasks import TASKS, load_task
 from hessian_worker.factored.layers import dense_weights
 from hessian_worker.relaxed.analysis import relaxed_problem
 from hessian_worker.relaxed.apply import apply_relaxed_plan
-from hessian_worker.relaxed.candidates import FILL, FILL_CLASSES
-from hessian_worker.relaxed.costs import PairSpectra, least_params, ranks_within
+from hessian_worker.relaxed.candidates import fill_ranks
+from hessian_worker.relaxed.costs import PairSpectra, ranks_within
 from solver.planning import SolveConfig, solve
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,13 +42,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def levels(rx: Relaxed, budget: int) -> dict[str, dict[str, int]]:
     """Rank level name -> family ranks: the default share lowered to fit, and the filling ranks."""
-    out = {"default": ranks_within(rx.fam_shapes, rx.sizes, rx.ranks_at(rx.options.rank_ratio), budget)}
-    widest = {f: max(1, min(s) // 2) for f, s in rx.fam_shapes.items()}
-    for c in FILL_CLASSES:
-        ranks = ranks_within(rx.fam_shapes, rx.sizes, widest, budget, c)
-        if least_params(rx.fam_shapes, rx.sizes, ranks, c) <= budget:
-            out[f"{FILL}-{c}"] = ranks
-    return out
+    default = ranks_within(rx.fam_shapes, rx.sizes, rx.ranks_at(rx.options.rank_ratio), budget)
+    return {"default": default, **fill_ranks(rx.fam_shapes, rx.sizes, budget)}
 
 
 def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -29,7 +29,13 @@ from hessian_worker.losses import TaskLoss
 from hessian_worker.objective import Objective
 from hessian_worker.options import RelaxedPricing
 from hessian_worker.prepare import prepare
-from hessian_worker.relaxed.costs import PairPricer, PairSpectra, family_ranks, ranks_within
+from hessian_worker.relaxed.costs import (
+    PairPricer,
+    PairSpectra,
+    family_ranks,
+    pair_matrix,
+    ranks_within,
+)
 from hessian_worker.relaxed.exact_costs import ExactPairCosts
 from hessian_worker.relaxed.holdout import cross_fitted_covariances
 from solver.schema import (
@@ -92,7 +98,8 @@ def analyze_relaxed(model: nn.Module | str, data: DataSource, config: AnalyzeCon
         spectra = pair_pricer(prep.model, prep.data, layers, weights, covs, config)
     shapes = {x.name: (int(weights[x.name].shape[0]), int(weights[x.name].shape[1])) for x in layers}
     ranks = family_ranks(layers, shapes, config.relaxed)
-    matrix, unary = spectra.costs(ranks)
+    # no pair priced yet: the budget may lower the ranks, and relaxed_problem prices at the final ones
+    matrix, unary = pair_matrix(len(layers), {})
     base = SharingProblem(
         layers=[Layer(name=x.name, family=x.family, params=x.params, index=x.index) for x in layers],
         costs=Costs(kind=CostKind.pairwise, matrix=matrix, unary=unary),

@@ -97,11 +97,8 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     levels = {rank_label(ratio): {fam: family_rank(fam, shape, options, ratio) for fam, shape in fam_shapes.items()}
               for ratio in options.rank_ratios}
     if budget is not None:
-        widest = {fam: max(1, min(shape) // 2) for fam, shape in fam_shapes.items()}
-        for c in FILL_CLASSES:
-            ranks = ranks_within(fam_shapes, sizes, widest, budget, c)
-            if least_params(fam_shapes, sizes, ranks, c) <= budget:
-                levels.setdefault(f"{FILL}-{c}", ranks)
+        for label, ranks in fill_ranks(fam_shapes, sizes, budget).items():
+            levels.setdefault(label, ranks)
     seen = [own]
     for label, ranks in levels.items():
         found = optimum(ranks) if ranks not in seen else None
@@ -114,6 +111,19 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     if mixed is not None and mixed[1].families is not None and all(
             {f: s.rank for f, s in mixed[1].families.items()} != r for r in seen):
         out.append((mixed[0].model_copy(update={"strategy": MIXED}), mixed[1]))
+    return out
+
+
+def fill_ranks(fam_shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int],
+               budget: int) -> dict[str, dict[str, int]]:
+    """``{FILL}-c`` -> the largest uniform-share ranks (family -> rank) at which c classes per family
+    fit ``budget``, for every c of ``FILL_CLASSES`` that fits at all."""
+    widest = {fam: max(1, min(shape) // 2) for fam, shape in fam_shapes.items()}
+    out = {}
+    for c in FILL_CLASSES:
+        ranks = ranks_within(fam_shapes, sizes, widest, budget, c)
+        if least_params(fam_shapes, sizes, ranks, c) <= budget:
+            out[f"{FILL}-{c}"] = ranks
     return out
 
 

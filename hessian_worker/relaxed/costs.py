@@ -93,33 +93,49 @@ class PairPricer(Protocol):
     def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]: ...
 
 
+def family_pairs(layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
+                 covs: Mapping[str, Tensor] | None) -> list[tuple[int, int]]:
+    """Every same-family pair (i, j), i < j, of indices into ``layers``, family by family; each
+    family is checked to be shareable first (``check_class``: one shape, matching covariances).
+
+    Raises:
+        PlanError: a family mixes shapes or its covariances do not fit.
+    """
+    fams: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        fams.setdefault(layer.family, []).append(i)
+    pairs: list[tuple[int, int]] = []
+    for members in fams.values():
+        names = [layers[i].name for i in members]
+        check_class([weights[n] for n in names], 1, None if covs is None else [covs[n] for n in names])
+        pairs += [(i, j) for a, i in enumerate(members) for j in members[a + 1:]]
+    return pairs
+
+
+def pair_matrix(n: int, values: Mapping[tuple[int, int], float]) -> tuple[list[list[float | None]], list[float]]:
+    """(pairwise matrix, unary) of ``n`` layers from (i, j) -> cost: None for every pair not given
+    (across families: never shared), 0 on the diagonal and every unary (a class of one keeps its
+    dense weight)."""
+    matrix: list[list[float | None]] = [[0.0 if i == j else None for j in range(n)] for i in range(n)]
+    for (i, j), value in values.items():
+        matrix[i][j] = matrix[j][i] = value
+    return matrix, [0.0] * n
+
+
 class PairSpectra:
     """σ_i(D L_H)² of every same-family pair of ``layers``: the pair cost at any correction rank."""
 
     def __init__(self, layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
                  covs: Mapping[str, Tensor] | None, *, damping: float = 0.01, progress: bool = False) -> None:
         self.layers = list(layers)
-        fams: dict[str, list[int]] = {}
-        for i, layer in enumerate(self.layers):
-            fams.setdefault(layer.family, []).append(i)
-        self.families = fams
         self.spectra: dict[tuple[int, int], Tensor] = {}
-        total = sum(len(m) * (len(m) - 1) // 2 for m in fams.values())
-        with tqdm(total=total, desc="relaxed costs", disable=not progress, leave=False) as bar:
-            for members in fams.values():
-                names = [self.layers[i].name for i in members]
-                check_class([weights[n] for n in names], 1, None if covs is None else [covs[n] for n in names])
-                for a, i in enumerate(members):
-                    for j in members[a + 1:]:
-                        ci, cj = (None, None) if covs is None else (covs[self.layers[i].name], covs[self.layers[j].name])
-                        self.spectra[(i, j)] = pair_spectrum(weights[self.layers[i].name], weights[self.layers[j].name],
-                                                             ci, cj, damping=damping)
-                        bar.update(1)
+        pairs = family_pairs(self.layers, weights, covs)
+        for i, j in tqdm(pairs, desc="relaxed costs", disable=not progress, leave=False):
+            a, b = self.layers[i].name, self.layers[j].name
+            self.spectra[(i, j)] = pair_spectrum(weights[a], weights[b], None if covs is None else covs[a],
+                                                 None if covs is None else covs[b], damping=damping)
 
     def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]:
         """(pairwise matrix, unary) at family -> correction rank; None across families, 0 on the diagonal."""
-        n = len(self.layers)
-        matrix: list[list[float | None]] = [[0.0 if i == j else None for j in range(n)] for i in range(n)]
-        for (i, j), spectrum in self.spectra.items():
-            matrix[i][j] = matrix[j][i] = tail(spectrum, ranks[self.layers[i].family])
-        return matrix, [0.0] * n
+        return pair_matrix(len(self.layers), {(i, j): tail(spectrum, ranks[self.layers[i].family])
+                                              for (i, j), spectrum in self.spectra.items()})

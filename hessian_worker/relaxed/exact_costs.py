@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.discovery import LayerInfo
-from hessian_worker.relaxed.decompose import check_class, pair_fit
+from hessian_worker.relaxed.costs import family_pairs, pair_matrix
+from hessian_worker.relaxed.decompose import pair_fit
 
 
 class ExactPairCosts:
@@ -46,14 +47,7 @@ class ExactPairCosts:
         self.curvature = curvature
         self.damping = damping
         self.progress = progress
-        self.pairs: list[tuple[int, int]] = []
-        fams: dict[str, list[int]] = {}
-        for i, layer in enumerate(self.layers):
-            fams.setdefault(layer.family, []).append(i)
-        for members in fams.values():
-            names = [self.layers[i].name for i in members]
-            check_class([weights[n] for n in names], 1, None if covs is None else [covs[n] for n in names])
-            self.pairs += [(i, j) for a, i in enumerate(members) for j in members[a + 1:]]
+        self.pairs = family_pairs(self.layers, weights, covs)
         self._priced: dict[tuple[int, int, int], float] = {}  # (i, j, rank) -> cost
 
     def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]:
@@ -62,11 +56,8 @@ class ExactPairCosts:
                 if (i, j, ranks[self.layers[i].family]) not in self._priced]
         if todo:
             self._price(todo)
-        n = len(self.layers)
-        matrix: list[list[float | None]] = [[0.0 if i == j else None for j in range(n)] for i in range(n)]
-        for i, j in self.pairs:
-            matrix[i][j] = matrix[j][i] = self._priced[(i, j, ranks[self.layers[i].family])]
-        return matrix, [0.0] * n
+        return pair_matrix(len(self.layers), {(i, j): self._priced[(i, j, ranks[self.layers[i].family])]
+                                              for i, j in self.pairs})
 
     def _price(self, todo: Sequence[tuple[int, int, int]]) -> None:
         """Fits every (pair, rank) of ``todo`` and prices both residuals, one batch of forms per layer."""
