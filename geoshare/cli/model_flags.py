@@ -132,6 +132,13 @@ def shrinkage_setting(text: str) -> Shrinkage | float:
     return rho
 
 
+def refuse_without_scheme(given: list[str], scheme: str) -> None:
+    """Raises a ValueError naming the ``given`` flags (any) that apply to ``--scheme {scheme}`` only."""
+    if given:
+        verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        raise ValueError(f"{', '.join(given)} {verb} to --scheme {scheme} only; add --scheme {scheme} or drop {them}")
+
+
 def basis_options(args: argparse.Namespace, rank: int | None) -> dict[str, Any]:
     """BasisOptions fields from the basis rank, --rank-ratio, --side (refused without --scheme basis or auto)."""
     if args.scheme not in ("basis", AUTO_SCHEME):
@@ -141,9 +148,7 @@ def basis_options(args: argparse.Namespace, rank: int | None) -> dict[str, Any]:
                                       ("--side", args.side),
                                       ("--no-output-weighting", None if relaxed else args.no_output_weighting or None))
                  if v is not None]
-        if given:
-            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
-            raise ValueError(f"{', '.join(given)} {verb} to --scheme basis only; add --scheme basis or drop {them}")
+        refuse_without_scheme(given, "basis")
         return {}
     if rank is not None and args.rank_ratio is not None:
         raise ValueError("pass --basis-rank (one rank for every family) or --rank-ratio, not both")
@@ -160,9 +165,7 @@ def relaxed_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.scheme != "relaxed":
         given = [flag for flag, v in (("--correction-rank", args.correction_rank),
                                       ("--relaxed-pricing", args.relaxed_pricing)) if v is not None]
-        if given:
-            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
-            raise ValueError(f"{', '.join(given)} {verb} to --scheme relaxed only; add --scheme relaxed or drop {them}")
+        refuse_without_scheme(given, "relaxed")
         return {}
     if args.correction_rank is not None and args.rank_ratio is not None:
         raise ValueError("pass --correction-rank (one rank for every family) or --rank-ratio, not both")
