@@ -83,9 +83,11 @@ def violations(problem: SharingProblem, coloring: dict[str, int]) -> list[str]:
             pos = sorted(order.index(i) for i in members)
             if pos[-1] - pos[0] + 1 != len(pos):
                 out.append(f"class {c} is not a run of consecutive layers")
-    for p in cons.pinned:
+    alone = problem.alone_families()
+    for p in problem.never_shared():
         if len(classes[coloring[p]]) > 1:
-            out.append(f"pinned layer {p} is shared")
+            why = "of an alone family" if problem.layers[names.index(p)].family in alone else "pinned"
+            out.append(f"layer {p} is {why} but shared")
     for a, b in cons.forbid:
         if coloring[a] == coloring[b]:
             out.append(f"forbidden pair {a}, {b} shares")

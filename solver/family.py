@@ -205,7 +205,7 @@ def build_families(problem: SharingProblem) -> list[FamilyInstance]:
     exp = normalizing_exponent(np.concatenate([c.ravel() for c in raw.values()] + [np.asarray(unary_all, dtype=float)]))
 
     forbid_global = {frozenset((pos[a], pos[b])) for a, b in cons.forbid}
-    pinned_global = {pos[x] for x in cons.pinned}
+    pinned_global = {pos[x] for x in problem.never_shared()}  # pinned, and every layer of an alone family
     out = []
     for fam, ids in order.items():
         local = {g: j for j, g in enumerate(ids)}

@@ -136,6 +136,11 @@ class FamilySpec(_Model):
         default=None,
         description="basis only: 'out' (default; B_c d_out x r shared) or 'in' (B_c r x d_in shared).",
     )
+    alone: bool | None = Field(
+        default=None,
+        description="relaxed only: true keeps no shared tensor; every layer is stored as its rank-r factors "
+        "alone (W ≈ A·B, per-layer low rank), a class of its own paying member_params and its costs.unary.",
+    )
 
     @model_validator(mode="after")
     def _basis_needs_accounting(self) -> FamilySpec:
@@ -155,6 +160,13 @@ class FamilySpec(_Model):
                     "shared tensor S_c: d_out*d_in) and member_params (each member's correction A_l B_l: "
                     "r*(d_out + d_in)); missing: " + ", ".join(missing),
                 )
+        if self.alone and self.scheme is not Scheme.relaxed:
+            raise fail(
+                ("alone",),
+                f"alone=true applies to scheme 'relaxed' only (a layer kept as its rank-r correction with no "
+                f"shared tensor); drop it or set scheme 'relaxed' (got {self.scheme.value!r})",
+                True,
+            )
         if self.side is not None and self.scheme is not Scheme.basis:
             raise fail(
                 ("side",),
@@ -318,13 +330,24 @@ class SharingProblem(_Model):
     # --- derived quantities used everywhere -------------------------------------------------
 
     def family_accounting(self, family: str) -> tuple[int, int]:
-        """(class_params, member_params): a class of s members costs class_params + s*member_params."""
+        """(class_params, member_params): a class of s members costs class_params + s*member_params;
+        an ``alone`` family's classes store nothing shared (class_params 0)."""
         spec = (self.families or {}).get(family)
         if spec is None or spec.scheme is Scheme.tie:
             params = next(layer.params for layer in self.layers if layer.family == family)
             return params, 0
         assert spec.class_params is not None and spec.member_params is not None  # checked above
-        return spec.class_params, spec.member_params
+        return (0 if spec.alone else spec.class_params), spec.member_params
+
+    def alone_families(self) -> set[str]:
+        """The families whose layers each stand alone (``FamilySpec.alone``): never shared."""
+        return {f for f, spec in (self.families or {}).items() if spec.alone}
+
+    def never_shared(self) -> list[str]:
+        """Every layer that must be a class of its own: the pinned ones and those of alone families."""
+        alone = self.alone_families()
+        pinned = set(self.constraints.pinned)
+        return [x.name for x in self.layers if x.name in pinned or x.family in alone]
 
     @property
     def original_params(self) -> int:

@@ -10,7 +10,7 @@ stays the tie scheme's choice).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -149,13 +149,17 @@ def family_sizes(problem: SharingProblem) -> dict[str, int]:
 
 
 def relaxed_problem(problem: SharingProblem, spectra: PairPricer, ranks: Mapping[str, int],
-                    shapes: Mapping[str, tuple[int, int]]) -> SharingProblem:
+                    shapes: Mapping[str, tuple[int, int]], alone: Collection[str] = ()) -> SharingProblem:
     """``problem`` (its layers, constraints and options) with every family relaxed at ``ranks``
-    (family -> correction rank) and the pair costs at those ranks."""
+    (family -> correction rank) and the pair costs at those ranks; the families in ``alone`` keep no
+    shared tensor (``FamilySpec.alone``: each layer its rank-r factors, its cost a unary)."""
     matrix, unary = spectra.costs(ranks)
+    for i, cost in spectra.alone(ranks, alone).items():
+        unary[i] = cost
     fam_shapes = family_shapes(problem, shapes)
     families = {
-        fam: FamilySpec(scheme=Scheme.relaxed, rank=ranks[fam], class_params=o * i, member_params=ranks[fam] * (o + i))
+        fam: FamilySpec(scheme=Scheme.relaxed, rank=ranks[fam], class_params=o * i, member_params=ranks[fam] * (o + i),
+                        alone=True if fam in alone else None)
         for fam, (o, i) in fam_shapes.items()
     }
     return problem.model_copy(update={"costs": Costs(kind=CostKind.pairwise, matrix=matrix, unary=unary),
@@ -174,6 +178,12 @@ def relaxed_classes(plan: SharingPlan, problem: SharingProblem) -> list[list[str
         PlanError: the plan names layers the problem does not list.
     """
     return split_classes(plan.groups, plan.coloring, problem, Scheme.relaxed)[0]
+
+
+def alone_layers(problem: SharingProblem) -> set[str]:
+    """The layers of ``problem``'s alone families (no shared tensor, each its rank-r factors)."""
+    families = problem.alone_families()
+    return {x.name for x in problem.layers if x.family in families}
 
 
 def rank_of(problem: SharingProblem) -> dict[str, int]:

@@ -3,8 +3,9 @@ ONE S Parameter and keep their own correction factors and bias, in place.
 
 A layer in a class of one keeps its dense weight unchanged (S = W_ℓ, no correction: nothing is lost),
 so it stores d_out·d_in where the solver's accounting counts d_out·d_in + r·(d_out + d_in): the plan's
-unique parameters are at most the solver's count, equal when every class shares. Classes of ``tie``
-families in the same plan go through the ordinary ``tying.apply_tie``.
+unique parameters are at most the solver's count, equal when every class shares. A layer of an
+``alone`` family keeps no S: its rank-r factors alone (decompose.alone_fit), r·(d_out + d_in), as
+counted. Classes of ``tie`` families in the same plan go through the ordinary ``tying.apply_tie``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from hessian_worker.factored.apply import begin_apply, require_covs
 from hessian_worker.factored.layers import dense_weights
 from hessian_worker.merge import Merge
 from hessian_worker.prepare import prepare
-from hessian_worker.relaxed.analysis import rank_of, relaxed_classes, relaxed_covariances
-from hessian_worker.relaxed.decompose import class_fit, relaxed_error
-from hessian_worker.relaxed.modules import RelaxedLinear, install_class
+from hessian_worker.relaxed.analysis import (
+    alone_layers,
+    rank_of,
+    relaxed_classes,
+    relaxed_covariances,
+)
+from hessian_worker.relaxed.decompose import fit_members, relaxed_error
+from hessian_worker.relaxed.modules import RelaxedLinear, install_alone, install_class
 from hessian_worker.tying import ApplyReport
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
@@ -33,6 +39,7 @@ class RelaxedApplyReport(ApplyReport):
 
     scheme: Scheme = Scheme.relaxed
     relaxed_classes: int
+    alone_layers: int = 0  # layers of alone families: rank-r factors, no shared tensor
     ranks: dict[str, int]
     whitened: bool
     whitened_error: float | None = None
@@ -59,9 +66,10 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
     options = config.relaxed
     classes = relaxed_classes(plan, problem)
     ranks = rank_of(problem)
+    alone = alone_layers(problem)
     fams_of = {x.name: x.family for x in problem.layers}
-    shared_classes = [c for c in classes if len(c) > 1]
-    names = [n for c in shared_classes for n in c]
+    fitted = [c for c in classes if len(c) > 1 or c[0] in alone]  # a dense singleton stays as it is
+    names = [n for c in fitted for n in c]
     require_covs(covs, names)
     frame = begin_apply(model, plan, {n for c in classes for n in c}, merge, data=data, config=config,
                         tokenizer=tokenizer, diag=diag)
@@ -76,18 +84,23 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
     whitened = covs_used is not None or (options.whiten and not names)  # nothing to fit: nothing lost
 
     error = 0.0 if whitened else None
-    for group in tqdm(shared_classes, desc="relaxed classes", disable=not config.progress, leave=False):
+    for group in tqdm(fitted, desc="relaxed classes", disable=not config.progress, leave=False):
         ws = [weights[n] for n in group]
         cs = [covs_used[n] for n in group] if covs_used is not None else None
         with torch.no_grad():
-            factors = class_fit(ws, ranks[group[0]], cs, damping=options.damping, rounds=options.rounds).factors
+            factors = fit_members(ws, ranks[group[0]], cs, alone=group[0] in alone, damping=options.damping,
+                                  rounds=options.rounds)
             if error is not None:
                 error += relaxed_error(ws, factors, cs, damping=options.damping)
-            install_class(model, group, factors.shared, factors.left, factors.right)
+            if group[0] in alone:
+                install_alone(model, group[0], factors.left[0], factors.right[0])
+            else:
+                install_class(model, group, factors.shared, factors.left, factors.right)
 
     return RelaxedApplyReport(
         **frame.counts(model, merge, classes, _factors),
-        relaxed_classes=len(shared_classes),
+        relaxed_classes=sum(len(c) > 1 for c in classes),
+        alone_layers=len(alone & set(names)),
         ranks={fams_of[n]: ranks[n] for n in names},
         whitened=whitened,
         whitened_error=error,
@@ -96,4 +109,6 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
 
 def _factors(module: nn.Module) -> tuple[nn.Parameter, ...] | None:
     """A relaxed layer's S and correction factors (None for any other module)."""
-    return (module.shared, module.left, module.right) if isinstance(module, RelaxedLinear) else None
+    if not isinstance(module, RelaxedLinear):
+        return None
+    return (module.left, module.right) if module.alone else (module.shared, module.left, module.right)

@@ -22,7 +22,8 @@ relaxed-pricing.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Collection, Mapping
 
 from torch import Tensor, nn
 
@@ -43,9 +44,14 @@ from solver.planning import SolveConfig, solve, with_config
 from solver.schema import SharingPlan, SharingProblem
 
 MIXED = "relaxed-mixed-ranks"  # the strategy name of the per-family ranks of ``mixed_ranks``
+MIXED_ALONE = "relaxed-mixed-alone"  # ``mixed_ranks`` free to leave families alone, when it does
 FILL = "relaxed-fill"  # the optimum at the largest ranks where c classes per family fill the budget
 FILL_CLASSES = (1, 2, 3)
 FILL_PATTERNS = (Strategy.adjacent_pairs, Strategy.sequence)  # the fixed groupings measured at the filling ranks
+ALONE = f"{FILL}-0"  # every family alone at the ranks that fill the budget: per-layer low rank
+
+Ranks = dict[str, int]  # family -> correction rank
+Found = tuple[SharingPlan, SharingProblem]
 
 
 def rank_label(ratio: float) -> str:
@@ -55,10 +61,12 @@ def rank_label(ratio: float) -> str:
 
 def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConfig | None,
                     covs: Mapping[str, Tensor] | None, options: RelaxedOptions, *,
-                    spectra: PairPricer | None = None) -> list[tuple[SharingPlan, SharingProblem]]:
+                    spectra: PairPricer | None = None) -> list[Found]:
     """(plan, its problem) for every share in ``options.rank_ratios`` whose ranks differ from the
     problem's and whose one-class-per-family plan fits the budget of ``problem`` under ``config``,
-    and the optimum at per-family ranks (``mixed_ranks``) when it differs from all of those.
+    every family alone at the ranks that fill the budget (``ALONE``: per-layer low rank as a relaxed
+    plan), and the optimum at per-family ranks (``mixed_ranks``), once with every family sharing and
+    once free to leave families alone, when they differ from all of those.
 
     Args:
         model: the dense reference model (read, never changed).
@@ -75,20 +83,20 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in weights.items()}
     fam_shapes, sizes = family_shapes(full, shapes), family_sizes(full)
     own = {x.family: rank[x.name] for x in full.layers}
+    own_alone = frozenset(full.alone_families())
     spectra = spectra or PairSpectra(full.layers, weights, covs, damping=options.damping)
-    solved: dict[tuple[tuple[str, int], ...], tuple[SharingPlan, SharingProblem]] = {}
+    solved: dict[tuple[tuple[tuple[str, int], ...], frozenset[str]], Found | None] = {}
 
-    def optimum(ranks: dict[str, int]) -> tuple[SharingPlan, SharingProblem] | None:
-        """The solver's optimum at ``ranks`` (family -> rank), None when it does not fit (memoized)."""
-        key = tuple(sorted(ranks.items()))
+    def optimum(ranks: Ranks, alone: frozenset[str] = frozenset()) -> Found | None:
+        """The solver's optimum at ``ranks`` with the families ``alone`` kept apart, None when it
+        does not fit (memoized)."""
+        key = (tuple(sorted(ranks.items())), alone)
         if key not in solved:
-            if budget is not None and least_params(fam_shapes, sizes, ranks) > budget:
-                return None
-            at_rank = relaxed_problem(full, spectra, ranks, shapes)
-            try:
-                solved[key] = (solve(at_rank, config), at_rank)
-            except (BudgetInfeasible, ConstraintInfeasible):
-                return None
+            solved[key] = None
+            if budget is None or least_params(fam_shapes, sizes, ranks, alone=alone) <= budget:
+                at_rank = relaxed_problem(full, spectra, ranks, shapes, alone)
+                with contextlib.suppress(BudgetInfeasible, ConstraintInfeasible):
+                    solved[key] = (solve(at_rank, config), at_rank)
         return solved[key]
 
     out = []
@@ -99,18 +107,31 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     if budget is not None:
         for label, ranks in fill_ranks(fam_shapes, sizes, budget).items():
             levels.setdefault(label, ranks)
-    seen = [own]
+    seen = [(own, own_alone)]
     for label, ranks in levels.items():
-        found = optimum(ranks) if ranks not in seen else None
-        seen.append(ranks)
+        found = optimum(ranks) if (ranks, frozenset()) not in seen else None
+        seen.append((ranks, frozenset()))
         if found is not None:
             out.append((found[0].model_copy(update={"strategy": label}), found[1]))
             if label.startswith(FILL):
                 out += fill_patterns(found, label, config)
-    mixed = mixed_ranks(own, levels, optimum)
-    if mixed is not None and mixed[1].families is not None and all(
-            {f: s.rank for f, s in mixed[1].families.items()} != r for r in seen):
-        out.append((mixed[0].model_copy(update={"strategy": MIXED}), mixed[1]))
+    everyone = frozenset(fam_shapes)
+    if budget is not None:
+        per_layer = ranks_within(fam_shapes, sizes, {f: max(1, min(s) // 2) for f, s in fam_shapes.items()},
+                                 budget, classes=0)
+        found = optimum(per_layer, everyone) if (per_layer, everyone) not in seen else None
+        seen.append((per_layer, everyone))
+        if found is not None:
+            out.append((found[0].model_copy(update={"strategy": ALONE}), found[1]))
+            levels[ALONE] = per_layer
+    for families, label in ((frozenset(), MIXED), (everyone, MIXED_ALONE)):
+        mixed = mixed_ranks(own, levels, optimum, may_leave=families)
+        if mixed is None or mixed[1].families is None:
+            continue
+        state = ({f: s.rank for f, s in mixed[1].families.items()}, frozenset(mixed[1].alone_families()))
+        if state not in seen:
+            seen.append(state)
+            out.append((mixed[0].model_copy(update={"strategy": label if state[1] else MIXED}), mixed[1]))
     return out
 
 
@@ -136,26 +157,38 @@ def fill_patterns(optimum: tuple[SharingPlan, SharingProblem], label: str,
     return [(p.model_copy(update={"strategy": f"{label}-{p.strategy}"}), problem) for p in found]
 
 
-def mixed_ranks(own: dict[str, int], uniform: Mapping[str, dict[str, int]],
-                optimum: Callable[[dict[str, int]], tuple[SharingPlan, SharingProblem] | None],
-                rounds: int = 2) -> tuple[SharingPlan, SharingProblem] | None:
+def mixed_ranks(own: Ranks, uniform: Mapping[str, Ranks],
+                optimum: Callable[[Ranks, frozenset[str]], Found | None],
+                rounds: int = 2, may_leave: Collection[str] = ()) -> Found | None:
     """Ranks per family by coordinate descent on the solver's objective: from the best uniform
     ranks, each family in turn takes the rank of every share whose optimum (the other families
-    kept) predicts less loss; ``rounds`` passes over the families. The objective is exact for
-    classes of one and two and the pairwise sum beyond, so the measured choice has the last word."""
-    starts = [found for r in (own, *uniform.values()) if (found := optimum(r)) is not None]
+    kept) predicts less loss, and a family of ``may_leave`` may also go alone (no shared tensor,
+    ``FamilySpec.alone``) at that rank; ``rounds`` passes over the families. The start is the best
+    of the uniform ranks with every family sharing, and with every family of ``may_leave`` alone.
+    The objective is exact for classes of one and two and the pairwise sum beyond (which prices a
+    large class above its fitted error), so the measured choice has the last word."""
+    leave = frozenset(may_leave)
+    starts = [found for r in (own, *uniform.values()) for a in {frozenset(), leave}
+              if (found := optimum(r, a)) is not None]
     if not starts:
         return None
-    best = min(starts, key=lambda x: x[0].objective if x[0].objective is not None else float("inf"))
+
+    def loss(found: Found) -> float:
+        return found[0].objective if found[0].objective is not None else float("inf")
+
+    best = min(starts, key=loss)
     ranks = {f: s.rank for f, s in (best[1].families or {}).items()}
+    alone = frozenset(best[1].alone_families())
     for _ in range(rounds):
         moved = False
         for fam in ranks:
             for option in uniform.values():
-                trial = {**ranks, fam: option[fam]}
-                found = optimum(trial)
-                if found is not None and (found[0].objective or 0.0) < (best[0].objective or 0.0):
-                    best, ranks, moved = found, trial, True
+                for apart in ((False, True) if fam in leave else (False,)):
+                    trial = {**ranks, fam: option[fam]}
+                    trial_alone = alone | {fam} if apart else alone - {fam}
+                    found = optimum(trial, trial_alone)
+                    if found is not None and loss(found) < loss(best):
+                        best, ranks, alone, moved = found, trial, trial_alone, True
         if not moved:
             break
     return best

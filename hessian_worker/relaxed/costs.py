@@ -2,7 +2,9 @@
 
 - unary u_ℓ = 0: a class of one keeps its dense weight (S = W_ℓ, decompose.py), nothing is lost;
 - pair w_ℓm = E*({ℓ, m}) = Σ_{i>2r} σ_i(D L_H)², the exact joint optimum of the pair (decompose.py:
-  D = W_ℓ − W_m, H the parallel sum of the damped covariances), ≥ 0 by construction.
+  D = W_ℓ − W_m, H the parallel sum of the damped covariances), ≥ 0 by construction;
+- a layer of an ``alone`` family (no shared tensor, W_ℓ ≈ A_ℓ B_ℓ) pays a unary
+  a_ℓ = Σ_{i>r} σ_i(W_ℓ L_ℓ)² instead (``PairPricer.alone``), the same whitened error of a fit with S = 0.
 
 The solver then scores a class S as Σ_{pairs} w, exact for classes of one and two; for larger
 classes the measured choice decides (as for the other schemes). One pair spectrum gives the cost at
@@ -15,7 +17,7 @@ cost is a predicted loss change on the tie scheme's scale).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 from torch import Tensor
@@ -25,7 +27,7 @@ from hessian_worker.discovery import LayerInfo
 from hessian_worker.errors import DiscoveryError
 from hessian_worker.factored.layers import require_known_families
 from hessian_worker.options import RelaxedOptions
-from hessian_worker.relaxed.decompose import check_class, pair_spectrum, tail
+from hessian_worker.relaxed.decompose import alone_spectrum, check_class, pair_spectrum, tail
 from solver.schema import Scheme
 
 
@@ -66,10 +68,12 @@ def family_ranks(layers: Sequence[LayerInfo], shapes: Mapping[str, tuple[int, in
 
 
 def least_params(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int],
-                 classes: int = 1) -> int:
+                 classes: int = 1, alone: Collection[str] = ()) -> int:
     """Unique parameters of ``classes`` classes per family (at most its size): c·d_out·d_in +
-    s·r·(d_out + d_in); with one class, the least any relaxed plan at ``ranks`` keeps."""
-    return sum(min(classes, sizes[f]) * o * i + sizes[f] * ranks[f] * (o + i) for f, (o, i) in shapes.items())
+    s·r·(d_out + d_in), a family in ``alone`` s·r·(d_out + d_in) only; with one class, the least any
+    relaxed plan at ``ranks`` keeps."""
+    return sum((0 if f in alone else min(classes, sizes[f]) * o * i) + sizes[f] * ranks[f] * (o + i)
+               for f, (o, i) in shapes.items())
 
 
 def ranks_within(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int],
@@ -86,11 +90,14 @@ def ranks_within(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int]
 
 
 class PairPricer(Protocol):
-    """Pair costs of same-family layers at any correction ranks (PairSpectra; exact_costs.ExactPairCosts)."""
+    """Pair costs of same-family layers at any correction ranks (PairSpectra; exact_costs.ExactPairCosts),
+    and the cost of a layer alone (no shared tensor) at its family's rank."""
 
     layers: list[LayerInfo]
 
     def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]: ...
+
+    def alone(self, ranks: Mapping[str, int], families: Collection[str]) -> dict[int, float]: ...
 
 
 def family_pairs(layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
@@ -128,7 +135,9 @@ class PairSpectra:
     def __init__(self, layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
                  covs: Mapping[str, Tensor] | None, *, damping: float = 0.01, progress: bool = False) -> None:
         self.layers = list(layers)
+        self.weights, self.covs, self.damping = weights, covs, damping
         self.spectra: dict[tuple[int, int], Tensor] = {}
+        self.alone_spectra: dict[int, Tensor] = {}  # computed when first asked for
         pairs = family_pairs(self.layers, weights, covs)
         for i, j in tqdm(pairs, desc="relaxed costs", disable=not progress, leave=False):
             a, b = self.layers[i].name, self.layers[j].name
@@ -139,3 +148,14 @@ class PairSpectra:
         """(pairwise matrix, unary) at family -> correction rank; None across families, 0 on the diagonal."""
         return pair_matrix(len(self.layers), {(i, j): tail(spectrum, ranks[self.layers[i].family])
                                               for (i, j), spectrum in self.spectra.items()})
+
+    def alone(self, ranks: Mapping[str, int], families: Collection[str]) -> dict[int, float]:
+        """Layer index -> a_ℓ at its family's rank, for every layer of ``families``."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if layer.family in families:
+                if i not in self.alone_spectra:
+                    cov = None if self.covs is None else self.covs[layer.name]
+                    self.alone_spectra[i] = alone_spectrum(self.weights[layer.name], cov, damping=self.damping)
+                out[i] = float(self.alone_spectra[i][ranks[layer.family]:].sum())
+        return out

@@ -13,7 +13,11 @@ predicted loss change). Two exact partial minimizers:
   Eckart–Young Δ_ℓ = [(W_ℓ − S) L_ℓ]_r L_ℓ⁻¹ (the whitened truncated SVD of the residual), leaving
   Σ_{i>r} σ_i((W_ℓ − S) L_ℓ)².
 
-A class of one: S = W_ℓ, E = 0 (the layer keeps its dense weight; see apply.py).
+A class of one: S = W_ℓ, E = 0 (the layer keeps its dense weight; see apply.py). A layer of an
+``alone`` family (solver.schema.FamilySpec.alone) keeps no S at all: W_ℓ ≈ A_ℓ B_ℓ, and the Δ-step with
+S = 0 is its optimum, Δ_ℓ = [W_ℓ L_ℓ]_r L_ℓ⁻¹ with E = Σ_{i>r} σ_i(W_ℓ L_ℓ)² (``alone_fit``,
+``alone_spectrum``): per-layer low rank as the basis scheme's class of one fits it, on the same scale
+as the pair costs.
 
 A pair has a closed form (the joint optimum, not just a partial one). Minimizing over S first,
 min_S ‖X₁ − S‖²_{G̃₁} + ‖X₂ − S‖²_{G̃₂} = tr((X₁ − X₂) H (X₁ − X₂)ᵀ) with the parallel sum
@@ -145,6 +149,31 @@ def tail(spectrum: Tensor, rank: int) -> float:
     return float(spectrum[2 * rank:].sum())
 
 
+def alone_spectrum(w: Tensor, cov: Tensor | None = None, *, damping: float = 0.01) -> Tensor:
+    """σ_i(W L)², descending: a layer alone at rank r (S = 0) leaves the sum past the first r."""
+    w = w.to(DTYPE)
+    lower = whitening(_damped_all(None if cov is None else [cov], 1, w.shape[1], damping)[0], 0.0)
+    y = w @ lower
+    gram = y @ y.T if y.shape[0] <= y.shape[1] else y.T @ y
+    with lapack_threads(gram.shape[0]):
+        values = torch.linalg.eigvalsh(0.5 * (gram + gram.T))
+    return values.flip(0).clamp_min(0.0)
+
+
+def alone_fit(w: Tensor, rank: int, cov: Tensor | None = None, *, damping: float = 0.01) -> RelaxedFactors:
+    """A layer alone (no shared tensor): ``shared`` is zero and A B = [W L]_r L⁻¹, the whitened
+    truncated SVD, optimal for E = tr((W − A B) G̃ (W − A B)ᵀ) (Eckart–Young).
+
+    Raises:
+        PlanError: not 2-D or a bad rank.
+    """
+    check_class([w], rank, None if cov is None else [cov])
+    w = w.to(DTYPE)
+    lower = whitening(_damped_all(None if cov is None else [cov], 1, w.shape[1], damping)[0], 0.0)
+    a, b = correction(w, lower, rank)
+    return RelaxedFactors(torch.zeros_like(w), [a], [b])
+
+
 def _split_svd(u: Tensor, s: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     """Balanced factors (U Σ^½, Σ^½ rows) of Σ_i s_i u_i rows_i."""
     root = s.clamp_min(0.0).sqrt()
@@ -240,6 +269,21 @@ def class_fit(
     best = _descend(projection, start, first, rounds, tol) if rounds else start
     factors = projection.factors(best)
     return ClassFit(factors, [first[0], relaxed_error(ws, factors, covs, damping=damping)])
+
+
+def fit_members(weights: Sequence[Tensor], rank: int, covs: Sequence[Tensor] | None = None, *, alone: bool = False,
+                damping: float = 0.01, rounds: int = 20) -> RelaxedFactors:
+    """The factors apply installs for one class: ``alone_fit`` for a layer of an alone family, else
+    ``class_fit``.
+
+    Raises:
+        PlanError: as those, or a class of several layers marked alone.
+    """
+    if alone:
+        if len(weights) != 1:
+            raise PlanError(f"a layer alone is a class of one; got a class of {len(weights)}")
+        return alone_fit(weights[0], rank, None if covs is None else covs[0], damping=damping)
+    return class_fit(weights, rank, covs, damping=damping, rounds=rounds).factors
 
 
 class _Projection:

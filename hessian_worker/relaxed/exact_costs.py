@@ -14,6 +14,9 @@ hold, and price 1.6-2x the measured loss):
 
     w_ℓm(r) = ½ δ_ℓᵀ GGN_ℓℓ δ_ℓ + ½ δ_mᵀ GGN_mm δ_m,   δ = S + A B − W at correction rank r.
 
+A layer alone (no shared tensor) is priced the same way: a_ℓ(r) = ½ δ_ℓᵀ GGN_ℓℓ δ_ℓ with δ_ℓ = A B − W_ℓ
+of decompose.alone_fit.
+
 Each form is one forward-mode pass over the pricing data (functional.ggn_quad_form), a layer's
 residuals batched under vmap; costs are cached per rank, so the candidates at other ranks
 (candidates.py) add forms only for the ranks they ask for. That is 2·(pairs) forms per rank: cheap
@@ -22,7 +25,7 @@ on models the size of MiniLM, and the reason this is not the default for LLMs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -31,7 +34,7 @@ from tqdm.auto import tqdm
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.relaxed.costs import family_pairs, pair_matrix
-from hessian_worker.relaxed.decompose import pair_fit
+from hessian_worker.relaxed.decompose import alone_fit, pair_fit
 
 
 class ExactPairCosts:
@@ -49,6 +52,7 @@ class ExactPairCosts:
         self.progress = progress
         self.pairs = family_pairs(self.layers, weights, covs)
         self._priced: dict[tuple[int, int, int], float] = {}  # (i, j, rank) -> cost
+        self._alone: dict[tuple[int, int], float] = {}  # (i, rank) -> cost of layer i alone
 
     def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]:
         """(pairwise matrix, unary) at family -> correction rank; None across families, 0 on the diagonal."""
@@ -58,6 +62,26 @@ class ExactPairCosts:
             self._price(todo)
         return pair_matrix(len(self.layers), {(i, j): self._priced[(i, j, ranks[self.layers[i].family])]
                                               for i, j in self.pairs})
+
+    def alone(self, ranks: Mapping[str, int], families: Collection[str]) -> dict[int, float]:
+        """Layer index -> a_ℓ at its family's rank, for every layer of ``families``."""
+        wanted = [(i, ranks[x.family]) for i, x in enumerate(self.layers) if x.family in families]
+        todo = [key for key in wanted if key not in self._alone]
+        if todo:
+            deltas: dict[int, list[Tensor]] = {}
+            with torch.no_grad():
+                for i, rank in todo:
+                    name = self.layers[i].name
+                    fit = alone_fit(self.weights[name], rank, None if self.covs is None else self.covs[name],
+                                    damping=self.damping)
+                    delta = fit.weight(0) - self.weights[name].to(fit.shared.dtype)
+                    deltas.setdefault(i, []).append(delta.to(self.curvature.obj.params0[name]))
+            for i, ds in tqdm(deltas.items(), desc="relaxed exact alone costs", disable=not self.progress, leave=False):
+                values = self.curvature.quad({self.layers[i].name: torch.stack(ds)})
+                ranks_of_i = [rank for j, rank in todo if j == i]
+                for rank, value in zip(ranks_of_i, values, strict=True):
+                    self._alone[(i, rank)] = 0.5 * float(value)
+        return {i: self._alone[(i, rank)] for i, rank in wanted}
 
     def _price(self, todo: Sequence[tuple[int, int, int]]) -> None:
         """Fits every (pair, rank) of ``todo`` and prices both residuals, one batch of forms per layer."""

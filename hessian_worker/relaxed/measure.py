@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from hessian_worker.basis.measure import ClassSubstitutes
 from hessian_worker.options import RelaxedOptions
-from hessian_worker.relaxed.analysis import rank_of
-from hessian_worker.relaxed.decompose import RelaxedFactors, class_fit
+from hessian_worker.relaxed.analysis import alone_layers, rank_of
+from hessian_worker.relaxed.decompose import RelaxedFactors, fit_members
 from solver.schema import Scheme, SharingProblem
 
 
@@ -38,6 +38,7 @@ class RelaxedSubstitutes(ClassSubstitutes):
         self.problem = problem
         self.scheme = Scheme.relaxed
         self.ranks = rank_of(problem)
+        self.alone = alone_layers(problem)
         self._bind(model, list(self.ranks), covs)
         self.options = options
         self._cache: dict[tuple[str, ...], RelaxedFactors] = {}
@@ -49,8 +50,8 @@ class RelaxedSubstitutes(ClassSubstitutes):
             ws = [self.weights[n] for n in group]
             cs = None if self.covs is None else [self.covs[n] for n in group]
             with torch.no_grad():
-                f = class_fit(ws, self.ranks[group[0]], cs, damping=self.options.damping,
-                              rounds=self.options.rounds).factors
+                f = fit_members(ws, self.ranks[group[0]], cs, alone=group[0] in self.alone,
+                                damping=self.options.damping, rounds=self.options.rounds)
             dtype = self.dtype[group[0]]
             self._cache[key] = RelaxedFactors(f.shared.to(dtype), [a.to(dtype) for a in f.left],
                                               [b.to(dtype) for b in f.right])

@@ -10,7 +10,10 @@ from hessian_worker.errors import PlanError
 from hessian_worker.relaxed.decompose import (
     RelaxedFactors,
     _Projection,
+    alone_fit,
+    alone_spectrum,
     class_fit,
+    fit_members,
     merge_shared,
     pair_fit,
     pair_spectrum,
@@ -176,3 +179,31 @@ def test_bad_classes_are_refused() -> None:
         class_fit([ws[0], ws[1][:, :4]], 1)
     with pytest.raises(PlanError, match="covariance"):
         class_fit(ws, 1, covs[:1])
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_alone_fit_is_the_optimum_without_a_shared_tensor(whiten: bool, rank: int) -> None:
+    """A layer alone (S = 0): the whitened truncated SVD reaches what L-BFGS over A, B finds, its
+    error is the alone spectrum's tail past r, and it is what fit_members installs for it."""
+    ws, covs = _class(k=1, seed=3)
+    cov = covs[0] if whiten else None
+    fit = alone_fit(ws[0], rank, cov, damping=DAMPING)
+    assert torch.count_nonzero(fit.shared) == 0 and fit.left[0].shape == (6, rank)
+    error = relaxed_error(ws, fit, None if cov is None else [cov], damping=DAMPING)
+    assert error == pytest.approx(float(alone_spectrum(ws[0], cov, damping=DAMPING)[rank:].sum()), rel=1e-9)
+    d_out, d_in = ws[0].shape
+    eye = torch.eye(d_in, dtype=torch.float64)
+    g = eye if cov is None else cov + DAMPING * cov.diagonal().mean() * eye
+    gen = torch.Generator().manual_seed(1)
+    best = float("inf")
+    for _ in range(3):
+        a = (0.3 * torch.randn(d_out, rank, generator=gen, dtype=torch.float64)).requires_grad_()
+        b = (0.3 * torch.randn(rank, d_in, generator=gen, dtype=torch.float64)).requires_grad_()
+        zero = torch.zeros(d_out, d_in, dtype=torch.float64)  # S held at 0: only the factors move
+        best = min(best, _run_lbfgs(ws, [g], zero, [a], [b]))
+    assert error == pytest.approx(best, rel=1e-6, abs=1e-9)
+    installed = fit_members(ws, rank, None if cov is None else [cov], alone=True, damping=DAMPING)
+    torch.testing.assert_close(installed.weight(0), fit.weight(0), rtol=0, atol=0)
+    with pytest.raises(PlanError, match="class of one"):
+        fit_members(ws * 2, rank, alone=True)

@@ -11,7 +11,8 @@ from hessian_worker.config import AnalyzeConfig
 from hessian_worker.objective import Objective
 from hessian_worker.prepare import prepare
 from hessian_worker.relaxed.analysis import relaxed_covariances
-from hessian_worker.relaxed.decompose import pair_fit
+from hessian_worker.relaxed.costs import PairSpectra
+from hessian_worker.relaxed.decompose import alone_fit, pair_fit, relaxed_error
 from hessian_worker.schemes import scheme_for
 from solver import SolveConfig
 
@@ -73,3 +74,44 @@ def test_candidates_at_other_ranks_are_priced_exactly_on_the_costs_data() -> Non
     assert at_two
     for (i, j), value in reference(at_two[0], config).items():
         assert at_two[0].costs.matrix[i][j] == pytest.approx(value, rel=1e-9)
+    alone = [p for _, p in extra if p.alone_families()]
+    assert alone  # every layer alone at the filling rank is a candidate too
+    for i, value in alone_reference(alone[0], config).items():
+        assert alone[0].costs.unary[i] == pytest.approx(value, rel=1e-9)
+
+
+def alone_reference(problem, config: AnalyzeConfig) -> dict[int, float]:
+    """½ δᵀ G δ per layer of an alone family, δ = A B − W of the whitened truncated SVD at its rank."""
+    prep = prepare(model(), mlp_data(), config)
+    names = [x.name for x in problem.layers]
+    obj = Objective(prep.model, prep.data, names, config.distill)
+    ggn = dense_ggn(obj)
+    with torch.no_grad():
+        covs = relaxed_covariances(prep.model, prep.data, names, config)
+    weights = dict(prep.model.named_parameters())
+    out = {}
+    for i, x in enumerate(problem.layers):
+        if x.family in problem.alone_families():
+            w = weights[x.name].detach()
+            delta = alone_fit(w, problem.families[x.family].rank, covs[x.name]).weight(0) - w
+            out[i] = 0.5 * float(quad_dense(ggn, obj, {x.name: delta[None]})[0])
+    return out
+
+
+def test_kronecker_alone_cost_is_the_fitted_whitened_error() -> None:
+    """PairSpectra prices a layer alone as the whitened error of the fit apply installs."""
+    config = cfg("kronecker")
+    problem = analyze(model(), mlp_data(), config)
+    prep = prepare(model(), mlp_data(), config)
+    names = [x.name for x in problem.layers]
+    with torch.no_grad():
+        covs = relaxed_covariances(prep.model, prep.data, names, config)
+    weights = {n: p.detach() for n, p in prep.model.named_parameters() if n in names}
+    pricer = PairSpectra(problem.layers, weights, covs)
+    fam = problem.layers[0].family
+    costs = pricer.alone({fam: 2}, {fam})
+    assert sorted(costs) == list(range(len(names)))
+    for i, n in enumerate(names):
+        fit = alone_fit(weights[n], 2, covs[n])
+        assert costs[i] == pytest.approx(relaxed_error([weights[n]], fit, [covs[n]]), rel=1e-9)
+    assert pricer.alone({fam: 2}, set()) == {}

@@ -23,7 +23,7 @@ from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.options import HealConfig
 from hessian_worker.relaxed.apply import RelaxedApplyReport, apply_relaxed_plan
 from hessian_worker.relaxed.candidates import rank_candidates
-from hessian_worker.relaxed.decompose import class_fit, relaxed_error
+from hessian_worker.relaxed.decompose import alone_fit, class_fit, relaxed_error
 from hessian_worker.relaxed.io import load_relaxed, save_relaxed
 from hessian_worker.relaxed.modules import RelaxedLinear
 from hessian_worker.schemes import scheme_for, scheme_installed, scheme_of
@@ -178,14 +178,21 @@ def test_rank_candidates_fit_the_budget() -> None:
     problem = analyze(wide(), mlp_data(), cfg(1, max_params_ratio=0.7))
     options = cfg(1).relaxed.model_copy(update={"rank_ratios": [0.125, 0.25]})
     covs = scheme_for("relaxed").state(wide(), mlp_data(), problem, cfg(1))
-    # share 0.125 of 8 is rank 1, the problem's own; share 0.25 is rank 2, which does not fit 0.7
-    assert rank_candidates(wide(), problem, SolveConfig(max_params_ratio=0.7), covs, options) == []
+    # share 0.125 of 8 is rank 1, the problem's own; share 0.25 is rank 2, which does not fit 0.7;
+    # every layer alone (no shared tensor) fits at rank 2: 4*2*16 = 128 <= 179 (rank 3: 192)
+    only = rank_candidates(wide(), problem, SolveConfig(max_params_ratio=0.7), covs, options)
+    assert [p.strategy for p, _ in only] == ["relaxed-fill-0"]
+    plan, alone = only[0]
+    assert alone.alone_families() == {FC} and alone.families[FC].rank == 2
+    assert plan.params.shared == 128 and all(len(g) == 1 for g in plan.groups)
+    assert plan.objective == pytest.approx(sum(alone.costs.unary)) and plan.objective > 0
     extra = rank_candidates(wide(), problem, SolveConfig(max_params_ratio=0.8), covs, options)
-    assert len(extra) == 1
+    assert [p.strategy for p, _ in extra] == ["relaxed-rank-0.25", "relaxed-fill-0"]
     plan, at_rank = extra[0]
     assert at_rank.families[FC].rank == 2 and at_rank.families[FC].member_params == 32
-    assert plan.strategy == "relaxed-rank-0.25" and plan.params.shared <= 0.8 * 256
+    assert plan.params.shared <= 0.8 * 256 and not at_rank.alone_families()
     assert at_rank.costs.matrix[0][1] <= problem.costs.matrix[0][1]  # a higher rank loses less per pair
+    assert extra[1][1].families[FC].rank == 3 and extra[1][0].params.shared == 192  # 4*3*16 <= 204
 
 
 def test_fixed_groupings_join_at_the_filling_ranks() -> None:
@@ -196,7 +203,7 @@ def test_fixed_groupings_join_at_the_filling_ranks() -> None:
         return TinyMLP(width=16, depth=6).double().eval()
 
     # 16x16 layers, 6 of them (1536): at 0.8 (1228) 3 classes fill at rank 2 (768 + 6*2*32 = 1152),
-    # 2 classes at rank 3 (512 + 576), 1 class at rank 5 (256 + 960)
+    # 2 classes at rank 3 (512 + 576), 1 class at rank 5 (256 + 960), every layer alone at rank 6 (1152)
     problem = analyze(six(), mlp_data(), cfg(1, max_params_ratio=0.8))
     options = cfg(1).relaxed.model_copy(update={"rank_ratios": [0.0625]})  # rank 1: the problem's own
     covs = scheme_for("relaxed").state(six(), mlp_data(), problem, cfg(1))
@@ -208,7 +215,7 @@ def test_fixed_groupings_join_at_the_filling_ranks() -> None:
         for name, color in plan.coloring.items():
             classes.setdefault(color, set()).add(int(name.split(".")[1]))
         by_rank.setdefault(at_rank.families[FC].rank, []).append(frozenset(map(frozenset, classes.values())))
-    assert sorted(by_rank) == [2, 3, 5]
+    assert sorted(by_rank) == [2, 3, 5, 6]
     for partitions in by_rank.values():
         assert len(partitions) == len(set(partitions))  # each partition once
     pairs = frozenset(map(frozenset, ({0, 1}, {2, 3}, {4, 5})))
@@ -216,7 +223,8 @@ def test_fixed_groupings_join_at_the_filling_ranks() -> None:
     assert pairs in by_rank[2] and halves in by_rank[3]
     names = {p.strategy for p, _ in extra}
     assert names <= {"relaxed-fill-1", "relaxed-fill-2", "relaxed-fill-3", "relaxed-mixed-ranks",
-                     "relaxed-fill-2-sequence", "relaxed-fill-3-adjacent-pairs", "relaxed-fill-3-sequence"}
+                     "relaxed-fill-2-sequence", "relaxed-fill-3-adjacent-pairs", "relaxed-fill-3-sequence",
+                     "relaxed-fill-0", "relaxed-mixed-alone"}
 
 
 def test_budget_lowers_the_rank_until_one_class_per_family_fits() -> None:
@@ -341,6 +349,79 @@ def test_healing_trains_the_shared_tensor_and_keeps_it_one(relaxed_bert) -> None
     assert all(float((m.left.detach().double() - a).abs().max()) > 1e-4 for m, a in zip(now, lefts, strict=True))
 
 
+@pytest.fixture
+def alone_bert():
+    """tiny BERT with the intermediate layers sharing one S and the output layers alone (rank 1
+    factors, no shared tensor)."""
+    model, data = tiny_bert(), bert_data()
+    config = cfg(1, targets=["re:.*intermediate.dense.weight", "re:.*output.dense.weight"],
+                 ignore=["re:.*attention.*"])
+    problem = analyze(model, data, config)
+    families = dict(problem.families)
+    families["output.dense.weight"] = families["output.dense.weight"].model_copy(update={"alone": True})
+    problem = problem.model_copy(update={"families": families})
+    inter = [x.name for x in problem.layers if x.family == "intermediate.dense.weight"]
+    out = [x.name for x in problem.layers if x.family == "output.dense.weight"]
+    plan = solve(problem.model_copy(update={"constraints": problem.constraints.model_copy(
+        update={"require": [tuple(inter)]})}))
+    assert plan.groups == [inter, [out[0]], [out[1]]] or sorted(plan.groups) == sorted([inter, [out[0]], [out[1]]])
+    reference = copy.deepcopy(model)
+    report = apply_plan(model, plan, "mean", data=data, config=config, problem=problem)
+    return model, reference, plan, problem, report, config
+
+
+def test_alone_layers_keep_only_their_factors(alone_bert) -> None:
+    model, reference, plan, problem, report, config = alone_bert
+    spec = problem.families["output.dense.weight"]
+    d_out, d_in = 8, 16  # tiny BERT's output.dense: [hidden, intermediate]
+    assert spec.member_params == d_out + d_in
+    assert report.alone_layers == 2 and report.relaxed_classes == 1
+    # the plan's count is what the model keeps: one S of 16x8 + 2 rank-1 corrections, 2 x (8 + 16) alone
+    assert report.plan_params_shared == plan.params.shared == 16 * 8 + 2 * (16 + 8) + 2 * (d_out + d_in)
+    layers = model.encoder.layer
+    covs = scheme_for("relaxed").state(reference, bert_data(), problem, config)
+    for i in range(2):
+        dense = layers[i].output.dense
+        assert isinstance(dense, RelaxedLinear) and dense.alone and dense.shared is None
+        name = f"encoder.layer.{i}.output.dense.weight"
+        w = reference.get_submodule(name[:-7]).weight.detach()
+        fit = alone_fit(w, 1, covs[name])
+        torch.testing.assert_close(dense.weight, fit.weight(0))
+        x = torch.randn(3, d_in, dtype=torch.float64)
+        torch.testing.assert_close(dense(x), x @ dense.weight.T + dense.bias)
+    # measuring the plan substitutes exactly what apply installed
+    measured = measure_plans(reference, bert_data(), [plan], config, problem=problem, covs=covs)[0]
+    assert measured == pytest.approx(measure_loss(model, reference, bert_data(), config), rel=1e-9)
+
+
+def test_alone_round_trip_and_healing(alone_bert, tmp_path) -> None:
+    model, reference, plan, _, _, _ = alone_bert
+    batch = bert_data().batches[0]
+    expected = model(**batch).last_hidden_state
+    save_shared(model, plan, tmp_path)
+    meta = json.loads((tmp_path / "plan.json").read_text())
+    assert meta["relaxed"]["encoder.layer.1.output.dense"]["alone"] is True
+    assert "alone" not in meta["relaxed"]["encoder.layer.1.intermediate.dense"]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any(k.endswith("output.dense.shared") for k in keys)  # nothing shared stored
+    fresh = tiny_bert(seed=7)
+    load_shared(fresh, tmp_path)
+    assert fresh.encoder.layer[0].output.dense.alone
+    assert unique_params(fresh) == unique_params(model)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(fresh(**batch).last_hidden_state, expected, rtol=0, atol=0)
+    # healing trains the factors of a layer alone and stores no shared tensor for it
+    dense = model.encoder.layer[0].output.dense
+    before = dense.left.detach().clone()
+    count = unique_params(model)
+    heal(model, reference, bert_data(), HealConfig(steps=4, lr=1e-2, holdout=0.0, batch_size=3, device="cpu",
+                                                     progress=False))
+    assert dense.shared is None and unique_params(model) == count
+    assert float((dense.left.detach().double() - before).abs().max()) > 1e-4
+
+
 def test_scheme_of_a_relaxed_problem(problems) -> None:
     assert scheme_of(problems[1]).name.value == "relaxed"
     assert scheme_for("relaxed").merged_layers(problems[1]) == []
@@ -355,16 +436,25 @@ def test_mixed_ranks_descends_per_family() -> None:
 
     loss = {"a": {1: 3.0, 2: 1.0, 4: 2.0}, "b": {1: 1.0, 2: 2.5, 4: 0.5}}
 
-    def optimum(ranks: dict[str, int]):
+    def optimum(ranks: dict[str, int], alone: frozenset[str] = frozenset()):
         if ranks["a"] + ranks["b"] > 6:  # the budget: a at 4 with b at 4 does not fit
             return None
         families = {f: SimpleNamespace(rank=r) for f, r in ranks.items()}
-        return SimpleNamespace(objective=sum(loss[f][r] for f, r in ranks.items())), SimpleNamespace(families=families)
+        cost = sum(apart[f][r] if f in alone else loss[f][r] for f, r in ranks.items())
+        return (SimpleNamespace(objective=cost),
+                SimpleNamespace(families=families, alone_families=lambda: set(alone)))
 
+    apart = {"a": {1: 0.2, 2: 0.1, 4: 0.05}}  # family a alone (no shared tensor) loses far less
     uniform = {"r1": {"a": 1, "b": 1}, "r2": {"a": 2, "b": 2}, "r4": {"a": 4, "b": 4}}
     plan, problem = mixed_ranks({"a": 1, "b": 1}, uniform, optimum)
     assert {f: s.rank for f, s in problem.families.items()} == {"a": 2, "b": 4}
-    assert plan.objective == 1.5  # uniform at best: 3.5 (0.5) or 4.0 (0.25)
+    assert plan.objective == 1.5 and problem.alone_families() == set()  # uniform at best: 3.5 (0.5) or 4.0 (0.25)
+    # free to leave a alone: the best start is r1 with a alone (1.2); a then moves alone to rank 2 (1.1)
+    # and 4 (1.05); b cannot rise beside it (4 + 2 > 6). Coordinate descent: a alone at 2 with b at 4
+    # (0.6) needs both to move at once.
+    plan, problem = mixed_ranks({"a": 1, "b": 1}, uniform, optimum, may_leave={"a"})
+    assert {f: s.rank for f, s in problem.families.items()} == {"a": 4, "b": 1}
+    assert problem.alone_families() == {"a"} and plan.objective == pytest.approx(1.05)
 
 
 def test_fill_ranks_use_the_budget_with_c_classes() -> None:

@@ -47,6 +47,12 @@ def _class_cost(problem: SharingProblem, members: list[int]) -> float:
     return best
 
 
+def _alone(problem: SharingProblem, family: str) -> bool:
+    """The contract's ``families[f].alone``: every layer a class of its own, nothing shared stored."""
+    spec = (problem.families or {}).get(family)
+    return bool(spec is not None and spec.alone)
+
+
 def _feasible(problem: SharingProblem, part: list[list[int]], order: list[int]) -> bool:
     names = [layer.name for layer in problem.layers]
     pos = {n: i for i, n in enumerate(names)}
@@ -58,6 +64,8 @@ def _feasible(problem: SharingProblem, part: list[list[int]], order: list[int]) 
         if c.max_group_size is not None and len(cls) > c.max_group_size:
             return False
         if len(cls) > 1 and any(pos[p] in cls for p in c.pinned):
+            return False
+        if len(cls) > 1 and _alone(problem, problem.layers[cls[0]].family):
             return False
         if c.contiguous and len(cls) > 1:
             idx = sorted(order.index(i) for i in cls)
@@ -83,7 +91,11 @@ def family_table(problem: SharingProblem) -> dict[str, dict[int, tuple[float, in
     out = {}
     for fam, ids in fams.items():
         order = sorted(ids, key=lambda i: (problem.layers[i].index, i))
-        cp, mp = problem.family_accounting(fam)
+        spec = (problem.families or {}).get(fam)
+        if spec is None or spec.scheme.value == "tie":
+            cp, mp = problem.layers[ids[0]].params, 0
+        else:
+            cp, mp = (0 if spec.alone else spec.class_params), spec.member_params
         table: dict[int, tuple[float, int]] = {}
         for part in set_partitions(order):
             if not _feasible(problem, part, order):

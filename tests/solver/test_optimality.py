@@ -77,6 +77,40 @@ def test_basis_scheme_accounting(make_problem):
     assert plan.params.shared == unique_params(problem, plan.coloring) <= problem.budget_params()
 
 
+def test_relaxed_alone_family_accounting(make_problem):
+    """An alone relaxed family keeps every layer apart and pays member_params a layer, no class
+    tensor: its budget goes to the other family (brute force from the contract)."""
+    problem = make_problem([6, 4], seed=4, unary=True, ratio=0.55)
+    data = problem.model_dump(mode="json")
+    data["families"] = {"f0": {"scheme": "relaxed", "rank": 1, "class_params": 10, "member_params": 3},
+                        "f1": {"scheme": "relaxed", "rank": 1, "class_params": 10, "member_params": 3,
+                               "alone": True}}
+    from solver import SharingProblem
+
+    problem = SharingProblem.model_validate(data)
+    best, least = brute_optimum(problem)
+    plan = solve(problem)
+    assert violations(problem, plan.coloring) == []
+    assert plan.objective == pytest.approx(best, rel=1e-9)
+    f1 = [layer.name for layer in problem.layers if layer.family == "f1"]
+    assert all([n] in plan.groups for n in f1)
+    assert plan.params.shared == unique_params(problem, plan.coloring) <= problem.budget_params()
+    assert least == 10 + 6 * 3 + 4 * 3  # one class in f0; f1's four layers pay their factors only
+    shared_f1 = {**plan.coloring, f1[1]: plan.coloring[f1[0]]}
+    assert any("alone family" in v for v in violations(problem, shared_f1))
+
+
+def test_alone_is_for_relaxed_families_only(make_problem):
+    data = make_problem([3], seed=0).model_dump(mode="json")
+    data["families"] = {"f0": {"scheme": "basis", "rank": 1, "class_params": 4, "member_params": 3, "alone": True}}
+    from pydantic import ValidationError
+
+    from solver import SharingProblem
+
+    with pytest.raises(ValidationError, match="alone=true applies to scheme 'relaxed' only"):
+        SharingProblem.model_validate(data)
+
+
 def test_budget_below_least_reachable_names_the_least_ratio(make_problem):
     problem = make_problem([4, 4], seed=0, ratio=0.5, forbid=[["block0.f0.weight", "block1.f0.weight"]], max_group_size=2)
     _, least = brute_optimum(problem)
