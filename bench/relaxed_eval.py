@@ -127,7 +127,8 @@ class Relaxed:
 
     def whitening(self, data: Any, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                                                dict[str, float]]:
-        """(the relaxed scheme's covariances, the unshrunk ones, each family's cross-fitted intensity) on ``data``."""
+        """(the relaxed scheme's covariances, the unshrunk ones, each family's cross-fitted intensity, and
+        each family's alone under '<family> alone') on ``data``."""
         prep = prepare(copy.deepcopy(self.task.model), data, self.config, tokenizer=self.task.tokenizer)
         with torch.no_grad():
             # unshrunk: the basis scheme's own whitening (AnalyzeConfig.shrinkage none), for the svd-unshrunk row
@@ -136,7 +137,9 @@ class Relaxed:
             if not self.options.shrinkage:
                 return plain_covs, plain_covs, {}
             fitted = cross_fitted_covariances(prep.model, prep.data, names, self.config)  # the product's default
-            return fitted.covs, plain_covs, {f: round(r, 4) for f, r in fitted.intensity.items()}
+            chosen = {f: round(r, 4) for f, r in fitted.intensity.items()}
+            chosen |= {f"{f} alone": round(r, 4) for f, r in fitted.alone_intensity.items()}  # a family alone's own
+            return fitted.whitening(), plain_covs, chosen
 
     def ranks_at(self, share: float) -> dict[str, int]:
         return {f: family_rank(f, s, self.options, share) for f, s in self.fam_shapes.items()}

@@ -55,13 +55,14 @@ def relaxed_covariances(model: nn.Module, data: Calibration, names: Sequence[str
                         progress: bool = False) -> dict[str, Tensor] | None:
     """The whitening covariances of ``names`` on prepared ``data``: output-scaled unless
     ``config.relaxed.output_weighting`` is off, shrunk by the cross-fitted intensity of
-    ``config.relaxed.shrinkage`` per family (holdout.py), or with that list empty the basis scheme's
-    (``config.shrinkage``); None when ``config.relaxed.whiten`` is off."""
+    ``config.relaxed.shrinkage`` per family (holdout.py; a layer fitted alone may get its own, under
+    ``costs.alone_key``), or with that list empty the basis scheme's (``config.shrinkage``); None
+    when ``config.relaxed.whiten`` is off."""
     options = config.relaxed
     if not options.whiten:
         return None
     if options.shrinkage:
-        return cross_fitted_covariances(model, data, names, config, progress=progress).covs
+        return cross_fitted_covariances(model, data, names, config, progress=progress).whitening()
     return basis_covariances(model, data, list(names), config, progress=progress,
                              output_weighting=options.output_weighting)
 

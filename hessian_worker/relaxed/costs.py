@@ -30,6 +30,21 @@ from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.decompose import alone_spectrum, check_class, pair_spectrum, tail
 from solver.schema import Scheme
 
+ALONE_SUFFIX = "#alone"  # a whitening state's key for a layer alone's own covariance (holdout.py)
+
+
+def alone_key(name: str) -> str:
+    """The whitening state's key of layer ``name``'s covariance when it is fitted alone."""
+    return name + ALONE_SUFFIX
+
+
+def alone_cov(covs: Mapping[str, Tensor] | None, name: str) -> Tensor | None:
+    """The covariance a layer alone whitens with: its own entry (``alone_key``) where the state has
+    one, else the layer's; None unwhitened."""
+    if covs is None:
+        return None
+    return covs.get(alone_key(name), covs[name])
+
 
 def family_rank(family: str, shape: tuple[int, ...], options: RelaxedOptions, ratio: float | None = None) -> int:
     """The family's correction rank: ``options.rank`` (int or per family), else
@@ -155,7 +170,7 @@ class PairSpectra:
         for i, layer in enumerate(self.layers):
             if layer.family in families:
                 if i not in self.alone_spectra:
-                    cov = None if self.covs is None else self.covs[layer.name]
-                    self.alone_spectra[i] = alone_spectrum(self.weights[layer.name], cov, damping=self.damping)
+                    self.alone_spectra[i] = alone_spectrum(self.weights[layer.name], alone_cov(self.covs, layer.name),
+                                                           damping=self.damping)
                 out[i] = float(self.alone_spectra[i][ranks[layer.family]:].sum())
         return out

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.discovery import LayerInfo
-from hessian_worker.relaxed.costs import family_pairs, pair_matrix
+from hessian_worker.relaxed.costs import alone_cov, family_pairs, pair_matrix
 from hessian_worker.relaxed.decompose import alone_fit, pair_fit
 
 
@@ -72,8 +72,7 @@ class ExactPairCosts:
             with torch.no_grad():
                 for i, rank in todo:
                     name = self.layers[i].name
-                    fit = alone_fit(self.weights[name], rank, None if self.covs is None else self.covs[name],
-                                    damping=self.damping)
+                    fit = alone_fit(self.weights[name], rank, alone_cov(self.covs, name), damping=self.damping)
                     delta = fit.weight(0) - self.weights[name].to(fit.shared.dtype)
                     deltas.setdefault(i, []).append(delta.to(self.curvature.obj.params0[name]))
             for i, ds in tqdm(deltas.items(), desc="relaxed exact alone costs", disable=not self.progress, leave=False):

@@ -14,13 +14,24 @@ from hessian_worker.discovery import LayerInfo, discover_layers
 from hessian_worker.errors import DataError
 from hessian_worker.prepare import prepare
 from hessian_worker.relaxed.analysis import relaxed_covariances
-from hessian_worker.relaxed.decompose import pair_fit, pair_spectrum, tail
+from hessian_worker.relaxed.costs import alone_cov, alone_key
+from hessian_worker.relaxed.decompose import (
+    alone_fit,
+    alone_spectrum,
+    pair_fit,
+    pair_spectrum,
+    tail,
+)
 from hessian_worker.relaxed.holdout import (
+    ALONE_SHARES,
+    choose_alone_intensities,
     choose_intensities,
     consecutive_pairs,
     cross_fitted_covariances,
     full_data_intensity,
     halves,
+    heldout_alone_error,
+    heldout_alone_terms,
     heldout_error,
     heldout_pair_error,
     heldout_pair_terms,
@@ -96,6 +107,44 @@ def test_choose_intensities_is_the_brute_force_argmin_and_shrinks_for_few_sample
     assert rho > 0.0  # 3 samples in 10 dimensions: the raw covariance overfits
 
 
+@pytest.mark.parametrize(("d_out", "d_in", "rank"), [(6, 5, 1), (5, 7, 2), (8, 8, 3)])
+def test_heldout_alone_error_is_the_fitted_layer_scored_directly(d_out: int, d_in: int, rank: int) -> None:
+    gen = torch.Generator().manual_seed(d_out + 7 * d_in)
+    w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    fit, test = _cov(3, d_in, gen), _cov(50, d_in, gen, 0.7)
+    f = alone_fit(w, rank, fit, damping=DAMPING)
+    direct = heldout_error({"a": w}, {"a": f.weight(0)}, {"a": test})
+    closed = heldout_alone_error(heldout_alone_terms(w, fit, test, damping=DAMPING), rank)
+    assert closed == pytest.approx(direct, rel=1e-9, abs=1e-12)
+    own = fit + DAMPING * fit.diagonal().mean() * torch.eye(d_in, dtype=torch.float64)
+    in_sample = heldout_alone_error(heldout_alone_terms(w, fit, own, damping=DAMPING), rank)
+    assert in_sample == pytest.approx(float(alone_spectrum(w, fit, damping=DAMPING)[rank:].sum()), rel=1e-9)
+
+
+def test_choose_alone_intensities_is_the_brute_force_argmin_over_the_alone_ranks() -> None:
+    gen = torch.Generator().manual_seed(8)
+    d = 10
+    names = ["l0", "l1", "l2"]
+    weights = {n: torch.randn(d, d, generator=gen, dtype=torch.float64) for n in names}
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    folds = tuple({n: (x := torch.randn(3, d, generator=gen, dtype=torch.float64) @ mix).T @ x / 3 for n in names}
+                  for _ in range(2))
+    grid = (0.0, 0.1, 0.4, 0.8)
+    rho, errors = choose_alone_intensities(weights, folds, {"f": names}, intensities=grid, damping=DAMPING)["f"]
+    brute = {}
+    for r in grid:
+        total = 0.0
+        for fit, test in (folds, folds[::-1]):
+            for n in names:
+                for rank in (2, 3, 4):  # ALONE_SHARES of 10
+                    f = alone_fit(weights[n], rank, shrink(fit[n], r), damping=DAMPING)
+                    total += heldout_error({n: weights[n]}, {n: f.weight(0)}, test)
+        brute[r] = total
+    assert [max(1, round(s * d)) for s in ALONE_SHARES] == [2, 3, 4]
+    assert errors == pytest.approx(brute, rel=1e-9)
+    assert rho == min(brute, key=brute.__getitem__)
+
+
 def test_consecutive_pairs_by_index_within_names() -> None:
     layers = [LayerInfo(name=f"l{i}", family="f" if i < 5 else "g", index=i, shape=(2, 2)) for i in range(7)]
     pairs = consecutive_pairs(list(reversed(layers)), [f"l{i}" for i in range(7) if i != 2])
@@ -137,6 +186,15 @@ def test_cross_fitted_whitening_is_the_output_scaled_covariance_shrunk_by_the_ch
     for n in names:
         torch.testing.assert_close(fitted.covs[n], shrink(plain[n], fitted.intensity[family[n]]), rtol=1e-12,
                                    atol=1e-14)
+        # a layer alone: its own cross-fitted intensity, carried to all the data the same way
+        alone_rho = fitted.alone_folds[family[n]][0]
+        assert fitted.alone_intensity[family[n]] == pytest.approx(alone_rho / (2 - alone_rho) if alone_rho else 0.0)
+        torch.testing.assert_close(fitted.alone_covs[n], shrink(plain[n], fitted.alone_intensity[family[n]]),
+                                   rtol=1e-12, atol=1e-14)
+        state = fitted.whitening()
+        differs = fitted.alone_intensity[family[n]] != fitted.intensity[family[n]]
+        assert (alone_key(n) in state) == differs
+        assert alone_cov(state, n) is (fitted.alone_covs[n] if differs else fitted.covs[n])
     # the grid {0} is the unshrunk whitening; relaxed_covariances takes the cross-fitted path
     same = relaxed_covariances(prep.model, prep.data, names, config([0.0]))
     for n in names:
