@@ -192,6 +192,9 @@ def render(meta: Mapping[str, Any], folder: Path, *, picture: bool) -> str:
                      f"({params.get('shared', 0) / params['original']:.3f}) |")
     lines.append(f"| classes sharing | {len(classes)} over {sum(len(c['members']) for c in classes)} of "
                  f"{len(layers)} planned layers ({scheme} scheme) |")
+    alone = sum(bool(spec.get("alone")) for spec in (meta.get("relaxed") or {}).values())
+    if alone:
+        lines.append(f"| layers stored alone | {alone} (low-rank factors of their own, no shared tensor) |")
     weights = weight_files(folder)
     if weights:
         lines.append(f"| weights on disk | {sum(f.stat().st_size for f in weights) / 1e6:.1f} MB |")

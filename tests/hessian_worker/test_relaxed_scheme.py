@@ -403,6 +403,7 @@ def test_alone_round_trip_and_healing(alone_bert, tmp_path) -> None:
     meta = json.loads((tmp_path / "plan.json").read_text())
     assert meta["relaxed"]["encoder.layer.1.output.dense"]["alone"] is True
     assert "alone" not in meta["relaxed"]["encoder.layer.1.intermediate.dense"]
+    assert "| layers stored alone | 2 (low-rank factors" in (tmp_path / "README.md").read_text()  # the model card
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert not any(k.endswith("output.dense.shared") for k in keys)  # nothing shared stored
