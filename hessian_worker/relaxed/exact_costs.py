@@ -35,6 +35,7 @@ from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.relaxed.costs import alone_cov, family_pairs, pair_matrix
 from hessian_worker.relaxed.decompose import alone_fit, pair_fit
+from solver.schema import SharingProblem
 
 
 class ExactPairCosts:
@@ -62,6 +63,22 @@ class ExactPairCosts:
             self._price(todo)
         return pair_matrix(len(self.layers), {(i, j): self._priced[(i, j, ranks[self.layers[i].family])]
                                               for i, j in self.pairs})
+
+    def remember(self, problem: SharingProblem) -> None:
+        """Takes ``problem``'s costs (over the same layers, priced this way on the same data, e.g. by
+        ``analyze_relaxed``) as priced at its ranks, so they are not computed again (~33 s a rank
+        level on MiniLM)."""
+        if [x.name for x in problem.layers] != [x.name for x in self.layers] or not problem.families:
+            raise ValueError("the problem's layers are not this pricer's; price it with its own pricer")
+        ranks = {f: spec.rank for f, spec in problem.families.items()}
+        matrix, unary = problem.costs.matrix, problem.costs.unary or [0.0] * len(self.layers)
+        for i, j in self.pairs:
+            value = matrix[i][j]
+            if value is not None:
+                self._priced.setdefault((i, j, ranks[self.layers[i].family]), value)
+        for i, x in enumerate(self.layers):
+            if x.family in problem.alone_families():
+                self._alone.setdefault((i, ranks[x.family]), unary[i])
 
     def alone(self, ranks: Mapping[str, int], families: Collection[str]) -> dict[int, float]:
         """Layer index -> a_ℓ at its family's rank, for every layer of ``families``."""

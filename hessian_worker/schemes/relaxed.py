@@ -35,6 +35,15 @@ from solver.planning import SolveConfig
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
+def priced_alike(problem: SharingProblem, config: AnalyzeConfig) -> bool:
+    """True when ``problem``'s source says its costs were made with ``config`` (the pipeline's own
+    analysis, on the data the candidates are priced on), so a pricer of ``config`` may take them."""
+    from hessian_worker.analysis import JOB_KEYS, cost_source  # analysis dispatches to the schemes
+
+    source = {k: v for k, v in (problem.source or {}).items() if k not in JOB_KEYS}
+    return source == cost_source(config, None)
+
+
 class RelaxedScheme:
     name = Scheme.relaxed
     # healing a shortlist and the layerwise merge's split choice are built for tied tensors
@@ -84,6 +93,8 @@ class RelaxedScheme:
                 raise ValueError("exact relaxed pricing prices the candidates at other ranks on the costs' samples; "
                                  "pass data=")
             pricer = candidate_pricer(model, data, problem.layers, covs, config, tokenizer)
+            if priced_alike(problem, config):  # its own ranks' costs are these already: not again
+                pricer.remember(problem)
         return rank_candidates(model, problem, solve, covs, config.relaxed, spectra=pricer)
 
     def spend(self, model: nn.Module, plans: Sequence[SharingPlan], problem: SharingProblem, solve: SolveConfig,

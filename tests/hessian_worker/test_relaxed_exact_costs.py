@@ -115,3 +115,33 @@ def test_kronecker_alone_cost_is_the_fitted_whitened_error() -> None:
         fit = alone_fit(weights[n], 2, covs[n])
         assert costs[i] == pytest.approx(relaxed_error([weights[n]], fit, [covs[n]]), rel=1e-9)
     assert pricer.alone({fam: 2}, set()) == {}
+
+
+def test_the_problems_own_rank_is_not_priced_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """extra_candidates takes the analysis's exact costs at the problem's ranks (same config, same
+    data) instead of computing their forms again; another config prices them anew."""
+    from hessian_worker.relaxed.exact_costs import ExactPairCosts
+    from hessian_worker.schemes.relaxed import priced_alike
+
+    config = cfg("exact", rank_ratios=[0.34]).model_copy(update={"max_params_ratio": 0.95})
+    problem = analyze(model(), mlp_data(), config)
+    own = problem.families[problem.layers[0].family].rank
+    priced: list[int] = []
+    real = ExactPairCosts._price
+
+    def spy(self, todo):
+        priced.extend(rank for _, _, rank in todo)
+        return real(self, todo)
+
+    monkeypatch.setattr(ExactPairCosts, "_price", spy)
+    scheme = scheme_for("relaxed")
+    state = scheme.state(model(), mlp_data(), problem, config)
+    assert priced_alike(problem, config)
+    extra = scheme.extra_candidates(model(), problem, SolveConfig(max_params_ratio=0.95), state, config,
+                                    data=mlp_data())
+    assert extra and priced and own not in priced
+    other = config.model_copy(update={"chunk": 3})
+    assert not priced_alike(problem, other)
+    priced.clear()
+    scheme.extra_candidates(model(), problem, SolveConfig(max_params_ratio=0.95), state, other, data=mlp_data())
+    assert own in priced
