@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from hessian_worker.config import AnalyzeConfig
+from hessian_worker.cost_source import JOB_KEYS, cost_source
 from hessian_worker.data import DataSource
 from hessian_worker.distributed import in_job
 from hessian_worker.losses import TaskLoss
@@ -45,13 +46,4 @@ def analyze(
     problem = scheme_for(config.scheme).costs(model, data, config, tokenizer=tokenizer, loss_fn=loss_fn)
     # a distributed job's record (world_size, each rank's samples) is kept beside the settings
     job = {k: v for k, v in (problem.source or {}).items() if k in JOB_KEYS}
-    return problem.model_copy(update={"source": {**cost_source(config, loss_fn), **job}})
-
-
-JOB_KEYS = ("world_size", "sharding", "rank_samples")
-
-
-def cost_source(config: AnalyzeConfig, loss_fn: TaskLoss | None) -> dict[str, Any]:
-    """The problem's ``source``: the settings that made its costs, so a problem file names its cost model."""
-    settings = config.model_dump(mode="json", exclude={"progress"})
-    return {"tool": "geoshare-worker", "loss": "task" if loss_fn is not None else "distill", **settings}
+    return problem.model_copy(update={"source": {**cost_source(config, task_loss=loss_fn is not None), **job}})

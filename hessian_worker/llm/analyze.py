@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hessian_worker.analysis import cost_source
 from hessian_worker.config import AnalyzeConfig, Backend, torch_device
+from hessian_worker.cost_source import cost_source
 from hessian_worker.costs import families_of, pair_sides, pairs_of
 from hessian_worker.curvature.kfac import (
     Approximation,
@@ -251,7 +251,7 @@ def streamed_problem(opened: Opened, matrix: list[list[float | None]], config: A
     over how many processes and how many samples of ``data``, default all the calibration data,
     each ran)."""
     problem = to_problem(opened.layers, matrix, config)
-    source = cost_source(config, None)
+    source = cost_source(config, task_loss=False)
     source.update(streamed=True, dtype=str(opened.dtype).removeprefix("torch."), statistics_cached=cached,
                   seconds={k: round(v, 3) for k, v in seconds.items()})
     if estimate is not None:

@@ -10,7 +10,12 @@ Every problem comes from the same pair spectra (costs.PairSpectra: one eigenprob
 the cost at every rank), so the extra problems cost solver time only. Beside the shares, the optima
 at the largest ranks where 1, 2 or 3 classes per family fill the budget exactly (a looped model's
 rank, and for six-layer families consecutive pairs'), and one candidate lets the rank differ by
-family (``mixed_ranks``: coordinate descent on the solver's predicted loss).
+family (``mixed_ranks``: coordinate descent on the solver's predicted loss). A family may also keep
+no shared tensor (``FamilySpec.alone``: each layer its own rank-r factors): every family alone at
+the ranks that fill the budget is per-layer low rank as a relaxed plan (``ALONE``), and a second
+descent may leave families alone one at a time (``MIXED_ALONE``), looping the families that share
+and keeping the others per layer (MiniLM at 0.67: 0.908 cosine against 0.9026 without;
+bench/results/eval-relaxed-alone.md).
 
 At those filling ranks the fixed groupings of the literature join too (``FILL_PATTERNS``: contiguous
 runs as in a looped model, adjacent pairs as in DeltaLLM): the pair costs price a class of three or
@@ -117,8 +122,7 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
                 out += fill_patterns(found, label, config)
     everyone = frozenset(fam_shapes)
     if budget is not None:
-        per_layer = ranks_within(fam_shapes, sizes, {f: max(1, min(s) // 2) for f, s in fam_shapes.items()},
-                                 budget, classes=0)
+        per_layer = ranks_within(fam_shapes, sizes, widest_ranks(fam_shapes), budget, classes=0)
         found = optimum(per_layer, everyone) if (per_layer, everyone) not in seen else None
         seen.append((per_layer, everyone))
         if found is not None:
@@ -139,13 +143,18 @@ def fill_ranks(fam_shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, in
                budget: int) -> dict[str, dict[str, int]]:
     """``{FILL}-c`` -> the largest uniform-share ranks (family -> rank) at which c classes per family
     fit ``budget``, for every c of ``FILL_CLASSES`` that fits at all."""
-    widest = {fam: max(1, min(shape) // 2) for fam, shape in fam_shapes.items()}
+    widest = widest_ranks(fam_shapes)
     out = {}
     for c in FILL_CLASSES:
         ranks = ranks_within(fam_shapes, sizes, widest, budget, c)
         if least_params(fam_shapes, sizes, ranks, c) <= budget:
             out[f"{FILL}-{c}"] = ranks
     return out
+
+
+def widest_ranks(fam_shapes: Mapping[str, tuple[int, int]]) -> Ranks:
+    """The ranks the filling ranks are lowered from: half of min(d_out, d_in) per family."""
+    return {fam: max(1, min(shape) // 2) for fam, shape in fam_shapes.items()}
 
 
 def fill_patterns(optimum: tuple[SharingPlan, SharingProblem], label: str,
@@ -168,7 +177,7 @@ def mixed_ranks(own: Ranks, uniform: Mapping[str, Ranks],
     The objective is exact for classes of one and two and the pairwise sum beyond (which prices a
     large class above its fitted error), so the measured choice has the last word."""
     leave = frozenset(may_leave)
-    starts = [found for r in (own, *uniform.values()) for a in {frozenset(), leave}
+    starts = [found for r in (own, *uniform.values()) for a in ((frozenset(), leave) if leave else (leave,))
               if (found := optimum(r, a)) is not None]
     if not starts:
         return None

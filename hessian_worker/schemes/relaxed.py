@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from hessian_worker.config import AnalyzeConfig
+from hessian_worker.cost_source import made_with
 from hessian_worker.curvature.layerwise import LayerwiseCurvature
 from hessian_worker.data import Calibration, DataSource
 from hessian_worker.losses import TaskLoss
@@ -38,10 +39,7 @@ from solver.schema import Scheme, SharingPlan, SharingProblem
 def priced_alike(problem: SharingProblem, config: AnalyzeConfig) -> bool:
     """True when ``problem``'s source says its costs were made with ``config`` (the pipeline's own
     analysis, on the data the candidates are priced on), so a pricer of ``config`` may take them."""
-    from hessian_worker.analysis import JOB_KEYS, cost_source  # analysis dispatches to the schemes
-
-    source = {k: v for k, v in (problem.source or {}).items() if k not in JOB_KEYS}
-    return source == cost_source(config, None)
+    return made_with(problem.source, config)
 
 
 class RelaxedScheme:
