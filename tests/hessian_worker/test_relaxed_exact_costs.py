@@ -145,3 +145,13 @@ def test_the_problems_own_rank_is_not_priced_again(monkeypatch: pytest.MonkeyPat
     priced.clear()
     scheme.extra_candidates(model(), problem, SolveConfig(max_params_ratio=0.95), state, other, data=mlp_data())
     assert own in priced
+
+
+def test_a_pricer_refuses_another_problems_costs() -> None:
+    from hessian_worker.relaxed.analysis import candidate_pricer
+
+    config = cfg("exact")
+    problem = analyze(model(), mlp_data(), config)
+    pricer = candidate_pricer(model(), mlp_data(), problem.layers[::-1], None, config)
+    with pytest.raises(ValueError, match="not this pricer's"):
+        pricer.remember(problem)
