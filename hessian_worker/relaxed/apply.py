@@ -28,7 +28,7 @@ from hessian_worker.relaxed.analysis import (
     relaxed_classes,
     relaxed_covariances,
 )
-from hessian_worker.relaxed.costs import alone_cov
+from hessian_worker.relaxed.costs import class_covs
 from hessian_worker.relaxed.decompose import fit_members, relaxed_error
 from hessian_worker.relaxed.modules import RelaxedLinear, install_alone, install_class
 from hessian_worker.tying import ApplyReport
@@ -87,7 +87,7 @@ def apply_relaxed_plan(model: nn.Module, plan: SharingPlan, problem: SharingProb
     error = 0.0 if whitened else None
     for group in tqdm(fitted, desc="relaxed classes", disable=not config.progress, leave=False):
         ws = [weights[n] for n in group]
-        cs = [alone_cov(covs_used, n) if n in alone else covs_used[n] for n in group] if covs_used is not None else None
+        cs = class_covs(covs_used, group, group[0] in alone)
         with torch.no_grad():
             factors = fit_members(ws, ranks[group[0]], cs, alone=group[0] in alone, damping=options.damping,
                                   rounds=options.rounds)

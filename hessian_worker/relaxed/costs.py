@@ -46,6 +46,14 @@ def alone_cov(covs: Mapping[str, Tensor] | None, name: str) -> Tensor | None:
     return covs.get(alone_key(name), covs[name])
 
 
+def class_covs(covs: Mapping[str, Tensor] | None, group: Sequence[str], alone: bool) -> list[Tensor] | None:
+    """The covariances a class's fit whitens with, in member order: each layer's, or for a layer
+    alone (``alone``) its own (``alone_cov``); None unwhitened."""
+    if covs is None:
+        return None
+    return [alone_cov(covs, n) if alone else covs[n] for n in group]
+
+
 def family_rank(family: str, shape: tuple[int, ...], options: RelaxedOptions, ratio: float | None = None) -> int:
     """The family's correction rank: ``options.rank`` (int or per family), else
     round(ratio·min(d_out, d_in)) with ``ratio`` (default ``options.rank_ratio``), at least 1.

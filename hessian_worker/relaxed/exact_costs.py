@@ -84,41 +84,41 @@ class ExactPairCosts:
         """Layer index -> a_ℓ at its family's rank, for every layer of ``families``."""
         wanted = [(i, ranks[x.family]) for i, x in enumerate(self.layers) if x.family in families]
         todo = [key for key in wanted if key not in self._alone]
-        if todo:
-            deltas: dict[int, list[Tensor]] = {}
-            with torch.no_grad():
-                for i, rank in todo:
-                    name = self.layers[i].name
-                    fit = alone_fit(self.weights[name], rank, alone_cov(self.covs, name), damping=self.damping)
-                    delta = fit.weight(0) - self.weights[name].to(fit.shared.dtype)
-                    deltas.setdefault(i, []).append(delta.to(self.curvature.obj.params0[name]))
-            for i, ds in tqdm(deltas.items(), desc="relaxed exact alone costs", disable=not self.progress, leave=False):
-                values = self.curvature.quad({self.layers[i].name: torch.stack(ds)})
-                ranks_of_i = [rank for j, rank in todo if j == i]
-                for rank, value in zip(ranks_of_i, values, strict=True):
-                    self._alone[(i, rank)] = 0.5 * float(value)
+        deltas: dict[int, list[Tensor]] = {}  # layer -> its residuals, in todo order
+        with torch.no_grad():
+            for i, rank in todo:
+                name = self.layers[i].name
+                fit = alone_fit(self.weights[name], rank, alone_cov(self.covs, name), damping=self.damping)
+                deltas.setdefault(i, []).append(fit.weight(0) - self.weights[name].to(fit.shared.dtype))
+        forms = {i: iter(values) for i, values in self._half_forms(deltas, "relaxed exact alone costs").items()}
+        for i, rank in todo:
+            self._alone[(i, rank)] = next(forms[i])
         return {i: self._alone[(i, rank)] for i, rank in wanted}
 
     def _price(self, todo: Sequence[tuple[int, int, int]]) -> None:
         """Fits every (pair, rank) of ``todo`` and prices both residuals, one batch of forms per layer."""
-        residuals: dict[int, list[Tensor]] = {}  # layer -> its residuals, in todo order, as the model holds it
+        residuals: dict[int, list[Tensor]] = {}  # layer -> its residuals, in todo order
         with torch.no_grad():
             for i, j, rank in todo:
                 for layer, residual in zip((i, j), self.residuals(i, j, rank), strict=True):
-                    ref = self.curvature.obj.params0[self.layers[layer].name]
-                    residuals.setdefault(layer, []).append(residual.to(ref))
+                    residuals.setdefault(layer, []).append(residual)
+        forms = {layer: iter(values) for layer, values in self._half_forms(residuals, "relaxed exact costs").items()}
+        for i, j, rank in todo:
+            self._priced[(i, j, rank)] = next(forms[i]) + next(forms[j])
+
+    def _half_forms(self, residuals: Mapping[int, Sequence[Tensor]], desc: str) -> dict[int, list[float]]:
+        """Layer -> ½ δᵀ GGN_ℓℓ δ of each of its residuals (cast as the model holds the layer), one
+        batch of forms per layer."""
         forms: dict[int, list[float]] = {}
-        with tqdm(total=sum(len(r) for r in residuals.values()), desc="relaxed exact costs",
-                  disable=not self.progress, leave=False) as bar:
+        with tqdm(total=sum(len(r) for r in residuals.values()), desc=desc, disable=not self.progress,
+                  leave=False) as bar:
             for layer, deltas in residuals.items():
-                values = self.curvature.quad({self.layers[layer].name: torch.stack(deltas)})
+                name = self.layers[layer].name
+                ref = self.curvature.obj.params0[name]
+                values = self.curvature.quad({name: torch.stack([d.to(ref) for d in deltas])})
                 forms[layer] = [0.5 * float(v) for v in values]
                 bar.update(len(deltas))
-        taken = dict.fromkeys(forms, 0)
-        for i, j, rank in todo:
-            self._priced[(i, j, rank)] = forms[i][taken[i]] + forms[j][taken[j]]
-            taken[i] += 1
-            taken[j] += 1
+        return forms
 
     def residuals(self, i: int, j: int, rank: int) -> tuple[Tensor, Tensor]:
         """(δ_i, δ_j): what the pair's whitened closed form at ``rank`` leaves of layers i and j."""

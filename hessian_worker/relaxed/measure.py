@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from hessian_worker.basis.measure import ClassSubstitutes
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.analysis import alone_layers, rank_of
-from hessian_worker.relaxed.costs import alone_cov
+from hessian_worker.relaxed.costs import class_covs
 from hessian_worker.relaxed.decompose import RelaxedFactors, fit_members
 from solver.schema import Scheme, SharingProblem
 
@@ -49,8 +49,7 @@ class RelaxedSubstitutes(ClassSubstitutes):
         key = tuple(group)
         if key not in self._cache:
             ws = [self.weights[n] for n in group]
-            cs = None if self.covs is None else [alone_cov(self.covs, n) if n in self.alone else self.covs[n]
-                                                 for n in group]
+            cs = class_covs(self.covs, group, group[0] in self.alone)
             with torch.no_grad():
                 f = fit_members(ws, self.ranks[group[0]], cs, alone=group[0] in self.alone,
                                 damping=self.options.damping, rounds=self.options.rounds)

@@ -36,12 +36,6 @@ from solver.planning import SolveConfig
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
-def priced_alike(problem: SharingProblem, config: AnalyzeConfig) -> bool:
-    """True when ``problem``'s source says its costs were made with ``config`` (the pipeline's own
-    analysis, on the data the candidates are priced on), so a pricer of ``config`` may take them."""
-    return made_with(problem.source, config)
-
-
 class RelaxedScheme:
     name = Scheme.relaxed
     # healing a shortlist and the layerwise merge's split choice are built for tied tensors
@@ -91,7 +85,8 @@ class RelaxedScheme:
                 raise ValueError("exact relaxed pricing prices the candidates at other ranks on the costs' samples; "
                                  "pass data=")
             pricer = candidate_pricer(model, data, problem.layers, covs, config, tokenizer)
-            if priced_alike(problem, config):  # its own ranks' costs are these already: not again
+            # the pipeline's own analysis of these samples made the problem: its ranks are priced already
+            if made_with(problem.source, config):
                 pricer.remember(problem)
         return rank_candidates(model, problem, solve, covs, config.relaxed, spectra=pricer)
 

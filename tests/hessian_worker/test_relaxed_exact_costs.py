@@ -27,16 +27,21 @@ def cfg(pricing: str, **more) -> AnalyzeConfig:
                          dtype="float64", device="cpu", progress=False)
 
 
-def reference(problem, config: AnalyzeConfig) -> dict[tuple[int, int], float]:
-    """½ δ_iᵀ G_ii δ_i + ½ δ_jᵀ G_jj δ_j per pair, G the GGN built densely by autograd, δ the pair's
-    whitened closed form at the problem's rank."""
+def dense_setting(problem, config: AnalyzeConfig):
+    """(objective, dense float64 GGN, whitening covariances, parameters) of the test model on its data."""
     prep = prepare(model(), mlp_data(), config)
     names = [x.name for x in problem.layers]
     obj = Objective(prep.model, prep.data, names, config.distill)
-    ggn = dense_ggn(obj)
     with torch.no_grad():
         covs = relaxed_covariances(prep.model, prep.data, names, config)
-    weights = dict(prep.model.named_parameters())
+    return obj, dense_ggn(obj), covs, dict(prep.model.named_parameters())
+
+
+def reference(problem, config: AnalyzeConfig) -> dict[tuple[int, int], float]:
+    """½ δ_iᵀ G_ii δ_i + ½ δ_jᵀ G_jj δ_j per pair, G the GGN built densely by autograd, δ the pair's
+    whitened closed form at the problem's rank."""
+    obj, ggn, covs, weights = dense_setting(problem, config)
+    names = [x.name for x in problem.layers]
     out = {}
     for i, a in enumerate(names):
         for j in range(i + 1, len(names)):
@@ -82,13 +87,7 @@ def test_candidates_at_other_ranks_are_priced_exactly_on_the_costs_data() -> Non
 
 def alone_reference(problem, config: AnalyzeConfig) -> dict[int, float]:
     """½ δᵀ G δ per layer of an alone family, δ = A B − W of the whitened truncated SVD at its rank."""
-    prep = prepare(model(), mlp_data(), config)
-    names = [x.name for x in problem.layers]
-    obj = Objective(prep.model, prep.data, names, config.distill)
-    ggn = dense_ggn(obj)
-    with torch.no_grad():
-        covs = relaxed_covariances(prep.model, prep.data, names, config)
-    weights = dict(prep.model.named_parameters())
+    obj, ggn, covs, weights = dense_setting(problem, config)
     out = {}
     for i, x in enumerate(problem.layers):
         if x.family in problem.alone_families():
@@ -120,8 +119,8 @@ def test_kronecker_alone_cost_is_the_fitted_whitened_error() -> None:
 def test_the_problems_own_rank_is_not_priced_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """extra_candidates takes the analysis's exact costs at the problem's ranks (same config, same
     data) instead of computing their forms again; another config prices them anew."""
+    from hessian_worker.cost_source import made_with
     from hessian_worker.relaxed.exact_costs import ExactPairCosts
-    from hessian_worker.schemes.relaxed import priced_alike
 
     config = cfg("exact", rank_ratios=[0.34]).model_copy(update={"max_params_ratio": 0.95})
     problem = analyze(model(), mlp_data(), config)
@@ -136,12 +135,12 @@ def test_the_problems_own_rank_is_not_priced_again(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(ExactPairCosts, "_price", spy)
     scheme = scheme_for("relaxed")
     state = scheme.state(model(), mlp_data(), problem, config)
-    assert priced_alike(problem, config)
+    assert made_with(problem.source, config)
     extra = scheme.extra_candidates(model(), problem, SolveConfig(max_params_ratio=0.95), state, config,
                                     data=mlp_data())
     assert extra and priced and own not in priced
     other = config.model_copy(update={"chunk": 3})
-    assert not priced_alike(problem, other)
+    assert not made_with(problem.source, other)
     priced.clear()
     scheme.extra_candidates(model(), problem, SolveConfig(max_params_ratio=0.95), state, other, data=mlp_data())
     assert own in priced
