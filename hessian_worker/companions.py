@@ -131,21 +131,28 @@ def write_companions(out: Path, source: Source | None, model_class: str | None) 
     write_card(out)
 
 
-def describe(plan: Any, aliases: Mapping[str, str], layout: Mapping[str, Mapping[str, Any]] | None,
+# what a factored scheme's layer stores: (the factor its class shares, the layer's own factors)
+STORED = {"basis": ("basis", ("coef",)), "relaxed": ("shared", ("left", "right"))}
+
+
+def describe(plan: Any, aliases: Mapping[str, str], layouts: Mapping[str, Mapping[str, Mapping[str, Any]]] | None,
              model_class: str, source: Source | None, scheme: str | None = None) -> dict[str, Any]:
     """The manifest fields of plan.json: format, scheme, model class, classes (members and the stored
     tensor they share), layers (the stored tensor each reads; its own ``coef`` under the basis
     scheme, its own correction factors ``left`` and ``right`` under the relaxed scheme) and the
-    source. ``scheme`` names the scheme whose ``layout`` this is (default: basis with a layout)."""
-    layout = layout or {}
-    scheme = scheme or ("basis" if layout else "tie")
-    own = {"basis": ("basis", ("coef",)), "relaxed": ("shared", ("left", "right"))}.get(scheme, ("basis", ("coef",)))
+    source. ``layouts`` maps a factored scheme's name (``STORED``) to its modules' layout (a relaxed
+    save may carry basis layers beside its own); ``scheme`` names the scheme saved (default: the one
+    layout given, else tie)."""
+    layouts = {s: layout for s, layout in (layouts or {}).items() if s in STORED and layout}
+    scheme = scheme or (next(iter(layouts)) if layouts else "tie")
 
     def reads(layer: str) -> dict[str, Any]:
         path = layer.removesuffix(".weight")
-        if layer.endswith(".weight") and path in layout:
-            stored = f"{path}.{own[0]}"
-            return {"reads": aliases.get(stored, stored), **{part: f"{path}.{part}" for part in own[1]}}
+        for kind, layout in layouts.items():
+            if layer.endswith(".weight") and path in layout:
+                shared, own = STORED[kind]
+                stored = f"{path}.{shared}"
+                return {"reads": aliases.get(stored, stored), **{part: f"{path}.{part}" for part in own}}
         return {"reads": aliases.get(layer, layer)}
 
     classes, layers = [], {}

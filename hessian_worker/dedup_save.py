@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from hessian_worker.companions import FORMAT, describe, resolve_source, write_companions
+from hessian_worker.companions import FORMAT, STORED, describe, resolve_source, write_companions
 from hessian_worker.shared_params import unique_params
 from hessian_worker.weights_file import WEIGHTS, write_plan_file, write_safetensors
 from solver.schema import SCHEMA_VERSION, SharingPlan
@@ -42,8 +42,8 @@ def write_shared(model: nn.Module, plan: SharingPlan, directory: str | Path, ext
     src = resolve_source(source, model)
     model_class = type(model).__name__
     extra = extra or {}
-    scheme = extra.get("scheme")
-    extra = {**extra, **describe(plan, aliases, extra.get(scheme) if scheme else None, model_class, src, scheme)}
+    layouts = {kind: extra[kind] for kind in STORED if kind in extra}
+    extra = {**extra, **describe(plan, aliases, layouts, model_class, src, extra.get("scheme"))}
     entries = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     # written in state-dict order with a fixed header: the same model gives the same bytes
     write_safetensors(out / WEIGHTS, entries, tensors.__getitem__, tensor_metadata(extra))

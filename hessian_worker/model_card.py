@@ -195,6 +195,9 @@ def render(meta: Mapping[str, Any], folder: Path, *, picture: bool) -> str:
     alone = sum(bool(spec.get("alone")) for spec in (meta.get("relaxed") or {}).values())
     if alone:
         lines.append(f"| layers stored alone | {alone} (low-rank factors of their own, no shared tensor) |")
+    if scheme != "basis" and meta.get("basis"):  # basis families beside another scheme's (relaxed plans)
+        lines.append(f"| layers on shared bases | {len(meta['basis'])} (a low-rank basis per class, "
+                     "coefficients of their own) |")
     weights = weight_files(folder)
     if weights:
         lines.append(f"| weights on disk | {sum(f.stat().st_size for f in weights) / 1e6:.1f} MB |")

@@ -10,7 +10,7 @@ choice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -156,10 +156,11 @@ def split_classes(
     groups: Sequence[Sequence[str]],
     coloring: Mapping[str, int],
     problem: SharingProblem,
-    scheme: Scheme = Scheme.basis,
+    scheme: Scheme | Collection[Scheme] = Scheme.basis,
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """(classes of ``scheme`` families, classes of the other families) of a plan's ``groups`` plus
-    the layers ``coloring`` names outside them (a plan may list only the groups that share).
+    """(classes of ``scheme`` families (or of any of several schemes), classes of the other
+    families) of a plan's ``groups`` plus the layers ``coloring`` names outside them (a plan may
+    list only the groups that share).
 
     Raises:
         PlanError: the plan names layers the problem does not list.
@@ -178,10 +179,11 @@ def split_classes(
         if name not in listed:
             extra.setdefault(color, []).append(name)
     classes += list(extra.values())
+    wanted = {scheme} if isinstance(scheme, Scheme) else set(scheme)
     basis, other = [], []
     for group in classes:
         spec = specs.get(family[group[0]])
-        (basis if spec is not None and spec.scheme is scheme else other).append(group)
+        (basis if spec is not None and spec.scheme in wanted else other).append(group)
     return basis, other
 
 

@@ -8,6 +8,7 @@ Classes of ``tie`` families in the same plan go through the ordinary ``tying.app
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +18,6 @@ from tqdm.auto import tqdm
 
 from hessian_worker.basis.analysis import basis_classes, rank_of, side_of
 from hessian_worker.basis.decompose import (
-    BasisFactors,
     output_weights,
     refine,
     shared_basis,
@@ -113,26 +113,9 @@ def apply_basis_plan(
                 out_w = _output_weights(model, prep, names, covs, cfg)
     covs_used = covs if options.whiten else None
 
-    error = 0.0 if covs_used is not None else None
-    for group in tqdm(classes, desc="basis classes", disable=not config.progress, leave=False):
-        ws = [weights[n] for n in group]
-        cs = [covs_used[n] for n in group] if covs_used is not None else None
-        factors = shared_basis(
-            ws, ranks[group[0]], cs, damping=options.damping, side=sides[group[0]]
-        )
-        if out_w is not None:
-            factors = refine(
-                ws,
-                factors,
-                cs,
-                out_weights=[out_w[n] for n in group],
-                damping=options.damping,
-                rounds=options.refine_rounds,
-                trust=options.trust,
-            ).factors
-        if error is not None:
-            error += whitened_error(ws, factors, cs, damping=options.damping)
-        _install(model, group, factors)
+    error = install_basis_classes(model, classes, weights, ranks, sides, covs_used, damping=options.damping,
+                                  out_w=out_w, rounds=options.refine_rounds, trust=options.trust,
+                                  progress=config.progress)
 
     return BasisApplyReport(
         **frame.counts(model, merge, classes, _factors),
@@ -145,9 +128,29 @@ def apply_basis_plan(
     )
 
 
-def _install(model: nn.Module, group: list[str], factors: BasisFactors) -> None:
-    with torch.no_grad():
-        install_class(model, group, factors.basis, factors.coefs, factors.side)
+def install_basis_classes(model: nn.Module, classes: Sequence[Sequence[str]], weights: Mapping[str, Tensor],
+                          ranks: Mapping[str, int], sides: Mapping[str, Side],
+                          covs: Mapping[str, Tensor] | None, *, damping: float,
+                          out_w: Mapping[str, Tensor] | None = None, rounds: int = 0, trust: float = 0.1,
+                          progress: bool = False) -> float | None:
+    """Fits every class's shared basis (whitened by ``covs``, name -> G; None: the plain SVD), corrected (``refine``) when output weights ``out_w`` are given,
+    and installs its BasisLinear modules; returns Σ_class whitened error (None unwhitened).
+
+    Shared by ``apply_basis_plan`` and the relaxed scheme's plans with basis families beside them.
+    """
+    error = 0.0 if covs is not None else None
+    for group in tqdm(classes, desc="basis classes", disable=not progress, leave=False):
+        ws = [weights[n] for n in group]
+        cs = None if covs is None else [covs[n] for n in group]
+        factors = shared_basis(ws, ranks[group[0]], cs, damping=damping, side=sides[group[0]])
+        if out_w is not None:
+            factors = refine(ws, factors, cs, out_weights=[out_w[n] for n in group], damping=damping,
+                             rounds=rounds, trust=trust).factors
+        if error is not None:
+            error += whitened_error(ws, factors, cs, damping=damping)
+        with torch.no_grad():
+            install_class(model, list(group), factors.basis, factors.coefs, factors.side)
+    return error
 
 
 def _output_weights(

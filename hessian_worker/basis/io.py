@@ -28,7 +28,7 @@ def save_basis(model: nn.Module, plan: SharingPlan, directory: str | Path, *, so
     Returns:
         the directory.
     """
-    return save_factored(model, plan, directory, Scheme.basis, basis_layout(model), source=source)
+    return save_factored(model, plan, directory, Scheme.basis, {Scheme.basis: basis_layout(model)}, source=source)
 
 
 def load_basis(model: nn.Module, directory: str | Path) -> SharingPlan:
@@ -38,4 +38,4 @@ def load_basis(model: nn.Module, directory: str | Path) -> SharingPlan:
     Raises:
         PlanError: the files are missing or not a basis save, or the model does not fit them.
     """
-    return load_factored(model, directory, Scheme.basis, rebuild)
+    return load_factored(model, directory, Scheme.basis, {Scheme.basis: rebuild})

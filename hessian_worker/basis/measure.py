@@ -39,8 +39,12 @@ class ClassSubstitutes:
     ) -> tuple[list[list[str]], list[list[str]]]:
         """(this scheme's classes, classes of other families) of a plan or a list of groups."""
         if isinstance(plan, SharingPlan):
-            return split_classes(plan.groups, plan.coloring, self.problem, self.scheme)
-        return split_classes(plan, {}, self.problem, self.scheme)
+            return split_classes(plan.groups, plan.coloring, self.problem, self.fitted_schemes())
+        return split_classes(plan, {}, self.problem, self.fitted_schemes())
+
+    def fitted_schemes(self) -> tuple[Scheme, ...]:
+        """The family schemes whose classes ``factors`` fits (the scheme's own)."""
+        return (self.scheme,)
 
     def weights_of(self, classes: Sequence[Sequence[str]]) -> dict[str, Tensor]:
         """The weight of every member of ``classes`` (each a class of this scheme)."""

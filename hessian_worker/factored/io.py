@@ -26,16 +26,21 @@ from solver.schema import Scheme, SharingPlan
 
 
 def save_factored(model: nn.Module, plan: SharingPlan, directory: str | Path, scheme: Scheme,
-                  layout: Mapping[str, Any], *, source: Any = None) -> Path:
-    """Writes the tensors (each shared one once), plan.json with the scheme's ``layout`` and the
-    companion files of ``source`` (as ``save_shared``); returns the directory."""
-    return write_shared(model, plan, directory, {"scheme": scheme.value, scheme.value: dict(layout)}, source=source)
+                  layouts: Mapping[Scheme, Mapping[str, Any]], *, source: Any = None) -> Path:
+    """Writes the tensors (each shared one once), plan.json with ``scheme`` and the layout of each
+    kind of factored module the model holds (``layouts``: the scheme's own, and any other beside
+    it), and the companion files of ``source`` (as ``save_shared``); returns the directory."""
+    kept = {kind.value: dict(layout) for kind, layout in layouts.items() if layout or kind is scheme}
+    return write_shared(model, plan, directory, {"scheme": scheme.value, **kept}, source=source)
 
 
-def load_factored(model: nn.Module, directory: str | Path, scheme: Scheme,
-                  rebuild: Callable[[nn.Module, Mapping[str, Any]], None]) -> SharingPlan:
-    """Rebuilds the saved factored layers (``rebuild``) and the ties of tie families in ``model``, a
-    fresh copy of the original architecture, then loads the saved tensors into it (in place).
+Rebuild = Callable[[nn.Module, Mapping[str, Any]], None]
+
+
+def load_factored(model: nn.Module, directory: str | Path, scheme: Scheme, rebuilds: Mapping[Scheme, Rebuild]) -> SharingPlan:
+    """Rebuilds the saved factored layers (``rebuilds``: per kind of module, the scheme's own and
+    any other its saves may carry) and the ties of tie families in ``model``, a fresh copy of the
+    original architecture, then loads the saved tensors into it (in place).
 
     Raises:
         PlanError: the files are missing or not a save of ``scheme``, or the model does not fit them.
@@ -48,9 +53,11 @@ def load_factored(model: nn.Module, directory: str | Path, scheme: Scheme,
     if meta.get("scheme") != scheme.value or scheme.value not in meta:
         raise PlanError(f"{str(src / PLAN)!r} is not a {scheme.value} save; use load_shared")
     plan = SharingPlan.model_validate(meta["plan"])
-    layout = meta[scheme.value]
-    rebuild(model, layout)
-    rebuilt = {f"{path}{WEIGHT_SUFFIX}" for path in layout}
+    rebuilt: set[str] = set()
+    for kind, rebuild in rebuilds.items():
+        layout = meta.get(kind.value) or {}
+        rebuild(model, layout)
+        rebuilt |= {f"{path}{WEIGHT_SUFFIX}" for path in layout}
     params = dict(model.named_parameters(remove_duplicate=False))
     tie(model, plan_groups([g for g in plan.groups if not set(g) & rebuilt], params))
     load_tensors(model, src, meta.get("aliases", {}), f"load_{scheme.value}")

@@ -194,3 +194,11 @@ def rank_of(problem: SharingProblem) -> dict[str, int]:
         PlanError: a relaxed family has no rank.
     """
     return basis_rank_of(problem, Scheme.relaxed)
+
+
+def fitted_layers(problem: SharingProblem) -> list[str]:
+    """Every layer the relaxed scheme fits in ``problem``, in problem order: its own families' and
+    those of ``basis`` families beside them (a plan may keep some families as shared bases, which
+    the relaxed scheme fits and installs under the same whitening; docs/design.md §Relaxed)."""
+    fitted = {*rank_of(problem), *basis_rank_of(problem, Scheme.basis)}
+    return [x.name for x in problem.layers if x.name in fitted]

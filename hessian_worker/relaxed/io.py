@@ -4,8 +4,9 @@ The files are the tie scheme's (``model.safetensors`` + ``plan.json``, see hessi
 tensors that are the same memory (a class's S, tied weights) are stored once under their first
 name, the others listed as aliases; the corrections are stored as their factors (``left``,
 ``right``). ``plan.json`` adds ``"scheme": "relaxed"`` and the layout of the RelaxedLinear modules
-(rank, shapes, which module's S each shares), so a fresh copy of the ORIGINAL architecture is
-rebuilt and loaded bit-exactly. ``save_shared``/``load_shared`` dispatch here on their own.
+(rank, shapes, which module's S each shares), and under ``basis`` that of the BasisLinear modules of
+basis families beside them, so a fresh copy of the ORIGINAL architecture is rebuilt and loaded
+bit-exactly. ``save_shared``/``load_shared`` dispatch here on their own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from hessian_worker.basis.modules import basis_layout
+from hessian_worker.basis.modules import rebuild as rebuild_basis
 from hessian_worker.factored.io import load_factored, save_factored
 from hessian_worker.relaxed.modules import rebuild, relaxed_layout
 from solver.schema import Scheme, SharingPlan
@@ -28,7 +31,8 @@ def save_relaxed(model: nn.Module, plan: SharingPlan, directory: str | Path, *, 
     Returns:
         the directory.
     """
-    return save_factored(model, plan, directory, Scheme.relaxed, relaxed_layout(model), source=source)
+    layouts = {Scheme.relaxed: relaxed_layout(model), Scheme.basis: basis_layout(model)}
+    return save_factored(model, plan, directory, Scheme.relaxed, layouts, source=source)
 
 
 def load_relaxed(model: nn.Module, directory: str | Path) -> SharingPlan:
@@ -38,4 +42,4 @@ def load_relaxed(model: nn.Module, directory: str | Path) -> SharingPlan:
     Raises:
         PlanError: the files are missing or not a relaxed save, or the model does not fit them.
     """
-    return load_factored(model, directory, Scheme.relaxed, rebuild)
+    return load_factored(model, directory, Scheme.relaxed, {Scheme.relaxed: rebuild, Scheme.basis: rebuild_basis})

@@ -1,9 +1,10 @@
 """RelaxedSubstitutes: the dense weights S_c + A_ℓ B_ℓ a relaxed plan would install, for measuring
 candidate plans by a forward pass without touching the model (``hessian_worker.measure.measure_plans``).
 
-Each class's factors come from the same fit as ``apply_relaxed_plan`` (decompose.class_fit with the
-same covariances, rank, damping and rounds), so the measured loss is the applied model's. Candidates
-share many classes, so fits are cached per class.
+Each class's factors come from the same fit as ``apply_relaxed_plan`` (decompose.fit_members with the
+same covariances, rank, damping and rounds; a class of a ``basis`` family beside them the shared basis
+apply fits), so the measured loss is the applied model's. Candidates share many classes, so fits are
+cached per class.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from hessian_worker.basis.analysis import rank_of as basis_rank_of
+from hessian_worker.basis.analysis import side_of
+from hessian_worker.basis.decompose import BasisFactors, shared_basis
 from hessian_worker.basis.measure import ClassSubstitutes
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.analysis import alone_layers, rank_of
-from hessian_worker.relaxed.costs import class_covs
+from hessian_worker.relaxed.costs import alone_cov, class_covs
 from hessian_worker.relaxed.decompose import RelaxedFactors, fit_members
 from solver.schema import Scheme, SharingProblem
 
@@ -40,13 +44,26 @@ class RelaxedSubstitutes(ClassSubstitutes):
         self.scheme = Scheme.relaxed
         self.ranks = rank_of(problem)
         self.alone = alone_layers(problem)
-        self._bind(model, list(self.ranks), covs)
+        self.basis_ranks, self.sides = basis_rank_of(problem, Scheme.basis), side_of(problem)
+        self._bind(model, [*self.ranks, *self.basis_ranks], covs)
         self.options = options
-        self._cache: dict[tuple[str, ...], RelaxedFactors] = {}
+        self._cache: dict[tuple[str, ...], RelaxedFactors | BasisFactors] = {}
 
-    def factors(self, group: Sequence[str]) -> RelaxedFactors:
-        """The class's S and corrections, in the model's dtype (cached)."""
+    def fitted_schemes(self) -> tuple[Scheme, ...]:
+        """Relaxed classes, and those of basis families beside them."""
+        return Scheme.relaxed, Scheme.basis
+
+    def factors(self, group: Sequence[str]) -> RelaxedFactors | BasisFactors:
+        """The class's S and corrections (a basis family's class: its basis and coefficients), in the
+        model's dtype (cached)."""
         key = tuple(group)
+        if key not in self._cache and group[0] in self.basis_ranks:
+            cs = None if self.covs is None else [alone_cov(self.covs, n) for n in group]
+            with torch.no_grad():
+                f = shared_basis([self.weights[n] for n in group], self.basis_ranks[group[0]], cs,
+                                 damping=self.options.damping, side=self.sides[group[0]])
+            dtype = self.dtype[group[0]]
+            self._cache[key] = BasisFactors(f.basis.to(dtype), [c.to(dtype) for c in f.coefs], f.side)
         if key not in self._cache:
             ws = [self.weights[n] for n in group]
             cs = class_covs(self.covs, group, group[0] in self.alone)

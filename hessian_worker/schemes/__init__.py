@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from hessian_worker.errors import PlanError
 from hessian_worker.schemes.base import DataParts, SharingScheme, State, Substitutes
 from hessian_worker.schemes.basis import BasisScheme
 from hessian_worker.schemes.relaxed import RelaxedScheme
@@ -25,25 +24,23 @@ def scheme_for(name: Scheme | str) -> SharingScheme:
 
 
 def scheme_of(problem: SharingProblem | None) -> SharingScheme:
-    """The scheme a problem's families use (tie when none names another).
-
-    Raises:
-        PlanError: families name two schemes besides tie (no scheme combines them).
-    """
+    """The scheme a problem's families use (tie when none names another; relaxed when its families
+    sit beside basis families, which the relaxed scheme fits too)."""
     named = {spec.scheme for spec in ((problem.families or {}).values() if problem is not None else ())}
     named.discard(Scheme.tie)
-    if len(named) > 1:
-        raise PlanError(f"the problem's families use the schemes {sorted(getattr(s, 'value', s) for s in named)}; "
-                        "one problem combines tie with at most one other scheme")
+    if Scheme.relaxed in named:
+        return scheme_for(Scheme.relaxed)
     return scheme_for(named.pop() if named else Scheme.tie)
 
 
 def scheme_installed(model: nn.Module) -> SharingScheme:
-    """The scheme whose modules ``model`` holds (tie when no other's: tying changes no module)."""
-    for scheme in SCHEMES.values():
-        if scheme.name is not Scheme.tie and scheme.installed_in(model):
-            return scheme
-    return SCHEMES[Scheme.tie]
+    """The scheme whose modules ``model`` holds (tie when no other's: tying changes no module); the
+    relaxed scheme's when it holds relaxed layers, whatever basis layers sit beside them (its save
+    carries both)."""
+    installed = [s for s in SCHEMES.values() if s.name is not Scheme.tie and s.installed_in(model)]
+    if SCHEMES[Scheme.relaxed] in installed:
+        return SCHEMES[Scheme.relaxed]
+    return installed[0] if installed else SCHEMES[Scheme.tie]
 
 
 __all__ = ["SCHEMES", "DataParts", "SharingScheme", "State", "Substitutes", "scheme_for", "scheme_installed", "scheme_of"]

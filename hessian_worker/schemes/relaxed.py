@@ -1,5 +1,6 @@
 """The relaxed scheme: each class of layers shares one tensor S_c, each layer keeps a rank-r
-correction A_ℓ B_ℓ of its own (hessian_worker/relaxed)."""
+correction A_ℓ B_ℓ of its own (hessian_worker/relaxed). Its plans may keep some families as shared
+bases (families of scheme ``basis`` beside the relaxed ones), fitted under the same whitening."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from hessian_worker.prepare import Prepared, prepare
 from hessian_worker.relaxed.analysis import (
     analyze_relaxed,
     candidate_pricer,
+    fitted_layers,
     rank_of,
     relaxed_covariances,
 )
@@ -52,24 +54,24 @@ class RelaxedScheme:
         return disjoint_parts(fit, config)
 
     def merged_layers(self, problem: SharingProblem) -> list[str]:
-        relaxed = set(rank_of(problem))
-        return [layer.name for layer in problem.layers if layer.name not in relaxed]
+        fitted = set(fitted_layers(problem))
+        return [layer.name for layer in problem.layers if layer.name not in fitted]
 
     def state(self, model: nn.Module, data: Calibration, problem: SharingProblem, config: AnalyzeConfig,
               tokenizer: Any | None = None) -> State:
-        """The whitening covariances of the relaxed layers on ``data`` (None when not whitened)."""
+        """The whitening covariances of the layers it fits on ``data`` (None when not whitened)."""
         if not config.relaxed.whiten:
             return None
         prep = prepare(model, data, config, tokenizer=tokenizer)
         with torch.no_grad():
-            return relaxed_covariances(prep.model, prep.data, list(rank_of(problem)), config)
+            return relaxed_covariances(prep.model, prep.data, fitted_layers(problem), config)
 
     def substitutes(self, prep: Prepared, problem: SharingProblem, config: AnalyzeConfig,
                     state: State) -> Substitutes | None:
         covs = dict(state) if state is not None else None
         if config.relaxed.whiten and covs is None:
             with torch.no_grad():
-                covs = relaxed_covariances(prep.model, prep.data, list(rank_of(problem)), config)
+                covs = relaxed_covariances(prep.model, prep.data, fitted_layers(problem), config)
         return RelaxedSubstitutes(prep.model, problem, covs, config.relaxed)
 
     def extra_candidates(self, model: nn.Module, problem: SharingProblem, solve: SolveConfig, state: State,

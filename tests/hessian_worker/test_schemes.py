@@ -3,10 +3,8 @@ and the compress chain's per-scheme facts come from the scheme objects."""
 
 from __future__ import annotations
 
-import pytest
 from hw_cases import mlp_data
 
-from hessian_worker.errors import PlanError
 from hessian_worker.options import CompressConfig
 from hessian_worker.schemes import SCHEMES, scheme_for, scheme_of
 from hessian_worker.schemes.basis import BasisScheme
@@ -40,13 +38,15 @@ def test_a_problem_picks_the_scheme_its_families_use() -> None:
     assert isinstance(scheme_of(mixed), BasisScheme)
 
 
-def test_two_schemes_besides_tie_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    problem = _problem({"a": BASIS})
-    # a problem can only name schemes the contract has; pretend a second one exists
-    fake = problem.families["a"].model_copy(update={"scheme": "relaxed"})
-    problem = problem.model_copy(update={"families": {"a": problem.families["a"], "b": fake}})
-    with pytest.raises(PlanError, match="at most one other scheme"):
-        scheme_of(problem)
+RELAXED = FamilySpec(scheme="relaxed", rank=1, class_params=16, member_params=8)
+
+
+def test_basis_families_beside_relaxed_ones_are_the_relaxed_schemes() -> None:
+    problem = _problem({"a": BASIS, "b": RELAXED})
+    assert scheme_of(problem) is scheme_for("relaxed")
+    # it fits both families itself: nothing is left to the ordinary merge
+    assert scheme_for("relaxed").merged_layers(problem) == []
+    assert scheme_for("relaxed").merged_layers(_problem({"b": RELAXED})) == ["a0.weight", "a1.weight"]
 
 
 def test_merged_layers_leave_out_the_basis_layers() -> None:

@@ -100,6 +100,24 @@ def test_relaxed_alone_family_accounting(make_problem):
     assert any("alone family" in v for v in violations(problem, shared_f1))
 
 
+def test_relaxed_beside_basis_family_accounting(make_problem):
+    """A plan may keep a relaxed family beside a basis family (the relaxed scheme fits both): each
+    family is counted by its own spec and the optimum matches brute force from the contract."""
+    problem = make_problem([5, 4], seed=7, unary=True, ratio=0.6)
+    data = problem.model_dump(mode="json")
+    data["families"] = {"f0": {"scheme": "relaxed", "rank": 1, "class_params": 10, "member_params": 3},
+                        "f1": {"scheme": "basis", "rank": 1, "class_params": 4, "member_params": 2}}
+    from solver import SharingProblem
+
+    problem = SharingProblem.model_validate(data)
+    best, least = brute_optimum(problem)
+    plan = solve(problem)
+    assert violations(problem, plan.coloring) == []
+    assert plan.objective == pytest.approx(best, rel=1e-9)
+    assert plan.params.shared == unique_params(problem, plan.coloring) <= problem.budget_params()
+    assert least == (10 + 5 * 3) + (4 + 4 * 2)  # one class in each family
+
+
 def test_alone_is_for_relaxed_families_only(make_problem):
     data = make_problem([3], seed=0).model_dump(mode="json")
     data["families"] = {"f0": {"scheme": "basis", "rank": 1, "class_params": 4, "member_params": 3, "alone": True}}

@@ -1,0 +1,126 @@
+"""A relaxed plan with a basis family beside its relaxed ones: the relaxed scheme fits, installs,
+measures, saves, loads and heals both kinds of class, and counts what the solver counts."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from hw_cases import bert_data, tiny_bert
+from safetensors import safe_open
+
+from hessian_worker.analysis import analyze
+from hessian_worker.apply import apply_plan
+from hessian_worker.basis.decompose import shared_basis
+from hessian_worker.basis.modules import BasisLinear
+from hessian_worker.config import AnalyzeConfig
+from hessian_worker.healing import heal
+from hessian_worker.io import load_shared, save_shared
+from hessian_worker.measure import measure_loss, measure_plans
+from hessian_worker.options import HealConfig
+from hessian_worker.relaxed.costs import alone_cov
+from hessian_worker.relaxed.modules import RelaxedLinear
+from hessian_worker.schemes import scheme_for, scheme_installed, scheme_of
+from hessian_worker.tying import unique_params
+from solver import evaluate
+from solver.schema import FamilySpec, SharingPlan
+
+INTER, OUT = "intermediate.dense.weight", "output.dense.weight"
+D_HIDDEN, D_INTER = 8, 16  # tiny BERT: intermediate.dense is [16, 8], output.dense [8, 16]
+BASIS_RANK = 2
+
+
+def plan_of(groups: list[list[str]]) -> SharingPlan:
+    coloring = {n: c for c, g in enumerate(groups) for n in g}
+    return SharingPlan(status="feasible", coloring=coloring, groups=groups,
+                       solver={"method": "test", "time_s": 0.0, "ortools": "none", "seed": 0})
+
+
+@pytest.fixture
+def beside():
+    """tiny BERT: the intermediate layers share one S (rank-1 corrections), the output layers one
+    rank-2 basis (side out), in one relaxed plan."""
+    model, data = tiny_bert(), bert_data()
+    config = AnalyzeConfig(scheme="relaxed", relaxed={"rank": 1}, dtype="float64", device="cpu", progress=False,
+                           targets=["re:.*intermediate.dense.weight", "re:.*output.dense.weight"],
+                           ignore=["re:.*attention.*"])
+    problem = analyze(model, data, config)
+    families = dict(problem.families)
+    families[OUT] = FamilySpec(scheme="basis", rank=BASIS_RANK, class_params=D_HIDDEN * BASIS_RANK,
+                               member_params=BASIS_RANK * D_INTER, side="out")
+    problem = problem.model_copy(update={"families": families})
+    inter = [x.name for x in problem.layers if x.family == INTER]
+    out = [x.name for x in problem.layers if x.family == OUT]
+    plan = plan_of([inter, out])
+    reference = copy.deepcopy(model)
+    covs = scheme_for("relaxed").state(reference, data, problem, config)
+    report = apply_plan(model, plan, "mean", config=config, problem=problem, state=covs)
+    return model, reference, plan, problem, report, config, covs
+
+
+def test_the_relaxed_scheme_fits_both_kinds_and_counts_as_the_solver(beside) -> None:
+    model, reference, plan, problem, report, config, covs = beside
+    assert scheme_of(problem) is scheme_for("relaxed") and scheme_installed(model) is scheme_for("relaxed")
+    assert report.relaxed_classes == 1 and report.basis_classes == 1
+    assert report.ranks == {INTER: 1, OUT: BASIS_RANK}
+    # one S of 16x8 + two rank-1 corrections; one 8x2 basis + two 2x16 coefficient blocks
+    counted = D_INTER * D_HIDDEN + 2 * (D_INTER + D_HIDDEN) + D_HIDDEN * BASIS_RANK + 2 * BASIS_RANK * D_INTER
+    assert report.plan_params_shared == evaluate.unique_params(problem, plan.coloring) == counted
+    layers = model.encoder.layer
+    assert isinstance(layers[0].intermediate.dense, RelaxedLinear)
+    assert layers[0].intermediate.dense.shared is layers[1].intermediate.dense.shared
+    assert layers[0].output.dense.basis is layers[1].output.dense.basis
+    # the basis class is the basis scheme's fit under the whitening a layer alone gets
+    names = [f"encoder.layer.{i}.output.dense.weight" for i in range(2)]
+    ws = [reference.get_submodule(n[:-7]).weight.detach() for n in names]
+    fit = shared_basis(ws, BASIS_RANK, [alone_cov(covs, n) for n in names], damping=config.relaxed.damping)
+    for i in range(2):
+        dense = layers[i].output.dense
+        assert isinstance(dense, BasisLinear)
+        torch.testing.assert_close(dense.weight, fit.weight(i))
+        x = torch.randn(3, D_INTER, dtype=torch.float64)
+        torch.testing.assert_close(dense(x), x @ dense.weight.T + dense.bias)
+    # measuring the plan substitutes exactly what apply installed
+    measured = measure_plans(reference, bert_data(), [plan], config, problem=problem, covs=covs)[0]
+    assert measured == pytest.approx(measure_loss(model, reference, bert_data(), config), rel=1e-9)
+
+
+def test_round_trip_keeps_both_layouts_bit_exactly(beside, tmp_path) -> None:
+    model, _, plan, _, _, _, _ = beside
+    batch = bert_data().batches[0]
+    expected = model(**batch).last_hidden_state
+    save_shared(model, plan, tmp_path)
+    meta = json.loads((tmp_path / "plan.json").read_text())
+    assert meta["scheme"] == "relaxed" and meta["unique_params"] == unique_params(model)
+    assert set(meta["relaxed"]) == {f"encoder.layer.{i}.intermediate.dense" for i in range(2)}
+    assert meta["basis"]["encoder.layer.1.output.dense"]["basis"] == "encoder.layer.0.output.dense"
+    out = meta["layers"]["encoder.layer.1.output.dense.weight"]
+    assert out["reads"] == "encoder.layer.0.output.dense.basis" and out["coef"] == "encoder.layer.1.output.dense.coef"
+    assert "| layers on shared bases | 2 (" in (tmp_path / "README.md").read_text()
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert len({k for k in keys if k.endswith("output.dense.basis")}) == 1  # the basis stored once
+    fresh = tiny_bert(seed=7)
+    load_shared(fresh, tmp_path)
+    assert isinstance(fresh.encoder.layer[1].output.dense, BasisLinear)
+    assert fresh.encoder.layer[0].output.dense.basis is fresh.encoder.layer[1].output.dense.basis
+    assert unique_params(fresh) == unique_params(model)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(fresh(**batch).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def test_healing_trains_both_and_keeps_each_shared_tensor_one(beside) -> None:
+    model, reference, _, _, _, _, _ = beside
+    layers = model.encoder.layer
+    basis, shared = layers[0].output.dense.basis, layers[0].intermediate.dense.shared
+    before = basis.detach().clone(), shared.detach().clone()
+    count = unique_params(model)
+    heal(model, reference, bert_data(), HealConfig(steps=6, lr=1e-2, holdout=0.0, batch_size=3, device="cpu",
+                                                     progress=False))
+    assert unique_params(model) == count
+    assert layers[1].output.dense.basis is basis and layers[1].intermediate.dense.shared is shared
+    assert float((basis.detach().double() - before[0]).abs().max()) > 1e-4
+    assert float((shared.detach().double() - before[1]).abs().max()) > 1e-4
