@@ -254,6 +254,11 @@ class RelaxedOptions(BaseModel):
     rank_ratios: list[float] = Field(
         default_factory=lambda: [0.015625, 0.03125, 0.0625, 0.125, 0.1875, 0.25],
         description="compress: the correction-rank shares whose optimum plans are also measured ([]: none).")
+    basis_ratios: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.25, 0.4, 0.55, 0.7, 0.85],
+        description="compress: the ranks, as shares of min(d_out, d_in), at which a family may share one basis per "
+        "class instead (beside the relaxed families, chosen per family by the solver's predicted loss and then "
+        "measured, hessian_worker/relaxed/candidates.py); []: every family stays relaxed.")
     whiten: bool = Field(True, description="Whiten by the layer input covariances (False: plain Frobenius error).")
     output_weighting: bool = Field(
         True, description="Scale each layer's input covariance by its output-side curvature ā/2 (diagonal GGN), so "

@@ -101,14 +101,7 @@ def analyze_basis(
             progress=config.progress,
             sides=sides,
         )
-    families = {}
-    for x in layers:
-        d_out, d_in = shapes[x.name]
-        r, side = ranks[x.family], sides[x.family]
-        shared, own = (d_out * r, r * d_in) if side is Side.out else (r * d_in, d_out * r)
-        families[x.family] = FamilySpec(
-            scheme=Scheme.basis, rank=r, side=side, class_params=shared, member_params=own
-        )
+    families = {x.family: basis_spec(ranks[x.family], shapes[x.name], sides[x.family]) for x in layers}
     return SharingProblem(
         layers=[
             Layer(name=x.name, family=x.family, params=x.params, index=x.index) for x in layers
@@ -141,6 +134,14 @@ class BasisScore(BaseModel):
     total: float
     objective: float | None
     classes: list[ClassScore]
+
+
+def basis_spec(rank: int, shape: tuple[int, int], side: Side) -> FamilySpec:
+    """The FamilySpec of a family sharing a rank-``rank`` basis per class on ``side``: the shared
+    factor d_out·r (out) or r·d_in (in) once, each member's coefficients r·d_in (out) or d_out·r (in)."""
+    d_out, d_in = shape
+    shared, own = (d_out * rank, rank * d_in) if side is Side.out else (rank * d_in, d_out * rank)
+    return FamilySpec(scheme=Scheme.basis, rank=rank, side=side, class_params=shared, member_params=own)
 
 
 def basis_classes(plan: SharingPlan, problem: SharingProblem) -> list[list[str]]:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hessian_worker.basis.analysis import basis_spec, split_classes
 from hessian_worker.basis.analysis import rank_of as basis_rank_of
-from hessian_worker.basis.analysis import split_classes
 from hessian_worker.basis.scales import basis_covariances
 from hessian_worker.config import AnalyzeConfig
 from hessian_worker.curvature.exact import ExactCurvature
@@ -48,6 +48,7 @@ from solver.schema import (
     Scheme,
     SharingPlan,
     SharingProblem,
+    Side,
 )
 
 
@@ -150,18 +151,29 @@ def family_sizes(problem: SharingProblem) -> dict[str, int]:
 
 
 def relaxed_problem(problem: SharingProblem, spectra: PairPricer, ranks: Mapping[str, int],
-                    shapes: Mapping[str, tuple[int, int]], alone: Collection[str] = ()) -> SharingProblem:
+                    shapes: Mapping[str, tuple[int, int]], alone: Collection[str] = (),
+                    basis: Mapping[str, Side] | None = None) -> SharingProblem:
     """``problem`` (its layers, constraints and options) with every family relaxed at ``ranks``
     (family -> correction rank) and the pair costs at those ranks; the families in ``alone`` keep no
-    shared tensor (``FamilySpec.alone``: each layer its rank-r factors, its cost a unary)."""
-    matrix, unary = spectra.costs(ranks)
+    shared tensor (``FamilySpec.alone``: each layer its rank-r factors, its cost a unary), and those
+    in ``basis`` (family -> shared side) share a basis of rank ``ranks[f]`` per class instead, with
+    the basis scheme's costs under the same pricing (``PairPricer.basis``)."""
+    basis = dict(basis or {})
+    matrix, unary = spectra.costs({f: r for f, r in ranks.items() if f not in basis})
     for i, cost in spectra.alone(ranks, alone).items():
         unary[i] = cost
+    if basis:
+        excess, own = spectra.basis(ranks, basis)
+        for (i, j), cost in excess.items():
+            matrix[i][j] = matrix[j][i] = cost
+        for i, cost in own.items():
+            unary[i] = cost
     fam_shapes = family_shapes(problem, shapes)
     families = {
-        fam: FamilySpec(scheme=Scheme.relaxed, rank=ranks[fam], class_params=o * i, member_params=ranks[fam] * (o + i),
-                        alone=True if fam in alone else None)
-        for fam, (o, i) in fam_shapes.items()
+        fam: (basis_spec(ranks[fam], shape, basis[fam]) if fam in basis else
+              FamilySpec(scheme=Scheme.relaxed, rank=ranks[fam], class_params=shape[0] * shape[1],
+                         member_params=ranks[fam] * sum(shape), alone=True if fam in alone else None))
+        for fam, shape in fam_shapes.items()
     }
     return problem.model_copy(update={"costs": Costs(kind=CostKind.pairwise, matrix=matrix, unary=unary),
                                       "families": families})

@@ -17,6 +17,13 @@ descent may leave families alone one at a time (``MIXED_ALONE``), looping the fa
 and keeping the others per layer (MiniLM at 0.67: 0.908 cosine against 0.9026 without;
 bench/results/eval-relaxed-alone.md).
 
+A family may also share one basis per class instead (``RelaxedOptions.basis_ratios``: the basis
+scheme's form, W_ℓ ≈ U_c C_ℓ, at those shares of min(d_out, d_in)), beside the relaxed families in
+the same plan: a third descent (``MIXED_BASIS``) may move any family to a shared basis, priced by the
+same pricer (costs.PairPricer.basis), so the solver weighs the two kinds of family on one scale. Why:
+on the GPT task model at 0.5 and 0.4 shared bases measured far better than every relaxed plan
+(distillation loss 0.0045 against 0.010 at 0.5; bench/results/eval-relaxed-alone-small.md).
+
 At those filling ranks the fixed groupings of the literature join too (``FILL_PATTERNS``: contiguous
 runs as in a looped model, adjacent pairs as in DeltaLLM): the pair costs price a class of three or
 more only as the sum of its pairs, so the solver's optimum at a rank can miss the grouping that
@@ -46,17 +53,22 @@ from solver.baselines import Strategy
 from solver.candidates import distinct_plans, pattern_plans
 from solver.errors import BudgetInfeasible, ConstraintInfeasible
 from solver.planning import SolveConfig, solve, with_config
-from solver.schema import SharingPlan, SharingProblem
+from solver.schema import Scheme, SharingPlan, SharingProblem, Side
 
 MIXED = "relaxed-mixed-ranks"  # the strategy name of the per-family ranks of ``mixed_ranks``
 MIXED_ALONE = "relaxed-mixed-alone"  # ``mixed_ranks`` free to leave families alone, when it does
+MIXED_BASIS = "relaxed-mixed-basis"  # ``mixed_ranks`` free to move families to shared bases, when it does
+BASIS_LEVEL = "basis-rank"  # the label of a level of basis ranks
 FILL = "relaxed-fill"  # the optimum at the largest ranks where c classes per family fill the budget
 FILL_CLASSES = (1, 2, 3)
 FILL_PATTERNS = (Strategy.adjacent_pairs, Strategy.sequence)  # the fixed groupings measured at the filling ranks
 ALONE = f"{FILL}-0"  # every family alone at the ranks that fill the budget: per-layer low rank
 
-Ranks = dict[str, int]  # family -> correction rank
+Ranks = dict[str, int]  # family -> correction rank (a basis family's: its basis rank)
 Found = tuple[SharingPlan, SharingProblem]
+# an optimum's forms: family -> rank, the families alone, the families sharing bases
+Forms = tuple[Ranks, frozenset[str], frozenset[str]]
+Optimum = Callable[[Ranks, frozenset[str], frozenset[str]], "Found | None"]
 
 
 def rank_label(ratio: float) -> str:
@@ -70,8 +82,9 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     """(plan, its problem) for every share in ``options.rank_ratios`` whose ranks differ from the
     problem's and whose one-class-per-family plan fits the budget of ``problem`` under ``config``,
     every family alone at the ranks that fill the budget (``ALONE``: per-layer low rank as a relaxed
-    plan), and the optimum at per-family ranks (``mixed_ranks``), once with every family sharing and
-    once free to leave families alone, when they differ from all of those.
+    plan), and the optimum at per-family ranks (``mixed_ranks``), once with every family sharing,
+    once free to leave families alone, and once free to move families to shared bases at the shares
+    of ``options.basis_ratios``, when they differ from all of those.
 
     Args:
         model: the dense reference model (read, never changed).
@@ -90,16 +103,18 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     own = {x.family: rank[x.name] for x in full.layers}
     own_alone = frozenset(full.alone_families())
     spectra = spectra or PairSpectra(full.layers, weights, covs, damping=options.damping)
-    solved: dict[tuple[tuple[tuple[str, int], ...], frozenset[str]], Found | None] = {}
+    sides = {fam: Side.in_ if d_in > d_out else Side.out for fam, (d_out, d_in) in fam_shapes.items()}
+    solved: dict[tuple[tuple[tuple[str, int], ...], frozenset[str], frozenset[str]], Found | None] = {}
 
-    def optimum(ranks: Ranks, alone: frozenset[str] = frozenset()) -> Found | None:
-        """The solver's optimum at ``ranks`` with the families ``alone`` kept apart, None when it
-        does not fit (memoized)."""
-        key = (tuple(sorted(ranks.items())), alone)
+    def optimum(ranks: Ranks, alone: frozenset[str] = frozenset(), based: frozenset[str] = frozenset()) -> Found | None:
+        """The solver's optimum at ``ranks`` with the families ``alone`` kept apart and those ``based``
+        sharing bases (on the side that saves more), None when it does not fit (memoized)."""
+        key = (tuple(sorted(ranks.items())), alone, based)
         if key not in solved:
             solved[key] = None
-            if budget is None or least_params(fam_shapes, sizes, ranks, alone=alone) <= budget:
-                at_rank = relaxed_problem(full, spectra, ranks, shapes, alone)
+            basis = {f: sides[f] for f in based}
+            if budget is None or least_params(fam_shapes, sizes, ranks, alone=alone, basis=basis) <= budget:
+                at_rank = relaxed_problem(full, spectra, ranks, shapes, alone, basis)
                 with contextlib.suppress(BudgetInfeasible, ConstraintInfeasible):
                     solved[key] = (solve(at_rank, config), at_rank)
         return solved[key]
@@ -112,10 +127,11 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     if budget is not None:
         for label, ranks in fill_ranks(fam_shapes, sizes, budget).items():
             levels.setdefault(label, ranks)
-    seen = [(own, own_alone)]
+    nothing: frozenset[str] = frozenset()
+    seen: list[Forms] = [(own, own_alone, nothing)]
     for label, ranks in levels.items():
-        found = optimum(ranks) if (ranks, frozenset()) not in seen else None
-        seen.append((ranks, frozenset()))
+        found = optimum(ranks) if (ranks, nothing, nothing) not in seen else None
+        seen.append((ranks, nothing, nothing))
         if found is not None:
             out.append((found[0].model_copy(update={"strategy": label}), found[1]))
             if label.startswith(FILL):
@@ -123,20 +139,33 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     everyone = frozenset(fam_shapes)
     if budget is not None:
         per_layer = ranks_within(fam_shapes, sizes, widest_ranks(fam_shapes), budget, classes=0)
-        found = optimum(per_layer, everyone) if (per_layer, everyone) not in seen else None
-        seen.append((per_layer, everyone))
+        found = optimum(per_layer, everyone) if (per_layer, everyone, nothing) not in seen else None
+        seen.append((per_layer, everyone, nothing))
         if found is not None:
             out.append((found[0].model_copy(update={"strategy": ALONE}), found[1]))
             levels[ALONE] = per_layer
-    for families, label in ((frozenset(), MIXED), (everyone, MIXED_ALONE)):
-        mixed = mixed_ranks(own, levels, optimum, may_leave=families)
+    bases = {f"{BASIS_LEVEL}-{ratio:g}": {fam: max(1, round(ratio * min(shape))) for fam, shape in fam_shapes.items()}
+             for ratio in options.basis_ratios}
+    # the descents: every family sharing, free to leave families alone, and free to move them to bases
+    descents = [(nothing, {}), (everyone, {})] + ([(everyone, bases)] if bases else [])
+    for families, basis_levels in descents:
+        mixed = mixed_ranks(own, levels, optimum, may_leave=families, bases=basis_levels)
         if mixed is None or mixed[1].families is None:
             continue
-        state = ({f: s.rank for f, s in mixed[1].families.items()}, frozenset(mixed[1].alone_families()))
+        state = forms_of(mixed[1])
         if state not in seen:
             seen.append(state)
-            out.append((mixed[0].model_copy(update={"strategy": label if state[1] else MIXED}), mixed[1]))
+            named = MIXED_BASIS if state[2] else MIXED_ALONE if state[1] else MIXED
+            out.append((mixed[0].model_copy(update={"strategy": named}), mixed[1]))
     return out
+
+
+def forms_of(problem: SharingProblem) -> Forms:
+    """The forms of a problem the candidates built: family -> rank, the families alone, the families
+    sharing bases."""
+    families = problem.families or {}
+    return ({f: s.rank for f, s in families.items() if s.rank is not None}, frozenset(problem.alone_families()),
+            frozenset(f for f, s in families.items() if s.scheme is Scheme.basis))
 
 
 def fill_ranks(fam_shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int],
@@ -166,38 +195,43 @@ def fill_patterns(optimum: tuple[SharingPlan, SharingProblem], label: str,
     return [(p.model_copy(update={"strategy": f"{label}-{p.strategy}"}), problem) for p in found]
 
 
-def mixed_ranks(own: Ranks, uniform: Mapping[str, Ranks],
-                optimum: Callable[[Ranks, frozenset[str]], Found | None],
-                rounds: int = 2, may_leave: Collection[str] = ()) -> Found | None:
+def mixed_ranks(own: Ranks, uniform: Mapping[str, Ranks], optimum: Optimum, rounds: int = 2,
+                may_leave: Collection[str] = (), bases: Mapping[str, Ranks] | None = None) -> Found | None:
     """Ranks per family by coordinate descent on the solver's objective: from the best uniform
     ranks, each family in turn takes the rank of every share whose optimum (the other families
-    kept) predicts less loss, and a family of ``may_leave`` may also go alone (no shared tensor,
-    ``FamilySpec.alone``) at that rank; ``rounds`` passes over the families. The start is the best
-    of the uniform ranks with every family sharing, and with every family of ``may_leave`` alone.
-    The objective is exact for classes of one and two and the pairwise sum beyond (which prices a
-    large class above its fitted error), so the measured choice has the last word."""
-    leave = frozenset(may_leave)
-    starts = [found for r in (own, *uniform.values()) for a in ((frozenset(), leave) if leave else (leave,))
-              if (found := optimum(r, a)) is not None]
-    if not starts:
+    kept) predicts less loss; a family of ``may_leave`` may also go alone (no shared tensor,
+    ``FamilySpec.alone``) at that rank, and with ``bases`` (label -> family -> basis rank) any family
+    may share a basis per class at each of those ranks instead; ``rounds`` passes over the
+    families. The start is the best of the uniform ranks with every family sharing, with every
+    family of ``may_leave`` alone, and of every level of ``bases`` with every family on bases. The
+    objective is exact for classes of one and two and the pairwise sum beyond (which prices a large
+    class above its fitted error), so the measured choice has the last word."""
+    leave, bases = frozenset(may_leave), dict(bases or {})
+    nothing: frozenset[str] = frozenset()
+    starts = [(r, a, nothing) for r in (own, *uniform.values()) for a in ((nothing, leave) if leave else (leave,))]
+    starts += [(r, nothing, frozenset(r)) for r in bases.values()]
+    found_starts = [found for forms in starts if (found := optimum(*forms)) is not None]
+    if not found_starts:
         return None
 
     def loss(found: Found) -> float:
         return found[0].objective if found[0].objective is not None else float("inf")
 
-    best = min(starts, key=loss)
-    ranks = {f: s.rank for f, s in (best[1].families or {}).items()}
-    alone = frozenset(best[1].alone_families())
+    best = min(found_starts, key=loss)
+    ranks, alone, based = forms_of(best[1])
     for _ in range(rounds):
         moved = False
         for fam in ranks:
-            for option in uniform.values():
-                for apart in ((False, True) if fam in leave else (False,)):
-                    trial = {**ranks, fam: option[fam]}
-                    trial_alone = alone | {fam} if apart else alone - {fam}
-                    found = optimum(trial, trial_alone)
-                    if found is not None and loss(found) < loss(best):
-                        best, ranks, alone, moved = found, trial, trial_alone, True
+            options = [(option[fam], apart, False) for option in uniform.values()
+                       for apart in ((False, True) if fam in leave else (False,))]
+            options += [(option[fam], False, True) for option in bases.values()]
+            for rank, apart, on_basis in options:
+                trial = {**ranks, fam: rank}
+                trial_alone = alone | {fam} if apart else alone - {fam}
+                trial_based = based | {fam} if on_basis else based - {fam}
+                found = optimum(trial, trial_alone, trial_based)
+                if found is not None and loss(found) < loss(best):
+                    best, ranks, alone, based, moved = found, trial, trial_alone, trial_based, True
         if not moved:
             break
     return best

@@ -4,7 +4,11 @@
 - pair w_ℓm = E*({ℓ, m}) = Σ_{i>2r} σ_i(D L_H)², the exact joint optimum of the pair (decompose.py:
   D = W_ℓ − W_m, H the parallel sum of the damped covariances), ≥ 0 by construction;
 - a layer of an ``alone`` family (no shared tensor, W_ℓ ≈ A_ℓ B_ℓ) pays a unary
-  a_ℓ = Σ_{i>r} σ_i(W_ℓ L_ℓ)² instead (``PairPricer.alone``), the same whitened error of a fit with S = 0.
+  a_ℓ = Σ_{i>r} σ_i(W_ℓ L_ℓ)² instead (``PairPricer.alone``), the same whitened error of a fit with S = 0;
+- a ``basis`` family beside the relaxed ones (one shared rank-k basis per class, whitened as a layer
+  alone is) costs what the basis scheme's costs say, u_ℓ = E*({ℓ}) and w_ℓm = E*({ℓ, m}) − u_ℓ − u_m
+  ≥ 0 (basis/costs.py), under this pricer's covariances (``PairPricer.basis``), so the two kinds of
+  family meet on one scale in one problem.
 
 The solver then scores a class S as Σ_{pairs} w, exact for classes of one and two; for larger
 classes the measured choice decides (as for the other schemes). One pair spectrum gives the cost at
@@ -17,18 +21,20 @@ cost is a predicted loss change on the tie scheme's scale).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hessian_worker.basis.analysis import basis_spec
+from hessian_worker.basis.costs import family_errors
 from hessian_worker.discovery import LayerInfo
 from hessian_worker.errors import DiscoveryError
 from hessian_worker.factored.layers import require_known_families
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.decompose import alone_spectrum, check_class, pair_spectrum, tail
-from solver.schema import Scheme
+from solver.schema import Scheme, Side
 
 ALONE_SUFFIX = "#alone"  # a whitening state's key for a layer alone's own covariance (holdout.py)
 
@@ -91,12 +97,20 @@ def family_ranks(layers: Sequence[LayerInfo], shapes: Mapping[str, tuple[int, in
 
 
 def least_params(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int],
-                 classes: int = 1, alone: Collection[str] = ()) -> int:
+                 classes: int = 1, alone: Collection[str] = (), basis: Mapping[str, Side] | None = None) -> int:
     """Unique parameters of ``classes`` classes per family (at most its size): c·d_out·d_in +
-    s·r·(d_out + d_in), a family in ``alone`` s·r·(d_out + d_in) only; with one class, the least any
-    relaxed plan at ``ranks`` keeps."""
-    return sum((0 if f in alone else min(classes, sizes[f]) * o * i) + sizes[f] * ranks[f] * (o + i)
-               for f, (o, i) in shapes.items())
+    s·r·(d_out + d_in), a family in ``alone`` s·r·(d_out + d_in) only, a family in ``basis`` (family ->
+    shared side) c shared bases and s coefficient blocks at rank r; with one class, the least any
+    plan at ``ranks`` keeps."""
+    total = 0
+    for f, (o, i) in shapes.items():
+        c = min(classes, sizes[f])
+        if basis and f in basis:
+            spec = basis_spec(ranks[f], (o, i), basis[f])
+            total += c * (spec.class_params or 0) + sizes[f] * (spec.member_params or 0)
+        else:
+            total += (0 if f in alone else c * o * i) + sizes[f] * ranks[f] * (o + i)
+    return total
 
 
 def ranks_within(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int], ranks: Mapping[str, int],
@@ -114,13 +128,36 @@ def ranks_within(shapes: Mapping[str, tuple[int, int]], sizes: Mapping[str, int]
 
 class PairPricer(Protocol):
     """Pair costs of same-family layers at any correction ranks (PairSpectra; exact_costs.ExactPairCosts),
-    and the cost of a layer alone (no shared tensor) at its family's rank."""
+    the cost of a layer alone (no shared tensor) at its family's rank, and the costs of families
+    kept as shared bases beside the relaxed ones."""
 
     layers: list[LayerInfo]
 
     def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]: ...
 
     def alone(self, ranks: Mapping[str, int], families: Collection[str]) -> dict[int, float]: ...
+
+    def basis(self, ranks: Mapping[str, int], sides: Mapping[str, Side]) -> BasisTerms: ...
+
+
+# a basis family's costs: ((i, j) -> pair excess w_ℓm, i -> unary u_ℓ), indices into the pricer's layers
+BasisTerms = tuple[dict[tuple[int, int], float], dict[int, float]]
+# the least error of one shared basis for members (indices) at a rank on a side
+ClassError = Callable[[tuple[int, ...], int, Side], float]
+
+
+def basis_terms(layers: Sequence[LayerInfo], pairs: Sequence[tuple[int, int]], ranks: Mapping[str, int],
+                sides: Mapping[str, Side], error: ClassError) -> BasisTerms:
+    """The basis scheme's costs (basis/costs.py) of the families in ``sides`` at family -> rank:
+    u_ℓ = E({ℓ}), w_ℓm = E({ℓ, m}) − u_ℓ − u_m, clipped at 0 (the shared basis is a feasible pair
+    of separate ones, so a negative excess is the pricing's noise)."""
+    unary = {i: error((i,), ranks[x.family], sides[x.family]) for i, x in enumerate(layers) if x.family in sides}
+    excess = {}
+    for i, j in pairs:
+        fam = layers[i].family
+        if fam in sides:
+            excess[(i, j)] = max(0.0, error((i, j), ranks[fam], sides[fam]) - unary[i] - unary[j])
+    return excess, unary
 
 
 def family_pairs(layers: Sequence[LayerInfo], weights: Mapping[str, Tensor],
@@ -161,16 +198,19 @@ class PairSpectra:
         self.weights, self.covs, self.damping = weights, covs, damping
         self.spectra: dict[tuple[int, int], Tensor] = {}
         self.alone_spectra: dict[int, Tensor] = {}  # computed when first asked for
-        pairs = family_pairs(self.layers, weights, covs)
+        self._basis_curves: dict[tuple[tuple[int, ...], Side], list[float]] = {}  # when first asked for
+        self.pairs = pairs = family_pairs(self.layers, weights, covs)  # every same-family (i, j), i < j
         for i, j in tqdm(pairs, desc="relaxed costs", disable=not progress, leave=False):
             a, b = self.layers[i].name, self.layers[j].name
             self.spectra[(i, j)] = pair_spectrum(weights[a], weights[b], None if covs is None else covs[a],
                                                  None if covs is None else covs[b], damping=damping)
 
     def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]:
-        """(pairwise matrix, unary) at family -> correction rank; None across families, 0 on the diagonal."""
+        """(pairwise matrix, unary) at family -> correction rank; None across families and for the
+        pairs of a family ``ranks`` leaves out, 0 on the diagonal."""
         return pair_matrix(len(self.layers), {(i, j): tail(spectrum, ranks[self.layers[i].family])
-                                              for (i, j), spectrum in self.spectra.items()})
+                                              for (i, j), spectrum in self.spectra.items()
+                                              if self.layers[i].family in ranks})
 
     def alone(self, ranks: Mapping[str, int], families: Collection[str]) -> dict[int, float]:
         """Layer index -> a_ℓ at its family's rank, for every layer of ``families``."""
@@ -182,3 +222,17 @@ class PairSpectra:
                                                            damping=self.damping)
                 out[i] = float(self.alone_spectra[i][ranks[layer.family]:].sum())
         return out
+
+    def basis(self, ranks: Mapping[str, int], sides: Mapping[str, Side]) -> BasisTerms:
+        """``basis_terms`` of the families in ``sides`` at family -> basis rank: one error curve per
+        layer and per pair (every rank at once, cached), whitened as a layer alone is."""
+        return basis_terms(self.layers, self.pairs, ranks, sides, self._basis_error)
+
+    def _basis_error(self, members: tuple[int, ...], rank: int, side: Side) -> float:
+        key = (members, side)
+        if key not in self._basis_curves:
+            names = [self.layers[i].name for i in members]
+            covs = None if self.covs is None else [alone_cov(self.covs, n) for n in names]
+            grams = family_errors([self.weights[n] for n in names], covs, side, damping=self.damping)
+            self._basis_curves[key] = grams.error_curve(range(len(names)))
+        return self._basis_curves[key][rank]

@@ -15,7 +15,9 @@ hold, and price 1.6-2x the measured loss):
     w_ℓm(r) = ½ δ_ℓᵀ GGN_ℓℓ δ_ℓ + ½ δ_mᵀ GGN_mm δ_m,   δ = S + A B − W at correction rank r.
 
 A layer alone (no shared tensor) is priced the same way: a_ℓ(r) = ½ δ_ℓᵀ GGN_ℓℓ δ_ℓ with δ_ℓ = A B − W_ℓ
-of decompose.alone_fit.
+of decompose.alone_fit; so is a class of a basis family beside the relaxed ones, its residuals those
+of basis.decompose.shared_basis (whitened as a layer alone), E(S) = Σ_{ℓ∈S} ½ δ_ℓᵀ GGN_ℓℓ δ_ℓ, and
+the basis costs follow from E of every layer and pair (costs.basis_terms).
 
 Each form is one forward-mode pass over the pricing data (functional.ggn_quad_form), a layer's
 residuals batched under vmap; costs are cached per rank, so the candidates at other ranks
@@ -31,11 +33,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hessian_worker.basis.decompose import shared_basis
 from hessian_worker.curvature.exact import ExactCurvature
 from hessian_worker.discovery import LayerInfo
-from hessian_worker.relaxed.costs import alone_cov, family_pairs, pair_matrix
+from hessian_worker.relaxed.costs import (
+    BasisTerms,
+    alone_cov,
+    basis_terms,
+    family_pairs,
+    pair_matrix,
+)
 from hessian_worker.relaxed.decompose import alone_fit, pair_fit
-from solver.schema import SharingProblem
+from solver.schema import Scheme, SharingProblem, Side
 
 
 class ExactPairCosts:
@@ -54,15 +63,16 @@ class ExactPairCosts:
         self.pairs = family_pairs(self.layers, weights, covs)
         self._priced: dict[tuple[int, int, int], float] = {}  # (i, j, rank) -> cost
         self._alone: dict[tuple[int, int], float] = {}  # (i, rank) -> cost of layer i alone
+        self._basis: dict[tuple[tuple[int, ...], int, Side], float] = {}  # (members, rank, side) -> E
 
     def costs(self, ranks: Mapping[str, int]) -> tuple[list[list[float | None]], list[float]]:
-        """(pairwise matrix, unary) at family -> correction rank; None across families, 0 on the diagonal."""
-        todo = [(i, j, ranks[self.layers[i].family]) for i, j in self.pairs
-                if (i, j, ranks[self.layers[i].family]) not in self._priced]
+        """(pairwise matrix, unary) at family -> correction rank; None across families and for the
+        pairs of a family ``ranks`` leaves out, 0 on the diagonal."""
+        wanted = [(i, j, ranks[self.layers[i].family]) for i, j in self.pairs if self.layers[i].family in ranks]
+        todo = [key for key in wanted if key not in self._priced]
         if todo:
             self._price(todo)
-        return pair_matrix(len(self.layers), {(i, j): self._priced[(i, j, ranks[self.layers[i].family])]
-                                              for i, j in self.pairs})
+        return pair_matrix(len(self.layers), {(i, j): self._priced[(i, j, rank)] for i, j, rank in wanted})
 
     def remember(self, problem: SharingProblem) -> None:
         """Takes ``problem``'s costs (over the same layers, priced this way on the same data, e.g. by
@@ -70,11 +80,12 @@ class ExactPairCosts:
         level on MiniLM)."""
         if [x.name for x in problem.layers] != [x.name for x in self.layers] or not problem.families:
             raise ValueError("the problem's layers are not this pricer's; price it with its own pricer")
-        ranks = {f: spec.rank for f, spec in problem.families.items()}
+        # the relaxed families' costs only (a basis family's are other quantities at its basis rank)
+        ranks = {f: spec.rank for f, spec in problem.families.items() if spec.scheme is Scheme.relaxed}
         matrix, unary = problem.costs.matrix, problem.costs.unary or [0.0] * len(self.layers)
         for i, j in self.pairs:
             value = matrix[i][j]
-            if value is not None:
+            if value is not None and self.layers[i].family in ranks:
                 self._priced.setdefault((i, j, ranks[self.layers[i].family]), value)
         for i, x in enumerate(self.layers):
             if x.family in problem.alone_families():
@@ -94,6 +105,27 @@ class ExactPairCosts:
         for i, rank in todo:
             self._alone[(i, rank)] = next(forms[i])
         return {i: self._alone[(i, rank)] for i, rank in wanted}
+
+    def basis(self, ranks: Mapping[str, int], sides: Mapping[str, Side]) -> BasisTerms:
+        """``costs.basis_terms`` of the families in ``sides`` at family -> basis rank, each class of
+        one and two fitted (shared_basis) and its residuals priced, one batch of forms per layer."""
+        wanted = [((i,), ranks[x.family], sides[x.family]) for i, x in enumerate(self.layers) if x.family in sides]
+        wanted += [((i, j), ranks[self.layers[i].family], sides[self.layers[i].family]) for i, j in self.pairs
+                   if self.layers[i].family in sides]
+        todo = [key for key in wanted if key not in self._basis]
+        residuals: dict[int, list[Tensor]] = {}  # layer -> its residuals, in todo order
+        with torch.no_grad():
+            for members, rank, side in todo:
+                names = [self.layers[i].name for i in members]
+                ws = [self.weights[n] for n in names]
+                covs = None if self.covs is None else [alone_cov(self.covs, n) for n in names]
+                fit = shared_basis(ws, rank, covs, damping=self.damping, side=side)
+                for k, (i, w) in enumerate(zip(members, ws, strict=True)):
+                    residuals.setdefault(i, []).append(fit.weight(k) - w.to(fit.basis.dtype))
+        forms = {i: iter(values) for i, values in self._half_forms(residuals, "basis exact costs").items()}
+        for key in todo:
+            self._basis[key] = sum(next(forms[i]) for i in key[0])
+        return basis_terms(self.layers, self.pairs, ranks, sides, lambda m, r, side: self._basis[(m, r, side)])
 
     def _price(self, todo: Sequence[tuple[int, int, int]]) -> None:
         """Fits every (pair, rank) of ``todo`` and prices both residuals, one batch of forms per layer."""

@@ -124,3 +124,43 @@ def test_healing_trains_both_and_keeps_each_shared_tensor_one(beside) -> None:
     assert layers[1].output.dense.basis is basis and layers[1].intermediate.dense.shared is shared
     assert float((basis.detach().double() - before[0]).abs().max()) > 1e-4
     assert float((shared.detach().double() - before[1]).abs().max()) > 1e-4
+
+
+def test_a_family_on_one_column_space_goes_to_shared_bases() -> None:
+    """Four 8x8 layers W_ℓ = U C_ℓ on one rank-3 column space, at 0.48 of their 256 parameters
+    (122): one rank-3 basis for all (24 + 4·24 = 120) loses nothing, while every relaxed form that
+    fits loses something (one S alone is 64; each layer alone fits rank 1), so the descent free to
+    move families to bases finds the lossless plan, which installs the layers exactly."""
+    from hw_cases import TinyMLP, mlp_data
+
+    from hessian_worker.relaxed.candidates import MIXED_BASIS, rank_candidates
+    from solver import SolveConfig
+
+    def spanned() -> TinyMLP:
+        torch.manual_seed(0)
+        model = TinyMLP(width=8, depth=4).double().eval()
+        u = torch.randn(8, 3, dtype=torch.float64)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.fc.weight.copy_(u @ torch.randn(3, 8, dtype=torch.float64))
+        return model
+
+    config = AnalyzeConfig(scheme="relaxed", relaxed={"rank": 1, "basis_ratios": [0.25, 0.375]}, dtype="float64",
+                           device="cpu", progress=False, max_params_ratio=0.48)
+    problem = analyze(spanned(), mlp_data(), config)
+    scheme = scheme_for("relaxed")
+    covs = scheme.state(spanned(), mlp_data(), problem, config)
+    solve_config = SolveConfig(max_params_ratio=0.48)
+    found = {p.strategy: (p, prob) for p, prob in rank_candidates(spanned(), problem, solve_config, covs, config.relaxed)}
+    plan, mixed = found[MIXED_BASIS]
+    spec = mixed.families["fc.weight"]
+    assert (spec.scheme.value, spec.rank) == ("basis", 3)
+    assert plan.objective == pytest.approx(0.0, abs=1e-9) and plan.params.shared == 120
+    assert all(p.objective > 1e-6 for s, (p, _) in found.items() if s != MIXED_BASIS)
+    without = config.relaxed.model_copy(update={"basis_ratios": []})
+    assert MIXED_BASIS not in {p.strategy for p, _ in rank_candidates(spanned(), problem, solve_config, covs, without)}
+    model, reference = spanned(), spanned()
+    apply_plan(model, plan, "mean", config=config, problem=mixed, state=covs)
+    assert all(isinstance(block.fc, BasisLinear) for block in model.blocks)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-9, atol=1e-10)

@@ -154,3 +154,44 @@ def test_a_pricer_refuses_another_problems_costs() -> None:
     pricer = candidate_pricer(model(), mlp_data(), problem.layers[::-1], None, config)
     with pytest.raises(ValueError, match="not this pricer's"):
         pricer.remember(problem)
+
+
+@pytest.mark.parametrize("side", ["out", "in"])
+def test_basis_families_are_priced_as_the_basis_scheme_prices_them(side: str) -> None:
+    """A family kept as shared bases beside the relaxed ones: the Kronecker pricer gives the basis
+    scheme's costs (basis.costs.basis_costs) under a layer alone's whitening; the exact pricer the
+    dense GGN's forms of the same fits' residuals, u = E({ℓ}) and w = E({ℓ, m}) − u_ℓ − u_m."""
+    from hessian_worker.basis.costs import basis_costs
+    from hessian_worker.basis.decompose import shared_basis
+    from hessian_worker.curvature.exact import ExactCurvature
+    from hessian_worker.relaxed.costs import alone_key
+    from hessian_worker.relaxed.exact_costs import ExactPairCosts
+    from solver.schema import Side
+
+    config = cfg("exact")
+    problem = analyze(model(), mlp_data(), config)
+    obj, ggn, covs, params = dense_setting(problem, config)
+    names = [x.name for x in problem.layers]
+    weights = {n: params[n].detach() for n in names}
+    # a layer alone (and so a basis class) whitens with its own entry where the state has one
+    own = {n: 2.0 * covs[n] for n in names}
+    state = {**covs, **{alone_key(n): c for n, c in own.items()}}
+    fam, rank, sides = problem.layers[0].family, 2, {problem.layers[0].family: Side(side)}
+
+    excess, unary = PairSpectra(problem.layers, weights, state).basis({fam: rank}, sides)
+    matrix, expected_unary = basis_costs(problem.layers, weights, own, {fam: rank}, sides=sides)
+    assert unary == pytest.approx(dict(enumerate(expected_unary)), rel=1e-9)
+    assert excess == pytest.approx({(i, j): matrix[i][j] for i in range(4) for j in range(i + 1, 4)}, rel=1e-9, abs=1e-12)
+
+    def priced(members: tuple[int, ...]) -> float:
+        ws = [weights[names[i]] for i in members]
+        fit = shared_basis(ws, rank, [own[names[i]] for i in members], side=side)
+        return sum(0.5 * float(quad_dense(ggn, obj, {names[i]: (fit.weight(k) - ws[k])[None]})[0])
+                   for k, i in enumerate(members))
+
+    curvature = ExactCurvature(obj, config.curvature, chunk=config.chunk)
+    excess, unary = ExactPairCosts(problem.layers, weights, state, curvature).basis({fam: rank}, sides)
+    assert unary == pytest.approx({i: priced((i,)) for i in range(4)}, rel=1e-9)
+    for (i, j), value in excess.items():
+        assert value == pytest.approx(max(0.0, priced((i, j)) - unary[i] - unary[j]), rel=1e-9, abs=1e-15)
+    assert any(value > 0 for value in excess.values())

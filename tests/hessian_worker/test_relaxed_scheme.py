@@ -32,7 +32,7 @@ from hessian_worker.tying import unique_params
 from solver import SolveConfig, evaluate, solve
 from solver.candidates import candidate_plans
 from solver.errors import BudgetInfeasible
-from solver.schema import FamilySpec, SharingPlan, SharingProblem
+from solver.schema import FamilySpec, Scheme, SharingPlan, SharingProblem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.solver.brute import family_table, set_partitions  # noqa: E402
@@ -437,12 +437,15 @@ def test_mixed_ranks_descends_per_family() -> None:
     from hessian_worker.relaxed.candidates import mixed_ranks
 
     loss = {"a": {1: 3.0, 2: 1.0, 4: 2.0}, "b": {1: 1.0, 2: 2.5, 4: 0.5}}
+    on_basis = {"a": {3: 5.0}, "b": {3: 0.1}}  # a family sharing a rank-3 basis per class
 
-    def optimum(ranks: dict[str, int], alone: frozenset[str] = frozenset()):
+    def optimum(ranks: dict[str, int], alone: frozenset[str] = frozenset(), based: frozenset[str] = frozenset()):
         if ranks["a"] + ranks["b"] > 6:  # the budget: a at 4 with b at 4 does not fit
             return None
-        families = {f: SimpleNamespace(rank=r) for f, r in ranks.items()}
-        cost = sum(apart[f][r] if f in alone else loss[f][r] for f, r in ranks.items())
+        families = {f: SimpleNamespace(rank=r, scheme=Scheme.basis if f in based else Scheme.relaxed)
+                    for f, r in ranks.items()}
+        cost = sum(apart[f][r] if f in alone else on_basis[f][r] if f in based else loss[f][r]
+                   for f, r in ranks.items())
         return (SimpleNamespace(objective=cost),
                 SimpleNamespace(families=families, alone_families=lambda: set(alone)))
 
@@ -457,6 +460,12 @@ def test_mixed_ranks_descends_per_family() -> None:
     plan, problem = mixed_ranks({"a": 1, "b": 1}, uniform, optimum, may_leave={"a"})
     assert {f: s.rank for f, s in problem.families.items()} == {"a": 4, "b": 1}
     assert problem.alone_families() == {"a"} and plan.objective == pytest.approx(1.05)
+    # free to move families to bases: every family on bases (5.1) is no start; from r2 (3.5) b moves to
+    # rank 1 (2.0), 4 (1.5), then to a rank-3 basis beside a's relaxed rank 2 (1.1); a has nothing better
+    plan, problem = mixed_ranks({"a": 1, "b": 1}, uniform, optimum, bases={"k3": {"a": 3, "b": 3}})
+    assert {f: (s.rank, s.scheme) for f, s in problem.families.items()} == {"a": (2, Scheme.relaxed),
+                                                                           "b": (3, Scheme.basis)}
+    assert plan.objective == pytest.approx(1.1)
 
 
 def test_fill_ranks_use_the_budget_with_c_classes() -> None:
