@@ -133,7 +133,7 @@ def test_a_family_on_one_column_space_goes_to_shared_bases() -> None:
     move families to bases finds the lossless plan, which installs the layers exactly."""
     from hw_cases import TinyMLP, mlp_data
 
-    from hessian_worker.relaxed.candidates import MIXED_BASIS, rank_candidates
+    from hessian_worker.relaxed.candidates import BASES, MIXED_BASIS, rank_candidates
     from solver import SolveConfig
 
     def spanned() -> TinyMLP:
@@ -152,15 +152,50 @@ def test_a_family_on_one_column_space_goes_to_shared_bases() -> None:
     covs = scheme.state(spanned(), mlp_data(), problem, config)
     solve_config = SolveConfig(max_params_ratio=0.48)
     found = {p.strategy: (p, prob) for p, prob in rank_candidates(spanned(), problem, solve_config, covs, config.relaxed)}
-    plan, mixed = found[MIXED_BASIS]
+    # every family on bases at the level predicting least is a candidate of its own; the descents
+    # free to move families to bases reach the same forms, so they add nothing beside it
+    plan, mixed = found[BASES]
     spec = mixed.families["fc.weight"]
     assert (spec.scheme.value, spec.rank) == ("basis", 3)
     assert plan.objective == pytest.approx(0.0, abs=1e-9) and plan.params.shared == 120
-    assert all(p.objective > 1e-6 for s, (p, _) in found.items() if s != MIXED_BASIS)
+    assert MIXED_BASIS not in found
+    assert all(p.objective > 1e-6 for s, (p, _) in found.items() if s != BASES)
     without = config.relaxed.model_copy(update={"basis_ratios": []})
-    assert MIXED_BASIS not in {p.strategy for p, _ in rank_candidates(spanned(), problem, solve_config, covs, without)}
+    assert {p.strategy for p, _ in rank_candidates(spanned(), problem, solve_config, covs, without)} == {
+        s for s, (_, prob) in found.items() if not any(f.scheme.value == "basis" for f in prob.families.values())}
     model, reference = spanned(), spanned()
     apply_plan(model, plan, "mean", config=config, problem=mixed, state=covs)
     assert all(isinstance(block.fc, BasisLinear) for block in model.blocks)
     x = torch.randn(5, 3, dtype=torch.float64)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-9, atol=1e-10)
+
+
+def test_plans_on_bases_also_come_at_the_ranks_that_spend_the_budget() -> None:
+    """The basis shares leave budget unspent; each plan with basis families comes again with its
+    partition kept and its basis ranks raised until the budget is spent, priced like the others."""
+    from hw_cases import TinyMLP, mlp_data
+
+    from hessian_worker.relaxed.candidates import rank_candidates
+    from solver import SolveConfig
+
+    def wide() -> TinyMLP:
+        torch.manual_seed(1)
+        return TinyMLP(width=8, depth=4).double().eval()
+
+    # 4 layers of 8x8 (256), budget 0.6 (153): a rank-1 basis per class keeps 8 + 4·8 = 40 with one class,
+    # 64 with four, so a rank of one family costs 40 to 64 more
+    config = AnalyzeConfig(scheme="relaxed", relaxed={"rank": 1, "basis_ratios": [0.125]}, dtype="float64",
+                           device="cpu", progress=False, max_params_ratio=0.6)
+    problem = analyze(wide(), mlp_data(), config)
+    covs = scheme_for("relaxed").state(wide(), mlp_data(), problem, config)
+    found = {p.strategy: (p, prob) for p, prob in
+             rank_candidates(wide(), problem, SolveConfig(max_params_ratio=0.6), covs, config.relaxed)}
+    spent = {s: f for s, f in found.items() if s.endswith("-spent")}
+    assert spent
+    for strategy, (plan, at) in spent.items():
+        before, before_problem = found[strategy.removesuffix("-spent")]
+        assert plan.coloring == before.coloring
+        assert before.params.shared < plan.params.shared <= 153
+        assert at.families["fc.weight"].rank > before_problem.families["fc.weight"].rank
+        assert plan.objective == pytest.approx(evaluate.objective(at, plan.coloring), rel=1e-12)
+        assert plan.params.shared == evaluate.unique_params(at, plan.coloring)

@@ -177,7 +177,7 @@ def test_rank_candidates_fit_the_budget() -> None:
 
     # 8x8 layers: one class of four keeps 64 + 4*16 = 128 at rank 1 (0.5), 64 + 4*32 = 192 at rank 2 (0.75)
     problem = analyze(wide(), mlp_data(), cfg(1, max_params_ratio=0.7))
-    options = cfg(1).relaxed.model_copy(update={"rank_ratios": [0.125, 0.25]})
+    options = cfg(1).relaxed.model_copy(update={"rank_ratios": [0.125, 0.25], "basis_ratios": []})  # relaxed forms
     covs = scheme_for("relaxed").state(wide(), mlp_data(), problem, cfg(1))
     # share 0.125 of 8 is rank 1, the problem's own; share 0.25 is rank 2, which does not fit 0.7;
     # every layer alone (no shared tensor) fits at rank 2: 4*2*16 = 128 <= 179 (rank 3: 192)
@@ -206,7 +206,8 @@ def test_fixed_groupings_join_at_the_filling_ranks() -> None:
     # 16x16 layers, 6 of them (1536): at 0.8 (1228) 3 classes fill at rank 2 (768 + 6*2*32 = 1152),
     # 2 classes at rank 3 (512 + 576), 1 class at rank 5 (256 + 960), every layer alone at rank 6 (1152)
     problem = analyze(six(), mlp_data(), cfg(1, max_params_ratio=0.8))
-    options = cfg(1).relaxed.model_copy(update={"rank_ratios": [0.0625]})  # rank 1: the problem's own
+    # rank 1: the problem's own; the relaxed forms only (bases: test_relaxed_beside_basis.py)
+    options = cfg(1).relaxed.model_copy(update={"rank_ratios": [0.0625], "basis_ratios": []})
     covs = scheme_for("relaxed").state(six(), mlp_data(), problem, cfg(1))
     extra = rank_candidates(six(), problem, SolveConfig(max_params_ratio=0.8), covs, options)
     by_rank: dict[int, list[frozenset]] = {}
@@ -465,6 +466,10 @@ def test_mixed_ranks_descends_per_family() -> None:
     plan, problem = mixed_ranks({"a": 1, "b": 1}, uniform, optimum, bases={"k3": {"a": 3, "b": 3}})
     assert {f: (s.rank, s.scheme) for f, s in problem.families.items()} == {"a": (2, Scheme.relaxed),
                                                                            "b": (3, Scheme.basis)}
+    assert plan.objective == pytest.approx(1.1)
+    # started with every family on bases (5.1), a leaves for its relaxed rank 2 and b stays on its basis
+    plan, problem = mixed_ranks({"a": 1, "b": 1}, uniform, optimum, bases={"k3": {"a": 3, "b": 3}}, bases_first=True)
+    assert {f: s.scheme for f, s in problem.families.items()} == {"a": Scheme.relaxed, "b": Scheme.basis}
     assert plan.objective == pytest.approx(1.1)
 
 
