@@ -133,8 +133,9 @@ def install_basis_classes(model: nn.Module, classes: Sequence[Sequence[str]], we
                           covs: Mapping[str, Tensor] | None, *, damping: float,
                           out_w: Mapping[str, Tensor] | None = None, rounds: int = 0, trust: float = 0.1,
                           progress: bool = False) -> float | None:
-    """Fits every class's shared basis (whitened by ``covs``, name -> G; None: the plain SVD), corrected (``refine``) when output weights ``out_w`` are given,
-    and installs its BasisLinear modules; returns Σ_class whitened error (None unwhitened).
+    """Fits every class's shared basis (whitened by ``covs``, name -> G; None: the plain SVD),
+    corrected (``refine``) when output weights ``out_w`` are given, and installs its BasisLinear
+    modules; returns Σ_class whitened error (None unwhitened).
 
     Shared by ``apply_basis_plan`` and the relaxed scheme's plans with basis families beside them.
     """

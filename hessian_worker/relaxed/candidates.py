@@ -18,11 +18,14 @@ and keeping the others per layer (MiniLM at 0.67: 0.908 cosine against 0.9026 wi
 bench/results/eval-relaxed-alone.md).
 
 A family may also share one basis per class instead (``RelaxedOptions.basis_ratios``: the basis
-scheme's form, W_ℓ ≈ U_c C_ℓ, at those shares of min(d_out, d_in)), beside the relaxed families in
-the same plan: a third descent (``MIXED_BASIS``) may move any family to a shared basis, priced by the
-same pricer (costs.PairPricer.basis), so the solver weighs the two kinds of family on one scale. Why:
-on the GPT task model at 0.5 and 0.4 shared bases measured far better than every relaxed plan
-(distillation loss 0.0045 against 0.010 at 0.5; bench/results/eval-relaxed-alone-small.md).
+scheme's form, W_ℓ ≈ U_c C_ℓ, at those shares of min(d_out, d_in), on the side that saves more),
+beside the relaxed families in the same plan, priced by the same pricer (costs.PairPricer.basis) so
+the solver weighs the two kinds of family on one scale: every family on bases at the level that
+predicts least (``BASES``), the descent free to move families to bases from the best start
+(``MIXED_BASIS``) and from the all-bases start (``BASIS_FIRST``), and each plan with basis families
+again at the basis ranks that spend the budget (``spend_bases``). Why: on the GPT task model at 0.5
+and 0.4 shared bases measured far better than every relaxed plan (distillation loss 0.0045 against
+0.010 at 0.5; bench/results/eval-relaxed-alone-small.md).
 
 At those filling ranks the fixed groupings of the literature join too (``FILL_PATTERNS``: contiguous
 runs as in a looped model, adjacent pairs as in DeltaLLM): the pair costs price a class of three or
@@ -39,6 +42,8 @@ from collections.abc import Callable, Collection, Mapping
 
 from torch import Tensor, nn
 
+from hessian_worker.basis.config import BasisOptions
+from hessian_worker.basis.costs import family_side
 from hessian_worker.basis.fill import fill_plan
 from hessian_worker.factored.layers import dense_weights
 from hessian_worker.options import RelaxedOptions
@@ -55,7 +60,7 @@ from solver.baselines import Strategy
 from solver.candidates import distinct_plans, pattern_plans
 from solver.errors import BudgetInfeasible, ConstraintInfeasible
 from solver.planning import SolveConfig, plan_from_coloring, solve, with_config
-from solver.schema import Scheme, SharingPlan, SharingProblem, Side
+from solver.schema import Scheme, SharingPlan, SharingProblem
 
 MIXED = "relaxed-mixed-ranks"  # the strategy name of the per-family ranks of ``mixed_ranks``
 MIXED_ALONE = "relaxed-mixed-alone"  # ``mixed_ranks`` free to leave families alone, when it does
@@ -107,18 +112,23 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     own = {x.family: rank[x.name] for x in full.layers}
     own_alone = frozenset(full.alone_families())
     spectra = spectra or PairSpectra(full.layers, weights, covs, damping=options.damping)
-    sides = {fam: Side.in_ if d_in > d_out else Side.out for fam, (d_out, d_in) in fam_shapes.items()}
+    sides = {fam: family_side(shape, BasisOptions()) for fam, shape in fam_shapes.items()}  # the larger one
     solved: dict[tuple[tuple[tuple[str, int], ...], frozenset[str], frozenset[str]], Found | None] = {}
+
+    def priced(forms: Forms) -> SharingProblem:
+        """The problem at ``forms`` (ranks, families alone, families on bases), priced by ``spectra``."""
+        ranks, alone, based = forms
+        return relaxed_problem(full, spectra, ranks, shapes, alone, {f: sides[f] for f in based})
 
     def optimum(ranks: Ranks, alone: frozenset[str] = frozenset(), based: frozenset[str] = frozenset()) -> Found | None:
         """The solver's optimum at ``ranks`` with the families ``alone`` kept apart and those ``based``
-        sharing bases (on the side that saves more), None when it does not fit (memoized)."""
+        sharing bases, None when it does not fit (memoized)."""
         key = (tuple(sorted(ranks.items())), alone, based)
         if key not in solved:
             solved[key] = None
             basis = {f: sides[f] for f in based}
             if budget is None or least_params(fam_shapes, sizes, ranks, alone=alone, basis=basis) <= budget:
-                at_rank = relaxed_problem(full, spectra, ranks, shapes, alone, basis)
+                at_rank = priced((ranks, alone, based))
                 with contextlib.suppress(BudgetInfeasible, ConstraintInfeasible):
                     solved[key] = (solve(at_rank, config), at_rank)
         return solved[key]
@@ -171,10 +181,6 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
             seen.append(state)
             named = (BASIS_FIRST if first else MIXED_BASIS) if state[2] else MIXED_ALONE if state[1] else MIXED
             out.append((mixed[0].model_copy(update={"strategy": named}), mixed[1]))
-    def priced(forms: Forms) -> SharingProblem:
-        ranks, alone, based = forms
-        return relaxed_problem(full, spectra, ranks, shapes, alone, {f: sides[f] for f in based})
-
     if budget is not None:  # the basis shares leave some budget unspent: their plans at ranks that spend it
         out += [raised for found in out if forms_of(found[1])[2]
                 if (raised := spend_bases(found, budget, weights, covs, options.damping, priced)) is not None]
