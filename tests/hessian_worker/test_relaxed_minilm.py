@@ -29,7 +29,9 @@ def test_minilm_compress_relaxed_and_load(tmp_path, monkeypatch: pytest.MonkeyPa
 
     loaded = load_model("minilm")
     config = CompressConfig(ratio=0.5, scheme="relaxed", device="cpu", progress=False, holdout=4, top=3,
-                            normalized_top=0, per_pattern=1, relaxed=RelaxedOptions(rank_ratios=[0.03125, 0.125]))
+                            normalized_top=0, per_pattern=1,
+                            # relaxed forms only: the families on shared bases are test_relaxed_beside_basis.py's
+                            relaxed=RelaxedOptions(rank_ratios=[0.03125, 0.125], basis_ratios=[]))
     # two families (query, key) keep the test short (CompressConfig has no targets: discovery takes all)
     acfg = config.analyze_config("float32").model_copy(update={"targets": FAMILIES})
     monkeypatch.setattr(CompressConfig, "analyze_config", lambda self, dtype, scheme=None: acfg)
