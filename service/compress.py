@@ -112,6 +112,10 @@ class CompressSpec(BaseModel):
         None, description="relaxed: price each pair's residual by the input covariances with one output scale per "
         "layer (kronecker; default) or by the exact GGN's per-layer blocks (exact: costlier, ranks plans as measured)."
     )
+    relaxed_bases: bool | None = Field(
+        None, description="relaxed: let the candidates keep families as shared bases beside the relaxed ones "
+        "(default true); false keeps every family relaxed."
+    )
     rank: int | None = Field(
         None, ge=1, le=1_000_000, description="basis: rank of every family (default: rank_ratio)."
     )

@@ -83,6 +83,8 @@ def _relaxed_fields(relaxed: dict[str, Any]) -> dict[str, Any]:
     fields = {"correction_rank": relaxed["rank"], "output_weighting": relaxed["output_weighting"]}
     if "pricing" in relaxed:
         fields["relaxed_pricing"] = relaxed["pricing"]
+    if relaxed.get("basis_ratios") == []:
+        fields["relaxed_bases"] = False
     if "rank_ratio" in relaxed:
         fields["relaxed"] = {"rank_ratio": relaxed["rank_ratio"], "output_weighting": relaxed["output_weighting"]}
     return fields

@@ -98,3 +98,21 @@ def test_relaxed_pricing_flag(factory_cli, capsys, tmp_path) -> None:
         assert problem.source["relaxed"]["pricing"] == pricing
         costs[pricing] = problem.costs.matrix
     assert costs["kronecker"] != costs["exact"]  # same fits, another price
+
+
+def test_no_relaxed_bases_keeps_every_family_relaxed(tmp_path, factory_cli, capsys) -> None:
+    """--no-relaxed-bases: compress's relaxed candidates keep every family relaxed (the exact-priced
+    toy otherwise chooses shared bases, test_compress_with_relaxed_sharing), and the flag needs the
+    relaxed scheme."""
+    rc = main(["compress", *factory_cli, "--ratio", "0.9", "--no-relaxed-bases", "--out", str(tmp_path / "tie")])
+    assert rc == 2 and "--no-relaxed-bases applies to --scheme relaxed only" in capsys.readouterr().err
+    out = tmp_path / "out"
+    args = ["compress", *factory_cli, "--ratio", "0.9", "--scheme", "relaxed", "--correction-rank", "1", "--top", "4",
+            "--relaxed-pricing", "exact", "--no-relaxed-bases", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not any("bases" in c["strategy"] or "basis" in c["strategy"] for c in report["candidates"])
+    assert json.loads((out / "plan.json").read_text())["scheme"] == "relaxed"
+    model = factory()
+    load_shared(model, out)
+    assert all(isinstance(model.blocks[i].fc, RelaxedLinear) for i in range(3))

@@ -308,3 +308,8 @@ def test_relaxed_fields_reach_the_relaxed_options():
     analysis = config.analyze_config("float32")
     assert analysis.scheme.value == "relaxed" and analysis.max_params_ratio == 0.5
     assert analysis.relaxed.rank == 8 and not analysis.relaxed.output_weighting
+    assert analysis.relaxed.basis_ratios  # families may go to shared bases unless the spec says otherwise
+    spec = AnalysisSpec.model_validate({"model": "m:f", "ratio": 0.5, "compress": {
+        "out": "/o", "scheme": "relaxed", "relaxed_bases": False}})
+    config = CompressConfig.model_validate(compress_config(spec) | {"device": "cpu", "progress": False})
+    assert config.analyze_config("float32").relaxed.basis_ratios == []
