@@ -461,9 +461,9 @@ class CompressConfig(BaseModel):
     relaxed_pricing: RelaxedPricing | None = Field(
         None, description="relaxed: how pair residuals are priced, kronecker or exact (default: relaxed.pricing, "
         "kronecker; see RelaxedPricing).")
-    relaxed_bases: bool | None = Field(
-        None, description="relaxed: the candidates may keep families as shared bases beside the relaxed ones (default "
-        "true: relaxed.basis_ratios); false keeps every family relaxed (basis_ratios []).")
+    relaxed_bases: bool = Field(
+        True, description="relaxed: the candidates may keep families as shared bases beside the relaxed ones "
+        "(relaxed.basis_ratios); false keeps every family relaxed (basis_ratios []).")
     relaxed: RelaxedOptions | None = Field(None, description="relaxed: correction ranks, the rank shares also measured, "
                                            "whitening (default: RelaxedOptions() with this config's output_weighting).")
 
@@ -479,7 +479,7 @@ class CompressConfig(BaseModel):
             relaxed = relaxed.model_copy(update={"rank": self.correction_rank})
         if self.relaxed_pricing is not None:
             relaxed = relaxed.model_copy(update={"pricing": self.relaxed_pricing})
-        if self.relaxed_bases is False:
+        if not self.relaxed_bases:
             relaxed = relaxed.model_copy(update={"basis_ratios": []})
         return AnalyzeConfig(backend=self.backend, samples=self.samples, batch_size=self.batch_size, seed=self.seed,
                              distill=self.distill, device=self.device, progress=self.progress, scheme=scheme,

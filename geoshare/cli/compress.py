@@ -72,6 +72,9 @@ def add_commands(subparsers: Any) -> None:
     hide(c.add_argument("--basis-rank", "--rank", dest="basis_rank", type=int, default=None, metavar="R",
                         help="--scheme basis: the basis rank of every family (or --rank-ratio)"), "--rank")
     flags.scheme_options(c, auto=True)
+    c.add_argument("--no-relaxed-bases", action="store_true",
+                   help="--scheme relaxed: keep every family relaxed (default: the candidates may keep families as "
+                        "shared low-rank bases beside the relaxed ones, and the measured choice picks)")
     c.add_argument("--predict", action="store_true",
                    help="also predict every candidate's loss change to second order (one forward-mode pass each; "
                         "the report's second_order and spearman: how well predictions rank the candidates)")
@@ -83,8 +86,6 @@ def _relaxed_fields(relaxed: dict[str, Any]) -> dict[str, Any]:
     fields = {"correction_rank": relaxed["rank"], "output_weighting": relaxed["output_weighting"]}
     if "pricing" in relaxed:
         fields["relaxed_pricing"] = relaxed["pricing"]
-    if relaxed.get("basis_ratios") == []:
-        fields["relaxed_bases"] = False
     if "rank_ratio" in relaxed:
         fields["relaxed"] = {"rank_ratio": relaxed["rank_ratio"], "output_weighting": relaxed["output_weighting"]}
     return fields
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     basis = flags.basis_options(args, args.basis_rank)
     relaxed = flags.relaxed_options(args)
+    if args.no_relaxed_bases:
+        flags.refuse_without_scheme([] if args.scheme == "relaxed" else ["--no-relaxed-bases"], "relaxed")
     streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and args.scheme == "tie"
     backend = args.backend or ("kfac" if streamed else "exact")
     config = CompressConfig(ratio=args.ratio, backend=backend, merge=None if args.merge == AUTO else args.merge,
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                             kfac=flags.kfac_options(args), progress=not args.quiet, scheme=args.scheme,
                             predict=args.predict, **basis,
                             **(_relaxed_fields(relaxed) if relaxed else {}),
+                            **({"relaxed_bases": False} if args.no_relaxed_bases else {}),
                             **({"shrinkage": args.shrinkage} if args.shrinkage is not None else {}))
     command = args.command_line  # the card's record of this run (geoshare.cli.main): flags given, defaults left out
     if streamed:

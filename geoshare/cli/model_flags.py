@@ -104,9 +104,6 @@ def scheme_options(parser: argparse.ArgumentParser, *, auto: bool = False) -> No
                         help="--scheme relaxed: price each pair's residual by the input covariances with one output "
                              "scale per layer (kronecker, default: cheap at any size) or by the exact GGN's per-layer "
                              "blocks (exact: two forward-mode passes per pair and rank; ranks plans as measured)")
-    parser.add_argument("--no-relaxed-bases", action="store_true",
-                        help="--scheme relaxed (compress): keep every family relaxed (default: the candidates may keep "
-                             "families as shared low-rank bases beside the relaxed ones, and the measured choice picks)")
     parser.add_argument("--no-output-weighting", action="store_true",
                         help="--scheme basis or relaxed: count every layer's output error alike (default: weigh it "
                              "by the layer's output-side curvature, so costs are predicted loss changes)")
@@ -163,13 +160,11 @@ def basis_options(args: argparse.Namespace, rank: int | None) -> dict[str, Any]:
 
 
 def relaxed_options(args: argparse.Namespace) -> dict[str, Any]:
-    """RelaxedOptions fields from --correction-rank, --rank-ratio, --relaxed-pricing, --no-relaxed-bases,
-    --no-output-weighting (all but the last are refused without --scheme relaxed)."""
+    """RelaxedOptions fields from --correction-rank, --rank-ratio, --relaxed-pricing,
+    --no-output-weighting (the correction rank and the pricing are refused without --scheme relaxed)."""
     if args.scheme != "relaxed":
         given = [flag for flag, v in (("--correction-rank", args.correction_rank),
-                                      ("--relaxed-pricing", args.relaxed_pricing),
-                                      ("--no-relaxed-bases", args.no_relaxed_bases or None))
-                 if v is not None]
+                                      ("--relaxed-pricing", args.relaxed_pricing)) if v is not None]
         refuse_without_scheme(given, "relaxed")
         return {}
     if args.correction_rank is not None and args.rank_ratio is not None:
@@ -179,8 +174,6 @@ def relaxed_options(args: argparse.Namespace) -> dict[str, Any]:
         fields["rank_ratio"] = args.rank_ratio
     if args.relaxed_pricing is not None:
         fields["pricing"] = args.relaxed_pricing
-    if args.no_relaxed_bases:
-        fields["basis_ratios"] = []
     return fields
 
 

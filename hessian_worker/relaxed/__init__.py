@@ -12,8 +12,9 @@ classes chosen by the curvature costs and the solver instead of fixed in advance
 Modules, one job each: ``decompose`` (the math: the pair's closed form, the class fit), ``costs``
 (pair spectra -> pair costs at any rank, ranks within a budget), ``analysis`` (the problem, plan
 helpers), ``modules`` (RelaxedLinear), ``apply``, ``measure`` (substitutes for measuring candidate
-plans), ``candidates`` (the optima at other correction ranks), ``io``. The whitening covariances
-are the basis scheme's (basis/scales.py). Names are imported lazily.
+plans), ``candidates`` (the optima at other correction ranks and forms: families alone, families on
+shared bases beside the relaxed ones), ``io``. The whitening covariances are the basis scheme's
+(basis/scales.py), shrunk by cross-fitting (``holdout``). Names are imported lazily.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ RENAMED: dict[str, dict[str, str]] = {
                 "relaxed_pricing": "relaxed.pricing"},
     "compress": {**KFAC, "heal": "heal_steps", "no_heal_choice": "!heal_choice", "time_limit": "time_limit_s",
                  "quiet": "!progress", "no_output_weighting": "!output_weighting", "holdout_samples": "holdout",
-                 "basis_rank": "rank", "predict": "predict", "no_refit": "!refit"},
+                 "basis_rank": "rank", "predict": "predict", "no_refit": "!refit", "no_relaxed_bases": "!relaxed_bases"},
     "apply": {"heal": "heal_steps", "quiet": "!progress", "no_output_weighting": "!output_weighting",
               "holdout_samples": "holdout"},
 }
@@ -210,7 +210,7 @@ def test_compress_passes_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_path):
         [*head, "--scheme", "basis", "--basis-rank", "2", "--side", "in", "--no-output-weighting", "--no-refit"],
         [*head, "--scheme", "basis", "--rank-ratio", "0.5"],
         [*head, "--scheme", "auto", "--rank-ratio", "0.5", "--predict"],
-        [*head, "--scheme", "relaxed", "--correction-rank", "3", "--relaxed-pricing", "exact"],
+        [*head, "--scheme", "relaxed", "--correction-rank", "3", "--relaxed-pricing", "exact", "--no-relaxed-bases"],
     ]
     checked = set()
     for argv in runs:
