@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     basis = flags.basis_options(args, args.basis_rank)
     relaxed = flags.relaxed_options(args)
-    if args.no_relaxed_bases:
-        flags.refuse_without_scheme([] if args.scheme == "relaxed" else ["--no-relaxed-bases"], "relaxed")
+    if args.no_relaxed_bases and args.scheme != "relaxed":
+        flags.refuse_without_scheme(["--no-relaxed-bases"], "relaxed")
     streamed = is_streamable(args.model) and args.backend in (None, "kfac", "layerwise") and args.scheme == "tie"
     backend = args.backend or ("kfac" if streamed else "exact")
     config = CompressConfig(ratio=args.ratio, backend=backend, merge=None if args.merge == AUTO else args.merge,

@@ -22,7 +22,7 @@ from hessian_worker.curvature.layerwise import linear_modules
 from hessian_worker.errors import PlanError
 from hessian_worker.factored.apply import require_covs
 from hessian_worker.factored.layers import dense_weights
-from solver.schema import Scheme, SharingPlan, SharingProblem
+from solver.schema import Scheme, SharingPlan, SharingProblem, Side
 
 
 class ClassSubstitutes:
@@ -111,14 +111,17 @@ class BasisSubstitutes(ClassSubstitutes):
         """The class's shared basis and coefficients, in the model's dtype (cached)."""
         key = tuple(group)
         if key not in self._cache:
-            ws = [self.weights[n] for n in group]
             cs = None if self.covs is None else [self.covs[n] for n in group]
-            with torch.no_grad():
-                f = shared_basis(
-                    ws, self.ranks[group[0]], cs, damping=self.damping, side=self.sides[group[0]]
-                )
-            dtype = self.dtype[group[0]]
-            self._cache[key] = BasisFactors(
-                f.basis.to(dtype), [c.to(dtype) for c in f.coefs], f.side
-            )
+            self._cache[key] = basis_factors([self.weights[n] for n in group], self.ranks[group[0]], cs,
+                                             damping=self.damping, side=self.sides[group[0]],
+                                             dtype=self.dtype[group[0]])
         return self._cache[key]
+
+
+def basis_factors(weights: Sequence[Tensor], rank: int, covs: Sequence[Tensor] | None, *, damping: float,
+                  side: Side, dtype: torch.dtype) -> BasisFactors:
+    """The shared basis apply fits for a class (decompose.shared_basis), cast to the model's ``dtype``:
+    what a measured candidate's basis class holds."""
+    with torch.no_grad():
+        f = shared_basis(weights, rank, covs, damping=damping, side=side)
+    return BasisFactors(f.basis.to(dtype), [c.to(dtype) for c in f.coefs], f.side)

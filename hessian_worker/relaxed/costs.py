@@ -232,7 +232,7 @@ class PairSpectra:
         key = (members, side)
         if key not in self._basis_curves:
             names = [self.layers[i].name for i in members]
-            covs = None if self.covs is None else [alone_cov(self.covs, n) for n in names]
-            grams = family_errors([self.weights[n] for n in names], covs, side, damping=self.damping)
+            grams = family_errors([self.weights[n] for n in names], class_covs(self.covs, names, True), side,
+                                  damping=self.damping)
             self._basis_curves[key] = grams.error_curve(range(len(names)))
         return self._basis_curves[key][rank]

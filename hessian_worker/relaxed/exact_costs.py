@@ -40,6 +40,7 @@ from hessian_worker.relaxed.costs import (
     BasisTerms,
     alone_cov,
     basis_terms,
+    class_covs,
     family_pairs,
     pair_matrix,
 )
@@ -118,8 +119,7 @@ class ExactPairCosts:
             for members, rank, side in todo:
                 names = [self.layers[i].name for i in members]
                 ws = [self.weights[n] for n in names]
-                covs = None if self.covs is None else [alone_cov(self.covs, n) for n in names]
-                fit = shared_basis(ws, rank, covs, damping=self.damping, side=side)
+                fit = shared_basis(ws, rank, class_covs(self.covs, names, True), damping=self.damping, side=side)
                 for k, (i, w) in enumerate(zip(members, ws, strict=True)):
                     residuals.setdefault(i, []).append(fit.weight(k) - w.to(fit.basis.dtype))
         forms = {i: iter(values) for i, values in self._half_forms(residuals, "basis exact costs").items()}

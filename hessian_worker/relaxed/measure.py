@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from hessian_worker.basis.analysis import rank_of as basis_rank_of
 from hessian_worker.basis.analysis import side_of
-from hessian_worker.basis.decompose import BasisFactors, shared_basis
-from hessian_worker.basis.measure import ClassSubstitutes
+from hessian_worker.basis.decompose import BasisFactors
+from hessian_worker.basis.measure import ClassSubstitutes, basis_factors
 from hessian_worker.options import RelaxedOptions
 from hessian_worker.relaxed.analysis import alone_layers, rank_of
-from hessian_worker.relaxed.costs import alone_cov, class_covs
+from hessian_worker.relaxed.costs import class_covs
 from hessian_worker.relaxed.decompose import RelaxedFactors, fit_members
 from solver.schema import Scheme, SharingProblem
 
@@ -57,13 +57,10 @@ class RelaxedSubstitutes(ClassSubstitutes):
         """The class's S and corrections (a basis family's class: its basis and coefficients), in the
         model's dtype (cached)."""
         key = tuple(group)
-        if key not in self._cache and group[0] in self.basis_ranks:
-            cs = None if self.covs is None else [alone_cov(self.covs, n) for n in group]
-            with torch.no_grad():
-                f = shared_basis([self.weights[n] for n in group], self.basis_ranks[group[0]], cs,
-                                 damping=self.options.damping, side=self.sides[group[0]])
-            dtype = self.dtype[group[0]]
-            self._cache[key] = BasisFactors(f.basis.to(dtype), [c.to(dtype) for c in f.coefs], f.side)
+        if key not in self._cache and group[0] in self.basis_ranks:  # whitened as a layer alone is
+            self._cache[key] = basis_factors([self.weights[n] for n in group], self.basis_ranks[group[0]],
+                                             class_covs(self.covs, group, True), damping=self.options.damping,
+                                             side=self.sides[group[0]], dtype=self.dtype[group[0]])
         if key not in self._cache:
             ws = [self.weights[n] for n in group]
             cs = class_covs(self.covs, group, group[0] in self.alone)
