@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from bench.evaluate import fingerprint, union
+from bench.paired import SampleScores
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig, HealConfig, analyze, apply_plan, heal, measure_loss
 from hessian_worker.basis.analysis import score_classes, side_of, split_classes
@@ -207,6 +208,15 @@ def pairs_plan(problem: SharingProblem) -> SharingPlan:
     return plan_from_coloring(problem, coloring, method="baseline:consecutive-pairs", strategy="basis-pairs")
 
 
+class Score(NamedTuple):
+    """A scored model: the task's metric and the distillation loss on the evaluation split, and the
+    metric's per-sample parts where the task offers them (for paired intervals, bench/paired.py)."""
+
+    metric: float
+    loss: float
+    samples: SampleScores | None = None
+
+
 class Scorer:
     """Installs plans into copies of the task's model and scores them, zero-shot and healed."""
 
@@ -231,16 +241,21 @@ class Scorer:
     def loss(self, model: torch.nn.Module) -> float:
         return measure_loss(model, self.task.model, self.task.evaluation, self.quiet, tokenizer=self.task.tokenizer)
 
-    def score(self, model: torch.nn.Module) -> dict[str, tuple[float, float]]:
-        """{regime: (metric, distillation loss on the evaluation split)}."""
-        out = {"zero-shot": (self.task.score(model), self.loss(model))}
+    def score(self, model: torch.nn.Module) -> dict[str, Score]:
+        """{regime: its Score on the evaluation split}: zero-shot and, with heal steps, healed."""
+        out = {"zero-shot": self._score(model)}
         if self.heal_steps:
             config = HealConfig(steps=self.heal_steps, lr=self.task.heal_lr, distill=self.task.distill,
                                 seed=self.seed, progress=False)
             heal(model, self.task.model, self.heal_data, config, tokenizer=self.task.tokenizer)
             model.eval()
-            out["healed"] = (self.task.score(model), self.loss(model))
+            out["healed"] = self._score(model)
         return out
+
+    def _score(self, model: torch.nn.Module) -> Score:
+        samples = self.task.samples(model) if self.task.samples is not None else None
+        metric = samples.metric() if samples is not None else self.task.score(model)
+        return Score(metric, self.loss(model), samples)
 
 
 def rank_label(problem: SharingProblem) -> int | str:
@@ -353,11 +368,11 @@ def evaluate_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
 
-def _rows(ratio: float, strategy: str, scheme: str, scores: dict[str, tuple[float, float]], shared: int,
+def _rows(ratio: float, strategy: str, scheme: str, scores: dict[str, Score], shared: int,
           dense: int, **extra: Any) -> list[dict[str, Any]]:
-    return [{"ratio": ratio, "regime": regime, "strategy": strategy, "scheme": scheme, "measured": metric,
-             "loss": loss, "unique_params": shared, "params_ratio": shared / dense, **extra}
-            for regime, (metric, loss) in scores.items()]
+    return [{"ratio": ratio, "regime": regime, "strategy": strategy, "scheme": scheme, "measured": score.metric,
+             "loss": score.loss, "unique_params": shared, "params_ratio": shared / dense, **extra}
+            for regime, score in scores.items()]
 
 
 def main() -> None:

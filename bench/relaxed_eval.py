@@ -60,6 +60,7 @@ from bench.basis_eval import (
     tie_merge,
 )
 from bench.evaluate import costs_for, union
+from bench.paired import LEVEL, PairedDifference, SampleScores, paired_difference
 from bench.tasks import TASKS, Task, load_task
 from hessian_worker import AnalyzeConfig
 from hessian_worker.basis.per_layer import per_layer_candidate
@@ -272,6 +273,7 @@ def evaluate_task(task: Task, args: argparse.Namespace,
             print(f"  {task.name} {ratio} tie: {exc}", file=sys.stderr)
         timings[f"other-choice@{ratio}"] = time.perf_counter() - t
         t = time.perf_counter()
+        samples: dict[tuple[str, str], SampleScores] = {}  # (strategy, regime) -> per-sample parts, this budget
         for strategy, (scheme, plan, prob) in plans.items():
             if scheme == "relaxed":
                 model = copy.deepcopy(task.model)
@@ -284,17 +286,32 @@ def evaluate_task(task: Task, args: argparse.Namespace,
                 model, count = scorer.tie_model(plan)
             assert count <= budget, (strategy, count, budget)
             ranks = sorted({s.rank for s in prob.families.values() if s.rank}) if prob is not None else []
-            rows += [{"ratio": ratio, "regime": regime, "strategy": strategy, "scheme": scheme, "measured": metric,
-                      "loss": loss, "unique_params": count, "params_ratio": count / dense,
-                      "rank": "/".join(map(str, ranks)), "classes": len(set(plan.coloring.values())),
-                      "predicted": plan.objective, "chosen": plan.strategy or "optimum"}
-                     for regime, (metric, loss) in scorer.score(model).items()]
+            scores = scorer.score(model)
+            samples |= {(strategy, regime): score.samples for regime, score in scores.items()
+                        if score.samples is not None}
+            rows += [{"ratio": ratio, "regime": regime, "strategy": strategy, "scheme": scheme,
+                      "measured": score.metric, "loss": score.loss, "unique_params": count,
+                      "params_ratio": count / dense, "rank": "/".join(map(str, ranks)),
+                      "classes": len(set(plan.coloring.values())), "predicted": plan.objective,
+                      "chosen": plan.strategy or "optimum", **against_geo(samples, strategy, regime)}
+                     for regime, score in scores.items()]
             print(f"  {task.name} {ratio} {strategy}: {rows[-1]['measured']:.4g} ({rows[-1]['chosen']}, "
                   f"rank {rows[-1]['rank']}, {count / dense:.3f})", file=sys.stderr)
         timings[f"score@{ratio}"] = time.perf_counter() - t
         if progress is not None:
             progress(summary(task, original, rows, dense, fams, merge, rx, timings))
     return summary(task, original, rows, dense, fams, merge, rx, timings)
+
+
+def against_geo(samples: dict[tuple[str, str], SampleScores], strategy: str, regime: str) -> dict[str, Any]:
+    """``{"vs_geo": [difference, low, high]}``: the row's metric minus relaxed-geo's in the same regime
+    and budget, with its paired bootstrap interval over the evaluation samples (bench/paired.py);
+    empty for relaxed-geo itself or where a task gives no per-sample scores."""
+    mine, geo = samples.get((strategy, regime)), samples.get(("relaxed-geo", regime))
+    if strategy == "relaxed-geo" or mine is None or geo is None:
+        return {}
+    d = paired_difference(mine, geo)
+    return {"vs_geo": [d.difference, d.low, d.high]}
 
 
 def summary(task: Task, original: float, rows: list[dict[str, Any]], dense: int, fams: dict[str, Any], merge: Any,
@@ -317,7 +334,10 @@ NOTES = [
     "`relaxed-sequence` its best share on the validation split. Timings on the shared 2-core machine.",
     "Every relaxed, basis and svd row whitens with the same covariances: the relaxed scheme's, each",
     "family's shrinkage intensity chosen by cross-fitting (hessian_worker/relaxed/holdout.py);",
-    "`svd-unshrunk` whitens with the unshrunk covariances (the basis scheme's own).",
+    "`svd-unshrunk` whitens with the unshrunk covariances (the basis scheme's own). Every row is",
+    "scored on the same evaluation samples: the paired tables give each row's metric minus",
+    "relaxed-geo's with its bootstrap interval (bench/paired.py), so a lead the samples do not",
+    "resolve reads as one.",
 ]
 
 
@@ -355,6 +375,19 @@ def markdown(result: dict[str, Any]) -> str:
                     cells.append(f"{hit[0]['measured']:.4g} ({hit[0]['loss']:.3g})" if hit else "")
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
             lines.append("")
+            if any("vs_geo" in x for x in rows if x["regime"] == regime):
+                lines += [f"### {regime}: metric minus relaxed-geo's, paired {LEVEL:.0%} bootstrap interval over the "
+                          "evaluation samples (* where the interval excludes 0)", "",
+                          "| strategy | " + " | ".join(f"budget {r:g}" for r in ratios) + " |",
+                          "|---" * (len(ratios) + 1) + "|"]
+                for s in ROWS[1:]:
+                    cells = []
+                    for r in ratios:
+                        hit = [x for x in rows if x["strategy"] == s and x["ratio"] == r and x["regime"] == regime
+                               and "vs_geo" in x]
+                        cells.append(PairedDifference(*hit[0]["vs_geo"]).cell() if hit else "")
+                    lines.append(f"| {s} | " + " | ".join(cells) + " |")
+                lines.append("")
         lines += ["### plans: correction/basis rank, classes, params kept, chosen candidate", "",
                   "| budget | strategy | rank | classes | params ratio | predicted | measured loss | chosen |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -13,12 +13,16 @@ from typing import Any
 
 from torch import nn
 
+from bench.paired import SampleScores
+
 
 @dataclass
 class Task:
     """One evaluation model.
 
-    ``score(model)`` returns the metric of a (compressed) copy on the evaluation split;
+    ``score(model)`` returns the metric of a (compressed) copy on the evaluation split, and
+    ``samples(model)`` the same in per-sample parts (bench/paired.py: for paired intervals between
+    rows; None where a task does not offer them);
     ``distill`` is the calibration loss (``hessian_worker.DistillLoss`` value) used for costs,
     the measured choice, healing and the measured loss change.
     """
@@ -34,3 +38,4 @@ class Task:
     evaluation: Any
     score: Callable[[nn.Module], float]
     heal_lr: float = 5e-5
+    samples: Callable[[nn.Module], SampleScores] | None = None

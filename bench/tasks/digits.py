@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from bench.paired import SampleScores
 from bench.tasks.base import Task
 from bench.tasks.cache import load_or_train
 
@@ -108,10 +109,15 @@ def pool_samples(calibration: int, validation: int, seed: int) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def correct(model: nn.Module, x: Tensor, y: Tensor) -> SampleScores:
+    """1 for each sample the model classifies right, 0 else: the accuracy in per-sample parts."""
     param = next(model.parameters())
     pred = model(x.to(device=param.device, dtype=param.dtype)).argmax(dim=-1).cpu()
-    return float((pred == y).double().mean())
+    return SampleScores((pred == y).double().numpy())
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return correct(model, x, y).metric()
 
 
 def train_digits(
@@ -191,4 +197,5 @@ def digits_task(
         evaluation=x_test,
         score=lambda m: accuracy(m, x_test, y_test),
         heal_lr=1e-4,
+        samples=lambda m: correct(m, x_test, y_test),
     )

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from bench.paired import SampleScores
 from bench.tasks.base import Task
 from bench.tasks.cache import load_or_train
 from hessian_worker.data import INPUT_KEY
@@ -223,18 +224,23 @@ def unigram_perplexity(train: Tensor, ids: Tensor) -> float:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: Tensor, batch_size: int = 32) -> float:
-    """exp(mean next-token NLL) over every position after the first of each row."""
+def window_nll(model: nn.Module, ids: Tensor, batch_size: int = 32) -> SampleScores:
+    """Each window's next-token NLL summed over every position after the first, over its token
+    count, link exp: the perplexity in per-window parts."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums = []
     for i in range(0, len(ids), batch_size):
         x = ids[i : i + batch_size].to(device)
         logits = model(x)[:, :-1].double()
-        total += float(
-            F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="sum")
-        )
-        count += x[:, 1:].numel()
-    return math.exp(total / count)
+        nll = F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="none")
+        sums.append(nll.view(len(x), -1).sum(-1).cpu())
+    tokens = torch.full((len(ids),), ids.shape[1] - 1, dtype=torch.float64)
+    return SampleScores(torch.cat(sums).numpy(), tokens.numpy(), exp=True)
+
+
+def perplexity(model: nn.Module, ids: Tensor, batch_size: int = 32) -> float:
+    """exp(mean next-token NLL) over every position after the first of each row."""
+    return window_nll(model, ids, batch_size).metric()
 
 
 def train_gpt(model: GPT, train: TrainConfig, stream: Tensor, held_out: Tensor) -> dict[str, float]:
@@ -342,6 +348,7 @@ def gpt_task(
         evaluation=evaluation_ids,
         score=lambda m: perplexity(m, evaluation_ids),
         heal_lr=3e-4,
+        samples=lambda m: window_nll(m, evaluation_ids),
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bench.corpus import splits
+from bench.paired import SampleScores
 from bench.tasks.base import Task
 
 
@@ -52,8 +53,11 @@ def minilm_task(
     calib, evaluation_sents, validation_sents = splits((calibration, evaluation, validation), seed, corpus)
     reference = embed(model, tokenizer, evaluation_sents)
 
+    def samples(m: nn.Module) -> SampleScores:
+        return SampleScores((embed(m, tokenizer, evaluation_sents) * reference).sum(-1).double().numpy())
+
     def score(m: nn.Module) -> float:
-        return float((embed(m, tokenizer, evaluation_sents) * reference).sum(-1).mean())
+        return samples(m).metric()
 
     return Task(
         name="minilm" if corpus == "docstrings" else f"minilm-{corpus}",
@@ -66,4 +70,5 @@ def minilm_task(
         validation=validation_sents,
         evaluation=evaluation_sents,
         score=score,
+        samples=samples,
     )
