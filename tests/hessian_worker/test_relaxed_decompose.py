@@ -207,3 +207,25 @@ def test_alone_fit_is_the_optimum_without_a_shared_tensor(whiten: bool, rank: in
     torch.testing.assert_close(installed.weight(0), fit.weight(0), rtol=0, atol=0)
     with pytest.raises(PlanError, match="class of one"):
         fit_members(ws * 2, rank, alone=True)
+
+
+@pytest.mark.parametrize("fit_kind", ["alone", "pair", "class"])
+def test_corrections_are_balanced_and_blind_to_the_whitening_scale(fit_kind: str) -> None:
+    """Every correction's factors have ‖a_i‖ = ‖b_i‖, and scaling the covariances (the output
+    scales healing never sees) leaves them as they are: healing's per-entry steps then move both
+    factors alike."""
+    ws, covs = _class(k={"alone": 1, "pair": 2, "class": 3}[fit_kind], seed=4)
+
+    def fit(scale: float):
+        scaled = [scale * c for c in covs]
+        if fit_kind == "alone":
+            return alone_fit(ws[0], 2, scaled[0], damping=DAMPING)
+        if fit_kind == "pair":
+            return pair_fit(ws[0], ws[1], 2, *scaled, damping=DAMPING)
+        return class_fit(ws, 2, scaled, damping=DAMPING, rounds=0).factors
+
+    plain, tiny = fit(1.0), fit(1e-6)
+    for a, b in zip(plain.left, plain.right, strict=True):
+        torch.testing.assert_close(a.norm(dim=0), b.norm(dim=1), rtol=1e-10, atol=0)
+    for got, want in zip(tiny.left + tiny.right, plain.left + plain.right, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
