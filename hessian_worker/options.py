@@ -414,10 +414,10 @@ class CompressConfig(BaseModel):
     heal_lr: float = Field(HealConfig.model_fields["lr"].default, gt=0)
     heal_holdout: float = Field(HealConfig.model_fields["holdout"].default, ge=0, lt=1, description="With heal_steps: share of the healing samples kept out of "
                                 "training, to keep the best step (step 0 included); 0: heal on all, keep the last step.")
-    heal_choice: bool = Field(True, description="With heal_steps (scheme tie): heal a shortlist and keep the plan that "
+    heal_choice: bool = Field(True, description="With heal_steps (every scheme): heal a shortlist and keep the plan that "
                               "loses least after healing, not the zero-shot winner.")
     heal_shortlist: int = Field(2, ge=0, le=100, description="Best zero-shot candidates healed in the choice, "
-                                "besides each pattern's best.")
+                                "besides the best of each pattern (tie) or form of sharing (relaxed, basis: choose.heal_kind).")
     choice_holdout: float = Field(0.5, ge=0, lt=1, description="With the layerwise merge: share of the choice samples "
                                   "the candidates are scored on, kept out of the covariances they are merged with "
                                   "(scored where it was fitted, the merge flatters the plans it overfits). 0: score "

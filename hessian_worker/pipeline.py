@@ -195,18 +195,20 @@ def compress(model: nn.Module, data: Any, config: CompressConfig, *, tokenizer: 
                              batch_size=config.batch_size, device=config.device, distill=config.distill,
                              progress=config.progress) if config.heal_steps else None
     healed_choice = None
-    if heal_config is not None and config.heal_choice and run.scheme.heal_aware_choice:
-        pool = [p for p, _ in run.candidates[:run.pool]]
-        healed_choice = choose_healed(model, pool, run.measured[:run.pool], fit, run.parts.choice, heal_config,
-                                      run.config, best=config.heal_shortlist, merge=run.merge, tokenizer=tokenizer,
-                                      diag=run.diag, layerwise=run.layerwise)
-        plan, plan_problem = healed_choice.plan, run.problem
+    if heal_config is not None and config.heal_choice:
+        healed_choice = choose_healed(model, [p for p, _ in run.candidates], run.measured, fit, run.parts.choice,
+                                      heal_config, run.config, best=config.heal_shortlist, merge=run.merge,
+                                      tokenizer=tokenizer, diag=run.diag, layerwise=run.layerwise,
+                                      problems=[q for _, q in run.candidates], state=run.state)
+        plan, plan_problem = run.candidates[healed_choice.index]
     reference = copy.deepcopy(model)
+    state = final_state(run, model, plan_problem, quiet, tokenizer)
     report = run.scheme.apply(model, plan, plan_problem, run.merge, data=run.parts.apply, config=quiet,
-                              tokenizer=tokenizer, state=final_state(run, model, plan_problem, quiet, tokenizer),
-                              diag=run.diag, layerwise=run.layerwise)
+                              tokenizer=tokenizer, state=state, diag=run.diag, layerwise=run.layerwise)
     healed = None
-    if healed_choice is not None:  # the winner was healed in the choice, exactly as below: take its weights
+    if healed_choice is not None and state is run.state:
+        # the winner was installed and healed in the choice exactly as here: take its weights (a
+        # factored scheme's refit on other samples installs other weights: those are healed below)
         model.load_state_dict(healed_choice.model.state_dict())
         healed = healed_choice.heal
     elif heal_config is not None:

@@ -78,7 +78,8 @@ class CompressSpec(BaseModel):
         None, description="With heal_steps: heal a shortlist and keep the least loss after healing (default true)."
     )
     heal_shortlist: int | None = Field(
-        None, ge=0, le=100, description="Best zero-shot candidates healed in the choice, besides each pattern's best (2)."
+        None, ge=0, le=100, description="Best zero-shot candidates healed in the choice, besides the best of each "
+        "pattern (tie) or form of sharing (relaxed, basis) (2)."
     )
     choice_holdout: float | None = Field(
         None, ge=0, lt=1, description="Layerwise merge: share of the choice samples candidates are scored on, kept "

@@ -57,7 +57,8 @@ def add_commands(subparsers: Any) -> None:
                    help="with --heal: fraction in [0, 1) of the healing samples kept out of training, to keep the "
                         "best step (step 0 included; 0: heal on all, keep the last step)")
     c.add_argument("--heal-shortlist", type=int, default=2, metavar="N",
-                   help="with --heal: best zero-shot candidates healed in the choice, besides each pattern's best")
+                   help="with --heal: best zero-shot candidates healed in the choice, besides the best of each "
+                        "pattern (tie) or form of sharing (relaxed, basis)")
     c.add_argument("--no-heal-choice", action="store_true",
                    help="with --heal: keep the zero-shot winner instead of healing a shortlist to choose")
     c.add_argument("--no-refit", action="store_true",

@@ -54,8 +54,6 @@ class Substitutes(Protocol):
 
 class SharingScheme(Protocol):
     name: Scheme
-    # the heal-aware choice (choose_healed) may heal a shortlist of this scheme's candidates
-    heal_aware_choice: bool
     # the layerwise merge's covariances come from one part of the choice data, scored on the other
     merge_split_choice: bool
 

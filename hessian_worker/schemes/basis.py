@@ -50,7 +50,6 @@ def disjoint_parts(fit: Calibration, config: Any) -> DataParts:
 class BasisScheme:
     name = Scheme.basis
     # healing a shortlist and the layerwise merge's split choice are built for tied tensors
-    heal_aware_choice = False
     merge_split_choice = False
 
     def costs(self, model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *,

@@ -41,7 +41,6 @@ from solver.schema import Scheme, SharingPlan, SharingProblem
 class RelaxedScheme:
     name = Scheme.relaxed
     # healing a shortlist and the layerwise merge's split choice are built for tied tensors
-    heal_aware_choice = False
     merge_split_choice = False
 
     def costs(self, model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *,

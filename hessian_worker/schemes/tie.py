@@ -24,7 +24,6 @@ from solver.schema import Scheme, SharingPlan, SharingProblem
 
 class TieScheme:
     name = Scheme.tie
-    heal_aware_choice = True
     merge_split_choice = True
 
     def costs(self, model: nn.Module | str, data: DataSource, config: AnalyzeConfig, *,

@@ -116,3 +116,19 @@ def test_no_relaxed_bases_keeps_every_family_relaxed(tmp_path, factory_cli, caps
     model = factory()
     load_shared(model, out)
     assert all(isinstance(model.blocks[i].fc, RelaxedLinear) for i in range(3))
+
+
+def test_compress_with_healing_chooses_the_relaxed_candidate_that_heals_best(tmp_path, factory_cli, capsys) -> None:
+    """With --heal-steps the relaxed scheme heals a shortlist (the best zero-shot candidate and each
+    form of sharing's best) and installs the one of least loss after healing, healed again after
+    its refit."""
+    args = ["compress", *factory_cli, "--ratio", "0.9", "--scheme", "relaxed", "--correction-rank", "1", "--top", "4",
+            "--heal", "5", "--heal-lr", "1e-2", "--heal-shortlist", "1", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    healed = {c["strategy"]: c["healed"] for c in report["candidates"] if c["healed"] is not None}
+    assert len(healed) >= 2  # the zero-shot best and another form's best
+    assert healed[report["chosen"]] == min(healed.values())
+    zero_shot_best = min(report["candidates"], key=lambda c: c["measured"])["strategy"]
+    assert zero_shot_best in healed
+    assert report["heal"]["steps"] == 5
