@@ -245,12 +245,15 @@ class Scorer:
         """{regime: its Score on the evaluation split}: zero-shot and, with heal steps, healed."""
         out = {"zero-shot": self._score(model)}
         if self.heal_steps:
-            config = HealConfig(steps=self.heal_steps, lr=self.task.heal_lr, distill=self.task.distill,
-                                seed=self.seed, progress=False)
-            heal(model, self.task.model, self.heal_data, config, tokenizer=self.task.tokenizer)
+            heal(model, self.task.model, self.heal_data, self.heal_config(), tokenizer=self.task.tokenizer)
             model.eval()
             out["healed"] = self._score(model)
         return out
+
+    def heal_config(self) -> HealConfig:
+        """The healing every row gets (the same steps, learning rate and seed)."""
+        return HealConfig(steps=self.heal_steps, lr=self.task.heal_lr, distill=self.task.distill, seed=self.seed,
+                          progress=False)
 
     def _score(self, model: torch.nn.Module) -> Score:
         samples = self.task.samples(model) if self.task.samples is not None else None
