@@ -19,6 +19,9 @@ Budgets are shares of the shareable (dense) parameters. For each budget B:
   consecutive pairs' rank (bench/basis_eval.py's row of that name).
 - ``svd``: every layer its own whitened low-rank factors at the ranks that fill B (no sharing).
   ``svd-unshrunk``: the same under the unshrunk covariances (the basis scheme's own whitening).
+- ``relaxed-geo-heal`` (with ``--heal-steps``): what ``compress --scheme relaxed --heal`` installs: the
+  best zero-shot candidates and each form of sharing's best healed, the least loss after healing on
+  the validation split (hessian_worker/choose.py).
 - ``tie``: strict tying, the product's geo plan on bench/evaluate.py's exact GGN costs (bench/basis_eval.py's
   row).
 Every relaxed and basis plan is whitened by the same output-scaled input covariances of the
@@ -94,8 +97,8 @@ from solver.planning import plan_from_coloring
 from solver.schema import Costs, Layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROWS = ["relaxed-geo", "relaxed-geo-heal", "relaxed-solver", "relaxed-loop", "relaxed-pairs", "relaxed-sequence", "basis-shared-geo",
-        "svd", "svd-unshrunk", "tie"]
+ROWS = ["relaxed-geo", "relaxed-geo-heal", "relaxed-solver", "relaxed-loop", "relaxed-pairs", "relaxed-sequence",
+        "basis-shared-geo", "svd", "svd-unshrunk", "tie"]
 
 
 class Relaxed:
@@ -394,8 +397,9 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
             lines.append("")
             if any("vs_geo" in x for x in rows if x["regime"] == regime):
+                ahead = "negative" if data["higher_is_better"] else "positive"
                 lines += [f"### {regime}: metric minus relaxed-geo's, paired {LEVEL:.0%} bootstrap interval over the "
-                          "evaluation samples (* where the interval excludes 0)", "",
+                          f"evaluation samples (* where the interval excludes 0; {ahead}: relaxed-geo ahead)", "",
                           "| strategy | " + " | ".join(f"budget {r:g}" for r in ratios) + " |",
                           "|---" * (len(ratios) + 1) + "|"]
                 for s in ROWS[1:]:
