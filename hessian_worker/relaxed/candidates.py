@@ -27,12 +27,15 @@ again at the basis ranks that spend the budget (``spend_bases``). Why: on the GP
 and 0.4 shared bases measured far better than every relaxed plan (distillation loss 0.0045 against
 0.010 at 0.5; bench/results/eval-relaxed-alone-small.md).
 
-At those filling ranks the fixed groupings of the literature join too (``FILL_PATTERNS``: contiguous
-runs as in a looped model, adjacent pairs as in DeltaLLM): the pair costs price a class of three or
-more only as the sum of its pairs, so the solver's optimum at a rank can miss the grouping that
-measures best there (MiniLM at 0.8, Kronecker-priced: consecutive pairs at the 3-class rank 0.9284
-cosine, the solver's optimum at that rank 0.9025; bench/results/eval-relaxed-refit.md and
-relaxed-pricing.md).
+At every one of those ranks the fixed groupings of the literature join too (``PATTERNS``:
+contiguous runs as in a looped model, adjacent pairs as in DeltaLLM): the pair costs price a class
+of three or more only as the sum of its pairs, so the solver's optimum at a rank can miss the
+grouping that measures best there (MiniLM at 0.8, Kronecker-priced: consecutive pairs at the
+3-class rank 0.9284 cosine, the solver's optimum at that rank 0.9025; bench/results/eval-relaxed-refit.md
+and relaxed-pricing.md), and measured beside the rest, the choice never loses to a fixed grouping
+at a rank it tried on its own choice data (the quick GPT at 0.67: contiguous runs at rank share
+0.1875 measured 7.015 perplexity against the choice's 7.028, a difference the paired interval
+resolves; bench/results/eval-relaxed-basis-healed-small.md).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ BASES = "relaxed-bases"  # that start itself: every family on shared bases, at t
 BASIS_LEVEL = "basis-rank"  # the label of a level of basis ranks
 FILL = "relaxed-fill"  # the optimum at the largest ranks where c classes per family fill the budget
 FILL_CLASSES = (1, 2, 3)
-FILL_PATTERNS = (Strategy.adjacent_pairs, Strategy.sequence)  # the fixed groupings measured at the filling ranks
+PATTERNS = (Strategy.adjacent_pairs, Strategy.sequence)  # the fixed groupings measured at every rank level
 ALONE = f"{FILL}-0"  # every family alone at the ranks that fill the budget: per-layer low rank
 
 Ranks = dict[str, int]  # family -> correction rank (a basis family's: its basis rank)
@@ -89,8 +92,8 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
                     covs: Mapping[str, Tensor] | None, options: RelaxedOptions, *,
                     spectra: PairPricer | None = None) -> list[Found]:
     """(plan, its problem) for every share in ``options.rank_ratios`` whose ranks differ from the
-    problem's and whose one-class-per-family plan fits the budget of ``problem`` under ``config``,
-    every family alone at the ranks that fill the budget (``ALONE``: per-layer low rank as a relaxed
+    problem's and whose one-class-per-family plan fits the budget of ``problem`` under ``config``
+    (with the ``PATTERNS`` plans at those ranks, and at the filling ranks), every family alone at the ranks that fill the budget (``ALONE``: per-layer low rank as a relaxed
     plan), and the optimum at per-family ranks (``mixed_ranks``), once with every family sharing,
     once free to leave families alone, and once free to move families to shared bases at the shares
     of ``options.basis_ratios``, when they differ from all of those.
@@ -148,8 +151,7 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
         seen.append((ranks, nothing, nothing))
         if found is not None:
             out.append((found[0].model_copy(update={"strategy": label}), found[1]))
-            if label.startswith(FILL):
-                out += fill_patterns(found, label, config)
+            out += level_patterns(found, label, config)
     everyone = frozenset(fam_shapes)
     if budget is not None:
         per_layer = ranks_within(fam_shapes, sizes, widest_ranks(fam_shapes), budget, classes=0)
@@ -232,12 +234,12 @@ def widest_ranks(fam_shapes: Mapping[str, tuple[int, int]]) -> Ranks:
     return {fam: max(1, min(shape) // 2) for fam, shape in fam_shapes.items()}
 
 
-def fill_patterns(optimum: tuple[SharingPlan, SharingProblem], label: str,
-                  config: SolveConfig | None) -> list[tuple[SharingPlan, SharingProblem]]:
-    """The ``FILL_PATTERNS`` plans on the problem of ``optimum`` (its filling ranks), named
+def level_patterns(optimum: tuple[SharingPlan, SharingProblem], label: str,
+                   config: SolveConfig | None) -> list[tuple[SharingPlan, SharingProblem]]:
+    """The ``PATTERNS`` plans on the problem of ``optimum`` (its level's ranks), named
     ``{label}-{pattern}``; those with the optimum's classes, or another pattern's, are left out."""
     plan, problem = optimum
-    found = distinct_plans([plan, *pattern_plans(problem, config, patterns=FILL_PATTERNS)])[1:]
+    found = distinct_plans([plan, *pattern_plans(problem, config, patterns=PATTERNS)])[1:]
     return [(p.model_copy(update={"strategy": f"{label}-{p.strategy}"}), problem) for p in found]
 
 

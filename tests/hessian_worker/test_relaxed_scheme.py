@@ -489,3 +489,24 @@ def test_fill_ranks_use_the_budget_with_c_classes() -> None:
             assert ranks["q"] == 4 or least_params(shapes, sizes, bigger, c) > budget
             count = sum(min(c, sizes[f]) * o * i + sizes[f] * ranks[f] * (o + i) for f, (o, i) in shapes.items())
             assert count == least_params(shapes, sizes, ranks, c) <= budget
+
+
+def test_fixed_groupings_join_at_every_rank_share() -> None:
+    """At a share of ``rank_ratios`` the contiguous runs and adjacent pairs are candidates too, on that
+    share's problem (so the measured choice never loses to them at a rank it tried)."""
+    def six() -> TinyMLP:
+        torch.manual_seed(0)
+        return TinyMLP(width=16, depth=6).double().eval()
+
+    problem = analyze(six(), mlp_data(), cfg(1, max_params_ratio=0.8))
+    options = cfg(1).relaxed.model_copy(update={"rank_ratios": [0.125], "basis_ratios": []})  # rank 2
+    covs = scheme_for("relaxed").state(six(), mlp_data(), problem, cfg(1))
+    extra = rank_candidates(six(), problem, SolveConfig(max_params_ratio=0.8), covs, options)
+    at_share = {p.strategy: (p, q) for p, q in extra if p.strategy.startswith("relaxed-rank-0.125")}
+    patterns = {s for s in at_share if s != "relaxed-rank-0.125"}
+    assert patterns and patterns <= {"relaxed-rank-0.125-adjacent-pairs", "relaxed-rank-0.125-sequence"}
+    optimum = at_share["relaxed-rank-0.125"][0]
+    for name in patterns:
+        plan, at_rank = at_share[name]
+        assert at_rank is at_share["relaxed-rank-0.125"][1] and at_rank.families[FC].rank == 2
+        assert plan.coloring != optimum.coloring and plan.params.shared <= 0.8 * 1536
