@@ -6,9 +6,10 @@ healed, the plan that is best zero-shot is not always the one that heals best: c
 ``choose_healed`` heals a shortlist exactly as the final model is healed and keeps the one with
 the least loss afterwards (each heal keeps its best held-out step, step 0 included, so a
 candidate that healing hurts stays as it was tied). The same holds for the factored schemes: on
-MiniLM at 0.5 every family alone measured best zero-shot (0.809 cosine) and one relaxed class per
-family healed furthest (0.841 against 0.833 for per-layer SVD healed), so the shortlist keeps the
-best of each form of sharing (``heal_kind``).
+MiniLM at 0.5 every family alone measured best zero-shot (0.809 cosine, 0.833 healed) and one
+relaxed class per family healed furthest (0.849; per-layer SVD healed 0.833;
+bench/results/eval-relaxed-basis-healed.md), so the shortlist keeps the best of each form of
+sharing (``heal_kind``).
 """
 
 from __future__ import annotations
