@@ -17,7 +17,7 @@ from hessian_worker.measure import measure_loss
 from hessian_worker.options import HealConfig
 from hessian_worker.relaxed.modules import RelaxedLinear
 from hessian_worker.schemes import scheme_for
-from solver.schema import FamilySpec, SharingPlan
+from solver.schema import Costs, FamilySpec, Layer, SharingPlan, SharingProblem
 
 INTER, OUT = "intermediate.dense.weight", "output.dense.weight"
 
@@ -56,14 +56,23 @@ def toy():
 
 def test_forms_of_sharing(toy) -> None:
     _, _, _, candidates, _ = toy
-    assert [sharing_form(p, q) for p, q in candidates] == ["alone", "tensors", "tensors", "bases+tensors"]
-    assert [heal_kind(p, q) for p, q in candidates] == ["alone", "tensors", "tensors", "bases+tensors"]
+    forms = ["alone", "loop", "alone+loop", "bases+loop"]
+    assert [sharing_form(p, q) for p, q in candidates] == forms
+    assert [heal_kind(p, q) for p, q in candidates] == forms
+    # a family of four: several relaxed classes are "tensors", one of all four a loop
+    four = SharingProblem(layers=[Layer(name=f"l{i}", family="f", params=16, index=i) for i in range(4)],
+                          costs=Costs(matrix=[[0.0] * 4 for _ in range(4)]),
+                          families={"f": FamilySpec(scheme="relaxed", rank=1, class_params=16, member_params=8)})
+    assert sharing_form(plan_of([["l0", "l1"], ["l2", "l3"]], "x"), four) == "tensors"
+    assert sharing_form(plan_of([["l0", "l1"], ["l2"], ["l3"]], "x"), four) == "tensors"
+    assert sharing_form(plan_of([["l0", "l1", "l2", "l3"]], "x"), four) == "loop"
     # a tying plan keeps its pattern as its kind
     plan = candidates[1][0].model_copy(update={"strategy": "sequence#2"})
     assert heal_kind(plan, None) == "sequence"
     # the best zero-shot one, then each other form's best
     kinds = [heal_kind(p, q) for p, q in candidates]
-    assert shortlist([p for p, _ in candidates], [0.1, 0.3, 0.2, 0.4], 1, kinds) == [0, 2, 3]
+    assert shortlist([p for p, _ in candidates], [0.1, 0.3, 0.2, 0.4], 1, kinds) == [0, 2, 1, 3]
+    assert shortlist([p for p, _ in candidates], [0.1, 0.3, 0.2, 0.4], 1, ["a", "b", "b", "a"]) == [0, 2]
 
 
 def test_choose_healed_installs_each_candidate_by_its_scheme_and_keeps_the_least_healed(toy) -> None:
@@ -73,7 +82,7 @@ def test_choose_healed_installs_each_candidate_by_its_scheme_and_keeps_the_least
     plans, problems = [p for p, _ in candidates], [q for _, q in candidates]
     choice = choose_healed(model, plans, [0.1, 0.3, 0.2, 0.4], heal_data, choice_data, heal_config, config,
                            best=1, problems=problems, state=state)
-    assert sorted(choice.healed) == [0, 2, 3]  # the form "tensors" is healed once, by its best
+    assert sorted(choice.healed) == [0, 1, 2, 3]  # four forms: each its best
     real = {}
     for i in choice.healed:
         candidate = copy.deepcopy(model)
