@@ -204,7 +204,7 @@ def heal_aware(rx: Relaxed, scorer: Scorer, pool: list[tuple[SharingPlan, Sharin
     and each form of sharing's best, fitted as the choice measured them, healed as every row is
     (on calibration + validation) and compared on the validation split."""
     choice = choose_healed(rx.task.model, [p for p, _ in pool], measured, scorer.heal_data, rx.task.validation,
-                           scorer.heal_config(), rx.config.model_copy(update={"progress": False}),
+                           scorer.heal_config(), rx.config,
                            tokenizer=rx.task.tokenizer, problems=[q for _, q in pool], state=rx.covs)
     plan, problem = pool[choice.index]
     return plan.model_copy(update={"strategy": f"{plan.strategy or 'optimum'} (healed {len(choice.healed)})"}), problem
@@ -362,6 +362,12 @@ NOTES = [
 ]
 
 
+def row_at(rows: list[dict[str, Any]], strategy: str, ratio: float, regime: str) -> dict[str, Any] | None:
+    """The result row of ``strategy`` at budget ``ratio`` in ``regime``, None when there is none."""
+    return next((x for x in rows if x["strategy"] == strategy and x["ratio"] == ratio and x["regime"] == regime),
+                None)
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = ["# Relaxed sharing (W = S_c + A_l B_l) against fixed groupings, tying, shared bases and SVD", "",
@@ -392,8 +398,8 @@ def markdown(result: dict[str, Any]) -> str:
             for s in ROWS:
                 cells = []
                 for r in ratios:
-                    hit = [x for x in rows if x["strategy"] == s and x["ratio"] == r and x["regime"] == regime]
-                    cells.append(f"{hit[0]['measured']:.4g} ({hit[0]['loss']:.3g})" if hit else "")
+                    x = row_at(rows, s, r, regime)
+                    cells.append(f"{x['measured']:.4g} ({x['loss']:.3g})" if x else "")
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
             lines.append("")
             if any("vs_geo" in x for x in rows if x["regime"] == regime):
@@ -405,9 +411,8 @@ def markdown(result: dict[str, Any]) -> str:
                 for s in ROWS[1:]:
                     cells = []
                     for r in ratios:
-                        hit = [x for x in rows if x["strategy"] == s and x["ratio"] == r and x["regime"] == regime
-                               and "vs_geo" in x]
-                        cells.append(PairedDifference(*hit[0]["vs_geo"]).cell() if hit else "")
+                        x = row_at(rows, s, r, regime)
+                        cells.append(PairedDifference(*x["vs_geo"]).cell() if x and "vs_geo" in x else "")
                     lines.append(f"| {s} | " + " | ".join(cells) + " |")
                 lines.append("")
         lines += ["### plans: correction/basis rank, classes, params kept, chosen candidate", "",

@@ -28,7 +28,8 @@ from hessian_worker.data import DataSource
 from hessian_worker.healing import HealConfig, HealReport, heal
 from hessian_worker.measure import measure_loss, measure_plans
 from hessian_worker.merge import Merge
-from hessian_worker.schemes import State
+from hessian_worker.relaxed.analysis import family_sizes
+from hessian_worker.schemes import State, scheme_of
 from solver.schema import Scheme, SharingPlan, SharingProblem
 
 
@@ -84,9 +85,7 @@ def sharing_form(plan: SharingPlan, problem: SharingProblem) -> str:
     best zero-shot plan that shares tensors (some families looped, some alone) heals to 0.790."""
     families = problem.families or {}
     of = {x.name: x.family for x in problem.layers}
-    size: dict[str, int] = {}
-    for x in problem.layers:
-        size[x.family] = size.get(x.family, 0) + 1
+    size = family_sizes(problem)
     groups: dict[str, list[int]] = {}
     for group in plan.groups:
         groups.setdefault(of[group[0]], []).append(len(group))
@@ -106,9 +105,9 @@ def heal_kind(plan: SharingPlan, problem: SharingProblem | None) -> str | None:
     """What makes candidates heal differently, so the shortlist keeps each kind's best: a tying
     plan's pattern (contiguous plans heal further), a factored plan's form of sharing (a shared S_c
     and its corrections train further than per-layer factors); None: a cost-model plan of tying."""
-    factored = problem is not None and any(s.scheme in (Scheme.relaxed, Scheme.basis)
-                                           for s in (problem.families or {}).values())
-    return sharing_form(plan, problem) if factored else pattern_family(plan)
+    if problem is None or scheme_of(problem).name is Scheme.tie:
+        return pattern_family(plan)
+    return sharing_form(plan, problem)
 
 
 def shortlist(plans: Sequence[SharingPlan], measured: Sequence[float], best: int,
