@@ -10,8 +10,9 @@ agree with one process up to rounding.
 Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set) the first analysis joins the
 group itself: gloo on CPU, NCCL on CUDA, with a timeout (``GEOSHARE_DIST_TIMEOUT`` seconds). A
 group the caller initialized is used as it is. With neither, ``join`` returns None and nothing
-here runs. A group started here is destroyed at exit (``leave``): gloo's threads outliving the
-interpreter abort the process (SIGABRT) after its work is done.
+here runs. A group started here is destroyed at exit (``leave``), and nothing else may hold it
+(``_import_dynamo_first``): gloo's threads outliving the interpreter abort the process (SIGABRT)
+after its work is done.
 
 Failures: local work runs inside ``step``; at its end every rank says whether it failed, over a
 gloo group (the default one, or one made beside NCCL), so an error on one rank ends the job on
@@ -156,6 +157,7 @@ def join(device: torch.device | str) -> Group | None:
         if backend == "nccl":  # "cuda" without an index is then this rank's device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         limit = timeout()
+        _import_dynamo_first()
         try:
             dist.init_process_group(backend, timeout=limit)
         except (RuntimeError, ValueError) as exc:
@@ -176,6 +178,15 @@ def join(device: torch.device | str) -> Group | None:
     _JOINED[:] = [(world, group)]
     log.info("rank %d of %d (%s)", group.rank, group.world_size, backend)
     return group
+
+
+def _import_dynamo_first() -> None:
+    """Imports torch._dynamo before the group exists. Its import (which the analyses' first
+    torch.func pass through an nn.Linear makes) keeps references to the default group when one is up (ten, measured on torch 2.13), so
+    ``destroy_process_group`` could not free the group: gloo's threads lived on into interpreter
+    teardown and aborted a rank now and then after its work was done (the worker group's test, 1
+    run in ~25)."""
+    import torch._dynamo  # noqa: F401
 
 
 def leave() -> None:
