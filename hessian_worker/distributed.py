@@ -182,10 +182,10 @@ def join(device: torch.device | str) -> Group | None:
 
 def _import_dynamo_first() -> None:
     """Imports torch._dynamo before the group exists. Its import (which the analyses' first
-    torch.func pass through an nn.Linear makes) keeps references to the default group when one is up (ten, measured on torch 2.13), so
-    ``destroy_process_group`` could not free the group: gloo's threads lived on into interpreter
-    teardown and aborted a rank now and then after its work was done (the worker group's test, 1
-    run in ~25)."""
+    torch.func pass through an nn.Linear makes) keeps references to a default group already up
+    (ten, measured on torch 2.13), so ``destroy_process_group`` could not free the group: gloo's
+    threads lived on into interpreter teardown and aborted a rank now and then after its work was
+    done (the worker group's test, 1 run in 28)."""
     import torch._dynamo  # noqa: F401
 
 

@@ -1,8 +1,8 @@
 """A group ``join`` started is destroyed before the interpreter shuts down, threads and all (real
 torchrun processes, gloo on CPU): left to interpreter teardown, gloo's threads can abort a rank
 with SIGABRT after its work is done, which failed a worker group's exit in CI. The group must be
-freed, not only forgotten: torch.func's first call imports torch._dynamo, which kept references
-to a group already up, so its threads lived on after ``destroy_process_group``."""
+freed, not only forgotten: torch.func's first pass through nn.Linear imports torch._dynamo, which
+kept references to a group already up, so its threads lived on after ``destroy_process_group``."""
 
 from __future__ import annotations
 
