@@ -94,9 +94,10 @@ def rank_candidates(model: nn.Module, problem: SharingProblem, config: SolveConf
     """(plan, its problem) for every share in ``options.rank_ratios`` whose ranks differ from the
     problem's and whose one-class-per-family plan fits the budget of ``problem`` under ``config``
     (with the ``PATTERNS`` plans at those ranks, and at the filling ranks), every family alone at
-    the ranks that fill the budget (``ALONE``: per-layer low rank as a relaxed plan), and the optimum at per-family ranks (``mixed_ranks``), once with every family sharing,
-    once free to leave families alone, and once free to move families to shared bases at the shares
-    of ``options.basis_ratios``, when they differ from all of those.
+    the ranks that fill the budget (``ALONE``: per-layer low rank as a relaxed plan), and the
+    optimum at per-family ranks (``mixed_ranks``), once with every family sharing, once free to
+    leave families alone, and once free to move families to shared bases at the shares of
+    ``options.basis_ratios``, when they differ from all of those.
 
     Args:
         model: the dense reference model (read, never changed).
